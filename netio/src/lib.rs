@@ -1,0 +1,95 @@
+//! Socket plumbing shared by the forwarder and the agents. Only set-up lives
+//! here; the per-packet calls are plain `send_to`/`recv` on these sockets.
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io::{self, Read};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+
+/// Socket buffers sized for bursts of full-size packets at line rate.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn big_buffers(s: &Socket) {
+    // Best effort: the kernel caps these at net.core.[rw]mem_max.
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+}
+
+/// Receives every IPv4 IP-in-IP (protocol 4) packet addressed to this host,
+/// outer header included. Owning one also keeps the kernel from answering
+/// protocol 4 with "protocol unreachable" (no ipip module is needed).
+pub struct IpipReceiver(Socket);
+
+impl IpipReceiver {
+    pub fn open() -> io::Result<Self> {
+        let s = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_IPIP)),
+        )?;
+        big_buffers(&s);
+        Ok(IpipReceiver(s))
+    }
+    /// Blocks for the next packet; returns its length (outer header included).
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.0).read(buf)
+    }
+}
+
+/// Sends complete IPv4 packets whose header the caller wrote (IPPROTO_RAW
+/// implies IP_HDRINCL). Never receives, so it costs nothing to keep open.
+pub struct RawSender(Socket);
+
+impl RawSender {
+    pub fn open() -> io::Result<Self> {
+        let s = Socket::new(
+            Domain::IPV4,
+            Type::RAW,
+            Some(Protocol::from(libc::IPPROTO_RAW)),
+        )?;
+        big_buffers(&s);
+        Ok(RawSender(s))
+    }
+    pub fn send_to(&self, packet: &[u8], dst: Ipv4Addr) -> io::Result<usize> {
+        self.0
+            .send_to(packet, &SockAddr::from(SocketAddrV4::new(dst, 0)))
+    }
+}
+
+/// A UDP socket for overlay and agent legs. Outer fragmentation is left to
+/// the kernel (DF clear): PON enforces the path MTU itself on inner packets
+/// that carry DF and lets others through fragmented, as a router would.
+pub fn udp_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
+    let s = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    big_buffers(&s);
+    if bind.is_ipv4() {
+        set_pmtudisc_dont(&s)?;
+    }
+    s.bind(&SockAddr::from(bind))?;
+    Ok(s.into())
+}
+
+fn set_pmtudisc_dont(s: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: valid fd, option value points to a c_int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes a sysctl under /proc/sys, e.g. `("net/ipv4/conf/pon0/rp_filter", "2")`.
+pub fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    std::fs::write(format!("/proc/sys/{key}"), value)
+        .map_err(|e| io::Error::new(e.kind(), format!("sysctl {key}={value}: {e}")))
+}

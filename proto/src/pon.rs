@@ -1,0 +1,479 @@
+//! The PON header, carried over UDP between proxies, in front of the inner IP
+//! packet (data) or a probe body (probe, probe reply).
+//!
+//! ```text
+//!  0       1       2       3       4       5       6       7
+//! +-------+-------+-------+-------+-------+-------+-------+-------+
+//! |version| kind  | flags |hop lim|hop cnt|hop idx|   reserved    |
+//! +-------+-------+-------+-------+-------+-------+-------+-------+
+//! |            flow id            |        source proxy id        |
+//! +-------------------------------+-------------------------------+
+//! |  hop 0 proxy id  |  hop 1 ... (hop count x 4 bytes)            |
+//! +---------------------------------------------------------------+
+//! |  authentication tag (16 bytes, present when flags & AUTH)     |
+//! +---------------------------------------------------------------+
+//! |  payload                                                      |
+//! ```
+//!
+//! `hops` is the source route after the ingress proxy; `hop index` names the
+//! hop that must receive the packet now, so the last hop is the egress proxy.
+//! `hop limit` is decremented at every forwarder and stops loops that a
+//! forged or stale route could build.
+
+use crate::error::need;
+use crate::ip::InnerPacket;
+use crate::{Error, Result};
+
+pub const VERSION: u8 = 1;
+/// Bytes before the hop list.
+pub const FIXED_HEADER_LEN: usize = 16;
+/// Most hops a source route may carry: the egress proxy and up to seven relays.
+pub const MAX_HOPS: usize = 8;
+pub const AUTH_TAG_LEN: usize = 16;
+/// The longest header this version can produce.
+pub const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + 4 * MAX_HOPS + AUTH_TAG_LEN;
+/// Hop limit ingress forwarders start with unless configured otherwise.
+pub const DEFAULT_HOP_LIMIT: u8 = 16;
+
+pub mod flags {
+    /// An authentication tag follows the hop list.
+    pub const AUTH: u8 = 0x01;
+    /// Flags this version understands; others are ignored and cleared on emit.
+    pub const KNOWN: u8 = AUTH;
+}
+
+/// Length of a header with `hops` hops and optionally an authentication tag.
+pub const fn header_len(hops: usize, auth: bool) -> usize {
+    FIXED_HEADER_LEN + 4 * hops + if auth { AUTH_TAG_LEN } else { 0 }
+}
+
+/// Bytes the proxy legs add to an inner packet (outer IPv4 + UDP + PON
+/// header) for a route of `hops` hops, with room kept for an authentication
+/// tag. Agents size their TUN MTU from this.
+pub const fn proxy_leg_overhead(hops: usize) -> usize {
+    crate::ip::UDP_OVERHEAD + header_len(hops, true)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Data,
+    Probe,
+    ProbeReply,
+}
+
+impl Kind {
+    pub fn from_u8(v: u8) -> Result<Self> {
+        match v {
+            1 => Ok(Kind::Data),
+            2 => Ok(Kind::Probe),
+            3 => Ok(Kind::ProbeReply),
+            other => Err(Error::BadKind(other)),
+        }
+    }
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Kind::Data => 1,
+            Kind::Probe => 2,
+            Kind::ProbeReply => 3,
+        }
+    }
+}
+
+mod field {
+    pub const VERSION: usize = 0;
+    pub const KIND: usize = 1;
+    pub const FLAGS: usize = 2;
+    pub const HOP_LIMIT: usize = 3;
+    pub const HOP_COUNT: usize = 4;
+    pub const HOP_INDEX: usize = 5;
+    pub const FLOW: usize = 8;
+    pub const SOURCE: usize = 12;
+    pub const HOPS: usize = 16;
+}
+
+/// A zero-copy view of a PON packet. After `new_checked` every accessor is
+/// infallible.
+#[derive(Debug, Clone, Copy)]
+pub struct Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Packet<T> {
+    pub fn new_unchecked(buffer: T) -> Self {
+        Packet { buffer }
+    }
+
+    /// Validates version, kind, hop count, hop index and lengths; for data
+    /// packets also that the payload is an IPv4 or IPv6 packet.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let p = Packet { buffer };
+        p.check()?;
+        Ok(p)
+    }
+
+    fn check(&self) -> Result<()> {
+        let b = self.buffer.as_ref();
+        need(b.len(), FIXED_HEADER_LEN)?;
+        if b[field::VERSION] != VERSION {
+            return Err(Error::BadVersion(b[field::VERSION]));
+        }
+        let kind = Kind::from_u8(b[field::KIND])?;
+        let count = b[field::HOP_COUNT];
+        if count == 0 || usize::from(count) > MAX_HOPS {
+            return Err(Error::BadHopCount(count));
+        }
+        let index = b[field::HOP_INDEX];
+        if index >= count {
+            return Err(Error::HopIndexOutOfRange { index, count });
+        }
+        need(b.len(), self.header_len())?;
+        if kind == Kind::Data {
+            InnerPacket::new_checked(self.payload())?;
+        }
+        Ok(())
+    }
+
+    fn b(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
+    pub fn version(&self) -> u8 {
+        self.b()[field::VERSION]
+    }
+    pub fn kind(&self) -> Kind {
+        Kind::from_u8(self.b()[field::KIND]).unwrap_or(Kind::Data)
+    }
+    pub fn flags(&self) -> u8 {
+        self.b()[field::FLAGS]
+    }
+    pub fn has_auth_tag(&self) -> bool {
+        self.flags() & flags::AUTH != 0
+    }
+    pub fn hop_limit(&self) -> u8 {
+        self.b()[field::HOP_LIMIT]
+    }
+    pub fn hop_count(&self) -> usize {
+        usize::from(self.b()[field::HOP_COUNT])
+    }
+    pub fn hop_index(&self) -> usize {
+        usize::from(self.b()[field::HOP_INDEX])
+    }
+    pub fn flow_id(&self) -> u32 {
+        be32(self.b(), field::FLOW)
+    }
+    pub fn source(&self) -> u32 {
+        be32(self.b(), field::SOURCE)
+    }
+    /// Proxy id of hop `i`; `i` must be below `hop_count()`.
+    pub fn hop(&self, i: usize) -> u32 {
+        debug_assert!(i < self.hop_count());
+        be32(self.b(), field::HOPS + 4 * i)
+    }
+    /// The hop that must handle the packet now.
+    pub fn current_hop(&self) -> u32 {
+        self.hop(self.hop_index())
+    }
+    /// The hop after the current one, or `None` at the egress proxy.
+    pub fn next_hop(&self) -> Option<u32> {
+        let next = self.hop_index() + 1;
+        (next < self.hop_count()).then(|| self.hop(next))
+    }
+    pub fn header_len(&self) -> usize {
+        header_len(self.hop_count(), self.has_auth_tag())
+    }
+    pub fn auth_tag(&self) -> Option<&[u8]> {
+        if !self.has_auth_tag() {
+            return None;
+        }
+        let start = field::HOPS + 4 * self.hop_count();
+        Some(&self.b()[start..start + AUTH_TAG_LEN])
+    }
+    pub fn payload(&self) -> &[u8] {
+        &self.b()[self.header_len()..]
+    }
+    pub fn into_inner(self) -> T {
+        self.buffer
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    /// Moves the packet on to the next hop: advances the hop index and
+    /// spends one unit of hop limit. Returns the next hop's id, or `None`
+    /// (packet unchanged) when this is the last hop or the limit is spent.
+    pub fn advance(&mut self) -> Option<u32> {
+        let next = self.next_hop()?;
+        let limit = self.hop_limit();
+        if limit <= 1 {
+            return None;
+        }
+        let b = self.buffer.as_mut();
+        b[field::HOP_INDEX] += 1;
+        b[field::HOP_LIMIT] = limit - 1;
+        Some(next)
+    }
+    pub fn auth_tag_mut(&mut self) -> Option<&mut [u8]> {
+        if !self.has_auth_tag() {
+            return None;
+        }
+        let start = field::HOPS + 4 * self.hop_count();
+        Some(&mut self.buffer.as_mut()[start..start + AUTH_TAG_LEN])
+    }
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let start = self.header_len();
+        &mut self.buffer.as_mut()[start..]
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// A source route: up to `MAX_HOPS` proxy ids, stored inline so that routes
+/// can be copied on the hot path without allocating.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Hops {
+    ids: [u32; MAX_HOPS],
+    len: u8,
+}
+
+impl Hops {
+    /// A route of the given hops; `None` if empty or longer than `MAX_HOPS`.
+    pub fn new(ids: &[u32]) -> Option<Self> {
+        if ids.is_empty() || ids.len() > MAX_HOPS {
+            return None;
+        }
+        let mut h = Hops {
+            ids: [0; MAX_HOPS],
+            len: ids.len() as u8,
+        };
+        h.ids[..ids.len()].copy_from_slice(ids);
+        Some(h)
+    }
+    pub fn as_slice(&self) -> &[u32] {
+        &self.ids[..usize::from(self.len)]
+    }
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The egress proxy: the route's last hop.
+    pub fn last(&self) -> u32 {
+        self.ids[usize::from(self.len) - 1]
+    }
+}
+
+impl core::fmt::Debug for Hops {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
+    }
+}
+
+/// The owned form of a PON header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repr {
+    pub kind: Kind,
+    /// Whether room for an authentication tag is reserved (zeroed on emit).
+    pub auth: bool,
+    pub hop_limit: u8,
+    pub hop_index: u8,
+    pub flow_id: u32,
+    pub source: u32,
+    pub hops: Hops,
+}
+
+impl Repr {
+    pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Self> {
+        let ids = &p.b()[field::HOPS..field::HOPS + 4 * p.hop_count()];
+        let mut hops = Hops {
+            ids: [0; MAX_HOPS],
+            len: p.hop_count() as u8,
+        };
+        for (slot, c) in hops.ids.iter_mut().zip(ids.chunks_exact(4)) {
+            *slot = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
+        }
+        Ok(Repr {
+            kind: p.kind(),
+            auth: p.has_auth_tag(),
+            hop_limit: p.hop_limit(),
+            hop_index: p.hop_index() as u8,
+            flow_id: p.flow_id(),
+            source: p.source(),
+            hops,
+        })
+    }
+
+    pub fn header_len(&self) -> usize {
+        header_len(self.hops.len(), self.auth)
+    }
+
+    /// Writes the header into `out[..self.header_len()]`, leaving the payload
+    /// bytes after it untouched.
+    pub fn emit(&self, out: &mut [u8]) -> Result<()> {
+        let len = self.header_len();
+        if out.len() < len {
+            return Err(Error::BufferTooSmall {
+                needed: len,
+                have: out.len(),
+            });
+        }
+        if usize::from(self.hop_index) >= self.hops.len() {
+            return Err(Error::HopIndexOutOfRange {
+                index: self.hop_index,
+                count: self.hops.len() as u8,
+            });
+        }
+        out[field::VERSION] = VERSION;
+        out[field::KIND] = self.kind.to_u8();
+        out[field::FLAGS] = if self.auth { flags::AUTH } else { 0 };
+        out[field::HOP_LIMIT] = self.hop_limit;
+        out[field::HOP_COUNT] = self.hops.len() as u8;
+        out[field::HOP_INDEX] = self.hop_index;
+        out[6] = 0;
+        out[7] = 0;
+        out[field::FLOW..field::FLOW + 4].copy_from_slice(&self.flow_id.to_be_bytes());
+        out[field::SOURCE..field::SOURCE + 4].copy_from_slice(&self.source.to_be_bytes());
+        for (i, id) in self.hops.as_slice().iter().enumerate() {
+            let at = field::HOPS + 4 * i;
+            out[at..at + 4].copy_from_slice(&id.to_be_bytes());
+        }
+        if self.auth {
+            let at = field::HOPS + 4 * self.hops.len();
+            out[at..at + AUTH_TAG_LEN].fill(0);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ip::{Ipv4Repr, IPV4_HEADER_LEN};
+    use core::net::Ipv4Addr;
+
+    fn data_packet(hops: &[u32], index: u8, auth: bool) -> Vec<u8> {
+        let repr = Repr {
+            kind: Kind::Data,
+            auth,
+            hop_limit: 4,
+            hop_index: index,
+            flow_id: 7,
+            source: 1,
+            hops: Hops::new(hops).unwrap(),
+        };
+        let inner_len = IPV4_HEADER_LEN + 4;
+        let mut v = vec![0u8; repr.header_len() + inner_len];
+        repr.emit(&mut v).unwrap();
+        Ipv4Repr {
+            src: Ipv4Addr::new(198, 18, 1, 11),
+            dst: Ipv4Addr::new(198, 18, 2, 11),
+            protocol: 17,
+            ttl: 64,
+            dont_fragment: false,
+            payload_len: 4,
+        }
+        .emit(&mut v[repr.header_len()..])
+        .unwrap();
+        v
+    }
+
+    #[test]
+    fn parse_emit_round_trip() {
+        let v = data_packet(&[3, 2], 0, true);
+        let p = Packet::new_checked(&v[..]).unwrap();
+        let r = Repr::parse(&p).unwrap();
+        assert_eq!(r.hops.as_slice(), &[3, 2]);
+        assert_eq!(p.current_hop(), 3);
+        assert_eq!(p.next_hop(), Some(2));
+        assert_eq!(p.auth_tag().unwrap(), &[0u8; 16]);
+        assert_eq!(p.payload().len(), 24);
+    }
+
+    #[test]
+    fn advance_moves_to_next_hop_and_spends_limit() {
+        let mut v = data_packet(&[3, 2], 0, false);
+        let mut p = Packet::new_checked(&mut v[..]).unwrap();
+        assert_eq!(p.advance(), Some(2));
+        assert_eq!(p.hop_index(), 1);
+        assert_eq!(p.hop_limit(), 3);
+        assert_eq!(p.advance(), None, "egress has no next hop");
+    }
+
+    #[test]
+    fn hop_limit_stops_loops() {
+        let mut v = data_packet(&[1, 2, 1, 2, 1, 2, 1, 2], 0, false);
+        let mut p = Packet::new_checked(&mut v[..]).unwrap();
+        let mut moves = 0;
+        while p.advance().is_some() {
+            moves += 1;
+        }
+        assert_eq!(moves, 3, "hop limit 4 allows three forwards");
+    }
+
+    #[test]
+    fn rejects_malformed_headers() {
+        let good = data_packet(&[2], 0, false);
+        let mut v = good.clone();
+        v[0] = 9;
+        assert_eq!(
+            Packet::new_checked(&v[..]).unwrap_err(),
+            Error::BadVersion(9)
+        );
+        let mut v = good.clone();
+        v[1] = 42;
+        assert_eq!(Packet::new_checked(&v[..]).unwrap_err(), Error::BadKind(42));
+        let mut v = good.clone();
+        v[4] = 0;
+        assert_eq!(
+            Packet::new_checked(&v[..]).unwrap_err(),
+            Error::BadHopCount(0)
+        );
+        let mut v = good.clone();
+        v[4] = 9;
+        assert_eq!(
+            Packet::new_checked(&v[..]).unwrap_err(),
+            Error::BadHopCount(9)
+        );
+        let mut v = good.clone();
+        v[5] = 1;
+        assert_eq!(
+            Packet::new_checked(&v[..]).unwrap_err(),
+            Error::HopIndexOutOfRange { index: 1, count: 1 }
+        );
+        let mut v = good.clone();
+        v[4] = 8; // hop list runs past the end
+        assert!(matches!(
+            Packet::new_checked(&v[..20]),
+            Err(Error::Truncated { .. })
+        ));
+        let mut v = good.clone();
+        v[20] = 0x35; // inner version 3
+        assert_eq!(Packet::new_checked(&v[..]).unwrap_err(), Error::NotIp(3));
+        assert!(matches!(
+            Packet::new_checked(&good[..10]),
+            Err(Error::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn probe_payload_need_not_be_ip() {
+        let repr = Repr {
+            kind: Kind::Probe,
+            auth: false,
+            hop_limit: 1,
+            hop_index: 0,
+            flow_id: 0,
+            source: 1,
+            hops: Hops::new(&[2]).unwrap(),
+        };
+        let mut v = vec![0xffu8; repr.header_len() + 5];
+        repr.emit(&mut v).unwrap();
+        assert_eq!(Packet::new_checked(&v[..]).unwrap().kind(), Kind::Probe);
+    }
+
+    #[test]
+    fn overhead_accounts_for_tag_room() {
+        assert_eq!(proxy_leg_overhead(1), 28 + 16 + 4 + 16);
+        assert_eq!(MAX_HEADER_LEN, 64);
+    }
+}

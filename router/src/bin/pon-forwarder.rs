@@ -1,0 +1,103 @@
+//! pon-forwarder: the PON data path of one proxy.
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use clap::Parser;
+use pon_router::forwarder::{io, Engine, ForwarderConfig};
+use pon_telemetry::PromWriter;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Forwards application packets through the PON overlay: from local
+/// transmission agents into the overlay (ingress), between proxies along the
+/// source route in the PON header (transit), and out to the destination's
+/// reception agent (egress).
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// TOML configuration: id, listen address, peers, agents, destinations, routes.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    pon_telemetry::init_logging();
+    let cfg = ForwarderConfig::load(&args.config)?;
+    let table = cfg.table()?;
+    if args.check {
+        println!(
+            "{}: ok ({} peers)",
+            args.config.display(),
+            table.peer_count()
+        );
+        return Ok(());
+    }
+    let engine = Arc::new(Engine::new(
+        Arc::new(ArcSwap::from_pointee(table)),
+        cfg.local_addr,
+        cfg.underlay_mtu,
+        cfg.hop_limit,
+    ));
+    let agent_udp = match cfg.agent_udp_port {
+        0 => None,
+        port => {
+            let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, port));
+            Some(
+                pon_netio::udp_socket(bind)
+                    .with_context(|| format!("binding agent UDP socket {bind}"))?,
+            )
+        }
+    };
+    let sockets = Arc::new(io::Sockets {
+        peer: pon_netio::udp_socket(cfg.listen)
+            .with_context(|| format!("binding {}", cfg.listen))?,
+        ipip_rx: pon_netio::IpipReceiver::open()
+            .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?,
+        raw_tx: pon_netio::RawSender::open()
+            .context("opening raw send socket (needs CAP_NET_RAW)")?,
+        agent_udp,
+    });
+    if let Some(addr) = cfg.metrics {
+        let counters = engine.counters.clone();
+        let table = engine.table.clone();
+        pon_telemetry::serve_metrics(
+            addr,
+            Arc::new(move |w: &mut PromWriter| {
+                counters.render(w);
+                let t = table.load();
+                w.gauge(
+                    "pon_forwarder_peers",
+                    "",
+                    "Peer proxies in the table.",
+                    t.peer_count() as f64,
+                );
+                w.gauge(
+                    "pon_forwarder_destinations",
+                    "",
+                    "Destination prefixes in the table.",
+                    t.destinations().len() as f64,
+                );
+                for (to, hops) in t.routes() {
+                    let labels = format!("to=\"{to}\",hops=\"{:?}\"", hops.as_slice());
+                    w.gauge(
+                        "pon_forwarder_route_hops",
+                        &labels,
+                        "Hops of the source route to each proxy.",
+                        hops.len() as f64,
+                    );
+                }
+            }),
+        )
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    tracing::info!(id = cfg.id, listen = %cfg.listen, local = %cfg.local_addr, "forwarder running");
+    for t in io::spawn(engine, sockets)? {
+        let _ = t.join();
+    }
+    Ok(())
+}

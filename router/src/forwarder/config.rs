@@ -1,0 +1,193 @@
+//! The forwarder's TOML configuration. Until the CU fills the table at run
+//! time this file is where peers, agents, destinations and routes come from.
+
+use super::table::{Agent, Encap, ForwardingTable};
+use anyhow::Context;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwarderConfig {
+    /// This proxy's id (nonzero, unique in the overlay).
+    pub id: u32,
+    /// UDP address for PON packets from peer proxies.
+    pub listen: SocketAddr,
+    /// Address agents send IP-in-IP to, and the source of packets to agents.
+    pub local_addr: Ipv4Addr,
+    /// UDP port for agents using the UDP encapsulation (0: disabled).
+    #[serde(default = "default_agent_udp_port")]
+    pub agent_udp_port: u16,
+    /// MTU of the underlay between proxies.
+    #[serde(default = "default_mtu")]
+    pub underlay_mtu: u16,
+    /// Hop limit written into new PON headers.
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: u8,
+    /// Prometheus endpoint (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentConfig>,
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<DestinationConfig>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u32,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncapKind {
+    Ipip,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub addr: Ipv4Addr,
+    #[serde(default = "default_encap")]
+    pub encap: EncapKind,
+    /// The RA's UDP port, used with `encap = "udp"`.
+    #[serde(default = "default_ra_port")]
+    pub ra_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub prefix: IpNet,
+    pub proxy: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub to: u32,
+    #[serde(default)]
+    pub via: Vec<u32>,
+}
+
+fn default_agent_udp_port() -> u16 {
+    7301
+}
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_hop_limit() -> u8 {
+    pon_proto::pon::DEFAULT_HOP_LIMIT
+}
+fn default_encap() -> EncapKind {
+    EncapKind::Ipip
+}
+fn default_ra_port() -> u16 {
+    7302
+}
+
+impl ForwarderConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading forwarder config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("in forwarder config {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: ForwarderConfig = toml::from_str(text)?;
+        if cfg.underlay_mtu < 576 {
+            anyhow::bail!(
+                "underlay_mtu = {} is below the IPv4 minimum of 576",
+                cfg.underlay_mtu
+            );
+        }
+        if cfg.hop_limit == 0 {
+            anyhow::bail!("hop_limit must be at least 1");
+        }
+        cfg.table()
+            .context("in [[peer]], [[agent]], [[destination]] or [[route]]")?;
+        Ok(cfg)
+    }
+
+    pub fn table(&self) -> Result<ForwardingTable, super::TableError> {
+        let peers: Vec<_> = self.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let agents: Vec<_> = self
+            .agents
+            .iter()
+            .map(|a| Agent {
+                addr: a.addr,
+                encap: match a.encap {
+                    EncapKind::Ipip => Encap::Ipip,
+                    EncapKind::Udp => Encap::Udp { ra_port: a.ra_port },
+                },
+            })
+            .collect();
+        let dests: Vec<_> = self
+            .destinations
+            .iter()
+            .map(|d| (d.prefix, d.proxy))
+            .collect();
+        let relays: Vec<_> = self.routes.iter().map(|r| (r.to, r.via.clone())).collect();
+        ForwardingTable::build(self.id, &peers, &agents, &dests, &relays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+id = 1
+listen = "198.18.1.1:7300"
+local_addr = "198.18.1.1"
+metrics = "198.18.1.1:9100"
+[[peer]]
+id = 2
+addr = "198.18.2.1:7300"
+[[peer]]
+id = 3
+addr = "198.18.3.1:7300"
+[[agent]]
+addr = "198.18.1.11"
+[[agent]]
+addr = "198.18.1.12"
+encap = "udp"
+[[destination]]
+prefix = "198.18.2.11/32"
+proxy = 2
+[[route]]
+to = 2
+via = [3]
+"#;
+
+    #[test]
+    fn parses_sample() {
+        let c = ForwarderConfig::parse(SAMPLE).unwrap();
+        let t = c.table().unwrap();
+        assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
+        assert_eq!(
+            t.agent("198.18.1.12".parse().unwrap()).unwrap().encap,
+            Encap::Udp { ra_port: 7302 }
+        );
+        assert_eq!(c.underlay_mtu, 1500);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let bad = SAMPLE.replace("via = [3]", "via = [4]");
+        let e = format!("{:#}", ForwarderConfig::parse(&bad).unwrap_err());
+        assert!(e.contains("hop 4"), "{e}");
+        let bad = SAMPLE.replace("local_addr", "local_adr");
+        let e = format!("{:#}", ForwarderConfig::parse(&bad).unwrap_err());
+        assert!(e.contains("local_adr"), "{e}");
+    }
+}

@@ -1,0 +1,271 @@
+//! The forwarding table: who our peers and local agents are, which proxy
+//! serves each destination, and the source route to each proxy. Built once,
+//! read lock-free per packet, replaced whole by the control side.
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use pon_proto::pon::{Hops, MAX_HOPS};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+
+/// The table the data path reads. `load()` per packet is wait-free and
+/// allocation-free; `store()` from the control side swaps it atomically.
+pub type SharedTable = Arc<ArcSwap<ForwardingTable>>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encap {
+    /// IPv4 protocol 4 to the agent's address.
+    Ipip,
+    /// UDP to the agent's reception port, for networks that filter protocol 4.
+    Udp { ra_port: u16 },
+}
+
+/// An app VM behind this proxy: its TA sends to us, its RA receives from us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Agent {
+    pub addr: Ipv4Addr,
+    pub encap: Encap,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    #[error("proxy id 0 is reserved")]
+    ZeroId,
+    #[error("peer {0} is this proxy itself")]
+    PeerIsSelf(u32),
+    #[error("peer id {0} appears twice")]
+    DuplicatePeer(u32),
+    #[error("peer address {0} appears twice")]
+    DuplicatePeerAddr(SocketAddr),
+    #[error("agent {0} appears twice")]
+    DuplicateAgent(Ipv4Addr),
+    #[error("destination {prefix} names proxy {proxy}, which is not a peer")]
+    UnknownDestinationProxy { prefix: IpNet, proxy: u32 },
+    #[error("route to {to} uses hop {hop}, which is not a peer")]
+    UnknownHop { to: u32, hop: u32 },
+    #[error("route to {0} has more than {MAX_HOPS} hops")]
+    RouteTooLong(u32),
+    #[error("route to {0} passes through this proxy")]
+    RouteThroughSelf(u32),
+}
+
+/// Longest-prefix match: host routes in a hash map (the common case: the CU
+/// hands out app VM addresses), shorter prefixes scanned longest first.
+#[derive(Debug, Default, Clone)]
+pub struct PrefixTable {
+    hosts: HashMap<IpAddr, u32>,
+    nets: Vec<(IpNet, u32)>,
+}
+
+impl PrefixTable {
+    pub fn insert(&mut self, net: IpNet, value: u32) {
+        let net = net.trunc();
+        if net.prefix_len() == net.max_prefix_len() {
+            self.hosts.insert(net.addr(), value);
+        } else {
+            self.nets.retain(|(n, _)| *n != net);
+            self.nets.push((net, value));
+            self.nets
+                .sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()));
+        }
+    }
+    #[inline]
+    pub fn lookup(&self, addr: IpAddr) -> Option<u32> {
+        if let Some(v) = self.hosts.get(&addr) {
+            return Some(*v);
+        }
+        self.nets
+            .iter()
+            .find(|(n, _)| n.contains(&addr))
+            .map(|(_, v)| *v)
+    }
+    pub fn len(&self) -> usize {
+        self.hosts.len() + self.nets.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (IpNet, u32)> + '_ {
+        self.hosts
+            .iter()
+            .map(|(a, v)| (IpNet::from(*a), *v))
+            .chain(self.nets.iter().copied())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardingTable {
+    my_id: u32,
+    peers_by_id: HashMap<u32, SocketAddr>,
+    peers_by_addr: HashMap<SocketAddr, u32>,
+    agents: HashMap<Ipv4Addr, Agent>,
+    destinations: PrefixTable,
+    routes: HashMap<u32, Hops>,
+}
+
+impl ForwardingTable {
+    /// Builds and validates a table. `routes` maps a destination proxy to the
+    /// relays in front of it; proxies without an entry are reached directly.
+    pub fn build(
+        my_id: u32,
+        peers: &[(u32, SocketAddr)],
+        agents: &[Agent],
+        destinations: &[(IpNet, u32)],
+        relays: &[(u32, Vec<u32>)],
+    ) -> Result<Self, TableError> {
+        if my_id == 0 {
+            return Err(TableError::ZeroId);
+        }
+        let mut t = ForwardingTable {
+            my_id,
+            peers_by_id: HashMap::new(),
+            peers_by_addr: HashMap::new(),
+            agents: HashMap::new(),
+            destinations: PrefixTable::default(),
+            routes: HashMap::new(),
+        };
+        for &(id, addr) in peers {
+            if id == 0 {
+                return Err(TableError::ZeroId);
+            }
+            if id == my_id {
+                return Err(TableError::PeerIsSelf(id));
+            }
+            if t.peers_by_id.insert(id, addr).is_some() {
+                return Err(TableError::DuplicatePeer(id));
+            }
+            if t.peers_by_addr.insert(addr, id).is_some() {
+                return Err(TableError::DuplicatePeerAddr(addr));
+            }
+            t.routes.insert(id, Hops::new(&[id]).expect("one hop fits"));
+        }
+        for a in agents {
+            if t.agents.insert(a.addr, *a).is_some() {
+                return Err(TableError::DuplicateAgent(a.addr));
+            }
+        }
+        for &(prefix, proxy) in destinations {
+            if !t.peers_by_id.contains_key(&proxy) {
+                return Err(TableError::UnknownDestinationProxy { prefix, proxy });
+            }
+            t.destinations.insert(prefix, proxy);
+        }
+        for (to, via) in relays {
+            let mut hops: Vec<u32> = via.clone();
+            hops.push(*to);
+            for &hop in &hops {
+                if hop == my_id {
+                    return Err(TableError::RouteThroughSelf(*to));
+                }
+                if !t.peers_by_id.contains_key(&hop) {
+                    return Err(TableError::UnknownHop { to: *to, hop });
+                }
+            }
+            let route = Hops::new(&hops).ok_or(TableError::RouteTooLong(*to))?;
+            t.routes.insert(*to, route);
+        }
+        Ok(t)
+    }
+
+    pub fn my_id(&self) -> u32 {
+        self.my_id
+    }
+    #[inline]
+    pub fn peer_addr(&self, id: u32) -> Option<SocketAddr> {
+        self.peers_by_id.get(&id).copied()
+    }
+    #[inline]
+    pub fn peer_id(&self, addr: &SocketAddr) -> Option<u32> {
+        self.peers_by_addr.get(addr).copied()
+    }
+    #[inline]
+    pub fn agent(&self, addr: IpAddr) -> Option<Agent> {
+        match addr {
+            IpAddr::V4(a) => self.agents.get(&a).copied(),
+            IpAddr::V6(_) => None,
+        }
+    }
+    /// The egress proxy serving `dst`.
+    #[inline]
+    pub fn egress_for(&self, dst: IpAddr) -> Option<u32> {
+        self.destinations.lookup(dst)
+    }
+    /// The source route to proxy `to` (hops after us, ending at `to`).
+    #[inline]
+    pub fn route(&self, to: u32) -> Option<Hops> {
+        self.routes.get(&to).copied()
+    }
+    pub fn routes(&self) -> impl Iterator<Item = (u32, Hops)> + '_ {
+        self.routes.iter().map(|(k, v)| (*k, *v))
+    }
+    pub fn destinations(&self) -> &PrefixTable {
+        &self.destinations
+    }
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+    pub fn peer_count(&self) -> usize {
+        self.peers_by_id.len()
+    }
+}
+
+/// The agent address a UDP-encapsulated agent leg is sent to.
+pub fn agent_udp_addr(agent: &Agent) -> Option<SocketAddrV4> {
+    match agent.encap {
+        Encap::Udp { ra_port } => Some(SocketAddrV4::new(agent.addr, ra_port)),
+        Encap::Ipip => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_hosts_are_exact() {
+        let mut p = PrefixTable::default();
+        p.insert("198.18.0.0/16".parse().unwrap(), 1);
+        p.insert("198.18.2.0/24".parse().unwrap(), 2);
+        p.insert("198.18.2.11/32".parse().unwrap(), 3);
+        assert_eq!(p.lookup("198.18.2.11".parse().unwrap()), Some(3));
+        assert_eq!(p.lookup("198.18.2.12".parse().unwrap()), Some(2));
+        assert_eq!(p.lookup("198.18.9.1".parse().unwrap()), Some(1));
+        assert_eq!(p.lookup("10.0.0.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn build_validates_references() {
+        let peers = [(2, sa("198.18.2.1:7300")), (3, sa("198.18.3.1:7300"))];
+        let ok = ForwardingTable::build(
+            1,
+            &peers,
+            &[],
+            &[("198.18.2.0/24".parse().unwrap(), 2)],
+            &[(2, vec![3])],
+        )
+        .unwrap();
+        assert_eq!(ok.route(2).unwrap().as_slice(), &[3, 2]);
+        assert_eq!(ok.route(3).unwrap().as_slice(), &[3]);
+        assert_eq!(
+            ForwardingTable::build(1, &peers, &[], &[], &[(2, vec![4])]).unwrap_err(),
+            TableError::UnknownHop { to: 2, hop: 4 }
+        );
+        assert_eq!(
+            ForwardingTable::build(1, &peers, &[], &[], &[(2, vec![1])]).unwrap_err(),
+            TableError::RouteThroughSelf(2)
+        );
+        assert!(matches!(
+            ForwardingTable::build(1, &peers, &[], &[("10.0.0.0/8".parse().unwrap(), 9)], &[]),
+            Err(TableError::UnknownDestinationProxy { proxy: 9, .. })
+        ));
+        assert_eq!(
+            ForwardingTable::build(1, &[(1, sa("198.18.1.1:7300"))], &[], &[], &[]).unwrap_err(),
+            TableError::PeerIsSelf(1)
+        );
+    }
+}

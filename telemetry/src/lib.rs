@@ -1,0 +1,213 @@
+//! Observability shared by every PON daemon: lock-free counters, their
+//! Prometheus text exposition, a minimal HTTP endpoint that serves it, and
+//! `tracing` setup.
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr)
+        .try_init();
+}
+
+/// A monotonically increasing counter, updated with relaxed atomics so the
+/// data path never waits on a reader.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Builds a Prometheus text-format page, writing HELP/TYPE once per metric.
+#[derive(Default)]
+pub struct PromWriter {
+    out: String,
+    described: Vec<&'static str>,
+}
+
+impl PromWriter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn describe(&mut self, name: &'static str, help: &str, kind: &str) {
+        if !self.described.contains(&name) {
+            self.described.push(name);
+            let _ = writeln!(self.out, "# HELP {name} {help}");
+            let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        }
+    }
+
+    /// `labels` is the inside of the braces, e.g. `reason="malformed"`, or "".
+    pub fn counter(&mut self, name: &'static str, labels: &str, help: &str, value: u64) {
+        self.describe(name, help, "counter");
+        self.sample(name, labels, value as f64);
+    }
+
+    pub fn gauge(&mut self, name: &'static str, labels: &str, help: &str, value: f64) {
+        self.describe(name, help, "gauge");
+        self.sample(name, labels, value);
+    }
+
+    fn sample(&mut self, name: &str, labels: &str, value: f64) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+/// Declares a struct of counters and its Prometheus rendering:
+///
+/// ```
+/// pon_telemetry::counters! {
+///     pub struct Demo {
+///         rx => ("pon_demo_packets_total", "dir=\"rx\"", "Packets seen."),
+///     }
+/// }
+/// let d = Demo::default();
+/// d.rx.inc();
+/// let mut w = pon_telemetry::PromWriter::new();
+/// d.render(&mut w);
+/// assert!(w.finish().contains("pon_demo_packets_total{dir=\"rx\"} 1"));
+/// ```
+#[macro_export]
+macro_rules! counters {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $( $field:ident => ($metric:literal, $labels:literal, $help:literal) ),* $(,)?
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Default)]
+        pub struct $name { $( pub $field: $crate::Counter, )* }
+        impl $name {
+            pub fn render(&self, w: &mut $crate::PromWriter) {
+                $( w.counter($metric, $labels, $help, self.$field.get()); )*
+            }
+        }
+    };
+}
+
+/// Something that can render its metrics.
+pub type Renderer = Arc<dyn Fn(&mut PromWriter) + Send + Sync>;
+
+/// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`
+/// from a background thread. Off the data path: one short request at a time.
+pub fn serve_metrics(addr: SocketAddr, render: Renderer) -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &render) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+fn answer(mut stream: TcpStream, render: &Renderer) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut req = [0u8; 1024];
+    let mut n = 0;
+    // Read until the end of the request line; a slow or huge client is cut off.
+    while n < req.len() && !req[..n].contains(&b'\n') {
+        let got = stream.read(&mut req[n..])?;
+        if got == 0 {
+            break;
+        }
+        n += got;
+    }
+    let line = String::from_utf8_lossy(&req[..n]);
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            let mut w = PromWriter::new();
+            render(&mut w);
+            ("200 OK", "text/plain; version=0.0.4", w.finish())
+        }
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    counters! {
+        pub struct Sample {
+            a => ("pon_test_total", "k=\"a\"", "Test counter."),
+            b => ("pon_test_total", "k=\"b\"", "Test counter."),
+        }
+    }
+
+    #[test]
+    fn help_written_once_per_metric() {
+        let s = Sample::default();
+        s.a.add(3);
+        let mut w = PromWriter::new();
+        s.render(&mut w);
+        let text = w.finish();
+        assert_eq!(text.matches("# HELP pon_test_total").count(), 1);
+        assert!(text.contains("pon_test_total{k=\"a\"} 3\n"));
+        assert!(text.contains("pon_test_total{k=\"b\"} 0\n"));
+    }
+
+    #[test]
+    fn endpoint_serves_metrics_and_404() {
+        let s = Arc::new(Sample::default());
+        s.b.inc();
+        let s2 = s.clone();
+        let addr = serve_metrics(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(move |w: &mut PromWriter| s2.render(w)),
+        )
+        .unwrap();
+        let get = |path: &str| {
+            let mut c = TcpStream::connect(addr).unwrap();
+            write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).unwrap();
+            out
+        };
+        let page = get("/metrics");
+        assert!(page.starts_with("HTTP/1.1 200"));
+        assert!(page.contains("pon_test_total{k=\"b\"} 1"));
+        assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    }
+}
