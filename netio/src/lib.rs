@@ -9,9 +9,53 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 const SOCKET_BUFFER: usize = 4 << 20;
 
 fn big_buffers(s: &Socket) {
-    // Best effort: the kernel caps these at net.core.[rw]mem_max.
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    // The *FORCE variants pass net.core.[rw]mem_max (whose default, 208 KiB,
+    // overflows in a burst) when we hold CAP_NET_ADMIN; otherwise fall back
+    // to the capped request.
+    use std::os::fd::AsRawFd;
+    for (force, plain) in [
+        (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+    ] {
+        if setsockopt_int(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            force,
+            SOCKET_BUFFER as libc::c_int,
+        )
+        .is_err()
+        {
+            let _ = setsockopt_int(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                plain,
+                SOCKET_BUFFER as libc::c_int,
+            );
+        }
+    }
+}
+
+fn setsockopt_int(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: valid fd; the option value points to a c_int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Receives every IPv4 IP-in-IP (protocol 4) packet addressed to this host,
@@ -70,22 +114,12 @@ pub fn udp_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
 
 fn set_pmtudisc_dont(s: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let v: libc::c_int = libc::IP_PMTUDISC_DONT;
-    // SAFETY: valid fd, option value points to a c_int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    setsockopt_int(
+        s.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    )
 }
 
 /// Writes a sysctl under /proc/sys, e.g. `("net/ipv4/conf/pon0/rp_filter", "2")`.

@@ -66,8 +66,7 @@ impl PrefixTable {
         } else {
             self.nets.retain(|(n, _)| *n != net);
             self.nets.push((net, value));
-            self.nets
-                .sort_by(|a, b| b.0.prefix_len().cmp(&a.0.prefix_len()));
+            self.nets.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         }
     }
     #[inline]

@@ -1,0 +1,91 @@
+//! pon-ra: the reception agent of an app VM.
+
+use anyhow::Context;
+use clap::Parser;
+use pon_agents::config::RaConfig;
+use pon_agents::ra::{Decapsulator, RaCounters};
+use pon_agents::BUFFER_LEN;
+use pon_telemetry::PromWriter;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+
+/// Receives packets from the local PON proxy (IP-in-IP, or UDP) and delivers
+/// them to this VM's network stack through a TUN device.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// TOML configuration: proxy address, local address, UDP port.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    pon_telemetry::init_logging();
+    let cfg = RaConfig::load(&args.config)?;
+    let tun = Arc::new(pon_agents::tun::open(
+        &cfg.tun_name,
+        1500,
+        Some(cfg.tun_addr),
+    )?);
+    // Delivered packets arrive on this TUN while replies leave by the TA's:
+    // strict reverse-path filtering would drop them; loose mode keeps the
+    // spoofing check (the effective mode is the max of "all" and this one)
+    // and needs the TUN to have an address (`tun_addr`).
+    pon_netio::write_sysctl(&format!("net/ipv4/conf/{}/rp_filter", cfg.tun_name), "2")?;
+    let counters = Arc::new(RaCounters::default());
+    let dec = Arc::new(Decapsulator {
+        proxy: cfg.proxy,
+        local: cfg.local_addr,
+    });
+
+    if let Some(addr) = cfg.metrics {
+        let c = counters.clone();
+        pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| c.render(w)))
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+
+    let ipip = pon_netio::IpipReceiver::open()
+        .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?;
+    if cfg.udp_port != 0 {
+        let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.udp_port));
+        let udp = pon_netio::udp_socket(bind).with_context(|| format!("binding {bind}"))?;
+        let (tun, dec, c) = (tun.clone(), dec.clone(), counters.clone());
+        thread::Builder::new()
+            .name("ra-udp".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; BUFFER_LEN];
+                loop {
+                    let (n, src) = match udp.recv_from(&mut buf) {
+                        Ok(r) => r,
+                        Err(_) => {
+                            c.rx_errors.inc();
+                            continue;
+                        }
+                    };
+                    if dec.from_udp(src.ip(), &buf[..n], &c) && tun.send(&buf[..n]).is_err() {
+                        c.tx_errors.inc();
+                    }
+                }
+            })?;
+    }
+    tracing::info!(tun = %cfg.tun_name, proxy = %cfg.proxy, udp_port = cfg.udp_port, "RA running");
+
+    let mut buf = vec![0u8; BUFFER_LEN];
+    loop {
+        let n = match ipip.recv(&mut buf) {
+            Ok(n) => n,
+            Err(_) => {
+                counters.rx_errors.inc();
+                continue;
+            }
+        };
+        if let Some(inner) = dec.from_ipip(&buf[..n], &counters) {
+            if tun.send(&buf[inner]).is_err() {
+                counters.tx_errors.inc();
+            }
+        }
+    }
+}

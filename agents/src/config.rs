@@ -1,0 +1,197 @@
+//! TOML configuration of the TA and the RA.
+
+use crate::Encap;
+use anyhow::Context;
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaConfig {
+    /// Name of the TUN device the TA creates.
+    #[serde(default = "default_ta_tun")]
+    pub tun_name: String,
+    /// This VM's underlay address: source of the outer packets and of the
+    /// intercepted ones.
+    pub local_addr: Ipv4Addr,
+    /// The local proxy's forwarder.
+    pub forwarder: Ipv4Addr,
+    #[serde(default = "default_encap")]
+    pub encap: Encap,
+    #[serde(default = "default_forwarder_udp_port")]
+    pub forwarder_udp_port: u16,
+    /// MTU of the underlay; the TUN MTU is derived from it.
+    #[serde(default = "default_mtu")]
+    pub underlay_mtu: u16,
+    /// Longest source route the overlay may use; sizes the TUN MTU.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: u8,
+    /// Overrides the derived TUN MTU (larger values make the forwarder send
+    /// ICMP "fragmentation needed" instead of the local stack refusing).
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Destinations whose traffic goes through the overlay.
+    #[serde(default)]
+    pub intercept: Vec<IpNet>,
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaConfig {
+    #[serde(default = "default_ra_tun")]
+    pub tun_name: String,
+    /// Address of the RA's TUN itself; link-local by default so that it is
+    /// never chosen as a source for other traffic.
+    #[serde(default = "default_ra_tun_addr")]
+    pub tun_addr: Ipv4Addr,
+    /// The only proxy the RA accepts packets from.
+    pub proxy: Ipv4Addr,
+    /// This VM's address: packets for other addresses are refused.
+    pub local_addr: Ipv4Addr,
+    /// UDP port of the UDP encapsulation (0 disables it).
+    #[serde(default = "default_ra_port")]
+    pub udp_port: u16,
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+}
+
+fn default_ta_tun() -> String {
+    "ponta0".into()
+}
+fn default_ra_tun() -> String {
+    "ponra0".into()
+}
+fn default_ra_tun_addr() -> Ipv4Addr {
+    Ipv4Addr::new(169, 254, 80, 1)
+}
+fn default_encap() -> Encap {
+    Encap::Ipip
+}
+fn default_forwarder_udp_port() -> u16 {
+    7301
+}
+fn default_ra_port() -> u16 {
+    7302
+}
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_max_hops() -> u8 {
+    4
+}
+
+fn check_tun_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+        anyhow::bail!("tun_name {name:?} is not a valid interface name (1-15 characters)");
+    }
+    Ok(())
+}
+
+impl TaConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        load(path, "TA").and_then(|c: Self| {
+            c.validate()
+                .with_context(|| format!("in TA config {}", path.display()))?;
+            Ok(c)
+        })
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_tun_name(&self.tun_name)?;
+        if self.max_hops == 0 || usize::from(self.max_hops) > pon_proto::pon::MAX_HOPS {
+            anyhow::bail!(
+                "max_hops = {} must be within 1..={}",
+                self.max_hops,
+                pon_proto::pon::MAX_HOPS
+            );
+        }
+        let mtu = self.tun_mtu();
+        let agent_leg = match self.encap {
+            Encap::Ipip => pon_proto::ip::IPIP_OVERHEAD,
+            Encap::Udp => pon_proto::ip::UDP_OVERHEAD,
+        };
+        let agent_leg_max = usize::from(self.underlay_mtu).saturating_sub(agent_leg);
+        if usize::from(mtu) > agent_leg_max {
+            // The TA cannot tell the sender about a packet its own leg cannot carry.
+            anyhow::bail!("mtu = {mtu} does not fit the agent leg: at most {agent_leg_max} with underlay_mtu = {}", self.underlay_mtu);
+        }
+        if !(576..=65535).contains(&usize::from(mtu))
+            || usize::from(self.underlay_mtu) <= self.overhead()
+        {
+            anyhow::bail!(
+                "underlay_mtu = {} leaves a TUN MTU of {mtu}, below 576",
+                self.underlay_mtu
+            );
+        }
+        Ok(())
+    }
+
+    fn overhead(&self) -> usize {
+        pon_proto::pon::proxy_leg_overhead(usize::from(self.max_hops))
+    }
+
+    /// The largest inner packet that fits every leg: the proxy legs (outer
+    /// IPv4 + UDP + a PON header of `max_hops` hops with a tag) dominate the
+    /// agent legs (20 or 28 bytes).
+    pub fn tun_mtu(&self) -> u16 {
+        self.mtu.unwrap_or_else(|| {
+            usize::from(self.underlay_mtu).saturating_sub(self.overhead()) as u16
+        })
+    }
+}
+
+impl RaConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        load(path, "RA").and_then(|c: Self| {
+            check_tun_name(&c.tun_name)
+                .with_context(|| format!("in RA config {}", path.display()))?;
+            Ok(c)
+        })
+    }
+}
+
+fn load<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("in {what} config {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tun_mtu_leaves_room_for_the_longest_route() {
+        let c: TaConfig =
+            toml::from_str("local_addr = \"198.18.1.11\"\nforwarder = \"198.18.1.1\"").unwrap();
+        c.validate().unwrap();
+        // 1500 - (20 IPv4 + 8 UDP + 16 PON + 4x4 hops + 16 tag)
+        assert_eq!(c.tun_mtu(), 1424);
+        let c = TaConfig { max_hops: 9, ..c };
+        assert!(c.validate().is_err());
+        let c = TaConfig {
+            max_hops: 4,
+            mtu: Some(1481),
+            ..c
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 1480"));
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let e = toml::from_str::<RaConfig>(
+            "proxy = \"198.18.1.1\"\nlocal_addr = \"198.18.1.11\"\nudp = 1",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("udp"), "{e}");
+    }
+}

@@ -1,0 +1,26 @@
+//! PON agents on app VMs. The transmission agent (TA) captures the packets
+//! the VM sends to overlay destinations through a TUN device and hands them
+//! to the local forwarder; the reception agent (RA) receives packets from
+//! the forwarder and delivers them to the VM's stack through its own TUN.
+//!
+//! Both speak IPv4 IP-in-IP (protocol 4) to the proxy, or UDP where protocol
+//! 4 is filtered.
+
+pub mod config;
+pub mod interception;
+pub mod ra;
+pub mod ta;
+pub mod tun;
+
+/// How an agent leg is encapsulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encap {
+    Ipip,
+    Udp,
+}
+
+/// Free bytes before a packet read from the TUN, for the outer header.
+pub const HEADROOM: usize = pon_proto::ip::IPV4_HEADER_LEN;
+/// One packet buffer: headroom plus the largest IPv4 packet.
+pub const BUFFER_LEN: usize = HEADROOM + 65535;

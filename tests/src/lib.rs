@@ -1,0 +1,248 @@
+//! Harness for end-to-end tests: brings up a lab with `netns-scripts/lab`,
+//! runs commands in its hosts, reads daemon metrics, and always tears the lab
+//! down (also when a test panics) through `Drop`.
+//!
+//! Waiting is done by polling a condition until a deadline, never by fixed
+//! sleeps, so the tests stay green on a loaded machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The directory holding the PON binaries built with this test's profile.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PON_BIN_DIR") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    for bin in ["pon-forwarder", "pon-ta", "pon-ra"] {
+        assert!(
+            dir.join(bin).exists(),
+            "{bin} is not built in {}: run `cargo build --workspace --bins` with the same profile first",
+            dir.display()
+        );
+    }
+    dir
+}
+
+/// A name no other lab on this machine uses: 8 characters, `[a-z0-9]`.
+fn unique_name() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("t{:04x}{:03x}", std::process::id() & 0xffff, n & 0xfff)
+}
+
+pub fn lab_command() -> Command {
+    Command::new(repo_root().join("netns-scripts/lab"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub struct Lab {
+    pub name: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    /// Brings up a lab from the given topology (TOML text). Panics, after
+    /// cleaning up, if it does not come up.
+    pub fn up(topology: &str) -> Lab {
+        let name = unique_name();
+        let dir = std::env::temp_dir().join(format!("pon-e2e-{name}"));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("topology.toml");
+        std::fs::write(&file, topology).expect("write topology");
+        let lab = Lab { name, dir };
+        let out = lab_command()
+            .arg("up")
+            .arg(&file)
+            .args(["--name", &lab.name, "--bin-dir"])
+            .arg(bin_dir())
+            .output()
+            .expect("run netns-scripts/lab");
+        assert!(out.status.success(), "lab up failed:\n{}", text(&out));
+        lab
+    }
+
+    /// Runs `args` inside `host` (e.g. "paris/app1") and returns its output.
+    pub fn exec(&self, host: &str, args: &[&str]) -> Output {
+        lab_command()
+            .args(["exec", &self.name, host, "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run lab exec")
+    }
+
+    /// Like `exec`, but panics with the output unless the command succeeds.
+    pub fn exec_ok(&self, host: &str, args: &[&str]) -> String {
+        let out = self.exec(host, args);
+        assert!(
+            out.status.success(),
+            "{host}: {} failed:\n{}",
+            args.join(" "),
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `args` inside `host` in the background.
+    pub fn spawn(&self, host: &str, args: &[&str]) -> Child {
+        lab_command()
+            .args(["exec", &self.name, host, "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lab exec")
+    }
+
+    /// The Prometheus page of the daemon listening on `addr` in `host`, fetched with curl.
+    pub fn metrics(&self, host: &str, addr: &str) -> String {
+        self.exec_ok(
+            host,
+            &["curl", "-sf", "-m", "5", &format!("http://{addr}/metrics")],
+        )
+    }
+
+    /// One sample (`name{labels}`) of a daemon's metrics; 0 if absent.
+    pub fn metric(&self, host: &str, addr: &str, sample: &str) -> u64 {
+        metric_value(&self.metrics(host, addr), sample)
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = lab_command()
+            .args(["status", &self.name, "--json"])
+            .output()
+            .expect("lab status");
+        assert!(out.status.success(), "lab status failed:\n{}", text(&out));
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    pub fn down(&self) -> Output {
+        lab_command()
+            .args(["down", &self.name])
+            .output()
+            .expect("lab down")
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let out = self.down();
+        if !out.status.success() {
+            eprintln!("lab down {} failed:\n{}", self.name, text(&out));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Reads `name{labels} value` from a Prometheus text page.
+pub fn metric_value(page: &str, sample: &str) -> u64 {
+    page.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// Polls `cond` until it holds or `deadline` passes; returns whether it held.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Parsed summary of a `ping` run.
+#[derive(Debug, Clone, Copy)]
+pub struct PingStats {
+    pub transmitted: u64,
+    pub received: u64,
+    pub avg_ms: f64,
+}
+
+pub fn parse_ping(out: &str) -> Option<PingStats> {
+    let line = out.lines().find(|l| l.contains("packets transmitted"))?;
+    let nums: Vec<u64> = line
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .take(2)
+        .collect();
+    let avg_ms = out
+        .lines()
+        .find(|l| l.starts_with("rtt") || l.starts_with("round-trip"))
+        .and_then(|l| l.split('=').nth(1))
+        .and_then(|v| v.trim().split('/').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    Some(PingStats {
+        transmitted: *nums.first()?,
+        received: *nums.get(1)?,
+        avg_ms,
+    })
+}
+
+/// Fails the calling test unless we may build namespaces.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions; declared here to avoid a libc dependency.
+    extern "C" {
+        fn geteuid() -> u32;
+    }
+    assert_eq!(
+        unsafe { geteuid() },
+        0,
+        "end-to-end tests build network namespaces and must run as root"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ping_summary() {
+        let out = "5 packets transmitted, 4 received, 20% packet loss, time 4005ms\nrtt min/avg/max/mdev = 0.050/0.075/0.101/0.020 ms\n";
+        let s = parse_ping(out).unwrap();
+        assert_eq!((s.transmitted, s.received), (5, 4));
+        assert!((s.avg_ms - 0.075).abs() < 1e-9);
+    }
+
+    #[test]
+    fn reads_metric_samples() {
+        let page = "# HELP x y\nx_total{a=\"b\"} 12\nx_total 3\n";
+        assert_eq!(metric_value(page, "x_total{a=\"b\"}"), 12);
+        assert_eq!(metric_value(page, "x_total"), 3);
+        assert_eq!(metric_value(page, "nope"), 0);
+    }
+}
