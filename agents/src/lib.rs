@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod interception;
+pub mod io;
 pub mod ra;
 pub mod ta;
 pub mod tun;

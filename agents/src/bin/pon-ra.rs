@@ -3,8 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use pon_agents::config::RaConfig;
+use pon_agents::io::{run_ra_ipip, run_ra_udp};
 use pon_agents::ra::{Decapsulator, RaCounters};
-use pon_agents::BUFFER_LEN;
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -55,37 +55,8 @@ fn main() -> anyhow::Result<()> {
         let (tun, dec, c) = (tun.clone(), dec.clone(), counters.clone());
         thread::Builder::new()
             .name("ra-udp".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; BUFFER_LEN];
-                loop {
-                    let (n, src) = match udp.recv_from(&mut buf) {
-                        Ok(r) => r,
-                        Err(_) => {
-                            c.rx_errors.inc();
-                            continue;
-                        }
-                    };
-                    if dec.from_udp(src.ip(), &buf[..n], &c) && tun.send(&buf[..n]).is_err() {
-                        c.tx_errors.inc();
-                    }
-                }
-            })?;
+            .spawn(move || run_ra_udp(&udp, &tun, &dec, &c))?;
     }
     tracing::info!(tun = %cfg.tun_name, proxy = %cfg.proxy, udp_port = cfg.udp_port, "RA running");
-
-    let mut buf = vec![0u8; BUFFER_LEN];
-    loop {
-        let n = match ipip.recv(&mut buf) {
-            Ok(n) => n,
-            Err(_) => {
-                counters.rx_errors.inc();
-                continue;
-            }
-        };
-        if let Some(inner) = dec.from_ipip(&buf[..n], &counters) {
-            if tun.send(&buf[inner]).is_err() {
-                counters.tx_errors.inc();
-            }
-        }
-    }
+    run_ra_ipip(&ipip, &tun, &dec, &counters)
 }

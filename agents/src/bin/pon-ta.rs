@@ -4,8 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use pon_agents::config::TaConfig;
 use pon_agents::interception::Interception;
+use pon_agents::io::{run_ta, TaUplink};
 use pon_agents::ta::{Encapsulator, TaCounters};
-use pon_agents::{Encap, BUFFER_LEN, HEADROOM};
+use pon_agents::Encap;
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -61,45 +62,15 @@ fn main() -> anyhow::Result<()> {
         forwarder: cfg.forwarder,
         encap: cfg.encap,
     };
-    let udp = match cfg.encap {
-        Encap::Udp => Some(pon_netio::udp_socket(SocketAddr::V4(SocketAddrV4::new(
-            cfg.local_addr,
-            0,
-        )))?),
-        Encap::Ipip => None,
+    let uplink = match cfg.encap {
+        Encap::Ipip => TaUplink::Ipip(
+            pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?,
+        ),
+        Encap::Udp => TaUplink::Udp {
+            socket: pon_netio::udp_socket(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
+            forwarder: SocketAddr::V4(SocketAddrV4::new(cfg.forwarder, cfg.forwarder_udp_port)),
+        },
     };
-    let raw = match cfg.encap {
-        Encap::Ipip => {
-            Some(pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?)
-        }
-        Encap::Udp => None,
-    };
-    let forwarder_udp = SocketAddr::V4(SocketAddrV4::new(cfg.forwarder, cfg.forwarder_udp_port));
     tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %cfg.forwarder, encap = ?cfg.encap, "TA running");
-
-    let mut buf = vec![0u8; BUFFER_LEN];
-    loop {
-        let n = match tun.recv(&mut buf[HEADROOM..]) {
-            Ok(n) => n,
-            Err(e) => {
-                counters.rx_errors.inc();
-                tracing::warn!(error = %e, "TUN read failed");
-                continue;
-            }
-        };
-        let Some(range) = enc.encapsulate(&mut buf, n, &counters) else {
-            continue;
-        };
-        let sent = match (&raw, &udp) {
-            (Some(raw), _) => raw.send_to(&buf[range], cfg.forwarder),
-            (None, Some(udp)) => udp.send_to(&buf[range], forwarder_udp),
-            (None, None) => unreachable!("one socket per encapsulation"),
-        };
-        if let Err(e) = sent {
-            counters.tx_errors.inc();
-            if counters.tx_errors.get().is_power_of_two() {
-                tracing::warn!(error = %e, "send to forwarder failed");
-            }
-        }
-    }
+    run_ta(&tun, &enc, &uplink, &counters)
 }

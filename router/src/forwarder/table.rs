@@ -66,7 +66,8 @@ impl PrefixTable {
         } else {
             self.nets.retain(|(n, _)| *n != net);
             self.nets.push((net, value));
-            self.nets.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+            self.nets
+                .sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         }
     }
     #[inline]
