@@ -32,6 +32,10 @@ pub struct TaConfig {
     /// ICMP "fragmentation needed" instead of the local stack refusing).
     #[serde(default)]
     pub mtu: Option<u16>,
+    /// TUN offloads (TSO/GSO via virtio-net headers): TCP super-packets are
+    /// read whole and cut into MTU-sized packets in one pass.
+    #[serde(default = "default_true")]
+    pub offload: bool,
     /// Destinations whose traffic goes through the overlay.
     #[serde(default)]
     pub intercept: Vec<IpNet>,
@@ -52,6 +56,9 @@ pub struct RaConfig {
     pub proxy: Ipv4Addr,
     /// This VM's address: packets for other addresses are refused.
     pub local_addr: Ipv4Addr,
+    /// TUN offloads: deliver batches coalesced into super-packets (GRO).
+    #[serde(default = "default_true")]
+    pub offload: bool,
     /// UDP port of the UDP encapsulation (0 disables it).
     #[serde(default = "default_ra_port")]
     pub udp_port: u16,
@@ -59,6 +66,9 @@ pub struct RaConfig {
     pub metrics: Option<SocketAddr>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_ta_tun() -> String {
     "ponta0".into()
 }

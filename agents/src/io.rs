@@ -1,95 +1,182 @@
 //! The agents' data-path loops. Each blocks on one source, asks the sans-I/O
 //! part (`ta::Encapsulator`, `ra::Decapsulator`) what to do and sends; no
 //! allocation, lock or channel per packet.
+//!
+//! Both TUN devices use the kernel's virtio-net header offloads when
+//! available: the TA reads TCP super-packets (up to 64 KiB) and `tun-rs`
+//! cuts them into MTU-sized packets in one pass; the RA hands the kernel
+//! batches that `tun-rs` coalesces back into super-packets (GRO), so the
+//! stacks at both ends see few large packets instead of many small ones.
+//! Between agent and forwarder, the UDP encapsulation sends a whole batch in
+//! one GSO send; the IP-in-IP one sends packet by packet (raw sockets have
+//! no GSO).
 
 use crate::ra::{Decapsulator, RaCounters};
 use crate::ta::{Encapsulator, TaCounters};
-use crate::{BUFFER_LEN, HEADROOM};
+use crate::HEADROOM;
+use pon_netio::udp::{GsoBatch, RecvBatch, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
-use std::net::{SocketAddr, UdpSocket};
-use tun_rs::SyncDevice;
+use std::io;
+use std::net::SocketAddr;
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// How the TA reaches its forwarder.
 pub enum TaUplink {
     Ipip(RawSender),
-    Udp {
-        socket: UdpSocket,
-        forwarder: SocketAddr,
-    },
+    Udp { io: UdpIo, forwarder: SocketAddr },
+}
+
+fn sparse_warn(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
+    counter.inc();
+    if counter.get().is_power_of_two() {
+        tracing::warn!(error = %e, occurrences = counter.get(), "{what}");
+    }
 }
 
 /// The TA's loop: TUN → encapsulate → forwarder. Runs until the process exits.
-pub fn run_ta(tun: &SyncDevice, enc: &Encapsulator, uplink: &TaUplink, counters: &TaCounters) -> ! {
-    let mut buf = vec![0u8; BUFFER_LEN];
+pub fn run_ta(
+    tun: &SyncDevice,
+    mtu: u16,
+    enc: &Encapsulator,
+    uplink: &TaUplink,
+    counters: &TaCounters,
+) -> ! {
+    let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| vec![0u8; HEADROOM + usize::from(mtu).max(1500)])
+        .collect();
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut gso = GsoBatch::new(usize::from(mtu));
     loop {
-        let n = match tun.recv(&mut buf[HEADROOM..]) {
+        let n = match tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, HEADROOM) {
             Ok(n) => n,
             Err(e) => {
-                counters.rx_errors.inc();
-                if counters.rx_errors.get().is_power_of_two() {
-                    tracing::warn!(error = %e, "TUN read failed");
-                }
+                sparse_warn(&counters.rx_errors, "TUN read failed", &e);
                 continue;
             }
         };
-        let Some(range) = enc.encapsulate(&mut buf, n, counters) else {
-            continue;
-        };
-        let sent = match uplink {
-            TaUplink::Ipip(raw) => raw.send_to(&buf[range], enc.forwarder),
-            TaUplink::Udp { socket, forwarder } => socket.send_to(&buf[range], forwarder),
-        };
-        if let Err(e) = sent {
-            counters.tx_errors.inc();
-            if counters.tx_errors.get().is_power_of_two() {
-                tracing::warn!(error = %e, "send to forwarder failed");
+        for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
+            let Some(range) = enc.encapsulate(buf, size, counters) else {
+                continue;
+            };
+            let sent = match uplink {
+                TaUplink::Ipip(raw) => raw.send_to(&buf[range], enc.forwarder).map(drop),
+                TaUplink::Udp { io, forwarder } => gso.push(io, *forwarder, &buf[range]),
+            };
+            if let Err(e) = sent {
+                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+            }
+        }
+        if let TaUplink::Udp { io, .. } = uplink {
+            if let Err(e) = gso.flush(io) {
+                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
             }
         }
     }
 }
 
-/// The RA's IP-in-IP loop: raw socket → check → TUN.
+/// Gathers packets for the RA's TUN and writes them in batches, coalesced
+/// into super-packets where the offloads allow.
+pub struct TunWriter {
+    bufs: Vec<Vec<u8>>,
+    count: usize,
+    gro: GROTable,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        TunWriter {
+            bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
+                .collect(),
+            count: 0,
+            gro: GROTable::default(),
+        }
+    }
+}
+
+impl TunWriter {
+    pub fn push(&mut self, tun: &SyncDevice, pkt: &[u8], c: &RaCounters) {
+        let b = &mut self.bufs[self.count];
+        b.clear();
+        b.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(pkt);
+        self.count += 1;
+        if self.count == self.bufs.len() {
+            self.flush(tun, c);
+        }
+    }
+
+    pub fn flush(&mut self, tun: &SyncDevice, c: &RaCounters) {
+        if self.count == 0 {
+            return;
+        }
+        if let Err(e) = tun.send_multiple(
+            &mut self.gro,
+            &mut self.bufs[..self.count],
+            VIRTIO_NET_HDR_LEN,
+        ) {
+            sparse_warn(&c.tx_errors, "TUN write failed", &e);
+        }
+        self.count = 0;
+    }
+}
+
+/// The RA's IP-in-IP loop: raw socket → check → TUN, in batches of what is queued.
 pub fn run_ra_ipip(
     rx: &IpipReceiver,
     tun: &SyncDevice,
     dec: &Decapsulator,
     counters: &RaCounters,
 ) -> ! {
-    let mut buf = vec![0u8; BUFFER_LEN];
+    let mut buf = vec![0u8; 65535];
+    let mut out = TunWriter::default();
+    let mut pending = false;
     loop {
-        let n = match rx.recv(&mut buf) {
-            Ok(n) => n,
-            Err(_) => {
-                counters.rx_errors.inc();
+        let got = if pending {
+            rx.try_recv(&mut buf)
+        } else {
+            rx.recv(&mut buf).map(Some)
+        };
+        let n = match got {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                out.flush(tun, counters);
+                pending = false;
+                continue;
+            }
+            Err(e) => {
+                sparse_warn(&counters.rx_errors, "IP-in-IP receive failed", &e);
                 continue;
             }
         };
         if let Some(inner) = dec.from_ipip(&buf[..n], counters) {
-            if tun.send(&buf[inner]).is_err() {
-                counters.tx_errors.inc();
-            }
+            out.push(tun, &buf[inner], counters);
+            pending = true;
         }
     }
 }
 
-/// The RA's UDP loop, for the UDP encapsulation.
-pub fn run_ra_udp(
-    rx: &UdpSocket,
-    tun: &SyncDevice,
-    dec: &Decapsulator,
-    counters: &RaCounters,
-) -> ! {
-    let mut buf = vec![0u8; BUFFER_LEN];
+/// The RA's UDP loop, for the UDP encapsulation (GRO batches in, GRO out).
+pub fn run_ra_udp(rx: &UdpIo, tun: &SyncDevice, dec: &Decapsulator, counters: &RaCounters) -> ! {
+    let mut rb = RecvBatch::default();
+    let mut out = TunWriter::default();
     loop {
-        let (n, src) = match rx.recv_from(&mut buf) {
-            Ok(r) => r,
-            Err(_) => {
-                counters.rx_errors.inc();
+        let n = match rb.recv(rx) {
+            Ok(n) => n,
+            Err(e) => {
+                sparse_warn(&counters.rx_errors, "UDP receive failed", &e);
                 continue;
             }
         };
-        if dec.from_udp(src.ip(), &buf[..n], counters) && tun.send(&buf[..n]).is_err() {
-            counters.tx_errors.inc();
+        for i in 0..n {
+            let src = rb.source(i).ip();
+            for datagram in rb.datagrams(i) {
+                if dec.from_udp(src, datagram, counters) {
+                    out.push(tun, datagram, counters);
+                }
+            }
         }
+        out.flush(tun, counters);
     }
 }

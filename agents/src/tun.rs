@@ -9,8 +9,20 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 /// `addr` gives the device an IPv4 address of its own: the kernel's
 /// reverse-path filter rejects every packet arriving on an interface that
 /// has none, so a TUN that delivers packets needs one.
-pub fn open(name: &str, mtu: u16, addr: Option<std::net::Ipv4Addr>) -> anyhow::Result<SyncDevice> {
-    let mut builder = DeviceBuilder::new().name(name).mtu(mtu).enable(true);
+///
+/// `offload` turns on the virtio-net header offloads (TSO/GSO/GRO); the
+/// agents' loops (`crate::io`) handle both modes.
+pub fn open(
+    name: &str,
+    mtu: u16,
+    addr: Option<std::net::Ipv4Addr>,
+    offload: bool,
+) -> anyhow::Result<SyncDevice> {
+    let mut builder = DeviceBuilder::new()
+        .name(name)
+        .mtu(mtu)
+        .enable(true)
+        .offload(offload);
     if let Some(a) = addr {
         builder = builder.ipv4(a, 32u8, None);
     }

@@ -1,6 +1,8 @@
 //! Socket plumbing shared by the forwarder and the agents. Only set-up lives
 //! here; the per-packet calls are plain `send_to`/`recv` on these sockets.
 
+pub mod udp;
+
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -8,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 /// Socket buffers sized for bursts of full-size packets at line rate.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-fn big_buffers(s: &Socket) {
+pub(crate) fn big_buffers(s: &Socket) {
     // The *FORCE variants pass net.core.[rw]mem_max (whose default, 208 KiB,
     // overflows in a burst) when we hold CAP_NET_ADMIN; otherwise fall back
     // to the capped request.
@@ -77,6 +79,27 @@ impl IpipReceiver {
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
         (&self.0).read(buf)
     }
+    /// The next packet if one is queued, without blocking.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: buf is valid for writes of its length.
+        let n = unsafe {
+            libc::recv(
+                self.0.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock => Ok(None),
+            _ => Err(e),
+        }
+    }
 }
 
 /// Sends complete IPv4 packets whose header the caller wrote (IPPROTO_RAW
@@ -112,7 +135,7 @@ pub fn udp_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
     Ok(s.into())
 }
 
-fn set_pmtudisc_dont(s: &Socket) -> io::Result<()> {
+pub(crate) fn set_pmtudisc_dont(s: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
     setsockopt_int(
         s.as_raw_fd(),

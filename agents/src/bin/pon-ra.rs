@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
         &cfg.tun_name,
         1500,
         Some(cfg.tun_addr),
+        cfg.offload,
     )?);
     // Delivered packets arrive on this TUN while replies leave by the TA's:
     // strict reverse-path filtering would drop them; loose mode keeps the
@@ -51,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?;
     if cfg.udp_port != 0 {
         let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.udp_port));
-        let udp = pon_netio::udp_socket(bind).with_context(|| format!("binding {bind}"))?;
+        let udp = pon_netio::udp::UdpIo::bind(bind).with_context(|| format!("binding {bind}"))?;
         let (tun, dec, c) = (tun.clone(), dec.clone(), counters.clone());
         thread::Builder::new()
             .name("ra-udp".into())

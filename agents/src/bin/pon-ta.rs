@@ -27,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     pon_telemetry::init_logging();
     let cfg = TaConfig::load(&args.config)?;
     let mtu = cfg.tun_mtu();
-    let tun = pon_agents::tun::open(&cfg.tun_name, mtu, None)?;
+    let tun = pon_agents::tun::open(&cfg.tun_name, mtu, None, cfg.offload)?;
     let counters = Arc::new(TaCounters::default());
 
     let mut interception = Interception::new(&cfg.tun_name, cfg.local_addr);
@@ -67,10 +67,10 @@ fn main() -> anyhow::Result<()> {
             pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?,
         ),
         Encap::Udp => TaUplink::Udp {
-            socket: pon_netio::udp_socket(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
+            io: pon_netio::udp::UdpIo::bind(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
             forwarder: SocketAddr::V4(SocketAddrV4::new(cfg.forwarder, cfg.forwarder_udp_port)),
         },
     };
     tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %cfg.forwarder, encap = ?cfg.encap, "TA running");
-    run_ta(&tun, &enc, &uplink, &counters)
+    run_ta(&tun, mtu, &enc, &uplink, &counters)
 }

@@ -48,19 +48,20 @@ fn main() -> anyhow::Result<()> {
         port => {
             let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, port));
             Some(
-                pon_netio::udp_socket(bind)
+                pon_netio::udp::UdpIo::bind(bind)
                     .with_context(|| format!("binding agent UDP socket {bind}"))?,
             )
         }
     };
     let sockets = Arc::new(io::Sockets {
-        peer: pon_netio::udp_socket(cfg.listen)
+        peer: pon_netio::udp::UdpIo::bind(cfg.listen)
             .with_context(|| format!("binding {}", cfg.listen))?,
         ipip_rx: pon_netio::IpipReceiver::open()
             .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?,
         raw_tx: pon_netio::RawSender::open()
             .context("opening raw send socket (needs CAP_NET_RAW)")?,
         agent_udp,
+        max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
     });
     if let Some(addr) = cfg.metrics {
         let counters = engine.counters.clone();

@@ -1,42 +1,74 @@
 //! The forwarder's threads: each blocks on one socket, asks the engine what
-//! to do with the packet in its own buffer, and sends. No locks, channels or
-//! allocation per packet; the table is read through `ArcSwap::load`.
+//! to do with each packet, and sends. Receives are batched (`recvmmsg`, UDP
+//! GRO), sends to the same peer are gathered into UDP GSO sends, and the
+//! table is read through `ArcSwap::load` once per batch: no locks, channels
+//! or allocation per packet.
 
 use super::engine::{Decision, Engine, Output, BUFFER_LEN, HEADROOM, TAILROOM};
+use pon_netio::udp::{GsoBatch, RecvBatch, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
 use std::io;
-use std::net::UdpSocket;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 pub struct Sockets {
     /// PON packets from and to peer proxies.
-    pub peer: UdpSocket,
+    pub peer: UdpIo,
     /// IP-in-IP from local TAs.
     pub ipip_rx: IpipReceiver,
     /// IP-in-IP to local RAs.
     pub raw_tx: RawSender,
     /// The UDP variant of the agent legs, when enabled.
-    pub agent_udp: Option<UdpSocket>,
+    pub agent_udp: Option<UdpIo>,
+    /// Largest UDP payload that fits the underlay in one datagram.
+    pub max_datagram: usize,
+}
+
+/// Per-thread send state: a GSO batch per UDP socket.
+struct Tx {
+    peer: GsoBatch,
+    agent: GsoBatch,
 }
 
 impl Sockets {
-    fn transmit(&self, engine: &Engine, d: &Decision, buf: &[u8]) {
+    fn tx(&self) -> Tx {
+        Tx {
+            peer: GsoBatch::new(self.max_datagram),
+            agent: GsoBatch::new(self.max_datagram),
+        }
+    }
+
+    fn agent_io(&self) -> &UdpIo {
+        self.agent_udp.as_ref().unwrap_or(&self.peer)
+    }
+
+    fn transmit(&self, engine: &Engine, d: &Decision, buf: &[u8], tx: &mut Tx) {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
             Output::Drop => return,
-            Output::Peer(addr) => self.peer.send_to(pkt, addr),
-            Output::AgentIpip(ip) => self.raw_tx.send_to(pkt, ip),
-            Output::AgentUdp(addr) => match &self.agent_udp {
-                Some(s) => s.send_to(pkt, addr),
-                None => self.peer.send_to(pkt, addr),
-            },
+            Output::Peer(addr) => tx.peer.push(&self.peer, addr, pkt),
+            Output::AgentIpip(ip) => self.raw_tx.send_to(pkt, ip).map(drop),
+            Output::AgentUdp(addr) => tx.agent.push(self.agent_io(), addr.into(), pkt),
         };
         if let Err(e) = sent {
-            engine.counters.tx_errors.inc();
-            log_sparsely(&engine.counters.tx_errors, "send failed", &e);
+            tx_error(engine, &e);
         }
     }
+
+    /// Sends what the batches gathered; called before blocking again.
+    fn flush(&self, engine: &Engine, tx: &mut Tx) {
+        if let Err(e) = tx.peer.flush(&self.peer) {
+            tx_error(engine, &e);
+        }
+        if let Err(e) = tx.agent.flush(self.agent_io()) {
+            tx_error(engine, &e);
+        }
+    }
+}
+
+fn tx_error(engine: &Engine, e: &io::Error) {
+    engine.counters.tx_errors.inc();
+    log_sparsely(&engine.counters.tx_errors, "send failed", e);
 }
 
 /// Logs the 1st, 2nd, 4th, 8th... occurrence, so a storm cannot flood the log.
@@ -47,56 +79,114 @@ fn log_sparsely(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
     }
 }
 
-fn receive_window(buf: &mut [u8]) -> &mut [u8] {
-    &mut buf[HEADROOM..BUFFER_LEN - TAILROOM]
+fn rx_error(engine: &Engine, what: &str, e: &io::Error) {
+    engine.counters.rx_errors.inc();
+    log_sparsely(&engine.counters.rx_errors, what, e);
+}
+
+/// PON packets from peers: transit and egress work in place inside the
+/// received (possibly GRO-coalesced) buffer, segment by segment.
+fn peer_loop(e: &Engine, s: &Sockets) {
+    let mut rb = RecvBatch::default();
+    let mut tx = s.tx();
+    loop {
+        let n = match rb.recv(&s.peer) {
+            Ok(n) => n,
+            Err(err) => {
+                rx_error(e, "peer recv failed", &err);
+                continue;
+            }
+        };
+        let table = e.table.load();
+        for i in 0..n {
+            let src = rb.source(i);
+            let (buf, len, stride) = rb.message_mut(i);
+            let mut off = 0;
+            while off < len {
+                let seg = stride.min(len - off);
+                let d = e.from_peer(&table, buf, off, seg, src);
+                s.transmit(e, &d, buf, &mut tx);
+                off += seg;
+            }
+        }
+        s.flush(e, &mut tx);
+    }
+}
+
+/// IP-in-IP from local TAs: one packet per read (raw sockets have no GRO),
+/// but sends are still gathered until the socket runs dry.
+fn ipip_loop(e: &Engine, s: &Sockets) {
+    let mut buf = vec![0u8; BUFFER_LEN];
+    let mut tx = s.tx();
+    let mut pending = false;
+    loop {
+        let window = &mut buf[HEADROOM..BUFFER_LEN - TAILROOM];
+        let got = if pending {
+            s.ipip_rx.try_recv(window)
+        } else {
+            s.ipip_rx.recv(window).map(Some)
+        };
+        let n = match got {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                s.flush(e, &mut tx);
+                pending = false;
+                continue;
+            }
+            Err(err) => {
+                rx_error(e, "ipip recv failed", &err);
+                continue;
+            }
+        };
+        let d = e.from_agent_ipip(&e.table.load(), &mut buf, HEADROOM, n);
+        s.transmit(e, &d, &buf, &mut tx);
+        pending = true;
+    }
+}
+
+/// UDP-encapsulated packets from local TAs; each GRO segment is copied
+/// behind headroom so the PON header can be written in front of it.
+fn agent_udp_loop(e: &Engine, s: &Sockets, sock: &UdpIo) {
+    let mut rb = RecvBatch::default();
+    let mut work = vec![0u8; BUFFER_LEN];
+    let mut tx = s.tx();
+    loop {
+        let n = match rb.recv(sock) {
+            Ok(n) => n,
+            Err(err) => {
+                rx_error(e, "agent udp recv failed", &err);
+                continue;
+            }
+        };
+        let table = e.table.load();
+        for i in 0..n {
+            let src = rb.source(i);
+            for datagram in rb.datagrams(i) {
+                let len = datagram.len();
+                work[HEADROOM..HEADROOM + len].copy_from_slice(datagram);
+                let d = e.from_agent_udp(&table, &mut work, HEADROOM, len, src);
+                s.transmit(e, &d, &work, &mut tx);
+            }
+        }
+        s.flush(e, &mut tx);
+    }
 }
 
 /// Starts the forwarding threads; they run until the process exits.
 pub fn spawn(engine: Arc<Engine>, sockets: Arc<Sockets>) -> io::Result<Vec<JoinHandle<()>>> {
     let mut threads = Vec::new();
-
     let (e, s) = (engine.clone(), sockets.clone());
     threads.push(
         thread::Builder::new()
             .name("fwd-peer".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; BUFFER_LEN];
-                loop {
-                    let (n, src) = match s.peer.recv_from(receive_window(&mut buf)) {
-                        Ok(r) => r,
-                        Err(err) => {
-                            e.counters.rx_errors.inc();
-                            log_sparsely(&e.counters.rx_errors, "peer recv failed", &err);
-                            continue;
-                        }
-                    };
-                    let d = e.from_peer(&e.table.load(), &mut buf, HEADROOM, n, src);
-                    s.transmit(&e, &d, &buf);
-                }
-            })?,
+            .spawn(move || peer_loop(&e, &s))?,
     );
-
     let (e, s) = (engine.clone(), sockets.clone());
     threads.push(
         thread::Builder::new()
             .name("fwd-agent-ipip".into())
-            .spawn(move || {
-                let mut buf = vec![0u8; BUFFER_LEN];
-                loop {
-                    let n = match s.ipip_rx.recv(receive_window(&mut buf)) {
-                        Ok(n) => n,
-                        Err(err) => {
-                            e.counters.rx_errors.inc();
-                            log_sparsely(&e.counters.rx_errors, "ipip recv failed", &err);
-                            continue;
-                        }
-                    };
-                    let d = e.from_agent_ipip(&e.table.load(), &mut buf, HEADROOM, n);
-                    s.transmit(&e, &d, &buf);
-                }
-            })?,
+            .spawn(move || ipip_loop(&e, &s))?,
     );
-
     if sockets.agent_udp.is_some() {
         let (e, s) = (engine, sockets);
         threads.push(
@@ -104,19 +194,7 @@ pub fn spawn(engine: Arc<Engine>, sockets: Arc<Sockets>) -> io::Result<Vec<JoinH
                 .name("fwd-agent-udp".into())
                 .spawn(move || {
                     let sock = s.agent_udp.as_ref().expect("checked above");
-                    let mut buf = vec![0u8; BUFFER_LEN];
-                    loop {
-                        let (n, src) = match sock.recv_from(receive_window(&mut buf)) {
-                            Ok(r) => r,
-                            Err(err) => {
-                                e.counters.rx_errors.inc();
-                                log_sparsely(&e.counters.rx_errors, "agent udp recv failed", &err);
-                                continue;
-                            }
-                        };
-                        let d = e.from_agent_udp(&e.table.load(), &mut buf, HEADROOM, n, src);
-                        s.transmit(&e, &d, &buf);
-                    }
+                    agent_udp_loop(&e, &s, sock)
                 })?,
         );
     }

@@ -1,0 +1,253 @@
+//! Batched UDP for the data plane: `recvmmsg` with UDP GRO on receive (one
+//! system call returns many datagrams, and the kernel coalesces a flow's
+//! datagrams into one buffer), and UDP GSO on send (one system call and one
+//! trip through the stack for up to 64 datagrams to the same peer). The
+//! mechanics (control messages, fallbacks when a kernel or device lacks
+//! GSO) come from `quinn-udp`.
+
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+
+/// Datagrams per `recvmmsg` (quinn-udp's batch size on Linux).
+pub const RECV_BATCH: usize = 32;
+/// Bytes one GRO-coalesced receive can hold: 64 segments of an MTU each
+/// would exceed the 64 KiB an skb may carry, so 64 KiB is the bound.
+pub const GRO_BUFFER: usize = 65536;
+/// Largest payload one GSO send may carry (IPv4 total length minus headers).
+const GSO_MAX_BYTES: usize = 65535 - 20 - 8;
+
+pub struct UdpIo {
+    sock: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl UdpIo {
+    /// Binds a non-blocking UDP socket with GRO enabled, large buffers, and
+    /// DF clear on what it sends (see `crate::udp_socket`).
+    pub fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        crate::big_buffers(&s);
+        s.bind(&SockAddr::from(addr))?;
+        let sock: UdpSocket = s.into();
+        let state = UdpSocketState::new((&sock).into())?;
+        if addr.is_ipv4() {
+            // quinn-udp asks for DF on everything; PON lets the kernel fragment
+            // outer packets of inner packets that allow it.
+            crate::set_pmtudisc_dont(&socket2::SockRef::from(&sock))?;
+        }
+        Ok(UdpIo { sock, state })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.sock.local_addr()
+    }
+
+    /// Most datagrams one GSO send may carry (1 where GSO is unavailable).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Blocks until the socket is readable (or `events` ready).
+    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+        let mut p = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut p, 1, -1) };
+            if rc >= 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Receives a batch, blocking until at least one datagram is there.
+    /// `meta[i].stride` is the size of the GRO segments in `bufs[i]`.
+    pub fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        loop {
+            match self.state.recv((&self.sock).into(), bufs, meta) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
+                other => return other,
+            }
+        }
+    }
+
+    /// Sends `contents` to `dst`, as datagrams of `segment` bytes (GSO) when given.
+    pub fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) -> io::Result<()> {
+        let t = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: segment.filter(|s| *s < contents.len()),
+            src_ip: None,
+        };
+        loop {
+            match self.state.try_send((&self.sock).into(), &t) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLOUT)?,
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Gathers consecutive datagrams to the same destination into one GSO send.
+/// GSO needs equal-sized segments (the last may be shorter) that each fit the
+/// path MTU, so a datagram that breaks the run flushes it first.
+pub struct GsoBatch {
+    buf: Vec<u8>,
+    dst: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    max_segment: usize,
+}
+
+impl GsoBatch {
+    /// `max_segment`: the largest datagram that may be batched (the path MTU
+    /// minus IP and UDP headers); larger ones are sent alone.
+    pub fn new(max_segment: usize) -> Self {
+        GsoBatch {
+            buf: Vec::with_capacity(GSO_MAX_BYTES),
+            dst: None,
+            segment: 0,
+            count: 0,
+            max_segment,
+        }
+    }
+
+    pub fn push(&mut self, io: &UdpIo, dst: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+        let len = datagram.len();
+        if len > self.max_segment || len == 0 {
+            self.flush(io)?;
+            return io.send(dst, datagram, None);
+        }
+        let joins = self.dst == Some(dst)
+            && len <= self.segment
+            && self.count < io.max_gso_segments()
+            && self.buf.len() + len <= GSO_MAX_BYTES;
+        if !joins {
+            self.flush(io)?;
+            self.dst = Some(dst);
+            self.segment = len;
+        }
+        self.buf.extend_from_slice(datagram);
+        self.count += 1;
+        if len < self.segment {
+            // A shorter datagram must be the last of its run.
+            self.flush(io)?;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self, io: &UdpIo) -> io::Result<()> {
+        let result = match self.dst {
+            Some(dst) if self.count > 0 => io.send(dst, &self.buf, Some(self.segment)),
+            _ => Ok(()),
+        };
+        self.buf.clear();
+        self.dst = None;
+        self.count = 0;
+        result
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+/// Receive buffers and metadata for one thread, allocated once.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    pub meta: Vec<RecvMeta>,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            bufs: (0..RECV_BATCH).map(|_| vec![0u8; GRO_BUFFER]).collect(),
+            meta: vec![RecvMeta::default(); RECV_BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// Receives into the batch; returns how many messages arrived.
+    pub fn recv(&mut self, io: &UdpIo) -> io::Result<usize> {
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
+            let mut it = self.bufs.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_BATCH buffers")))
+        };
+        io.recv(&mut slices, &mut self.meta)
+    }
+
+    /// The datagrams of message `i`: GRO segments of `stride` bytes, the last
+    /// possibly shorter. Yields `(source, bytes)`.
+    pub fn datagrams(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let m = &self.meta[i];
+        let stride = if m.stride == 0 {
+            m.len.max(1)
+        } else {
+            m.stride
+        };
+        self.bufs[i][..m.len].chunks(stride)
+    }
+
+    /// Mutable access to message `i`'s buffer and its GRO layout, for
+    /// in-place processing: `(buffer, len, stride)`.
+    pub fn message_mut(&mut self, i: usize) -> (&mut [u8], usize, usize) {
+        let m = &self.meta[i];
+        let stride = if m.stride == 0 {
+            m.len.max(1)
+        } else {
+            m.stride
+        };
+        (&mut self.bufs[i][..], m.len, stride)
+    }
+
+    pub fn source(&self, i: usize) -> SocketAddr {
+        self.meta[i].addr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gso_batch_round_trips_over_loopback() {
+        let rx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let dst = rx.local_addr().unwrap();
+        let mut batch = GsoBatch::new(1400);
+        // 10 equal datagrams, one shorter (closes the run), one oversized (alone).
+        for i in 0..10u8 {
+            batch.push(&tx, dst, &[i; 1000]).unwrap();
+        }
+        batch.push(&tx, dst, &[99; 10]).unwrap();
+        batch.push(&tx, dst, &[7; 3000]).unwrap();
+        batch.flush(&tx).unwrap();
+
+        let mut rb = RecvBatch::default();
+        let mut got: Vec<Vec<u8>> = Vec::new();
+        while got.len() < 12 {
+            let n = rb.recv(&rx).unwrap();
+            for i in 0..n {
+                assert_eq!(rb.source(i), tx.local_addr().unwrap());
+                got.extend(rb.datagrams(i).map(|d| d.to_vec()));
+            }
+        }
+        for (i, d) in got.iter().take(10).enumerate() {
+            assert_eq!(d, &vec![i as u8; 1000]);
+        }
+        assert_eq!(got[10], vec![99; 10]);
+        assert_eq!(got[11], vec![7; 3000]);
+    }
+}
