@@ -113,3 +113,125 @@ proptest! {
         prop_assert_eq!(probe::Repr::parse(&probe::Packet::new_checked(&buf[..]).unwrap()).unwrap(), r);
     }
 }
+
+mod control {
+    use pon_proto::control::*;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z0-9-]{1,12}"
+    }
+
+    fn endpoints() -> impl Strategy<Value = Endpoints> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>(), any::<u16>()).prop_map(|(a, p, u)| {
+                Endpoints::Proxy {
+                    pon: SocketAddr::from((a, p)),
+                    agent_addr: Ipv4Addr::from(a),
+                    agent_udp_port: u,
+                }
+            }),
+            (any::<[u8; 4]>(), proptest::option::of(any::<u16>())).prop_map(|(a, p)| {
+                Endpoints::App {
+                    addr: Ipv4Addr::from(a),
+                    encap: p.map_or(Encap::Ipip, |ra_port| Encap::Udp { ra_port }),
+                }
+            }),
+        ]
+    }
+
+    fn info() -> impl Strategy<Value = AgentInfo> {
+        (
+            any::<u32>(),
+            name(),
+            "[A-Z]{1,6}(\\.[A-Z]{1,6})?",
+            name(),
+            endpoints(),
+        )
+            .prop_map(|(id, cloud, role, name, endpoints)| AgentInfo {
+                id,
+                cloud,
+                role,
+                name,
+                endpoints,
+            })
+    }
+
+    fn cu_msg() -> impl Strategy<Value = CuMsg> {
+        let peer = || (info(), any::<bool>()).prop_map(|(info, optimise)| Peer { info, optimise });
+        let change = prop_oneof![
+            peer().prop_map(Change::Up),
+            any::<u32>().prop_map(Change::Down)
+        ];
+        prop_oneof![
+            (
+                any::<u32>(),
+                any::<u32>(),
+                prop::collection::vec(peer(), 0..8)
+            )
+                .prop_map(|(id, hb, peers)| CuMsg::Config(Config {
+                    id,
+                    heartbeat_ms: hb,
+                    dead_after_ms: hb,
+                    peers
+                })),
+            prop::collection::vec(change, 0..8).prop_map(CuMsg::Update),
+            "[ -~]{0,40}".prop_map(CuMsg::Refused),
+        ]
+    }
+
+    fn agent_msg() -> impl Strategy<Value = AgentMsg> {
+        prop_oneof![
+            Just(AgentMsg::Heartbeat),
+            Just(AgentMsg::Goodbye),
+            (name(), info(), proptest::option::of(any::<u32>())).prop_map(|(token, i, hint)| {
+                AgentMsg::Register(Register {
+                    version: PROTOCOL_VERSION,
+                    token,
+                    cloud: i.cloud,
+                    role: i.role,
+                    name: i.name,
+                    endpoints: i.endpoints,
+                    id_hint: hint,
+                })
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip_through_frames(msgs in prop::collection::vec(cu_msg(), 1..5), split in 1usize..64) {
+            let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
+            let mut d = FrameDecoder::new(MAX_CU_FRAME);
+            let mut got = Vec::new();
+            for chunk in bytes.chunks(split) {
+                d.push(chunk).unwrap();
+                while let Some(m) = d.next_msg::<CuMsg>().unwrap() {
+                    got.push(m);
+                }
+            }
+            prop_assert_eq!(got, msgs);
+        }
+
+        #[test]
+        fn agent_messages_round_trip(m in agent_msg()) {
+            let f = encode(&m);
+            prop_assert!(f.len() <= MAX_AGENT_FRAME);
+            prop_assert_eq!(decode::<AgentMsg>(&f[FRAME_HEADER_LEN..]).unwrap(), m);
+        }
+
+        #[test]
+        fn decoder_survives_arbitrary_bytes(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut d = FrameDecoder::new(256);
+            if d.push(&data).is_ok() {
+                while let Ok(Some(body)) = d.next_frame() {
+                    let _ = decode::<AgentMsg>(&body);
+                    let _ = decode::<CuMsg>(&body);
+                }
+            }
+            let _ = decode::<AgentMsg>(&data);
+            let _ = decode::<CuMsg>(&data);
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The PON Central Unit (CU), off the data path: agents register (R), get
+//! their id and configuration (C), and are pushed topology updates (U) when
+//! agents they are concerned with join or leave.
+//!
+//! - `policy`, `registry`: the CU's logic, sans-I/O (events + `now` in,
+//!   actions out), unit-tested.
+//! - `view`, `session`: the agent's side, sans-I/O.
+//! - `client`: the thread every PON daemon embeds to talk to the CU.
+//! - `server`, `store`, `config`, `pki` (feature `server`): the CU daemon:
+//!   QUIC server, redb store, configuration file, CA and token creation.
+
+pub mod client;
+pub mod policy;
+pub mod registry;
+pub mod session;
+pub mod tls;
+pub mod view;
+
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod pki;
+#[cfg(feature = "server")]
+pub mod server;
+#[cfg(feature = "server")]
+pub mod store;
+
+pub use policy::Policy;
+pub use registry::Registry;
+pub use view::View;

@@ -1,0 +1,602 @@
+//! The CU daemon's I/O: a QUIC endpoint, one reader and one writer task per
+//! agent connection, and one actor task that owns the sans-I/O [`Registry`]
+//! and carries out its actions. A store thread commits registry changes to
+//! redb in groups.
+//!
+//! Isolation between agents: a connection's reader only ever parses its own
+//! bounded frames; its writer has a bounded queue (when it overflows the
+//! agent gets a full configuration instead of the updates it missed); a
+//! writer blocked on an agent that does not read is cut off after
+//! `STALL_TIMEOUT`. Nothing one agent does can block the actor.
+
+use crate::config::CuConfig;
+use crate::registry::{Action, ConnId, Outgoing, Registry};
+use crate::store::Store;
+use anyhow::Context;
+use pon_proto::control::{
+    self, AgentMsg, AgentRecord, ControlError, CuMsg, FrameDecoder, MAX_AGENT_FRAME, MAX_CU_FRAME,
+};
+use pon_telemetry::PromWriter;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// A new connection must register within this time.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A writer that cannot make progress for this long closes its connection.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const WRITER_QUEUE: usize = 4096;
+const TICK: Duration = Duration::from_millis(100);
+
+/// QUIC application close codes.
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const BY_CU: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+    pub const TIMEOUT: u32 = 3;
+}
+
+pon_telemetry::counters! {
+    pub struct CuCounters {
+        registrations => ("pon_cu_registrations_total", "", "Registrations accepted."),
+        refused_token => ("pon_cu_refused_total", "reason=\"bad_token\"", "Registrations refused, by reason."),
+        refused_version => ("pon_cu_refused_total", "reason=\"bad_version\"", "Registrations refused, by reason."),
+        refused_invalid => ("pon_cu_refused_total", "reason=\"invalid_register\"", "Registrations refused, by reason."),
+        leave_goodbye => ("pon_cu_leaves_total", "reason=\"goodbye\"", "Agents announced as gone, by how it was detected."),
+        leave_closed => ("pon_cu_leaves_total", "reason=\"closed\"", "Agents announced as gone, by how it was detected."),
+        leave_silent => ("pon_cu_leaves_total", "reason=\"missed_heartbeats\"", "Agents announced as gone, by how it was detected."),
+        leave_not_back => ("pon_cu_leaves_total", "reason=\"not_back_after_restart\"", "Agents announced as gone, by how it was detected."),
+        bad_malformed => ("pon_cu_bad_messages_total", "reason=\"malformed\"", "Connections dropped for a bad message, by reason."),
+        bad_oversized => ("pon_cu_bad_messages_total", "reason=\"oversized\"", "Connections dropped for a bad message, by reason."),
+        bad_truncated => ("pon_cu_bad_messages_total", "reason=\"truncated\"", "Connections dropped for a bad message, by reason."),
+        bad_unexpected => ("pon_cu_bad_messages_total", "reason=\"unexpected\"", "Connections dropped for a bad message, by reason."),
+        register_timeouts => ("pon_cu_timeouts_total", "stage=\"register\"", "Connections dropped for being too slow."),
+        stalled => ("pon_cu_timeouts_total", "stage=\"write\"", "Connections dropped for being too slow."),
+        handshake_failures => ("pon_cu_handshake_failures_total", "", "QUIC/TLS handshakes that failed."),
+        config_frames => ("pon_cu_frames_sent_total", "kind=\"config\"", "Frames sent to agents."),
+        update_frames => ("pon_cu_frames_sent_total", "kind=\"update\"", "Frames sent to agents."),
+        resyncs => ("pon_cu_resyncs_total", "", "Agents sent a full configuration because their update queue overflowed."),
+        store_errors => ("pon_cu_store_errors_total", "", "Failed store commits."),
+        lists => ("pon_cu_registry_queries_total", "", "Registry queries (ponctl)."),
+    }
+}
+
+#[derive(Default)]
+pub struct CuStats {
+    pub counters: CuCounters,
+    pub known: AtomicU64,
+    pub online: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+impl CuStats {
+    pub fn render(&self, w: &mut PromWriter) {
+        self.counters.render(w);
+        let g = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
+        w.gauge(
+            "pon_cu_agents",
+            "state=\"known\"",
+            "Agents in the registry, by state.",
+            g(&self.known),
+        );
+        w.gauge(
+            "pon_cu_agents",
+            "state=\"online\"",
+            "Agents in the registry, by state.",
+            g(&self.online),
+        );
+        w.gauge(
+            "pon_cu_connections",
+            "",
+            "Open agent connections.",
+            g(&self.connections),
+        );
+        if let Some(rss) = resident_memory() {
+            w.gauge(
+                "process_resident_memory_bytes",
+                "",
+                "Resident memory of the CU.",
+                rss as f64,
+            );
+        }
+    }
+}
+
+/// This process's resident set size, from /proc.
+pub fn resident_memory() -> Option<u64> {
+    resident_memory_of("self")
+}
+
+/// Resident set size of process `pid` ("self" for this one), in bytes.
+pub fn resident_memory_of(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum WriterMsg {
+    Out(Outgoing),
+    Close(String),
+}
+
+struct ConnHandle {
+    tx: mpsc::Sender<WriterMsg>,
+    resync: Arc<AtomicBool>,
+    conn: quinn::Connection,
+}
+
+enum Event {
+    Register {
+        conn: ConnId,
+        reg: control::Register,
+        handle: ConnHandle,
+    },
+    List {
+        conn: ConnId,
+        token: String,
+        handle: ConnHandle,
+    },
+    Heartbeat(ConnId),
+    Gone {
+        conn: ConnId,
+        goodbye: bool,
+    },
+    Resync(ConnId),
+}
+
+/// Runs the CU until the process is stopped.
+pub fn run(cfg: CuConfig) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("cu")
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(cfg, Arc::new(CuStats::default()), None))
+}
+
+/// Serves on `cfg.listen`; `bound` receives the actual address (port 0 in tests).
+pub async fn serve(
+    cfg: CuConfig,
+    stats: Arc<CuStats>,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> anyhow::Result<()> {
+    let settings = cfg.settings()?;
+    let policy = cfg.policy().context("[policy]")?;
+    let idle = settings.dead_after + Duration::from_secs(1);
+    let server_cfg = crate::tls::server_config(&cfg.cert, &cfg.key, idle)
+        .context("loading the CU certificate")?;
+    let store = Store::open(&cfg.store)?;
+    let mut registry = Registry::new(settings, policy);
+    let records = store.load()?;
+    let restored = records.len();
+    registry.restore(records, Instant::now());
+    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = endpoint.local_addr()?;
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    if let Some(addr) = cfg.metrics {
+        let s = stats.clone();
+        pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| s.render(w)))
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    tracing::info!(listen = %local, restored, store = %cfg.store.display(), "CU running");
+
+    let (store_tx, store_rx) = std::sync::mpsc::channel::<AgentRecord>();
+    let st = stats.clone();
+    std::thread::Builder::new()
+        .name("cu-store".into())
+        .spawn(move || store_loop(store, store_rx, &st))?;
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>(65536);
+    let actor = tokio::spawn(actor(registry, events_rx, store_tx, stats.clone()));
+    let next_conn = Arc::new(AtomicU64::new(1));
+    while let Some(incoming) = endpoint.accept().await {
+        let id = next_conn.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(connection(incoming, id, events_tx.clone(), stats.clone()));
+    }
+    actor.abort();
+    Ok(())
+}
+
+fn store_loop(store: Store, rx: std::sync::mpsc::Receiver<AgentRecord>, stats: &CuStats) {
+    while let Ok(first) = rx.recv() {
+        // Group commit: everything queued meanwhile goes into one transaction.
+        let mut batch: HashMap<u32, AgentRecord> = HashMap::new();
+        batch.insert(first.info.id, first);
+        while let Ok(r) = rx.try_recv() {
+            batch.insert(r.info.id, r);
+        }
+        let records: Vec<_> = batch.into_values().collect();
+        if let Err(e) = store.write(&records) {
+            stats.counters.store_errors.inc();
+            tracing::error!(error = %e, records = records.len(), "store commit failed");
+        }
+    }
+}
+
+async fn actor(
+    mut registry: Registry,
+    mut events: mpsc::Receiver<Event>,
+    store: std::sync::mpsc::Sender<AgentRecord>,
+    stats: Arc<CuStats>,
+) {
+    let mut handles: HashMap<ConnId, ConnHandle> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let actions = tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { return };
+                handle_event(&mut registry, &mut handles, ev, &stats)
+            }
+            _ = tick.tick() => {
+                let (actions, gone) = registry.tick(Instant::now());
+                for (id, why) in gone {
+                    count_leave(&stats, why);
+                    tracing::info!(id, reason = why.label(), "agent gone");
+                }
+                actions
+            }
+        };
+        for a in actions {
+            execute(a, &handles, &store, &stats);
+        }
+        stats.known.store(registry.len() as u64, Ordering::Relaxed);
+        stats
+            .online
+            .store(registry.online() as u64, Ordering::Relaxed);
+    }
+}
+
+fn count_leave(stats: &CuStats, why: crate::registry::LeaveReason) {
+    use crate::registry::LeaveReason::*;
+    let c = &stats.counters;
+    match why {
+        Goodbye => c.leave_goodbye.inc(),
+        Closed => c.leave_closed.inc(),
+        MissedHeartbeats => c.leave_silent.inc(),
+        NotBack => c.leave_not_back.inc(),
+    }
+}
+
+fn handle_event(
+    registry: &mut Registry,
+    handles: &mut HashMap<ConnId, ConnHandle>,
+    ev: Event,
+    stats: &CuStats,
+) -> Vec<Action> {
+    match ev {
+        Event::Register { conn, reg, handle } => {
+            handles.insert(conn, handle);
+            let (cloud, name, role) = (reg.cloud.clone(), reg.name.clone(), reg.role.clone());
+            let (actions, refused) = registry.register(conn, reg, Instant::now(), wall_ms());
+            match refused {
+                None => {
+                    stats.counters.registrations.inc();
+                    let id = registry.id_of(conn).unwrap_or(0);
+                    tracing::info!(id, %cloud, %name, %role, "agent registered");
+                }
+                Some(why) => {
+                    use crate::registry::Refusal::*;
+                    match why {
+                        Token => stats.counters.refused_token.inc(),
+                        Version => stats.counters.refused_version.inc(),
+                        Invalid => stats.counters.refused_invalid.inc(),
+                    }
+                    tracing::warn!(%cloud, %name, reason = why.label(), "registration refused");
+                }
+            }
+            actions
+        }
+        Event::List {
+            conn,
+            token,
+            handle,
+        } => {
+            handles.insert(conn, handle);
+            stats.counters.lists.inc();
+            registry.list(conn, &token)
+        }
+        Event::Heartbeat(conn) => {
+            registry.heartbeat(conn, Instant::now(), wall_ms());
+            vec![]
+        }
+        Event::Gone { conn, goodbye } => {
+            handles.remove(&conn);
+            let (actions, left) = registry.disconnected(conn, goodbye, wall_ms());
+            if let Some((id, why)) = left {
+                count_leave(stats, why);
+                tracing::info!(id, reason = why.label(), "agent gone");
+            }
+            actions
+        }
+        Event::Resync(conn) => match registry.id_of(conn) {
+            Some(id) => {
+                stats.counters.resyncs.inc();
+                vec![Action::Send {
+                    conn,
+                    msg: Outgoing::Config(registry.config_for(id)),
+                }]
+            }
+            None => vec![],
+        },
+    }
+}
+
+fn execute(
+    a: Action,
+    handles: &HashMap<ConnId, ConnHandle>,
+    store: &std::sync::mpsc::Sender<AgentRecord>,
+    stats: &CuStats,
+) {
+    match a {
+        Action::Persist(r) => {
+            let _ = store.send(r);
+        }
+        Action::Send { conn, msg } => {
+            let Some(h) = handles.get(&conn) else { return };
+            if let Err(mpsc::error::TrySendError::Full(_)) = h.tx.try_send(WriterMsg::Out(msg)) {
+                // The agent is behind: drop its backlog, send it the whole
+                // picture when its writer catches up.
+                h.resync.store(true, Ordering::Relaxed);
+            }
+        }
+        Action::Close { conn, reason } => {
+            let Some(h) = handles.get(&conn) else { return };
+            if h.tx.try_send(WriterMsg::Close(reason.clone())).is_err() {
+                h.conn.close(close_code::BY_CU.into(), reason.as_bytes());
+            }
+        }
+    }
+    let _ = stats;
+}
+
+/// Reads one message; `Ok(None)` at a clean end of stream.
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+    dec: &mut FrameDecoder,
+) -> Result<Option<AgentMsg>, ReadFail> {
+    loop {
+        if let Some(m) = dec.next_msg::<AgentMsg>().map_err(ReadFail::Bad)? {
+            return Ok(Some(m));
+        }
+        match recv.read_chunk(MAX_AGENT_FRAME, true).await {
+            Ok(Some(c)) => dec.push(&c.bytes).map_err(ReadFail::Bad)?,
+            Ok(None) if dec.pending() == 0 => return Ok(None),
+            Ok(None) => return Err(ReadFail::Bad(ControlError::Truncated(dec.pending()))),
+            Err(_) => return Err(ReadFail::Lost),
+        }
+    }
+}
+
+enum ReadFail {
+    Bad(ControlError),
+    Lost,
+}
+
+fn count_bad(stats: &CuStats, e: &ControlError) {
+    let c = &stats.counters;
+    match e {
+        ControlError::Oversized { .. } => c.bad_oversized.inc(),
+        ControlError::Malformed(_) => c.bad_malformed.inc(),
+        ControlError::Truncated(_) => c.bad_truncated.inc(),
+    }
+}
+
+struct ConnGuard<'a>(&'a CuStats);
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(
+    incoming: quinn::Incoming,
+    id: ConnId,
+    events: mpsc::Sender<Event>,
+    stats: Arc<CuStats>,
+) {
+    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            stats.counters.handshake_failures.inc();
+            tracing::debug!(error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            stats.counters.handshake_failures.inc();
+            return;
+        }
+    };
+    stats.connections.fetch_add(1, Ordering::Relaxed);
+    let _guard = ConnGuard(&stats);
+    let remote = conn.remote_address();
+    let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+    let timeout = |what: &str| {
+        stats.counters.register_timeouts.inc();
+        tracing::debug!(%remote, "{what}");
+        conn.close(
+            close_code::TIMEOUT.into(),
+            format!("no registration within {} s", REGISTER_TIMEOUT.as_secs()).as_bytes(),
+        );
+    };
+    let (send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return,
+        Err(_) => return timeout("no control stream"),
+    };
+    let mut dec = FrameDecoder::new(MAX_AGENT_FRAME);
+    let bad = |e: &ControlError| {
+        count_bad(&stats, e);
+        tracing::warn!(%remote, error = %e, "dropping connection: bad message");
+        conn.close(close_code::PROTOCOL.into(), e.to_string().as_bytes());
+    };
+    let first = match tokio::time::timeout_at(deadline, read_msg(&mut recv, &mut dec)).await {
+        Err(_) => return timeout("no registration"),
+        Ok(Err(ReadFail::Bad(e))) => return bad(&e),
+        Ok(Err(ReadFail::Lost)) | Ok(Ok(None)) => return,
+        Ok(Ok(Some(m))) => m,
+    };
+    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    let resync = Arc::new(AtomicBool::new(false));
+    let handle = ConnHandle {
+        tx,
+        resync: resync.clone(),
+        conn: conn.clone(),
+    };
+    let ev = match first {
+        AgentMsg::Register(reg) => Event::Register {
+            conn: id,
+            reg,
+            handle,
+        },
+        AgentMsg::List { token, .. } => Event::List {
+            conn: id,
+            token,
+            handle,
+        },
+        _ => {
+            let e = ControlError::Malformed("the first message must be Register".into());
+            stats.counters.bad_unexpected.inc();
+            conn.close(close_code::PROTOCOL.into(), e.to_string().as_bytes());
+            return;
+        }
+    };
+    tokio::spawn(writer(
+        send,
+        rx,
+        resync,
+        conn.clone(),
+        id,
+        events.clone(),
+        stats.clone(),
+    ));
+    if events.send(ev).await.is_err() {
+        return;
+    }
+    let mut goodbye = false;
+    loop {
+        match read_msg(&mut recv, &mut dec).await {
+            Ok(Some(AgentMsg::Heartbeat)) => {
+                if events.send(Event::Heartbeat(id)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Some(AgentMsg::Goodbye)) => {
+                goodbye = true;
+                break;
+            }
+            Ok(Some(_)) => {
+                stats.counters.bad_unexpected.inc();
+                conn.close(
+                    close_code::PROTOCOL.into(),
+                    b"unexpected message after registration",
+                );
+                break;
+            }
+            Ok(None) | Err(ReadFail::Lost) => break,
+            Err(ReadFail::Bad(e)) => {
+                bad(&e);
+                break;
+            }
+        }
+    }
+    let _ = events.send(Event::Gone { conn: id, goodbye }).await;
+}
+
+fn to_msg(o: Outgoing) -> CuMsg {
+    match o {
+        Outgoing::Config(c) => CuMsg::Config(c),
+        Outgoing::Changes(c) => CuMsg::Update(c),
+        Outgoing::Refused(r) => CuMsg::Refused(r),
+        Outgoing::Registry(r) => CuMsg::Registry(r),
+    }
+}
+
+async fn writer(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    resync: Arc<AtomicBool>,
+    conn: quinn::Connection,
+    id: ConnId,
+    events: mpsc::Sender<Event>,
+    stats: Arc<CuStats>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, WRITER_QUEUE).await > 0 {
+        // Coalesce: consecutive updates go out as one frame (or as few as
+        // the frame limit allows), so a burst of joins costs each agent a
+        // handful of writes rather than one per join.
+        let mut frames = Vec::new();
+        let mut changes = Vec::new();
+        let mut close = None;
+        let flush = |changes: &mut Vec<_>, frames: &mut Vec<Vec<u8>>| {
+            if !changes.is_empty() {
+                let f = control::encode_updates(changes, MAX_CU_FRAME);
+                stats.counters.update_frames.add(f.len() as u64);
+                frames.extend(f);
+                changes.clear();
+            }
+        };
+        for m in batch.drain(..) {
+            match m {
+                WriterMsg::Out(Outgoing::Changes(c)) => changes.extend(c),
+                WriterMsg::Out(o) => {
+                    flush(&mut changes, &mut frames);
+                    if matches!(o, Outgoing::Config(_)) {
+                        stats.counters.config_frames.inc();
+                    }
+                    frames.push(control::encode(&to_msg(o)));
+                }
+                WriterMsg::Close(r) => {
+                    close = Some(r);
+                    break;
+                }
+            }
+        }
+        flush(&mut changes, &mut frames);
+        for f in frames {
+            match tokio::time::timeout(STALL_TIMEOUT, send.write_all(&f)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    stats.counters.stalled.inc();
+                    tracing::warn!(remote = %conn.remote_address(), "agent does not read its updates; closing");
+                    conn.close(close_code::TIMEOUT.into(), b"stalled: updates not read");
+                    return;
+                }
+            }
+        }
+        if let Some(reason) = close {
+            let _ = send.finish();
+            // Let the last frames (e.g. a refusal) reach the agent first.
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(close_code::BY_CU.into(), reason.as_bytes());
+            return;
+        }
+        if resync.swap(false, Ordering::Relaxed) && events.send(Event::Resync(id)).await.is_err() {
+            return;
+        }
+    }
+    let _ = close_code::NORMAL;
+}

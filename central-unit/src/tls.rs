@@ -1,0 +1,106 @@
+//! QUIC + TLS 1.3 set-up for both ends. Agents trust only the CA that
+//! `pon-cu init` made; the CU presents the certificate signed by it.
+
+use pon_proto::control::ALPN;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what} {path}: {detail}")]
+    Pem {
+        what: &'static str,
+        path: String,
+        detail: String,
+    },
+    #[error("TLS set-up: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("QUIC set-up: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |detail: String| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        detail,
+    };
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| err(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// Client side: trust exactly the CA in `ca_pem`.
+pub fn client_config(ca_pem: &Path, idle: Duration) -> Result<quinn::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_certs(ca_pem, "CA certificate")? {
+        roots.add(c)?;
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?,
+        ))
+        .keep_alive_interval(Some(idle / 3))
+        .max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Server side: the CU's certificate chain and key.
+pub fn server_config(
+    cert_pem: &Path,
+    key_pem: &Path,
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let certs = load_certs(cert_pem, "CU certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| TlsError::Pem {
+        what: "CU key",
+        path: key_pem.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // One control stream per agent; what an agent may have in flight
+    // towards the CU stays small, whatever it tries.
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?,
+        ))
+        .max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window((2 * pon_proto::control::MAX_AGENT_FRAME as u32).into())
+        .receive_window((4 * pon_proto::control::MAX_AGENT_FRAME as u32).into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}

@@ -1,0 +1,188 @@
+//! What an agent knows from the CU: its id and the peers it was given,
+//! kept up to date by applying configurations (replace) and updates
+//! (change). Sans-I/O; the daemons turn it into their tables.
+
+use pon_proto::control::{AgentInfo, Change, Config, Endpoints, Peer};
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct View {
+    id: u32,
+    peers: BTreeMap<u32, Peer>,
+}
+
+/// A proxy as the data path needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyRef {
+    pub id: u32,
+    pub pon: SocketAddr,
+    pub agent_addr: Ipv4Addr,
+    pub agent_udp_port: u16,
+    pub optimise: bool,
+}
+
+/// An app VM as the data path needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRef {
+    pub id: u32,
+    pub cloud: String,
+    pub addr: Ipv4Addr,
+    pub encap: pon_proto::control::Encap,
+}
+
+impl View {
+    /// C: replaces everything (a fresh registration, or a resync).
+    pub fn apply_config(&mut self, cfg: Config) {
+        self.id = cfg.id;
+        self.peers = cfg.peers.into_iter().map(|p| (p.info.id, p)).collect();
+    }
+
+    /// U: applies changes in order; returns whether anything changed.
+    pub fn apply_changes(&mut self, changes: Vec<Change>) -> bool {
+        let mut changed = false;
+        for c in changes {
+            match c {
+                Change::Up(p) => {
+                    if p.info.id != self.id && self.peers.get(&p.info.id) != Some(&p) {
+                        self.peers.insert(p.info.id, p);
+                        changed = true;
+                    }
+                }
+                Change::Down(id) => changed |= self.peers.remove(&id).is_some(),
+            }
+        }
+        changed
+    }
+
+    /// The CU-assigned id (0 before the first configuration).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    pub fn get(&self, id: u32) -> Option<&AgentInfo> {
+        self.peers.get(&id).map(|p| &p.info)
+    }
+
+    pub fn proxies(&self) -> impl Iterator<Item = (&AgentInfo, ProxyRef)> {
+        self.peers.values().filter_map(|p| match p.info.endpoints {
+            Endpoints::Proxy {
+                pon,
+                agent_addr,
+                agent_udp_port,
+            } => Some((
+                &p.info,
+                ProxyRef {
+                    id: p.info.id,
+                    pon,
+                    agent_addr,
+                    agent_udp_port,
+                    optimise: p.optimise,
+                },
+            )),
+            _ => None,
+        })
+    }
+
+    pub fn apps(&self) -> impl Iterator<Item = AppRef> + '_ {
+        self.peers.values().filter_map(|p| match p.info.endpoints {
+            Endpoints::App { addr, encap } => Some(AppRef {
+                id: p.info.id,
+                cloud: p.info.cloud.clone(),
+                addr,
+                encap,
+            }),
+            _ => None,
+        })
+    }
+
+    /// The proxy serving `cloud`: the one with the lowest id, so that every
+    /// agent picks the same without further coordination.
+    pub fn proxy_of(&self, cloud: &str) -> Option<ProxyRef> {
+        self.proxies()
+            .filter(|(i, _)| i.cloud == cloud)
+            .map(|(_, p)| p)
+            .min_by_key(|p| p.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pon_proto::control::Encap;
+
+    fn proxy(id: u32, cloud: &str) -> Peer {
+        let a = Ipv4Addr::new(198, 18, id as u8, 1);
+        Peer {
+            info: AgentInfo {
+                id,
+                cloud: cloud.into(),
+                role: "PROXY".into(),
+                name: "proxy".into(),
+                endpoints: Endpoints::Proxy {
+                    pon: (a, 7300).into(),
+                    agent_addr: a,
+                    agent_udp_port: 7301,
+                },
+            },
+            optimise: true,
+        }
+    }
+
+    fn app(id: u32, cloud: &str, last: u8) -> Peer {
+        Peer {
+            info: AgentInfo {
+                id,
+                cloud: cloud.into(),
+                role: "APP".into(),
+                name: format!("app{id}"),
+                endpoints: Endpoints::App {
+                    addr: Ipv4Addr::new(198, 18, 9, last),
+                    encap: Encap::Ipip,
+                },
+            },
+            optimise: false,
+        }
+    }
+
+    #[test]
+    fn config_replaces_and_updates_change() {
+        let mut v = View::default();
+        v.apply_config(Config {
+            id: 5,
+            heartbeat_ms: 500,
+            dead_after_ms: 2000,
+            peers: vec![proxy(1, "a"), app(2, "a", 11)],
+        });
+        assert_eq!(v.id(), 5);
+        assert!(v.apply_changes(vec![Change::Up(proxy(3, "b")), Change::Down(2)]));
+        assert_eq!(v.proxies().count(), 2);
+        assert_eq!(v.apps().count(), 0);
+        // Repeating a change changes nothing; our own id is never a peer.
+        assert!(!v.apply_changes(vec![Change::Up(proxy(3, "b")), Change::Down(2)]));
+        assert!(!v.apply_changes(vec![Change::Up(proxy(5, "x"))]));
+        v.apply_config(Config {
+            id: 5,
+            heartbeat_ms: 500,
+            dead_after_ms: 2000,
+            peers: vec![],
+        });
+        assert_eq!(v.peers().count(), 0);
+    }
+
+    #[test]
+    fn the_lowest_id_proxy_serves_a_cloud() {
+        let mut v = View::default();
+        v.apply_changes(vec![
+            Change::Up(proxy(9, "a")),
+            Change::Up(proxy(4, "a")),
+            Change::Up(proxy(2, "b")),
+        ]);
+        assert_eq!(v.proxy_of("a").unwrap().id, 4);
+        assert!(v.proxy_of("c").is_none());
+    }
+}

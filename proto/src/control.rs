@@ -1,0 +1,371 @@
+//! Control messages between agents and the Central Unit (CU): register (R),
+//! configuration (C), topology updates (U), heartbeats, and the registry
+//! query of `ponctl`.
+//!
+//! On the wire a message is a frame: a 4-byte big-endian length, then the
+//! message in postcard encoding. Each direction has its own size limit so a
+//! peer can never make the other allocate more than the limit: agents only
+//! ever send small messages, while the CU may send a whole topology.
+//! Decoding never panics; bad input is an [`ControlError`].
+
+use serde::{Deserialize, Serialize};
+use std::net::{Ipv4Addr, SocketAddr};
+
+/// Bumped on incompatible changes; the CU refuses other versions by name.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame an agent (or `ponctl`) may send to the CU.
+pub const MAX_AGENT_FRAME: usize = 64 * 1024;
+/// Largest frame the CU sends; bigger updates are split into several frames.
+pub const MAX_CU_FRAME: usize = 16 * 1024 * 1024;
+/// Length prefix of every frame.
+pub const FRAME_HEADER_LEN: usize = 4;
+/// ALPN of the control protocol, so a CU never talks to something else on its port.
+pub const ALPN: &[u8] = b"pon-cu/1";
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    Oversized { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("frame ends {0} bytes early")]
+    Truncated(usize),
+}
+
+impl ControlError {
+    /// A short stable label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ControlError::Oversized { .. } => "oversized",
+            ControlError::Malformed(_) => "malformed",
+            ControlError::Truncated(_) => "truncated",
+        }
+    }
+}
+
+/// How an app VM's agent legs are encapsulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Encap {
+    Ipip,
+    /// UDP to the RA's port.
+    Udp {
+        ra_port: u16,
+    },
+}
+
+/// Where an agent can be reached; the variant must match the role family.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Endpoints {
+    /// A proxy: its PON UDP address for peers, the address its agents send
+    /// IP-in-IP to, and its agent UDP port (0: none).
+    Proxy {
+        pon: SocketAddr,
+        agent_addr: Ipv4Addr,
+        agent_udp_port: u16,
+    },
+    /// An app VM: its address and how its RA receives.
+    App { addr: Ipv4Addr, encap: Encap },
+    /// Any other component (monitor, forwarder on another host, ...).
+    Other { addrs: Vec<SocketAddr> },
+}
+
+/// R: the first message on a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub version: u16,
+    pub token: String,
+    /// Cloud (site) the agent runs in.
+    pub cloud: String,
+    /// Dotted role: `PROXY`, `PROXY.SRC`, `APP`, ...
+    pub role: String,
+    /// Stable name within the cloud; with the cloud it keys the agent's id.
+    pub name: String,
+    pub endpoints: Endpoints,
+    /// An id the agent had (or is configured to ask for); granted if free.
+    pub id_hint: Option<u32>,
+}
+
+/// What the CU knows about an agent and tells others.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub id: u32,
+    pub cloud: String,
+    pub role: String,
+    pub name: String,
+    pub endpoints: Endpoints,
+}
+
+impl AgentInfo {
+    pub fn is_proxy(&self) -> bool {
+        matches!(self.endpoints, Endpoints::Proxy { .. })
+    }
+    pub fn is_app(&self) -> bool {
+        matches!(self.endpoints, Endpoints::App { .. })
+    }
+}
+
+/// Another agent, as seen by the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub info: AgentInfo,
+    /// The receiver (a router) must monitor and optimise paths towards it.
+    pub optimise: bool,
+}
+
+/// C: the answer to a registration: the agent's id and everything it needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub id: u32,
+    pub heartbeat_ms: u32,
+    pub dead_after_ms: u32,
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    /// Joined, or changed its addresses.
+    Up(Peer),
+    /// Left (goodbye, closed connection, or missed heartbeats).
+    Down(u32),
+}
+
+/// A registry entry, for `ponctl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub info: AgentInfo,
+    pub online: bool,
+    /// Last time the CU heard from the agent, Unix milliseconds.
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    Register(Register),
+    Heartbeat,
+    /// Clean leave: the CU announces the agent as gone at once.
+    Goodbye,
+    /// `ponctl`: list the registry (authenticated by the join token).
+    List {
+        version: u16,
+        token: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CuMsg {
+    Config(Config),
+    /// U: changes to the peers the receiver was given.
+    Update(Vec<Change>),
+    /// Registration refused; the connection closes after this.
+    Refused(String),
+    Registry(Vec<AgentRecord>),
+}
+
+/// Encodes one frame (length prefix + message).
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    // Serializing into a Vec cannot fail for these types (no maps with
+    // non-string keys, no unsized sequences).
+    let mut out =
+        postcard::to_extend(msg, vec![0u8; FRAME_HEADER_LEN]).expect("serializing into a Vec");
+    let len = (out.len() - FRAME_HEADER_LEN) as u32;
+    out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Decodes one message body (without the length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ControlError> {
+    let (msg, rest) =
+        postcard::take_from_bytes(body).map_err(|e| ControlError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ControlError::Malformed(format!(
+            "{} trailing bytes after the message",
+            rest.len()
+        )));
+    }
+    Ok(msg)
+}
+
+/// Splits a byte stream into frames. Sans-I/O: feed it whatever a read
+/// returned, then pop complete frames. An oversized length is refused as soon
+/// as its 4 bytes arrive, before anything is buffered for it.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max: usize,
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new(max: usize) -> Self {
+        FrameDecoder {
+            max,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Appends bytes read from the stream. Fails if the buffered bytes
+    /// already announce an oversized frame.
+    pub fn push(&mut self, data: &[u8]) -> Result<(), ControlError> {
+        self.buf.extend_from_slice(data);
+        self.check_len().map(|_| ())
+    }
+
+    fn check_len(&self) -> Result<Option<usize>, ControlError> {
+        if self.buf.len() < FRAME_HEADER_LEN {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > self.max {
+            return Err(ControlError::Oversized { len, max: self.max });
+        }
+        Ok(Some(len))
+    }
+
+    /// The next complete frame body, if one has arrived.
+    pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, ControlError> {
+        match self.check_len()? {
+            Some(len) if self.buf.len() >= FRAME_HEADER_LEN + len => {
+                let body = self.buf[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len].to_vec();
+                self.buf.drain(..FRAME_HEADER_LEN + len);
+                Ok(Some(body))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Decodes the next complete message, if one has arrived.
+    pub fn next_msg<T: serde::de::DeserializeOwned>(&mut self) -> Result<Option<T>, ControlError> {
+        match self.next_frame()? {
+            Some(body) => decode(&body).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Bytes received but not yet part of a complete frame (at end of
+    /// stream, anything here is a truncated frame).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+/// Splits a long list of changes into update frames that each fit `max`.
+pub fn encode_updates(changes: &[Change], max: usize) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    while start < changes.len() {
+        let mut end = changes.len();
+        loop {
+            let frame = encode(&CuMsg::Update(changes[start..end].to_vec()));
+            if frame.len() - FRAME_HEADER_LEN <= max || end - start == 1 {
+                frames.push(frame);
+                break;
+            }
+            end = start + (end - start).div_ceil(2);
+        }
+        start = end;
+    }
+    frames
+}
+
+/// True if `role` is a dotted role of upper-case words, e.g. `PROXY.SRC`.
+pub fn valid_role(role: &str) -> bool {
+    !role.is_empty()
+        && role.len() <= 64
+        && role.split('.').all(|w| {
+            !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+        })
+}
+
+/// True if `name` is usable as a cloud or agent name (printable, short).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:/".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_register() -> AgentMsg {
+        AgentMsg::Register(Register {
+            version: PROTOCOL_VERSION,
+            token: "t0k3n".into(),
+            cloud: "paris".into(),
+            role: "PROXY.SRC".into(),
+            name: "proxy".into(),
+            endpoints: Endpoints::Proxy {
+                pon: "198.18.1.1:7300".parse().unwrap(),
+                agent_addr: Ipv4Addr::new(198, 18, 1, 1),
+                agent_udp_port: 7301,
+            },
+            id_hint: Some(1),
+        })
+    }
+
+    #[test]
+    fn frames_round_trip_across_split_reads() {
+        let msgs = vec![sample_register(), AgentMsg::Heartbeat, AgentMsg::Goodbye];
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        let mut d = FrameDecoder::new(MAX_AGENT_FRAME);
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(3) {
+            d.push(chunk).unwrap();
+            while let Some(m) = d.next_msg::<AgentMsg>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, msgs);
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn oversized_frame_is_refused_from_its_header() {
+        let mut d = FrameDecoder::new(16);
+        assert_eq!(
+            d.push(&100u32.to_be_bytes()),
+            Err(ControlError::Oversized { len: 100, max: 16 })
+        );
+    }
+
+    #[test]
+    fn malformed_and_trailing_bytes_are_errors() {
+        assert!(matches!(
+            decode::<AgentMsg>(&[0xff, 0xff]),
+            Err(ControlError::Malformed(_))
+        ));
+        let mut f = encode(&AgentMsg::Heartbeat);
+        f.push(0);
+        assert!(decode::<AgentMsg>(&f[FRAME_HEADER_LEN..]).is_err());
+    }
+
+    #[test]
+    fn long_updates_are_split_to_fit() {
+        let changes: Vec<Change> = (0..1000).map(Change::Down).collect();
+        let frames = encode_updates(&changes, 300);
+        assert!(frames.len() > 1);
+        let mut all = Vec::new();
+        for f in &frames {
+            assert!(f.len() - FRAME_HEADER_LEN <= 300);
+            match decode::<CuMsg>(&f[FRAME_HEADER_LEN..]).unwrap() {
+                CuMsg::Update(c) => all.extend(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(all, changes);
+    }
+
+    #[test]
+    fn roles_and_names() {
+        assert!(valid_role("PROXY"));
+        assert!(valid_role("PROXY.MASTER"));
+        assert!(!valid_role("proxy"));
+        assert!(!valid_role("PROXY."));
+        assert!(valid_name("paris-1"));
+        assert!(!valid_name("a b"));
+        assert!(!valid_name(""));
+    }
+}
