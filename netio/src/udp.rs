@@ -50,8 +50,9 @@ impl UdpIo {
         self.state.max_gso_segments()
     }
 
-    /// Blocks until the socket is readable (or `events` ready).
-    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+    /// Blocks until `events` are ready, or `timeout_ms` (-1: forever) passes;
+    /// returns whether they are.
+    fn wait_for(&self, events: libc::c_short, timeout_ms: libc::c_int) -> io::Result<bool> {
         let mut p = libc::pollfd {
             fd: self.sock.as_raw_fd(),
             events,
@@ -59,15 +60,19 @@ impl UdpIo {
         };
         loop {
             // SAFETY: one valid pollfd.
-            let rc = unsafe { libc::poll(&mut p, 1, -1) };
+            let rc = unsafe { libc::poll(&mut p, 1, timeout_ms) };
             if rc >= 0 {
-                return Ok(());
+                return Ok(rc > 0);
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
+    }
+
+    fn wait(&self, events: libc::c_short) -> io::Result<()> {
+        self.wait_for(events, -1).map(drop)
     }
 
     /// Receives a batch, blocking until at least one datagram is there.
@@ -78,6 +83,28 @@ impl UdpIo {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait(libc::POLLIN)?,
                 other => return other,
             }
+        }
+    }
+
+    /// Like `recv`, but returns 0 if nothing arrives within `timeout`.
+    pub fn recv_within(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        timeout: std::time::Duration,
+    ) -> io::Result<usize> {
+        match self.state.recv((&self.sock).into(), bufs, meta) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+                if !self.wait_for(libc::POLLIN, ms)? {
+                    return Ok(0);
+                }
+                match self.state.recv((&self.sock).into(), bufs, meta) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                }
+            }
+            other => other,
         }
     }
 
@@ -186,6 +213,15 @@ impl RecvBatch {
             std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_BATCH buffers")))
         };
         io.recv(&mut slices, &mut self.meta)
+    }
+
+    /// Like `recv`, but returns 0 if nothing arrives within `timeout`.
+    pub fn recv_within(&mut self, io: &UdpIo, timeout: std::time::Duration) -> io::Result<usize> {
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] = {
+            let mut it = self.bufs.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RECV_BATCH buffers")))
+        };
+        io.recv_within(&mut slices, &mut self.meta, timeout)
     }
 
     /// The datagrams of message `i`: GRO segments of `stride` bytes, the last
