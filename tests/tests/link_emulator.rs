@@ -1,0 +1,391 @@
+//! The lab's link emulator (pon-linkemu) measured with real clients on the
+//! raw underlay (proxy to proxy, where no PON daemon intercepts traffic):
+//! delay, loss, rate, run-time changes while traffic flows, and the lab's
+//! `[[link]]` / `impair` / `status` interface.
+
+use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab, PingStats};
+use std::process::Output;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const TOKYO: &str = "198.18.2.1";
+const LONDON: &str = "198.18.3.1";
+/// The emulator's metrics endpoint (first site's gateway, in inet).
+const EMU_METRICS: &str = "198.18.1.254:9110";
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn wait_connected(lab: &Lab, from: &str, to: &str) {
+    let ok = wait_until(Duration::from_secs(15), || {
+        lab.exec(from, &["ping", "-c", "1", "-W", "1", to])
+            .status
+            .success()
+    });
+    assert!(ok, "{from} cannot reach {to}");
+}
+
+fn ping(lab: &Lab, from: &str, to: &str, count: u32, interval: &str) -> PingStats {
+    let count = count.to_string();
+    let out = lab.exec(
+        from,
+        &["ping", "-q", "-c", &count, "-i", interval, "-W", "2", to],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    parse_ping(&stdout).unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)))
+}
+
+fn impair(lab: &Lab, args: &[&str]) -> Output {
+    lab_command()
+        .args(["impair", &lab.name])
+        .args(args)
+        .output()
+        .expect("run lab impair")
+}
+
+fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+fn emu_metric(lab: &Lab, sample: &str) -> u64 {
+    lab.metric("inet", EMU_METRICS, sample)
+}
+
+#[test]
+fn delay_loss_and_unimpaired_pairs() {
+    require_root();
+    let lab = Lab::up(
+        r#"
+[[site]]
+name = "paris"
+apps = 1
+[[site]]
+name = "tokyo"
+apps = 1
+[[site]]
+name = "london"
+apps = 1
+[[link]]
+between = ["paris", "tokyo"]
+delay_ms = 20
+[[link]]
+between = ["paris", "london"]
+loss = 0.1
+"#,
+    );
+    for (from, to) in [("paris/proxy", TOKYO), ("tokyo/proxy", LONDON)] {
+        wait_connected(&lab, from, to);
+    }
+
+    // Delay: RTT = 2 x 20 ms within 1 ms (the emulator's own latency and
+    // the kernel's forwarding add tens of microseconds).
+    let s = ping(&lab, "paris/proxy", TOKYO, 200, "0.01");
+    assert_eq!(s.received, s.transmitted, "no loss configured: {s:?}");
+    let err = s.avg_ms - 40.0;
+    eprintln!(
+        "delay 20 ms each way: average RTT {:.3} ms (error {err:+.3} ms)",
+        s.avg_ms
+    );
+    assert!(
+        (0.0..1.0).contains(&err),
+        "RTT {} ms, expected 40 ms + < 1 ms",
+        s.avg_ms
+    );
+
+    // A pair without a [[link]]: the emulator passes it through at once.
+    let s = ping(&lab, "tokyo/proxy", LONDON, 200, "0.01");
+    assert_eq!(s.received, s.transmitted, "{s:?}");
+    eprintln!("unimpaired pair: average RTT {:.3} ms", s.avg_ms);
+    assert!(s.avg_ms < 1.0, "unimpaired RTT {} ms", s.avg_ms);
+    assert!(emu_metric(&lab, "pon_linkemu_passthrough_packets_total") >= 400);
+
+    // Loss: 10% each way, so a ping round trip is lost with q = 1 - 0.9^2 = 0.19.
+    // With n = 3000 the count of lost pings has sd sqrt(n q (1 - q)) = 21.5;
+    // a bound of 5.3 sd is exceeded by chance with probability 1.2e-7.
+    let n = 3000u32;
+    let s = ping(&lab, "paris/proxy", LONDON, n, "0.002");
+    assert_eq!(s.transmitted, u64::from(n));
+    let q = 1.0 - 0.9f64 * 0.9;
+    let lost = (s.transmitted - s.received) as f64;
+    let sd = (f64::from(n) * q * (1.0 - q)).sqrt();
+    eprintln!(
+        "loss 0.1 each way: {lost} of {n} pings lost ({:.4}, expected {q:.4} +- {:.4})",
+        lost / f64::from(n),
+        5.3 * sd / f64::from(n)
+    );
+    assert!(
+        (lost - f64::from(n) * q).abs() < 5.3 * sd,
+        "lost {lost} of {n} pings, expected {:.0} +- {:.0}",
+        f64::from(n) * q,
+        5.3 * sd
+    );
+    // Per direction, from the emulator's own counters (same 1e-7-level bound).
+    let rx = emu_metric(
+        &lab,
+        r#"pon_linkemu_packets_total{from="paris",to="london",dir="rx"}"#,
+    ) as f64;
+    let dropped = emu_metric(
+        &lab,
+        r#"pon_linkemu_drops_total{from="paris",to="london",reason="loss"}"#,
+    ) as f64;
+    let sd = (rx * 0.1 * 0.9).sqrt();
+    assert!(rx >= f64::from(n), "counted {rx} packets");
+    assert!(
+        (dropped - rx * 0.1).abs() < 5.3 * sd,
+        "dropped {dropped} of {rx}"
+    );
+}
+
+/// Runs iperf3 from paris/proxy to tokyo/proxy; returns the JSON report.
+fn iperf3(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    static PORT: AtomicU16 = AtomicU16::new(5301);
+    let port = PORT.fetch_add(1, Ordering::Relaxed).to_string();
+    let mut srv = lab.spawn(
+        "tokyo/proxy",
+        &["iperf3", "-s", "-1", "-B", TOKYO, "-p", &port],
+    );
+    let mut cmd = vec![
+        "iperf3",
+        "-c",
+        TOKYO,
+        "-p",
+        &port,
+        "-t",
+        "3",
+        "-J",
+        "--connect-timeout",
+        "2000",
+    ];
+    cmd.extend_from_slice(args);
+    let mut report = None;
+    let ok = wait_until(Duration::from_secs(20), || {
+        let out = lab.exec("paris/proxy", &cmd);
+        match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+            Ok(r) if out.status.success() && r.get("error").is_none() => {
+                report = Some(r);
+                true
+            }
+            _ => false,
+        }
+    });
+    let _ = srv.kill();
+    let _ = srv.wait();
+    assert!(ok, "iperf3 {args:?} never succeeded");
+    report.expect("report")
+}
+
+#[test]
+fn rate_limit_holds() {
+    require_root();
+    let lab = Lab::up(
+        r#"
+[[site]]
+name = "paris"
+apps = 1
+[[site]]
+name = "tokyo"
+apps = 1
+[[link]]
+between = ["paris", "tokyo"]
+delay_ms = 5
+rate_mbit = 20
+"#,
+    );
+    wait_connected(&lab, "paris/proxy", TOKYO);
+    // UDP offered at twice the rate: what arrives is the rate. The limit
+    // counts IP bytes; iperf3 counts UDP payload (1400 of 1428 bytes).
+    let r = iperf3(&lab, &["-u", "-b", "40M", "-l", "1400"]);
+    let got = r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no UDP receiver summary in {r}"))
+        / 1e6
+        * 1428.0
+        / 1400.0;
+    eprintln!("rate 20 Mbit/s, UDP offered 40: received {got:.2} Mbit/s (IP)");
+    assert!(
+        (18.0..=21.0).contains(&got),
+        "UDP through a 20 Mbit/s link: {got} Mbit/s"
+    );
+    let dropped = emu_metric(
+        &lab,
+        r#"pon_linkemu_drops_total{from="paris",to="tokyo",reason="queue"}"#,
+    );
+    assert!(
+        dropped > 1000,
+        "overload must overflow the queue (dropped {dropped})"
+    );
+
+    // TCP adapts to the limit and gets most of it.
+    let r = iperf3(&lab, &[]);
+    let got = r["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no TCP summary in {r}"))
+        / 1e6;
+    eprintln!("rate 20 Mbit/s: TCP {got:.2} Mbit/s");
+    assert!(
+        (14.0..=21.0).contains(&got),
+        "TCP through a 20 Mbit/s link: {got} Mbit/s"
+    );
+}
+
+/// One reply of `ping -D`: when its request was sent (unix seconds) and its RTT (ms).
+fn replies(out: &str) -> Vec<(f64, f64)> {
+    out.lines()
+        .filter_map(|l| {
+            let ts: f64 = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let rtt: f64 = l
+                .split("time=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((ts - rtt / 1e3, rtt))
+        })
+        .collect()
+}
+
+#[test]
+fn impair_changes_links_while_traffic_flows() {
+    require_root();
+    let lab = Lab::up(
+        r#"
+[[site]]
+name = "paris"
+apps = 1
+[[site]]
+name = "tokyo"
+apps = 1
+[[link]]
+between = ["paris", "tokyo"]
+delay_ms = 5
+"#,
+    );
+    wait_connected(&lab, "paris/proxy", TOKYO);
+    // 100 pings a second for at most 10 s.
+    let ping = lab.spawn(
+        "paris/proxy",
+        &["ping", "-D", "-i", "0.01", "-c", "1000", "-w", "10", TOKYO],
+    );
+    let step = |args: &[&str]| {
+        let before = now_s();
+        let out = impair(&lab, args);
+        let after = now_s();
+        assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
+        (before, after)
+    };
+    let pause = |secs: f64| {
+        let until = now_s() + secs;
+        wait_until(Duration::from_secs_f64(secs + 5.0), || now_s() >= until);
+    };
+    pause(1.5);
+    let slow = step(&["paris", "tokyo", "--delay-ms", "50"]);
+    pause(1.5);
+    let down = step(&["paris", "tokyo", "--down"]);
+    // `status` reports the link down with its settings kept.
+    let links = lab.status_json()["links"].clone();
+    assert_eq!(links[0]["delay_ms"], 50.0, "{links}");
+    assert_eq!(links[0]["down"], true, "{links}");
+    pause(1.5);
+    let up = step(&["paris", "tokyo", "--up"]);
+    let out = ping.wait_with_output().expect("ping");
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let r = replies(&out);
+    // Send time = print time - RTT; a late print only makes a request look
+    // later, hence the 50 ms margins after each `impair` returned.
+    let sent = |from: f64, to: f64| r.iter().filter(move |(s, _)| *s > from && *s < to);
+
+    // Before the change: 2 x 5 ms (requests sent well before it, so that
+    // neither leg can meet the new delay).
+    let before: Vec<_> = sent(0.0, slow.0 - 0.1).collect();
+    assert!(before.len() > 50, "{out}");
+    assert!(before.iter().all(|(_, rtt)| *rtt < 50.0), "{before:?}");
+    // Every request sent after `impair` returned sees the new delay at once.
+    let slowed: Vec<_> = sent(slow.1 + 0.05, down.0).collect();
+    assert!(slowed.len() > 50, "{out}");
+    assert!(slowed.iter().all(|(_, rtt)| *rtt >= 99.9), "{slowed:?}");
+    let mut rtts: Vec<f64> = slowed.iter().map(|(_, rtt)| *rtt).collect();
+    rtts.sort_by(f64::total_cmp);
+    assert!(
+        rtts[rtts.len() / 2] < 101.0,
+        "median RTT {} ms",
+        rtts[rtts.len() / 2]
+    );
+    // Down: nothing sent after `impair --down` returned comes back...
+    assert_eq!(
+        sent(down.1 + 0.05, up.0).count(),
+        0,
+        "replies while down:\n{out}"
+    );
+    // ...and `--up` restores the link with its previous 50 ms.
+    let restored: Vec<_> = sent(up.1 + 0.05, f64::MAX).collect();
+    assert!(restored.len() > 50, "{out}");
+    assert!(restored.iter().all(|(_, rtt)| *rtt >= 99.9), "{restored:?}");
+    let page = lab.metrics("inet", EMU_METRICS);
+    assert!(
+        pon_e2e::metric_value(
+            &page,
+            r#"pon_linkemu_drops_total{from="paris",to="tokyo",reason="down"}"#
+        ) > 50,
+        "{page}"
+    );
+    let human = lab_command()
+        .args(["status", &lab.name])
+        .output()
+        .expect("status");
+    let human = String::from_utf8_lossy(&human.stdout);
+    assert!(human.contains("paris <-> tokyo  50"), "{human}");
+}
+
+#[test]
+fn lab_interface_errors_are_clear() {
+    require_root();
+    // A bad [[link]] fails `up` before anything is made, naming file and field.
+    let dir = std::env::temp_dir().join(format!("pon-e2e-linkemu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let topo = dir.join("bad.toml");
+    let base = "[[site]]\nname = \"a\"\napps = 1\n[[site]]\nname = \"b\"\napps = 1\n";
+    for (link, field) in [
+        ("between = [\"a\", \"b\"]\nloss = 1.5", "link[1].loss"),
+        ("between = [\"a\", \"x\"]", "link[1].between"),
+        ("between = [\"a\", \"b\"]\ndelay = 5", "link[1].delay"),
+    ] {
+        std::fs::write(&topo, format!("{base}[[link]]\n{link}\n")).expect("write");
+        let name = format!("e{:x}", std::process::id() & 0xfffffff);
+        let out = lab_command()
+            .arg("up")
+            .arg(&topo)
+            .args(["--name", &name, "--no-daemons"])
+            .output()
+            .expect("lab up");
+        let msg = text(&out);
+        assert!(!out.status.success(), "{msg}");
+        assert!(
+            msg.contains(&format!("{}: {field}", topo.display())),
+            "{msg}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Without [[link]], the lab runs on the raw underlay, and `impair` says how to get links.
+    let lab = Lab::up(base);
+    let status = lab.status_json();
+    assert_eq!(status["link_emulator"]["enabled"], false, "{status}");
+    let out = impair(&lab, &["a", "b", "--delay-ms", "10"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("link_emulator = true"),
+        "{}",
+        text(&out)
+    );
+    let out = impair(&lab, &["a", "b"]);
+    assert!(text(&out).contains("nothing to change"), "{}", text(&out));
+}
