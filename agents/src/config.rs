@@ -16,8 +16,9 @@ pub struct TaConfig {
     /// This VM's underlay address: source of the outer packets and of the
     /// intercepted ones.
     pub local_addr: Ipv4Addr,
-    /// The local proxy's forwarder.
-    pub forwarder: Ipv4Addr,
+    /// The local proxy's forwarder (in CU mode: learnt from the CU).
+    #[serde(default)]
+    pub forwarder: Option<Ipv4Addr>,
     #[serde(default = "default_encap")]
     pub encap: Encap,
     #[serde(default = "default_forwarder_udp_port")]
@@ -41,6 +42,13 @@ pub struct TaConfig {
     pub intercept: Vec<IpNet>,
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
+    /// The RA's UDP port on this VM, told to the CU for the UDP encapsulation.
+    #[serde(default = "default_ra_port")]
+    pub ra_port: u16,
+    /// CU mode: register as an app VM, learn the forwarder and the remote
+    /// app VMs to intercept from the Central Unit.
+    #[serde(default)]
+    pub cu: Option<pon_cu::client::CuClientConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,15 +111,19 @@ fn check_tun_name(name: &str) -> anyhow::Result<()> {
 
 impl TaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        load(path, "TA").and_then(|c: Self| {
+        load(path, "TA").and_then(|mut c: Self| {
             c.validate()
                 .with_context(|| format!("in TA config {}", path.display()))?;
+            c.cu = c.cu.map(|cu| cu.relative_to(path));
             Ok(c)
         })
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         check_tun_name(&self.tun_name)?;
+        if self.forwarder.is_none() && self.cu.is_none() {
+            anyhow::bail!("forwarder is required (or a [cu] section to learn it)");
+        }
         if self.max_hops == 0 || usize::from(self.max_hops) > pon_proto::pon::MAX_HOPS {
             anyhow::bail!(
                 "max_hops = {} must be within 1..={}",

@@ -7,6 +7,7 @@
 //! 4 is filtered.
 
 pub mod config;
+pub mod cu;
 pub mod interception;
 pub mod io;
 pub mod ra;

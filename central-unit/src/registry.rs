@@ -135,16 +135,15 @@ impl Entry {
 /// Whether `receiver` needs to know `subject`, and if so whether it must
 /// optimise towards it. Routers (and proxy components) see every proxy and
 /// every app VM (their own as local agents, others as destinations); an
-/// app's TA sees its cloud's proxies (its forwarder) and the app VMs of
-/// other clouds (what to intercept).
+/// app's TA sees the proxies (its own cloud's is its forwarder; the others
+/// tell which remote clouds the overlay can reach) and the app VMs of other
+/// clouds (what to intercept).
 pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> Option<bool> {
     if receiver.id == subject.id {
         return None;
     }
     match (&receiver.endpoints, &subject.endpoints) {
-        (Endpoints::App { .. }, Endpoints::Proxy { .. }) => {
-            (receiver.cloud == subject.cloud).then_some(false)
-        }
+        (Endpoints::App { .. }, Endpoints::Proxy { .. }) => Some(false),
         (Endpoints::App { .. }, Endpoints::App { .. }) => {
             (receiver.cloud != subject.cloud).then_some(false)
         }
@@ -622,22 +621,26 @@ mod tests {
             [Change::Up(p)] => assert!(p.optimise && p.info.id == 2),
             other => panic!("{other:?}"),
         }
-        // An app in paris: its TA gets the paris proxy, and both proxies learn of it.
+        // An app in paris: its TA gets the proxies, and both proxies learn of it.
         let (a, _) = r.register(3, reg("paris", "app1", "APP", 11), t, 1);
         let cfg = config_of(&a, 3);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
-            vec![1]
+            vec![1, 2]
         );
         assert_eq!(changes_to(&a, 1).len(), 1);
         assert_eq!(changes_to(&a, 2).len(), 1);
-        // An app in tokyo: the paris app learns of it, not the other way round... both ways.
+        // An app in tokyo: it learns of the paris app and the paris app of it.
         let (a, _) = r.register(4, reg("tokyo", "app1", "APP", 12), t, 1);
         let cfg = config_of(&a, 4);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
-            vec![2, 3]
+            vec![1, 2, 3]
         );
+        assert_eq!(changes_to(&a, 3).len(), 1);
+        // A second app in tokyo is not news to the first one.
+        let (a, _) = r.register(5, reg("tokyo", "app2", "APP", 13), t, 1);
+        assert!(changes_to(&a, 4).is_empty());
         assert_eq!(changes_to(&a, 3).len(), 1);
     }
 

@@ -10,7 +10,7 @@ use pon_agents::Encap;
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Captures this VM's packets for overlay destinations through a TUN device
 /// and sends them, IP-in-IP (or UDP), to the local PON forwarder.
@@ -30,16 +30,26 @@ fn main() -> anyhow::Result<()> {
     let tun = pon_agents::tun::open(&cfg.tun_name, mtu, None, cfg.offload)?;
     let counters = Arc::new(TaCounters::default());
 
-    let mut interception = Interception::new(&cfg.tun_name, cfg.local_addr);
-    interception.apply(&cfg.intercept)?;
+    let interception = Arc::new(Mutex::new(Interception::new(&cfg.tun_name, cfg.local_addr)));
+    interception
+        .lock()
+        .expect("not shared yet")
+        .apply(&cfg.intercept)?;
+    // CU mode: the client thread keeps the interception routes in step with
+    // the CU's view; the forwarder is known once the CU has named it.
+    let mut cu = pon_agents::cu::start(&cfg, interception.clone())?;
 
     if let Some(addr) = cfg.metrics {
         let c = counters.clone();
-        let intercepted = interception.active().len() as f64;
+        let (interception, cu_status) = (interception.clone(), cu.status.clone());
         pon_telemetry::serve_metrics(
             addr,
             Arc::new(move |w: &mut PromWriter| {
                 c.render(w);
+                if let Some(s) = &cu_status {
+                    s.render(w);
+                }
+                let intercepted = interception.lock().map_or(0, |i| i.active().len()) as f64;
                 w.gauge(
                     "pon_ta_tun_mtu",
                     "",
@@ -57,9 +67,10 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("serving metrics on {addr}"))?;
     }
 
+    let (forwarder, forwarder_udp_port) = cu.forwarder()?;
     let enc = Encapsulator {
         local: cfg.local_addr,
-        forwarder: cfg.forwarder,
+        forwarder,
         encap: cfg.encap,
     };
     let uplink = match cfg.encap {
@@ -68,9 +79,9 @@ fn main() -> anyhow::Result<()> {
         ),
         Encap::Udp => TaUplink::Udp {
             io: pon_netio::udp::UdpIo::bind(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
-            forwarder: SocketAddr::V4(SocketAddrV4::new(cfg.forwarder, cfg.forwarder_udp_port)),
+            forwarder: SocketAddr::V4(SocketAddrV4::new(forwarder, forwarder_udp_port)),
         },
     };
-    tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %cfg.forwarder, encap = ?cfg.encap, "TA running");
+    tracing::info!(tun = %cfg.tun_name, mtu, %forwarder, encap = ?cfg.encap, "TA running");
     run_ta(&tun, mtu, &enc, &uplink, &counters)
 }

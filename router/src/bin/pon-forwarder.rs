@@ -63,13 +63,19 @@ fn main() -> anyhow::Result<()> {
         agent_udp,
         max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
     });
+    // CU mode: the client thread swaps the table as the CU's view changes.
+    let cu_status = pon_router::forwarder::cu::start(&cfg, engine.table.clone())?;
     if let Some(addr) = cfg.metrics {
+        let cu_status = cu_status.clone();
         let counters = engine.counters.clone();
         let table = engine.table.clone();
         pon_telemetry::serve_metrics(
             addr,
             Arc::new(move |w: &mut PromWriter| {
                 counters.render(w);
+                if let Some(s) = &cu_status {
+                    s.render(w);
+                }
                 let t = table.load();
                 w.gauge(
                     "pon_forwarder_peers",
@@ -96,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_context(|| format!("serving metrics on {addr}"))?;
     }
-    tracing::info!(id = cfg.id, listen = %cfg.listen, local = %cfg.local_addr, "forwarder running");
+    tracing::info!(id = ?cfg.id, cu = ?cfg.cu.as_ref().map(|c| c.addr), listen = %cfg.listen, local = %cfg.local_addr, "forwarder running");
     for t in io::spawn(engine, sockets)? {
         let _ = t.join();
     }

@@ -1,5 +1,6 @@
-//! The forwarder's TOML configuration. Until the CU fills the table at run
-//! time this file is where peers, agents, destinations and routes come from.
+//! The forwarder's TOML configuration. Two modes: static (peers, agents and
+//! destinations listed here) and CU mode (a `[cu]` section: they come from
+//! the Central Unit at run time; `id` is then only the id to ask for).
 
 use super::table::{Agent, Encap, ForwardingTable};
 use anyhow::Context;
@@ -11,8 +12,14 @@ use std::path::Path;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwarderConfig {
-    /// This proxy's id (nonzero, unique in the overlay).
-    pub id: u32,
+    /// This proxy's id (nonzero, unique in the overlay). In CU mode the CU
+    /// assigns the id; this one is asked for and granted if free.
+    #[serde(default)]
+    pub id: Option<u32>,
+    /// Register with the Central Unit and take peers, agents and
+    /// destinations from it.
+    #[serde(default)]
+    pub cu: Option<pon_cu::client::CuClientConfig>,
     /// UDP address for PON packets from peer proxies.
     pub listen: SocketAddr,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
@@ -99,7 +106,10 @@ impl ForwarderConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading forwarder config {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("in forwarder config {}", path.display()))
+        let mut cfg = Self::parse(&text)
+            .with_context(|| format!("in forwarder config {}", path.display()))?;
+        cfg.cu = cfg.cu.map(|c| c.relative_to(path));
+        Ok(cfg)
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
@@ -112,6 +122,18 @@ impl ForwarderConfig {
         }
         if cfg.hop_limit == 0 {
             anyhow::bail!("hop_limit must be at least 1");
+        }
+        match (&cfg.cu, cfg.id) {
+            (None, None) => anyhow::bail!("id is required (or a [cu] section to get one)"),
+            (Some(_), _)
+                if !(cfg.peers.is_empty()
+                    && cfg.agents.is_empty()
+                    && cfg.destinations.is_empty()) =>
+            {
+                anyhow::bail!("[[peer]], [[agent]] and [[destination]] come from the CU when [cu] is set; remove them")
+            }
+            (Some(_), _) => return Ok(cfg),
+            (None, Some(_)) => {}
         }
         cfg.table()
             .context("in [[peer]], [[agent]], [[destination]] or [[route]]")?;
@@ -137,7 +159,10 @@ impl ForwarderConfig {
             .map(|d| (d.prefix, d.proxy))
             .collect();
         let relays: Vec<_> = self.routes.iter().map(|r| (r.to, r.via.clone())).collect();
-        ForwardingTable::build(self.id, &peers, &agents, &dests, &relays)
+        // In CU mode the table starts empty under a placeholder id and is
+        // replaced as soon as the CU has assigned one.
+        let id = self.id.unwrap_or(u32::MAX);
+        ForwardingTable::build(id, &peers, &agents, &dests, &relays)
     }
 }
 
@@ -179,6 +204,22 @@ via = [3]
             Encap::Udp { ra_port: 7302 }
         );
         assert_eq!(c.underlay_mtu, 1500);
+    }
+
+    #[test]
+    fn cu_mode_takes_no_static_peers() {
+        let cu = "[cu]\naddr = \"198.18.250.1:7400\"\nca = \"ca.pem\"\ntoken_file = \"token\"\ncloud = \"paris\"\n";
+        let c = ForwarderConfig::parse(&format!("{SAMPLE}{cu}")).unwrap_err();
+        assert!(format!("{c:#}").contains("come from the CU"), "{c:#}");
+        let c = ForwarderConfig::parse(&format!(
+            "listen = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n{cu}"
+        ))
+        .unwrap();
+        assert_eq!(c.cu.unwrap().cloud, "paris");
+        let e =
+            ForwarderConfig::parse("listen = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n")
+                .unwrap_err();
+        assert!(format!("{e:#}").contains("id is required"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! the threads that move bytes between sockets (`io`).
 
 pub mod config;
+pub mod cu;
 pub mod engine;
 pub mod io;
 pub mod table;
