@@ -29,7 +29,7 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for bin in ["pon-forwarder", "pon-ta", "pon-ra", "pon-linkemu"] {
+    for bin in ["pon-forwarder", "pon-ta", "pon-ra", "pon-linkemu", "pon-cu"] {
         assert!(
             dir.join(bin).exists(),
             "{bin} is not built in {}: run `cargo build --workspace --bins` with the same profile first",
@@ -138,6 +138,28 @@ impl Lab {
             .expect("lab status");
         assert!(out.status.success(), "lab status failed:\n{}", text(&out));
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Runs `lab CMD NAME ARGS...` (e.g. `stop`, `start`, `add-site`) and
+    /// panics with its output unless it succeeds.
+    pub fn ctl(&self, cmd: &str, args: &[&str]) -> String {
+        let out = lab_command()
+            .args([cmd, &self.name])
+            .args(args)
+            .output()
+            .expect("run netns-scripts/lab");
+        assert!(
+            out.status.success(),
+            "lab {cmd} {}: failed:\n{}",
+            args.join(" "),
+            text(&out)
+        );
+        text(&out)
+    }
+
+    /// The lab's state directory (configs, logs, the CU's CA and token).
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from("/run/pon-lab").join(&self.name)
     }
 
     pub fn down(&self) -> Output {

@@ -32,8 +32,8 @@ fn two_labs_run_side_by_side_and_clean_up() {
         });
         assert!(ok, "lab {} does not carry traffic", lab.name);
         let hosts = lab.status_json()["hosts"].as_array().unwrap().len();
-        assert_eq!(hosts, 5, "two proxies, two apps, the internet");
-        assert_eq!(namespaces_of(&lab.name).len(), 5);
+        assert_eq!(hosts, 6, "two proxies, two apps, the internet, the CU");
+        assert_eq!(namespaces_of(&lab.name).len(), 6);
     }
     let name = one.name.clone();
     drop(one);
@@ -55,7 +55,7 @@ fn failed_up_leaves_nothing_behind() {
     // A forwarder that dies at start: up must fail and remove everything.
     let fake = dir.join("bin");
     std::fs::create_dir_all(&fake).unwrap();
-    for bin in ["pon-ta", "pon-ra"] {
+    for bin in ["pon-ta", "pon-ra", "pon-cu"] {
         std::os::unix::fs::symlink(bin_dir().join(bin), fake.join(bin)).unwrap();
     }
     std::fs::write(

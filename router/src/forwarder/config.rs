@@ -158,7 +158,12 @@ impl ForwarderConfig {
             .iter()
             .map(|d| (d.prefix, d.proxy))
             .collect();
-        let relays: Vec<_> = self.routes.iter().map(|r| (r.to, r.via.clone())).collect();
+        // In CU mode the routes' proxies are not known yet: `cu::table_from_view`
+        // adds each route once its hops are peers.
+        let relays: Vec<_> = match self.cu {
+            Some(_) => vec![],
+            None => self.routes.iter().map(|r| (r.to, r.via.clone())).collect(),
+        };
         // In CU mode the table starts empty under a placeholder id and is
         // replaced as soon as the CU has assigned one.
         let id = self.id.unwrap_or(u32::MAX);
