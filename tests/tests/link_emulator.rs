@@ -4,8 +4,10 @@
 //! `[[link]]` / `impair` / `status` interface.
 
 use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab, PingStats};
+use std::io::{BufRead, BufReader};
 use std::process::Output;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const TOKYO: &str = "198.18.2.1";
@@ -236,11 +238,16 @@ rate_mbit = 20
     );
 }
 
-/// One reply of `ping -D`: when its request was sent (unix seconds) and its RTT (ms).
+/// The `[unix seconds]` stamp `ping -D` puts before a line.
+fn stamp(line: &str) -> Option<f64> {
+    line.strip_prefix('[')?.split(']').next()?.parse().ok()
+}
+
+/// Replies of `ping -D`: when each request was sent (unix seconds) and its RTT (ms).
 fn replies(out: &str) -> Vec<(f64, f64)> {
     out.lines()
         .filter_map(|l| {
-            let ts: f64 = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
+            let ts = stamp(l)?;
             let rtt: f64 = l
                 .split("time=")
                 .nth(1)?
@@ -270,11 +277,24 @@ delay_ms = 5
 "#,
     );
     wait_connected(&lab, "paris/proxy", TOKYO);
-    // 100 pings a second for at most 10 s.
-    let ping = lab.spawn(
+    // 100 pings a second, bounded to 3000 and 60 s; killed once all phases
+    // are seen. -O reports each unanswered ping, so the down phase shows
+    // progress too; -D stamps every line.
+    let mut ping = lab.spawn(
         "paris/proxy",
-        &["ping", "-D", "-i", "0.01", "-c", "1000", "-w", "10", TOKYO],
+        &[
+            "ping", "-D", "-O", "-i", "0.01", "-c", "3000", "-w", "60", TOKYO,
+        ],
     );
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (lines, stdout) = (lines.clone(), ping.stdout.take().expect("ping stdout"));
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().expect("lines").push(line);
+            }
+        })
+    };
     let step = |args: &[&str]| {
         let before = now_s();
         let out = impair(&lab, args);
@@ -282,22 +302,42 @@ delay_ms = 5
         assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
         (before, after)
     };
-    let pause = |secs: f64| {
-        let until = now_s() + secs;
-        wait_until(Duration::from_secs_f64(secs + 5.0), || now_s() >= until);
+    // Waits (bounded) until ping has printed `n` lines that `pred` accepts.
+    let wait_for = |what: &str, n: usize, pred: &dyn Fn(&str) -> bool| {
+        let ok = wait_until(Duration::from_secs(30), || {
+            lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .filter(|l| pred(l))
+                .count()
+                >= n
+        });
+        assert!(
+            ok,
+            "ping never showed {n} x {what}:\n{}",
+            lines.lock().expect("lines").join("\n")
+        );
     };
-    pause(1.5);
+    let replied_after =
+        |t: f64| move |l: &str| replies(l).first().is_some_and(|(sent, _)| *sent > t);
+    let unanswered_after =
+        |t: f64| move |l: &str| l.contains("no answer yet") && stamp(l).is_some_and(|ts| ts > t);
+    wait_for("reply", 60, &replied_after(0.0));
     let slow = step(&["paris", "tokyo", "--delay-ms", "50"]);
-    pause(1.5);
+    wait_for("slow reply", 60, &replied_after(slow.1 + 0.05));
     let down = step(&["paris", "tokyo", "--down"]);
     // `status` reports the link down with its settings kept.
     let links = lab.status_json()["links"].clone();
     assert_eq!(links[0]["delay_ms"], 50.0, "{links}");
     assert_eq!(links[0]["down"], true, "{links}");
-    pause(1.5);
+    wait_for("unanswered ping", 60, &unanswered_after(down.1 + 0.2));
     let up = step(&["paris", "tokyo", "--up"]);
-    let out = ping.wait_with_output().expect("ping");
-    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    wait_for("restored reply", 60, &replied_after(up.1 + 0.05));
+    let _ = ping.kill();
+    let _ = ping.wait();
+    reader.join().expect("reader");
+    let out = lines.lock().expect("lines").join("\n");
     let r = replies(&out);
     // Send time = print time - RTT; a late print only makes a request look
     // later, hence the 50 ms margins after each `impair` returned.
@@ -306,7 +346,7 @@ delay_ms = 5
     // Before the change: 2 x 5 ms (requests sent well before it, so that
     // neither leg can meet the new delay).
     let before: Vec<_> = sent(0.0, slow.0 - 0.1).collect();
-    assert!(before.len() > 50, "{out}");
+    assert!(before.len() > 40, "{out}");
     assert!(before.iter().all(|(_, rtt)| *rtt < 50.0), "{before:?}");
     // Every request sent after `impair` returned sees the new delay at once.
     let slowed: Vec<_> = sent(slow.1 + 0.05, down.0).collect();
