@@ -39,7 +39,8 @@ pon_telemetry::counters! {
         drop_spoofed_source => ("pon_forwarder_drops_total", "reason=\"spoofed_source\"", "Packets dropped, by reason."),
         drop_unknown_peer => ("pon_forwarder_drops_total", "reason=\"unknown_peer\"", "Packets dropped, by reason."),
         drop_not_for_me => ("pon_forwarder_drops_total", "reason=\"not_for_me\"", "Packets dropped, by reason."),
-        drop_not_data => ("pon_forwarder_drops_total", "reason=\"not_data\"", "Packets dropped, by reason."),
+        probes_local => ("pon_forwarder_packets_total", "stage=\"probe_local\"", "Packets forwarded, by role of this proxy on their path."),
+        drop_no_monitor => ("pon_forwarder_drops_total", "reason=\"no_monitor\"", "Packets dropped, by reason."),
         drop_hop_limit => ("pon_forwarder_drops_total", "reason=\"hop_limit\"", "Packets dropped, by reason."),
         drop_no_destination => ("pon_forwarder_drops_total", "reason=\"no_destination\"", "Packets dropped, by reason."),
         drop_no_route => ("pon_forwarder_drops_total", "reason=\"no_route\"", "Packets dropped, by reason."),
@@ -60,6 +61,8 @@ pub enum Output {
     AgentIpip(Ipv4Addr),
     /// An inner packet to an agent's UDP reception port.
     AgentUdp(SocketAddrV4),
+    /// A probe or probe reply that ends here: for the local monitor.
+    Monitor,
     /// Dropped; the reason is already counted.
     Drop,
 }
@@ -83,6 +86,7 @@ pub struct Engine {
     local_addr: Ipv4Addr,
     underlay_mtu: usize,
     hop_limit: u8,
+    has_monitor: bool,
 }
 
 fn drop(counter: &pon_telemetry::Counter) -> Decision {
@@ -98,7 +102,15 @@ impl Engine {
             local_addr,
             underlay_mtu: usize::from(underlay_mtu),
             hop_limit,
+            has_monitor: false,
         }
+    }
+
+    /// Hands probes that end here to a monitor (`Output::Monitor`) instead
+    /// of dropping them.
+    pub fn with_monitor(mut self) -> Self {
+        self.has_monitor = true;
+        self
     }
 
     /// An IP-in-IP packet from a local TA, as read from the raw socket into
@@ -276,9 +288,6 @@ impl Engine {
             Ok(p) => p,
             Err(_) => return drop(&c.drop_malformed),
         };
-        if p.kind() != Kind::Data {
-            return drop(&c.drop_not_data);
-        }
         if p.current_hop() != t.my_id() {
             return drop(&c.drop_not_for_me);
         }
@@ -292,6 +301,18 @@ impl Engine {
             c.transit.inc();
             return Decision {
                 output: Output::Peer(addr),
+                range: start..end,
+            };
+        }
+        // Probes travel source routes like data; where they end, the
+        // monitor answers or reads them.
+        if p.kind() != Kind::Data {
+            if !self.has_monitor {
+                return drop(&c.drop_no_monitor);
+            }
+            c.probes_local.inc();
+            return Decision {
+                output: Output::Monitor,
                 range: start..end,
             };
         }

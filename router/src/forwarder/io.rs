@@ -45,7 +45,8 @@ impl Sockets {
     fn transmit(&self, engine: &Engine, d: &Decision, buf: &[u8], tx: &mut Tx) {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
-            Output::Drop => return,
+            // No monitor runs in this process yet: the engine was built without one.
+            Output::Drop | Output::Monitor => return,
             Output::Peer(addr) => tx.peer.push(&self.peer, addr, pkt),
             Output::AgentIpip(ip) => self.raw_tx.send_to(pkt, ip).map(drop),
             Output::AgentUdp(addr) => tx.agent.push(self.agent_io(), addr.into(), pkt),

@@ -286,3 +286,39 @@ fn local_destination_is_delivered_without_the_overlay() {
     );
     assert_eq!(&buf[d.range], &inner[..]);
 }
+
+#[test]
+fn probes_transit_and_end_at_the_monitor() {
+    let p3 = engine(3);
+    let probe = |hops: &[u32]| {
+        let header = pon::Repr {
+            kind: Kind::Probe,
+            auth: false,
+            hop_limit: 4,
+            hop_index: 0,
+            flow_id: 0,
+            source: 1,
+            hops: pon::Hops::new(hops).unwrap(),
+        };
+        let mut wire = vec![0u8; header.header_len() + 32];
+        header.emit(&mut wire).unwrap();
+        wire
+    };
+    let wire = probe(&[3, 2]);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Peer(proxy_addr(2))
+    );
+    let wire = probe(&[3]);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Drop
+    );
+    assert_eq!(p3.counters.drop_no_monitor.get(), 1);
+    let p3 = engine(3).with_monitor();
+    let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
+    assert_eq!(d.output, Output::Monitor);
+    assert_eq!(&buf[d.range], &wire[..]);
+}
