@@ -315,7 +315,20 @@ fn handle_event(
         } => {
             handles.insert(conn, handle);
             stats.counters.lists.inc();
-            registry.list(conn, &token)
+            let actions = registry.list(conn, &token);
+            if actions.iter().any(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        msg: Outgoing::Refused(_),
+                        ..
+                    }
+                )
+            }) {
+                stats.counters.refused_token.inc();
+                tracing::warn!(reason = "bad_token", "registry query refused");
+            }
+            actions
         }
         Event::Heartbeat(conn) => {
             registry.heartbeat(conn, Instant::now(), wall_ms());

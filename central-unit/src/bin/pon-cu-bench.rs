@@ -1,1 +1,378 @@
-fn main() {}
+//! pon-cu-bench: registers many simulated agents with one real `pon-cu` over
+//! the real protocol (QUIC + TLS 1.3 on loopback) and prints registrations
+//! per second, how long a join takes to reach every agent concerned, and the
+//! CU's memory per agent. A benchmark, not a test: bounded in agents and time.
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use pon_proto::control::{
+    self, AgentMsg, Change, CuMsg, Encap, Endpoints, FrameDecoder, Register, MAX_CU_FRAME,
+    PROTOCOL_VERSION,
+};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Simulated population: SITES clouds, each with one proxy (role PROXY) and
+/// the rest of the agents spread over them as app VMs (role APP).
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Agents to register (proxies + app VMs).
+    #[arg(long, default_value_t = 10_000)]
+    agents: usize,
+    /// Clouds; each gets one proxy.
+    #[arg(long, default_value_t = 100)]
+    sites: usize,
+    /// Joins measured after the population is up, one at a time.
+    #[arg(long, default_value_t = 100)]
+    probes: usize,
+    /// Registrations in flight at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Client UDP sockets the simulated agents are spread over.
+    #[arg(long, default_value_t = 4)]
+    sockets: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// The pon-cu binary (default: next to this one).
+    #[arg(long)]
+    cu_bin: Option<PathBuf>,
+}
+
+/// The CU child process, killed when the bench ends however it ends.
+struct CuProcess(Child);
+impl Drop for CuProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Probes {
+    start: Instant,
+    /// Per probe: agents that heard of it, and when the last one did (µs since start).
+    heard: Vec<AtomicUsize>,
+    last_us: Vec<AtomicU64>,
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_cu(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<CuProcess> {
+    let out = Command::new(bin)
+        .args(["init", "--force", "--ip", "127.0.0.1", "--dir"])
+        .arg(dir)
+        .output()
+        .with_context(|| format!("running {} init", bin.display()))?;
+    if !out.status.success() {
+        bail!("pon-cu init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Heartbeats every 5 s: 10,000 agents still send 2,000 a second, which
+    // the CU handles, but the bench's own two cores are better spent on joins.
+    std::fs::write(
+        dir.join("cu.toml"),
+        format!("listen = \"127.0.0.1:{port}\"\nheartbeat_ms = 5000\ndead_after_ms = 30000\n"),
+    )?;
+    let child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(dir.join("cu.toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(CuProcess(child))
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    pon_cu::server::resident_memory_of(&pid.to_string()).unwrap_or(0) / 1024
+}
+
+struct Agent {
+    register: Register,
+}
+
+fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
+    (0..n)
+        .map(|i| {
+            let site = i % sites;
+            let (role, endpoints) = if i < sites {
+                let a = Ipv4Addr::from(0x0a00_0001u32 + (site as u32) * 256);
+                (
+                    "PROXY",
+                    Endpoints::Proxy {
+                        pon: SocketAddr::from((a, 7300)),
+                        agent_addr: a,
+                        agent_udp_port: 7301,
+                    },
+                )
+            } else {
+                (
+                    "APP",
+                    Endpoints::App {
+                        addr: Ipv4Addr::from(0x0b00_0000u32 + i as u32),
+                        encap: Encap::Ipip,
+                    },
+                )
+            };
+            Agent {
+                register: Register {
+                    version: PROTOCOL_VERSION,
+                    token: token.into(),
+                    cloud: format!("site{site}"),
+                    role: role.into(),
+                    name: format!("agent{i}"),
+                    endpoints,
+                    id_hint: None,
+                },
+            }
+        })
+        .collect()
+}
+
+/// One simulated agent: registers, then reads updates (recording probe
+/// arrivals) and sends heartbeats until the bench ends.
+async fn agent(
+    ep: quinn::Endpoint,
+    cu: SocketAddr,
+    reg: Register,
+    probes: Arc<Probes>,
+    registered: tokio::sync::oneshot::Sender<Result<(), String>>,
+) {
+    let fail = |e: String| e;
+    let run = async {
+        let conn = ep
+            .connect(cu, "pon-cu")
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&control::encode(&AgentMsg::Register(reg)))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok::<_, String>((conn, send, recv))
+    };
+    let (conn, mut send, mut recv) = match run.await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = registered.send(Err(e));
+            return;
+        }
+    };
+    let mut registered = Some(registered);
+    let mut dec = FrameDecoder::new(MAX_CU_FRAME);
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            chunk = recv.read_chunk(1 << 20, true) => {
+                let Ok(Some(chunk)) = chunk else { break };
+                if dec.push(&chunk.bytes).is_err() { break }
+                while let Ok(Some(msg)) = dec.next_msg::<CuMsg>() {
+                    match msg {
+                        CuMsg::Config(_) => {
+                            if let Some(r) = registered.take() { let _ = r.send(Ok(())); }
+                        }
+                        CuMsg::Update(changes) => {
+                            let now = probes.start.elapsed().as_micros() as u64;
+                            for c in changes {
+                                if let Change::Up(p) = c {
+                                    if let Some(k) = p.info.name.strip_prefix("probe").and_then(|k| k.parse::<usize>().ok()) {
+                                        probes.heard[k].fetch_add(1, Ordering::Relaxed);
+                                        probes.last_us[k].fetch_max(now, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                        CuMsg::Refused(why) => {
+                            if let Some(r) = registered.take() { let _ = r.send(Err(why)); }
+                            return;
+                        }
+                        CuMsg::Registry(_) => {}
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if send.write_all(&control::encode(&AgentMsg::Heartbeat)).await.is_err() { break }
+            }
+        }
+    }
+    drop(conn);
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    pon_telemetry::init_logging();
+    if args.sites == 0 || args.agents < args.sites {
+        bail!("--agents must be at least --sites (one proxy per site)");
+    }
+    let cu_bin = match args.cu_bin.clone() {
+        Some(b) => b,
+        None => std::env::current_exe()?.with_file_name("pon-cu"),
+    };
+    let dir = std::env::temp_dir().join(format!("pon-cu-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = free_udp_port()?;
+    let cu = start_cu(&cu_bin, &dir, port)?;
+    let cu_pid = cu.0.id();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let token = std::fs::read_to_string(dir.join("token"))?
+        .trim()
+        .to_string();
+    let client_cfg = pon_cu::tls::client_config(&dir.join("ca.pem"), Duration::from_secs(30))?;
+    let endpoints: Vec<quinn::Endpoint> = (0..args.sockets.max(1))
+        .map(|_| {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal"))?;
+            ep.set_default_client_config(client_cfg.clone());
+            Ok(ep)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+
+    // Wait for the CU to listen (a registration of a throwaway name).
+    let probes = Arc::new(Probes {
+        start: Instant::now(),
+        heard: (0..args.probes).map(|_| AtomicUsize::new(0)).collect(),
+        last_us: (0..args.probes).map(|_| AtomicU64::new(0)).collect(),
+    });
+    let mut up = false;
+    for _ in 0..100 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut r = population(1, 1, &token).remove(0).register;
+        r.name = "warmup".into();
+        r.cloud = "warmup".into();
+        tokio::spawn(agent(endpoints[0].clone(), addr, r, probes.clone(), tx));
+        if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+            up = true;
+            break;
+        }
+    }
+    if !up {
+        bail!("the CU did not come up on {addr}");
+    }
+    // Let the warm-up agent settle before measuring the baseline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kib(cu_pid);
+
+    // Phase 1: the join storm.
+    let pop = population(args.agents, args.sites, &token);
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let t0 = Instant::now();
+    let mut waits = Vec::with_capacity(pop.len());
+    for (i, a) in pop.into_iter().enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(agent(
+            endpoints[i % endpoints.len()].clone(),
+            addr,
+            a.register,
+            probes.clone(),
+            tx,
+        ));
+        waits.push(tokio::spawn(async move {
+            let r = rx.await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut failed = 0;
+    for w in waits {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, w).await {
+            Ok(Ok(Ok(Ok(())))) => {}
+            Ok(_) => failed += 1,
+            Err(_) => bail!("timed out during the join storm"),
+        }
+    }
+    let storm = t0.elapsed();
+    if failed > 0 {
+        bail!("{failed} registrations failed");
+    }
+    let per_sec = args.agents as f64 / storm.as_secs_f64();
+    println!(
+        "registered {} agents ({} sites) in {:.2} s: {:.0} registrations/s",
+        args.agents,
+        args.sites,
+        storm.as_secs_f64(),
+        per_sec
+    );
+    // Let the storm's updates drain before measuring memory and latency.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(cu_pid);
+    println!(
+        "CU resident memory: {} MiB before, {} MiB after: {:.1} KiB per agent",
+        rss_before / 1024,
+        rss_after / 1024,
+        (rss_after.saturating_sub(rss_before)) as f64 / args.agents as f64
+    );
+
+    // Phase 2: single joins, each to be heard by every agent concerned: all
+    // proxies, and the app VMs of every other cloud.
+    let apps = args.agents - args.sites;
+    let mut lat = Vec::new();
+    for k in 0..args.probes {
+        let site = k % args.sites;
+        let apps_here = apps / args.sites + usize::from(site < apps % args.sites);
+        let mut r = population(args.sites + 1, args.sites, &token)
+            .pop()
+            .expect("one")
+            .register;
+        r.cloud = format!("site{site}");
+        r.name = format!("probe{k}");
+        r.endpoints = Endpoints::App {
+            addr: Ipv4Addr::from(0x0c00_0000u32 + k as u32),
+            encap: Encap::Ipip,
+        };
+        // Earlier probes are app VMs too, and hear of later ones from other clouds.
+        let earlier_elsewhere = (0..k).filter(|j| j % args.sites != site).count();
+        let expected = args.sites + (apps - apps_here) + earlier_elsewhere;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent_us = probes.start.elapsed().as_micros() as u64;
+        tokio::spawn(agent(
+            endpoints[k % endpoints.len()].clone(),
+            addr,
+            r,
+            probes.clone(),
+            tx,
+        ));
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        let until = Instant::now() + Duration::from_secs(10);
+        while probes.heard[k].load(Ordering::Relaxed) < expected && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let heard = probes.heard[k].load(Ordering::Relaxed);
+        if heard < expected {
+            bail!("probe {k}: only {heard} of {expected} concerned agents heard of it within 10 s");
+        }
+        lat.push(Duration::from_micros(
+            probes.last_us[k].load(Ordering::Relaxed) - sent_us,
+        ));
+    }
+    lat.sort();
+    if !lat.is_empty() {
+        println!(
+            "join -> every concerned agent ({} probes, ~{} agents each): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            lat.len(),
+            args.sites + apps - apps / args.sites,
+            percentile(&lat, 0.5).as_secs_f64() * 1e3,
+            percentile(&lat, 0.99).as_secs_f64() * 1e3,
+            lat.last().expect("nonempty").as_secs_f64() * 1e3,
+        );
+    }
+    drop(cu);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::process::exit(0);
+}

@@ -1,0 +1,408 @@
+//! The Central Unit end to end: real pon-cu, forwarders and TAs in the lab
+//! (CU mode), agents joining, crashing and coming back, the CU itself
+//! crashing, and intruders with the wrong token or CA.
+
+use pon_e2e::{bin_dir, metric_value, parse_ping, require_root, wait_until, Lab};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const THREE_SITES: &str = r#"
+[[site]]
+name = "paris"
+apps = 1
+[[site]]
+name = "tokyo"
+apps = 1
+[[site]]
+name = "london"
+apps = 1
+"#;
+
+const PARIS_APP: &str = "198.18.1.11";
+const TOKYO_APP: &str = "198.18.2.11";
+const PARIS_FWD: &str = "198.18.1.1:9100";
+const TOKYO_FWD: &str = "198.18.2.1:9100";
+const CU_METRICS: &str = "198.18.250.1:9200";
+/// The lab's CU declares an agent gone after 2 s without a heartbeat; the
+/// update then has to reach the others. Generous for a loaded machine.
+const LEAVE_BOUND: Duration = Duration::from_secs(4);
+
+fn ponctl(lab: &Lab, extra: &[&str]) -> std::process::Output {
+    let dir = lab.state_dir().join("cu");
+    let ponctl = bin_dir().join("ponctl");
+    let (ca, token) = (dir.join("ca.pem"), dir.join("token"));
+    let mut args = vec![
+        ponctl.to_str().unwrap(),
+        "--cu",
+        "198.18.250.1:7400",
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    lab.exec("cu", &args)
+}
+
+/// (cloud, name) -> (id, online), from `ponctl --json`.
+fn registry(lab: &Lab) -> BTreeMap<(String, String), (u64, bool)> {
+    let out = ponctl(lab, &["--json"]);
+    assert!(
+        out.status.success(),
+        "ponctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ponctl --json");
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                (
+                    a["cloud"].as_str().unwrap().to_string(),
+                    a["name"].as_str().unwrap().to_string(),
+                ),
+                (a["id"].as_u64().unwrap(), a["online"].as_bool().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn metric(lab: &Lab, host: &str, addr: &str, sample: &str) -> u64 {
+    // A daemon being restarted has no endpoint for a moment: count that as 0.
+    let out = lab.exec(
+        host,
+        &["curl", "-sf", "-m", "2", &format!("http://{addr}/metrics")],
+    );
+    metric_value(&String::from_utf8_lossy(&out.stdout), sample)
+}
+
+fn peers(lab: &Lab, host: &str, addr: &str) -> u64 {
+    metric(lab, host, addr, "pon_forwarder_peers")
+}
+
+fn intercepts(lab: &Lab, host: &str, dst: &str) -> bool {
+    let out = lab.exec(host, &["ip", "route", "show", dst]);
+    String::from_utf8_lossy(&out.stdout).contains("ponta0")
+}
+
+fn ping_ok(lab: &Lab, host: &str, dst: &str) -> bool {
+    lab.exec(host, &["ping", "-c", "1", "-W", "1", dst])
+        .status
+        .success()
+}
+
+fn all_registered(lab: &Lab, n: u64) -> bool {
+    metric(lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}") == n
+}
+
+fn assert_no_loss(out: &std::process::Output) {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let s = parse_ping(&text).unwrap_or_else(|| panic!("no ping summary:\n{text}"));
+    assert_eq!(s.transmitted, s.received, "ping lost packets:\n{text}");
+}
+
+#[test]
+fn agents_started_before_the_cu_come_up_once_it_appears() {
+    require_root();
+    let lab = Lab::up(THREE_SITES);
+    assert!(wait_until(Duration::from_secs(20), || all_registered(
+        &lab, 6
+    )));
+    // Take the CU away, and start paris and tokyo afresh while it is away.
+    lab.ctl("stop", &["cu"]);
+    for h in ["paris/app1", "paris/proxy", "tokyo/app1", "tokyo/proxy"] {
+        lab.ctl("stop", &[h]);
+    }
+    for h in ["paris/proxy", "paris/app1", "tokyo/proxy", "tokyo/app1"] {
+        lab.ctl("start", &[h]);
+    }
+    // Up, but knowing nothing: no peers, nothing intercepted.
+    assert_eq!(
+        metric(&lab, "paris/proxy", PARIS_FWD, "pon_cu_client_registered"),
+        0
+    );
+    assert_eq!(peers(&lab, "paris/proxy", PARIS_FWD), 0);
+    assert!(!intercepts(&lab, "paris/app1", TOKYO_APP));
+    // The CU appears: everyone registers and the overlay carries traffic.
+    lab.ctl("start", &["cu"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            peers(&lab, "paris/proxy", PARIS_FWD) == 2 && intercepts(&lab, "paris/app1", TOKYO_APP)
+        }),
+        "paris never configured itself from the CU"
+    );
+    let before = metric(
+        &lab,
+        "tokyo/proxy",
+        TOKYO_FWD,
+        "pon_forwarder_packets_total{stage=\"egress\"}",
+    );
+    assert!(wait_until(Duration::from_secs(15), || ping_ok(
+        &lab,
+        "paris/app1",
+        TOKYO_APP
+    )));
+    let after = metric(
+        &lab,
+        "tokyo/proxy",
+        TOKYO_FWD,
+        "pon_forwarder_packets_total{stage=\"egress\"}",
+    );
+    assert!(after > before, "the ping did not take the overlay");
+}
+
+#[test]
+fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
+    require_root();
+    let lab = Lab::up(THREE_SITES);
+    assert!(wait_until(Duration::from_secs(20), || ping_ok(
+        &lab,
+        "paris/app1",
+        TOKYO_APP
+    )));
+    let pids = |lab: &Lab| -> Vec<u64> {
+        lab.status_json()["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|h| h["daemons"].as_array().unwrap().clone())
+            .map(|d| d["pid"].as_u64().unwrap_or(0))
+            .collect()
+    };
+    let before = pids(&lab);
+    let pinger = lab.spawn(
+        "paris/app1",
+        &["ping", "-c", "200", "-i", "0.05", "-W", "2", TOKYO_APP],
+    );
+    lab.ctl("add-site", &["berlin", "--apps", "1"]);
+    let berlin_app = "198.18.4.11";
+    for (from, to) in [
+        ("paris/app1", berlin_app),
+        ("tokyo/app1", berlin_app),
+        ("berlin/app1", PARIS_APP),
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(20), || intercepts(&lab, from, to)
+                && ping_ok(&lab, from, to)),
+            "{from} never reached {to} through the overlay"
+        );
+    }
+    assert!(
+        metric(
+            &lab,
+            "berlin/proxy",
+            "198.18.4.1:9100",
+            "pon_forwarder_packets_total{stage=\"egress\"}"
+        ) >= 2,
+        "berlin's traffic did not take the overlay"
+    );
+    assert_no_loss(&pinger.wait_with_output().unwrap());
+    // Nothing already running was restarted.
+    assert_eq!(&pids(&lab)[..before.len()], &before[..]);
+}
+
+#[test]
+fn a_proxy_killed_with_sigkill_is_announced_gone_within_the_bound() {
+    require_root();
+    let lab = Lab::up(THREE_SITES);
+    assert!(wait_until(Duration::from_secs(20), || {
+        peers(&lab, "paris/proxy", PARIS_FWD) == 2 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 2
+    }));
+    let killed = Instant::now();
+    lab.ctl("stop", &["london/proxy"]);
+    assert!(
+        wait_until(LEAVE_BOUND, || {
+            peers(&lab, "paris/proxy", PARIS_FWD) == 1 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 1
+        }),
+        "london was not announced as gone within {LEAVE_BOUND:?}"
+    );
+    let took = killed.elapsed();
+    eprintln!("london announced as gone after {took:?}");
+    // London's app is no longer reachable through the overlay: its traffic
+    // is left to the plain IP path.
+    assert!(wait_until(Duration::from_secs(5), || !intercepts(
+        &lab,
+        "paris/app1",
+        "198.18.3.11"
+    )));
+    let reg = registry(&lab);
+    assert_eq!(
+        reg[&("london".to_string(), "198.18.3.1".to_string())],
+        (3, false)
+    );
+    // It comes back with the same id.
+    lab.ctl("start", &["london/proxy"]);
+    assert!(wait_until(Duration::from_secs(15), || peers(
+        &lab,
+        "paris/proxy",
+        PARIS_FWD
+    ) == 2));
+    assert_eq!(
+        registry(&lab)[&("london".to_string(), "198.18.3.1".to_string())],
+        (3, true)
+    );
+}
+
+#[test]
+fn a_cu_killed_and_restarted_loses_no_ping_and_every_agent_keeps_its_id() {
+    require_root();
+    let lab = Lab::up(THREE_SITES);
+    assert!(wait_until(Duration::from_secs(20), || all_registered(
+        &lab, 6
+    )));
+    assert!(wait_until(Duration::from_secs(20), || ping_ok(
+        &lab,
+        "paris/app1",
+        TOKYO_APP
+    )));
+    let ids_before = registry(&lab);
+    assert_eq!(ids_before.len(), 6);
+    let pinger = lab.spawn(
+        "paris/app1",
+        &["ping", "-c", "300", "-i", "0.05", "-W", "2", TOKYO_APP],
+    );
+    lab.ctl("stop", &["cu"]);
+    // The agents notice the CU is gone ...
+    assert!(wait_until(Duration::from_secs(15), || metric(
+        &lab,
+        "paris/proxy",
+        PARIS_FWD,
+        "pon_cu_client_registered"
+    ) == 0));
+    lab.ctl("start", &["cu"]);
+    // ... and come back to the restarted one, which knew them all along.
+    assert!(wait_until(Duration::from_secs(30), || all_registered(
+        &lab, 6
+    )));
+    assert_no_loss(&pinger.wait_with_output().unwrap());
+    assert_eq!(
+        registry(&lab),
+        ids_before,
+        "ids changed across the CU restart"
+    );
+    assert_eq!(
+        metric(&lab, "paris/proxy", PARIS_FWD, "pon_cu_client_id"),
+        1
+    );
+    assert_eq!(peers(&lab, "paris/proxy", PARIS_FWD), 2);
+    // Nobody was announced as gone.
+    assert_eq!(
+        metric(
+            &lab,
+            "cu",
+            CU_METRICS,
+            "pon_cu_leaves_total{reason=\"not_back_after_restart\"}"
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
+    require_root();
+    let lab = Lab::up(&THREE_SITES.replace("[[site]]\nname = \"london\"\napps = 1\n", ""));
+    assert!(wait_until(Duration::from_secs(20), || ping_ok(
+        &lab,
+        "paris/app1",
+        TOKYO_APP
+    )));
+    let dir = lab.state_dir();
+    std::fs::write(dir.join("bad-token"), "not-the-token\n").unwrap();
+    let other = dir.join("other-ca");
+    let init = std::process::Command::new(bin_dir().join("pon-cu"))
+        .args(["init", "--dir"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(init.status.success());
+
+    // ponctl: the operator's tool.
+    let ponctl = bin_dir().join("ponctl");
+    let run = |ca: &std::path::Path, token: &std::path::Path| {
+        lab.exec(
+            "cu",
+            &[
+                ponctl.to_str().unwrap(),
+                "--cu",
+                "198.18.250.1:7400",
+                "--ca",
+                ca.to_str().unwrap(),
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        )
+    };
+    let cu = dir.join("cu");
+    let out = run(&cu.join("ca.pem"), &dir.join("bad-token"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("wrong join token"),
+        "{err}"
+    );
+    let out = run(&other.join("ca.pem"), &cu.join("token"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    // A forwarder with the wrong token, or trusting another CA, stops with
+    // a clear error instead of retrying forever.
+    lab.ctl("stop", &["tokyo/proxy"]);
+    let cfg = std::fs::read_to_string(dir.join("configs/tokyo-proxy-pon-forwarder.toml")).unwrap();
+    let fwd = bin_dir().join("pon-forwarder");
+    for (name, bad, expect) in [
+        (
+            "bad-token.toml",
+            cfg.replace(
+                cu.join("token").to_str().unwrap(),
+                dir.join("bad-token").to_str().unwrap(),
+            ),
+            "wrong join token",
+        ),
+        (
+            "bad-ca.toml",
+            cfg.replace(
+                cu.join("ca.pem").to_str().unwrap(),
+                other.join("ca.pem").to_str().unwrap(),
+            ),
+            "TLS handshake with the CU",
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, bad).unwrap();
+        let out = lab.exec(
+            "tokyo/proxy",
+            &[
+                "timeout",
+                "30",
+                fwd.to_str().unwrap(),
+                "--config",
+                path.to_str().unwrap(),
+            ],
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert!(err.contains(expect), "{name}: {err}");
+    }
+    assert!(
+        metric(
+            &lab,
+            "cu",
+            CU_METRICS,
+            "pon_cu_refused_total{reason=\"bad_token\"}"
+        ) >= 2
+    );
+    // The CU and its other agents carried on.
+    lab.ctl("start", &["tokyo/proxy"]);
+    assert!(wait_until(Duration::from_secs(20), || ping_ok(
+        &lab,
+        "paris/app1",
+        TOKYO_APP
+    )));
+    assert_eq!(
+        metric(&lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}"),
+        4
+    );
+}
