@@ -3,3 +3,4 @@
 //! to the destination's reception agent.
 
 pub mod forwarder;
+pub mod routing;

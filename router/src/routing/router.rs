@@ -1,0 +1,690 @@
+//! The path-selection state machine of one proxy, without I/O.
+//!
+//! The daemon around it:
+//! 1. calls [`Router::on_tick`] when [`Router::poll_timeout`] says so, and
+//!    sends one probe per returned [`ProbeRequest`] along its source route;
+//! 2. reports each answer or timeout with [`Router::on_probe_result`]
+//!    (passing back the request), and bandwidth figures with
+//!    [`Router::on_bandwidth`];
+//! 3. drains [`Router::poll_event`]: on `RouteChanged` it rebuilds the
+//!    forwarder table from [`Router::relays`] and swaps it in; on
+//!    `Unreachable` it tells the TAs to stop intercepting traffic for the
+//!    destination (packets take the plain IP path), on `Reachable` to start
+//!    again. A destination starts unreachable: interception is switched on
+//!    only once a path has answered, and a `RouteChanged` always comes before
+//!    the `Reachable` it enables.
+//!
+//! Per destination and interval, the router probes the current route (so
+//! that its death is noticed), the direct path (see
+//! `RoutingConfig::always_probe_direct`) and a challenger that is waiting
+//! out the hysteresis hold, in that order of priority, and lets the
+//! destination's [`ProbeSelector`] fill the rest of the budget k.
+
+use super::config::{ConfigError, RoutingConfig};
+use super::measurement::{EstimatorConfig, Measurement};
+use super::policy::Policy;
+use super::rng::Rng;
+use super::selector::ProbeSelector;
+use pon_proto::pon::Hops;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+/// Ask the daemon to probe `path` (relays then `dst`) now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProbeRequest {
+    pub dst: u32,
+    pub path: Hops,
+    /// The path's index among the destination's candidates: lets the result
+    /// be filed without a lookup. Pass the request back unchanged.
+    pub index: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Reply { rtt: Duration },
+    Lost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeReason {
+    /// The first path that answered.
+    Initial,
+    /// A path better by the margin for the hold time.
+    Better,
+    /// The current path stopped answering.
+    Failover,
+    /// A path answered again after the destination was unreachable.
+    Restored,
+    /// The set of peers changed and the old route is no longer a candidate.
+    Topology,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterEvent {
+    /// Traffic to `dst` must now follow `path` (relays, then `dst`).
+    RouteChanged {
+        dst: u32,
+        path: Hops,
+        reason: ChangeReason,
+    },
+    /// No path to `dst` works: stop intercepting its traffic.
+    Unreachable { dst: u32 },
+    /// A path to `dst` works again (its route was announced just before).
+    Reachable { dst: u32 },
+}
+
+/// Counters per destination, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DestinationStats {
+    pub probes: u64,
+    pub route_changes: u64,
+    pub failovers: u64,
+    pub unreachable_episodes: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RouterError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("router id 0 is reserved")]
+    ZeroId,
+}
+
+/// Builds the selector for a destination: `(dst, number of candidates)`.
+pub type SelectorFactory = Box<dyn Fn(u32, usize) -> Box<dyn ProbeSelector> + Send>;
+
+struct Candidate {
+    hops: Hops,
+    m: Measurement,
+    /// Listed in `Destination::answered`.
+    listed: bool,
+    /// Position in `Router::peers` of the first relay (`NO_RELAY` for the
+    /// direct path).
+    first: u32,
+}
+
+const NO_RELAY: u32 = u32::MAX;
+
+fn candidates(
+    hops: Vec<Hops>,
+    peers: &[u32],
+    mut old: impl FnMut(&Hops) -> Option<Measurement>,
+) -> Vec<Candidate> {
+    hops.into_iter()
+        .map(|h| Candidate {
+            hops: h,
+            m: old(&h).unwrap_or_default(),
+            listed: false,
+            first: if h.len() == 1 {
+                NO_RELAY
+            } else {
+                peers
+                    .binary_search(&h.as_slice()[0])
+                    .map_or(NO_RELAY, |p| p as u32)
+            },
+        })
+        .collect()
+}
+
+struct Destination {
+    id: u32,
+    policy: Policy,
+    paths: Vec<Candidate>,
+    lookup: HashMap<Hops, u32>,
+    /// Paths that answered within `fresh` (a superset: pruned when read).
+    /// With a budget of k probes, only a few dozen paths are fresh at any
+    /// time, so route decisions need not scan hundreds of candidates.
+    answered: Vec<u32>,
+    selector: Box<dyn ProbeSelector>,
+    current: Option<usize>,
+    reachable: bool,
+    /// The challenger beating the current route, and since when some path
+    /// has been doing so.
+    challenger: Option<usize>,
+    better_since: Option<Duration>,
+    stats: DestinationStats,
+}
+
+pub struct Router {
+    my_id: u32,
+    cfg: RoutingConfig,
+    est: EstimatorConfig,
+    peers: Vec<u32>,
+    dests: Vec<Destination>,
+    index: HashMap<u32, usize>,
+    events: VecDeque<RouterEvent>,
+    next_tick: Option<Duration>,
+    factory: SelectorFactory,
+    chosen: Vec<usize>,
+    /// Scratch for `on_tick`: lower bound on the RTT to each peer, and which
+    /// paths of a destination are worth a probe.
+    first_leg: Vec<f64>,
+    eligible: Vec<bool>,
+}
+
+/// The candidate paths to `dst`: direct first, then through each relay, then
+/// (with `max_relays` 2) through each ordered pair of relays.
+pub fn candidate_paths(dst: u32, relays: &[u32], max_relays: u8) -> Vec<Hops> {
+    let relays: Vec<u32> = relays.iter().copied().filter(|r| *r != dst).collect();
+    let mut out = Vec::with_capacity(1 + relays.len());
+    out.push(Hops::new(&[dst]).expect("one hop"));
+    for &r in &relays {
+        out.push(Hops::new(&[r, dst]).expect("two hops"));
+    }
+    if max_relays >= 2 {
+        for &a in &relays {
+            for &b in &relays {
+                if a != b {
+                    out.push(Hops::new(&[a, b, dst]).expect("three hops"));
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Router {
+    /// A router for proxy `my_id` using the selector named in the config.
+    pub fn new(my_id: u32, cfg: RoutingConfig) -> Result<Self, RouterError> {
+        let (kind, rnn, bandit, seed) = (cfg.selector, cfg.rnn, cfg.bandit, cfg.seed);
+        let factory: SelectorFactory =
+            Box::new(move |dst, n| kind.build(n, &rnn, &bandit, Rng::derive(seed, u64::from(dst))));
+        Self::with_selector_factory(my_id, cfg, factory)
+    }
+
+    /// A router whose destinations get their selectors from `factory`.
+    pub fn with_selector_factory(
+        my_id: u32,
+        cfg: RoutingConfig,
+        factory: SelectorFactory,
+    ) -> Result<Self, RouterError> {
+        if my_id == 0 {
+            return Err(RouterError::ZeroId);
+        }
+        cfg.validate()?;
+        let mut r = Router {
+            my_id,
+            est: cfg.estimator(),
+            cfg,
+            peers: Vec::new(),
+            dests: Vec::new(),
+            index: HashMap::new(),
+            events: VecDeque::new(),
+            next_tick: None,
+            factory,
+            chosen: Vec::new(),
+            first_leg: Vec::new(),
+            eligible: Vec::new(),
+        };
+        for d in r.cfg.destinations.clone() {
+            r.add_destination(d.id, d.policy);
+        }
+        Ok(r)
+    }
+
+    pub fn config(&self) -> &RoutingConfig {
+        &self.cfg
+    }
+    pub fn my_id(&self) -> u32 {
+        self.my_id
+    }
+
+    /// The proxies usable as relays (from the CU's topology). Destinations
+    /// get new candidate sets; measurements of paths that remain are kept,
+    /// the learners start over.
+    pub fn set_peers(&mut self, now: Duration, peers: &[u32]) {
+        let mut p: Vec<u32> = peers
+            .iter()
+            .copied()
+            .filter(|&id| id != self.my_id && id != 0)
+            .collect();
+        p.sort_unstable();
+        p.dedup();
+        if p == self.peers {
+            return;
+        }
+        self.peers = p;
+        for i in 0..self.dests.len() {
+            self.rebuild(i, now);
+        }
+    }
+
+    /// Starts optimising paths to `dst` (or changes its policy).
+    pub fn add_destination(&mut self, dst: u32, policy: Option<Policy>) {
+        if dst == self.my_id || dst == 0 {
+            return;
+        }
+        let policy = policy.unwrap_or(self.cfg.policy);
+        if let Some(&i) = self.index.get(&dst) {
+            self.set_policy_at(i, policy);
+            return;
+        }
+        let hops = candidate_paths(dst, &self.peers, self.cfg.max_relays);
+        let d = Destination {
+            id: dst,
+            policy,
+            lookup: hops
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (*h, i as u32))
+                .collect(),
+            selector: (self.factory)(dst, hops.len()),
+            paths: candidates(hops, &self.peers, |_| None),
+            answered: Vec::new(),
+            current: None,
+            reachable: false,
+            challenger: None,
+            better_since: None,
+            stats: DestinationStats::default(),
+        };
+        self.index.insert(dst, self.dests.len());
+        self.dests.push(d);
+    }
+
+    /// Stops optimising `dst` (no event: the daemon removed it itself).
+    pub fn remove_destination(&mut self, dst: u32) {
+        if let Some(i) = self.index.remove(&dst) {
+            self.dests.swap_remove(i);
+            if i < self.dests.len() {
+                self.index.insert(self.dests[i].id, i);
+            }
+        }
+    }
+
+    pub fn set_policy(&mut self, dst: u32, policy: Policy) {
+        if let Some(&i) = self.index.get(&dst) {
+            self.set_policy_at(i, policy);
+        }
+    }
+
+    fn set_policy_at(&mut self, i: usize, policy: Policy) {
+        let d = &mut self.dests[i];
+        if d.policy != policy {
+            d.policy = policy;
+            d.better_since = None;
+            d.challenger = None;
+        }
+    }
+
+    fn rebuild(&mut self, i: usize, now: Duration) {
+        let hops = candidate_paths(self.dests[i].id, &self.peers, self.cfg.max_relays);
+        let fresh = self.cfg.fresh();
+        let d = &mut self.dests[i];
+        let old_current = d.current.map(|c| d.paths[c].hops);
+        let mut old: HashMap<Hops, Measurement> =
+            d.paths.drain(..).map(|c| (c.hops, c.m)).collect();
+        d.paths = candidates(hops.clone(), &self.peers, |h| old.remove(h));
+        d.answered.clear();
+        for (i, c) in d.paths.iter_mut().enumerate() {
+            if c.m.last_reply().is_some() {
+                c.listed = true;
+                d.answered.push(i as u32);
+            }
+        }
+        d.lookup = hops
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (*h, i as u32))
+            .collect();
+        d.selector = (self.factory)(d.id, hops.len());
+        d.challenger = None;
+        d.better_since = None;
+        d.current = old_current.and_then(|h| d.lookup.get(&h).map(|&i| i as usize));
+        if d.reachable && d.current.is_none() {
+            // The route went with the topology: move at once, like a failover.
+            match best_working(d, now, fresh, None) {
+                Some(b) => switch(d, b, ChangeReason::Topology, &mut self.events),
+                None => {
+                    d.reachable = false;
+                    d.stats.unreachable_episodes += 1;
+                    self.events
+                        .push_back(RouterEvent::Unreachable { dst: d.id });
+                }
+            }
+        }
+    }
+
+    /// When `on_tick` next wants to run (`None`: now).
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.next_tick
+    }
+
+    /// Once per interval (earlier calls do nothing): applies hysteresis and
+    /// appends this interval's probes to `out`.
+    pub fn on_tick(&mut self, now: Duration, out: &mut Vec<ProbeRequest>) {
+        let interval = self.cfg.interval();
+        if let Some(t) = self.next_tick {
+            if now < t {
+                return;
+            }
+            // Keep the cadence; after a long pause restart from now.
+            self.next_tick = Some(if now - t < interval {
+                t + interval
+            } else {
+                now + interval
+            });
+        } else {
+            self.next_tick = Some(now + interval);
+        }
+        let k = self.cfg.probes_per_interval;
+        let fresh = self.cfg.fresh();
+        // A relayed path is at least as slow as its first leg, and the
+        // first leg is the direct path to the relay, which this router
+        // measures anyway when the relay is one of its destinations. Paths
+        // whose first leg alone rules out beating the current route by the
+        // margin are not worth a probe. The lower bound is the smallest
+        // recent sample, not the average, so noise does not rule paths out.
+        self.first_leg.clear();
+        self.first_leg.resize(self.peers.len(), 0.0);
+        if self.cfg.prune_by_first_leg {
+            for (pi, p) in self.peers.iter().enumerate() {
+                if let Some(&di) = self.index.get(p) {
+                    let m = &self.dests[di].paths[0].m;
+                    if m.works(now, fresh) {
+                        self.first_leg[pi] = m
+                            .recent_rtts_ms()
+                            .into_iter()
+                            .fold(f64::INFINITY, |a, b| a.min(f64::from(b)));
+                    }
+                }
+            }
+        }
+        for d in &mut self.dests {
+            evaluate(d, now, &self.cfg, &mut self.events);
+            self.eligible.clear();
+            self.eligible.resize(d.paths.len(), true);
+            let floor = d.policy.rtt_floor_factor();
+            if let (true, true, Some(cur), Some(f)) =
+                (self.cfg.prune_by_first_leg, d.reachable, d.current, floor)
+            {
+                let limit = d.paths[cur].m.cost(&d.policy) * (1.0 - self.cfg.switch_margin);
+                if limit.is_finite() {
+                    for (e, c) in self.eligible.iter_mut().zip(&d.paths) {
+                        if c.first != NO_RELAY {
+                            let leg = self.first_leg[c.first as usize];
+                            *e = !(leg.is_finite() && f * leg >= limit);
+                        }
+                    }
+                }
+            }
+            let chosen = &mut self.chosen;
+            chosen.clear();
+            let n = d.paths.len();
+            let budget = d.selector.budget(k, n).min(n);
+            let mut pin = |i: usize| {
+                if chosen.len() < budget && !chosen.contains(&i) {
+                    chosen.push(i);
+                }
+            };
+            if d.reachable {
+                if let Some(c) = d.current {
+                    pin(c);
+                }
+            }
+            if self.cfg.always_probe_direct {
+                pin(0);
+            }
+            if let Some(c) = d.challenger {
+                pin(c);
+            }
+            d.selector.select(chosen, budget, &self.eligible);
+            d.stats.probes += chosen.len() as u64;
+            out.extend(chosen.iter().map(|&i| ProbeRequest {
+                dst: d.id,
+                path: d.paths[i].hops,
+                index: i as u32,
+            }));
+        }
+    }
+
+    /// The answer (or timeout) of a probe asked for by `on_tick`. Results
+    /// for paths or destinations that no longer exist are ignored.
+    pub fn on_probe_result(&mut self, now: Duration, probe: &ProbeRequest, outcome: Outcome) {
+        let Some(&di) = self.index.get(&probe.dst) else {
+            return;
+        };
+        let d = &mut self.dests[di];
+        let idx = probe.index as usize;
+        let pi = if d.paths.get(idx).is_some_and(|c| c.hops == probe.path) {
+            idx
+        } else {
+            match d.lookup.get(&probe.path) {
+                Some(&i) => i as usize,
+                None => return,
+            }
+        };
+        let c = &mut d.paths[pi];
+        let m = &mut c.m;
+        match outcome {
+            Outcome::Reply { rtt } => {
+                m.on_reply(now, rtt, &self.est);
+                if !c.listed {
+                    c.listed = true;
+                    d.answered.push(pi as u32);
+                }
+                let goal = m.cost(&d.policy);
+                d.selector.observe(pi, goal.is_finite().then_some(goal));
+                if !d.reachable {
+                    let fresh = self.cfg.fresh();
+                    let b = best_working(d, now, fresh, None).unwrap_or(pi);
+                    let reason = if d.current.is_none() {
+                        ChangeReason::Initial
+                    } else {
+                        ChangeReason::Restored
+                    };
+                    if d.current != Some(b) || reason == ChangeReason::Initial {
+                        switch(d, b, reason, &mut self.events);
+                    }
+                    d.reachable = true;
+                    self.events.push_back(RouterEvent::Reachable { dst: d.id });
+                }
+            }
+            Outcome::Lost => {
+                let m = &mut d.paths[pi].m;
+                m.on_loss(now, &self.est);
+                let dead = m.consecutive_losses() >= self.cfg.failover_losses;
+                d.selector.observe(pi, None);
+                if dead && d.reachable && d.current == Some(pi) {
+                    failover(d, now, self.cfg.fresh(), &mut self.events);
+                }
+            }
+        }
+    }
+
+    /// Query the result by destination and path instead of by request.
+    pub fn on_path_result(&mut self, now: Duration, dst: u32, path: &Hops, outcome: Outcome) {
+        let probe = ProbeRequest {
+            dst,
+            path: *path,
+            index: u32::MAX,
+        };
+        self.on_probe_result(now, &probe, outcome);
+    }
+
+    /// An available-bandwidth measurement of a path (used by the bandwidth
+    /// and weighted policies).
+    pub fn on_bandwidth(&mut self, _now: Duration, dst: u32, path: &Hops, mbps: f64) {
+        if let Some(&di) = self.index.get(&dst) {
+            let d = &mut self.dests[di];
+            if let Some(&pi) = d.lookup.get(path) {
+                d.paths[pi as usize].m.on_bandwidth(mbps);
+            }
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<RouterEvent> {
+        self.events.pop_front()
+    }
+
+    /// The route traffic to `dst` takes, while it is reachable.
+    pub fn current_path(&self, dst: u32) -> Option<Hops> {
+        let d = &self.dests[*self.index.get(&dst)?];
+        if d.reachable {
+            d.current.map(|c| d.paths[c].hops)
+        } else {
+            None
+        }
+    }
+
+    pub fn is_reachable(&self, dst: u32) -> bool {
+        self.index
+            .get(&dst)
+            .is_some_and(|&i| self.dests[i].reachable)
+    }
+
+    /// Routes of all reachable destinations, in the form
+    /// `ForwardingTable::build` takes (`via` empty for the direct path).
+    pub fn relays(&self) -> Vec<(u32, Vec<u32>)> {
+        let mut v: Vec<(u32, Vec<u32>)> = self
+            .dests
+            .iter()
+            .filter(|d| d.reachable)
+            .filter_map(|d| d.current.map(|c| (d.id, d.paths[c].hops)))
+            .map(|(id, h)| (id, h.as_slice()[..h.len() - 1].to_vec()))
+            .collect();
+        v.sort_unstable_by_key(|(id, _)| *id);
+        v
+    }
+
+    pub fn destinations(&self) -> impl Iterator<Item = u32> + '_ {
+        self.dests.iter().map(|d| d.id)
+    }
+
+    pub fn policy(&self, dst: u32) -> Option<Policy> {
+        self.index.get(&dst).map(|&i| self.dests[i].policy)
+    }
+
+    pub fn stats(&self, dst: u32) -> Option<DestinationStats> {
+        self.index.get(&dst).map(|&i| self.dests[i].stats)
+    }
+
+    /// Every candidate path to `dst` with what is known about it.
+    pub fn paths(&self, dst: u32) -> Option<impl Iterator<Item = (Hops, &Measurement)> + '_> {
+        let d = &self.dests[*self.index.get(&dst)?];
+        Some(d.paths.iter().map(|c| (c.hops, &c.m)))
+    }
+}
+
+/// The cheapest path known to work (answered recently, last probe answered).
+/// Prunes paths that have not answered within `fresh` from the list.
+fn best_working(
+    d: &mut Destination,
+    now: Duration,
+    fresh: Duration,
+    skip: Option<usize>,
+) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    let mut j = 0;
+    while j < d.answered.len() {
+        let i = d.answered[j] as usize;
+        let c = &mut d.paths[i];
+        if c.m
+            .last_reply()
+            .is_none_or(|t| now.saturating_sub(t) > fresh)
+        {
+            c.listed = false;
+            d.answered.swap_remove(j);
+            continue;
+        }
+        j += 1;
+        if Some(i) == skip || !c.m.works(now, fresh) {
+            continue;
+        }
+        let cost = c.m.cost(&d.policy);
+        // Ties go to the lower index (the direct path first), whatever the
+        // list order.
+        if cost.is_finite() && best.is_none_or(|(bi, b)| cost < b || (cost == b && i < bi)) {
+            best = Some((i, cost));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+fn switch(
+    d: &mut Destination,
+    to: usize,
+    reason: ChangeReason,
+    events: &mut VecDeque<RouterEvent>,
+) {
+    d.current = Some(to);
+    d.challenger = None;
+    d.better_since = None;
+    d.stats.route_changes += 1;
+    if reason == ChangeReason::Failover {
+        d.stats.failovers += 1;
+    }
+    events.push_back(RouterEvent::RouteChanged {
+        dst: d.id,
+        path: d.paths[to].hops,
+        reason,
+    });
+}
+
+/// The current route stopped answering: move at once to the best path known
+/// to work, or declare the destination unreachable.
+fn failover(
+    d: &mut Destination,
+    now: Duration,
+    fresh: Duration,
+    events: &mut VecDeque<RouterEvent>,
+) {
+    match best_working(d, now, fresh, d.current) {
+        Some(b) => switch(d, b, ChangeReason::Failover, events),
+        None => {
+            d.reachable = false;
+            d.challenger = None;
+            d.better_since = None;
+            d.stats.unreachable_episodes += 1;
+            events.push_back(RouterEvent::Unreachable { dst: d.id });
+        }
+    }
+}
+
+/// Hysteresis, once per interval: switch to the best working path if it has
+/// been better than the current route by the margin for the hold time.
+fn evaluate(
+    d: &mut Destination,
+    now: Duration,
+    cfg: &RoutingConfig,
+    events: &mut VecDeque<RouterEvent>,
+) {
+    let fresh = cfg.fresh();
+    if !d.reachable {
+        return;
+    }
+    let Some(cur) = d.current else {
+        return;
+    };
+    // A route that has not answered for `fresh` is dead even if its losses
+    // were never reported (a daemon that lost track of probes).
+    if d.paths[cur]
+        .m
+        .last_reply()
+        .is_none_or(|t| now.saturating_sub(t) > fresh)
+    {
+        failover(d, now, fresh, events);
+        return;
+    }
+    let cur_cost = d.paths[cur].m.cost(&d.policy);
+    let best = best_working(d, now, fresh, Some(cur));
+    let better = best.filter(|&b| {
+        let c = d.paths[b].m.cost(&d.policy);
+        c < cur_cost * (1.0 - cfg.switch_margin) && cur_cost - c >= cfg.switch_min_gain_ms
+    });
+    match better {
+        None => {
+            d.challenger = None;
+            d.better_since = None;
+        }
+        Some(b) => {
+            d.challenger = Some(b);
+            let since = *d.better_since.get_or_insert(now);
+            if now.saturating_sub(since) >= cfg.hold() {
+                switch(d, b, ChangeReason::Better, events);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
