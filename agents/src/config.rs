@@ -49,6 +49,10 @@ pub struct TaConfig {
     /// app VMs to intercept from the Central Unit.
     #[serde(default)]
     pub cu: Option<pon_cu::client::CuClientConfig>,
+    /// UDP port on which the local proxy's router says which destinations
+    /// the overlay cannot reach (left to the IP path meanwhile); 0: off.
+    #[serde(default = "default_steering_port")]
+    pub steering_port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,6 +95,9 @@ fn default_encap() -> Encap {
 }
 fn default_forwarder_udp_port() -> u16 {
     7301
+}
+fn default_steering_port() -> u16 {
+    pon_proto::steering::STEERING_PORT
 }
 fn default_ra_port() -> u16 {
     7302

@@ -12,6 +12,20 @@ pub struct Interception {
     tun: String,
     src: Ipv4Addr,
     active: BTreeSet<IpNet>,
+    /// The last set asked for (config or CU view), before bypasses.
+    wanted: BTreeSet<IpNet>,
+    /// Prefixes the local proxy's router says the overlay cannot reach now:
+    /// wanted prefixes inside them are left to the plain IP path.
+    bypass: BTreeSet<IpNet>,
+}
+
+/// `wanted` less every prefix that lies inside one of `bypass`.
+pub fn effective(wanted: &BTreeSet<IpNet>, bypass: &BTreeSet<IpNet>) -> BTreeSet<IpNet> {
+    wanted
+        .iter()
+        .filter(|w| !bypass.iter().any(|b| b.contains(*w)))
+        .copied()
+        .collect()
 }
 
 /// The route changes that turn `active` into `wanted`.
@@ -27,16 +41,36 @@ impl Interception {
             tun: tun.to_string(),
             src,
             active: BTreeSet::new(),
+            wanted: BTreeSet::new(),
+            bypass: BTreeSet::new(),
         }
+    }
+
+    pub fn bypass(&self) -> &BTreeSet<IpNet> {
+        &self.bypass
+    }
+
+    /// Leaves the wanted prefixes inside `bypass` to the IP path (and takes
+    /// back those no longer inside it).
+    pub fn set_bypass(&mut self, bypass: &[IpNet]) -> anyhow::Result<()> {
+        let bypass: BTreeSet<IpNet> = bypass.iter().map(|n| n.trunc()).collect();
+        if bypass == self.bypass {
+            return Ok(());
+        }
+        self.bypass = bypass;
+        let wanted: Vec<IpNet> = self.wanted.iter().copied().collect();
+        self.apply(&wanted)
     }
 
     pub fn active(&self) -> &BTreeSet<IpNet> {
         &self.active
     }
 
-    /// Installs routes for new prefixes and removes those no longer wanted.
+    /// Installs routes for new prefixes and removes those no longer wanted
+    /// (prefixes currently bypassed are left out).
     pub fn apply(&mut self, wanted: &[IpNet]) -> anyhow::Result<()> {
-        let wanted: BTreeSet<IpNet> = wanted.iter().map(|n| n.trunc()).collect();
+        self.wanted = wanted.iter().map(|n| n.trunc()).collect();
+        let wanted = effective(&self.wanted, &self.bypass);
         let (add, remove) = diff(&self.active, &wanted);
         for net in add {
             let mut args = vec![
@@ -87,6 +121,22 @@ fn ip(args: &[String]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bypass_removes_prefixes_inside_it() {
+        let set =
+            |v: &[&str]| -> BTreeSet<IpNet> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let wanted = set(&["198.18.2.11/32", "198.18.2.12/32", "198.18.3.11/32"]);
+        assert_eq!(
+            effective(&wanted, &set(&["198.18.2.0/24"])),
+            set(&["198.18.3.11/32"])
+        );
+        assert_eq!(
+            effective(&wanted, &set(&["198.18.3.11/32"])),
+            set(&["198.18.2.11/32", "198.18.2.12/32"])
+        );
+        assert_eq!(effective(&wanted, &BTreeSet::new()), wanted);
+    }
 
     #[test]
     fn diff_adds_and_removes_only_changes() {

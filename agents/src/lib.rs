@@ -11,6 +11,7 @@ pub mod cu;
 pub mod interception;
 pub mod io;
 pub mod ra;
+pub mod steering;
 pub mod ta;
 pub mod tun;
 

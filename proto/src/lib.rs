@@ -11,6 +11,7 @@ pub mod error;
 pub mod ip;
 pub mod pon;
 pub mod probe;
+pub mod steering;
 
 pub use error::Error;
 

@@ -3,4 +3,5 @@
 //! to the destination's reception agent.
 
 pub mod forwarder;
+pub mod monitor;
 pub mod routing;

@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     let mtu = cfg.tun_mtu();
     let tun = pon_agents::tun::open(&cfg.tun_name, mtu, None, cfg.offload)?;
     let counters = Arc::new(TaCounters::default());
+    let steering = Arc::new(pon_agents::steering::SteeringCounters::default());
 
     let interception = Arc::new(Mutex::new(Interception::new(&cfg.tun_name, cfg.local_addr)));
     interception
@@ -42,14 +43,25 @@ fn main() -> anyhow::Result<()> {
     if let Some(addr) = cfg.metrics {
         let c = counters.clone();
         let (interception, cu_status) = (interception.clone(), cu.status.clone());
+        let steering = steering.clone();
         pon_telemetry::serve_metrics(
             addr,
             Arc::new(move |w: &mut PromWriter| {
                 c.render(w);
+                steering.render(w);
                 if let Some(s) = &cu_status {
                     s.render(w);
                 }
-                let intercepted = interception.lock().map_or(0, |i| i.active().len()) as f64;
+                let (intercepted, bypassed) = interception
+                    .lock()
+                    .map_or((0, 0), |i| (i.active().len(), i.bypass().len()));
+                w.gauge(
+                    "pon_ta_bypassed_prefixes",
+                    "",
+                    "Prefixes the proxy's router left to the IP path (overlay cannot reach them).",
+                    bypassed as f64,
+                );
+                let intercepted = intercepted as f64;
                 w.gauge(
                     "pon_ta_tun_mtu",
                     "",
@@ -68,6 +80,11 @@ fn main() -> anyhow::Result<()> {
     }
 
     let (forwarder, forwarder_udp_port) = cu.forwarder()?;
+    if cfg.steering_port != 0 {
+        // The router's reachability verdicts, from the forwarder we send to.
+        let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
+        pon_agents::steering::start(bind, forwarder, interception.clone(), steering)?;
+    }
     let enc = Encapsulator {
         local: cfg.local_addr,
         forwarder,

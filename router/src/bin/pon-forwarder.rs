@@ -62,6 +62,9 @@ fn main() -> anyhow::Result<()> {
             .context("opening raw send socket (needs CAP_NET_RAW)")?,
         agent_udp,
         max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
+        // pon-forwarder alone has no monitor (its engine drops probes that
+        // end here); pon-proxy and pon-monitor answer them.
+        monitor: None,
     });
     // CU mode: the client thread swaps the table as the CU's view changes.
     let cu_status = pon_router::forwarder::cu::start(&cfg, engine.table.clone())?;

@@ -18,6 +18,17 @@ pub fn table_from_view(
     my_cloud: &str,
     view: &View,
 ) -> Result<ForwardingTable, super::TableError> {
+    table_from_view_with(cfg, my_cloud, view, &[])
+}
+
+/// Like [`table_from_view`], with routes chosen at run time (by the router,
+/// `(to, relays)`) taking the place of static `[[route]]`s to the same proxy.
+pub fn table_from_view_with(
+    cfg: &ForwarderConfig,
+    my_cloud: &str,
+    view: &View,
+    chosen: &[(u32, Vec<u32>)],
+) -> Result<ForwardingTable, super::TableError> {
     let mut seen = HashSet::new();
     seen.insert(cfg.listen);
     let peers: Vec<_> = view
@@ -45,11 +56,16 @@ pub fn table_from_view(
         }
     }
     let me = view.id();
+    let usable = |to: u32, via: &[u32]| {
+        known.contains(&to) && via.iter().all(|h| *h != me && known.contains(h))
+    };
     let relays: Vec<_> = cfg
         .routes
         .iter()
-        .filter(|r| known.contains(&r.to) && r.via.iter().all(|h| *h != me && known.contains(h)))
+        .filter(|r| !chosen.iter().any(|c| c.0 == r.to))
         .map(|r| (r.to, r.via.clone()))
+        .chain(chosen.iter().cloned())
+        .filter(|(to, via)| usable(*to, via))
         .collect();
     ForwardingTable::build(me, &peers, &agents, &destinations, &relays)
 }
@@ -62,14 +78,6 @@ pub fn start(
     let Some(cu) = cfg.cu.clone() else {
         return Ok(None);
     };
-    let endpoints = Endpoints::Proxy {
-        pon: cfg.listen,
-        agent_addr: cfg.local_addr,
-        agent_udp_port: cfg.agent_udp_port,
-    };
-    let register = cu
-        .register("PROXY", &cfg.local_addr.to_string(), endpoints, cfg.id)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cloud = cu.cloud.clone();
     let fcfg = cfg.clone();
     let on_view = Box::new(
@@ -89,6 +97,27 @@ pub fn start(
             }
         },
     );
+    start_with(cfg, on_view)
+}
+
+/// Starts the CU client if the config has a `[cu]` section, handing every
+/// new view to `on_view` (on the client's thread) instead of building the
+/// table: for daemons that compose the table from more than the view.
+pub fn start_with(
+    cfg: &ForwarderConfig,
+    on_view: client::ViewCallback,
+) -> anyhow::Result<Option<Arc<ClientStatus>>> {
+    let Some(cu) = cfg.cu.clone() else {
+        return Ok(None);
+    };
+    let endpoints = Endpoints::Proxy {
+        pon: cfg.listen,
+        agent_addr: cfg.local_addr,
+        agent_udp_port: cfg.agent_udp_port,
+    };
+    let register = cu
+        .register("PROXY", &cfg.local_addr.to_string(), endpoints, cfg.id)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let on_fatal = Box::new(|why: String| {
         tracing::error!("{why}");
         eprintln!("pon-forwarder: {why}");

@@ -22,7 +22,13 @@ pub struct Sockets {
     pub agent_udp: Option<UdpIo>,
     /// Largest UDP payload that fits the underlay in one datagram.
     pub max_datagram: usize,
+    /// Where probes that end here (`Output::Monitor`) go; `None` drops them.
+    pub monitor: Option<MonitorSink>,
 }
+
+/// Takes a probe or probe reply for the local monitor. Runs on a forwarding
+/// thread, so it must never block: queue (bounded) and count what does not fit.
+pub type MonitorSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Per-thread send state: a GSO batch per UDP socket.
 struct Tx {
@@ -45,8 +51,13 @@ impl Sockets {
     fn transmit(&self, engine: &Engine, d: &Decision, buf: &[u8], tx: &mut Tx) {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
-            // No monitor runs in this process yet: the engine was built without one.
-            Output::Drop | Output::Monitor => return,
+            Output::Drop => return,
+            Output::Monitor => {
+                if let Some(m) = &self.monitor {
+                    m(pkt);
+                }
+                return;
+            }
             Output::Peer(addr) => tx.peer.push(&self.peer, addr, pkt),
             Output::AgentIpip(ip) => self.raw_tx.send_to(pkt, ip).map(drop),
             Output::AgentUdp(addr) => tx.agent.push(self.agent_io(), addr.into(), pkt),

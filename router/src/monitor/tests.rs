@@ -1,0 +1,199 @@
+use super::*;
+
+fn ms(x: u64) -> Duration {
+    Duration::from_millis(x)
+}
+
+fn hops(h: &[u32]) -> Hops {
+    Hops::new(h).unwrap()
+}
+
+/// What the forwarders along the route do: move the hop index to the last
+/// hop (transit), where the packet is for that proxy's monitor.
+fn deliver(bytes: &[u8]) -> Vec<u8> {
+    let mut v = bytes.to_vec();
+    let mut p = pon::Packet::new_checked(&mut v[..]).unwrap();
+    while p.advance().is_some() {}
+    v
+}
+
+fn monitors() -> (Monitor, Monitor, Monitor) {
+    let cfg = MonitorConfig::default();
+    (
+        Monitor::new(1, 0xa1, cfg.clone()),
+        Monitor::new(2, 0xb2, cfg.clone()),
+        Monitor::new(3, 0xc3, cfg),
+    )
+}
+
+#[test]
+fn relayed_probe_is_answered_along_the_reversed_route() {
+    let (mut a, mut b, _) = monitors();
+    let path = hops(&[3, 2]);
+    let s = a.probe(ms(0), path, 42).unwrap();
+    assert_eq!(s.first_hop, 3);
+    let at_b = deliver(&s.bytes);
+    let Handled::Answer(reply) = b.on_packet(ms(20), &at_b) else {
+        panic!("b must answer")
+    };
+    assert_eq!(reply.first_hop, 3, "back through the relay");
+    let p = pon::Packet::new_checked(&reply.bytes[..]).unwrap();
+    assert_eq!(p.kind(), Kind::ProbeReply);
+    assert_eq!(p.hop(1), 1, "ends at the probe's source");
+    assert_eq!(p.source(), 2);
+    let body = probe::Packet::new_checked(p.payload()).unwrap();
+    assert_eq!(body.reply_rx_ns(), 20_000_000);
+    assert_eq!(a.on_packet(ms(41), &deliver(&reply.bytes)), Handled::Done);
+    assert_eq!(
+        a.poll_event(),
+        Some(MonitorEvent::Probe {
+            tag: 42,
+            path,
+            outcome: ProbeOutcome::Reply { rtt: ms(41) }
+        })
+    );
+    let st = a.stats(ms(41), &path).unwrap();
+    assert_eq!(st.received, 1);
+    assert_eq!(st.p50_us.map(|u| u / 1000), Some(41));
+    assert_eq!(a.counters.replies.get(), 1);
+    assert_eq!(b.counters.answered.get(), 1);
+}
+
+#[test]
+fn unanswered_probes_time_out_as_losses_and_late_replies_are_ignored() {
+    let (mut a, mut b, _) = monitors();
+    let path = hops(&[2]);
+    let s = a.probe(ms(0), path, 7).unwrap();
+    assert_eq!(a.poll_timeout(), Some(ms(1000)), "initial timeout");
+    let mut out = Vec::new();
+    a.on_tick(ms(999), &mut out);
+    assert_eq!(a.poll_event(), None);
+    a.on_tick(ms(1000), &mut out);
+    assert_eq!(
+        a.poll_event(),
+        Some(MonitorEvent::Probe {
+            tag: 7,
+            path,
+            outcome: ProbeOutcome::Lost
+        })
+    );
+    let Handled::Answer(r) = b.on_packet(ms(1100), &deliver(&s.bytes)) else {
+        panic!()
+    };
+    a.on_packet(ms(1200), &deliver(&r.bytes));
+    assert_eq!(a.poll_event(), None);
+    assert_eq!(a.counters.late.get(), 1);
+    assert_eq!(a.stats(ms(1200), &path).unwrap().loss, 1.0);
+}
+
+#[test]
+fn replies_of_another_session_or_from_the_wrong_proxy_do_not_count() {
+    let (mut a, mut b, mut c) = monitors();
+    let s = a.probe(ms(0), hops(&[2]), 1).unwrap();
+    // A restarted monitor (new session) gets the old run's reply.
+    let mut a2 = Monitor::new(1, 0xdead, MonitorConfig::default());
+    let Handled::Answer(r) = b.on_packet(ms(5), &deliver(&s.bytes)) else {
+        panic!()
+    };
+    a2.on_packet(ms(10), &deliver(&r.bytes));
+    assert_eq!(a2.poll_event(), None);
+    assert_eq!(a2.counters.late.get(), 1);
+    // A probe to 2 answered by 3 (a forged or misrouted reply).
+    let mut forged = s.bytes.clone();
+    let mut h = pon::Repr::parse(&pon::Packet::new_checked(&forged[..]).unwrap()).unwrap();
+    h.hops = hops(&[3]);
+    h.emit(&mut forged).unwrap();
+    let Handled::Answer(r) = c.on_packet(ms(5), &forged) else {
+        panic!()
+    };
+    a.on_packet(ms(10), &deliver(&r.bytes));
+    assert_eq!(a.poll_event(), None);
+    assert_eq!(a.counters.bad_packets.get(), 1);
+}
+
+#[test]
+fn probes_not_for_us_and_garbage_are_counted() {
+    let (mut a, mut b, _) = monitors();
+    let s = a.probe(ms(0), hops(&[3, 2]), 1).unwrap();
+    // Still at hop index 0 (meant for 3): 2 must not answer it.
+    assert_eq!(b.on_packet(ms(1), &s.bytes), Handled::Done);
+    assert_eq!(b.on_packet(ms(1), &[1, 2, 3]), Handled::Done);
+    assert_eq!(b.counters.bad_packets.get(), 2);
+    assert_eq!(a.probe(ms(0), hops(&[1]), 1), Err(Refused::BadPath));
+}
+
+#[test]
+fn periodic_probes_keep_their_rate_and_the_budget_caps_everything() {
+    let cfg = MonitorConfig {
+        max_probes_per_sec: 100,
+        ..Default::default()
+    };
+    let mut a = Monitor::new(1, 1, cfg);
+    let path = hops(&[2]);
+    a.set_rate(ms(0), path, 9, Some(ms(50)));
+    let mut sent = 0;
+    let mut out = Vec::new();
+    for t in 0..=1000 {
+        a.on_tick(ms(t), &mut out);
+        sent += out.len();
+        out.clear();
+    }
+    assert_eq!(sent, 21, "every 50 ms for one second");
+    a.set_rate(ms(1000), path, 9, None);
+    // On-demand probes beyond 100/s (burst 32) are refused and counted.
+    let mut ok = 0;
+    for i in 0..200 {
+        if a.probe(ms(2000) + Duration::from_micros(i * 100), path, 0)
+            .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    assert!((32..=35).contains(&ok), "{ok}");
+    assert_eq!(a.counters.refused_budget.get(), 200 - ok as u64);
+}
+
+#[test]
+fn packet_train_gives_the_bottleneck_rate() {
+    let (mut a, mut b, _) = monitors();
+    let path = hops(&[2]);
+    let train = a.bandwidth(ms(0), path, 5).unwrap();
+    assert_eq!(train.len(), 16);
+    // Packets arrive at b spaced by a 100 Mbit/s bottleneck.
+    let wire = train[0].bytes.len() + pon_proto::ip::UDP_OVERHEAD;
+    let gap_ns = (wire as f64 * 8.0 / 100e6 * 1e9) as u64;
+    for (i, s) in train.iter().enumerate() {
+        let at = Duration::from_nanos(10_000_000 + i as u64 * gap_ns);
+        let Handled::Answer(r) = b.on_packet(at, &deliver(&s.bytes)) else {
+            panic!()
+        };
+        a.on_packet(at + ms(10), &deliver(&r.bytes));
+    }
+    let Some(MonitorEvent::Bandwidth { tag, mbps, .. }) = a.poll_event() else {
+        panic!("one bandwidth event")
+    };
+    assert_eq!(tag, 5);
+    let mbps = mbps.unwrap();
+    assert!((mbps - 100.0).abs() < 1.0, "{mbps}");
+    assert!((a.stats(ms(100), &path).unwrap().bandwidth_mbps.unwrap() - mbps).abs() < 1e-9);
+}
+
+#[test]
+fn a_train_with_losses_still_measures_from_what_arrived() {
+    let (mut a, mut b, _) = monitors();
+    let path = hops(&[2]);
+    let train = a.bandwidth(ms(0), path, 5).unwrap();
+    for (i, s) in train.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        let at = Duration::from_micros(1000 + i as u64 * 100);
+        if let Handled::Answer(r) = b.on_packet(at, &deliver(&s.bytes)) {
+            a.on_packet(at + ms(1), &deliver(&r.bytes));
+        }
+    }
+    assert_eq!(a.poll_event(), None, "half the train still pending");
+    let mut out = Vec::new();
+    a.on_tick(ms(5000), &mut out);
+    let Some(MonitorEvent::Bandwidth { mbps: Some(m), .. }) = a.poll_event() else {
+        panic!("the train completes through timeouts")
+    };
+    assert!(m > 0.0);
+}
