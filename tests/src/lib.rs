@@ -268,3 +268,92 @@ mod tests {
         assert_eq!(metric_value(page, "nope"), 0);
     }
 }
+
+/// Real clients run inside lab hosts, shared by the end-to-end tests.
+pub mod clients {
+    use super::{parse_ping, wait_until, Lab};
+    use std::sync::atomic::{AtomicU16, Ordering};
+    use std::time::Duration;
+
+    /// Waits (bounded) until one ping from `host` to `dst` gets through:
+    /// first packets may meet ARP resolution or a route still being set up.
+    pub fn wait_reachable(lab: &Lab, host: &str, dst: &str) {
+        let ok = wait_until(Duration::from_secs(15), || {
+            lab.exec(host, &["ping", "-c", "1", "-W", "1", dst])
+                .status
+                .success()
+        });
+        assert!(ok, "{host} never reached {dst}");
+    }
+
+    /// Asserts that a ping run's summary shows `count` sent and received.
+    pub fn check_ping(out: &str, count: u64) {
+        let s = parse_ping(out).expect("ping summary");
+        assert_eq!((s.transmitted, s.received), (count, count), "{out}");
+    }
+
+    /// Runs an iperf3 client in `client` against a one-off server started
+    /// in `server_host` on `server` (a fresh port per run, so a server still
+    /// winding down never meets the next client); returns the JSON report.
+    pub fn iperf3(
+        lab: &Lab,
+        server_host: &str,
+        server: &str,
+        client: &str,
+        args: &[&str],
+    ) -> serde_json::Value {
+        static PORT: AtomicU16 = AtomicU16::new(5201);
+        let port = PORT.fetch_add(1, Ordering::Relaxed).to_string();
+        let mut srv = lab.spawn(
+            server_host,
+            &["iperf3", "-s", "-1", "-B", server, "-p", &port],
+        );
+        let mut full = vec![
+            "iperf3",
+            "-c",
+            server,
+            "-p",
+            &port,
+            "-t",
+            "2",
+            "-J",
+            "--connect-timeout",
+            "2000",
+        ];
+        full.extend_from_slice(args);
+        let mut report = None;
+        // The server may need a moment to listen: retry the connection, bounded.
+        let ok = wait_until(Duration::from_secs(20), || {
+            let out = lab.exec(client, &full);
+            // iperf3 -J may exit 0 on "connection refused": the report says so.
+            match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                Ok(r) if out.status.success() && r.get("error").is_none() => {
+                    report = Some(r);
+                    true
+                }
+                _ => false,
+            }
+        });
+        let _ = srv.kill();
+        let _ = srv.wait();
+        assert!(ok, "iperf3 {client} -> {server} {args:?} never succeeded");
+        report.expect("report")
+    }
+
+    /// Received TCP throughput of an iperf3 report, in Mbit/s.
+    pub fn tcp_mbps(report: &serde_json::Value) -> f64 {
+        let bps = report["end"]["sum_received"]["bits_per_second"].as_f64();
+        bps.unwrap_or_else(|| panic!("no TCP summary in {report}")) / 1e6
+    }
+
+    /// Asserts a UDP iperf3 run carried real traffic with little loss.
+    pub fn check_udp(report: &serde_json::Value) {
+        let sum = &report["end"]["sum"];
+        let (Some(packets), Some(lost)) = (sum["packets"].as_u64(), sum["lost_percent"].as_f64())
+        else {
+            panic!("no UDP summary in {report}");
+        };
+        assert!(packets > 100, "UDP run carried only {packets} packets");
+        assert!(lost < 5.0, "UDP run lost {lost}% of {packets} packets");
+    }
+}

@@ -1,8 +1,8 @@
 //! The data plane end to end: real daemons in a three-site namespace lab,
 //! real clients (ping, iperf3, curl) as the applications.
 
-use pon_e2e::{parse_ping, repo_root, require_root, wait_until, Lab};
-use std::sync::atomic::{AtomicU16, Ordering};
+use pon_e2e::clients::{check_ping, check_udp, iperf3, tcp_mbps, wait_reachable};
+use pon_e2e::{repo_root, require_root, wait_until, Lab};
 use std::time::Duration;
 
 const THREE_SITES: &str = r#"
@@ -37,89 +37,14 @@ fn drops(reason: &str) -> String {
     format!("pon_forwarder_drops_total{{reason=\"{reason}\"}}")
 }
 
-/// Waits until one ping from `host` to `dst` gets through (first packets
-/// may meet ARP resolution), then runs `count` pings and returns the output.
+/// Waits until `host` reaches `dst`, then runs `count` pings and returns the output.
 fn ping(lab: &Lab, host: &str, dst: &str, count: u32, extra: &[&str]) -> String {
-    let ready = wait_until(Duration::from_secs(15), || {
-        lab.exec(host, &["ping", "-c", "1", "-W", "1", dst])
-            .status
-            .success()
-    });
-    assert!(ready, "{host} never reached {dst}");
+    wait_reachable(lab, host, dst);
     let count = count.to_string();
     let mut args = vec!["ping", "-c", &count, "-i", "0.05", "-W", "2"];
     args.extend_from_slice(extra);
     args.push(dst);
     lab.exec_ok(host, &args)
-}
-
-/// Runs an iperf3 client from `client` against a server started in
-/// `server_host`; returns the client's JSON report.
-fn iperf3(
-    lab: &Lab,
-    server_host: &str,
-    server: &str,
-    client: &str,
-    args: &[&str],
-) -> serde_json::Value {
-    // A port per run, so a server still winding down never meets the next client.
-    static PORT: AtomicU16 = AtomicU16::new(5201);
-    let port = PORT.fetch_add(1, Ordering::Relaxed).to_string();
-    let mut srv = lab.spawn(
-        server_host,
-        &["iperf3", "-s", "-1", "-B", server, "-p", &port],
-    );
-    let mut full = vec![
-        "iperf3",
-        "-c",
-        server,
-        "-p",
-        &port,
-        "-t",
-        "2",
-        "-J",
-        "--connect-timeout",
-        "2000",
-    ];
-    full.extend_from_slice(args);
-    let mut report = None;
-    // The server may need a moment to listen: retry the connection, bounded.
-    let ok = wait_until(Duration::from_secs(20), || {
-        let out = lab.exec(client, &full);
-        // iperf3 -J may exit 0 on "connection refused": the report says so.
-        let parsed: Option<serde_json::Value> = serde_json::from_slice(&out.stdout).ok();
-        match parsed {
-            Some(r) if out.status.success() && r.get("error").is_none() => {
-                report = Some(r);
-                true
-            }
-            _ => false,
-        }
-    });
-    let _ = srv.kill();
-    let _ = srv.wait();
-    assert!(ok, "iperf3 {client} -> {server} {args:?} never succeeded");
-    report.unwrap()
-}
-
-fn tcp_mbps(report: &serde_json::Value) -> f64 {
-    let bps = report["end"]["sum_received"]["bits_per_second"].as_f64();
-    bps.unwrap_or_else(|| panic!("no TCP summary in {report}")) / 1e6
-}
-
-fn check_udp(report: &serde_json::Value) {
-    let sum = &report["end"]["sum"];
-    let (Some(packets), Some(lost)) = (sum["packets"].as_u64(), sum["lost_percent"].as_f64())
-    else {
-        panic!("no UDP summary in {report}");
-    };
-    assert!(packets > 100, "UDP run carried only {packets} packets");
-    assert!(lost < 5.0, "UDP run lost {lost}% of {packets} packets");
-}
-
-fn check_ping(out: &str, count: u64) {
-    let s = parse_ping(out).expect("ping summary");
-    assert_eq!((s.transmitted, s.received), (count, count), "{out}");
 }
 
 #[test]
@@ -178,6 +103,13 @@ fn direct_path_carries_ping_tcp_and_udp() {
 fn relay_path_goes_through_the_third_site() {
     require_root();
     let lab = Lab::up(&format!("{THREE_SITES}{RELAY}"));
+    // In CU mode the relay route exists once the CU has told paris about
+    // london and tokyo: wait for it rather than measure a half-built table.
+    let relayed = "pon_forwarder_route_hops{to=\"2\",hops=\"[3, 2]\"}";
+    let ready = wait_until(Duration::from_secs(20), || {
+        lab.metric("paris/proxy", PARIS_FWD, relayed) == 2
+    });
+    assert!(ready, "paris never installed the relay route to tokyo");
 
     let before = lab.metric("london/proxy", LONDON_FWD, &stage("transit"));
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 20, &[]), 20);

@@ -6,7 +6,6 @@
 use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab, PingStats};
 use std::io::{BufRead, BufReader};
 use std::process::Output;
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -146,42 +145,11 @@ loss = 0.1
     );
 }
 
-/// Runs iperf3 from paris/proxy to tokyo/proxy; returns the JSON report.
+/// Runs iperf3 from paris/proxy to tokyo/proxy (3 s); returns the JSON report.
 fn iperf3(lab: &Lab, args: &[&str]) -> serde_json::Value {
-    static PORT: AtomicU16 = AtomicU16::new(5301);
-    let port = PORT.fetch_add(1, Ordering::Relaxed).to_string();
-    let mut srv = lab.spawn(
-        "tokyo/proxy",
-        &["iperf3", "-s", "-1", "-B", TOKYO, "-p", &port],
-    );
-    let mut cmd = vec![
-        "iperf3",
-        "-c",
-        TOKYO,
-        "-p",
-        &port,
-        "-t",
-        "3",
-        "-J",
-        "--connect-timeout",
-        "2000",
-    ];
-    cmd.extend_from_slice(args);
-    let mut report = None;
-    let ok = wait_until(Duration::from_secs(20), || {
-        let out = lab.exec("paris/proxy", &cmd);
-        match serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            Ok(r) if out.status.success() && r.get("error").is_none() => {
-                report = Some(r);
-                true
-            }
-            _ => false,
-        }
-    });
-    let _ = srv.kill();
-    let _ = srv.wait();
-    assert!(ok, "iperf3 {args:?} never succeeded");
-    report.expect("report")
+    let mut all = vec!["-t", "3"];
+    all.extend_from_slice(args);
+    pon_e2e::clients::iperf3(lab, "tokyo/proxy", TOKYO, "paris/proxy", &all)
 }
 
 #[test]
