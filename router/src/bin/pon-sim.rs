@@ -28,7 +28,7 @@ struct Args {
     nodes: usize,
     /// Intervals to simulate (with --csv: at least this many, holding the
     /// last matrix).
-    #[arg(long, short, default_value_t = 300)]
+    #[arg(long, short, default_value_t = 200)]
     intervals: usize,
     /// Probe budget per destination per interval.
     #[arg(long, short, default_value_t = 3)]

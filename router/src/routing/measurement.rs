@@ -42,22 +42,59 @@ impl Default for EstimatorConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// Compact on purpose (72 bytes): a router keeps one per candidate path,
+/// and the simulator a million of them. Absent values are NaN (floats) or
+/// `NEVER` (times, in microseconds since the caller's epoch).
+#[derive(Debug, Clone)]
 pub struct Measurement {
-    srtt_ms: Option<f64>,
-    rttvar_ms: f64,
+    srtt_ms: f32,
+    rttvar_ms: f32,
     recent: [f32; RECENT],
-    recent_len: u8,
-    recent_pos: u8,
     /// One bit per probe outcome, newest in bit 0; 1 = lost.
     history: u64,
-    history_len: u8,
-    bandwidth_mbps: Option<f64>,
-    last_probe: Option<Duration>,
-    last_reply: Option<Duration>,
+    bandwidth_mbps: f32,
+    last_probe_us: u64,
+    last_reply_us: u64,
     consecutive_losses: u32,
-    replies: u64,
-    losses: u64,
+    replies: u32,
+    losses: u32,
+    history_len: u8,
+    recent_len: u8,
+    recent_pos: u8,
+}
+
+const NEVER: u64 = u64::MAX;
+
+fn micros(t: Duration) -> u64 {
+    u64::try_from(t.as_micros()).unwrap_or(NEVER - 1)
+}
+
+fn stamp(us: u64) -> Option<Duration> {
+    (us != NEVER).then(|| Duration::from_micros(us))
+}
+
+fn opt(x: f32) -> Option<f64> {
+    (!x.is_nan()).then_some(f64::from(x))
+}
+
+impl Default for Measurement {
+    fn default() -> Self {
+        Measurement {
+            srtt_ms: f32::NAN,
+            rttvar_ms: 0.0,
+            recent: [0.0; RECENT],
+            history: 0,
+            bandwidth_mbps: f32::NAN,
+            last_probe_us: NEVER,
+            last_reply_us: NEVER,
+            consecutive_losses: 0,
+            replies: 0,
+            losses: 0,
+            history_len: 0,
+            recent_len: 0,
+            recent_pos: 0,
+        }
+    }
 }
 
 impl Measurement {
@@ -66,9 +103,9 @@ impl Measurement {
     }
 
     fn restart_if_stale(&mut self, now: Duration, cfg: &EstimatorConfig) {
-        if let Some(last) = self.last_probe {
+        if let Some(last) = stamp(self.last_probe_us) {
             if now.saturating_sub(last) > cfg.stale_after {
-                self.srtt_ms = None;
+                self.srtt_ms = f32::NAN;
                 self.rttvar_ms = 0.0;
                 self.history = 0;
                 self.history_len = 0;
@@ -96,54 +133,62 @@ impl Measurement {
             self.history_len -= run as u8;
         }
         let sample = rtt.as_secs_f64() * 1000.0;
-        match self.srtt_ms {
+        match opt(self.srtt_ms) {
             None => {
-                self.srtt_ms = Some(sample);
-                self.rttvar_ms = sample / 2.0;
+                self.srtt_ms = sample as f32;
+                self.rttvar_ms = (sample / 2.0) as f32;
             }
             Some(s) => {
                 // RFC 6298 style, with a configurable gain: variance first,
                 // from the old mean.
-                self.rttvar_ms = 0.75 * self.rttvar_ms + 0.25 * (s - sample).abs();
-                self.srtt_ms = Some(s + cfg.rtt_alpha * (sample - s));
+                let var = 0.75 * f64::from(self.rttvar_ms) + 0.25 * (s - sample).abs();
+                self.rttvar_ms = var as f32;
+                self.srtt_ms = (s + cfg.rtt_alpha * (sample - s)) as f32;
             }
         }
         self.recent[usize::from(self.recent_pos)] = sample as f32;
         self.recent_pos = (self.recent_pos + 1) % RECENT as u8;
         self.recent_len = (self.recent_len + 1).min(RECENT as u8);
         self.push_outcome(false, cfg);
-        self.last_probe = Some(now);
-        self.last_reply = Some(now);
+        self.last_probe_us = micros(now);
+        self.last_reply_us = micros(now);
         self.consecutive_losses = 0;
-        self.replies += 1;
+        self.replies = self.replies.saturating_add(1);
     }
 
     /// A probe on this path timed out.
     pub fn on_loss(&mut self, now: Duration, cfg: &EstimatorConfig) {
         self.restart_if_stale(now, cfg);
         self.push_outcome(true, cfg);
-        self.last_probe = Some(now);
-        self.consecutive_losses += 1;
-        self.losses += 1;
+        self.last_probe_us = micros(now);
+        self.consecutive_losses = self.consecutive_losses.saturating_add(1);
+        self.losses = self.losses.saturating_add(1);
     }
 
     pub fn on_bandwidth(&mut self, mbps: f64) {
-        self.bandwidth_mbps = Some(mbps.max(0.0));
+        self.bandwidth_mbps = mbps.max(0.0) as f32;
     }
 
     /// Smoothed RTT, once a probe has been answered.
     pub fn rtt_ms(&self) -> Option<f64> {
-        self.srtt_ms
+        opt(self.srtt_ms)
     }
     /// Mean deviation of the RTT (jitter estimate).
     pub fn rttvar_ms(&self) -> f64 {
-        self.rttvar_ms
+        f64::from(self.rttvar_ms)
     }
     /// The last few RTT samples, oldest first.
     pub fn recent_rtts_ms(&self) -> Vec<f32> {
         let n = usize::from(self.recent_len);
         let start = (usize::from(self.recent_pos) + RECENT - n) % RECENT;
         (0..n).map(|i| self.recent[(start + i) % RECENT]).collect()
+    }
+    /// The smallest of the last few RTT samples (a robust lower estimate).
+    pub fn min_recent_rtt_ms(&self) -> Option<f64> {
+        self.recent[..usize::from(self.recent_len)]
+            .iter()
+            .map(|&r| f64::from(r))
+            .reduce(f64::min)
     }
     /// Fraction of the probes in the window that were lost (0 with no probe).
     pub fn loss_rate(&self) -> f64 {
@@ -156,27 +201,27 @@ impl Measurement {
         self.history_len
     }
     pub fn bandwidth_mbps(&self) -> Option<f64> {
-        self.bandwidth_mbps
+        opt(self.bandwidth_mbps)
     }
     pub fn last_probe(&self) -> Option<Duration> {
-        self.last_probe
+        stamp(self.last_probe_us)
     }
     pub fn last_reply(&self) -> Option<Duration> {
-        self.last_reply
+        stamp(self.last_reply_us)
     }
     pub fn consecutive_losses(&self) -> u32 {
         self.consecutive_losses
     }
     /// Replies and losses since the path was created.
     pub fn totals(&self) -> (u64, u64) {
-        (self.replies, self.losses)
+        (u64::from(self.replies), u64::from(self.losses))
     }
 
     pub fn metrics(&self) -> Option<PathMetrics> {
-        self.srtt_ms.map(|rtt_ms| PathMetrics {
+        opt(self.srtt_ms).map(|rtt_ms| PathMetrics {
             rtt_ms,
             loss: self.loss_rate(),
-            bandwidth_mbps: self.bandwidth_mbps,
+            bandwidth_mbps: opt(self.bandwidth_mbps),
         })
     }
 
@@ -190,7 +235,7 @@ impl Measurement {
     pub fn works(&self, now: Duration, fresh_for: Duration) -> bool {
         self.consecutive_losses == 0
             && self
-                .last_reply
+                .last_reply()
                 .is_some_and(|t| now.saturating_sub(t) <= fresh_for)
     }
 }
@@ -217,6 +262,7 @@ mod tests {
         let rtt = m.rtt_ms().unwrap();
         assert!((199.0..=200.0).contains(&rtt), "{rtt}");
         assert_eq!(m.recent_rtts_ms(), vec![200.0; 4]);
+        assert_eq!(m.min_recent_rtt_ms(), Some(200.0));
         assert_eq!(m.cost(&Policy::Latency), rtt);
     }
 
@@ -274,6 +320,11 @@ mod tests {
             m.loss_rate()
         );
         assert_eq!(m.totals(), (12, 9));
+    }
+
+    #[test]
+    fn measurements_stay_small() {
+        assert!(std::mem::size_of::<Measurement>() <= 72);
     }
 
     #[test]

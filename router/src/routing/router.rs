@@ -26,7 +26,8 @@ use super::policy::Policy;
 use super::rng::Rng;
 use super::selector::ProbeSelector;
 use pon_proto::pon::Hops;
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::VecDeque;
 use std::time::Duration;
 
 /// Ask the daemon to probe `path` (relays then `dst`) now.
@@ -96,45 +97,67 @@ pub type SelectorFactory = Box<dyn Fn(u32, usize) -> Box<dyn ProbeSelector> + Se
 struct Candidate {
     hops: Hops,
     m: Measurement,
-    /// Listed in `Destination::answered`.
-    listed: bool,
-    /// Position in `Router::peers` of the first relay (`NO_RELAY` for the
-    /// direct path).
-    first: u32,
+    /// Position in `Destination::answered`, or `NOT_LISTED`.
+    slot: u32,
+}
+
+const NOT_LISTED: u32 = u32::MAX;
+
+/// What route decisions need about a path that answered recently, kept in a
+/// small dense array so they need not touch the (large) measurements.
+#[derive(Debug, Clone, Copy)]
+struct Answered {
+    path: u32,
+    /// Its latest probe was answered.
+    ok: bool,
+    cost: f64,
+    last_reply: Duration,
 }
 
 const NO_RELAY: u32 = u32::MAX;
 
+/// Candidates for `hops` (keeping old measurements), and the position in
+/// `peers` of each one's first relay (`NO_RELAY` for the direct path).
 fn candidates(
     hops: Vec<Hops>,
     peers: &[u32],
     mut old: impl FnMut(&Hops) -> Option<Measurement>,
-) -> Vec<Candidate> {
-    hops.into_iter()
-        .map(|h| Candidate {
-            hops: h,
-            m: old(&h).unwrap_or_default(),
-            listed: false,
-            first: if h.len() == 1 {
+) -> (Vec<Candidate>, Vec<u32>) {
+    let firsts = hops
+        .iter()
+        .map(|h| {
+            if h.len() == 1 {
                 NO_RELAY
             } else {
                 peers
                     .binary_search(&h.as_slice()[0])
                     .map_or(NO_RELAY, |p| p as u32)
-            },
+            }
         })
-        .collect()
+        .collect();
+    let paths = hops
+        .into_iter()
+        .map(|h| Candidate {
+            hops: h,
+            m: old(&h).unwrap_or_default(),
+            slot: NOT_LISTED,
+        })
+        .collect();
+    (paths, firsts)
 }
 
 struct Destination {
     id: u32,
     policy: Policy,
     paths: Vec<Candidate>,
+    /// Per path, the position in `Router::peers` of its first relay, kept
+    /// apart from `paths` so the per-interval pruning scan stays in cache.
+    firsts: Vec<u32>,
     lookup: HashMap<Hops, u32>,
     /// Paths that answered within `fresh` (a superset: pruned when read).
     /// With a budget of k probes, only a few dozen paths are fresh at any
     /// time, so route decisions need not scan hundreds of candidates.
-    answered: Vec<u32>,
+    answered: Vec<Answered>,
     selector: Box<dyn ProbeSelector>,
     current: Option<usize>,
     reachable: bool,
@@ -208,7 +231,7 @@ impl Router {
             cfg,
             peers: Vec::new(),
             dests: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             events: VecDeque::new(),
             next_tick: None,
             factory,
@@ -260,7 +283,7 @@ impl Router {
             return;
         }
         let hops = candidate_paths(dst, &self.peers, self.cfg.max_relays);
-        let d = Destination {
+        let mut d = Destination {
             id: dst,
             policy,
             lookup: hops
@@ -269,7 +292,8 @@ impl Router {
                 .map(|(i, h)| (*h, i as u32))
                 .collect(),
             selector: (self.factory)(dst, hops.len()),
-            paths: candidates(hops, &self.peers, |_| None),
+            paths: Vec::new(),
+            firsts: Vec::new(),
             answered: Vec::new(),
             current: None,
             reachable: false,
@@ -277,6 +301,7 @@ impl Router {
             better_since: None,
             stats: DestinationStats::default(),
         };
+        (d.paths, d.firsts) = candidates(hops, &self.peers, |_| None);
         self.index.insert(dst, self.dests.len());
         self.dests.push(d);
     }
@@ -303,6 +328,9 @@ impl Router {
             d.policy = policy;
             d.better_since = None;
             d.challenger = None;
+            for a in &mut d.answered {
+                a.cost = d.paths[a.path as usize].m.cost(&policy);
+            }
         }
     }
 
@@ -313,12 +341,11 @@ impl Router {
         let old_current = d.current.map(|c| d.paths[c].hops);
         let mut old: HashMap<Hops, Measurement> =
             d.paths.drain(..).map(|c| (c.hops, c.m)).collect();
-        d.paths = candidates(hops.clone(), &self.peers, |h| old.remove(h));
+        (d.paths, d.firsts) = candidates(hops.clone(), &self.peers, |h| old.remove(h));
         d.answered.clear();
-        for (i, c) in d.paths.iter_mut().enumerate() {
-            if c.m.last_reply().is_some() {
-                c.listed = true;
-                d.answered.push(i as u32);
+        for i in 0..d.paths.len() {
+            if d.paths[i].m.last_reply().is_some() {
+                note(d, i);
             }
         }
         d.lookup = hops
@@ -381,10 +408,7 @@ impl Router {
                 if let Some(&di) = self.index.get(p) {
                     let m = &self.dests[di].paths[0].m;
                     if m.works(now, fresh) {
-                        self.first_leg[pi] = m
-                            .recent_rtts_ms()
-                            .into_iter()
-                            .fold(f64::INFINITY, |a, b| a.min(f64::from(b)));
+                        self.first_leg[pi] = m.min_recent_rtt_ms().unwrap_or(0.0);
                     }
                 }
             }
@@ -399,10 +423,9 @@ impl Router {
             {
                 let limit = d.paths[cur].m.cost(&d.policy) * (1.0 - self.cfg.switch_margin);
                 if limit.is_finite() {
-                    for (e, c) in self.eligible.iter_mut().zip(&d.paths) {
-                        if c.first != NO_RELAY {
-                            let leg = self.first_leg[c.first as usize];
-                            *e = !(leg.is_finite() && f * leg >= limit);
+                    for (e, &first) in self.eligible.iter_mut().zip(&d.firsts) {
+                        if first != NO_RELAY {
+                            *e = f * self.first_leg[first as usize] < limit;
                         }
                     }
                 }
@@ -453,16 +476,10 @@ impl Router {
                 None => return,
             }
         };
-        let c = &mut d.paths[pi];
-        let m = &mut c.m;
         match outcome {
             Outcome::Reply { rtt } => {
-                m.on_reply(now, rtt, &self.est);
-                if !c.listed {
-                    c.listed = true;
-                    d.answered.push(pi as u32);
-                }
-                let goal = m.cost(&d.policy);
+                d.paths[pi].m.on_reply(now, rtt, &self.est);
+                let goal = note(d, pi);
                 d.selector.observe(pi, goal.is_finite().then_some(goal));
                 if !d.reachable {
                     let fresh = self.cfg.fresh();
@@ -480,9 +497,11 @@ impl Router {
                 }
             }
             Outcome::Lost => {
-                let m = &mut d.paths[pi].m;
-                m.on_loss(now, &self.est);
-                let dead = m.consecutive_losses() >= self.cfg.failover_losses;
+                d.paths[pi].m.on_loss(now, &self.est);
+                if d.paths[pi].slot != NOT_LISTED {
+                    note(d, pi);
+                }
+                let dead = d.paths[pi].m.consecutive_losses() >= self.cfg.failover_losses;
                 d.selector.observe(pi, None);
                 if dead && d.reachable && d.current == Some(pi) {
                     failover(d, now, self.cfg.fresh(), &mut self.events);
@@ -508,6 +527,9 @@ impl Router {
             let d = &mut self.dests[di];
             if let Some(&pi) = d.lookup.get(path) {
                 d.paths[pi as usize].m.on_bandwidth(mbps);
+                if d.paths[pi as usize].slot != NOT_LISTED {
+                    note(d, pi as usize);
+                }
             }
         }
     }
@@ -565,6 +587,25 @@ impl Router {
     }
 }
 
+/// Records path `i`'s measurement in the `answered` list (adding it if
+/// needed) and returns its cost.
+fn note(d: &mut Destination, i: usize) -> f64 {
+    let c = &mut d.paths[i];
+    let entry = Answered {
+        path: i as u32,
+        ok: c.m.consecutive_losses() == 0,
+        cost: c.m.cost(&d.policy),
+        last_reply: c.m.last_reply().unwrap_or_default(),
+    };
+    if c.slot == NOT_LISTED {
+        c.slot = d.answered.len() as u32;
+        d.answered.push(entry);
+    } else {
+        d.answered[c.slot as usize] = entry;
+    }
+    entry.cost
+}
+
 /// The cheapest path known to work (answered recently, last probe answered).
 /// Prunes paths that have not answered within `fresh` from the list.
 fn best_working(
@@ -576,25 +617,24 @@ fn best_working(
     let mut best: Option<(usize, f64)> = None;
     let mut j = 0;
     while j < d.answered.len() {
-        let i = d.answered[j] as usize;
-        let c = &mut d.paths[i];
-        if c.m
-            .last_reply()
-            .is_none_or(|t| now.saturating_sub(t) > fresh)
-        {
-            c.listed = false;
+        let a = d.answered[j];
+        if now.saturating_sub(a.last_reply) > fresh {
+            d.paths[a.path as usize].slot = NOT_LISTED;
             d.answered.swap_remove(j);
+            if let Some(moved) = d.answered.get(j) {
+                d.paths[moved.path as usize].slot = j as u32;
+            }
             continue;
         }
         j += 1;
-        if Some(i) == skip || !c.m.works(now, fresh) {
+        let i = a.path as usize;
+        if Some(i) == skip || !a.ok || !a.cost.is_finite() {
             continue;
         }
-        let cost = c.m.cost(&d.policy);
         // Ties go to the lower index (the direct path first), whatever the
         // list order.
-        if cost.is_finite() && best.is_none_or(|(bi, b)| cost < b || (cost == b && i < bi)) {
-            best = Some((i, cost));
+        if best.is_none_or(|(bi, b)| a.cost < b || (a.cost == b && i < bi)) {
+            best = Some((i, a.cost));
         }
     }
     best.map(|(i, _)| i)

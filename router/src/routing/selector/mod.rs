@@ -192,8 +192,11 @@ impl ProbeSelector for FullMesh {
     }
     /// Probes everything, eligible or not: it is the reference.
     fn select(&mut self, chosen: &mut Vec<usize>, _budget: usize, _eligible: &[bool]) {
+        // Only the router's few pinned paths can repeat: compare with them,
+        // not with the whole growing list.
+        let pinned = chosen.len();
         for i in 0..self.n {
-            if !chosen.contains(&i) {
+            if !chosen[..pinned].contains(&i) {
                 chosen.push(i);
             }
         }

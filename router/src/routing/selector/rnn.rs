@@ -76,7 +76,9 @@ impl Default for RnnConfig {
 /// Fixed-point iterations stop when no `q` moves by more than this fraction
 /// of the mean `q` (only the ranking of the `q` matters).
 const Q_TOLERANCE: f64 = 1e-4;
-const Q_MAX_ITERATIONS: usize = 30;
+const Q_MAX_ITERATIONS: usize = 50;
+/// Sweeps per interval (see `solve`).
+const Q_SWEEPS_PER_SELECT: usize = 1;
 
 pub struct RnnSelector {
     /// `w+(·,i)`: excitatory weight from any other neuron into neuron `i`.
@@ -96,8 +98,9 @@ pub struct RnnSelector {
     /// Interval at which each path was last picked by the learner, plus one
     /// (0: never).
     picked: Vec<u32>,
-    /// Scratch: paths that may be picked now.
+    /// Scratch: paths that may be picked now, and those sitting out.
     avail: Vec<bool>,
+    resting: Vec<usize>,
 }
 
 impl RnnSelector {
@@ -114,12 +117,14 @@ impl RnnSelector {
             tick: 0,
             picked: vec![0; n],
             avail: Vec::with_capacity(n),
+            resting: Vec::new(),
         }
     }
 
-    /// Excitation probabilities (after solving the fixed point).
+    /// Excitation probabilities (the fixed point solved to tolerance).
     pub fn excitation(&mut self) -> &[f64] {
-        self.solve();
+        self.q_dirty = true;
+        self.solve(Q_MAX_ITERATIONS);
         &self.q
     }
 
@@ -131,9 +136,13 @@ impl RnnSelector {
         self.wp.len()
     }
 
-    /// Solves the fixed point by Gauss-Seidel iteration from the previous
-    /// `q`, which is close after a few updates, so a few sweeps suffice.
-    fn solve(&mut self) {
+    /// Moves `q` towards the fixed point by at most `sweeps` Gauss-Seidel
+    /// sweeps from the previous `q`. Between two intervals only a few
+    /// weights change, so the previous solution is close, and `select`
+    /// spends a few sweeps per interval: the iteration simply continues
+    /// across intervals while the target moves slowly (each sweep shrinks
+    /// the error about twofold). This keeps ten thousand networks cheap.
+    fn solve(&mut self, sweeps: usize) {
         if !self.q_dirty {
             return;
         }
@@ -141,7 +150,7 @@ impl RnnSelector {
         let mean_w = self.total / (2.0 * n.max(1) as f64);
         let ext = self.cfg.external_rate * mean_w;
         let mut s: f64 = self.q.iter().sum();
-        for _ in 0..Q_MAX_ITERATIONS {
+        for _ in 0..sweeps {
             let mut delta = 0.0f64;
             for i in 0..n {
                 let others = s - self.q[i];
@@ -194,25 +203,24 @@ impl ProbeSelector for RnnSelector {
 
     fn select(&mut self, chosen: &mut Vec<usize>, budget: usize, eligible: &[bool]) {
         let n = self.n();
-        self.solve();
+        self.solve(Q_SWEEPS_PER_SELECT);
         self.tick += 1;
         let pinned = chosen.len();
         availability(eligible, chosen, &mut self.avail);
         // Recently picked paths sit out, unless nothing else is left.
-        let resting: Vec<usize> = (0..n)
-            .filter(|&i| {
-                let p = self.picked[i];
-                self.avail[i] && p != 0 && self.tick - p <= self.cfg.revisit
-            })
-            .collect();
-        for &i in &resting {
-            self.avail[i] = false;
+        self.resting.clear();
+        for i in 0..n {
+            let p = self.picked[i];
+            if self.avail[i] && p != 0 && self.tick - p <= self.cfg.revisit {
+                self.avail[i] = false;
+                self.resting.push(i);
+            }
         }
         while chosen.len() < budget.min(n) {
             if !self.avail.iter().any(|a| *a) {
-                resting
-                    .iter()
-                    .for_each(|&i| self.avail[i] = !chosen.contains(&i));
+                for &i in &self.resting {
+                    self.avail[i] = !chosen.contains(&i);
+                }
                 if !self.avail.iter().any(|a| *a) {
                     break;
                 }
