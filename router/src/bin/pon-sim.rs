@@ -73,6 +73,10 @@ struct Args {
     /// Link outages per link per interval in the generated series.
     #[arg(long, default_value_t = 0.0005)]
     outage_rate: f64,
+    /// Write the series (generated or read) to this CSV file, in the format
+    /// --csv reads.
+    #[arg(long)]
+    write_csv: Option<PathBuf>,
     /// Print each interval of one pair (site indices SRC,DST) to stderr.
     #[arg(long, value_parser = parse_pair)]
     trace: Option<(usize, usize)>,
@@ -159,6 +163,13 @@ fn main() -> anyhow::Result<()> {
             })
         }
     };
+    if let Some(path) = &args.write_csv {
+        let f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        scenario
+            .write_csv(std::io::BufWriter::new(f))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if scenario.nodes < 3 {
         bail!("need at least 3 sites, the series has {}", scenario.nodes);
     }
