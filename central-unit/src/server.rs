@@ -27,8 +27,18 @@ use tokio::sync::mpsc;
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A writer that cannot make progress for this long closes its connection.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITER_QUEUE: usize = 4096;
+/// The shortest time between two flushes to one agent. It grows with the
+/// number of agents so that a join storm costs the CU at most about
+/// 1 / COALESCE_PER_AGENT flushes per second in all, however many agents.
+const COALESCE_MIN: Duration = Duration::from_millis(100);
+const COALESCE_MAX: Duration = Duration::from_secs(1);
+const COALESCE_PER_AGENT: Duration = Duration::from_micros(100);
+
+fn coalesce_window(connections: u64) -> Duration {
+    (COALESCE_PER_AGENT * connections.min(u64::from(u32::MAX)) as u32).clamp(COALESCE_MIN, COALESCE_MAX)
+}
 const TICK: Duration = Duration::from_millis(100);
 
 /// QUIC application close codes.
@@ -556,7 +566,24 @@ async fn writer(
     stats: Arc<CuStats>,
 ) {
     let mut batch = Vec::new();
+    let mut last_flush: Option<tokio::time::Instant> = None;
     while rx.recv_many(&mut batch, WRITER_QUEUE).await > 0 {
+        // At most one flush per window: an idle agent hears of a join at
+        // once, while during a burst of joins each agent gets one frame per
+        // window instead of a packet per join (the cost that grows with the
+        // square of the population).
+        let window = coalesce_window(stats.connections.load(Ordering::Relaxed));
+        if let Some(at) = last_flush.map(|t| t + window) {
+            if at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(at).await;
+            }
+            while batch.len() < WRITER_QUEUE {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+        }
         // Coalesce: consecutive updates go out as one frame (or as few as
         // the frame limit allows), so a burst of joins costs each agent a
         // handful of writes rather than one per join.
@@ -588,6 +615,7 @@ async fn writer(
             }
         }
         flush(&mut changes, &mut frames);
+        last_flush = Some(tokio::time::Instant::now());
         for f in frames {
             match tokio::time::timeout(STALL_TIMEOUT, send.write_all(&f)).await {
                 Ok(Ok(())) => {}
