@@ -4,4 +4,5 @@
 
 pub mod forwarder;
 pub mod monitor;
+pub mod proxy;
 pub mod routing;

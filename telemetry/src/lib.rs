@@ -116,16 +116,28 @@ macro_rules! counters {
 /// Something that can render its metrics.
 pub type Renderer = Arc<dyn Fn(&mut PromWriter) + Send + Sync>;
 
+/// Produces a JSON document (a daemon's status) on demand.
+pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`
 /// from a background thread. Off the data path: one short request at a time.
 pub fn serve_metrics(addr: SocketAddr, render: Renderer) -> io::Result<SocketAddr> {
+    serve_http(addr, render, None)
+}
+
+/// Like [`serve_metrics`], plus `GET /status` (JSON from `status`) when given.
+pub fn serve_http(
+    addr: SocketAddr,
+    render: Renderer,
+    status: Option<StatusFn>,
+) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &render) {
+                if let Err(e) = answer(stream, &render, status.as_ref()) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
@@ -133,7 +145,7 @@ pub fn serve_metrics(addr: SocketAddr, render: Renderer) -> io::Result<SocketAdd
     Ok(bound)
 }
 
-fn answer(mut stream: TcpStream, render: &Renderer) -> io::Result<()> {
+fn answer(mut stream: TcpStream, render: &Renderer, status: Option<&StatusFn>) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut req = [0u8; 1024];
@@ -155,6 +167,11 @@ fn answer(mut stream: TcpStream, render: &Renderer) -> io::Result<()> {
             ("200 OK", "text/plain; version=0.0.4", w.finish())
         }
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+        "/status" if status.is_some() => (
+            "200 OK",
+            "application/json",
+            status.map(|f| f()).unwrap_or_default(),
+        ),
         _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
     };
     write!(

@@ -29,7 +29,14 @@ pub fn bin_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("target dir")
         .to_path_buf();
-    for bin in ["pon-forwarder", "pon-ta", "pon-ra", "pon-linkemu", "pon-cu"] {
+    for bin in [
+        "pon-forwarder",
+        "pon-proxy",
+        "pon-ta",
+        "pon-ra",
+        "pon-linkemu",
+        "pon-cu",
+    ] {
         assert!(
             dir.join(bin).exists(),
             "{bin} is not built in {}: run `cargo build --workspace --bins` with the same profile first",

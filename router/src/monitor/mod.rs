@@ -243,7 +243,8 @@ pub struct Monitor {
     periodic: HashMap<Hops, PeriodicTarget>,
     bucket: Bucket,
     events: VecDeque<MonitorEvent>,
-    pub counters: MonitorCounters,
+    /// Shared so that the metrics endpoint can read them from its thread.
+    pub counters: std::sync::Arc<MonitorCounters>,
 }
 
 /// What `on_packet` made of a packet.
@@ -273,7 +274,7 @@ impl Monitor {
             paths: HashMap::new(),
             periodic: HashMap::new(),
             events: VecDeque::new(),
-            counters: MonitorCounters::default(),
+            counters: Default::default(),
         }
     }
 

@@ -1,0 +1,429 @@
+//! The self-healing proxy end to end: pon-proxy (forwarder, monitor and
+//! router in one process) on every site, emulated WAN links, real pings
+//! between app VMs. Each test prints what it measured.
+
+use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+const PARIS_APP: &str = "paris/app1";
+const TOKYO_APP_ADDR: &str = "198.18.2.11";
+const PARIS_PROXY: (&str, &str) = ("paris/proxy", "198.18.1.1:9100");
+const TOKYO_PROXY: (&str, &str) = ("tokyo/proxy", "198.18.2.1:9100");
+
+/// paris-tokyo slow (150 ms RTT), through london fast (2 x 30 ms RTT).
+fn triangle(routing: &str, direct: &str) -> String {
+    format!(
+        r#"routing = {{ {routing} }}
+[[site]]
+name = "paris"
+apps = 1
+[[site]]
+name = "tokyo"
+apps = 1
+[[site]]
+name = "london"
+apps = 1
+[[link]]
+between = ["paris", "tokyo"]
+{direct}
+[[link]]
+between = ["paris", "london"]
+delay_ms = 15
+[[link]]
+between = ["london", "tokyo"]
+delay_ms = 15
+"#
+    )
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The proxy's routing status (`GET /status`).
+fn status(lab: &Lab, proxy: (&str, &str)) -> serde_json::Value {
+    let out = lab.exec(
+        proxy.0,
+        &[
+            "curl",
+            "-sf",
+            "-m",
+            "5",
+            &format!("http://{}/status", proxy.1),
+        ],
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The current route of `proxy` to destination proxy `dst` (hops after it;
+/// empty while unreachable).
+fn route(lab: &Lab, proxy: (&str, &str), dst: u64) -> Vec<u64> {
+    status(lab, proxy)["destinations"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
+        .and_then(|d| d["current"].as_array())
+        .map(|c| c.iter().filter_map(|h| h.as_u64()).collect())
+        .unwrap_or_default()
+}
+
+fn route_changes(lab: &Lab, proxy: (&str, &str), dst: u64) -> u64 {
+    lab.metric(
+        proxy.0,
+        proxy.1,
+        &format!("pon_router_destination_route_changes_total{{dst=\"{dst}\"}}"),
+    )
+}
+
+fn one_ping_ms(lab: &Lab) -> Option<f64> {
+    let out = lab.exec(PARIS_APP, &["ping", "-c", "1", "-W", "1", TOKYO_APP_ADDR]);
+    let s = parse_ping(&String::from_utf8_lossy(&out.stdout))?;
+    (s.received == 1).then_some(s.avg_ms)
+}
+
+fn impair(lab: &Lab, args: &[&str]) {
+    let out = lab_command()
+        .args(["impair", &lab.name])
+        .args(args)
+        .output()
+        .expect("run lab impair");
+    assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
+}
+
+#[test]
+fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
+    require_root();
+    let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 75"));
+    let start = Instant::now();
+    let mut last = None;
+    let relayed = wait_until(Duration::from_secs(20), || {
+        last = one_ping_ms(&lab);
+        last.is_some_and(|ms| ms < 100.0)
+    });
+    let took = start.elapsed();
+    assert!(
+        relayed,
+        "ping never showed the relayed RTT (last {last:?} ms)"
+    );
+    let out = lab.exec_ok(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "20",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    let s = parse_ping(&out).expect("ping summary");
+    eprintln!(
+        "relayed RTT {:.1} ms (direct link 150 ms RTT, relay 60 ms) {:.1} s after the lab was up",
+        s.avg_ms,
+        took.as_secs_f64()
+    );
+    assert_eq!(s.received, 20, "{out}");
+    assert!(s.avg_ms > 55.0 && s.avg_ms < 100.0, "{out}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert_eq!(route(&lab, PARIS_PROXY, 2), vec![3, 2]);
+    assert_eq!(route(&lab, TOKYO_PROXY, 1), vec![3, 1]);
+    // Transit through london carries the pings, and the budget is reported.
+    assert!(
+        lab.metric(
+            "london/proxy",
+            "198.18.3.1:9100",
+            "pon_forwarder_packets_total{stage=\"transit\"}"
+        ) > 20
+    );
+    let st = status(&lab, PARIS_PROXY);
+    let d = &st["destinations"].as_array().unwrap()[0];
+    eprintln!(
+        "paris probes: {:.1}/s to proxy {} ({} candidates), {:.1}/s in all, budget {}/s",
+        d["probes_per_sec"].as_f64().unwrap_or(0.0),
+        d["id"],
+        d["candidates"].as_array().map_or(0, |c| c.len()),
+        st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0),
+        st["budget"]["max_probes_per_sec"]
+    );
+    let rate = st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0);
+    assert!(rate > 0.0 && rate < 100.0, "{st}");
+}
+
+#[test]
+fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap() {
+    require_root();
+    let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 75"));
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            route(&lab, PARIS_PROXY, 2) == [3, 2] && route(&lab, TOKYO_PROXY, 1) == [3, 1]
+        }),
+        "never settled on the relayed path"
+    );
+    // 30 s of pings every 20 ms over the relayed path.
+    let ping = lab.spawn(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "1500",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let down = Instant::now();
+    impair(&lab, &["paris", "london", "--down"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || route(&lab, PARIS_PROXY, 2)
+            == [2]
+            && route(&lab, TOKYO_PROXY, 1) == [1]),
+        "no failover to the direct path"
+    );
+    let failover = down.elapsed();
+    std::thread::sleep(Duration::from_secs(6));
+    let (p0, t0) = (
+        route_changes(&lab, PARIS_PROXY, 2),
+        route_changes(&lab, TOKYO_PROXY, 1),
+    );
+    let up = Instant::now();
+    impair(&lab, &["paris", "london", "--up"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || route(&lab, PARIS_PROXY, 2)
+            == [3, 2]
+            && route(&lab, TOKYO_PROXY, 1) == [3, 1]),
+        "traffic did not return to the relayed path"
+    );
+    let back = up.elapsed();
+    let out = ping.wait_with_output().expect("ping");
+    let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)));
+    // Stayed there, with one change each way: no flapping.
+    std::thread::sleep(Duration::from_secs(5));
+    let flaps = (
+        route_changes(&lab, PARIS_PROXY, 2) - p0,
+        route_changes(&lab, TOKYO_PROXY, 1) - t0,
+    );
+    let lost = s.transmitted - s.received;
+    eprintln!(
+        "failover seen by the router within {:.2} s (status polled); {lost} of {} pings at 20 ms lost \
+         (= {} ms of traffic); back on the relayed path {:.1} s after the link returned; \
+         route changes after the return: paris {} tokyo {}",
+        failover.as_secs_f64(),
+        s.transmitted,
+        lost * 20,
+        back.as_secs_f64(),
+        flaps.0,
+        flaps.1
+    );
+    assert!(
+        lost * 20 < 1000,
+        "{lost} pings lost: traffic took a second or more to move"
+    );
+    assert_eq!(flaps, (1, 1), "exactly one return per direction");
+    assert_eq!(route(&lab, PARIS_PROXY, 2), vec![3, 2]);
+}
+
+#[test]
+fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
+    require_root();
+    // Direct: 40 ms RTT but 5 % loss each way; through london: 60 ms, clean.
+    let lab = Lab::up(&triangle(
+        "policy = \"loss\", loss_window = 64",
+        "delay_ms = 20\nloss = 0.05",
+    ));
+    let start = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || route(&lab, PARIS_PROXY, 2)
+            == [3, 2]
+            && route(&lab, TOKYO_PROXY, 1) == [3, 1]),
+        "the lossy direct path is still used: {}",
+        status(&lab, PARIS_PROXY)
+    );
+    let chose = start.elapsed();
+    let (p0, t0) = (
+        route_changes(&lab, PARIS_PROXY, 2),
+        route_changes(&lab, TOKYO_PROXY, 1),
+    );
+    let out = lab.exec_ok(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "100",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    let s = parse_ping(&out).expect("ping summary");
+    let st = status(&lab, PARIS_PROXY);
+    let direct = st["destinations"][0]["candidates"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["path"] == serde_json::json!([2])))
+        .cloned()
+        .unwrap_or_default();
+    eprintln!(
+        "loss policy chose the relayed path {:.1} s after start; ping {:.1} ms, {} of {} received; \
+         direct path seen with rtt {} ms and loss {}",
+        chose.as_secs_f64(),
+        s.avg_ms,
+        s.received,
+        s.transmitted,
+        direct["rtt_ms"],
+        direct["loss"]
+    );
+    assert!(s.avg_ms > 55.0, "pings took the 40 ms direct path: {out}");
+    assert!(s.received >= 98, "the clean path loses nothing: {out}");
+    assert_eq!(
+        (
+            route_changes(&lab, PARIS_PROXY, 2) - p0,
+            route_changes(&lab, TOKYO_PROXY, 1) - t0
+        ),
+        (0, 0),
+        "stayed off the lossy path"
+    );
+}
+
+fn nft(lab: &Lab, host: &str, args: &[&str]) {
+    let mut cmd = vec!["nft"];
+    cmd.extend_from_slice(args);
+    lab.exec_ok(host, &cmd);
+}
+
+fn bypassed(lab: &Lab, host: &str, addr: &str) -> u64 {
+    lab.metric(host, addr, "pon_ta_bypassed_prefixes")
+}
+
+#[test]
+fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
+    require_root();
+    let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 10"));
+    let paris_ta = ("paris/app1", "198.18.1.11:9101");
+    let tokyo_ta = ("tokyo/app1", "198.18.2.11:9101");
+    let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
+    assert!(
+        wait_until(Duration::from_secs(20), || !route(&lab, PARIS_PROXY, 2)
+            .is_empty()
+            && !route(&lab, TOKYO_PROXY, 1).is_empty()
+            && one_ping_ms(&lab).is_some()),
+        "overlay never came up"
+    );
+    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+    assert!(one_ping_ms(&lab).is_some());
+    assert!(
+        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) > before,
+        "ping uses the overlay"
+    );
+
+    // Tokyo's proxy stops exchanging PON packets with anyone: no overlay
+    // path between paris and tokyo works, the IP path does.
+    nft(&lab, "tokyo/proxy", &["add", "table", "inet", "ponblock"]);
+    for (chain, hook, port) in [("in", "input", "dport"), ("out", "output", "sport")] {
+        nft(
+            &lab,
+            "tokyo/proxy",
+            &[
+                "add",
+                "chain",
+                "inet",
+                "ponblock",
+                chain,
+                &format!("{{ type filter hook {hook} priority 0 ; }}"),
+            ],
+        );
+        nft(
+            &lab,
+            "tokyo/proxy",
+            &[
+                "add", "rule", "inet", "ponblock", chain, "udp", port, "7300", "drop",
+            ],
+        );
+    }
+    let cut = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || one_ping_ms(&lab).is_some()
+            && bypassed(&lab, paris_ta.0, paris_ta.1) == 1
+            && bypassed(&lab, tokyo_ta.0, tokyo_ta.1) >= 1),
+        "no fallback to the IP path: paris {}",
+        status(&lab, PARIS_PROXY)
+    );
+    let fallback = cut.elapsed();
+    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+    let out = lab.exec_ok(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "10",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    assert_eq!(parse_ping(&out).map(|s| s.received), Some(10), "{out}");
+    assert_eq!(
+        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress),
+        before,
+        "pings bypass the overlay meanwhile"
+    );
+
+    nft(
+        &lab,
+        "tokyo/proxy",
+        &["delete", "table", "inet", "ponblock"],
+    );
+    let restored = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(10), || bypassed(
+            &lab, paris_ta.0, paris_ta.1
+        ) == 0
+            && bypassed(&lab, tokyo_ta.0, tokyo_ta.1) == 0),
+        "interception did not resume: paris {}",
+        status(&lab, PARIS_PROXY)
+    );
+    let back = restored.elapsed();
+    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+    let out = lab.exec_ok(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "10",
+            "-i",
+            "0.1",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    assert_eq!(parse_ping(&out).map(|s| s.received), Some(10), "{out}");
+    assert!(
+        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) >= before + 10,
+        "back on the overlay"
+    );
+    eprintln!(
+        "all overlay paths down: traffic on the IP path {:.2} s later; overlay restored: \
+         interception back {:.2} s later",
+        fallback.as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(fallback < Duration::from_secs(5) && back < Duration::from_secs(5));
+}
