@@ -37,7 +37,8 @@ const COALESCE_MAX: Duration = Duration::from_secs(1);
 const COALESCE_PER_AGENT: Duration = Duration::from_micros(100);
 
 fn coalesce_window(connections: u64) -> Duration {
-    (COALESCE_PER_AGENT * connections.min(u64::from(u32::MAX)) as u32).clamp(COALESCE_MIN, COALESCE_MAX)
+    (COALESCE_PER_AGENT * connections.min(u64::from(u32::MAX)) as u32)
+        .clamp(COALESCE_MIN, COALESCE_MAX)
 }
 const TICK: Duration = Duration::from_millis(100);
 

@@ -307,7 +307,13 @@ async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                tokio::spawn(agent(ep.clone(), addr, a.register.clone(), probes.clone(), tx));
+                tokio::spawn(agent(
+                    ep.clone(),
+                    addr,
+                    a.register.clone(),
+                    probes.clone(),
+                    tx,
+                ));
                 match rx.await {
                     Ok(Ok(())) => {
                         drop(permit);
