@@ -150,8 +150,10 @@ fn answer(mut stream: TcpStream, render: &Renderer, status: Option<&StatusFn>) -
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut req = [0u8; 1024];
     let mut n = 0;
-    // Read until the end of the request line; a slow or huge client is cut off.
-    while n < req.len() && !req[..n].contains(&b'\n') {
+    // Read until the end of the request head (all of it, so that closing
+    // does not reset the connection over unread bytes and discard the
+    // answer at the client); a slow or huge client is cut off.
+    while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
         let got = stream.read(&mut req[n..])?;
         if got == 0 {
             break;

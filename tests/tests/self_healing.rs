@@ -154,6 +154,41 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
     );
     let rate = st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0);
     assert!(rate > 0.0 && rate < 100.0, "{st}");
+
+    // ponctl shows it per proxy: the CU lists the proxies, each answers for its routes.
+    let dir = lab.state_dir().join("cu");
+    let ponctl = pon_e2e::bin_dir().join("ponctl");
+    let (ca, token) = (dir.join("ca.pem"), dir.join("token"));
+    let out = lab.exec_ok(
+        "cu",
+        &[
+            ponctl.to_str().unwrap(),
+            "--cu",
+            "198.18.250.1:7400",
+            "--ca",
+            ca.to_str().unwrap(),
+            "--token-file",
+            token.to_str().unwrap(),
+            "--routes",
+        ],
+    );
+    eprintln!("{out}");
+    let paris = out
+        .split("\n\n")
+        .find(|b| b.starts_with("proxy 1 (paris)"))
+        .unwrap_or_else(|| panic!("no routes of paris:\n{out}"));
+    let to_tokyo = paris
+        .lines()
+        .find(|l| l.trim_start().starts_with("2 "))
+        .unwrap_or_else(|| panic!("no destination 2:\n{paris}"));
+    assert!(to_tokyo.contains(" 3>2 "), "{to_tokyo}");
+    // Both candidates with their costs (direct first; a probe lost while
+    // the proxies were still learning of each other may weigh on its cost).
+    let cands = to_tokyo.split("  ").last().unwrap_or_default();
+    assert!(
+        cands.starts_with("2 ") && cands.contains(", 3>2 6"),
+        "{to_tokyo}"
+    );
 }
 
 #[test]
