@@ -60,6 +60,10 @@ impl Drop for CuProcess {
 
 struct Probes {
     start: Instant,
+    /// Set once the join storm is over: only then do agents decode updates
+    /// (during the storm they only need to know their configuration came,
+    /// and the bench's own decoding would compete with the CU for the CPU).
+    measuring: std::sync::atomic::AtomicBool,
     /// Per probe: agents that heard of it, and when the last one did (µs since start).
     heard: Vec<AtomicUsize>,
     last_us: Vec<AtomicU64>,
@@ -194,7 +198,17 @@ async fn agent(
                     }
                     break;
                 }
-                while let Ok(Some(msg)) = dec.next_msg::<CuMsg>() {
+                while let Ok(Some(body)) = dec.next_frame() {
+                    // postcard writes the variant index first: 0 Config, 1 Update.
+                    match body.first() {
+                        Some(0) => {
+                            if let Some(r) = registered.take() { let _ = r.send(Ok(())); }
+                            continue;
+                        }
+                        Some(1) if !probes.measuring.load(Ordering::Relaxed) => continue,
+                        _ => {}
+                    }
+                    let Ok(msg) = control::decode::<CuMsg>(&body) else { break };
                     match msg {
                         CuMsg::Config(_) => {
                             if let Some(r) = registered.take() { let _ = r.send(Ok(())); }
@@ -263,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
     // Wait for the CU to listen (a registration of a throwaway name).
     let probes = Arc::new(Probes {
         start: Instant::now(),
+        measuring: std::sync::atomic::AtomicBool::new(false),
         heard: (0..args.probes).map(|_| AtomicUsize::new(0)).collect(),
         last_us: (0..args.probes).map(|_| AtomicU64::new(0)).collect(),
     });
@@ -329,7 +344,15 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut failed = 0;
     let mut registered = vec![false; args.agents];
-    for w in waits {
+    let mut next_report = Instant::now() + Duration::from_secs(30);
+    for (n, w) in waits.into_iter().enumerate() {
+        if Instant::now() >= next_report {
+            eprintln!(
+                "... {n} registered after {:.0} s",
+                t0.elapsed().as_secs_f64()
+            );
+            next_report += Duration::from_secs(30);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, w).await {
             Ok(Ok(Ok(i))) => registered[i] = true,
@@ -358,7 +381,8 @@ async fn main() -> anyhow::Result<()> {
         bail!("more than 1% of the registrations failed");
     }
     // Let the storm's updates drain before measuring memory and latency.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    probes.measuring.store(true, Ordering::Relaxed);
     let rss_after = rss_kib(cu_pid);
     println!(
         "CU resident memory: {} MiB before, {} MiB after: {:.1} KiB per agent",
