@@ -66,6 +66,8 @@ struct Probes {
     measuring: std::sync::atomic::AtomicBool,
     /// Per probe: agents that heard of it, and when the last one did (µs since start).
     heard: Vec<AtomicUsize>,
+    /// Per agent of the population: still connected.
+    alive: Vec<std::sync::atomic::AtomicBool>,
     last_us: Vec<AtomicU64>,
 }
 
@@ -151,6 +153,7 @@ fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
 /// One simulated agent: registers, then reads updates (recording probe
 /// arrivals) and sends heartbeats until the bench ends.
 async fn agent(
+    index: Option<usize>,
     ep: quinn::Endpoint,
     cu: SocketAddr,
     reg: Register,
@@ -202,6 +205,7 @@ async fn agent(
                     // postcard writes the variant index first: 0 Config, 1 Update.
                     match body.first() {
                         Some(0) => {
+                            if let Some(i) = index { probes.alive[i].store(true, Ordering::Relaxed); }
                             if let Some(r) = registered.take() { let _ = r.send(Ok(())); }
                             continue;
                         }
@@ -236,6 +240,9 @@ async fn agent(
                 if send.write_all(&control::encode(&AgentMsg::Heartbeat)).await.is_err() { break }
             }
         }
+    }
+    if let Some(i) = index {
+        probes.alive[i].store(false, Ordering::Relaxed);
     }
     drop(conn);
 }
@@ -278,6 +285,9 @@ async fn main() -> anyhow::Result<()> {
     let probes = Arc::new(Probes {
         start: Instant::now(),
         measuring: std::sync::atomic::AtomicBool::new(false),
+        alive: (0..args.agents)
+            .map(|_| std::sync::atomic::AtomicBool::new(false))
+            .collect(),
         heard: (0..args.probes).map(|_| AtomicUsize::new(0)).collect(),
         last_us: (0..args.probes).map(|_| AtomicU64::new(0)).collect(),
     });
@@ -287,7 +297,14 @@ async fn main() -> anyhow::Result<()> {
         let mut r = population(1, 1, &token).remove(0).register;
         r.name = "warmup".into();
         r.cloud = "warmup".into();
-        tokio::spawn(agent(endpoints[0].clone(), addr, r, probes.clone(), tx));
+        tokio::spawn(agent(
+            None,
+            endpoints[0].clone(),
+            addr,
+            r,
+            probes.clone(),
+            tx,
+        ));
         if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(2), rx).await {
             up = true;
             break;
@@ -323,6 +340,7 @@ async fn main() -> anyhow::Result<()> {
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 tokio::spawn(agent(
+                    Some(i),
                     ep.clone(),
                     addr,
                     a.register.clone(),
@@ -395,7 +413,13 @@ async fn main() -> anyhow::Result<()> {
     // proxies, and the app VMs of every other cloud.
     let apps = args.agents - args.sites;
     let site_of = |i: usize| i % args.sites;
-    let proxies_up = (0..args.sites).filter(|&i| registered[i]).count();
+    let up = |i: usize| probes.alive[i].load(Ordering::Relaxed);
+    let cut_off = (0..args.agents)
+        .filter(|&i| registered[i] && !up(i))
+        .count();
+    if cut_off > 0 {
+        println!("{cut_off} simulated agents were cut off by the CU (stalled during the storm) and are not counted below");
+    }
     let mut lat = Vec::new();
     for k in 0..args.probes {
         let site = k % args.sites;
@@ -411,13 +435,16 @@ async fn main() -> anyhow::Result<()> {
         };
         // Earlier probes are app VMs too, and hear of later ones from other clouds.
         let earlier_elsewhere = (0..k).filter(|j| j % args.sites != site).count();
+        // Concerned: the connected proxies, and the connected app VMs of other clouds.
+        let proxies_up = (0..args.sites).filter(|&i| up(i)).count();
         let apps_elsewhere = (args.sites..args.agents)
-            .filter(|&i| registered[i] && site_of(i) != site)
+            .filter(|&i| up(i) && site_of(i) != site)
             .count();
         let expected = proxies_up + apps_elsewhere + earlier_elsewhere;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent_us = probes.start.elapsed().as_micros() as u64;
         tokio::spawn(agent(
+            None,
             endpoints[k % endpoints.len()].clone(),
             addr,
             r,
