@@ -9,6 +9,7 @@
 pub mod control;
 pub mod error;
 pub mod ip;
+pub mod local;
 pub mod pon;
 pub mod probe;
 pub mod steering;

@@ -6,3 +6,4 @@ pub mod forwarder;
 pub mod monitor;
 pub mod proxy;
 pub mod routing;
+pub mod split;

@@ -462,3 +462,65 @@ fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
     );
     assert!(fallback < Duration::from_secs(5) && back < Duration::from_secs(5));
 }
+
+#[test]
+fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
+    require_root();
+    // The same triangle with pon-forwarder, pon-monitor and pon-router
+    // talking over loopback UDP on every proxy host.
+    let topo = triangle("policy = \"latency\"", "delay_ms = 75").replacen(
+        "\n[[site]]",
+        "\nsplit = true\n[[site]]",
+        1,
+    );
+    let lab = Lab::up(&topo);
+    let paris_router = ("paris/proxy", "198.18.1.1:9104");
+    let tokyo_router = ("tokyo/proxy", "198.18.2.1:9104");
+    let start = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || route(&lab, paris_router, 2)
+            == [3, 2]
+            && route(&lab, tokyo_router, 1) == [3, 1]
+            && one_ping_ms(&lab).is_some_and(|ms| ms < 100.0)),
+        "split processes never settled on the relayed path: {}",
+        status(&lab, paris_router)
+    );
+    let settled = start.elapsed();
+    let monitor = status(&lab, ("paris/proxy", "198.18.1.1:9103"));
+    assert_eq!(
+        monitor["id"], 1,
+        "the monitor learnt its id from the forwarder: {monitor}"
+    );
+    let ping = lab.spawn(
+        PARIS_APP,
+        &[
+            "ping",
+            "-q",
+            "-c",
+            "500",
+            "-i",
+            "0.02",
+            "-W",
+            "1",
+            TOKYO_APP_ADDR,
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    impair(&lab, &["paris", "london", "--down"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || route(&lab, paris_router, 2)
+            == [2]
+            && route(&lab, tokyo_router, 1) == [1]),
+        "no failover"
+    );
+    let out = ping.wait_with_output().expect("ping");
+    let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)));
+    let lost = s.transmitted - s.received;
+    eprintln!(
+        "split processes: relayed path {:.1} s after start; failover lost {lost} of {} pings at 20 ms",
+        settled.as_secs_f64(),
+        s.transmitted
+    );
+    assert!(lost * 20 < 1000, "{lost} pings lost");
+}

@@ -37,12 +37,26 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let engine = Arc::new(Engine::new(
+    let engine = Engine::new(
         Arc::new(ArcSwap::from_pointee(table)),
         cfg.local_addr,
         cfg.underlay_mtu,
         cfg.hop_limit,
-    ));
+    );
+    // [local]: pon-monitor and pon-router run as separate processes; probes
+    // that end here go to the monitor, and one link thread owns the table.
+    let split = match &cfg.local {
+        Some(l) => Some(
+            pon_router::split::forwarder::Split::new(l)
+                .with_context(|| format!("binding the local link {}", l.listen))?,
+        ),
+        None => None,
+    };
+    let engine = Arc::new(if split.is_some() {
+        engine.with_monitor()
+    } else {
+        engine
+    });
     let agent_udp = match cfg.agent_udp_port {
         0 => None,
         port => {
@@ -62,12 +76,16 @@ fn main() -> anyhow::Result<()> {
             .context("opening raw send socket (needs CAP_NET_RAW)")?,
         agent_udp,
         max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
-        // pon-forwarder alone has no monitor (its engine drops probes that
-        // end here); pon-proxy and pon-monitor answer them.
-        monitor: None,
+        // Without [local] there is no monitor (the engine drops probes that
+        // end here); pon-proxy answers them in-process.
+        monitor: split.as_ref().map(|s| s.sink.clone()),
     });
     // CU mode: the client thread swaps the table as the CU's view changes.
-    let cu_status = pon_router::forwarder::cu::start(&cfg, engine.table.clone())?;
+    let link_counters = split.as_ref().map(|s| s.counters());
+    let cu_status = match split {
+        Some(s) => s.start(&cfg, engine.table.clone(), sockets.clone())?,
+        None => pon_router::forwarder::cu::start(&cfg, engine.table.clone())?,
+    };
     if let Some(addr) = cfg.metrics {
         let cu_status = cu_status.clone();
         let counters = engine.counters.clone();
@@ -76,6 +94,9 @@ fn main() -> anyhow::Result<()> {
             addr,
             Arc::new(move |w: &mut PromWriter| {
                 counters.render(w);
+                if let Some(l) = &link_counters {
+                    l.render(w);
+                }
                 if let Some(s) = &cu_status {
                     s.render(w);
                 }

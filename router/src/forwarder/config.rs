@@ -44,6 +44,24 @@ pub struct ForwarderConfig {
     pub destinations: Vec<DestinationConfig>,
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// The monitor and the router run as separate processes (pon-monitor,
+    /// pon-router) and talk to this forwarder over UDP.
+    #[serde(default)]
+    pub local: Option<LocalConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// UDP address for the monitor's and the router's messages.
+    pub listen: SocketAddr,
+    /// Where pon-monitor listens (probes that end here go there).
+    pub monitor: SocketAddr,
+    /// Where pon-router listens (the topology goes there).
+    pub router: SocketAddr,
+    /// UDP port of the local TAs' steering listeners (0: do not steer).
+    #[serde(default = "default_steering_port")]
+    pub steering_port: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -88,6 +106,9 @@ pub struct RouteConfig {
 
 fn default_agent_udp_port() -> u16 {
     7301
+}
+fn default_steering_port() -> u16 {
+    pon_proto::steering::STEERING_PORT
 }
 fn default_mtu() -> u16 {
     1500

@@ -90,6 +90,9 @@ impl ProxyConfig {
             anyhow::bail!("[proxy] keepalive_ms, status_every_ms and queue must be positive");
         }
         let forwarder = ForwarderConfig::parse(&toml::to_string(&doc)?)?;
+        if forwarder.local.is_some() {
+            anyhow::bail!("[local] is for pon-forwarder with a separate pon-monitor and pon-router; pon-proxy runs them in-process");
+        }
         Ok(ProxyConfig {
             forwarder,
             routing,

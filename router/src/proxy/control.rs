@@ -12,17 +12,15 @@
 //! for the local TAs (destinations the overlay cannot reach, to be left to
 //! the IP path).
 
+use super::compose::{Composer, Steerer, SteeringOut};
 use super::config::ProxyConfig;
-use crate::forwarder::cu::table_from_view_with;
-use crate::forwarder::{ForwarderConfig, ForwardingTable, TableError};
+use crate::forwarder::ForwardingTable;
 use crate::monitor::{Handled, Monitor, MonitorEvent, ProbeOutcome, Send};
 use crate::routing::{Outcome, Policy, ProbeRequest, Router, RouterEvent, RoutingConfig};
 use pon_cu::view::View;
 use pon_proto::pon::Hops;
-use pon_proto::steering::{Steering, STEERING_VERSION};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 pon_telemetry::counters! {
@@ -38,30 +36,24 @@ pon_telemetry::counters! {
 }
 
 /// Index in a probe tag of a keepalive probe (not asked for by the router).
-const KEEPALIVE: u32 = u32::MAX;
+pub const KEEPALIVE: u32 = u32::MAX;
 
-fn tag(dst: u32, index: u32) -> u64 {
+/// A probe's tag: the destination and the path's index among its candidates.
+pub fn tag(dst: u32, index: u32) -> u64 {
     (u64::from(dst) << 32) | u64::from(index)
 }
 
 pub struct Control {
-    fcfg: ForwarderConfig,
     rcfg: Option<RoutingConfig>,
     keepalive: Duration,
-    steering_refresh: Duration,
-    cloud: Option<String>,
-    view: Option<View>,
+    composer: Composer,
     router: Option<Router>,
     pub monitor: Monitor,
     /// Paths watched with keepalive probes: each destination's current route.
     watched: HashMap<u32, Hops>,
     table: Option<ForwardingTable>,
     table_dirty: bool,
-    /// Steering: the sender's run, the last sequence, the set last sent.
-    epoch: u64,
-    seq: u64,
-    bypass: Vec<(Ipv4Addr, u8)>,
-    steering_due: Option<Duration>,
+    steerer: Steerer,
     /// Probes sent per destination (router's and keepalives).
     probes: BTreeMap<u32, u64>,
     rate_base: (Duration, BTreeMap<u32, u64>, u64),
@@ -71,38 +63,25 @@ pub struct Control {
     pub counters: std::sync::Arc<ControlCounters>,
 }
 
-/// Where to send a steering message.
-pub struct SteeringOut {
-    pub bytes: Vec<u8>,
-    pub agents: Vec<Ipv4Addr>,
-}
-
 impl Control {
     /// `session` tells this run's probes from a previous run's; `epoch`
     /// does the same for steering messages.
     pub fn new(cfg: &ProxyConfig, session: u32, epoch: u64) -> Self {
-        let fcfg = cfg.forwarder.clone();
-        let my_id = if fcfg.cu.is_some() {
-            0
-        } else {
-            fcfg.id.unwrap_or(0)
-        };
+        let composer = Composer::new(cfg.forwarder.clone());
+        let my_id = composer.my_id();
         let mut c = Control {
-            cloud: fcfg.cu.as_ref().map(|c| c.cloud.clone()),
-            fcfg,
+            composer,
             rcfg: cfg.routing.clone(),
             keepalive: cfg.control.keepalive(),
-            steering_refresh: Duration::from_millis(cfg.control.steering_refresh_ms),
-            view: None,
             router: None,
             monitor: Monitor::new(my_id, session, cfg.monitor.clone()),
             watched: HashMap::new(),
             table: None,
             table_dirty: false,
-            epoch,
-            seq: 0,
-            bypass: Vec::new(),
-            steering_due: None,
+            steerer: Steerer::new(
+                epoch,
+                Duration::from_millis(cfg.control.steering_refresh_ms),
+            ),
             probes: BTreeMap::new(),
             rate_base: (Duration::ZERO, BTreeMap::new(), 0),
             rates: BTreeMap::new(),
@@ -110,11 +89,11 @@ impl Control {
             reqs: Vec::new(),
             counters: Default::default(),
         };
-        if c.cloud.is_none() {
+        if !c.composer.cu_mode() {
             // Static mode: peers and destinations are known now.
             c.set_identity(Duration::ZERO, my_id);
-            let peers: Vec<u32> = c.fcfg.peers.iter().map(|p| p.id).collect();
-            c.set_topology(Duration::ZERO, &peers, &peers);
+            let (peers, optimise) = c.composer.topology();
+            c.set_topology(Duration::ZERO, &peers, &optimise);
             c.table_dirty = true;
         }
         c
@@ -142,7 +121,7 @@ impl Control {
             },
             None => None,
         };
-        self.steering_due = Some(now);
+        self.steerer.wake(now);
     }
 
     /// Peers usable as relays, and the destinations to optimise (the CU's
@@ -159,7 +138,7 @@ impl Control {
             .iter()
             .map(|d| (d.id, d.policy))
             .collect();
-        let wanted: BTreeSet<u32> = if self.cloud.is_none() && !configured.is_empty() {
+        let wanted: BTreeSet<u32> = if !self.composer.cu_mode() && !configured.is_empty() {
             configured.keys().copied().collect()
         } else {
             optimise.iter().copied().collect()
@@ -181,16 +160,11 @@ impl Control {
     /// A new view from the CU (CU mode).
     pub fn on_view(&mut self, now: Duration, view: View) {
         self.set_identity(now, view.id());
-        let peers: Vec<u32> = view.proxies().map(|(_, p)| p.id).collect();
-        let optimise: Vec<u32> = view
-            .proxies()
-            .filter(|(_, p)| p.optimise)
-            .map(|(_, p)| p.id)
-            .collect();
-        self.view = Some(view);
+        self.composer.set_view(view);
+        let (peers, optimise) = self.composer.topology();
         self.set_topology(now, &peers, &optimise);
         self.table_dirty = true;
-        self.steering_due = Some(now);
+        self.steerer.wake(now);
         self.process(now);
     }
 
@@ -210,7 +184,7 @@ impl Control {
             .router
             .as_ref()
             .map(|r| r.poll_timeout().unwrap_or(Duration::ZERO));
-        [r, self.monitor.poll_timeout(), self.steering_due]
+        [r, self.monitor.poll_timeout(), self.steerer.due()]
             .into_iter()
             .flatten()
             .min()
@@ -296,7 +270,7 @@ impl Control {
             return;
         }
         self.table_dirty = true;
-        self.steering_due = Some(now);
+        self.steerer.wake(now);
         // Keepalives follow the current routes.
         let want: HashMap<u32, Hops> = r
             .destinations()
@@ -323,7 +297,7 @@ impl Control {
             return None;
         }
         let chosen = self.router.as_ref().map(|r| r.relays()).unwrap_or_default();
-        match self.compose(&chosen) {
+        match self.composer.compose(&chosen) {
             Ok(t) => {
                 self.counters.table_updates.inc();
                 self.table = Some(t);
@@ -337,62 +311,15 @@ impl Control {
         }
     }
 
-    fn compose(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
-        match (&self.cloud, &self.view) {
-            (Some(cloud), Some(view)) => table_from_view_with(&self.fcfg, cloud, view, chosen),
-            (Some(_), None) => self.fcfg.table(),
-            (None, _) => {
-                let mut cfg = self.fcfg.clone();
-                cfg.routes.retain(|r| !chosen.iter().any(|c| c.0 == r.to));
-                cfg.routes.extend(chosen.iter().map(|(to, via)| {
-                    crate::forwarder::config::RouteConfig {
-                        to: *to,
-                        via: via.clone(),
-                    }
-                }));
-                cfg.table()
-            }
-        }
-    }
-
     /// The steering message for the local TAs, when the bypass set changed
     /// or the refresh is due.
     pub fn steering(&mut self, now: Duration) -> Option<SteeringOut> {
-        if self.steering_due.is_none_or(|t| now < t) {
-            return None;
-        }
-        self.steering_due = Some(now + self.steering_refresh);
         let t = self.table.as_ref()?;
         let r = self.router.as_ref()?;
         let unreachable: BTreeSet<u32> = r.destinations().filter(|d| !r.is_reachable(*d)).collect();
-        let mut bypass: Vec<(Ipv4Addr, u8)> = t
-            .destinations()
-            .iter()
-            .filter(|(_, proxy)| unreachable.contains(proxy))
-            .filter_map(|(net, _)| match net.addr() {
-                IpAddr::V4(a) => Some((a, net.prefix_len())),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        bypass.sort_unstable();
-        bypass.truncate(pon_proto::steering::MAX_BYPASS);
-        if bypass != self.bypass {
-            tracing::info!(bypass = ?bypass, "telling the TAs which destinations take the IP path");
-            self.bypass = bypass.clone();
-        }
-        self.seq += 1;
-        let msg = Steering {
-            version: STEERING_VERSION,
-            epoch: self.epoch,
-            seq: self.seq,
-            bypass,
-        };
-        let bytes = msg.encode().ok()?;
+        let out = self.steerer.message(now, t, &unreachable)?;
         self.counters.steering_sent.inc();
-        Some(SteeringOut {
-            bytes,
-            agents: t.agents().map(|a| a.addr).collect(),
-        })
+        Some(out)
     }
 
     fn update_rates(&mut self, now: Duration) {
@@ -417,54 +344,9 @@ impl Control {
 
     /// What `ponctl` and the status page show.
     pub fn status(&self, now: Duration) -> Status {
-        let mut destinations = Vec::new();
-        if let Some(r) = &self.router {
-            let mut ids: Vec<u32> = r.destinations().collect();
-            ids.sort_unstable();
-            for d in ids {
-                let policy = r.policy(d).unwrap_or_default();
-                let current = r.current_path(d);
-                let stats = r.stats(d).unwrap_or_default();
-                let mut candidates = Vec::new();
-                let mut metric = None;
-                if let Some(paths) = r.paths(d) {
-                    for (hops, m) in paths {
-                        let cost = m.cost(&policy);
-                        let cost = cost.is_finite().then_some(cost);
-                        if Some(hops) == current {
-                            metric = cost;
-                        }
-                        let mon = self.monitor.stats(now, &hops);
-                        candidates.push(CandidateStatus {
-                            path: hops.as_slice().to_vec(),
-                            cost,
-                            rtt_ms: m.rtt_ms(),
-                            loss: m.loss_rate(),
-                            last_reply_ms_ago: m
-                                .last_reply()
-                                .map(|t| now.saturating_sub(t).as_millis() as u64),
-                            p50_us: mon.as_ref().and_then(|s| s.p50_us),
-                            p99_us: mon.as_ref().and_then(|s| s.p99_us),
-                            jitter_us: mon.as_ref().map(|s| s.jitter_us),
-                            monitor_loss: mon.as_ref().map(|s| s.loss),
-                        });
-                    }
-                }
-                destinations.push(DestinationStatus {
-                    id: d,
-                    policy: policy_name(&policy),
-                    reachable: r.is_reachable(d),
-                    current: current.map(|h| h.as_slice().to_vec()),
-                    metric,
-                    candidates,
-                    probes_sent: self.probes.get(&d).copied().unwrap_or(0),
-                    probes_per_sec: self.rates.get(&d).copied().unwrap_or(0.0),
-                    route_changes: stats.route_changes,
-                    failovers: stats.failovers,
-                    unreachable_episodes: stats.unreachable_episodes,
-                });
-            }
-        }
+        let destinations = self.router.as_ref().map_or_else(Vec::new, |r| {
+            destinations_status(r, Some(&self.monitor), now, &self.probes, &self.rates)
+        });
         let c = &self.monitor.counters;
         Status {
             id: self.monitor.my_id(),
@@ -483,6 +365,65 @@ impl Control {
             },
         }
     }
+}
+
+/// Each destination's route, metric and candidates, for the status page.
+pub fn destinations_status(
+    r: &Router,
+    monitor: Option<&Monitor>,
+    now: Duration,
+    probes: &BTreeMap<u32, u64>,
+    rates: &BTreeMap<u32, f64>,
+) -> Vec<DestinationStatus> {
+    let mut destinations = Vec::new();
+    {
+        let mut ids: Vec<u32> = r.destinations().collect();
+        ids.sort_unstable();
+        for d in ids {
+            let policy = r.policy(d).unwrap_or_default();
+            let current = r.current_path(d);
+            let stats = r.stats(d).unwrap_or_default();
+            let mut candidates = Vec::new();
+            let mut metric = None;
+            if let Some(paths) = r.paths(d) {
+                for (hops, m) in paths {
+                    let cost = m.cost(&policy);
+                    let cost = cost.is_finite().then_some(cost);
+                    if Some(hops) == current {
+                        metric = cost;
+                    }
+                    let mon = monitor.and_then(|m| m.stats(now, &hops));
+                    candidates.push(CandidateStatus {
+                        path: hops.as_slice().to_vec(),
+                        cost,
+                        rtt_ms: m.rtt_ms(),
+                        loss: m.loss_rate(),
+                        last_reply_ms_ago: m
+                            .last_reply()
+                            .map(|t| now.saturating_sub(t).as_millis() as u64),
+                        p50_us: mon.as_ref().and_then(|s| s.p50_us),
+                        p99_us: mon.as_ref().and_then(|s| s.p99_us),
+                        jitter_us: mon.as_ref().map(|s| s.jitter_us),
+                        monitor_loss: mon.as_ref().map(|s| s.loss),
+                    });
+                }
+            }
+            destinations.push(DestinationStatus {
+                id: d,
+                policy: policy_name(&policy),
+                reachable: r.is_reachable(d),
+                current: current.map(|h| h.as_slice().to_vec()),
+                metric,
+                candidates,
+                probes_sent: probes.get(&d).copied().unwrap_or(0),
+                probes_per_sec: rates.get(&d).copied().unwrap_or(0.0),
+                route_changes: stats.route_changes,
+                failovers: stats.failovers,
+                unreachable_episodes: stats.unreachable_episodes,
+            });
+        }
+    }
+    destinations
 }
 
 /// The destination of a probe: its route's last hop.

@@ -4,6 +4,7 @@
 //! composes the forwarding table from the base (config or CU view) and the
 //! router's routes, stores it, and steers the local TAs.
 
+pub mod compose;
 pub mod config;
 pub mod control;
 pub mod run;

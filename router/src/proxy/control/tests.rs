@@ -4,7 +4,9 @@
 
 use super::*;
 use crate::proxy::config::ProxyConfig;
+use pon_proto::steering::Steering;
 use std::collections::BinaryHeap;
+use std::net::Ipv4Addr;
 
 fn ms(x: u64) -> Duration {
     Duration::from_millis(x)

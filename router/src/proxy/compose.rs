@@ -1,0 +1,163 @@
+//! The forwarding table's inputs and the TAs' steering, without I/O, shared
+//! by pon-proxy's control thread and pon-forwarder's local link (when the
+//! router runs in another process): whoever owns a [`Composer`] is the one
+//! writer of the table.
+
+use crate::forwarder::config::RouteConfig;
+use crate::forwarder::cu::table_from_view_with;
+use crate::forwarder::{ForwarderConfig, ForwardingTable, TableError};
+use pon_cu::view::View;
+use pon_proto::steering::{Steering, MAX_BYPASS, STEERING_VERSION};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+/// The base of the table (static configuration, or the CU's latest view)
+/// and how routes chosen at run time are laid over it.
+pub struct Composer {
+    fcfg: ForwarderConfig,
+    cloud: Option<String>,
+    view: Option<View>,
+}
+
+impl Composer {
+    pub fn new(fcfg: ForwarderConfig) -> Self {
+        Composer {
+            cloud: fcfg.cu.as_ref().map(|c| c.cloud.clone()),
+            fcfg,
+            view: None,
+        }
+    }
+
+    pub fn cu_mode(&self) -> bool {
+        self.cloud.is_some()
+    }
+
+    pub fn set_view(&mut self, view: View) {
+        self.view = Some(view);
+    }
+
+    /// This proxy's id (0 in CU mode until the CU assigned one).
+    pub fn my_id(&self) -> u32 {
+        match (&self.cloud, &self.view) {
+            (Some(_), Some(v)) => v.id(),
+            (Some(_), None) => 0,
+            (None, _) => self.fcfg.id.unwrap_or(0),
+        }
+    }
+
+    /// The peers (relay candidates) and the destinations to optimise: the
+    /// CU's role policy, or in static mode every peer.
+    pub fn topology(&self) -> (Vec<u32>, Vec<u32>) {
+        match (&self.cloud, &self.view) {
+            (Some(_), Some(v)) => (
+                v.proxies().map(|(_, p)| p.id).collect(),
+                v.proxies()
+                    .filter(|(_, p)| p.optimise)
+                    .map(|(_, p)| p.id)
+                    .collect(),
+            ),
+            (Some(_), None) => (vec![], vec![]),
+            (None, _) => {
+                let peers: Vec<u32> = self.fcfg.peers.iter().map(|p| p.id).collect();
+                (peers.clone(), peers)
+            }
+        }
+    }
+
+    /// The table with `chosen` routes (`(to, relays)`) in place of static ones.
+    pub fn compose(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
+        match (&self.cloud, &self.view) {
+            (Some(cloud), Some(view)) => table_from_view_with(&self.fcfg, cloud, view, chosen),
+            (Some(_), None) => self.fcfg.table(),
+            (None, _) => {
+                let mut cfg = self.fcfg.clone();
+                cfg.routes.retain(|r| !chosen.iter().any(|c| c.0 == r.to));
+                cfg.routes
+                    .extend(chosen.iter().map(|(to, via)| RouteConfig {
+                        to: *to,
+                        via: via.clone(),
+                    }));
+                cfg.table()
+            }
+        }
+    }
+}
+
+/// Where to send a steering message.
+pub struct SteeringOut {
+    pub bytes: Vec<u8>,
+    pub agents: Vec<Ipv4Addr>,
+}
+
+/// Builds the steering messages: the prefixes served by destinations the
+/// overlay cannot reach, sent when they change and refreshed periodically.
+pub struct Steerer {
+    epoch: u64,
+    seq: u64,
+    last: Vec<(Ipv4Addr, u8)>,
+    due: Option<Duration>,
+    refresh: Duration,
+}
+
+impl Steerer {
+    pub fn new(epoch: u64, refresh: Duration) -> Self {
+        Steerer {
+            epoch,
+            seq: 0,
+            last: Vec::new(),
+            due: None,
+            refresh,
+        }
+    }
+
+    /// Something changed: send at `now` rather than at the next refresh.
+    pub fn wake(&mut self, now: Duration) {
+        self.due = Some(self.due.map_or(now, |d| d.min(now)));
+    }
+
+    pub fn due(&self) -> Option<Duration> {
+        self.due
+    }
+
+    /// The message for the TAs of `table`, when due.
+    pub fn message(
+        &mut self,
+        now: Duration,
+        table: &ForwardingTable,
+        unreachable: &BTreeSet<u32>,
+    ) -> Option<SteeringOut> {
+        if self.due.is_none_or(|t| now < t) {
+            return None;
+        }
+        self.due = Some(now + self.refresh);
+        let mut bypass: Vec<(Ipv4Addr, u8)> = table
+            .destinations()
+            .iter()
+            .filter(|(_, proxy)| unreachable.contains(proxy))
+            .filter_map(|(net, _)| match net.addr() {
+                IpAddr::V4(a) => Some((a, net.prefix_len())),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        bypass.sort_unstable();
+        bypass.truncate(MAX_BYPASS);
+        if bypass != self.last {
+            tracing::info!(bypass = ?bypass, "telling the TAs which destinations take the IP path");
+            self.last = bypass.clone();
+        }
+        self.seq += 1;
+        let bytes = Steering {
+            version: STEERING_VERSION,
+            epoch: self.epoch,
+            seq: self.seq,
+            bypass,
+        }
+        .encode()
+        .ok()?;
+        Some(SteeringOut {
+            bytes,
+            agents: table.agents().map(|a| a.addr).collect(),
+        })
+    }
+}
