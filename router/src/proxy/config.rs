@@ -35,6 +35,10 @@ pub struct ControlConfig {
     /// Bounded queue between the forwarding threads and the control thread
     /// (probes and replies); packets beyond it are dropped and counted.
     pub queue: usize,
+    /// Destinations whose policy weighs bandwidth get their recently
+    /// answering candidates measured with a packet train this often
+    /// (0: never; the policies then fall back to the TCP model).
+    pub bandwidth_every_ms: u64,
 }
 
 impl Default for ControlConfig {
@@ -45,6 +49,7 @@ impl Default for ControlConfig {
             steering_refresh_ms: 1000,
             status_every_ms: 250,
             queue: 4096,
+            bandwidth_every_ms: 30_000,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Control {
     rates: BTreeMap<u32, f64>,
     total_rate: f64,
     reqs: Vec<ProbeRequest>,
+    bandwidth_every: Option<Duration>,
+    next_bandwidth: Duration,
     pub counters: std::sync::Arc<ControlCounters>,
 }
 
@@ -87,6 +89,9 @@ impl Control {
             rates: BTreeMap::new(),
             total_rate: 0.0,
             reqs: Vec::new(),
+            bandwidth_every: (cfg.control.bandwidth_every_ms > 0)
+                .then(|| Duration::from_millis(cfg.control.bandwidth_every_ms)),
+            next_bandwidth: Duration::ZERO,
             counters: Default::default(),
         };
         if !c.composer.cu_mode() {
@@ -184,7 +189,8 @@ impl Control {
             .router
             .as_ref()
             .map(|r| r.poll_timeout().unwrap_or(Duration::ZERO));
-        [r, self.monitor.poll_timeout(), self.steerer.due()]
+        let bw = self.bandwidth_every.map(|_| self.next_bandwidth);
+        [r, self.monitor.poll_timeout(), self.steerer.due(), bw]
             .into_iter()
             .flatten()
             .min()
@@ -205,6 +211,10 @@ impl Control {
                 }
             }
         }
+        if let Some(every) = self.bandwidth_every.filter(|_| now >= self.next_bandwidth) {
+            self.next_bandwidth = now + every;
+            self.measure_bandwidth(now, out);
+        }
         let before = out.len();
         self.monitor.on_tick(now, out);
         for s in &out[before..] {
@@ -214,6 +224,34 @@ impl Control {
         }
         self.process(now);
         self.update_rates(now);
+    }
+
+    /// Packet trains on the candidates that answered recently, for the
+    /// destinations whose policy weighs bandwidth.
+    fn measure_bandwidth(&mut self, now: Duration, out: &mut Vec<Send>) {
+        let Some(r) = &self.router else {
+            return;
+        };
+        let fresh = r.config().fresh();
+        for d in r.destinations() {
+            let weighs = match r.policy(d) {
+                Some(Policy::Bandwidth) => true,
+                Some(Policy::Weighted(w)) => w.bandwidth > 0.0,
+                _ => false,
+            };
+            let Some(paths) = r.paths(d).filter(|_| weighs) else {
+                continue;
+            };
+            for (i, (hops, m)) in paths.enumerate() {
+                if m.last_reply().is_none_or(|t| now.saturating_sub(t) > fresh) {
+                    continue;
+                }
+                if let Ok(train) = self.monitor.bandwidth(now, hops, tag(d, i as u32)) {
+                    *self.probes.entry(d).or_default() += train.len() as u64;
+                    out.extend(train);
+                }
+            }
+        }
     }
 
     /// Hands monitor results to the router and router decisions to the
@@ -336,6 +374,8 @@ impl Control {
             .collect();
         self.total_rate = (total - base_total) as f64 / dt;
         self.rate_base = (now, self.probes.clone(), total);
+        // Paths no longer probed (gone with the topology) stop costing memory.
+        self.monitor.forget_idle(now, Duration::from_secs(600));
     }
 
     pub fn router(&self) -> Option<&Router> {
@@ -405,6 +445,7 @@ pub fn destinations_status(
                         p99_us: mon.as_ref().and_then(|s| s.p99_us),
                         jitter_us: mon.as_ref().map(|s| s.jitter_us),
                         monitor_loss: mon.as_ref().map(|s| s.loss),
+                        bandwidth_mbps: m.bandwidth_mbps(),
                     });
                 }
             }
@@ -479,6 +520,7 @@ pub struct CandidateStatus {
     pub p99_us: Option<u64>,
     pub jitter_us: Option<u64>,
     pub monitor_loss: Option<f64>,
+    pub bandwidth_mbps: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -24,19 +24,26 @@ struct Net {
     /// Drop every k-th packet between proxies a and b (either direction).
     drop_every: Option<(u32, u32, u64)>,
     crossed: u64,
+    /// Bottleneck rate of a direction (Mbit/s) and when it is free again.
+    rate: [[Option<f64>; 4]; 4],
+    busy: [[Duration; 4]; 4],
     now: Duration,
     /// Route changes seen at proxy 1 towards 2: (time, hops).
     routes: Vec<(Duration, Vec<u32>)>,
 }
 
 fn config(id: u32, policy: &str) -> ProxyConfig {
+    config_with(id, policy, "")
+}
+
+fn config_with(id: u32, policy: &str, proxy: &str) -> ProxyConfig {
     let mut t = format!(
         "id = {id}\nlisten = \"198.18.{id}.1:7300\"\nlocal_addr = \"198.18.{id}.1\"\n[[agent]]\naddr = \"198.18.{id}.11\"\n"
     );
     for p in (1..=3).filter(|p| *p != id) {
         t += &format!("[[peer]]\nid = {p}\naddr = \"198.18.{p}.1:7300\"\n[[destination]]\nprefix = \"198.18.{p}.11/32\"\nproxy = {p}\n");
     }
-    t += &format!("[routing]\npolicy = \"{policy}\"\nloss_window = 64\n");
+    t += &format!("[routing]\npolicy = \"{policy}\"\nloss_window = 64\n[proxy]\n{proxy}\n");
     ProxyConfig::parse(&t).unwrap()
 }
 
@@ -56,6 +63,8 @@ impl Net {
             n: 0,
             drop_every: None,
             crossed: 0,
+            rate: [[None; 4]; 4],
+            busy: [[Duration::ZERO; 4]; 4],
             now: Duration::ZERO,
             routes: Vec::new(),
         }
@@ -75,10 +84,17 @@ impl Net {
                 }
             }
         }
-        if let Some(d) = self.delay[from as usize][to as usize] {
+        let (f, t) = (from as usize, to as usize);
+        if let Some(d) = self.delay[f][t] {
+            let mut leave = self.now;
+            if let Some(mbps) = self.rate[f][t] {
+                let wire = (bytes.len() + pon_proto::ip::UDP_OVERHEAD) as f64 * 8.0;
+                leave = leave.max(self.busy[f][t]) + Duration::from_secs_f64(wire / (mbps * 1e6));
+                self.busy[f][t] = leave;
+            }
             self.n += 1;
             self.queue
-                .push(std::cmp::Reverse((self.now + ms(d), self.n, to, bytes)));
+                .push(std::cmp::Reverse((leave + ms(d), self.n, to, bytes)));
         }
     }
 
@@ -90,14 +106,14 @@ impl Net {
                 if *t > self.now {
                     break;
                 }
-                let std::cmp::Reverse((_, _, at, mut bytes)) = self.queue.pop().unwrap();
+                let std::cmp::Reverse((arrival, _, at, mut bytes)) = self.queue.pop().unwrap();
                 let mut p = pon::Packet::new_checked(&mut bytes[..]).unwrap();
                 assert_eq!(p.current_hop(), at);
                 if let Some(next) = p.advance() {
                     self.send(at, next, bytes);
                     continue;
                 }
-                if let Some(s) = self.nodes[at as usize - 1].on_packet(self.now, &bytes) {
+                if let Some(s) = self.nodes[at as usize - 1].on_packet(arrival, &bytes) {
                     self.send(at, s.first_hop, s.bytes);
                 }
             }
@@ -223,4 +239,34 @@ fn unreachable_destinations_are_left_to_the_ip_path_and_taken_back() {
     net.run(ms(8000));
     assert!(net.nodes[0].router().unwrap().is_reachable(2));
     assert!(st(&mut net).0.is_empty());
+}
+
+#[test]
+fn bandwidth_policy_measures_trains_and_takes_the_fat_path() {
+    // Direct: 10 ms each way but a 10 Mbit/s bottleneck; through 3: 2 x 10 ms at 200 Mbit/s.
+    let mut net = Net::new(10, 10, "bandwidth");
+    for id in 1..=3 {
+        net.nodes[id as usize - 1] = Control::new(
+            &config_with(id, "bandwidth", "bandwidth_every_ms = 2000"),
+            id * 1000,
+            1,
+        );
+    }
+    for (a, b, r) in [(1, 2, 10.0), (1, 3, 200.0), (3, 2, 200.0)] {
+        net.rate[a][b] = Some(r);
+        net.rate[b][a] = Some(r);
+    }
+    net.run(ms(15_000));
+    assert_eq!(net.route(), vec![3, 2], "{:?}", net.routes);
+    let st = net.nodes[0].status(net.now);
+    let d2 = st.destinations.iter().find(|d| d.id == 2).unwrap();
+    let bw = |p: &[u32]| {
+        d2.candidates
+            .iter()
+            .find(|c| c.path == p)
+            .and_then(|c| c.bandwidth_mbps)
+            .unwrap()
+    };
+    assert!((bw(&[2]) - 10.0).abs() < 1.5, "{d2:?}");
+    assert!(bw(&[3, 2]) > 150.0, "{d2:?}");
 }
