@@ -109,23 +109,15 @@ impl Control {
     }
 
     fn set_identity(&mut self, now: Duration, id: u32) {
-        if id == 0 || self.monitor.my_id() == id && self.router.is_some() {
+        if id == 0 || self.monitor.my_id() == id {
             return;
         }
         self.monitor.set_my_id(id);
         for (_, path) in self.watched.drain() {
             self.monitor.set_rate(now, path, 0, None);
         }
-        self.router = match &self.rcfg {
-            Some(r) => match Router::new(id, r.clone()) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the router");
-                    None
-                }
-            },
-            None => None,
-        };
+        // A new identity is a new router; `set_topology` starts it.
+        self.router = None;
         self.steerer.wake(now);
     }
 
@@ -133,6 +125,16 @@ impl Control {
     /// role policy, or every peer; `[[routing.destination]]` narrows it in
     /// static mode and sets per-destination policies in both).
     fn set_topology(&mut self, now: Duration, peers: &[u32], optimise: &[u32]) {
+        let id = self.monitor.my_id();
+        if self.router.is_none() && id != 0 && !optimise.is_empty() {
+            // Started once there is something to route to, so that its
+            // first interval probes at once instead of an interval later.
+            if let Some(cfg) = &self.rcfg {
+                self.router = Router::new(id, cfg.clone())
+                    .map_err(|e| tracing::error!(error = %e, "cannot start the router"))
+                    .ok();
+            }
+        }
         let Some(r) = &mut self.router else {
             return;
         };

@@ -146,7 +146,9 @@ impl RouterDaemon {
                 peers,
                 optimise,
             } if from == self.cfg.forwarder && id != 0 => {
-                if self.router.as_ref().is_none_or(|r| r.my_id() != id) {
+                // Started once there is something to route to, so that its
+                // first interval probes at once.
+                if self.router.as_ref().is_none_or(|r| r.my_id() != id) && !optimise.is_empty() {
                     tracing::info!(id, "router starting for this proxy");
                     self.router = Router::new(id, self.cfg.routing.clone())
                         .map_err(|e| tracing::error!(error = %e, "cannot start the router"))
