@@ -8,12 +8,23 @@
 //! that may be away; the CU is not on the data path's failure path.
 //! Only datagrams from the forwarder's address are accepted; each carries
 //! the whole bypass set, so a lost one is repaired by the next refresh.
+//!
+//! The messages are also a lease: once a proxy has spoken, its silence for
+//! [`LEASE`] means the proxy itself is gone, and with it every overlay path,
+//! so everything is left to the IP path until it speaks again. A proxy that
+//! never speaks (pon-forwarder without a router) leaves interception as
+//! configured.
 
 use crate::interception::Interception;
 use ipnet::{IpNet, Ipv4Net};
 use pon_proto::steering::{Steering, MAX_STEERING_LEN};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Silence after which a proxy that used to steer counts as gone (three
+/// missed refreshes).
+pub const LEASE: Duration = Duration::from_secs(3);
 
 pon_telemetry::counters! {
     pub struct SteeringCounters {
@@ -22,6 +33,7 @@ pon_telemetry::counters! {
         foreign => ("pon_ta_steering_messages_total", "result=\"foreign_source\"", "Steering messages from the local proxy, by result."),
         malformed => ("pon_ta_steering_messages_total", "result=\"malformed\"", "Steering messages from the local proxy, by result."),
         apply_errors => ("pon_ta_steering_apply_errors_total", "", "Bypass sets that could not be applied to the routing table."),
+        lease_expired => ("pon_ta_steering_lease_expired_total", "", "Times the local proxy fell silent and everything was left to the IP path."),
     }
 }
 
@@ -29,9 +41,23 @@ pon_telemetry::counters! {
 #[derive(Default)]
 pub struct SteeringState {
     last: Option<Steering>,
+    heard: Option<Instant>,
+    expired: bool,
 }
 
 impl SteeringState {
+    /// Everything, once the proxy that used to steer has been silent for
+    /// the lease (returned once per silence).
+    pub fn on_silence(&mut self, now: Instant, c: &SteeringCounters) -> Option<Vec<IpNet>> {
+        let heard = self.heard?;
+        if self.expired || now.saturating_duration_since(heard) < LEASE {
+            return None;
+        }
+        self.expired = true;
+        c.lease_expired.inc();
+        Some(vec!["0.0.0.0/0".parse().expect("literal")])
+    }
+
     /// The bypass set to apply, if `bytes` from `from` is a newer message
     /// from the forwarder at `forwarder`.
     pub fn on_datagram(
@@ -58,6 +84,8 @@ impl SteeringState {
             return None;
         }
         c.accepted.inc();
+        self.heard = Some(Instant::now());
+        self.expired = false;
         let set = m
             .bypass
             .iter()
@@ -83,15 +111,29 @@ pub fn start(
         .spawn(move || {
             let mut state = SteeringState::default();
             let mut buf = vec![0u8; MAX_STEERING_LEN + 1];
+            // Wake up now and then to notice a silent proxy.
+            let _ = sock.set_read_timeout(Some(LEASE / 6));
             loop {
-                let (n, from) = match sock.recv_from(&mut buf) {
-                    Ok(x) => x,
+                let set = match sock.recv_from(&mut buf) {
+                    Ok((n, from)) => state.on_datagram(&buf[..n], from, forwarder, &counters),
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        let gone = state.on_silence(Instant::now(), &counters);
+                        if gone.is_some() {
+                            tracing::warn!("the local proxy fell silent: every destination takes the IP path");
+                        }
+                        gone
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "steering socket");
-                        continue;
+                        None
                     }
                 };
-                let Some(set) = state.on_datagram(&buf[..n], from, forwarder, &counters) else {
+                let Some(set) = set else {
                     continue;
                 };
                 let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());
@@ -151,5 +193,38 @@ mod tests {
             ),
             (2, 1, 1, 1)
         );
+    }
+
+    #[test]
+    fn a_silent_proxy_loses_its_lease_once() {
+        let fwd = Ipv4Addr::new(198, 18, 1, 1);
+        let c = SteeringCounters::default();
+        let mut s = SteeringState::default();
+        let t0 = Instant::now();
+        // Never heard: interception stays as configured.
+        assert!(s.on_silence(t0 + LEASE * 10, &c).is_none());
+        let m = Steering {
+            version: STEERING_VERSION,
+            epoch: 1,
+            seq: 1,
+            bypass: vec![],
+        };
+        let from = SocketAddr::from((fwd, 40000));
+        s.on_datagram(&m.encode().unwrap(), from, fwd, &c).unwrap();
+        let now = Instant::now();
+        assert!(s.on_silence(now + LEASE / 2, &c).is_none());
+        let all = s.on_silence(now + LEASE, &c).unwrap();
+        assert_eq!(all, vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]);
+        assert!(
+            s.on_silence(now + LEASE * 2, &c).is_none(),
+            "once per silence"
+        );
+        // The proxy is back: its set applies again.
+        let back = Steering { seq: 2, ..m };
+        assert_eq!(
+            s.on_datagram(&back.encode().unwrap(), from, fwd, &c),
+            Some(vec![])
+        );
+        assert_eq!(c.lease_expired.get(), 1);
     }
 }

@@ -524,3 +524,54 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
     );
     assert!(lost * 20 < 1000, "{lost} pings lost");
 }
+
+#[test]
+fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
+    require_root();
+    let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 10"));
+    let paris_ta = ("paris/app1", "198.18.1.11:9101");
+    let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
+    assert!(
+        wait_until(Duration::from_secs(20), || !route(&lab, PARIS_PROXY, 2)
+            .is_empty()
+            && !route(&lab, TOKYO_PROXY, 1).is_empty()
+            && one_ping_ms(&lab).is_some()),
+        "overlay never came up"
+    );
+    // Paris's proxy crashes: its TA stops hearing from it and, once the
+    // lease runs out, leaves everything to the IP path; tokyo's router finds
+    // paris unreachable and does the same on its side.
+    lab.ctl("stop", &["paris/proxy"]);
+    let crash = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(15), || one_ping_ms(&lab).is_some()),
+        "no fallback to the IP path after the proxy crashed"
+    );
+    let fallback = crash.elapsed();
+    assert_eq!(
+        lab.metric(
+            paris_ta.0,
+            paris_ta.1,
+            "pon_ta_steering_lease_expired_total"
+        ),
+        1
+    );
+    lab.ctl("start", &["paris/proxy"]);
+    let restart = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+            one_ping_ms(&lab).is_some()
+                && lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) > before
+        }),
+        "traffic did not return to the overlay: {}",
+        status(&lab, PARIS_PROXY)
+    );
+    let back = restart.elapsed();
+    eprintln!(
+        "crashed proxy: its site's pings on the IP path {:.1} s later (lease 3 s); \
+         back on the overlay {:.1} s after the restart",
+        fallback.as_secs_f64(),
+        back.as_secs_f64()
+    );
+}
