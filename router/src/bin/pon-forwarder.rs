@@ -100,28 +100,7 @@ fn main() -> anyhow::Result<()> {
                 if let Some(s) = &cu_status {
                     s.render(w);
                 }
-                let t = table.load();
-                w.gauge(
-                    "pon_forwarder_peers",
-                    "",
-                    "Peer proxies in the table.",
-                    t.peer_count() as f64,
-                );
-                w.gauge(
-                    "pon_forwarder_destinations",
-                    "",
-                    "Destination prefixes in the table.",
-                    t.destinations().len() as f64,
-                );
-                for (to, hops) in t.routes() {
-                    let labels = format!("to=\"{to}\",hops=\"{:?}\"", hops.as_slice());
-                    w.gauge(
-                        "pon_forwarder_route_hops",
-                        &labels,
-                        "Hops of the source route to each proxy.",
-                        hops.len() as f64,
-                    );
-                }
+                table.load().render(w);
             }),
         )
         .with_context(|| format!("serving metrics on {addr}"))?;

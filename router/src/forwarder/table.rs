@@ -213,6 +213,28 @@ impl ForwardingTable {
     pub fn peer_count(&self) -> usize {
         self.peers_by_id.len()
     }
+
+    /// The table's size and routes as Prometheus gauges.
+    pub fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        w.gauge(
+            "pon_forwarder_peers",
+            "",
+            "Peer proxies in the table.",
+            self.peer_count() as f64,
+        );
+        let dests = self.destinations.len() as f64;
+        w.gauge(
+            "pon_forwarder_destinations",
+            "",
+            "Destination prefixes in the table.",
+            dests,
+        );
+        for (to, hops) in self.routes() {
+            let labels = format!("to=\"{to}\",hops=\"{:?}\"", hops.as_slice());
+            let help = "Hops of the source route to each proxy.";
+            w.gauge("pon_forwarder_route_hops", &labels, help, hops.len() as f64);
+        }
+    }
 }
 
 /// The agent address a UDP-encapsulated agent leg is sent to.
@@ -255,6 +277,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.route(2).unwrap().as_slice(), &[3, 2]);
+        let mut w = pon_telemetry::PromWriter::new();
+        ok.render(&mut w);
+        let page = w.finish();
+        assert!(
+            page.contains("pon_forwarder_route_hops{to=\"2\",hops=\"[3, 2]\"} 2"),
+            "{page}"
+        );
+        assert!(page.contains("pon_forwarder_peers 2"), "{page}");
         assert_eq!(ok.route(3).unwrap().as_slice(), &[3]);
         assert_eq!(
             ForwardingTable::build(1, &peers, &[], &[], &[(2, vec![4])]).unwrap_err(),
