@@ -1,0 +1,324 @@
+use super::*;
+use crate::table::ForwardingTable;
+use arc_swap::ArcSwap;
+use pon_proto::ip::{parse_ipip, IPPROTO_ICMP};
+
+const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
+const APP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
+
+fn proxy_addr(id: u32) -> SocketAddr {
+    SocketAddr::from(([198, 18, id as u8, 1], 7300))
+}
+
+/// Proxy `id` of a three-site overlay where 1 reaches 2 through 3.
+fn engine(id: u32) -> Engine {
+    let peers: Vec<_> = (1..=3)
+        .filter(|p| *p != id)
+        .map(|p| (p, proxy_addr(p)))
+        .collect();
+    let agents = [Agent {
+        addr: Ipv4Addr::new(198, 18, id as u8, 11),
+        encap: Encap::Ipip,
+    }];
+    let dests: Vec<_> = (1..=3u32)
+        .filter(|p| *p != id)
+        .map(|p| (format!("198.18.{p}.0/24").parse().unwrap(), p))
+        .collect();
+    let relays = if id == 1 { vec![(2, vec![3])] } else { vec![] };
+    let t = ForwardingTable::build(id, &peers, &agents, &dests, &relays).unwrap();
+    Engine::new(
+        Arc::new(ArcSwap::from_pointee(t)),
+        Ipv4Addr::new(198, 18, id as u8, 1),
+        1500,
+        pon::DEFAULT_HOP_LIMIT,
+    )
+}
+
+fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize, df: bool) -> Vec<u8> {
+    let mut v = vec![0u8; IPV4_HEADER_LEN + payload];
+    Ipv4Repr {
+        src,
+        dst,
+        protocol: 17,
+        ttl: 64,
+        dont_fragment: df,
+        payload_len: payload,
+    }
+    .emit(&mut v)
+    .unwrap();
+    for (i, b) in v[IPV4_HEADER_LEN..].iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    v
+}
+
+/// Puts `inner` into a receive buffer as the TA would send it (IP-in-IP to
+/// the forwarder); returns the buffer and the packet length.
+fn from_ta(inner: &[u8], forwarder: Ipv4Addr) -> (Vec<u8>, usize) {
+    let mut buf = vec![0u8; BUFFER_LEN];
+    let src: [u8; 4] = inner[12..16].try_into().unwrap();
+    Ipv4Repr {
+        src: Ipv4Addr::from(src),
+        dst: forwarder,
+        protocol: IPPROTO_IPIP,
+        ttl: 64,
+        dont_fragment: false,
+        payload_len: inner.len(),
+    }
+    .emit(&mut buf[HEADROOM..])
+    .unwrap();
+    buf[HEADROOM + IPV4_HEADER_LEN..HEADROOM + IPV4_HEADER_LEN + inner.len()]
+        .copy_from_slice(inner);
+    (buf, IPV4_HEADER_LEN + inner.len())
+}
+
+/// Copies `bytes` into a fresh receive buffer at the headroom, as a socket read would.
+fn received(bytes: &[u8]) -> Vec<u8> {
+    let mut buf = vec![0u8; BUFFER_LEN];
+    buf[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
+    buf
+}
+
+fn step(e: &Engine, buf: &mut [u8], len: usize, from: SocketAddr) -> Decision {
+    e.from_peer(&e.table.load(), buf, HEADROOM, len, from)
+}
+
+fn pon_packet(hops: &[u32], hop_limit: u8, inner: &[u8]) -> Vec<u8> {
+    let header = pon::Repr {
+        kind: Kind::Data,
+        auth: false,
+        hop_limit,
+        hop_index: 0,
+        flow_id: 0,
+        source: 2,
+        hops: pon::Hops::new(hops).unwrap(),
+    };
+    let mut wire = vec![0u8; header.header_len() + inner.len()];
+    header.emit(&mut wire).unwrap();
+    wire[header.header_len()..].copy_from_slice(inner);
+    wire
+}
+
+#[test]
+fn relayed_packet_arrives_intact() {
+    let (p1, p2, p3) = (engine(1), engine(2), engine(3));
+    let inner = inner_packet(APP_A, APP_B, 100, true);
+    let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    assert_eq!(
+        d.output,
+        Output::Peer(proxy_addr(3)),
+        "first hop is the relay"
+    );
+    let wire = buf[d.range].to_vec();
+    assert_eq!(pon::Packet::new_checked(&wire[..]).unwrap().source(), 1);
+
+    let mut buf = received(&wire);
+    let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
+    assert_eq!(d.output, Output::Peer(proxy_addr(2)));
+    let wire = buf[d.range].to_vec();
+
+    let mut buf = received(&wire);
+    let d = step(&p2, &mut buf, wire.len(), proxy_addr(3));
+    assert_eq!(d.output, Output::AgentIpip(APP_B));
+    let (outer, got) = parse_ipip(&buf[d.range]).unwrap();
+    assert_eq!(outer.src, Ipv4Addr::new(198, 18, 2, 1));
+    assert_eq!(got, &inner[..]);
+    assert_eq!(p3.counters.transit.get(), 1);
+    assert_eq!(p2.counters.egress.get(), 1);
+}
+
+#[test]
+fn udp_agent_leg_and_direct_route() {
+    let p2 = engine(2);
+    let inner = inner_packet(APP_B, APP_A, 10, false);
+    let mut buf = received(&inner);
+    let from = SocketAddr::from((APP_B, 40000));
+    let d = p2.from_agent_udp(&p2.table.load(), &mut buf, HEADROOM, inner.len(), from);
+    assert_eq!(
+        d.output,
+        Output::Peer(proxy_addr(1)),
+        "2 reaches 1 directly"
+    );
+    let p = pon::Packet::new_checked(&buf[d.range]).unwrap();
+    assert_eq!(p.hop_count(), 1);
+    assert_eq!(p.payload(), &inner[..]);
+}
+
+#[test]
+fn forged_and_malformed_are_dropped_and_counted() {
+    let p1 = engine(1);
+    let t = p1.table.load();
+    let inner = inner_packet(APP_A, APP_B, 10, false);
+    let stranger = SocketAddr::from(([198, 18, 9, 9], 7300));
+
+    // Unknown sender address, or a known peer IP from another port.
+    let mut buf = received(&inner);
+    assert_eq!(
+        p1.from_peer(&t, &mut buf, HEADROOM, 30, stranger).output,
+        Output::Drop
+    );
+    let mut buf = received(&inner);
+    let other_port = SocketAddr::from(([198, 18, 2, 1], 7301));
+    assert_eq!(
+        p1.from_peer(&t, &mut buf, HEADROOM, 30, other_port).output,
+        Output::Drop
+    );
+    assert_eq!(p1.counters.drop_unknown_peer.get(), 2);
+
+    // Garbage from a real peer.
+    let mut buf = received(&[1, 1, 0, 9, 0, 0, 0, 0]);
+    assert_eq!(step(&p1, &mut buf, 8, proxy_addr(2)).output, Output::Drop);
+    assert_eq!(p1.counters.drop_malformed.get(), 1);
+
+    // A well-formed header that names another proxy as current hop.
+    let wire = pon_packet(&[3], 4, &inner);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p1, &mut buf, wire.len(), proxy_addr(2)).output,
+        Output::Drop
+    );
+    assert_eq!(p1.counters.drop_not_for_me.get(), 1);
+
+    // Egress to an address that is not one of our agents: no open relay.
+    let wire = pon_packet(&[1], 4, &inner);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p1, &mut buf, wire.len(), proxy_addr(2)).output,
+        Output::Drop
+    );
+    assert_eq!(p1.counters.drop_no_destination.get(), 1);
+
+    // IP-in-IP from a host that is not a local agent, and an agent spoofing.
+    let foreign = inner_packet(Ipv4Addr::new(198, 18, 1, 99), APP_B, 10, false);
+    let (mut buf, len) = from_ta(&foreign, Ipv4Addr::new(198, 18, 1, 1));
+    assert_eq!(
+        p1.from_agent_ipip(&t, &mut buf, HEADROOM, len).output,
+        Output::Drop
+    );
+    assert_eq!(p1.counters.drop_unknown_agent.get(), 1);
+    let mut buf = received(&foreign);
+    let from = SocketAddr::from((APP_A, 1));
+    let d = p1.from_agent_udp(&t, &mut buf, HEADROOM, foreign.len(), from);
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(p1.counters.drop_spoofed_source.get(), 1);
+}
+
+#[test]
+fn hop_limit_is_enforced_in_transit() {
+    let p3 = engine(3);
+    let inner = inner_packet(APP_A, APP_B, 10, false);
+    let wire = pon_packet(&[3, 2], 1, &inner);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Drop
+    );
+    assert_eq!(p3.counters.drop_hop_limit.get(), 1);
+}
+
+#[test]
+fn oversized_df_packet_gets_frag_needed_back_to_sender() {
+    let p1 = engine(1);
+    let relay_overhead = UDP_OVERHEAD + pon::header_len(2, false);
+    let fits = inner_packet(APP_A, APP_B, 1500 - relay_overhead - IPV4_HEADER_LEN, true);
+    let (mut buf, len) = from_ta(&fits, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    assert!(matches!(d.output, Output::Peer(_)));
+    assert_eq!(
+        d.range.len() + UDP_OVERHEAD,
+        1500,
+        "exactly fills the underlay"
+    );
+
+    let too_big = inner_packet(
+        APP_A,
+        APP_B,
+        1500 - relay_overhead - IPV4_HEADER_LEN + 1,
+        true,
+    );
+    let (mut buf, len) = from_ta(&too_big, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    assert_eq!(
+        d.output,
+        Output::AgentIpip(APP_A),
+        "error goes back to the sender"
+    );
+    let (_, icmp) = parse_ipip(&buf[d.range]).unwrap();
+    let icmp = Ipv4Packet::new_checked(icmp).unwrap();
+    assert_eq!(icmp.protocol(), IPPROTO_ICMP);
+    assert_eq!(icmp.dst(), APP_A);
+    let body = icmp.payload();
+    assert_eq!((body[0], body[1]), (3, 4));
+    let mtu = usize::from(u16::from_be_bytes([body[6], body[7]]));
+    assert_eq!(mtu, 1500 - relay_overhead);
+    assert_eq!(p1.counters.frag_needed.get(), 1);
+
+    // Without DF the packet goes on; the kernel fragments the outer packet.
+    let no_df = inner_packet(APP_A, APP_B, 1600, false);
+    let (mut buf, len) = from_ta(&no_df, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    assert!(matches!(d.output, Output::Peer(_)));
+}
+
+#[test]
+fn local_destination_is_delivered_without_the_overlay() {
+    let p1 = engine(1);
+    let neighbour = Ipv4Addr::new(198, 18, 1, 12);
+    let agents = [
+        Agent {
+            addr: APP_A,
+            encap: Encap::Ipip,
+        },
+        Agent {
+            addr: neighbour,
+            encap: Encap::Udp { ra_port: 7302 },
+        },
+    ];
+    let table = ForwardingTable::build(1, &[(2, proxy_addr(2))], &agents, &[], &[]).unwrap();
+    p1.table.store(Arc::new(table));
+    let inner = inner_packet(APP_A, neighbour, 10, false);
+    let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    assert_eq!(
+        d.output,
+        Output::AgentUdp(SocketAddrV4::new(neighbour, 7302))
+    );
+    assert_eq!(&buf[d.range], &inner[..]);
+}
+
+#[test]
+fn probes_transit_and_end_at_the_monitor() {
+    let p3 = engine(3);
+    let probe = |hops: &[u32]| {
+        let header = pon::Repr {
+            kind: Kind::Probe,
+            auth: false,
+            hop_limit: 4,
+            hop_index: 0,
+            flow_id: 0,
+            source: 1,
+            hops: pon::Hops::new(hops).unwrap(),
+        };
+        let mut wire = vec![0u8; header.header_len() + 32];
+        header.emit(&mut wire).unwrap();
+        wire
+    };
+    let wire = probe(&[3, 2]);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Peer(proxy_addr(2))
+    );
+    let wire = probe(&[3]);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Drop
+    );
+    assert_eq!(p3.counters.drop_no_monitor.get(), 1);
+    let p3 = engine(3).with_monitor();
+    let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
+    assert_eq!(d.output, Output::Monitor);
+    assert_eq!(&buf[d.range], &wire[..]);
+}

@@ -1,0 +1,148 @@
+//! pon-proxy's configuration: a forwarder configuration (same fields, same
+//! checks) plus `[routing]` (path selection; without it the proxy only
+//! forwards and answers other monitors' probes), `[monitor]` and `[proxy]`.
+
+use crate::forwarder::ForwarderConfig;
+use anyhow::Context;
+use pon_monitor::MonitorConfig;
+use pon_routing::RoutingConfig;
+use serde::Deserialize;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub forwarder: ForwarderConfig,
+    pub routing: Option<RoutingConfig>,
+    pub monitor: MonitorConfig,
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Every current route is probed this often, whatever the learning
+    /// budget: with `routing.failover_losses` consecutive losses this bounds
+    /// how long traffic stays on a dead path.
+    pub keepalive_ms: u64,
+    /// UDP port of the local TAs' steering listeners (0: do not steer).
+    pub steering_port: u16,
+    /// The bypass set is re-sent this often even when unchanged, so a TA
+    /// that restarted or lost a datagram catches up.
+    pub steering_refresh_ms: u64,
+    /// How often the status page and the routing metrics are refreshed.
+    pub status_every_ms: u64,
+    /// Bounded queue between the forwarding threads and the control thread
+    /// (probes and replies); packets beyond it are dropped and counted.
+    pub queue: usize,
+    /// Destinations whose policy weighs bandwidth get their recently
+    /// answering candidates measured with a packet train this often
+    /// (0: never; the policies then fall back to the TCP model).
+    pub bandwidth_every_ms: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            keepalive_ms: 50,
+            steering_port: pon_proto::steering::STEERING_PORT,
+            steering_refresh_ms: 1000,
+            status_every_ms: 250,
+            queue: 4096,
+            bandwidth_every_ms: 30_000,
+        }
+    }
+}
+
+impl ControlConfig {
+    pub fn keepalive(&self) -> Duration {
+        Duration::from_millis(self.keepalive_ms)
+    }
+}
+
+impl ProxyConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading proxy config {}", path.display()))?;
+        let mut cfg =
+            Self::parse(&text).with_context(|| format!("in proxy config {}", path.display()))?;
+        cfg.forwarder.cu = cfg.forwarder.cu.map(|c| c.relative_to(path));
+        Ok(cfg)
+    }
+
+    /// The forwarder's fields are checked by the forwarder's own parser,
+    /// so errors read the same as pon-forwarder's.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text)?;
+        let routing = doc
+            .remove("routing")
+            .map(|v| -> anyhow::Result<RoutingConfig> {
+                let r: RoutingConfig = v.try_into().context("in [routing]")?;
+                r.validate()?;
+                Ok(r)
+            })
+            .transpose()?;
+        let monitor: MonitorConfig = match doc.remove("monitor") {
+            Some(v) => v.try_into().context("in [monitor]")?,
+            None => MonitorConfig::default(),
+        };
+        monitor.validate().map_err(anyhow::Error::msg)?;
+        let control: ControlConfig = match doc.remove("proxy") {
+            Some(v) => v.try_into().context("in [proxy]")?,
+            None => ControlConfig::default(),
+        };
+        if control.keepalive_ms == 0 || control.status_every_ms == 0 || control.queue == 0 {
+            anyhow::bail!("[proxy] keepalive_ms, status_every_ms and queue must be positive");
+        }
+        let forwarder = ForwarderConfig::parse(&toml::to_string(&doc)?)?;
+        if forwarder.local.is_some() {
+            anyhow::bail!("[local] is for pon-forwarder with a separate pon-monitor and pon-router; pon-proxy runs them in-process");
+        }
+        Ok(ProxyConfig {
+            forwarder,
+            routing,
+            monitor,
+            control,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "id = 1\nlisten = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n[[peer]]\nid = 2\naddr = \"198.18.2.1:7300\"\n";
+
+    #[test]
+    fn sections_split_off_the_forwarder_config() {
+        let c = ProxyConfig::parse(&format!(
+            "{BASE}[routing]\npolicy = \"loss\"\n[monitor]\nmax_probes_per_sec = 10\n[proxy]\nkeepalive_ms = 20\n"
+        ))
+        .unwrap();
+        assert_eq!(c.forwarder.id, Some(1));
+        assert_eq!(c.routing.unwrap().policy, pon_routing::Policy::Loss);
+        assert_eq!(c.monitor.max_probes_per_sec, 10);
+        assert_eq!(c.control.keepalive_ms, 20);
+        let plain = ProxyConfig::parse(BASE).unwrap();
+        assert!(
+            plain.routing.is_none(),
+            "no [routing]: forward and answer only"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_section_and_field() {
+        for (extra, want) in [
+            ("[routing]\nmax_relays = 3\n", "max_relays"),
+            ("[monitor]\nmin_timeout_ms = 0\n", "min_timeout_ms"),
+            ("[proxy]\nkeepalive = 1\n", "keepalive"),
+            ("bogus = 1\n", "bogus"),
+        ] {
+            let e = format!(
+                "{:#}",
+                ProxyConfig::parse(&format!("{BASE}{extra}")).unwrap_err()
+            );
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+}

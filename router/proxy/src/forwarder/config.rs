@@ -1,0 +1,260 @@
+//! The forwarder's TOML configuration. Two modes: static (peers, agents and
+//! destinations listed here) and CU mode (a `[cu]` section: they come from
+//! the Central Unit at run time; `id` is then only the id to ask for).
+
+use anyhow::Context;
+use ipnet::IpNet;
+use pon_forwarder::{Agent, Encap, ForwardingTable};
+use serde::Deserialize;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwarderConfig {
+    /// This proxy's id (nonzero, unique in the overlay). In CU mode the CU
+    /// assigns the id; this one is asked for and granted if free.
+    #[serde(default)]
+    pub id: Option<u32>,
+    /// Register with the Central Unit and take peers, agents and
+    /// destinations from it.
+    #[serde(default)]
+    pub cu: Option<pon_cu::client::CuClientConfig>,
+    /// UDP address for PON packets from peer proxies.
+    pub listen: SocketAddr,
+    /// Address agents send IP-in-IP to, and the source of packets to agents.
+    pub local_addr: Ipv4Addr,
+    /// UDP port for agents using the UDP encapsulation (0: disabled).
+    #[serde(default = "default_agent_udp_port")]
+    pub agent_udp_port: u16,
+    /// MTU of the underlay between proxies.
+    #[serde(default = "default_mtu")]
+    pub underlay_mtu: u16,
+    /// Hop limit written into new PON headers.
+    #[serde(default = "default_hop_limit")]
+    pub hop_limit: u8,
+    /// Prometheus endpoint (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default, rename = "peer")]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentConfig>,
+    #[serde(default, rename = "destination")]
+    pub destinations: Vec<DestinationConfig>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// The monitor and the router run as separate processes (pon-monitor,
+    /// pon-router) and talk to this forwarder over UDP.
+    #[serde(default)]
+    pub local: Option<LocalConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// UDP address for the monitor's and the router's messages.
+    pub listen: SocketAddr,
+    /// Where pon-monitor listens (probes that end here go there).
+    pub monitor: SocketAddr,
+    /// Where pon-router listens (the topology goes there).
+    pub router: SocketAddr,
+    /// UDP port of the local TAs' steering listeners (0: do not steer).
+    #[serde(default = "default_steering_port")]
+    pub steering_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: u32,
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EncapKind {
+    Ipip,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub addr: Ipv4Addr,
+    #[serde(default = "default_encap")]
+    pub encap: EncapKind,
+    /// The RA's UDP port, used with `encap = "udp"`.
+    #[serde(default = "default_ra_port")]
+    pub ra_port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    pub prefix: IpNet,
+    pub proxy: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub to: u32,
+    #[serde(default)]
+    pub via: Vec<u32>,
+}
+
+fn default_agent_udp_port() -> u16 {
+    7301
+}
+fn default_steering_port() -> u16 {
+    pon_proto::steering::STEERING_PORT
+}
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_hop_limit() -> u8 {
+    pon_proto::pon::DEFAULT_HOP_LIMIT
+}
+fn default_encap() -> EncapKind {
+    EncapKind::Ipip
+}
+fn default_ra_port() -> u16 {
+    7302
+}
+
+impl ForwarderConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading forwarder config {}", path.display()))?;
+        let mut cfg = Self::parse(&text)
+            .with_context(|| format!("in forwarder config {}", path.display()))?;
+        cfg.cu = cfg.cu.map(|c| c.relative_to(path));
+        Ok(cfg)
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: ForwarderConfig = toml::from_str(text)?;
+        if cfg.underlay_mtu < 576 {
+            anyhow::bail!(
+                "underlay_mtu = {} is below the IPv4 minimum of 576",
+                cfg.underlay_mtu
+            );
+        }
+        if cfg.hop_limit == 0 {
+            anyhow::bail!("hop_limit must be at least 1");
+        }
+        match (&cfg.cu, cfg.id) {
+            (None, None) => anyhow::bail!("id is required (or a [cu] section to get one)"),
+            (Some(_), _)
+                if !(cfg.peers.is_empty()
+                    && cfg.agents.is_empty()
+                    && cfg.destinations.is_empty()) =>
+            {
+                anyhow::bail!("[[peer]], [[agent]] and [[destination]] come from the CU when [cu] is set; remove them")
+            }
+            (Some(_), _) => return Ok(cfg),
+            (None, Some(_)) => {}
+        }
+        cfg.table()
+            .context("in [[peer]], [[agent]], [[destination]] or [[route]]")?;
+        Ok(cfg)
+    }
+
+    pub fn table(&self) -> Result<ForwardingTable, super::TableError> {
+        let peers: Vec<_> = self.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let agents: Vec<_> = self
+            .agents
+            .iter()
+            .map(|a| Agent {
+                addr: a.addr,
+                encap: match a.encap {
+                    EncapKind::Ipip => Encap::Ipip,
+                    EncapKind::Udp => Encap::Udp { ra_port: a.ra_port },
+                },
+            })
+            .collect();
+        let dests: Vec<_> = self
+            .destinations
+            .iter()
+            .map(|d| (d.prefix, d.proxy))
+            .collect();
+        // In CU mode the routes' proxies are not known yet: `cu::table_from_view`
+        // adds each route once its hops are peers.
+        let relays: Vec<_> = match self.cu {
+            Some(_) => vec![],
+            None => self.routes.iter().map(|r| (r.to, r.via.clone())).collect(),
+        };
+        // In CU mode the table starts empty under a placeholder id and is
+        // replaced as soon as the CU has assigned one.
+        let id = self.id.unwrap_or(u32::MAX);
+        ForwardingTable::build(id, &peers, &agents, &dests, &relays)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+id = 1
+listen = "198.18.1.1:7300"
+local_addr = "198.18.1.1"
+metrics = "198.18.1.1:9100"
+[[peer]]
+id = 2
+addr = "198.18.2.1:7300"
+[[peer]]
+id = 3
+addr = "198.18.3.1:7300"
+[[agent]]
+addr = "198.18.1.11"
+[[agent]]
+addr = "198.18.1.12"
+encap = "udp"
+[[destination]]
+prefix = "198.18.2.11/32"
+proxy = 2
+[[route]]
+to = 2
+via = [3]
+"#;
+
+    #[test]
+    fn parses_sample() {
+        let c = ForwarderConfig::parse(SAMPLE).unwrap();
+        let t = c.table().unwrap();
+        assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
+        assert_eq!(
+            t.agent("198.18.1.12".parse().unwrap()).unwrap().encap,
+            Encap::Udp { ra_port: 7302 }
+        );
+        assert_eq!(c.underlay_mtu, 1500);
+    }
+
+    #[test]
+    fn cu_mode_takes_no_static_peers() {
+        let cu = "[cu]\naddr = \"198.18.250.1:7400\"\nca = \"ca.pem\"\ntoken_file = \"token\"\ncloud = \"paris\"\n";
+        let c = ForwarderConfig::parse(&format!("{SAMPLE}{cu}")).unwrap_err();
+        assert!(format!("{c:#}").contains("come from the CU"), "{c:#}");
+        let c = ForwarderConfig::parse(&format!(
+            "listen = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n{cu}"
+        ))
+        .unwrap();
+        assert_eq!(c.cu.unwrap().cloud, "paris");
+        let e =
+            ForwarderConfig::parse("listen = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n")
+                .unwrap_err();
+        assert!(format!("{e:#}").contains("id is required"));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let bad = SAMPLE.replace("via = [3]", "via = [4]");
+        let e = format!("{:#}", ForwarderConfig::parse(&bad).unwrap_err());
+        assert!(e.contains("hop 4"), "{e}");
+        let bad = SAMPLE.replace("local_addr", "local_adr");
+        let e = format!("{:#}", ForwarderConfig::parse(&bad).unwrap_err());
+        assert!(e.contains("local_adr"), "{e}");
+    }
+}

@@ -1,0 +1,205 @@
+//! CU mode: the forwarder registers with the Central Unit as a proxy and
+//! rebuilds its table from the CU's view whenever it changes. The table is
+//! swapped whole; forwarding threads never wait for any of this, and keep
+//! the last table while the CU is away.
+
+use super::ForwarderConfig;
+use pon_cu::client::{self, ClientStatus};
+use pon_cu::view::View;
+use pon_forwarder::{Agent, Encap, ForwardingTable, SharedTable};
+use pon_proto::control::{self, Endpoints};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Builds the table from what the CU told us. Static `[[route]]`s apply
+/// once every proxy they name is known; others are skipped for now.
+pub fn table_from_view(
+    cfg: &ForwarderConfig,
+    my_cloud: &str,
+    view: &View,
+) -> Result<ForwardingTable, pon_forwarder::TableError> {
+    table_from_view_with(cfg, my_cloud, view, &[])
+}
+
+/// Like [`table_from_view`], with routes chosen at run time (by the router,
+/// `(to, relays)`) taking the place of static `[[route]]`s to the same proxy.
+pub fn table_from_view_with(
+    cfg: &ForwarderConfig,
+    my_cloud: &str,
+    view: &View,
+    chosen: &[(u32, Vec<u32>)],
+) -> Result<ForwardingTable, pon_forwarder::TableError> {
+    let mut seen = HashSet::new();
+    seen.insert(cfg.listen);
+    let peers: Vec<_> = view
+        .proxies()
+        .filter(|(_, p)| seen.insert(p.pon))
+        .map(|(_, p)| (p.id, p.pon))
+        .collect();
+    let known: HashSet<u32> = peers.iter().map(|p| p.0).collect();
+    let mut agents = Vec::new();
+    let mut destinations = Vec::new();
+    let mut agent_addrs = HashSet::new();
+    for app in view.apps() {
+        if app.cloud == my_cloud {
+            if agent_addrs.insert(app.addr) {
+                agents.push(Agent {
+                    addr: app.addr,
+                    encap: match app.encap {
+                        control::Encap::Ipip => Encap::Ipip,
+                        control::Encap::Udp { ra_port } => Encap::Udp { ra_port },
+                    },
+                });
+            }
+        } else if let Some(p) = view.proxy_of(&app.cloud).filter(|p| known.contains(&p.id)) {
+            destinations.push((ipnet::IpNet::from(std::net::IpAddr::V4(app.addr)), p.id));
+        }
+    }
+    let me = view.id();
+    let usable = |to: u32, via: &[u32]| {
+        known.contains(&to) && via.iter().all(|h| *h != me && known.contains(h))
+    };
+    let relays: Vec<_> = cfg
+        .routes
+        .iter()
+        .filter(|r| !chosen.iter().any(|c| c.0 == r.to))
+        .map(|r| (r.to, r.via.clone()))
+        .chain(chosen.iter().cloned())
+        .filter(|(to, via)| usable(*to, via))
+        .collect();
+    ForwardingTable::build(me, &peers, &agents, &destinations, &relays)
+}
+
+/// Starts the CU client if the config has a `[cu]` section.
+pub fn start(
+    cfg: &ForwarderConfig,
+    table: SharedTable,
+) -> anyhow::Result<Option<Arc<ClientStatus>>> {
+    let Some(cu) = cfg.cu.clone() else {
+        return Ok(None);
+    };
+    let cloud = cu.cloud.clone();
+    let fcfg = cfg.clone();
+    let on_view = Box::new(
+        move |view: &View| match table_from_view(&fcfg, &cloud, view) {
+            Ok(t) => {
+                tracing::info!(
+                    id = t.my_id(),
+                    peers = t.peer_count(),
+                    destinations = t.destinations().len(),
+                    agents = t.agents().count(),
+                    "table updated from the CU"
+                );
+                table.store(Arc::new(t));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the CU's view does not make a valid table; keeping the last one")
+            }
+        },
+    );
+    start_with(cfg, on_view)
+}
+
+/// Starts the CU client if the config has a `[cu]` section, handing every
+/// new view to `on_view` (on the client's thread) instead of building the
+/// table: for daemons that compose the table from more than the view.
+pub fn start_with(
+    cfg: &ForwarderConfig,
+    on_view: client::ViewCallback,
+) -> anyhow::Result<Option<Arc<ClientStatus>>> {
+    let Some(cu) = cfg.cu.clone() else {
+        return Ok(None);
+    };
+    let endpoints = Endpoints::Proxy {
+        pon: cfg.listen,
+        agent_addr: cfg.local_addr,
+        agent_udp_port: cfg.agent_udp_port,
+    };
+    let register = cu
+        .register("PROXY", &cfg.local_addr.to_string(), endpoints, cfg.id)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let on_fatal = Box::new(|why: String| {
+        tracing::error!("{why}");
+        eprintln!("pon-forwarder: {why}");
+        std::process::exit(2);
+    });
+    Ok(Some(client::spawn(&cu, register, on_view, on_fatal, true)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pon_proto::control::{AgentInfo, Change, Config, Peer};
+    use std::net::Ipv4Addr;
+
+    fn peer(id: u32, cloud: &str, endpoints: Endpoints) -> Peer {
+        Peer {
+            info: AgentInfo {
+                id,
+                cloud: cloud.into(),
+                role: "X".into(),
+                name: format!("n{id}"),
+                endpoints,
+            },
+            optimise: false,
+        }
+    }
+
+    fn proxy(id: u32, cloud: &str) -> Peer {
+        let a = Ipv4Addr::new(198, 18, id as u8, 1);
+        peer(
+            id,
+            cloud,
+            Endpoints::Proxy {
+                pon: (a, 7300).into(),
+                agent_addr: a,
+                agent_udp_port: 7301,
+            },
+        )
+    }
+
+    fn app(id: u32, cloud: &str, a: [u8; 4]) -> Peer {
+        peer(
+            id,
+            cloud,
+            Endpoints::App {
+                addr: a.into(),
+                encap: control::Encap::Ipip,
+            },
+        )
+    }
+
+    #[test]
+    fn view_becomes_a_table() {
+        let cfg = ForwarderConfig::parse(
+            "listen = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n[[route]]\nto = 2\nvia = [3]\n[cu]\naddr = \"1.2.3.4:7400\"\nca = \"ca\"\ntoken = \"t\"\ncloud = \"paris\"\n",
+        )
+        .unwrap();
+        let mut v = View::default();
+        v.apply_config(Config {
+            id: 1,
+            heartbeat_ms: 500,
+            dead_after_ms: 2000,
+            peers: vec![
+                proxy(2, "tokyo"),
+                app(10, "paris", [198, 18, 1, 11]),
+                app(11, "tokyo", [198, 18, 2, 11]),
+                app(12, "nowhere", [198, 18, 9, 11]),
+            ],
+        });
+        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        assert_eq!(t.my_id(), 1);
+        assert_eq!(t.peer_count(), 2 - 1);
+        assert!(t.agent("198.18.1.11".parse().unwrap()).is_some());
+        assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), Some(2));
+        // No proxy serves "nowhere"; the relay via 3 waits for 3.
+        assert_eq!(t.egress_for("198.18.9.11".parse().unwrap()), None);
+        assert_eq!(t.route(2).unwrap().as_slice(), &[2]);
+        v.apply_changes(vec![Change::Up(proxy(3, "london"))]);
+        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
+        v.apply_changes(vec![Change::Down(2)]);
+        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), None);
+    }
+}
