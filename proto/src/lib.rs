@@ -10,6 +10,7 @@ pub mod control;
 pub mod error;
 pub mod ip;
 pub mod local;
+pub mod measurement;
 pub mod pon;
 pub mod probe;
 pub mod steering;

@@ -15,12 +15,14 @@
 //! state and are re-sent every second), so a lost datagram costs at most a
 //! probe or a second of staleness.
 
+use crate::measurement::{ProbeOutcome, ProbeTag};
+use crate::pon::Hops;
 use serde::{Deserialize, Serialize};
 
 /// Largest message: a probe train packet with its hop list and framing.
 pub const MAX_LOCAL_LEN: usize = 2048;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum LocalMsg {
     /// forwarder → monitor: a probe or probe reply (whole PON packet) that
     /// ended at this proxy.
@@ -29,11 +31,14 @@ pub enum LocalMsg {
     /// proxy's PON socket (peers accept only that address).
     Send { hop: u32, packet: Vec<u8> },
     /// forwarder → monitor and router: this proxy's id, the peers (relay
-    /// candidates) and the destinations to optimise.
+    /// candidates) and the destinations to optimise; `from_cu` says the CU's
+    /// role policy chose them (else every configured peer, which the
+    /// router's `[[routing.destination]]` list may narrow).
     Topology {
         id: u32,
         peers: Vec<u32>,
         optimise: Vec<u32>,
+        from_cu: bool,
     },
     /// router → forwarder: the chosen routes (`(to, relays)`) and the
     /// destinations no overlay path reaches (their traffic is left to the
@@ -43,18 +48,28 @@ pub enum LocalMsg {
         unreachable: Vec<u32>,
     },
     /// router → monitor: probe `path` once; the result comes back tagged.
-    Probe { tag: u64, path: Vec<u32> },
+    Probe { tag: ProbeTag, path: Hops },
+    /// router → monitor: measure `path`'s bandwidth with a packet train.
+    Bandwidth { tag: ProbeTag, path: Hops },
     /// router → monitor: probe `path` every `every_ms` (0: stop).
     Rate {
-        tag: u64,
-        path: Vec<u32>,
+        tag: ProbeTag,
+        path: Hops,
         every_ms: u32,
     },
-    /// monitor → router: the fate of a probe (`None`: lost).
+    /// monitor → router: the fate of a probe.
     Result {
-        tag: u64,
-        path: Vec<u32>,
-        rtt_us: Option<u64>,
+        tag: ProbeTag,
+        path: Hops,
+        outcome: ProbeOutcome,
+    },
+    /// monitor → router: a packet train of `packets` probes finished; the
+    /// bottleneck rate the far end saw (`None`: too few arrived).
+    BandwidthResult {
+        tag: ProbeTag,
+        path: Hops,
+        packets: u16,
+        mbps: Option<f64>,
     },
 }
 
@@ -98,6 +113,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
+        let h = |ids: &[u32]| Hops::new(ids).unwrap();
         for m in [
             LocalMsg::Arrived(vec![1; 1500]),
             LocalMsg::Send {
@@ -108,29 +124,64 @@ mod tests {
                 id: 1,
                 peers: vec![2, 3],
                 optimise: vec![2],
+                from_cu: true,
             },
             LocalMsg::Routes {
                 relays: vec![(2, vec![3])],
                 unreachable: vec![4],
             },
             LocalMsg::Probe {
-                tag: u64::MAX,
-                path: vec![3, 2],
+                tag: ProbeTag::learning(2, 7),
+                path: h(&[3, 2]),
+            },
+            LocalMsg::Bandwidth {
+                tag: ProbeTag::bandwidth(2, 1),
+                path: h(&[3, 2]),
             },
             LocalMsg::Rate {
-                tag: 1,
-                path: vec![2],
+                tag: ProbeTag::keepalive(2),
+                path: h(&[2]),
                 every_ms: 50,
             },
             LocalMsg::Result {
-                tag: 1,
-                path: vec![2],
-                rtt_us: Some(61_000),
+                tag: ProbeTag::keepalive(2),
+                path: h(&[2]),
+                outcome: ProbeOutcome::Reply {
+                    rtt: std::time::Duration::from_micros(61_000),
+                },
+            },
+            LocalMsg::BandwidthResult {
+                tag: ProbeTag::bandwidth(2, 0),
+                path: h(&[2]),
+                packets: 16,
+                mbps: Some(93.5),
             },
         ] {
             assert_eq!(LocalMsg::decode(&m.encode().unwrap()).unwrap(), m);
         }
         assert!(LocalMsg::Arrived(vec![0; 4000]).encode().is_err());
+    }
+
+    #[test]
+    fn routes_out_of_bounds_are_refused() {
+        // A Probe whose path has no hops, and one with too many: both are
+        // malformed, never a `Hops` that breaks its own invariant.
+        let tag = ProbeTag::keepalive(2);
+        let enc = |path: Vec<u32>| {
+            let mut v = postcard::to_stdvec(&(4u8, tag)).unwrap();
+            v.extend(postcard::to_stdvec(&path).unwrap());
+            v
+        };
+        assert!(LocalMsg::decode(&enc(vec![])).is_err());
+        assert!(LocalMsg::decode(&enc(vec![9; crate::pon::MAX_HOPS + 1])).is_err());
+        let ok = LocalMsg::decode(&enc(vec![3, 2])).unwrap();
+        assert_eq!(
+            ok,
+            LocalMsg::Probe {
+                tag,
+                path: Hops::new(&[3, 2]).unwrap()
+            }
+        );
     }
 
     proptest! {

@@ -227,6 +227,26 @@ fn be32(b: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
+/// On the local link a route travels as a sequence of ids; decoding checks
+/// it as `Hops::new` does (one to `MAX_HOPS` hops).
+impl serde::Serialize for Hops {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> core::result::Result<S::Ok, S::Error> {
+        self.as_slice().serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Hops {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> core::result::Result<Self, D::Error> {
+        let ids: Vec<u32> = Vec::deserialize(d)?;
+        Hops::new(&ids).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "a route has 1 to {MAX_HOPS} hops, not {}",
+                ids.len()
+            ))
+        })
+    }
+}
+
 /// A source route: up to `MAX_HOPS` proxy ids, stored inline so that routes
 /// can be copied on the hot path without allocating.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,15 +10,15 @@
 //! not mistaken for ours. A probe not answered within its timeout (from the
 //! path's RTT) is lost.
 //!
-//! The daemon around it:
-//! - sends what [`Monitor::probe`] (on demand), [`Monitor::bandwidth`]
-//!   (packet trains) and [`Monitor::on_tick`] (paths with a probe rate set by
-//!   [`Monitor::set_rate`]) return, to the returned first hop;
-//! - feeds every probe or reply that ends here to [`Monitor::on_packet`] and
-//!   sends the reply it may return;
-//! - calls `on_tick` when [`Monitor::poll_timeout`] says, and drains
-//!   [`Monitor::poll_event`] for results (RTT or loss per probe, bandwidth per
-//!   train).
+//! Inputs, each with an explicit `now`: [`Monitor::probe`] (on demand),
+//! [`Monitor::bandwidth`] (a packet train), [`Monitor::set_rate`] (a path
+//! probed periodically), [`Monitor::handle_packet`] (a probe or reply that
+//! ended here) and [`Monitor::handle_timeout`] (when
+//! [`Monitor::poll_timeout`] says). Outputs leave by two queues only:
+//! [`Monitor::poll_transmit`] for every packet to send (probes, trains,
+//! answers to other monitors), and [`Monitor::poll_event`] for results (RTT
+//! or loss per probe, bandwidth per train), each carrying the
+//! [`ProbeTag`] it was asked with.
 //!
 //! Probe traffic is bounded: a token bucket (`max_probes_per_sec`, with a
 //! burst of a tenth of a second) caps everything this monitor sends, and
@@ -26,6 +26,7 @@
 
 pub mod stats;
 
+pub use pon_proto::measurement::{ProbeOutcome, ProbeTag};
 use pon_proto::pon::{self, Hops, Kind};
 use pon_proto::probe;
 use serde::Deserialize;
@@ -135,30 +136,26 @@ pub const MAX_BODY_LEN: usize = 1400;
 
 /// A packet to send out of the forwarder's peer socket, to proxy `first_hop`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Send {
+pub struct Transmit {
     pub first_hop: u32,
     pub bytes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeOutcome {
-    Reply { rtt: Duration },
-    Lost,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MonitorEvent {
     /// The fate of one probe on `path`, sent with `tag`.
     Probe {
-        tag: u64,
+        tag: ProbeTag,
         path: Hops,
         outcome: ProbeOutcome,
     },
     /// A packet train on `path` finished: the bottleneck rate seen by the
     /// far end (`None` if fewer than two packets arrived).
     Bandwidth {
-        tag: u64,
+        tag: ProbeTag,
         path: Hops,
+        /// Packets in the train (all of them were sent).
+        packets: u16,
         mbps: Option<f64>,
     },
 }
@@ -174,7 +171,7 @@ pub enum Refused {
 }
 
 struct Outstanding {
-    tag: u64,
+    tag: ProbeTag,
     path: Hops,
     sent: Duration,
     deadline: Duration,
@@ -182,7 +179,8 @@ struct Outstanding {
 }
 
 struct Train {
-    tag: u64,
+    tag: ProbeTag,
+    len: u16,
     path: Hops,
     /// Wire bytes of each packet (UDP payload + IP/UDP headers).
     wire_len: usize,
@@ -192,7 +190,7 @@ struct Train {
 }
 
 struct PeriodicTarget {
-    tag: u64,
+    tag: ProbeTag,
     every: Duration,
     next: Duration,
 }
@@ -243,18 +241,9 @@ pub struct Monitor {
     periodic: HashMap<Hops, PeriodicTarget>,
     bucket: Bucket,
     events: VecDeque<MonitorEvent>,
+    transmits: VecDeque<Transmit>,
     /// Shared so that the metrics endpoint can read them from its thread.
     pub counters: std::sync::Arc<MonitorCounters>,
-}
-
-/// What `on_packet` made of a packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Handled {
-    /// A probe of another monitor: send this reply.
-    Answer(Send),
-    /// A reply to one of our probes (results are in `poll_event`), or
-    /// something ignored and counted.
-    Done,
 }
 
 impl Monitor {
@@ -274,6 +263,7 @@ impl Monitor {
             paths: HashMap::new(),
             periodic: HashMap::new(),
             events: VecDeque::new(),
+            transmits: VecDeque::new(),
             counters: Default::default(),
         }
     }
@@ -326,15 +316,15 @@ impl Monitor {
             .map_or(init, |e| e.timeout(init, min, max))
     }
 
-    /// Builds one probe packet and records it as outstanding.
+    /// Builds one probe packet, records it as outstanding and queues it.
     fn emit(
         &mut self,
         now: Duration,
         path: Hops,
-        tag: u64,
+        tag: ProbeTag,
         body_len: usize,
         train: Option<(u32, u16, u16)>,
-    ) -> Send {
+    ) {
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         let header = pon::Repr {
@@ -375,10 +365,10 @@ impl Monitor {
         self.estimator(path).on_sent(now);
         self.counters.probes_sent.inc();
         self.counters.probe_bytes.add(bytes.len() as u64);
-        Send {
+        self.transmits.push_back(Transmit {
             first_hop: path.as_slice()[0],
             bytes,
-        }
+        });
     }
 
     fn admit(&mut self, now: Duration, n: usize) -> Result<(), Refused> {
@@ -393,19 +383,21 @@ impl Monitor {
         Ok(())
     }
 
-    /// One probe on `path` (relays, then the destination proxy) now; its
-    /// result comes back as a [`MonitorEvent::Probe`] with `tag`.
-    pub fn probe(&mut self, now: Duration, path: Hops, tag: u64) -> Result<Send, Refused> {
+    /// One probe on `path` (relays, then the destination proxy) now, queued
+    /// for [`Monitor::poll_transmit`]; its result comes back as a
+    /// [`MonitorEvent::Probe`] with `tag`.
+    pub fn probe(&mut self, now: Duration, path: Hops, tag: ProbeTag) -> Result<(), Refused> {
         self.check_path(&path)?;
         self.admit(now, 1)?;
         let len = self.cfg.probe_len;
-        Ok(self.emit(now, path, tag, len, None))
+        self.emit(now, path, tag, len, None);
+        Ok(())
     }
 
     /// An available-bandwidth measurement: a train of back-to-back probes
-    /// whose dispersion at the far end gives the bottleneck rate. Send the
-    /// returned packets in order, without pausing.
-    pub fn bandwidth(&mut self, now: Duration, path: Hops, tag: u64) -> Result<Vec<Send>, Refused> {
+    /// whose dispersion at the far end gives the bottleneck rate. The
+    /// packets are queued in order: send them without pausing.
+    pub fn bandwidth(&mut self, now: Duration, path: Hops, tag: ProbeTag) -> Result<(), Refused> {
         self.check_path(&path)?;
         let n = self.cfg.train_len;
         self.admit(now, usize::from(n))?;
@@ -417,21 +409,23 @@ impl Monitor {
             id,
             Train {
                 tag,
+                len: n,
                 path,
                 wire_len,
                 arrivals: Vec::with_capacity(usize::from(n)),
                 pending: n,
             },
         );
-        Ok((0..n)
-            .map(|i| self.emit(now, path, tag, body, Some((id, i, n))))
-            .collect())
+        for i in 0..n {
+            self.emit(now, path, tag, body, Some((id, i, n)));
+        }
+        Ok(())
     }
 
     /// Probes `path` every `every` from now on (`None`: stop), with results
     /// tagged `tag`. The router uses this to watch its current routes
     /// closely, independently of its learning budget.
-    pub fn set_rate(&mut self, now: Duration, path: Hops, tag: u64, every: Option<Duration>) {
+    pub fn set_rate(&mut self, now: Duration, path: Hops, tag: ProbeTag, every: Option<Duration>) {
         match every {
             None => {
                 self.periodic.remove(&path);
@@ -457,7 +451,7 @@ impl Monitor {
         self.periodic.iter().map(|(p, t)| (*p, t.every))
     }
 
-    /// When `on_tick` next has work (a timeout or a periodic probe).
+    /// When `handle_timeout` next has work (a timeout or a periodic probe).
     pub fn poll_timeout(&self) -> Option<Duration> {
         let d = self.deadlines.first().map(|(d, _)| *d);
         let p = self.periodic.values().map(|t| t.next).min();
@@ -467,9 +461,9 @@ impl Monitor {
         }
     }
 
-    /// Expires probes whose timeout passed (as losses) and appends the
-    /// periodic probes due to `out`.
-    pub fn on_tick(&mut self, now: Duration, out: &mut Vec<Send>) {
+    /// Expires probes whose timeout passed (as losses) and queues the
+    /// periodic probes due.
+    pub fn handle_timeout(&mut self, now: Duration) {
         while let Some(&(deadline, seq)) = self.deadlines.first() {
             if deadline > now {
                 break;
@@ -488,7 +482,7 @@ impl Monitor {
                 }
             }
         }
-        let due: Vec<(Hops, u64)> = self
+        let due: Vec<(Hops, ProbeTag)> = self
             .periodic
             .iter()
             .filter(|(_, t)| t.next <= now)
@@ -503,7 +497,7 @@ impl Monitor {
                 }
             }
             match self.probe(now, path, tag) {
-                Ok(s) => out.push(s),
+                Ok(()) => {}
                 Err(Refused::BadPath) => {
                     self.periodic.remove(&path);
                 }
@@ -512,47 +506,47 @@ impl Monitor {
         }
     }
 
+    /// The next result (probe outcome or train bandwidth).
     pub fn poll_event(&mut self) -> Option<MonitorEvent> {
         self.events.pop_front()
     }
 
-    /// A probe or probe reply that ended at this proxy (the whole PON packet).
-    pub fn on_packet(&mut self, now: Duration, bytes: &[u8]) -> Handled {
+    /// The next packet to send: every packet the monitor sends leaves here.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// A probe or probe reply that ended at this proxy (the whole PON
+    /// packet): a probe is answered (the reply is queued for
+    /// `poll_transmit`), a reply to ours gives a result; anything else is
+    /// counted and dropped.
+    pub fn handle_packet(&mut self, now: Duration, bytes: &[u8]) {
         let Ok(p) = pon::Packet::new_checked(bytes) else {
             self.counters.bad_packets.inc();
-            return Handled::Done;
+            return;
         };
         let Ok(body) = probe::Packet::new_checked(p.payload()) else {
             self.counters.bad_packets.inc();
-            return Handled::Done;
+            return;
         };
         match p.kind() {
             Kind::Probe => match self.answer(now, &p) {
                 Some(s) => {
                     self.counters.answered.inc();
                     self.counters.answer_bytes.add(s.bytes.len() as u64);
-                    Handled::Answer(s)
+                    self.transmits.push_back(s);
                 }
-                None => {
-                    self.counters.bad_packets.inc();
-                    Handled::Done
-                }
+                None => self.counters.bad_packets.inc(),
             },
-            Kind::ProbeReply => {
-                self.on_reply(now, &p, &body);
-                Handled::Done
-            }
-            Kind::Data => {
-                self.counters.bad_packets.inc();
-                Handled::Done
-            }
+            Kind::ProbeReply => self.on_reply(now, &p, &body),
+            Kind::Data => self.counters.bad_packets.inc(),
         }
     }
 
     /// Turns a probe into its reply: the relays reversed, ending at the
     /// probe's source; the body copied with our receive time (trimmed to the
     /// fixed part: the padding only matters on the way out).
-    fn answer(&self, now: Duration, p: &pon::Packet<&[u8]>) -> Option<Send> {
+    fn answer(&self, now: Duration, p: &pon::Packet<&[u8]>) -> Option<Transmit> {
         let source = p.source();
         let n = p.hop_count();
         if p.current_hop() != self.my_id || source == 0 || source == self.my_id {
@@ -583,7 +577,7 @@ impl Monitor {
         probe::Packet::new_checked(&mut bytes[hlen..])
             .ok()?
             .set_reply_rx_ns(now.as_nanos() as u64);
-        Some(Send {
+        Some(Transmit {
             first_hop: hops.as_slice()[0],
             bytes,
         })
@@ -642,6 +636,7 @@ impl Monitor {
         self.events.push_back(MonitorEvent::Bandwidth {
             tag: t.tag,
             path: t.path,
+            packets: t.len,
             mbps,
         });
     }

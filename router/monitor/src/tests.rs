@@ -17,6 +17,30 @@ fn deliver(bytes: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Everything the monitor queued to send.
+fn sent(m: &mut Monitor) -> Vec<Transmit> {
+    std::iter::from_fn(|| m.poll_transmit()).collect()
+}
+
+/// The one packet a call queued.
+fn one(m: &mut Monitor) -> Transmit {
+    let mut v = sent(m);
+    assert_eq!(v.len(), 1, "{v:?}");
+    v.pop().unwrap()
+}
+
+/// `m` handles a packet that ended at it; returns the answer it queued.
+fn answer(m: &mut Monitor, now: Duration, bytes: &[u8]) -> Option<Transmit> {
+    m.handle_packet(now, bytes);
+    let mut v = sent(m);
+    assert!(v.len() <= 1, "{v:?}");
+    v.pop()
+}
+
+fn tag(x: u32) -> ProbeTag {
+    ProbeTag::learning(2, x)
+}
+
 fn monitors() -> (Monitor, Monitor, Monitor) {
     let cfg = MonitorConfig::default();
     (
@@ -30,12 +54,11 @@ fn monitors() -> (Monitor, Monitor, Monitor) {
 fn relayed_probe_is_answered_along_the_reversed_route() {
     let (mut a, mut b, _) = monitors();
     let path = hops(&[3, 2]);
-    let s = a.probe(ms(0), path, 42).unwrap();
+    a.probe(ms(0), path, tag(42)).unwrap();
+    let s = one(&mut a);
     assert_eq!(s.first_hop, 3);
     let at_b = deliver(&s.bytes);
-    let Handled::Answer(reply) = b.on_packet(ms(20), &at_b) else {
-        panic!("b must answer")
-    };
+    let reply = answer(&mut b, ms(20), &at_b).expect("b must answer");
     assert_eq!(reply.first_hop, 3, "back through the relay");
     let p = pon::Packet::new_checked(&reply.bytes[..]).unwrap();
     assert_eq!(p.kind(), Kind::ProbeReply);
@@ -43,11 +66,11 @@ fn relayed_probe_is_answered_along_the_reversed_route() {
     assert_eq!(p.source(), 2);
     let body = probe::Packet::new_checked(p.payload()).unwrap();
     assert_eq!(body.reply_rx_ns(), 20_000_000);
-    assert_eq!(a.on_packet(ms(41), &deliver(&reply.bytes)), Handled::Done);
+    assert_eq!(answer(&mut a, ms(41), &deliver(&reply.bytes)), None);
     assert_eq!(
         a.poll_event(),
         Some(MonitorEvent::Probe {
-            tag: 42,
+            tag: tag(42),
             path,
             outcome: ProbeOutcome::Reply { rtt: ms(41) }
         })
@@ -63,24 +86,22 @@ fn relayed_probe_is_answered_along_the_reversed_route() {
 fn unanswered_probes_time_out_as_losses_and_late_replies_are_ignored() {
     let (mut a, mut b, _) = monitors();
     let path = hops(&[2]);
-    let s = a.probe(ms(0), path, 7).unwrap();
+    a.probe(ms(0), path, tag(7)).unwrap();
+    let s = one(&mut a);
     assert_eq!(a.poll_timeout(), Some(ms(1000)), "initial timeout");
-    let mut out = Vec::new();
-    a.on_tick(ms(999), &mut out);
+    a.handle_timeout(ms(999));
     assert_eq!(a.poll_event(), None);
-    a.on_tick(ms(1000), &mut out);
+    a.handle_timeout(ms(1000));
     assert_eq!(
         a.poll_event(),
         Some(MonitorEvent::Probe {
-            tag: 7,
+            tag: tag(7),
             path,
             outcome: ProbeOutcome::Lost
         })
     );
-    let Handled::Answer(r) = b.on_packet(ms(1100), &deliver(&s.bytes)) else {
-        panic!()
-    };
-    a.on_packet(ms(1200), &deliver(&r.bytes));
+    let r = answer(&mut b, ms(1100), &deliver(&s.bytes)).unwrap();
+    a.handle_packet(ms(1200), &deliver(&r.bytes));
     assert_eq!(a.poll_event(), None);
     assert_eq!(a.counters.late.get(), 1);
     assert_eq!(a.stats(ms(1200), &path).unwrap().loss, 1.0);
@@ -89,13 +110,12 @@ fn unanswered_probes_time_out_as_losses_and_late_replies_are_ignored() {
 #[test]
 fn replies_of_another_session_or_from_the_wrong_proxy_do_not_count() {
     let (mut a, mut b, mut c) = monitors();
-    let s = a.probe(ms(0), hops(&[2]), 1).unwrap();
+    a.probe(ms(0), hops(&[2]), tag(1)).unwrap();
+    let s = one(&mut a);
     // A restarted monitor (new session) gets the old run's reply.
     let mut a2 = Monitor::new(1, 0xdead, MonitorConfig::default());
-    let Handled::Answer(r) = b.on_packet(ms(5), &deliver(&s.bytes)) else {
-        panic!()
-    };
-    a2.on_packet(ms(10), &deliver(&r.bytes));
+    let r = answer(&mut b, ms(5), &deliver(&s.bytes)).unwrap();
+    a2.handle_packet(ms(10), &deliver(&r.bytes));
     assert_eq!(a2.poll_event(), None);
     assert_eq!(a2.counters.late.get(), 1);
     // A probe to 2 answered by 3 (a forged or misrouted reply).
@@ -103,10 +123,8 @@ fn replies_of_another_session_or_from_the_wrong_proxy_do_not_count() {
     let mut h = pon::Repr::parse(&pon::Packet::new_checked(&forged[..]).unwrap()).unwrap();
     h.hops = hops(&[3]);
     h.emit(&mut forged).unwrap();
-    let Handled::Answer(r) = c.on_packet(ms(5), &forged) else {
-        panic!()
-    };
-    a.on_packet(ms(10), &deliver(&r.bytes));
+    let r = answer(&mut c, ms(5), &forged).unwrap();
+    a.handle_packet(ms(10), &deliver(&r.bytes));
     assert_eq!(a.poll_event(), None);
     assert_eq!(a.counters.bad_packets.get(), 1);
 }
@@ -114,12 +132,14 @@ fn replies_of_another_session_or_from_the_wrong_proxy_do_not_count() {
 #[test]
 fn probes_not_for_us_and_garbage_are_counted() {
     let (mut a, mut b, _) = monitors();
-    let s = a.probe(ms(0), hops(&[3, 2]), 1).unwrap();
+    a.probe(ms(0), hops(&[3, 2]), tag(1)).unwrap();
+    let s = one(&mut a);
     // Still at hop index 0 (meant for 3): 2 must not answer it.
-    assert_eq!(b.on_packet(ms(1), &s.bytes), Handled::Done);
-    assert_eq!(b.on_packet(ms(1), &[1, 2, 3]), Handled::Done);
+    assert_eq!(answer(&mut b, ms(1), &s.bytes), None);
+    assert_eq!(answer(&mut b, ms(1), &[1, 2, 3]), None);
     assert_eq!(b.counters.bad_packets.get(), 2);
-    assert_eq!(a.probe(ms(0), hops(&[1]), 1), Err(Refused::BadPath));
+    assert_eq!(a.probe(ms(0), hops(&[1]), tag(1)), Err(Refused::BadPath));
+    assert!(sent(&mut a).is_empty());
 }
 
 #[test]
@@ -130,20 +150,18 @@ fn periodic_probes_keep_their_rate_and_the_budget_caps_everything() {
     };
     let mut a = Monitor::new(1, 1, cfg);
     let path = hops(&[2]);
-    a.set_rate(ms(0), path, 9, Some(ms(50)));
-    let mut sent = 0;
-    let mut out = Vec::new();
+    a.set_rate(ms(0), path, ProbeTag::keepalive(2), Some(ms(50)));
+    let mut n = 0;
     for t in 0..=1000 {
-        a.on_tick(ms(t), &mut out);
-        sent += out.len();
-        out.clear();
+        a.handle_timeout(ms(t));
+        n += sent(&mut a).len();
     }
-    assert_eq!(sent, 21, "every 50 ms for one second");
-    a.set_rate(ms(1000), path, 9, None);
+    assert_eq!(n, 21, "every 50 ms for one second");
+    a.set_rate(ms(1000), path, ProbeTag::keepalive(2), None);
     // On-demand probes beyond 100/s (burst 32) are refused and counted.
     let mut ok = 0;
     for i in 0..200 {
-        if a.probe(ms(2000) + Duration::from_micros(i * 100), path, 0)
+        if a.probe(ms(2000) + Duration::from_micros(i * 100), path, tag(0))
             .is_ok()
         {
             ok += 1;
@@ -151,28 +169,32 @@ fn periodic_probes_keep_their_rate_and_the_budget_caps_everything() {
     }
     assert!((32..=35).contains(&ok), "{ok}");
     assert_eq!(a.counters.refused_budget.get(), 200 - ok as u64);
+    assert_eq!(sent(&mut a).len(), ok, "only admitted probes are queued");
 }
 
 #[test]
 fn packet_train_gives_the_bottleneck_rate() {
     let (mut a, mut b, _) = monitors();
     let path = hops(&[2]);
-    let train = a.bandwidth(ms(0), path, 5).unwrap();
+    a.bandwidth(ms(0), path, ProbeTag::bandwidth(2, 5)).unwrap();
+    let train = sent(&mut a);
     assert_eq!(train.len(), 16);
     // Packets arrive at b spaced by a 100 Mbit/s bottleneck.
     let wire = train[0].bytes.len() + pon_proto::ip::UDP_OVERHEAD;
     let gap_ns = (wire as f64 * 8.0 / 100e6 * 1e9) as u64;
     for (i, s) in train.iter().enumerate() {
         let at = Duration::from_nanos(10_000_000 + i as u64 * gap_ns);
-        let Handled::Answer(r) = b.on_packet(at, &deliver(&s.bytes)) else {
-            panic!()
-        };
-        a.on_packet(at + ms(10), &deliver(&r.bytes));
+        let r = answer(&mut b, at, &deliver(&s.bytes)).unwrap();
+        a.handle_packet(at + ms(10), &deliver(&r.bytes));
     }
-    let Some(MonitorEvent::Bandwidth { tag, mbps, .. }) = a.poll_event() else {
+    let Some(MonitorEvent::Bandwidth {
+        tag, mbps, packets, ..
+    }) = a.poll_event()
+    else {
         panic!("one bandwidth event")
     };
-    assert_eq!(tag, 5);
+    assert_eq!(tag, ProbeTag::bandwidth(2, 5));
+    assert_eq!(packets, 16);
     let mbps = mbps.unwrap();
     assert!((mbps - 100.0).abs() < 1.0, "{mbps}");
     assert!((a.stats(ms(100), &path).unwrap().bandwidth_mbps.unwrap() - mbps).abs() < 1e-9);
@@ -182,16 +204,15 @@ fn packet_train_gives_the_bottleneck_rate() {
 fn a_train_with_losses_still_measures_from_what_arrived() {
     let (mut a, mut b, _) = monitors();
     let path = hops(&[2]);
-    let train = a.bandwidth(ms(0), path, 5).unwrap();
+    a.bandwidth(ms(0), path, ProbeTag::bandwidth(2, 5)).unwrap();
+    let train = sent(&mut a);
     for (i, s) in train.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
         let at = Duration::from_micros(1000 + i as u64 * 100);
-        if let Handled::Answer(r) = b.on_packet(at, &deliver(&s.bytes)) {
-            a.on_packet(at + ms(1), &deliver(&r.bytes));
-        }
+        let r = answer(&mut b, at, &deliver(&s.bytes)).unwrap();
+        a.handle_packet(at + ms(1), &deliver(&r.bytes));
     }
     assert_eq!(a.poll_event(), None, "half the train still pending");
-    let mut out = Vec::new();
-    a.on_tick(ms(5000), &mut out);
+    a.handle_timeout(ms(5000));
     let Some(MonitorEvent::Bandwidth { mbps: Some(m), .. }) = a.poll_event() else {
         panic!("the train completes through timeouts")
     };

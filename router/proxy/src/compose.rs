@@ -84,9 +84,9 @@ impl Composer {
     }
 }
 
-/// Where to send a steering message.
+/// A steering message: its datagrams, and the TAs to send them to.
 pub struct SteeringOut {
-    pub bytes: Vec<u8>,
+    pub datagrams: Vec<Vec<u8>>,
     pub agents: Vec<Ipv4Addr>,
 }
 
@@ -156,7 +156,7 @@ impl Steerer {
         .encode()
         .ok()?;
         Some(SteeringOut {
-            bytes,
+            datagrams: vec![bytes],
             agents: table.agents().map(|a| a.addr).collect(),
         })
     }

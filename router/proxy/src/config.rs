@@ -1,12 +1,15 @@
-//! pon-proxy's configuration: a forwarder configuration (same fields, same
-//! checks) plus `[routing]` (path selection; without it the proxy only
-//! forwards and answers other monitors' probes), `[monitor]` and `[proxy]`.
+//! The daemons' configurations. pon-proxy's: a forwarder configuration
+//! (same fields, same checks) plus `[routing]` (path selection; without it
+//! the proxy only forwards and answers other monitors' probes), `[monitor]`
+//! and `[proxy]`. pon-monitor's and pon-router's: their local-link
+//! addresses and the same `[monitor]` / `[routing]` sections.
 
 use crate::forwarder::ForwarderConfig;
 use anyhow::Context;
 use pon_monitor::MonitorConfig;
 use pon_routing::RoutingConfig;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -70,6 +73,29 @@ impl ProxyConfig {
         Ok(cfg)
     }
 
+    /// The forwarder's part of the core under this configuration.
+    pub fn forwarder_part(&self, epoch: u64) -> crate::core::ForwarderPartConfig {
+        crate::core::ForwarderPartConfig {
+            forwarder: self.forwarder.clone(),
+            epoch,
+            steering_port: self.control.steering_port,
+            steering_refresh: Duration::from_millis(self.control.steering_refresh_ms),
+        }
+    }
+
+    /// The router's part, when `[routing]` is on.
+    pub fn router_part(&self) -> Option<crate::core::RouterPartConfig> {
+        let c = &self.control;
+        self.routing
+            .clone()
+            .map(|routing| crate::core::RouterPartConfig {
+                routing,
+                keepalive: c.keepalive(),
+                bandwidth_every: (c.bandwidth_every_ms > 0)
+                    .then(|| Duration::from_millis(c.bandwidth_every_ms)),
+            })
+    }
+
     /// The forwarder's fields are checked by the forwarder's own parser,
     /// so errors read the same as pon-forwarder's.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
@@ -105,6 +131,87 @@ impl ProxyConfig {
             control,
         })
     }
+}
+
+/// pon-monitor's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorDaemonConfig {
+    /// UDP address for the forwarder's and the router's messages.
+    pub listen: SocketAddr,
+    /// The forwarder's local-link address.
+    pub forwarder: SocketAddr,
+    /// The router's local-link address.
+    pub router: SocketAddr,
+    /// Prometheus endpoint; `GET /status` answers per-path estimates.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+}
+
+impl MonitorDaemonConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let c: Self = load_toml(path, "monitor")?;
+        c.monitor.validate().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
+}
+
+/// pon-router's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterDaemonConfig {
+    /// UDP address for the forwarder's and the monitor's messages.
+    pub listen: SocketAddr,
+    pub forwarder: SocketAddr,
+    pub monitor: SocketAddr,
+    /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
+    /// Keepalive period of every current route (see pon-proxy's [proxy]).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_ms: u32,
+    /// Bandwidth trains for the policies that weigh bandwidth, this often
+    /// (see pon-proxy's [proxy]; 0: never).
+    #[serde(default = "default_bandwidth_every")]
+    pub bandwidth_every_ms: u64,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+fn default_keepalive() -> u32 {
+    ControlConfig::default().keepalive_ms as u32
+}
+
+fn default_bandwidth_every() -> u64 {
+    ControlConfig::default().bandwidth_every_ms
+}
+
+impl RouterDaemonConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let c: Self = load_toml(path, "router")?;
+        c.routing.validate()?;
+        if c.keepalive_ms == 0 {
+            anyhow::bail!("keepalive_ms must be positive");
+        }
+        Ok(c)
+    }
+
+    pub fn part(&self) -> crate::core::RouterPartConfig {
+        crate::core::RouterPartConfig {
+            routing: self.routing.clone(),
+            keepalive: Duration::from_millis(u64::from(self.keepalive_ms)),
+            bandwidth_every: (self.bandwidth_every_ms > 0)
+                .then(|| Duration::from_millis(self.bandwidth_every_ms)),
+        }
+    }
+}
+
+fn load_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} config {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("in {what} config {}", path.display()))
 }
 
 #[cfg(test)]

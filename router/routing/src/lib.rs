@@ -26,7 +26,7 @@ pub use config::{ConfigError, DestinationConfig, RoutingConfig};
 pub use measurement::{EstimatorConfig, Measurement};
 pub use policy::{PathMetrics, Policy, Weights};
 pub use router::{
-    candidate_paths, ChangeReason, DestinationStats, Outcome, ProbeRequest, Router, RouterError,
-    RouterEvent,
+    candidate_paths, ChangeReason, DestinationStats, ProbeOutcome, ProbeRequest, Router,
+    RouterError, RouterEvent,
 };
 pub use selector::{ProbeSelector, SelectorKind};

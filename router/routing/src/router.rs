@@ -40,11 +40,7 @@ pub struct ProbeRequest {
     pub index: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Reply { rtt: Duration },
-    Lost,
-}
+pub use pon_proto::measurement::ProbeOutcome;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeReason {
@@ -462,22 +458,41 @@ impl Router {
 
     /// The answer (or timeout) of a probe asked for by `on_tick`. Results
     /// for paths or destinations that no longer exist are ignored.
-    pub fn on_probe_result(&mut self, now: Duration, probe: &ProbeRequest, outcome: Outcome) {
-        let Some(&di) = self.index.get(&probe.dst) else {
+    pub fn on_probe_result(&mut self, now: Duration, probe: &ProbeRequest, outcome: ProbeOutcome) {
+        self.on_result(now, probe.dst, Some(probe.index), &probe.path, outcome);
+    }
+
+    /// The result of a probe on `path` towards `dst` that this router did
+    /// not ask for (the proxy's keepalives on current routes): filed like
+    /// any other measurement of that path.
+    pub fn on_path_result(&mut self, now: Duration, dst: u32, path: &Hops, outcome: ProbeOutcome) {
+        self.on_result(now, dst, None, path, outcome);
+    }
+
+    fn on_result(
+        &mut self,
+        now: Duration,
+        dst: u32,
+        index: Option<u32>,
+        path: &Hops,
+        outcome: ProbeOutcome,
+    ) {
+        let Some(&di) = self.index.get(&dst) else {
             return;
         };
         let d = &mut self.dests[di];
-        let idx = probe.index as usize;
-        let pi = if d.paths.get(idx).is_some_and(|c| c.hops == probe.path) {
-            idx
-        } else {
-            match d.lookup.get(&probe.path) {
+        let hinted = index
+            .map(|i| i as usize)
+            .filter(|&i| d.paths.get(i).is_some_and(|c| c.hops == *path));
+        let pi = match hinted {
+            Some(i) => i,
+            None => match d.lookup.get(path) {
                 Some(&i) => i as usize,
                 None => return,
-            }
+            },
         };
         match outcome {
-            Outcome::Reply { rtt } => {
+            ProbeOutcome::Reply { rtt } => {
                 d.paths[pi].m.on_reply(now, rtt, &self.est);
                 let goal = note(d, pi);
                 d.selector.observe(pi, goal.is_finite().then_some(goal));
@@ -496,7 +511,7 @@ impl Router {
                     self.events.push_back(RouterEvent::Reachable { dst: d.id });
                 }
             }
-            Outcome::Lost => {
+            ProbeOutcome::Lost => {
                 d.paths[pi].m.on_loss(now, &self.est);
                 if d.paths[pi].slot != NOT_LISTED {
                     note(d, pi);
@@ -508,16 +523,6 @@ impl Router {
                 }
             }
         }
-    }
-
-    /// Query the result by destination and path instead of by request.
-    pub fn on_path_result(&mut self, now: Duration, dst: u32, path: &Hops, outcome: Outcome) {
-        let probe = ProbeRequest {
-            dst,
-            path: *path,
-            index: u32::MAX,
-        };
-        self.on_probe_result(now, &probe, outcome);
     }
 
     /// An available-bandwidth measurement of a path (used by the bandwidth

@@ -3,16 +3,19 @@
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::Parser;
+use pon_proxy::core::{ForwarderPart, ForwarderPartConfig, Part};
+use pon_proxy::daemon::{self, EventLoop, Io, Link};
 use pon_proxy::forwarder::{io, Engine, ForwarderConfig};
 use pon_telemetry::PromWriter;
-use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Forwards application packets through the PON overlay: from local
 /// transmission agents into the overlay (ingress), between proxies along the
 /// source route in the PON header (transit), and out to the destination's
-/// reception agent (egress).
+/// reception agent (egress). With a [local] section, pon-monitor and
+/// pon-router run as separate processes and talk to it over a local link.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -23,6 +26,9 @@ struct Args {
     #[arg(long)]
     check: bool,
 }
+
+/// The table's and the steering's refresh when the router runs apart.
+const STEERING_REFRESH: Duration = Duration::from_secs(1);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -37,70 +43,78 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let shared = Arc::new(ArcSwap::from_pointee(table));
     let engine = Engine::new(
-        Arc::new(ArcSwap::from_pointee(table)),
+        shared.clone(),
         cfg.local_addr,
         cfg.underlay_mtu,
         cfg.hop_limit,
     );
-    // [local]: pon-monitor and pon-router run as separate processes; probes
-    // that end here go to the monitor, and one link thread owns the table.
-    let split = match &cfg.local {
-        Some(l) => Some(
-            pon_proxy::split::forwarder::Split::new(l)
-                .with_context(|| format!("binding the local link {}", l.listen))?,
-        ),
+    let (mailbox, inbox) = daemon::mailbox(4096, 4096);
+    // [local]: probes that end here go to pon-monitor, over the link.
+    let link = match &cfg.local {
+        Some(l) => {
+            let partners = daemon::partners(Part::Forwarder, l.listen, l.monitor, l.router);
+            let link = Link::bind(l.listen, partners)
+                .with_context(|| format!("binding the local link {}", l.listen))?;
+            link.spawn_reader(mailbox.clone())?;
+            Some(link)
+        }
         None => None,
     };
-    let engine = Arc::new(if split.is_some() {
-        engine.with_monitor()
-    } else {
-        engine
+    let engine = Arc::new(match &link {
+        Some(_) => engine.with_monitor(),
+        None => engine,
     });
-    let agent_udp = match cfg.agent_udp_port {
-        0 => None,
-        port => {
-            let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, port));
-            Some(
-                pon_netio::udp::UdpIo::bind(bind)
-                    .with_context(|| format!("binding agent UDP socket {bind}"))?,
-            )
-        }
-    };
-    let sockets = Arc::new(io::Sockets {
-        peer: pon_netio::udp::UdpIo::bind(cfg.listen)
-            .with_context(|| format!("binding {}", cfg.listen))?,
-        ipip_rx: pon_netio::IpipReceiver::open()
-            .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?,
-        raw_tx: pon_netio::RawSender::open()
-            .context("opening raw send socket (needs CAP_NET_RAW)")?,
-        agent_udp,
-        max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
-        // Without [local] there is no monitor (the engine drops probes that
-        // end here); pon-proxy answers them in-process.
-        monitor: split.as_ref().map(|s| s.sink.clone()),
+    let sink = link.as_ref().map(|_| mailbox.sink());
+    let sockets = Arc::new(daemon::open_sockets(&cfg, sink)?);
+    let steering_port = cfg.local.as_ref().map_or(0, |l| l.steering_port);
+    let (epoch, _) = daemon::run_ids();
+    let part = ForwarderPart::new(ForwarderPartConfig {
+        forwarder: cfg.clone(),
+        epoch,
+        steering_port,
+        steering_refresh: STEERING_REFRESH,
     });
-    // CU mode: the client thread swaps the table as the CU's view changes.
-    let link_counters = split.as_ref().map(|s| s.counters());
-    let cu_status = match split {
-        Some(s) => s.start(&cfg, engine.table.clone(), sockets.clone())?,
-        None => pon_proxy::forwarder::cu::start(&cfg, engine.table.clone())?,
+    let part_counters = part.counters.clone();
+    let link_counters = link.as_ref().map(|l| l.counters.clone());
+    let io = Io {
+        sockets: Some(sockets.clone()),
+        table: Some(shared.clone()),
+        steering: daemon::steering_socket(&cfg, steering_port)?,
+        link,
+        ..Io::default()
     };
+    let loop_counters = io.counters.clone();
+    // CU mode: views go to the control thread, the one writer of the table.
+    let cu_status = daemon::start_cu(&cfg, &mailbox)?;
+    let mailbox_counters = mailbox.counters.clone();
+    EventLoop {
+        core: part,
+        inbox,
+        io,
+        publish: Box::new(|_: &ForwarderPart, _| {}),
+        status_every: Duration::from_secs(1),
+        start: Instant::now(),
+    }
+    .spawn("fwd-control")?;
+    drop(mailbox);
     if let Some(addr) = cfg.metrics {
-        let cu_status = cu_status.clone();
         let counters = engine.counters.clone();
-        let table = engine.table.clone();
         pon_telemetry::serve_metrics(
             addr,
             Arc::new(move |w: &mut PromWriter| {
                 counters.render(w);
+                part_counters.render(w);
+                loop_counters.render(w);
+                mailbox_counters.render(w);
                 if let Some(l) = &link_counters {
                     l.render(w);
                 }
                 if let Some(s) = &cu_status {
                     s.render(w);
                 }
-                table.load().render(w);
+                shared.load().render(w);
             }),
         )
         .with_context(|| format!("serving metrics on {addr}"))?;

@@ -1,13 +1,15 @@
 //! pon-monitor: the proxy's monitor as a process of its own.
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use clap::Parser;
-use pon_monitor::Monitor;
-use pon_proxy::split::link::Link;
-use pon_proxy::split::monitor::{MonitorDaemon, MonitorDaemonConfig, MonitorStatus};
+use pon_proxy::config::MonitorDaemonConfig;
+use pon_proxy::core::{MonitorPart, MonitorStatus, Part};
+use pon_proxy::daemon::{self, EventLoop, Link};
 use pon_telemetry::PromWriter;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Measures overlay paths to other proxies with probe packets (RTT
 /// percentiles, jitter, loss, bandwidth on demand) at the rates pon-router
@@ -25,36 +27,28 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pon_telemetry::init_logging();
     let cfg = MonitorDaemonConfig::load(&args.config)?;
-    let link = Link::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-    let session = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.subsec_nanos() ^ std::process::id());
-    // The id comes with the forwarder's first topology message.
-    let monitor = Monitor::new(0, session, cfg.monitor.clone());
-    let status = Arc::new(Mutex::new(MonitorStatus::default()));
+    let partners = daemon::partners(Part::Monitor, cfg.forwarder, cfg.listen, cfg.router);
+    let link =
+        Link::bind(cfg.listen, partners).with_context(|| format!("binding {}", cfg.listen))?;
+    let (mailbox, inbox) = daemon::mailbox(4096, 1);
+    link.spawn_reader(mailbox.clone())?;
+    let (_, session) = daemon::run_ids();
+    let part = MonitorPart::new(session, cfg.monitor.clone());
+    let status = Arc::new(ArcSwap::from_pointee(MonitorStatus::default()));
     if let Some(addr) = cfg.metrics {
-        let (mc, lc, st) = (
-            monitor.counters.clone(),
-            link.counters.clone(),
-            status.clone(),
-        );
-        let render = Arc::new(move |w: &mut PromWriter| {
+        let (mc, lc) = (part.monitor().counters.clone(), link.counters.clone());
+        let (pc, mbc) = (part.counters.clone(), mailbox.counters.clone());
+        let render = move |w: &mut PromWriter| {
             mc.render(w);
+            pc.render(w);
             lc.render(w);
-        });
-        let json = Arc::new(move || {
-            let s = st.lock().unwrap_or_else(|p| p.into_inner());
-            serde_json::to_string_pretty(&*s).unwrap_or_default()
-        });
-        pon_telemetry::serve_http(addr, render, Some(json))
-            .with_context(|| format!("serving metrics on {addr}"))?;
+            mbc.render(w);
+        };
+        daemon::serve_status(addr, render, status.clone())?;
     }
     tracing::info!(listen = %cfg.listen, forwarder = %cfg.forwarder, router = %cfg.router, "monitor running");
-    MonitorDaemon {
-        cfg,
-        monitor,
-        link,
-        status,
-    }
-    .run()
+    drop(mailbox);
+    let publish = Box::new(move |m: &MonitorPart, now| status.store(Arc::new(m.status(now))));
+    EventLoop::over_link(part, inbox, link, publish, Duration::from_millis(500)).run();
+    Ok(())
 }

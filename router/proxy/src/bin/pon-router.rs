@@ -3,12 +3,13 @@
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use clap::Parser;
-use pon_proxy::control::{BudgetStatus, Status};
-use pon_proxy::split::link::Link;
-use pon_proxy::split::router::{RouterDaemon, RouterDaemonConfig};
+use pon_proxy::config::RouterDaemonConfig;
+use pon_proxy::core::{Part, RouterPart};
+use pon_proxy::daemon::{self, EventLoop, Link};
 use pon_telemetry::PromWriter;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Chooses each destination proxy's path within a probe budget (probes run
 /// by pon-monitor), fails over when the current path dies, and sends the
@@ -26,34 +27,27 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     pon_telemetry::init_logging();
     let cfg = RouterDaemonConfig::load(&args.config)?;
-    let link = Link::bind(cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-    let status = Arc::new(ArcSwap::from_pointee(Status {
-        id: 0,
-        routing: false,
-        destinations: vec![],
-        budget: BudgetStatus {
-            max_probes_per_sec: 0,
-            probes_per_sec: 0.0,
-            probes_sent: 0,
-            probe_bytes_sent: 0,
-            refused: 0,
-            answered: 0,
-            keepalive_ms: u64::from(cfg.keepalive_ms),
-            interval_ms: Some(cfg.routing.interval_ms),
-            probes_per_interval: Some(cfg.routing.probes_per_interval),
-        },
-    }));
+    let partners = daemon::partners(Part::Router, cfg.forwarder, cfg.monitor, cfg.listen);
+    let link =
+        Link::bind(cfg.listen, partners).with_context(|| format!("binding {}", cfg.listen))?;
+    let (mailbox, inbox) = daemon::mailbox(4096, 1);
+    link.spawn_reader(mailbox.clone())?;
+    let part = RouterPart::new(cfg.part());
+    let status = Arc::new(ArcSwap::from_pointee(part.status(Duration::ZERO)));
     if let Some(addr) = cfg.metrics {
-        let (lc, st) = (link.counters.clone(), status.clone());
-        let render = Arc::new(move |w: &mut PromWriter| {
+        let (lc, pc) = (link.counters.clone(), part.counters.clone());
+        let (mbc, st) = (mailbox.counters.clone(), status.clone());
+        let render = move |w: &mut PromWriter| {
             lc.render(w);
+            pc.render(w);
+            mbc.render(w);
             st.load().render(w);
-        });
-        let st = status.clone();
-        let json = Arc::new(move || serde_json::to_string_pretty(&**st.load()).unwrap_or_default());
-        pon_telemetry::serve_http(addr, render, Some(json))
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        };
+        daemon::serve_status(addr, render, status.clone())?;
     }
     tracing::info!(listen = %cfg.listen, forwarder = %cfg.forwarder, monitor = %cfg.monitor, "router running");
-    RouterDaemon::new(cfg, link, status).run()
+    drop(mailbox);
+    let publish = Box::new(move |r: &RouterPart, now| status.store(Arc::new(r.status(now))));
+    EventLoop::over_link(part, inbox, link, publish, Duration::from_millis(250)).run();
+    Ok(())
 }

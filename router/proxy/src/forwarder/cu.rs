@@ -6,7 +6,7 @@
 use super::ForwarderConfig;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
-use pon_forwarder::{Agent, Encap, ForwardingTable, SharedTable};
+use pon_forwarder::{Agent, Encap, ForwardingTable};
 use pon_proto::control::{self, Endpoints};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -68,36 +68,6 @@ pub fn table_from_view_with(
         .filter(|(to, via)| usable(*to, via))
         .collect();
     ForwardingTable::build(me, &peers, &agents, &destinations, &relays)
-}
-
-/// Starts the CU client if the config has a `[cu]` section.
-pub fn start(
-    cfg: &ForwarderConfig,
-    table: SharedTable,
-) -> anyhow::Result<Option<Arc<ClientStatus>>> {
-    let Some(cu) = cfg.cu.clone() else {
-        return Ok(None);
-    };
-    let cloud = cu.cloud.clone();
-    let fcfg = cfg.clone();
-    let on_view = Box::new(
-        move |view: &View| match table_from_view(&fcfg, &cloud, view) {
-            Ok(t) => {
-                tracing::info!(
-                    id = t.my_id(),
-                    peers = t.peer_count(),
-                    destinations = t.destinations().len(),
-                    agents = t.agents().count(),
-                    "table updated from the CU"
-                );
-                table.store(Arc::new(t));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "the CU's view does not make a valid table; keeping the last one")
-            }
-        },
-    );
-    start_with(cfg, on_view)
 }
 
 /// Starts the CU client if the config has a `[cu]` section, handing every

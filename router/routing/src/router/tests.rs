@@ -33,11 +33,11 @@ fn router(cfg: RoutingConfig, relays: u32) -> Router {
 fn step(r: &mut Router, t: u64, world: &dyn Fn(&Hops) -> Option<u64>) -> Vec<RouterEvent> {
     let mut probes = Vec::new();
     r.on_tick(secs(t), &mut probes);
-    let mut results: Vec<(Duration, ProbeRequest, Outcome)> = probes
+    let mut results: Vec<(Duration, ProbeRequest, ProbeOutcome)> = probes
         .iter()
         .map(|p| match world(&p.path) {
-            Some(rtt) => (secs(t) + ms(rtt), *p, Outcome::Reply { rtt: ms(rtt) }),
-            None => (secs(t) + ms(900), *p, Outcome::Lost),
+            Some(rtt) => (secs(t) + ms(rtt), *p, ProbeOutcome::Reply { rtt: ms(rtt) }),
+            None => (secs(t) + ms(900), *p, ProbeOutcome::Lost),
         })
         .collect();
     results.sort_by_key(|(at, _, _)| *at);
@@ -339,10 +339,20 @@ fn topology_changes_keep_measurements_and_move_a_vanished_route() {
 #[test]
 fn stray_results_are_ignored_and_lookup_by_path_works() {
     let mut r = router(cfg(), 2);
-    r.on_path_result(secs(0), 9, &hops(&[9]), Outcome::Reply { rtt: ms(5) });
-    r.on_path_result(secs(0), 2, &hops(&[7, 2]), Outcome::Reply { rtt: ms(5) });
+    r.on_path_result(secs(0), 9, &hops(&[9]), ProbeOutcome::Reply { rtt: ms(5) });
+    r.on_path_result(
+        secs(0),
+        2,
+        &hops(&[7, 2]),
+        ProbeOutcome::Reply { rtt: ms(5) },
+    );
     assert!(r.poll_event().is_none());
-    r.on_path_result(secs(0), 2, &hops(&[3, 2]), Outcome::Reply { rtt: ms(5) });
+    r.on_path_result(
+        secs(0),
+        2,
+        &hops(&[3, 2]),
+        ProbeOutcome::Reply { rtt: ms(5) },
+    );
     assert_eq!(r.current_path(2), Some(hops(&[3, 2])));
     r.on_bandwidth(secs(0), 2, &hops(&[3, 2]), 250.0);
     let bw = r
@@ -443,8 +453,8 @@ proptest! {
                 }
                 for p in &probes {
                     let o = match row[p.index as usize % row.len()] {
-                        Some(rtt) => Outcome::Reply { rtt: ms(rtt) },
-                        None => Outcome::Lost,
+                        Some(rtt) => ProbeOutcome::Reply { rtt: ms(rtt) },
+                        None => ProbeOutcome::Lost,
                     };
                     r.on_probe_result(secs(t as u64) + ms(500), p, o);
                 }

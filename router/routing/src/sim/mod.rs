@@ -14,7 +14,7 @@ pub use scenario::{from_csv, generate, CsvError, GenParams, PathTruth, Scenario}
 
 use super::policy::{PathMetrics, Policy};
 use super::rng::Rng;
-use super::router::{ChangeReason, Outcome, ProbeRequest, Router, RouterEvent};
+use super::router::{ChangeReason, ProbeOutcome, ProbeRequest, Router, RouterEvent};
 use super::RoutingConfig;
 use std::time::{Duration, Instant};
 
@@ -243,7 +243,7 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
     let mut rng = Rng::derive(rc.seed, 0x5eed);
     let mut acc = vec![PairAcc::default(); n * n];
     let mut probes: Vec<ProbeRequest> = Vec::new();
-    let mut results: Vec<(Duration, usize, Outcome)> = Vec::new();
+    let mut results: Vec<(Duration, usize, ProbeOutcome)> = Vec::new();
     let mut hop_idx: Vec<usize> = Vec::with_capacity(8);
     let (mut total_probes, mut changes, mut failovers) = (0u64, 0u64, 0u64);
     for t in 0..s.intervals {
@@ -263,9 +263,9 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 let rtt_ms = truth.rtt_ms * (1.0 + rc.probe_jitter * half_normal(&mut rng));
                 let rtt = Duration::from_secs_f64(rtt_ms.max(0.0) / 1000.0);
                 if rng.chance(truth.loss) || rtt > rc.probe_timeout {
-                    results.push((now + rc.probe_timeout, pi, Outcome::Lost));
+                    results.push((now + rc.probe_timeout, pi, ProbeOutcome::Lost));
                 } else {
-                    results.push((now + rtt, pi, Outcome::Reply { rtt }));
+                    results.push((now + rtt, pi, ProbeOutcome::Reply { rtt }));
                 }
             }
             // Destinations are independent inside a router, so only the

@@ -1,0 +1,322 @@
+//! The proxy core, without I/O (as quinn-proto is to quinn): the one place
+//! where the forwarding table's inputs, the monitor and the router meet.
+//!
+//! It is three parts that talk only through typed [`LocalMsg`]s:
+//!
+//! - [`ForwarderPart`]: the one writer of the forwarding table. It composes
+//!   the base (static configuration, or the CU's latest view) with the
+//!   router's routes, tells the other parts the topology, hands probes that
+//!   end here to the monitor and sends the monitor's packets, and steers
+//!   the local TAs off destinations the overlay cannot reach.
+//! - [`MonitorPart`]: the [`pon_monitor::Monitor`], probing on the
+//!   router's requests and answering other monitors.
+//! - [`RouterPart`]: the [`pon_routing::Router`], the keepalives on current
+//!   routes, the bandwidth schedule and the probe accounting.
+//!
+//! Every input carries an explicit `now` (time since the daemon started);
+//! every output leaves through one queue per part ([`Output`]). A part
+//! never does I/O and never calls another part.
+//!
+//! [`ProxyCore`] is the three parts in one process: it delivers their
+//! messages to each other at once, in order, and exposes what leaves the
+//! proxy through `poll_transmit` (datagrams) and `poll_action` (tables to
+//! store). The split daemons (pon-forwarder + pon-monitor + pon-router) run
+//! the very same parts and carry the same messages as datagrams over the
+//! local link, so both shapes behave alike by construction; the simulator
+//! in `tests.rs` runs every scenario in both.
+
+mod forwarder;
+mod monitor;
+mod rate;
+mod router;
+pub mod status;
+
+pub use forwarder::{ForwarderPart, ForwarderPartConfig};
+pub use monitor::MonitorPart;
+pub use router::{RouterPart, RouterPartConfig};
+pub use status::{MonitorStatus, Status};
+
+use crate::forwarder::ForwardingTable;
+use crate::ProxyConfig;
+use pon_cu::view::View;
+use pon_proto::local::LocalMsg;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The three parts of a proxy: the addressees of local messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    Forwarder,
+    Monitor,
+    Router,
+}
+
+/// A datagram that leaves the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transmit {
+    /// A PON packet (probe, train packet or reply), out of the proxy's
+    /// peer socket: peers accept PON packets only from that address.
+    Peer { to: SocketAddr, bytes: Vec<u8> },
+    /// A steering message to a local TA.
+    Steering { to: SocketAddrV4, bytes: Vec<u8> },
+}
+
+/// What a part wants done; the only way anything leaves a part.
+#[derive(Debug, Clone)]
+pub enum Output {
+    Transmit(Transmit),
+    /// Store this table (it replaces the forwarder's current one).
+    Table(Arc<ForwardingTable>),
+    /// A message for another part of this proxy.
+    Local {
+        to: Part,
+        msg: LocalMsg,
+    },
+}
+
+/// What the daemon around [`ProxyCore`] must do besides sending datagrams.
+#[derive(Debug, Clone)]
+pub enum Action {
+    StoreTable(Arc<ForwardingTable>),
+}
+
+/// Forwarder, monitor and router of one proxy in one process.
+pub struct ProxyCore {
+    forwarder: ForwarderPart,
+    monitor: MonitorPart,
+    router: Option<RouterPart>,
+    transmits: VecDeque<Transmit>,
+    actions: VecDeque<Action>,
+    /// Messages between the parts not yet delivered (kept to deliver in
+    /// order, as the local link would).
+    local: VecDeque<(Part, Part, LocalMsg)>,
+}
+
+impl ProxyCore {
+    /// `session` tells this run's probes from a previous run's; `epoch`
+    /// does the same for steering messages.
+    pub fn new(cfg: &ProxyConfig, session: u32, epoch: u64) -> Self {
+        let mut core = ProxyCore {
+            forwarder: ForwarderPart::new(cfg.forwarder_part(epoch)),
+            monitor: MonitorPart::new(session, cfg.monitor.clone()),
+            router: cfg.router_part().map(RouterPart::new),
+            transmits: VecDeque::new(),
+            actions: VecDeque::new(),
+            local: VecDeque::new(),
+        };
+        core.deliver(Duration::ZERO);
+        core
+    }
+
+    /// A probe or probe reply that ended at this proxy (the whole PON packet).
+    pub fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        self.forwarder.handle_arrived(now, packet);
+        self.deliver(now);
+    }
+
+    /// The CU's latest view (CU mode).
+    pub fn handle_view(&mut self, now: Duration, view: View) {
+        self.forwarder.handle_view(now, view);
+        self.deliver(now);
+    }
+
+    /// Runs whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.forwarder.handle_timeout(now);
+        self.monitor.handle_timeout(now);
+        if let Some(r) = &mut self.router {
+            r.handle_timeout(now);
+        }
+        self.deliver(now);
+    }
+
+    /// When `handle_timeout` next has work.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        [
+            self.forwarder.poll_timeout(),
+            self.monitor.poll_timeout(),
+            self.router.as_ref().and_then(|r| r.poll_timeout()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Moves every part's outputs until none is left: local messages to
+    /// their part, the rest to the outer queues.
+    fn deliver(&mut self, now: Duration) {
+        loop {
+            self.collect();
+            let Some((from, to, msg)) = self.local.pop_front() else {
+                return;
+            };
+            match to {
+                Part::Forwarder => self.forwarder.handle_message(now, from, msg),
+                Part::Monitor => self.monitor.handle_message(now, from, msg),
+                // Without [routing] nobody asks for probes, so nothing is
+                // meant for the router but the topology.
+                Part::Router => {
+                    if let Some(r) = &mut self.router {
+                        r.handle_message(now, from, msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn collect(&mut self) {
+        let parts: [(Part, &mut dyn Outputs); 3] = [
+            (Part::Forwarder, &mut self.forwarder),
+            (Part::Monitor, &mut self.monitor),
+            match &mut self.router {
+                Some(r) => (Part::Router, r),
+                None => (Part::Router, &mut NoOutputs),
+            },
+        ];
+        for (from, p) in parts {
+            while let Some(o) = p.poll_output() {
+                match o {
+                    Output::Transmit(t) => self.transmits.push_back(t),
+                    Output::Table(t) => self.actions.push_back(Action::StoreTable(t)),
+                    Output::Local { to, msg } => self.local.push_back((from, to, msg)),
+                }
+            }
+        }
+    }
+
+    pub fn forwarder(&self) -> &ForwarderPart {
+        &self.forwarder
+    }
+
+    pub fn monitor(&self) -> &MonitorPart {
+        &self.monitor
+    }
+
+    pub fn router(&self) -> Option<&RouterPart> {
+        self.router.as_ref()
+    }
+
+    /// What `ponctl` and the status page show: the router's view of each
+    /// destination, with the monitor's estimates and budget.
+    pub fn status(&self, now: Duration) -> Status {
+        let mut s = match &self.router {
+            Some(r) => r.status(now),
+            None => Status::default(),
+        };
+        s.id = self.forwarder.my_id();
+        self.monitor.fill(now, &mut s);
+        s
+    }
+}
+
+/// A part's output queue, seen by whoever moves its outputs.
+pub trait Outputs {
+    fn poll_output(&mut self) -> Option<Output>;
+}
+
+/// What a daemon's event loop drives: [`ProxyCore`] in pon-proxy, one part
+/// in each split daemon. Inputs a core does not take are counted by it and
+/// dropped.
+pub trait Core: Outputs {
+    /// A probe or reply that ended at this proxy (from the forwarding threads).
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>);
+    /// The CU's latest view.
+    fn handle_view(&mut self, now: Duration, view: View);
+    /// A message from another part, over the local link.
+    fn handle_local(&mut self, now: Duration, from: Part, msg: LocalMsg);
+    fn handle_timeout(&mut self, now: Duration);
+    fn poll_timeout(&self) -> Option<Duration>;
+}
+
+impl Outputs for ProxyCore {
+    fn poll_output(&mut self) -> Option<Output> {
+        if let Some(a) = self.poll_action() {
+            return Some(match a {
+                Action::StoreTable(t) => Output::Table(t),
+            });
+        }
+        self.poll_transmit().map(Output::Transmit)
+    }
+}
+
+impl Core for ProxyCore {
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        ProxyCore::handle_packet(self, now, packet)
+    }
+    fn handle_view(&mut self, now: Duration, view: View) {
+        ProxyCore::handle_view(self, now, view)
+    }
+    /// pon-proxy has no local link: its parts talk in-process.
+    fn handle_local(&mut self, _now: Duration, _from: Part, _msg: LocalMsg) {}
+    fn handle_timeout(&mut self, now: Duration) {
+        ProxyCore::handle_timeout(self, now)
+    }
+    fn poll_timeout(&self) -> Option<Duration> {
+        ProxyCore::poll_timeout(self)
+    }
+}
+
+impl Core for ForwarderPart {
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
+        self.handle_arrived(now, packet)
+    }
+    fn handle_view(&mut self, now: Duration, view: View) {
+        ForwarderPart::handle_view(self, now, view)
+    }
+    fn handle_local(&mut self, now: Duration, from: Part, msg: LocalMsg) {
+        self.handle_message(now, from, msg)
+    }
+    fn handle_timeout(&mut self, now: Duration) {
+        ForwarderPart::handle_timeout(self, now)
+    }
+    fn poll_timeout(&self) -> Option<Duration> {
+        ForwarderPart::poll_timeout(self)
+    }
+}
+
+struct NoOutputs;
+
+impl Outputs for NoOutputs {
+    fn poll_output(&mut self) -> Option<Output> {
+        None
+    }
+}
+
+/// The monitor's and the router's parts take only local messages.
+macro_rules! local_only_core {
+    ($part:ty) => {
+        impl Core for $part {
+            fn handle_packet(&mut self, _now: Duration, _packet: Vec<u8>) {
+                self.counters.unexpected.inc()
+            }
+            fn handle_view(&mut self, _now: Duration, _view: View) {
+                self.counters.unexpected.inc()
+            }
+            fn handle_local(&mut self, now: Duration, from: Part, msg: LocalMsg) {
+                self.handle_message(now, from, msg)
+            }
+            fn handle_timeout(&mut self, now: Duration) {
+                <$part>::handle_timeout(self, now)
+            }
+            fn poll_timeout(&self) -> Option<Duration> {
+                <$part>::poll_timeout(self)
+            }
+        }
+    };
+}
+
+local_only_core!(MonitorPart);
+local_only_core!(RouterPart);
+
+#[cfg(test)]
+mod tests;

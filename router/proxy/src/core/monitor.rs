@@ -1,0 +1,186 @@
+//! The monitor's part of the core: the [`Monitor`] fed with the packets the
+//! forwarder hands it and the router's requests; its packets leave through
+//! the forwarder (peers accept PON packets only from the forwarder's
+//! address), its results go to the router.
+
+use super::rate::RateMeter;
+use super::status::{MonitorStatus, PathStatus, Status};
+use super::{Output, Outputs, Part};
+use pon_monitor::{Monitor, MonitorConfig, MonitorEvent};
+use pon_proto::local::LocalMsg;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+pon_telemetry::counters! {
+    pub struct MonitorPartCounters {
+        unexpected => ("pon_proxy_local_unexpected_total", "part=\"monitor\"", "Local messages a part does not take from their sender (dropped)."),
+    }
+}
+
+/// Paths not probed for this long are forgotten (their estimates are stale).
+const FORGET_IDLE: Duration = Duration::from_secs(600);
+
+pub struct MonitorPart {
+    monitor: Monitor,
+    /// Probes sent per second, over the last few seconds.
+    rate: RateMeter<()>,
+    out: VecDeque<Output>,
+    pub counters: Arc<MonitorPartCounters>,
+}
+
+impl MonitorPart {
+    /// `session` tells this run's probes from a previous run's. The id
+    /// comes with the forwarder's first topology message.
+    pub fn new(session: u32, cfg: MonitorConfig) -> Self {
+        MonitorPart {
+            monitor: Monitor::new(0, session, cfg),
+            rate: RateMeter::default(),
+            out: VecDeque::new(),
+            counters: Default::default(),
+        }
+    }
+
+    pub fn monitor(&self) -> &Monitor {
+        &self.monitor
+    }
+
+    pub fn handle_message(&mut self, now: Duration, from: Part, msg: LocalMsg) {
+        let m = &mut self.monitor;
+        match (from, msg) {
+            (Part::Forwarder, LocalMsg::Arrived(packet)) => m.handle_packet(now, &packet),
+            (Part::Forwarder, LocalMsg::Topology { id, .. }) => m.set_my_id(id),
+            // A refused probe is counted by the monitor (budget, outstanding)
+            // and simply gives no result: the router sees no answer.
+            (Part::Router, LocalMsg::Probe { tag, path }) => {
+                let _ = m.probe(now, path, tag);
+            }
+            (Part::Router, LocalMsg::Bandwidth { tag, path }) => {
+                let _ = m.bandwidth(now, path, tag);
+            }
+            (
+                Part::Router,
+                LocalMsg::Rate {
+                    tag,
+                    path,
+                    every_ms,
+                },
+            ) => {
+                let every = (every_ms > 0).then(|| Duration::from_millis(u64::from(every_ms)));
+                m.set_rate(now, path, tag, every);
+            }
+            _ => self.counters.unexpected.inc(),
+        }
+        self.drain();
+    }
+
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.monitor.handle_timeout(now);
+        if self
+            .rate
+            .update(now, [((), self.monitor.counters.probes_sent.get())])
+        {
+            self.monitor.forget_idle(now, FORGET_IDLE);
+        }
+        self.drain();
+    }
+
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        // The rate meter needs a look now and then even when idle.
+        let meter = self.rate.next_update();
+        [self.monitor.poll_timeout(), Some(meter)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Packets to the forwarder, results to the router.
+    fn drain(&mut self) {
+        while let Some(t) = self.monitor.poll_transmit() {
+            self.out.push_back(Output::Local {
+                to: Part::Forwarder,
+                msg: LocalMsg::Send {
+                    hop: t.first_hop,
+                    packet: t.bytes,
+                },
+            });
+        }
+        while let Some(ev) = self.monitor.poll_event() {
+            let msg = match ev {
+                MonitorEvent::Probe { tag, path, outcome } => {
+                    LocalMsg::Result { tag, path, outcome }
+                }
+                MonitorEvent::Bandwidth {
+                    tag,
+                    path,
+                    packets,
+                    mbps,
+                } => LocalMsg::BandwidthResult {
+                    tag,
+                    path,
+                    packets,
+                    mbps,
+                },
+            };
+            self.out.push_back(Output::Local {
+                to: Part::Router,
+                msg,
+            });
+        }
+    }
+
+    /// Adds the monitor's estimates and budget to a status.
+    pub fn fill(&self, now: Duration, s: &mut Status) {
+        let c = &self.monitor.counters;
+        s.budget.max_probes_per_sec = self.monitor.config().max_probes_per_sec;
+        s.budget.probes_per_sec = self.rate.get(&());
+        s.budget.probes_sent = c.probes_sent.get();
+        s.budget.probe_bytes_sent = c.probe_bytes.get();
+        s.budget.refused = c.refused_budget.get() + c.refused_busy.get();
+        s.budget.answered = c.answered.get();
+        for d in &mut s.destinations {
+            for cand in &mut d.candidates {
+                let Some(st) =
+                    pon_proto::pon::Hops::new(&cand.path).and_then(|h| self.monitor.stats(now, &h))
+                else {
+                    continue;
+                };
+                cand.p50_us = st.p50_us;
+                cand.p99_us = st.p99_us;
+                cand.jitter_us = Some(st.jitter_us);
+                cand.monitor_loss = Some(st.loss);
+            }
+        }
+    }
+
+    /// Every path's estimates and probe rate (pon-monitor's status page).
+    pub fn status(&self, now: Duration) -> MonitorStatus {
+        let mut s = Status::default();
+        self.fill(now, &mut s);
+        MonitorStatus {
+            id: self.monitor.my_id(),
+            budget: s.budget,
+            paths: self
+                .monitor
+                .paths()
+                .filter_map(|p| {
+                    Some(PathStatus {
+                        path: p.as_slice().to_vec(),
+                        stats: self.monitor.stats(now, &p)?,
+                    })
+                })
+                .collect(),
+            rates: self
+                .monitor
+                .rates()
+                .map(|(p, d)| (p.as_slice().to_vec(), d.as_millis() as u64))
+                .collect(),
+        }
+    }
+}
+
+impl Outputs for MonitorPart {
+    fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+}

@@ -1,0 +1,456 @@
+//! The router's part of the core: the [`Router`] started on the topology
+//! the forwarder announces, its interval's probes and the keepalives of
+//! every current route asked of the monitor, the results filed, and the
+//! chosen routes sent to the forwarder.
+
+use super::rate::RateMeter;
+use super::status::{BudgetStatus, CandidateStatus, DestinationStatus, Status};
+use super::{Output, Outputs, Part};
+use pon_proto::local::LocalMsg;
+use pon_proto::measurement::{ProbeTag, Purpose};
+use pon_proto::pon::Hops;
+use pon_routing::{ChangeReason, Policy, ProbeRequest, Router, RouterEvent, RoutingConfig};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+pon_telemetry::counters! {
+    pub struct RouterPartCounters {
+        route_changes => ("pon_router_route_changes_total", "", "Routes written into the forwarding table."),
+        failovers => ("pon_router_failovers_total", "", "Moves off a route that stopped answering."),
+        unreachable => ("pon_router_unreachable_total", "", "Destinations found unreachable over the overlay (traffic left to the IP path)."),
+        reachable => ("pon_router_reachable_total", "", "Destinations reachable over the overlay again."),
+        unexpected => ("pon_proxy_local_unexpected_total", "part=\"router\"", "Local messages a part does not take from their sender (dropped)."),
+    }
+}
+
+/// The routes are re-sent this often even when unchanged (the local link
+/// may lose a datagram; a restarted forwarder learns them within this).
+pub const ROUTES_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone)]
+pub struct RouterPartConfig {
+    pub routing: RoutingConfig,
+    /// Every current route is probed this often, whatever the learning
+    /// budget: with `routing.failover_losses` consecutive losses this bounds
+    /// how long traffic stays on a dead path.
+    pub keepalive: Duration,
+    /// Destinations whose policy weighs bandwidth get their recently
+    /// answering candidates measured with a packet train this often.
+    pub bandwidth_every: Option<Duration>,
+}
+
+pub struct RouterPart {
+    cfg: RouterPartConfig,
+    router: Option<Router>,
+    /// Paths watched with keepalive probes: each destination's current route.
+    watched: HashMap<u32, Hops>,
+    /// Probes spent per destination (every kind), counted as their
+    /// results come back: each probe sent ends in exactly one result.
+    probes: BTreeMap<u32, u64>,
+    rates: RateMeter<u32>,
+    next_bandwidth: Duration,
+    next_routes: Duration,
+    reqs: Vec<ProbeRequest>,
+    out: VecDeque<Output>,
+    pub counters: Arc<RouterPartCounters>,
+}
+
+impl RouterPart {
+    pub fn new(cfg: RouterPartConfig) -> Self {
+        RouterPart {
+            cfg,
+            router: None,
+            watched: HashMap::new(),
+            probes: BTreeMap::new(),
+            rates: RateMeter::default(),
+            next_bandwidth: Duration::ZERO,
+            next_routes: Duration::ZERO,
+            reqs: Vec::new(),
+            out: VecDeque::new(),
+            counters: Default::default(),
+        }
+    }
+
+    pub fn router(&self) -> Option<&Router> {
+        self.router.as_ref()
+    }
+
+    pub fn handle_message(&mut self, now: Duration, from: Part, msg: LocalMsg) {
+        match (from, msg) {
+            (
+                Part::Forwarder,
+                LocalMsg::Topology {
+                    id,
+                    peers,
+                    optimise,
+                    from_cu,
+                },
+            ) => self.set_topology(now, id, &peers, &optimise, from_cu),
+            (Part::Monitor, LocalMsg::Result { tag, path, outcome }) => {
+                *self.probes.entry(tag.dst).or_default() += 1;
+                if let Some(r) = &mut self.router {
+                    match tag.purpose {
+                        Purpose::Learning { index } => {
+                            let req = ProbeRequest {
+                                dst: tag.dst,
+                                path,
+                                index,
+                            };
+                            r.on_probe_result(now, &req, outcome);
+                        }
+                        Purpose::Keepalive | Purpose::Bandwidth { .. } => {
+                            r.on_path_result(now, tag.dst, &path, outcome)
+                        }
+                    }
+                }
+            }
+            (
+                Part::Monitor,
+                LocalMsg::BandwidthResult {
+                    tag,
+                    path,
+                    packets,
+                    mbps,
+                },
+            ) => {
+                *self.probes.entry(tag.dst).or_default() += u64::from(packets);
+                if let (Some(r), Some(m)) = (&mut self.router, mbps) {
+                    r.on_bandwidth(now, tag.dst, &path, m);
+                }
+            }
+            _ => self.counters.unexpected.inc(),
+        }
+        self.events(now);
+    }
+
+    /// Starts the router once there is something to route to (so that its
+    /// first interval probes at once), restarts it under a new identity,
+    /// and keeps its peers and destinations in step with the topology:
+    /// the CU's role policy, or every peer, narrowed in static mode by
+    /// `[[routing.destination]]`, which also sets per-destination policies.
+    fn set_topology(
+        &mut self,
+        now: Duration,
+        id: u32,
+        peers: &[u32],
+        optimise: &[u32],
+        from_cu: bool,
+    ) {
+        if id == 0 {
+            return;
+        }
+        if self.router.as_ref().is_some_and(|r| r.my_id() != id) {
+            // A new identity is a new router: nothing it learnt holds.
+            self.router = None;
+            self.unwatch_all(now);
+        }
+        if self.router.is_none() {
+            if optimise.is_empty() {
+                return;
+            }
+            tracing::info!(id, "router starting for this proxy");
+            match Router::new(id, self.cfg.routing.clone()) {
+                Ok(r) => self.router = Some(r),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the router");
+                    return;
+                }
+            }
+        }
+        let Some(r) = &mut self.router else {
+            return;
+        };
+        r.set_peers(now, peers);
+        let configured: BTreeMap<u32, Option<Policy>> = r
+            .config()
+            .destinations
+            .iter()
+            .map(|d| (d.id, d.policy))
+            .collect();
+        let wanted: BTreeSet<u32> = if !from_cu && !configured.is_empty() {
+            configured.keys().copied().collect()
+        } else {
+            optimise.iter().copied().collect()
+        };
+        let current: Vec<u32> = r.destinations().collect();
+        for d in current {
+            if !wanted.contains(&d) {
+                r.remove_destination(d);
+            }
+        }
+        for d in wanted {
+            r.add_destination(d, configured.get(&d).copied().flatten());
+        }
+        // Removed destinations take their keepalives with them.
+        self.rewatch(now);
+    }
+
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if let Some(r) = &mut self.router {
+            if r.poll_timeout().is_none_or(|t| t <= now) {
+                self.reqs.clear();
+                r.on_tick(now, &mut self.reqs);
+                for q in &self.reqs {
+                    self.out.push_back(Output::Local {
+                        to: Part::Monitor,
+                        msg: LocalMsg::Probe {
+                            tag: ProbeTag::learning(q.dst, q.index),
+                            path: q.path,
+                        },
+                    });
+                }
+            }
+        }
+        if let Some(every) = self.cfg.bandwidth_every {
+            if now >= self.next_bandwidth {
+                self.next_bandwidth = now + every;
+                self.measure_bandwidth(now);
+            }
+        }
+        self.rates
+            .update(now, self.probes.iter().map(|(d, n)| (*d, *n)));
+        self.events(now);
+        if now >= self.next_routes {
+            self.send_routes(now);
+            // The keepalive rates too: a lost datagram or a restarted
+            // monitor would otherwise leave a route unwatched.
+            let watched: Vec<(u32, Hops)> = self.watched.iter().map(|(d, p)| (*d, *p)).collect();
+            for (d, p) in watched {
+                self.rate(d, p, self.keepalive_ms());
+            }
+        }
+    }
+
+    fn keepalive_ms(&self) -> u32 {
+        self.cfg
+            .keepalive
+            .as_millis()
+            .clamp(1, u128::from(u32::MAX)) as u32
+    }
+
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        let r = self.router.as_ref()?;
+        let tick = r.poll_timeout().unwrap_or(Duration::ZERO);
+        let bw = self.cfg.bandwidth_every.map(|_| self.next_bandwidth);
+        [
+            Some(tick),
+            bw,
+            Some(self.next_routes),
+            Some(self.rates.next_update()),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Packet trains on the candidates that answered recently, for the
+    /// destinations whose policy weighs bandwidth.
+    fn measure_bandwidth(&mut self, now: Duration) {
+        let Some(r) = &self.router else {
+            return;
+        };
+        let fresh = r.config().fresh();
+        for d in r.destinations() {
+            let weighs = match r.policy(d) {
+                Some(Policy::Bandwidth) => true,
+                Some(Policy::Weighted(w)) => w.bandwidth > 0.0,
+                _ => false,
+            };
+            let Some(paths) = r.paths(d).filter(|_| weighs) else {
+                continue;
+            };
+            for (i, (hops, m)) in paths.enumerate() {
+                if m.last_reply().is_none_or(|t| now.saturating_sub(t) > fresh) {
+                    continue;
+                }
+                self.out.push_back(Output::Local {
+                    to: Part::Monitor,
+                    msg: LocalMsg::Bandwidth {
+                        tag: ProbeTag::bandwidth(d, i as u32),
+                        path: hops,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Drains the router's events; on a change, the keepalives follow the
+    /// current routes and the forwarder gets the routes at once.
+    fn events(&mut self, now: Duration) {
+        let Some(r) = &mut self.router else {
+            return;
+        };
+        let mut changed = false;
+        while let Some(ev) = r.poll_event() {
+            changed = true;
+            match ev {
+                RouterEvent::RouteChanged { dst, path, reason } => {
+                    self.counters.route_changes.inc();
+                    if reason == ChangeReason::Failover {
+                        self.counters.failovers.inc();
+                    }
+                    tracing::info!(dst, path = ?path.as_slice(), ?reason, "route changed");
+                }
+                RouterEvent::Unreachable { dst } => {
+                    self.counters.unreachable.inc();
+                    tracing::warn!(dst, "no overlay path works: traffic takes the IP path");
+                }
+                RouterEvent::Reachable { dst } => {
+                    self.counters.reachable.inc();
+                    tracing::info!(dst, "reachable over the overlay");
+                }
+            }
+        }
+        if changed {
+            // Routes first: a new route is in the table before its
+            // keepalives go out.
+            self.send_routes(now);
+            self.rewatch(now);
+        }
+    }
+
+    /// Keepalives on exactly the current routes.
+    fn rewatch(&mut self, now: Duration) {
+        let Some(r) = &self.router else {
+            return self.unwatch_all(now);
+        };
+        let want: HashMap<u32, Hops> = r
+            .destinations()
+            .filter_map(|d| r.current_path(d).map(|p| (d, p)))
+            .collect();
+        let stale: Vec<(u32, Hops)> = self
+            .watched
+            .iter()
+            .filter(|(d, p)| want.get(d) != Some(p))
+            .map(|(d, p)| (*d, *p))
+            .collect();
+        for (d, p) in stale {
+            self.watched.remove(&d);
+            self.rate(d, p, 0);
+        }
+        let every = self.keepalive_ms();
+        for (d, p) in want {
+            if self.watched.insert(d, p) != Some(p) {
+                self.rate(d, p, every);
+            }
+        }
+    }
+
+    fn unwatch_all(&mut self, _now: Duration) {
+        for (d, p) in std::mem::take(&mut self.watched) {
+            self.rate(d, p, 0);
+        }
+    }
+
+    fn rate(&mut self, dst: u32, path: Hops, every_ms: u32) {
+        self.out.push_back(Output::Local {
+            to: Part::Monitor,
+            msg: LocalMsg::Rate {
+                tag: ProbeTag::keepalive(dst),
+                path,
+                every_ms,
+            },
+        });
+    }
+
+    fn send_routes(&mut self, now: Duration) {
+        let Some(r) = &self.router else {
+            return;
+        };
+        self.next_routes = now + ROUTES_EVERY;
+        let msg = LocalMsg::Routes {
+            relays: r.relays(),
+            unreachable: r.destinations().filter(|d| !r.is_reachable(*d)).collect(),
+        };
+        self.out.push_back(Output::Local {
+            to: Part::Forwarder,
+            msg,
+        });
+    }
+
+    /// Each destination's route, metric and candidates, and the budget as
+    /// the router sees it (the monitor adds its own figures).
+    pub fn status(&self, now: Duration) -> Status {
+        let Some(r) = &self.router else {
+            return Status {
+                budget: self.budget(),
+                ..Status::default()
+            };
+        };
+        let mut ids: Vec<u32> = r.destinations().collect();
+        ids.sort_unstable();
+        let destinations = ids
+            .into_iter()
+            .map(|d| destination_status(r, d, now, &self.probes, &self.rates))
+            .collect();
+        Status {
+            id: r.my_id(),
+            routing: true,
+            destinations,
+            budget: self.budget(),
+        }
+    }
+
+    fn budget(&self) -> BudgetStatus {
+        BudgetStatus {
+            probes_per_sec: self.rates.total(),
+            probes_sent: self.probes.values().sum(),
+            keepalive_ms: self.cfg.keepalive.as_millis() as u64,
+            interval_ms: Some(self.cfg.routing.interval_ms),
+            probes_per_interval: Some(self.cfg.routing.probes_per_interval),
+            ..BudgetStatus::default()
+        }
+    }
+}
+
+fn destination_status(
+    r: &Router,
+    d: u32,
+    now: Duration,
+    probes: &BTreeMap<u32, u64>,
+    rates: &RateMeter<u32>,
+) -> DestinationStatus {
+    let policy = r.policy(d).unwrap_or_default();
+    let current = r.current_path(d);
+    let stats = r.stats(d).unwrap_or_default();
+    let mut candidates = Vec::new();
+    let mut metric = None;
+    for (hops, m) in r.paths(d).into_iter().flatten() {
+        let cost = m.cost(&policy);
+        let cost = cost.is_finite().then_some(cost);
+        if Some(hops) == current {
+            metric = cost;
+        }
+        candidates.push(CandidateStatus {
+            path: hops.as_slice().to_vec(),
+            cost,
+            rtt_ms: m.rtt_ms(),
+            loss: m.loss_rate(),
+            last_reply_ms_ago: m
+                .last_reply()
+                .map(|t| now.saturating_sub(t).as_millis() as u64),
+            bandwidth_mbps: m.bandwidth_mbps(),
+            ..CandidateStatus::default()
+        });
+    }
+    DestinationStatus {
+        id: d,
+        policy: super::status::policy_name(&policy),
+        reachable: r.is_reachable(d),
+        current: current.map(|h| h.as_slice().to_vec()),
+        metric,
+        candidates,
+        probes_sent: probes.get(&d).copied().unwrap_or(0),
+        probes_per_sec: rates.get(&d),
+        route_changes: stats.route_changes,
+        failovers: stats.failovers,
+        unreachable_episodes: stats.unreachable_episodes,
+    }
+}
+
+impl Outputs for RouterPart {
+    fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+}

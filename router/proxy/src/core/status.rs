@@ -1,0 +1,144 @@
+//! What the status page (`GET /status`, `ponctl --routes`) and the
+//! routing metrics show: plain data, built by the core's parts.
+
+use pon_monitor::stats::PathStats;
+use pon_routing::Policy;
+use serde::Serialize;
+
+pub fn policy_name(p: &Policy) -> String {
+    match p {
+        Policy::Latency => "latency".into(),
+        Policy::Loss => "loss".into(),
+        Policy::Bandwidth => "bandwidth".into(),
+        Policy::Weighted(w) => {
+            format!("weighted(rtt={},loss={},bw={})", w.rtt, w.loss, w.bandwidth)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    pub id: u32,
+    pub routing: bool,
+    pub destinations: Vec<DestinationStatus>,
+    pub budget: BudgetStatus,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DestinationStatus {
+    pub id: u32,
+    pub policy: String,
+    pub reachable: bool,
+    /// Hops after this proxy (relays, then the destination).
+    pub current: Option<Vec<u32>>,
+    /// The current route's cost under the policy (ms-equivalent).
+    pub metric: Option<f64>,
+    pub candidates: Vec<CandidateStatus>,
+    pub probes_sent: u64,
+    pub probes_per_sec: f64,
+    pub route_changes: u64,
+    pub failovers: u64,
+    pub unreachable_episodes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CandidateStatus {
+    pub path: Vec<u32>,
+    pub cost: Option<f64>,
+    pub rtt_ms: Option<f64>,
+    pub loss: f64,
+    pub last_reply_ms_ago: Option<u64>,
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub jitter_us: Option<u64>,
+    pub monitor_loss: Option<f64>,
+    pub bandwidth_mbps: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BudgetStatus {
+    pub max_probes_per_sec: u32,
+    pub probes_per_sec: f64,
+    pub probes_sent: u64,
+    pub probe_bytes_sent: u64,
+    pub refused: u64,
+    pub answered: u64,
+    pub keepalive_ms: u64,
+    pub interval_ms: Option<u64>,
+    pub probes_per_interval: Option<usize>,
+}
+
+impl Status {
+    pub fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        w.gauge(
+            "pon_monitor_probe_rate",
+            "",
+            "Probe packets sent per second (last few seconds).",
+            self.budget.probes_per_sec,
+        );
+        w.gauge(
+            "pon_monitor_probe_budget",
+            "",
+            "Ceiling on probe packets per second.",
+            f64::from(self.budget.max_probes_per_sec),
+        );
+        for d in &self.destinations {
+            let l = format!("dst=\"{}\"", d.id);
+            w.gauge(
+                "pon_router_reachable",
+                &l,
+                "1 while the destination is reachable over the overlay.",
+                if d.reachable { 1.0 } else { 0.0 },
+            );
+            w.gauge(
+                "pon_router_route_relays",
+                &l,
+                "Relays on the current route (-1: none, traffic takes the IP path).",
+                d.current.as_ref().map_or(-1.0, |c| (c.len() - 1) as f64),
+            );
+            if let Some(m) = d.metric {
+                w.gauge(
+                    "pon_router_route_cost",
+                    &l,
+                    "Cost of the current route under the destination's policy (ms-equivalent).",
+                    m,
+                );
+            }
+            w.counter(
+                "pon_router_probes_total",
+                &l,
+                "Probes sent towards the destination (learning and keepalive).",
+                d.probes_sent,
+            );
+            w.gauge(
+                "pon_router_probe_rate",
+                &l,
+                "Probes per second towards the destination.",
+                d.probes_per_sec,
+            );
+            w.counter(
+                "pon_router_destination_route_changes_total",
+                &l,
+                "Route changes of the destination.",
+                d.route_changes,
+            );
+        }
+    }
+}
+
+/// pon-monitor's status page: every path's estimates and probe rate.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MonitorStatus {
+    pub id: u32,
+    pub budget: BudgetStatus,
+    pub paths: Vec<PathStatus>,
+    /// (path, period in ms) of the paths probed at a rate.
+    pub rates: Vec<(Vec<u32>, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PathStatus {
+    pub path: Vec<u32>,
+    #[serde(flatten)]
+    pub stats: PathStats,
+}

@@ -1,0 +1,612 @@
+//! Three proxies wired through a simulated overlay (link delays, links
+//! going down, bottlenecks), with the forwarders' transit done here: the
+//! whole monitor → router → table → steering loop, deterministically, for
+//! both shapes of a proxy: [`ProxyCore`] (pon-proxy) and the three parts
+//! apart with their messages crossing a local link (pon-forwarder +
+//! pon-monitor + pon-router), encoded and decoded as on the wire.
+
+use super::*;
+use crate::config::ProxyConfig;
+use pon_proto::pon;
+use pon_proto::steering::Steering;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+fn ms(x: u64) -> Duration {
+    Duration::from_millis(x)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Shape {
+    Joined,
+    /// The parts apart; their messages take this long over the local link.
+    Split {
+        local_delay_us: u64,
+    },
+}
+
+const SHAPES: [Shape; 2] = [
+    Shape::Joined,
+    Shape::Split {
+        local_delay_us: 200,
+    },
+];
+
+enum Node {
+    Joined(Box<ProxyCore>),
+    Split {
+        fwd: Box<ForwarderPart>,
+        mon: Box<MonitorPart>,
+        rtr: Box<RouterPart>,
+        delay: Duration,
+    },
+}
+
+/// A steering message as the TAs got it: the bypass set, and the TAs.
+type Steered = (Vec<(Ipv4Addr, u8)>, Vec<Ipv4Addr>);
+
+/// Which local messages to lose, and how many more.
+type LoseLocal = (fn(&LocalMsg) -> bool, u32);
+
+impl Node {
+    fn new(shape: Shape, cfg: &ProxyConfig, session: u32) -> Self {
+        match shape {
+            Shape::Joined => Node::Joined(Box::new(ProxyCore::new(cfg, session, 1))),
+            Shape::Split { local_delay_us } => Node::Split {
+                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1))),
+                mon: Box::new(MonitorPart::new(session, cfg.monitor.clone())),
+                rtr: Box::new(RouterPart::new(cfg.router_part().unwrap())),
+                delay: Duration::from_micros(local_delay_us),
+            },
+        }
+    }
+
+    fn router(&self) -> &pon_routing::Router {
+        match self {
+            Node::Joined(c) => c.router().unwrap().router().unwrap(),
+            Node::Split { rtr, .. } => rtr.router().unwrap(),
+        }
+    }
+
+    fn table(&self) -> Arc<ForwardingTable> {
+        match self {
+            Node::Joined(c) => c.forwarder().table().unwrap().clone(),
+            Node::Split { fwd, .. } => fwd.table().unwrap().clone(),
+        }
+    }
+
+    fn status(&self, now: Duration) -> Status {
+        match self {
+            Node::Joined(c) => c.status(now),
+            Node::Split { rtr, mon, .. } => {
+                let mut s = rtr.status(now);
+                mon.fill(now, &mut s);
+                s
+            }
+        }
+    }
+}
+
+/// What happens next in the simulation.
+enum Ev {
+    /// A PON packet reaching proxy `at`.
+    Wire { at: u32, bytes: Vec<u8> },
+    /// A datagram of the local link of proxy `at` (split shape).
+    Local {
+        at: u32,
+        from: Part,
+        to: Part,
+        bytes: Vec<u8>,
+    },
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    /// One-way delay between proxies i and j (ids 1..=3), `None` = down.
+    delay: [[Option<u64>; 4]; 4],
+    queue: BTreeMap<(Duration, u64), Ev>,
+    n: u64,
+    /// Drop every k-th packet between proxies a and b (either direction).
+    drop_every: Option<(u32, u32, u64)>,
+    crossed: u64,
+    /// Bottleneck rate of a direction (Mbit/s) and when it is free again.
+    rate: [[Option<f64>; 4]; 4],
+    busy: [[Duration; 4]; 4],
+    now: Duration,
+    /// Route changes seen at proxy 1 towards 2: (time, hops).
+    routes: Vec<(Duration, Vec<u32>)>,
+    /// The last steering message each proxy sent: (bypass, TAs it went to).
+    steering: BTreeMap<u32, Steered>,
+    /// Tables each proxy stored.
+    tables: [u32; 4],
+    /// Local messages of proxy 1 to lose: (which, how many more).
+    lose_local: Option<LoseLocal>,
+    lost_local: u32,
+}
+
+fn config(id: u32, policy: &str) -> ProxyConfig {
+    config_with(id, policy, "")
+}
+
+fn config_with(id: u32, policy: &str, proxy: &str) -> ProxyConfig {
+    let mut t = format!(
+        "id = {id}\nlisten = \"198.18.{id}.1:7300\"\nlocal_addr = \"198.18.{id}.1\"\n[[agent]]\naddr = \"198.18.{id}.11\"\n"
+    );
+    for p in (1..=3).filter(|p| *p != id) {
+        t += &format!("[[peer]]\nid = {p}\naddr = \"198.18.{p}.1:7300\"\n[[destination]]\nprefix = \"198.18.{p}.11/32\"\nproxy = {p}\n");
+    }
+    t += &format!("[routing]\npolicy = \"{policy}\"\nloss_window = 64\n[proxy]\n{proxy}\n");
+    ProxyConfig::parse(&t).unwrap()
+}
+
+/// The proxy a peer address belongs to (198.18.<id>.1:7300).
+fn proxy_of(addr: SocketAddr) -> u32 {
+    match addr.ip() {
+        IpAddr::V4(a) => u32::from(a.octets()[2]),
+        IpAddr::V6(_) => unreachable!(),
+    }
+}
+
+impl Net {
+    fn new(shape: Shape, direct: u64, leg: u64, policy: &str) -> Self {
+        Self::with(shape, direct, leg, |id| config(id, policy))
+    }
+
+    fn with(shape: Shape, direct: u64, leg: u64, cfg: impl Fn(u32) -> ProxyConfig) -> Self {
+        let mut delay = [[None; 4]; 4];
+        for (a, b, d) in [(1, 2, direct), (1, 3, leg), (2, 3, leg)] {
+            delay[a][b] = Some(d);
+            delay[b][a] = Some(d);
+        }
+        let mut net = Net {
+            nodes: (1..=3)
+                .map(|id| Node::new(shape, &cfg(id), id * 1000))
+                .collect(),
+            delay,
+            queue: BTreeMap::new(),
+            n: 0,
+            drop_every: None,
+            crossed: 0,
+            rate: [[None; 4]; 4],
+            busy: [[Duration::ZERO; 4]; 4],
+            now: Duration::ZERO,
+            routes: Vec::new(),
+            steering: BTreeMap::new(),
+            tables: [0; 4],
+            lose_local: None,
+            lost_local: 0,
+        };
+        for id in 1..=3 {
+            net.collect(id);
+        }
+        net
+    }
+
+    fn set(&mut self, a: usize, b: usize, d: Option<u64>) {
+        self.delay[a][b] = d;
+        self.delay[b][a] = d;
+    }
+
+    fn at(&mut self, t: Duration, ev: Ev) {
+        self.n += 1;
+        self.queue.insert((t, self.n), ev);
+    }
+
+    fn send(&mut self, from: u32, to: u32, bytes: Vec<u8>) {
+        if let Some((a, b, k)) = self.drop_every {
+            if (from, to) == (a, b) || (from, to) == (b, a) {
+                self.crossed += 1;
+                if self.crossed.is_multiple_of(k) {
+                    return;
+                }
+            }
+        }
+        let (f, t) = (from as usize, to as usize);
+        if let Some(d) = self.delay[f][t] {
+            let mut leave = self.now;
+            if let Some(mbps) = self.rate[f][t] {
+                let wire = (bytes.len() + pon_proto::ip::UDP_OVERHEAD) as f64 * 8.0;
+                leave = leave.max(self.busy[f][t]) + Duration::from_secs_f64(wire / (mbps * 1e6));
+                self.busy[f][t] = leave;
+            }
+            self.at(leave + ms(d), Ev::Wire { at: to, bytes });
+        }
+    }
+
+    /// Moves proxy `id`'s outputs: datagrams onto the wire, tables and
+    /// steering recorded, local messages (split) onto its local link.
+    fn collect(&mut self, id: u32) {
+        let mut out = Vec::new();
+        let mut local = Vec::new();
+        match &mut self.nodes[id as usize - 1] {
+            Node::Joined(c) => {
+                out.extend(std::iter::from_fn(|| c.poll_transmit()).map(Output::Transmit));
+                out.extend(std::iter::from_fn(|| c.poll_action()).map(|a| match a {
+                    Action::StoreTable(t) => Output::Table(t),
+                }));
+            }
+            Node::Split {
+                fwd,
+                mon,
+                rtr,
+                delay,
+            } => {
+                let parts: [(Part, &mut dyn Outputs); 3] = [
+                    (Part::Forwarder, &mut **fwd),
+                    (Part::Monitor, &mut **mon),
+                    (Part::Router, &mut **rtr),
+                ];
+                for (from, p) in parts {
+                    while let Some(o) = p.poll_output() {
+                        match o {
+                            Output::Local { to, msg } => {
+                                if let Some((which, n)) = &mut self.lose_local {
+                                    if id == 1 && *n > 0 && which(&msg) {
+                                        *n -= 1;
+                                        self.lost_local += 1;
+                                        continue;
+                                    }
+                                }
+                                // As on the link: encoded, sent, decoded.
+                                let bytes = msg.encode().unwrap();
+                                local.push((self.now + *delay, from, to, bytes));
+                            }
+                            o => out.push(o),
+                        }
+                    }
+                }
+            }
+        }
+        for (t, from, to, bytes) in local {
+            self.at(
+                t,
+                Ev::Local {
+                    at: id,
+                    from,
+                    to,
+                    bytes,
+                },
+            );
+        }
+        for o in out {
+            match o {
+                Output::Transmit(Transmit::Peer { to, bytes }) => {
+                    let first = proxy_of(to);
+                    let p = pon::Packet::new_checked(&bytes[..]).unwrap();
+                    assert_eq!(p.current_hop(), first, "sent to the route's first hop");
+                    self.send(id, first, bytes);
+                }
+                Output::Transmit(Transmit::Steering { to, bytes }) => {
+                    let bypass = Steering::decode(&bytes).unwrap().bypass;
+                    let e = self.steering.entry(id).or_default();
+                    if e.0 != bypass {
+                        e.1.clear();
+                    }
+                    e.0 = bypass;
+                    if !e.1.contains(to.ip()) {
+                        e.1.push(*to.ip());
+                    }
+                }
+                Output::Table(_) => self.tables[id as usize] += 1,
+                Output::Local { .. } => unreachable!(),
+            }
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::Wire { at, mut bytes } => {
+                let mut p = pon::Packet::new_checked(&mut bytes[..]).unwrap();
+                assert_eq!(p.current_hop(), at);
+                if let Some(next) = p.advance() {
+                    // Transit: what the forwarding threads do.
+                    self.send(at, next, bytes);
+                    return;
+                }
+                match &mut self.nodes[at as usize - 1] {
+                    Node::Joined(c) => c.handle_packet(now, bytes),
+                    Node::Split { fwd, .. } => fwd.handle_arrived(now, bytes),
+                }
+                self.collect(at);
+            }
+            Ev::Local {
+                at,
+                from,
+                to,
+                bytes,
+            } => {
+                let msg = LocalMsg::decode(&bytes).unwrap();
+                let Node::Split { fwd, mon, rtr, .. } = &mut self.nodes[at as usize - 1] else {
+                    unreachable!()
+                };
+                match to {
+                    Part::Forwarder => fwd.handle_message(now, from, msg),
+                    Part::Monitor => mon.handle_message(now, from, msg),
+                    Part::Router => rtr.handle_message(now, from, msg),
+                }
+                self.collect(at);
+            }
+        }
+    }
+
+    /// Everything due by now, including what that causes at once.
+    fn handle_due(&mut self) {
+        while let Some(e) = self.queue.first_entry() {
+            if e.key().0 > self.now {
+                break;
+            }
+            let ev = e.remove();
+            self.handle(ev);
+        }
+    }
+
+    /// Runs until `until`, in 100 µs steps.
+    fn run(&mut self, until: Duration) {
+        while self.now < until {
+            self.handle_due();
+            for id in 1..=3u32 {
+                let now = self.now;
+                match &mut self.nodes[id as usize - 1] {
+                    Node::Joined(c) => {
+                        if c.poll_timeout().is_some_and(|t| t <= now) {
+                            c.handle_timeout(now);
+                        }
+                    }
+                    Node::Split { fwd, mon, rtr, .. } => {
+                        if fwd.poll_timeout().is_some_and(|t| t <= now) {
+                            fwd.handle_timeout(now);
+                        }
+                        if mon.poll_timeout().is_some_and(|t| t <= now) {
+                            mon.handle_timeout(now);
+                        }
+                        if rtr.poll_timeout().is_some_and(|t| t <= now) {
+                            rtr.handle_timeout(now);
+                        }
+                    }
+                }
+                self.collect(id);
+                self.handle_due();
+            }
+            let cur = match &self.nodes[0] {
+                Node::Joined(c) if c.router().and_then(|r| r.router()).is_none() => vec![],
+                Node::Split { rtr, .. } if rtr.router().is_none() => vec![],
+                n => n
+                    .router()
+                    .current_path(2)
+                    .map(|h| h.as_slice().to_vec())
+                    .unwrap_or_default(),
+            };
+            if self.routes.last().map(|r| &r.1) != Some(&cur) {
+                self.routes.push((self.now, cur));
+            }
+            self.now += Duration::from_micros(100);
+        }
+    }
+
+    fn route(&self) -> Vec<u32> {
+        self.routes.last().map(|r| r.1.clone()).unwrap_or_default()
+    }
+}
+
+#[test]
+fn picks_the_relayed_path_fails_over_fast_and_returns_once() {
+    for shape in SHAPES {
+        let mut net = Net::new(shape, 75, 15, "latency");
+        net.run(ms(3000));
+        assert_eq!(net.route(), vec![3, 2], "{shape:?}: {:?}", net.routes);
+        let first = net.routes.iter().find(|r| r.1 == vec![3, 2]).unwrap().0;
+        assert!(first < ms(500), "{shape:?}: relayed route after {first:?}");
+        assert_eq!(net.nodes[0].table().route(2).unwrap().as_slice(), &[3, 2]);
+
+        // The relay's first leg dies.
+        let down = ms(5000);
+        net.run(down);
+        net.set(1, 3, None);
+        net.run(ms(8000));
+        let moved = net
+            .routes
+            .iter()
+            .find(|r| r.0 > down && r.1 == vec![2])
+            .unwrap_or_else(|| panic!("{shape:?}: no failover: {:?}", net.routes))
+            .0;
+        assert!(
+            moved - down < ms(600),
+            "{shape:?}: failover took {:?}",
+            moved - down
+        );
+        assert_eq!(net.nodes[0].table().route(2).unwrap().as_slice(), &[2]);
+
+        // Back: the better path again, once.
+        let up = net.now;
+        net.set(1, 3, Some(15));
+        net.run(ms(20_000));
+        let after: Vec<_> = net.routes.iter().filter(|r| r.0 > up).collect();
+        assert_eq!(after.len(), 1, "{shape:?}: {after:?}");
+        assert_eq!(after[0].1, vec![3, 2]);
+        // Probe budget: the learning budget (3 probes per 1 s interval over
+        // 2 destinations, so 1.5/s each) plus one keepalive every 50 ms on
+        // the current route: about 21.5/s towards 2.
+        let st = net.nodes[0].status(net.now);
+        let d2 = st.destinations.iter().find(|d| d.id == 2).unwrap();
+        assert!((d2.probes_per_sec - 21.5).abs() < 2.0, "{shape:?}: {d2:?}");
+        assert_eq!(d2.current, Some(vec![3, 2]));
+        assert!(
+            (st.budget.probes_per_sec - 43.0).abs() < 4.0,
+            "{shape:?}: {:?}",
+            st.budget
+        );
+    }
+}
+
+#[test]
+fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
+    for shape in SHAPES {
+        // Direct 20 ms with every 10th packet lost each way; relayed 2 x 30 ms clean.
+        let mut net = Net::new(shape, 20, 30, "loss");
+        net.drop_every = Some((1, 2, 10));
+        net.run(ms(30_000));
+        let late: Vec<_> = net.routes.iter().filter(|r| r.0 > ms(10_000)).collect();
+        assert!(
+            late.is_empty(),
+            "{shape:?}: route changed late: {:?}",
+            net.routes
+        );
+        assert_eq!(net.route(), vec![3, 2], "{shape:?}: {:?}", net.routes);
+    }
+}
+
+#[test]
+fn unreachable_destinations_are_left_to_the_ip_path_and_taken_back() {
+    for shape in SHAPES {
+        let mut net = Net::new(shape, 20, 20, "latency");
+        net.run(ms(2000));
+        let (bypass, agents) = net.steering[&1].clone();
+        assert!(bypass.is_empty(), "{shape:?}");
+        assert_eq!(agents, vec![Ipv4Addr::new(198, 18, 1, 11)]);
+        // Proxy 2 cut off from everyone: every overlay path to it is dead.
+        net.set(1, 2, None);
+        net.set(3, 2, None);
+        let cut = net.now;
+        net.run(ms(5000));
+        assert!(!net.nodes[0].router().is_reachable(2), "{shape:?}");
+        assert_eq!(
+            net.steering[&1].0,
+            vec![(Ipv4Addr::new(198, 18, 2, 11), 32)],
+            "{shape:?}"
+        );
+        let gone = net
+            .routes
+            .iter()
+            .find(|r| r.0 > cut && r.1.is_empty())
+            .unwrap()
+            .0;
+        assert!(
+            gone - cut < ms(1500),
+            "{shape:?}: unreachable after {:?}",
+            gone - cut
+        );
+        net.set(1, 2, Some(20));
+        net.set(3, 2, Some(20));
+        net.run(ms(8000));
+        assert!(net.nodes[0].router().is_reachable(2), "{shape:?}");
+        assert!(net.steering[&1].0.is_empty(), "{shape:?}");
+    }
+}
+
+#[test]
+fn bandwidth_policy_measures_trains_and_takes_the_fat_path() {
+    for shape in SHAPES {
+        // Direct: 10 ms each way but a 10 Mbit/s bottleneck; through 3: 2 x 10 ms at 200 Mbit/s.
+        // The trains of both destinations queue at the 10 Mbit/s link, so
+        // their RTTs come near the default 50 ms minimum timeout, where the
+        // split shape's extra local hops would turn replies into losses:
+        // give them room.
+        let mut net = Net::with(shape, 10, 10, |id| {
+            config_with(
+                id,
+                "bandwidth",
+                "bandwidth_every_ms = 2000\n[monitor]\nmin_timeout_ms = 150",
+            )
+        });
+        for (a, b, r) in [(1, 2, 10.0), (1, 3, 200.0), (3, 2, 200.0)] {
+            net.rate[a][b] = Some(r);
+            net.rate[b][a] = Some(r);
+        }
+        net.run(ms(15_000));
+        assert_eq!(net.route(), vec![3, 2], "{shape:?}: {:?}", net.routes);
+        let st = net.nodes[0].status(net.now);
+        let d2 = st.destinations.iter().find(|d| d.id == 2).unwrap();
+        let bw = |p: &[u32]| {
+            d2.candidates
+                .iter()
+                .find(|c| c.path == p)
+                .and_then(|c| c.bandwidth_mbps)
+                .unwrap_or_else(|| panic!("{shape:?}: {p:?} {d2:?}"))
+        };
+        assert!((bw(&[2]) - 10.0).abs() < 1.5, "{shape:?}: {d2:?}");
+        assert!(bw(&[3, 2]) > 150.0, "{shape:?}: {d2:?}");
+    }
+}
+
+#[test]
+fn both_shapes_take_the_same_decisions() {
+    // With an instant local link the split shape sees the same inputs in
+    // the same order as pon-proxy: the route histories must match.
+    let run = |shape| {
+        let mut net = Net::new(shape, 75, 15, "latency");
+        net.run(ms(4000));
+        net.set(1, 3, None);
+        net.run(ms(8000));
+        net.set(1, 3, Some(15));
+        net.run(ms(16_000));
+        net.routes
+    };
+    let joined = run(Shape::Joined);
+    let split = run(Shape::Split { local_delay_us: 0 });
+    assert!(joined.len() >= 3, "{joined:?}");
+    assert_eq!(joined, split);
+}
+
+#[test]
+fn destinations_narrow_to_the_configured_list_in_both_shapes() {
+    for shape in SHAPES {
+        let mut net = Net::with(shape, 20, 20, |id| {
+            let mut c = config(id, "latency");
+            if id == 1 {
+                let r = c.routing.as_mut().unwrap();
+                r.destinations = vec![pon_routing::DestinationConfig {
+                    id: 3,
+                    policy: Some(pon_routing::Policy::Loss),
+                }];
+            }
+            c
+        });
+        net.run(ms(3000));
+        let ids: Vec<u32> = net.nodes[0].router().destinations().collect();
+        assert_eq!(ids, vec![3], "{shape:?}");
+        assert_eq!(
+            net.nodes[0].router().policy(3),
+            Some(pon_routing::Policy::Loss)
+        );
+    }
+}
+
+#[test]
+fn a_lost_local_message_costs_at_most_a_refresh() {
+    // The split shape with a local link that loses the first router →
+    // forwarder routes and the first keepalive rate: periodic re-sends
+    // repair both.
+    let mut net = Net::new(
+        Shape::Split {
+            local_delay_us: 200,
+        },
+        75,
+        15,
+        "latency",
+    );
+    net.lose_local = Some((
+        |m| {
+            matches!(
+                m,
+                LocalMsg::Routes { relays, .. } if !relays.is_empty()
+            ) || matches!(m, LocalMsg::Rate { every_ms, .. } if *every_ms > 0)
+        },
+        4,
+    ));
+    net.run(ms(4000));
+    assert_eq!(net.lost_local, 4);
+    assert_eq!(net.route(), vec![3, 2]);
+    assert_eq!(net.nodes[0].table().route(2).unwrap().as_slice(), &[3, 2]);
+    let Node::Split { mon, .. } = &net.nodes[0] else {
+        unreachable!()
+    };
+    // Keepalives on exactly the current routes (towards 2 and towards 3).
+    let mut rates: Vec<Vec<u32>> = mon
+        .monitor()
+        .rates()
+        .map(|(p, _)| p.as_slice().to_vec())
+        .collect();
+    rates.sort();
+    assert_eq!(rates, vec![vec![3], vec![3, 2]]);
+}

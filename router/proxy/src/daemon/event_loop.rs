@@ -1,0 +1,193 @@
+//! The one event loop every proxy daemon runs around its core: it waits
+//! for inputs or the core's next timeout, feeds the core, and moves what
+//! the core outputs to sockets, the shared table or the local link. It
+//! holds no logic of its own: that is the core's.
+
+use super::link::Link;
+use super::mailbox::{Inbox, Input, BULK_PER_ROUND};
+use crate::core::{Core, Output, Part, Transmit};
+use pon_forwarder::io::Sockets;
+use pon_forwarder::SharedTable;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pon_telemetry::counters! {
+    pub struct LoopCounters {
+        peer_send_errors => ("pon_proxy_send_errors_total", "to=\"peer\"", "Datagrams the control loop could not send, by destination."),
+        steering_send_errors => ("pon_proxy_send_errors_total", "to=\"ta\"", "Datagrams the control loop could not send, by destination."),
+        no_socket => ("pon_proxy_send_errors_total", "to=\"none\"", "Datagrams the control loop could not send, by destination."),
+    }
+}
+
+/// Longest sleep between looks at the clock; nothing waits longer anyway.
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// Where a core's outputs go. A daemon has the parts it needs: pon-proxy
+/// and pon-forwarder the sockets and the table, the split daemons the
+/// link.
+#[derive(Default)]
+pub struct Io {
+    pub sockets: Option<Arc<Sockets>>,
+    pub table: Option<SharedTable>,
+    /// Where steering datagrams leave from (the proxy's agent-side address).
+    pub steering: Option<UdpSocket>,
+    pub link: Option<Link>,
+    pub counters: Arc<LoopCounters>,
+}
+
+impl Io {
+    fn output(&self, o: Output) {
+        match o {
+            Output::Table(t) => match &self.table {
+                Some(shared) => shared.store(t),
+                None => self.counters.no_socket.inc(),
+            },
+            Output::Transmit(Transmit::Peer { to, bytes }) => match &self.sockets {
+                Some(s) => {
+                    if s.peer.send(to, &bytes, None).is_err() {
+                        self.counters.peer_send_errors.inc();
+                    }
+                }
+                None => self.counters.no_socket.inc(),
+            },
+            Output::Transmit(Transmit::Steering { to, bytes }) => match &self.steering {
+                Some(s) => {
+                    if s.send_to(&bytes, SocketAddr::V4(to)).is_err() {
+                        self.counters.steering_send_errors.inc();
+                    }
+                }
+                None => self.counters.no_socket.inc(),
+            },
+            // A pon-forwarder without [local] has no monitor or router to
+            // tell: its messages to them have no one to go to.
+            Output::Local { to, msg } => {
+                if let Some(l) = &self.link {
+                    l.send(to, &msg);
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a core's status snapshot (for the HTTP thread).
+pub type Publish<C> = Box<dyn FnMut(&C, Duration) + Send>;
+
+/// A daemon's control thread: its core, its inputs, where its outputs go,
+/// and how its status is published (for the HTTP thread, every
+/// `status_every`).
+pub struct EventLoop<C: Core> {
+    pub core: C,
+    pub inbox: Inbox,
+    pub io: Io,
+    pub publish: Publish<C>,
+    pub status_every: Duration,
+    pub start: Instant,
+}
+
+impl<C: Core + Send + 'static> EventLoop<C> {
+    /// A split daemon's loop: its part, talking to the others over `link`.
+    pub fn over_link(
+        core: C,
+        inbox: Inbox,
+        link: Link,
+        publish: Publish<C>,
+        status_every: Duration,
+    ) -> Self {
+        EventLoop {
+            core,
+            inbox,
+            io: Io {
+                link: Some(link),
+                ..Io::default()
+            },
+            publish,
+            status_every,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn spawn(self, name: &str) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || self.run())
+    }
+
+    pub fn run(mut self) {
+        let mut next_status = Duration::ZERO;
+        loop {
+            let now = self.start.elapsed();
+            let wait = if self.inbox.bulk_left() {
+                Duration::ZERO
+            } else {
+                self.core
+                    .poll_timeout()
+                    .map_or(MAX_WAIT, |t| t.saturating_sub(now))
+                    .min(MAX_WAIT)
+                    .min(next_status.saturating_sub(now))
+            };
+            let first = match self.inbox.urgent.recv_timeout(wait) {
+                Ok(i) => Some(i),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
+            // Everything urgent queued meanwhile, then the newest view,
+            // then a bounded round of others' probes.
+            let urgent: Vec<Input> = first
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.inbox.urgent.try_recv().ok()))
+                .collect();
+            for input in urgent {
+                let now = self.start.elapsed();
+                match input {
+                    Input::Packet(p) => self.core.handle_packet(now, p),
+                    Input::Local(from, msg) => self.core.handle_local(now, from, msg),
+                    Input::Wake => {}
+                }
+                // Answers leave at once: their delay is the other side's RTT.
+                self.flush();
+            }
+            if let Some(v) = self.inbox.take_view() {
+                self.core.handle_view(self.start.elapsed(), v);
+                self.flush();
+            }
+            for p in self.inbox.take_bulk(BULK_PER_ROUND).collect::<Vec<_>>() {
+                self.core.handle_packet(self.start.elapsed(), p);
+                self.flush();
+            }
+            let now = self.start.elapsed();
+            if self.core.poll_timeout().is_some_and(|t| t <= now) {
+                self.core.handle_timeout(now);
+                self.flush();
+            }
+            if now >= next_status {
+                (self.publish)(&self.core, now);
+                next_status = now + self.status_every;
+            }
+        }
+    }
+
+    fn flush(&mut self) {
+        while let Some(o) = self.core.poll_output() {
+            self.io.output(o);
+        }
+    }
+}
+
+/// Where each part of a split proxy listens, seen from `me`.
+pub fn partners(
+    me: Part,
+    forwarder: SocketAddr,
+    monitor: SocketAddr,
+    router: SocketAddr,
+) -> Vec<(Part, SocketAddr)> {
+    [
+        (Part::Forwarder, forwarder),
+        (Part::Monitor, monitor),
+        (Part::Router, router),
+    ]
+    .into_iter()
+    .filter(|p| p.0 != me)
+    .collect()
+}

@@ -1,0 +1,221 @@
+//! How inputs reach a daemon's event loop without anyone waiting on it.
+//!
+//! Three ways in, because they must not compete with each other:
+//! - the **urgent** queue: replies to our own probes, local-link messages,
+//!   wake-ups. Bounded; what does not fit is dropped and counted.
+//! - the **bulk** queue: other monitors' probes, which we only answer. A
+//!   flood of them fills this queue alone, so it can never push our own
+//!   replies out (which would look like loss and cause false failovers).
+//! - the **latest view** slot: the CU client's thread overwrites it and
+//!   never blocks (its heartbeats must go on); the loop takes the newest.
+//!
+//! Probes longer than any our monitors send are dropped before they are
+//! copied: a queue of 64 KiB datagrams would cost hundreds of MiB.
+
+use pon_cu::view::View;
+use pon_forwarder::io::MonitorSink;
+use pon_proto::local::LocalMsg;
+use pon_proto::pon::{self, Kind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use crate::core::Part;
+
+pon_telemetry::counters! {
+    pub struct MailboxCounters {
+        urgent_full => ("pon_proxy_input_drops_total", "reason=\"urgent_queue_full\"", "Inputs of the control loop dropped, by reason."),
+        bulk_full => ("pon_proxy_input_drops_total", "reason=\"probe_queue_full\"", "Inputs of the control loop dropped, by reason."),
+        too_long => ("pon_proxy_input_drops_total", "reason=\"probe_too_long\"", "Inputs of the control loop dropped, by reason."),
+        not_probe => ("pon_proxy_input_drops_total", "reason=\"not_a_probe\"", "Inputs of the control loop dropped, by reason."),
+    }
+}
+
+/// Longest probe or reply accepted from the forwarding threads: the
+/// longest PON header and the longest probe body a monitor sends.
+pub const MAX_PROBE_LEN: usize = pon::MAX_HEADER_LEN + pon_monitor::MAX_BODY_LEN;
+
+/// Others' probes handled per loop iteration at most, so that a flood of
+/// them does not delay our timers.
+pub const BULK_PER_ROUND: usize = 256;
+
+pub enum Input {
+    /// A probe or reply that ended at this proxy.
+    Packet(Vec<u8>),
+    /// A message from another part over the local link.
+    Local(Part, LocalMsg),
+    /// Something is waiting in the bulk queue or the view slot.
+    Wake,
+}
+
+/// The senders' side, cloned into threads.
+#[derive(Clone)]
+pub struct Mailbox {
+    urgent: SyncSender<Input>,
+    bulk: SyncSender<Vec<u8>>,
+    bulk_pending: Arc<AtomicBool>,
+    view: Arc<Mutex<Option<View>>>,
+    pub counters: Arc<MailboxCounters>,
+}
+
+/// The loop's side.
+pub struct Inbox {
+    pub urgent: Receiver<Input>,
+    bulk: Receiver<Vec<u8>>,
+    bulk_pending: Arc<AtomicBool>,
+    view: Arc<Mutex<Option<View>>>,
+}
+
+pub fn mailbox(urgent: usize, bulk: usize) -> (Mailbox, Inbox) {
+    let (utx, urx) = sync_channel(urgent);
+    let (btx, brx) = sync_channel(bulk);
+    let pending = Arc::new(AtomicBool::new(false));
+    let view = Arc::new(Mutex::new(None));
+    (
+        Mailbox {
+            urgent: utx,
+            bulk: btx,
+            bulk_pending: pending.clone(),
+            view: view.clone(),
+            counters: Default::default(),
+        },
+        Inbox {
+            urgent: urx,
+            bulk: brx,
+            bulk_pending: pending,
+            view,
+        },
+    )
+}
+
+impl Mailbox {
+    /// Queues an urgent input; never blocks.
+    pub fn post(&self, input: Input) {
+        if let Err(TrySendError::Full(_)) = self.urgent.try_send(input) {
+            self.counters.urgent_full.inc();
+        }
+    }
+
+    /// A probe or reply from a forwarding thread: replies to ours are
+    /// urgent, others' probes are bulk.
+    pub fn post_packet(&self, packet: &[u8]) {
+        if packet.len() > MAX_PROBE_LEN {
+            self.counters.too_long.inc();
+            return;
+        }
+        match pon::Packet::new_checked(packet).map(|p| p.kind()) {
+            Ok(Kind::ProbeReply) => self.post(Input::Packet(packet.to_vec())),
+            Ok(Kind::Probe) => {
+                if let Err(TrySendError::Full(_)) = self.bulk.try_send(packet.to_vec()) {
+                    self.counters.bulk_full.inc();
+                    return;
+                }
+                // One wake-up per batch: the loop clears the flag before it
+                // drains the queue.
+                if !self.bulk_pending.swap(true, Ordering::AcqRel) {
+                    self.post(Input::Wake);
+                }
+            }
+            _ => self.counters.not_probe.inc(),
+        }
+    }
+
+    /// The forwarding threads' hand-off.
+    pub fn sink(&self) -> MonitorSink {
+        let m = self.clone();
+        Arc::new(move |packet: &[u8]| m.post_packet(packet))
+    }
+
+    /// A new view from the CU: replaces any not yet taken.
+    pub fn post_view(&self, view: View) {
+        *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Some(view);
+        self.post(Input::Wake);
+    }
+}
+
+impl Inbox {
+    /// The newest view, if one came since the last look.
+    pub fn take_view(&self) -> Option<View> {
+        self.view.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Up to `max` of others' probes.
+    pub fn take_bulk(&self, max: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.bulk_pending.store(false, Ordering::Release);
+        std::iter::from_fn(|| self.bulk.try_recv().ok()).take(max)
+    }
+
+    /// Whether bulk inputs are left after a round.
+    pub fn bulk_left(&self) -> bool {
+        self.bulk_pending.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pon_proto::pon::{Hops, Repr};
+
+    fn packet(kind: Kind, body: usize) -> Vec<u8> {
+        let r = Repr {
+            kind,
+            auth: false,
+            hop_limit: 8,
+            hop_index: 0,
+            flow_id: 0,
+            source: 2,
+            hops: Hops::new(&[1]).unwrap(),
+        };
+        let mut v = vec![0; r.header_len() + body];
+        r.emit(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn a_flood_of_foreign_probes_never_pushes_out_our_replies() {
+        let (mb, inbox) = mailbox(8, 4);
+        for _ in 0..1000 {
+            mb.post_packet(&packet(Kind::Probe, 40));
+        }
+        for _ in 0..3 {
+            mb.post_packet(&packet(Kind::ProbeReply, 40));
+        }
+        assert_eq!(mb.counters.bulk_full.get(), 996);
+        assert_eq!(mb.counters.urgent_full.get(), 0);
+        // One wake-up for the whole flood, then our three replies.
+        let urgent: Vec<Input> = inbox.urgent.try_iter().collect();
+        assert_eq!(urgent.len(), 4);
+        assert!(matches!(urgent[0], Input::Wake));
+        assert!(urgent[1..].iter().all(|i| matches!(i, Input::Packet(_))));
+        assert_eq!(inbox.take_bulk(usize::MAX).count(), 4);
+    }
+
+    #[test]
+    fn oversized_and_data_packets_are_not_copied() {
+        let (mb, inbox) = mailbox(8, 8);
+        mb.post_packet(&packet(Kind::Probe, 60_000));
+        mb.post_packet(&packet(Kind::Data, 40));
+        mb.post_packet(&[0xff; 3]);
+        assert_eq!(mb.counters.too_long.get(), 1);
+        assert_eq!(mb.counters.not_probe.get(), 2);
+        assert!(inbox.urgent.try_recv().is_err());
+        assert_eq!(inbox.take_bulk(10).count(), 0);
+    }
+
+    #[test]
+    fn views_keep_only_the_latest_and_never_block() {
+        let (mb, inbox) = mailbox(1, 1);
+        for id in 1..=100u32 {
+            let mut v = View::default();
+            v.apply_config(pon_proto::control::Config {
+                id,
+                heartbeat_ms: 1000,
+                dead_after_ms: 3000,
+                peers: vec![],
+            });
+            mb.post_view(v);
+        }
+        assert_eq!(inbox.take_view().map(|v| v.id()), Some(100));
+        assert!(inbox.take_view().is_none());
+    }
+}
