@@ -838,7 +838,7 @@ mod tests {
 
     #[test]
     fn inner_ipv6_addresses() {
-        let mut v = vec![0u8; 48];
+        let mut v = [0u8; 48];
         v[0] = 0x60;
         v[5] = 8;
         v[8 + 15] = 1;
