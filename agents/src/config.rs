@@ -1,8 +1,8 @@
 //! TOML configuration of the TA and the RA.
 
-use crate::Encap;
 use anyhow::Context;
 use ipnet::IpNet;
+use pon_proto::{ports, Encap, EncapKind};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -19,8 +19,10 @@ pub struct TaConfig {
     /// The local proxy's forwarder (in CU mode: learnt from the CU).
     #[serde(default)]
     pub forwarder: Option<Ipv4Addr>,
-    #[serde(default = "default_encap")]
-    pub encap: Encap,
+    /// How both agent legs are encapsulated; with `udp`, the RA listens
+    /// on `ra_port` (see [`TaConfig::encap`]).
+    #[serde(default)]
+    pub encap: EncapKind,
     #[serde(default = "default_forwarder_udp_port")]
     pub forwarder_udp_port: u16,
     /// MTU of the underlay; the TUN MTU is derived from it.
@@ -90,17 +92,14 @@ fn default_ra_tun() -> String {
 fn default_ra_tun_addr() -> Ipv4Addr {
     Ipv4Addr::new(169, 254, 80, 1)
 }
-fn default_encap() -> Encap {
-    Encap::Ipip
-}
 fn default_forwarder_udp_port() -> u16 {
-    7301
+    ports::AGENT_UDP
 }
 fn default_steering_port() -> u16 {
-    pon_proto::steering::STEERING_PORT
+    ports::STEERING
 }
 fn default_ra_port() -> u16 {
-    7302
+    ports::RA_UDP
 }
 fn default_mtu() -> u16 {
     1500
@@ -140,8 +139,8 @@ impl TaConfig {
         }
         let mtu = self.tun_mtu();
         let agent_leg = match self.encap {
-            Encap::Ipip => pon_proto::ip::IPIP_OVERHEAD,
-            Encap::Udp => pon_proto::ip::UDP_OVERHEAD,
+            EncapKind::Ipip => pon_proto::ip::IPIP_OVERHEAD,
+            EncapKind::Udp => pon_proto::ip::UDP_OVERHEAD,
         };
         let agent_leg_max = usize::from(self.underlay_mtu).saturating_sub(agent_leg);
         if usize::from(mtu) > agent_leg_max {
@@ -157,6 +156,11 @@ impl TaConfig {
             );
         }
         Ok(())
+    }
+
+    /// This VM's encapsulation as the CU and the forwarder know it.
+    pub fn encap(&self) -> Encap {
+        self.encap.with_port(self.ra_port)
     }
 
     fn overhead(&self) -> usize {

@@ -4,11 +4,10 @@
 
 use crate::config::TaConfig;
 use crate::interception::Interception;
-use crate::Encap;
 use ipnet::IpNet;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
-use pon_proto::control::{self, Endpoints};
+use pon_proto::control::Endpoints;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
@@ -58,12 +57,7 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
     };
     let endpoints = Endpoints::App {
         addr: cfg.local_addr,
-        encap: match cfg.encap {
-            Encap::Ipip => control::Encap::Ipip,
-            Encap::Udp => control::Encap::Udp {
-                ra_port: cfg.ra_port,
-            },
-        },
+        encap: cfg.encap(),
     };
     let register = cu
         .register("APP", &cfg.local_addr.to_string(), endpoints, None)
@@ -147,7 +141,7 @@ mod tests {
                 cloud,
                 Endpoints::App {
                     addr: Ipv4Addr::new(198, 18, 2, last),
-                    encap: control::Encap::Ipip,
+                    encap: pon_proto::Encap::Ipip,
                 },
             )
         };

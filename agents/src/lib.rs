@@ -15,14 +15,6 @@ pub mod steering;
 pub mod ta;
 pub mod tun;
 
-/// How an agent leg is encapsulated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Encap {
-    Ipip,
-    Udp,
-}
-
 /// Free bytes before a packet read from the TUN, for the outer header.
 pub const HEADROOM: usize = pon_proto::ip::IPV4_HEADER_LEN;
 /// One packet buffer: headroom plus the largest IPv4 packet.

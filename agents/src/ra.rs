@@ -1,7 +1,7 @@
 //! The reception agent's per-packet work, without I/O: accept only what our
 //! proxy sends for this VM and find the inner packet to deliver.
 
-use pon_proto::ip::{self, InnerPacket};
+use pon_proto::ip::{InnerPacket, IpipPacket};
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 
@@ -24,20 +24,19 @@ pub struct Decapsulator {
 impl Decapsulator {
     /// An IP-in-IP packet as the raw socket returns it (outer header included).
     pub fn from_ipip(&self, pkt: &[u8], c: &RaCounters) -> Option<Range<usize>> {
-        let (outer, inner) = match ip::parse_ipip(pkt) {
-            Ok(v) => v,
-            Err(_) => {
-                c.drop_malformed.inc();
-                return None;
-            }
+        let Ok(p) = IpipPacket::new_checked(pkt) else {
+            c.drop_malformed.inc();
+            return None;
         };
-        if outer.src != self.proxy {
+        if p.outer().src() != self.proxy {
             c.drop_not_from_proxy.inc();
             return None;
         }
-        let start = ip::Ipv4Packet::new_unchecked(pkt).header_len();
-        self.check_inner(inner, c)
-            .map(|()| start..start + inner.len())
+        let start = p.outer().header_len();
+        // The inner packet was checked with the outer one.
+        let inner = p.inner();
+        self.deliverable(&inner, c)
+            .then(|| start..start + inner.len())
     }
 
     /// The payload of a UDP datagram from `src`.
@@ -46,35 +45,35 @@ impl Decapsulator {
             c.drop_not_from_proxy.inc();
             return false;
         }
-        self.check_inner(payload, c).is_some()
+        let Ok(inner) = InnerPacket::new_checked(payload) else {
+            c.drop_malformed.inc();
+            return false;
+        };
+        self.deliverable(&inner, c)
     }
 
-    fn check_inner(&self, inner: &[u8], c: &RaCounters) -> Option<()> {
-        let Ok(p) = InnerPacket::new_checked(inner) else {
-            c.drop_malformed.inc();
-            return None;
-        };
+    fn deliverable(&self, p: &InnerPacket<&[u8]>, c: &RaCounters) -> bool {
         // Only this VM's traffic: the RA must not become a way into other hosts.
         if p.dst() != IpAddr::V4(self.local) {
             c.drop_not_for_us.inc();
-            return None;
+            return false;
         }
         c.delivered.inc();
-        Some(())
+        true
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::ip::{Ipv4Repr, IPPROTO_IPIP};
+    use pon_proto::ip::{IpProtocol, Ipv4Repr};
 
     fn ipip(outer_src: Ipv4Addr, inner_dst: Ipv4Addr) -> Vec<u8> {
         let mut v = vec![0u8; 48];
         Ipv4Repr {
             src: outer_src,
             dst: inner_dst,
-            protocol: IPPROTO_IPIP,
+            protocol: IpProtocol::Ipip,
             ttl: 64,
             dont_fragment: false,
             payload_len: 28,
@@ -84,7 +83,7 @@ mod tests {
         Ipv4Repr {
             src: Ipv4Addr::new(198, 18, 2, 11),
             dst: inner_dst,
-            protocol: 17,
+            protocol: IpProtocol::Udp,
             ttl: 64,
             dont_fragment: false,
             payload_len: 8,

@@ -1,8 +1,9 @@
 //! The transmission agent's per-packet work, without I/O: check a packet
 //! read from the TUN and wrap it for the local forwarder.
 
-use crate::{Encap, HEADROOM};
-use pon_proto::ip::{InnerPacket, Ipv4Repr, IPPROTO_IPIP, IPV4_HEADER_LEN};
+use crate::HEADROOM;
+use pon_proto::ip::{InnerPacket, IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
+use pon_proto::EncapKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 
@@ -19,7 +20,8 @@ pon_telemetry::counters! {
 pub struct Encapsulator {
     pub local: Ipv4Addr,
     pub forwarder: Ipv4Addr,
-    pub encap: Encap,
+    /// How the TA reaches the forwarder (the port is the forwarder's).
+    pub encap: EncapKind,
 }
 
 impl Encapsulator {
@@ -43,12 +45,12 @@ impl Encapsulator {
         }
         c.captured.inc();
         match self.encap {
-            Encap::Udp => Some(HEADROOM..end),
-            Encap::Ipip => {
+            EncapKind::Udp => Some(HEADROOM..end),
+            EncapKind::Ipip => {
                 Ipv4Repr {
                     src: self.local,
                     dst: self.forwarder,
-                    protocol: IPPROTO_IPIP,
+                    protocol: IpProtocol::Ipip,
                     ttl: 64,
                     dont_fragment: false,
                     payload_len: len,
@@ -64,14 +66,14 @@ impl Encapsulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::ip::parse_ipip;
+    use pon_proto::ip::IpipPacket;
 
     fn packet_from(src: Ipv4Addr) -> Vec<u8> {
         let mut buf = vec![0u8; crate::BUFFER_LEN];
         Ipv4Repr {
             src,
             dst: Ipv4Addr::new(198, 18, 2, 11),
-            protocol: 1,
+            protocol: IpProtocol::Icmp,
             ttl: 64,
             dont_fragment: true,
             payload_len: 8,
@@ -86,14 +88,14 @@ mod tests {
         let e = Encapsulator {
             local: Ipv4Addr::new(198, 18, 1, 11),
             forwarder: Ipv4Addr::new(198, 18, 1, 1),
-            encap: Encap::Ipip,
+            encap: EncapKind::Ipip,
         };
         let c = TaCounters::default();
         let mut buf = packet_from(e.local);
         let r = e.encapsulate(&mut buf, 28, &c).unwrap();
-        let (outer, inner) = parse_ipip(&buf[r]).unwrap();
-        assert_eq!(outer.dst, e.forwarder);
-        assert_eq!(inner.len(), 28);
+        let p = IpipPacket::new_checked(&buf[r]).unwrap();
+        assert_eq!(p.outer().dst(), e.forwarder);
+        assert_eq!(p.inner().len(), 28);
         let mut buf = packet_from(Ipv4Addr::new(10, 0, 0, 1));
         assert!(e.encapsulate(&mut buf, 28, &c).is_none());
         assert!(e.encapsulate(&mut buf, 3, &c).is_none());

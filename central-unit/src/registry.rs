@@ -539,7 +539,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::control::Encap;
+    use pon_proto::Encap;
     use std::net::Ipv4Addr;
 
     fn reg(cloud: &str, name: &str, role: &str, last: u8) -> Register {

@@ -190,7 +190,7 @@ mod tests {
             name: "app1".into(),
             endpoints: Endpoints::App {
                 addr: "198.18.1.11".parse().unwrap(),
-                encap: pon_proto::control::Encap::Ipip,
+                encap: pon_proto::Encap::Ipip,
             },
             id_hint: None,
         }

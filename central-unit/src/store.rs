@@ -44,7 +44,7 @@ impl Store {
         let mut out = Vec::new();
         for row in table.iter().map_err(db_err)? {
             let (k, v) = row.map_err(db_err)?;
-            match postcard::from_bytes::<AgentRecord>(v.value()) {
+            match pon_proto::codec::decode::<AgentRecord>(v.value(), usize::MAX) {
                 Ok(r) => out.push(r),
                 Err(e) => tracing::warn!(id = k.value(), error = %e, "skipping unreadable record"),
             }
@@ -58,7 +58,7 @@ impl Store {
         {
             let mut table = tx.open_table(AGENTS).map_err(db_err)?;
             for r in records {
-                let bytes = postcard::to_allocvec(r).map_err(db)?;
+                let bytes = pon_proto::codec::encode(r, usize::MAX).map_err(db)?;
                 table.insert(r.info.id, bytes.as_slice()).map_err(db_err)?;
             }
         }

@@ -28,7 +28,7 @@ pub struct AppRef {
     pub id: u32,
     pub cloud: String,
     pub addr: Ipv4Addr,
-    pub encap: pon_proto::control::Encap,
+    pub encap: pon_proto::Encap,
 }
 
 impl View {
@@ -113,7 +113,7 @@ impl View {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::control::Encap;
+    use pon_proto::Encap;
 
     fn proxy(id: u32, cloud: &str) -> Peer {
         let a = Ipv4Addr::new(198, 18, id as u8, 1);

@@ -8,6 +8,7 @@
 //! ever send small messages, while the CU may send a whole topology.
 //! Decoding never panics; bad input is an [`ControlError`].
 
+use crate::codec::{self, CodecError};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -43,15 +44,7 @@ impl ControlError {
     }
 }
 
-/// How an app VM's agent legs are encapsulated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Encap {
-    Ipip,
-    /// UDP to the RA's port.
-    Udp {
-        ra_port: u16,
-    },
-}
+pub use crate::Encap;
 
 /// Where an agent can be reached; the variant must match the role family.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -164,25 +157,22 @@ pub enum CuMsg {
 /// Encodes one frame (length prefix + message).
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     // Serializing into a Vec cannot fail for these types (no maps with
-    // non-string keys, no unsized sequences).
-    let mut out =
-        postcard::to_extend(msg, vec![0u8; FRAME_HEADER_LEN]).expect("serializing into a Vec");
+    // non-string keys, no unsized sequences), and the length prefix is
+    // 32 bits wide: the limit is the receiver's, checked when it decodes.
+    let mut out = codec::encode_after(msg, vec![0u8; FRAME_HEADER_LEN], u32::MAX as usize)
+        .expect("serializing into a Vec");
     let len = (out.len() - FRAME_HEADER_LEN) as u32;
     out[..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
     out
 }
 
 /// Decodes one message body (without the length prefix).
+/// The size limit is the frame decoder's, already applied to `body`.
 pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ControlError> {
-    let (msg, rest) =
-        postcard::take_from_bytes(body).map_err(|e| ControlError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(ControlError::Malformed(format!(
-            "{} trailing bytes after the message",
-            rest.len()
-        )));
-    }
-    Ok(msg)
+    codec::decode(body, usize::MAX).map_err(|e| match e {
+        CodecError::TooLong { len, max } => ControlError::Oversized { len, max },
+        CodecError::Malformed(m) => ControlError::Malformed(m),
+    })
 }
 
 /// Splits a byte stream into frames. Sans-I/O: feed it whatever a read

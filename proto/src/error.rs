@@ -1,4 +1,5 @@
-/// Why a packet was rejected. Each variant maps to one drop counter in the daemons.
+/// Why a packet was rejected. Each variant maps to one drop counter in the
+/// daemons, labelled with [`Error::label`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     #[error("packet truncated: need {needed} bytes, have {have}")]
@@ -6,7 +7,7 @@ pub enum Error {
     #[error("unsupported PON version {0}")]
     BadVersion(u8),
     #[error("unknown PON packet kind {0}")]
-    BadKind(u8),
+    UnknownKind(u8),
     #[error("hop count {0} outside 1..={max}", max = crate::pon::MAX_HOPS)]
     BadHopCount(u8),
     #[error("hop index {index} out of range for {count} hops")]
@@ -17,6 +18,10 @@ pub enum Error {
     BadHeaderLength(u8),
     #[error("IP total length {total} disagrees with the {have} bytes received")]
     BadTotalLength { total: usize, have: usize },
+    #[error(
+        "IPv4 fragment (offset {offset}, more fragments {more}) where a whole packet is required"
+    )]
+    Fragment { offset: u16, more: bool },
     #[error("outer packet carries IP protocol {0}, not IP-in-IP (4)")]
     NotIpInIp(u8),
     #[error("IPv4 header checksum mismatch")]
@@ -28,22 +33,50 @@ pub enum Error {
 }
 
 impl Error {
-    /// A short stable label for metrics (`reason="..."`).
-    pub fn label(&self) -> &'static str {
+    /// How many variants there are: the size of a per-reason counter array.
+    pub const COUNT: usize = Error::LABELS.len();
+
+    /// Every label, in [`Error::index`] order, so that a daemon can declare
+    /// one counter per reason before any packet arrives.
+    pub const LABELS: [&'static str; 13] = [
+        "truncated",
+        "bad_version",
+        "unknown_kind",
+        "bad_hop_count",
+        "hop_index_out_of_range",
+        "inner_not_ip",
+        "bad_header_length",
+        "bad_total_length",
+        "fragment",
+        "not_ipip",
+        "bad_checksum",
+        "buffer_too_small",
+        "bad_train",
+    ];
+
+    /// A dense index below [`Error::COUNT`], for counter arrays: a drop is
+    /// counted by indexing, with no allocation or string work per packet.
+    pub const fn index(&self) -> usize {
         match self {
-            Error::Truncated { .. } => "truncated",
-            Error::BadVersion(_) => "bad_version",
-            Error::BadKind(_) => "bad_kind",
-            Error::BadHopCount(_) => "bad_hop_count",
-            Error::HopIndexOutOfRange { .. } => "hop_index_out_of_range",
-            Error::NotIp(_) => "inner_not_ip",
-            Error::BadHeaderLength(_) => "bad_header_length",
-            Error::BadTotalLength { .. } => "bad_total_length",
-            Error::NotIpInIp(_) => "not_ipip",
-            Error::BadChecksum => "bad_checksum",
-            Error::BufferTooSmall { .. } => "buffer_too_small",
-            Error::BadTrain { .. } => "bad_train",
+            Error::Truncated { .. } => 0,
+            Error::BadVersion(_) => 1,
+            Error::UnknownKind(_) => 2,
+            Error::BadHopCount(_) => 3,
+            Error::HopIndexOutOfRange { .. } => 4,
+            Error::NotIp(_) => 5,
+            Error::BadHeaderLength(_) => 6,
+            Error::BadTotalLength { .. } => 7,
+            Error::Fragment { .. } => 8,
+            Error::NotIpInIp(_) => 9,
+            Error::BadChecksum => 10,
+            Error::BufferTooSmall { .. } => 11,
+            Error::BadTrain { .. } => 12,
         }
+    }
+
+    /// A short stable label for metrics (`reason="..."`).
+    pub const fn label(&self) -> &'static str {
+        Error::LABELS[self.index()]
     }
 }
 
@@ -52,5 +85,40 @@ pub(crate) fn need(have: usize, needed: usize) -> crate::Result<()> {
         Err(Error::Truncated { needed, have })
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_distinct_and_indexed() {
+        let all = [
+            Error::Truncated { needed: 0, have: 0 },
+            Error::BadVersion(0),
+            Error::UnknownKind(0),
+            Error::BadHopCount(0),
+            Error::HopIndexOutOfRange { index: 0, count: 0 },
+            Error::NotIp(0),
+            Error::BadHeaderLength(0),
+            Error::BadTotalLength { total: 0, have: 0 },
+            Error::Fragment {
+                offset: 0,
+                more: false,
+            },
+            Error::NotIpInIp(0),
+            Error::BadChecksum,
+            Error::BufferTooSmall { needed: 0, have: 0 },
+            Error::BadTrain { index: 0, len: 0 },
+        ];
+        assert_eq!(all.len(), Error::COUNT);
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e.index(), i);
+        }
+        let mut labels = Error::LABELS.to_vec();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Error::COUNT);
     }
 }

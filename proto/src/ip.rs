@@ -1,7 +1,7 @@
-//! Just enough IPv4/IPv6 to carry packets through the overlay: a checked
-//! view of an IPv4 header, the IP-in-IP outer header, the inner packet's
-//! addresses, and the ICMP "fragmentation needed" a forwarder returns when a
-//! packet does not fit the path.
+//! Just enough IPv4/IPv6/ICMPv4 to carry packets through the overlay: checked
+//! views of IPv4, IPv6 and ICMPv4 headers, the IP-in-IP outer header with its
+//! checked inner packet, and the ICMP "fragmentation needed" a forwarder
+//! returns when a packet does not fit the path.
 
 use crate::error::need;
 use crate::{Error, Result};
@@ -10,16 +10,50 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const IPV4_HEADER_LEN: usize = 20;
 pub const IPV6_HEADER_LEN: usize = 40;
 pub const UDP_HEADER_LEN: usize = 8;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_IPIP: u8 = 4;
 /// Bytes an IPv4 IP-in-IP agent leg adds to a packet.
 pub const IPIP_OVERHEAD: usize = IPV4_HEADER_LEN;
 /// Bytes a UDP/IPv4 leg adds to its payload.
 pub const UDP_OVERHEAD: usize = IPV4_HEADER_LEN + UDP_HEADER_LEN;
 
-const FLAG_DF: u16 = 0x4000;
-const FLAG_MF: u16 = 0x2000;
-const FRAG_OFFSET_MASK: u16 = 0x1fff;
+/// An IP protocol number. Open: numbers PON does not name still round-trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IpProtocol {
+    Icmp,
+    Ipip,
+    Tcp,
+    Udp,
+    Ipv6,
+    Icmpv6,
+    Unknown(u8),
+}
+
+impl From<u8> for IpProtocol {
+    fn from(v: u8) -> Self {
+        match v {
+            1 => IpProtocol::Icmp,
+            4 => IpProtocol::Ipip,
+            6 => IpProtocol::Tcp,
+            17 => IpProtocol::Udp,
+            41 => IpProtocol::Ipv6,
+            58 => IpProtocol::Icmpv6,
+            other => IpProtocol::Unknown(other),
+        }
+    }
+}
+
+impl From<IpProtocol> for u8 {
+    fn from(p: IpProtocol) -> u8 {
+        match p {
+            IpProtocol::Icmp => 1,
+            IpProtocol::Ipip => 4,
+            IpProtocol::Tcp => 6,
+            IpProtocol::Udp => 17,
+            IpProtocol::Ipv6 => 41,
+            IpProtocol::Icmpv6 => 58,
+            IpProtocol::Unknown(other) => other,
+        }
+    }
+}
 
 /// Internet checksum (RFC 1071) over `data`.
 pub fn checksum(data: &[u8]) -> u16 {
@@ -37,13 +71,46 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// A checked view of an IPv4 packet.
+fn be16(b: &[u8], r: core::ops::Range<usize>) -> u16 {
+    u16::from_be_bytes([b[r.start], b[r.start + 1]])
+}
+
+/// A length field `total` must cover the header (`min`) and fit the `have`
+/// bytes received.
+fn total_fits(total: usize, min: usize, have: usize) -> Result<()> {
+    if total < min || total > have {
+        return Err(Error::BadTotalLength { total, have });
+    }
+    Ok(())
+}
+
+mod field {
+    use core::ops::Range;
+    pub const VER_IHL: usize = 0;
+    pub const DSCP_ECN: usize = 1;
+    pub const LENGTH: Range<usize> = 2..4;
+    pub const IDENT: Range<usize> = 4..6;
+    pub const FLG_OFF: Range<usize> = 6..8;
+    pub const TTL: usize = 8;
+    pub const PROTOCOL: usize = 9;
+    pub const CHECKSUM: Range<usize> = 10..12;
+    pub const SRC_ADDR: Range<usize> = 12..16;
+    pub const DST_ADDR: Range<usize> = 16..20;
+}
+
+const FLAG_DF: u16 = 0x4000;
+const FLAG_MF: u16 = 0x2000;
+const FRAG_OFFSET_MASK: u16 = 0x1fff;
+
+/// A view of an IPv4 packet; after `new_checked` no accessor can panic.
 #[derive(Debug, Clone, Copy)]
 pub struct Ipv4Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
 impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    /// A view without checks, for writing a header into a buffer of at
+    /// least [`IPV4_HEADER_LEN`] bytes.
     pub fn new_unchecked(buffer: T) -> Self {
         Ipv4Packet { buffer }
     }
@@ -51,63 +118,75 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// Validates version, header length and total length against the buffer.
     /// Bytes after `total_len` (link padding) are tolerated and ignored.
     pub fn new_checked(buffer: T) -> Result<Self> {
-        let b = buffer.as_ref();
+        let p = Ipv4Packet { buffer };
+        let b = p.buffer.as_ref();
         need(b.len(), IPV4_HEADER_LEN)?;
-        let version = b[0] >> 4;
-        if version != 4 {
-            return Err(Error::NotIp(version));
+        if p.version() != 4 {
+            return Err(Error::NotIp(p.version()));
         }
-        let ihl = b[0] & 0x0f;
-        let header_len = usize::from(ihl) * 4;
+        let ihl = b[field::VER_IHL] & 0x0f;
         if ihl < 5 {
             return Err(Error::BadHeaderLength(ihl));
         }
-        need(b.len(), header_len)?;
-        let total = usize::from(u16::from_be_bytes([b[2], b[3]]));
-        if total < header_len || total > b.len() {
-            return Err(Error::BadTotalLength {
-                total,
-                have: b.len(),
-            });
-        }
-        Ok(Ipv4Packet { buffer })
+        need(b.len(), p.header_len())?;
+        total_fits(p.total_len(), p.header_len(), b.len())?;
+        Ok(p)
     }
 
     fn b(&self) -> &[u8] {
         self.buffer.as_ref()
     }
+    pub fn version(&self) -> u8 {
+        self.b()[field::VER_IHL] >> 4
+    }
     pub fn header_len(&self) -> usize {
-        usize::from(self.b()[0] & 0x0f) * 4
+        usize::from(self.b()[field::VER_IHL] & 0x0f) * 4
+    }
+    pub fn dscp_ecn(&self) -> u8 {
+        self.b()[field::DSCP_ECN]
     }
     pub fn total_len(&self) -> usize {
-        usize::from(u16::from_be_bytes([self.b()[2], self.b()[3]]))
+        usize::from(be16(self.b(), field::LENGTH))
+    }
+    pub fn ident(&self) -> u16 {
+        be16(self.b(), field::IDENT)
     }
     fn flags_frag(&self) -> u16 {
-        u16::from_be_bytes([self.b()[6], self.b()[7]])
+        be16(self.b(), field::FLG_OFF)
     }
     pub fn dont_fragment(&self) -> bool {
         self.flags_frag() & FLAG_DF != 0
     }
+    pub fn more_fragments(&self) -> bool {
+        self.flags_frag() & FLAG_MF != 0
+    }
+    /// Fragment offset in units of 8 bytes.
+    pub fn frag_offset(&self) -> u16 {
+        self.flags_frag() & FRAG_OFFSET_MASK
+    }
     /// True for any fragment but the first (ICMP errors are only sent about first fragments).
     pub fn is_later_fragment(&self) -> bool {
-        self.flags_frag() & FRAG_OFFSET_MASK != 0
+        self.frag_offset() != 0
     }
     pub fn is_fragment(&self) -> bool {
-        self.flags_frag() & (FRAG_OFFSET_MASK | FLAG_MF) != 0
+        self.frag_offset() != 0 || self.more_fragments()
     }
     pub fn ttl(&self) -> u8 {
-        self.b()[8]
+        self.b()[field::TTL]
     }
-    pub fn protocol(&self) -> u8 {
-        self.b()[9]
+    pub fn protocol(&self) -> IpProtocol {
+        IpProtocol::from(self.b()[field::PROTOCOL])
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.b(), field::CHECKSUM)
     }
     pub fn src(&self) -> Ipv4Addr {
-        let b = self.b();
-        Ipv4Addr::new(b[12], b[13], b[14], b[15])
+        let a: [u8; 4] = self.b()[field::SRC_ADDR].try_into().unwrap_or_default();
+        Ipv4Addr::from(a)
     }
     pub fn dst(&self) -> Ipv4Addr {
-        let b = self.b();
-        Ipv4Addr::new(b[16], b[17], b[18], b[19])
+        let a: [u8; 4] = self.b()[field::DST_ADDR].try_into().unwrap_or_default();
+        Ipv4Addr::from(a)
     }
     pub fn verify_checksum(&self) -> bool {
         checksum(&self.b()[..self.header_len()]) == 0
@@ -116,8 +195,63 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn payload(&self) -> &[u8] {
         &self.b()[self.header_len()..self.total_len()]
     }
+    /// The packet up to its total length (without link padding).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.b()[..self.total_len()]
+    }
     pub fn into_inner(self) -> T {
         self.buffer
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    fn m(&mut self) -> &mut [u8] {
+        self.buffer.as_mut()
+    }
+    /// Sets version 4 and the header length (a multiple of 4, 20..=60).
+    pub fn set_version_and_header_len(&mut self, header_len: usize) {
+        self.m()[field::VER_IHL] = 0x40 | (header_len / 4) as u8;
+    }
+    pub fn set_dscp_ecn(&mut self, v: u8) {
+        self.m()[field::DSCP_ECN] = v;
+    }
+    pub fn set_total_len(&mut self, v: u16) {
+        self.m()[field::LENGTH].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_ident(&mut self, v: u16) {
+        self.m()[field::IDENT].copy_from_slice(&v.to_be_bytes());
+    }
+    /// Sets the flags and fragment offset together (a whole packet: DF or not).
+    pub fn set_flags_frag(&mut self, dont_fragment: bool, more_fragments: bool, offset: u16) {
+        let v = if dont_fragment { FLAG_DF } else { 0 }
+            | if more_fragments { FLAG_MF } else { 0 }
+            | (offset & FRAG_OFFSET_MASK);
+        self.m()[field::FLG_OFF].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_ttl(&mut self, v: u8) {
+        self.m()[field::TTL] = v;
+    }
+    pub fn set_protocol(&mut self, v: IpProtocol) {
+        self.m()[field::PROTOCOL] = v.into();
+    }
+    pub fn set_checksum(&mut self, v: u16) {
+        self.m()[field::CHECKSUM].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_src(&mut self, a: Ipv4Addr) {
+        self.m()[field::SRC_ADDR].copy_from_slice(&a.octets());
+    }
+    pub fn set_dst(&mut self, a: Ipv4Addr) {
+        self.m()[field::DST_ADDR].copy_from_slice(&a.octets());
+    }
+    /// Computes and stores the header checksum.
+    pub fn fill_checksum(&mut self) {
+        self.set_checksum(0);
+        let c = checksum(&self.b()[..self.header_len()]);
+        self.set_checksum(c);
+    }
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let (s, e) = (self.header_len(), self.total_len());
+        &mut self.m()[s..e]
     }
 }
 
@@ -126,7 +260,7 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
 pub struct Ipv4Repr {
     pub src: Ipv4Addr,
     pub dst: Ipv4Addr,
-    pub protocol: u8,
+    pub protocol: IpProtocol,
     pub ttl: u8,
     pub dont_fragment: bool,
     pub payload_len: usize,
@@ -162,119 +296,352 @@ impl Ipv4Repr {
                 have: out.len(),
             });
         }
-        let h = &mut out[..IPV4_HEADER_LEN];
-        h[0] = 0x45;
-        h[1] = 0;
-        h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        let mut p = Ipv4Packet::new_unchecked(&mut out[..IPV4_HEADER_LEN]);
+        p.set_version_and_header_len(IPV4_HEADER_LEN);
+        p.set_dscp_ecn(0);
+        p.set_total_len(total as u16);
         // Identification 0: the kernel picks one for raw sends; PON never fragments.
-        h[4..6].copy_from_slice(&[0, 0]);
-        let flags = if self.dont_fragment { FLAG_DF } else { 0 };
-        h[6..8].copy_from_slice(&flags.to_be_bytes());
-        h[8] = self.ttl;
-        h[9] = self.protocol;
-        h[10..12].copy_from_slice(&[0, 0]);
-        h[12..16].copy_from_slice(&self.src.octets());
-        h[16..20].copy_from_slice(&self.dst.octets());
-        let c = checksum(h);
-        h[10..12].copy_from_slice(&c.to_be_bytes());
+        p.set_ident(0);
+        p.set_flags_frag(self.dont_fragment, false, 0);
+        p.set_ttl(self.ttl);
+        p.set_protocol(self.protocol);
+        p.set_src(self.src);
+        p.set_dst(self.dst);
+        p.fill_checksum();
         Ok(())
     }
 }
 
-/// Parses an IP-in-IP packet as a raw socket returns it: the outer IPv4
-/// header (checked, protocol 4) and the inner packet (checked to be IP).
-pub fn parse_ipip(buf: &[u8]) -> Result<(Ipv4Repr, &[u8])> {
-    let outer = Ipv4Packet::new_checked(buf)?;
-    let repr = Ipv4Repr::parse(&outer)?;
-    if repr.protocol != IPPROTO_IPIP {
-        return Err(Error::NotIpInIp(repr.protocol));
-    }
-    if outer.is_fragment() {
-        // The kernel reassembles before raw delivery; a fragment here is forged.
-        return Err(Error::BadTotalLength {
-            total: outer.total_len(),
-            have: buf.len(),
-        });
-    }
-    let header_len = outer.header_len();
-    let total = outer.total_len();
-    let inner = &buf[header_len..total];
-    InnerPacket::new_checked(inner)?;
-    Ok((repr, inner))
+mod field6 {
+    use core::ops::Range;
+    pub const PAYLOAD_LEN: Range<usize> = 4..6;
+    pub const NEXT_HEADER: usize = 6;
+    pub const SRC_ADDR: Range<usize> = 8..24;
+    pub const DST_ADDR: Range<usize> = 24..40;
 }
 
-/// The addresses of an IPv4 or IPv6 packet carried through the overlay.
+/// A view of an IPv6 packet's fixed header (extension headers are payload).
 #[derive(Debug, Clone, Copy)]
-pub struct InnerPacket<'a> {
-    buf: &'a [u8],
+pub struct Ipv6Packet<T: AsRef<[u8]>> {
+    buffer: T,
 }
 
-impl<'a> InnerPacket<'a> {
-    /// Accepts an IPv4 or IPv6 packet whose length fields fit the buffer.
-    pub fn new_checked(buf: &'a [u8]) -> Result<Self> {
-        need(buf.len(), 1)?;
-        match buf[0] >> 4 {
-            4 => {
-                Ipv4Packet::new_checked(buf)?;
-            }
-            6 => {
-                need(buf.len(), IPV6_HEADER_LEN)?;
-                let payload = usize::from(u16::from_be_bytes([buf[4], buf[5]]));
-                if IPV6_HEADER_LEN + payload > buf.len() {
-                    return Err(Error::BadTotalLength {
-                        total: IPV6_HEADER_LEN + payload,
-                        have: buf.len(),
-                    });
-                }
-            }
-            v => return Err(Error::NotIp(v)),
+impl<T: AsRef<[u8]>> Ipv6Packet<T> {
+    /// Validates the version and that the payload length fits the buffer.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let p = Ipv6Packet { buffer };
+        let b = p.buffer.as_ref();
+        need(b.len(), IPV6_HEADER_LEN)?;
+        if b[0] >> 4 != 6 {
+            return Err(Error::NotIp(b[0] >> 4));
         }
-        Ok(InnerPacket { buf })
+        let total = IPV6_HEADER_LEN + usize::from(p.payload_len());
+        total_fits(total, IPV6_HEADER_LEN, b.len())?;
+        Ok(p)
+    }
+    fn b(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
+    pub fn payload_len(&self) -> u16 {
+        be16(self.b(), field6::PAYLOAD_LEN)
+    }
+    pub fn next_header(&self) -> IpProtocol {
+        IpProtocol::from(self.b()[field6::NEXT_HEADER])
+    }
+    pub fn src(&self) -> Ipv6Addr {
+        let a: [u8; 16] = self.b()[field6::SRC_ADDR].try_into().unwrap_or_default();
+        Ipv6Addr::from(a)
+    }
+    pub fn dst(&self) -> Ipv6Addr {
+        let a: [u8; 16] = self.b()[field6::DST_ADDR].try_into().unwrap_or_default();
+        Ipv6Addr::from(a)
+    }
+    pub fn into_inner(self) -> T {
+        self.buffer
+    }
+}
+
+/// A checked IPv4 or IPv6 packet carried through the overlay.
+#[derive(Debug, Clone, Copy)]
+pub enum InnerPacket<T: AsRef<[u8]>> {
+    V4(Ipv4Packet<T>),
+    V6(Ipv6Packet<T>),
+}
+
+impl<T: AsRef<[u8]>> InnerPacket<T> {
+    /// Accepts an IPv4 or IPv6 packet whose length fields fit the buffer.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        need(buffer.as_ref().len(), 1)?;
+        match buffer.as_ref()[0] >> 4 {
+            4 => Ipv4Packet::new_checked(buffer).map(InnerPacket::V4),
+            6 => Ipv6Packet::new_checked(buffer).map(InnerPacket::V6),
+            v => Err(Error::NotIp(v)),
+        }
     }
 
-    pub fn is_ipv4(&self) -> bool {
-        self.buf[0] >> 4 == 4
+    /// A view of a buffer that `new_checked` already accepted (e.g. the
+    /// payload of a checked outer packet), without checking it again. On
+    /// other buffers the accessors may panic.
+    pub fn new_unchecked(buffer: T) -> Self {
+        if buffer.as_ref().first().map(|b| b >> 4) == Some(4) {
+            InnerPacket::V4(Ipv4Packet::new_unchecked(buffer))
+        } else {
+            InnerPacket::V6(Ipv6Packet { buffer })
+        }
     }
-    pub fn as_ipv4(&self) -> Option<Ipv4Packet<&'a [u8]>> {
-        self.is_ipv4().then(|| Ipv4Packet::new_unchecked(self.buf))
+
+    /// The IPv4 view, if this is IPv4 (already checked: no second validation).
+    pub fn as_ipv4(&self) -> Option<&Ipv4Packet<T>> {
+        match self {
+            InnerPacket::V4(p) => Some(p),
+            InnerPacket::V6(_) => None,
+        }
     }
     pub fn src(&self) -> IpAddr {
-        if self.is_ipv4() {
-            IpAddr::V4(Ipv4Packet::new_unchecked(self.buf).src())
-        } else {
-            IpAddr::V6(v6_at(self.buf, 8))
+        match self {
+            InnerPacket::V4(p) => IpAddr::V4(p.src()),
+            InnerPacket::V6(p) => IpAddr::V6(p.src()),
         }
     }
     pub fn dst(&self) -> IpAddr {
-        if self.is_ipv4() {
-            IpAddr::V4(Ipv4Packet::new_unchecked(self.buf).dst())
-        } else {
-            IpAddr::V6(v6_at(self.buf, 24))
+        match self {
+            InnerPacket::V4(p) => IpAddr::V4(p.dst()),
+            InnerPacket::V6(p) => IpAddr::V6(p.dst()),
         }
     }
     /// True when the sender forbids fragmentation (always true for IPv6).
     pub fn dont_fragment(&self) -> bool {
-        match self.as_ipv4() {
-            Some(p) => p.dont_fragment(),
-            None => true,
+        match self {
+            InnerPacket::V4(p) => p.dont_fragment(),
+            InnerPacket::V6(_) => true,
+        }
+    }
+    /// The whole buffer the packet was checked in (link padding included).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            InnerPacket::V4(p) => p.b(),
+            InnerPacket::V6(p) => p.b(),
+        }
+    }
+    /// The addresses and protocol of the packet, the bytes a flow is keyed
+    /// on (IPv4: protocol, checksum, addresses; IPv6: next header, hop
+    /// limit, addresses).
+    pub fn flow_key(&self) -> &[u8] {
+        match self {
+            InnerPacket::V4(p) => &p.b()[field::PROTOCOL..field::DST_ADDR.end],
+            InnerPacket::V6(p) => &p.b()[field6::NEXT_HEADER..field6::DST_ADDR.end],
         }
     }
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.as_bytes().len()
     }
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.as_bytes().is_empty()
     }
 }
 
-fn v6_at(b: &[u8], at: usize) -> Ipv6Addr {
-    let mut o = [0u8; 16];
-    o.copy_from_slice(&b[at..at + 16]);
-    Ipv6Addr::from(o)
+/// An IP-in-IP packet as a raw socket returns it: an outer IPv4 header
+/// (checksum verified, protocol 4, not a fragment) whose payload is a
+/// checked [`InnerPacket`].
+#[derive(Debug, Clone, Copy)]
+pub struct IpipPacket<T: AsRef<[u8]>> {
+    outer: Ipv4Packet<T>,
 }
 
-/// Bytes of ICMP error message: type, code, checksum, unused, next-hop MTU.
-const ICMP_HEADER_LEN: usize = 8;
+impl<T: AsRef<[u8]>> IpipPacket<T> {
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let outer = Ipv4Packet::new_checked(buffer)?;
+        if !outer.verify_checksum() {
+            return Err(Error::BadChecksum);
+        }
+        if outer.protocol() != IpProtocol::Ipip {
+            return Err(Error::NotIpInIp(outer.protocol().into()));
+        }
+        if outer.is_fragment() {
+            // The kernel reassembles before raw delivery; a fragment here is forged.
+            return Err(Error::Fragment {
+                offset: outer.frag_offset(),
+                more: outer.more_fragments(),
+            });
+        }
+        InnerPacket::new_checked(outer.payload())?;
+        Ok(IpipPacket { outer })
+    }
+    pub fn outer(&self) -> &Ipv4Packet<T> {
+        &self.outer
+    }
+    /// The inner packet, validated by `new_checked`: it is rebuilt without
+    /// a second check.
+    pub fn inner(&self) -> InnerPacket<&[u8]> {
+        InnerPacket::new_unchecked(self.outer.payload())
+    }
+    pub fn into_inner(self) -> T {
+        self.outer.into_inner()
+    }
+}
+
+/// An ICMPv4 message type. Open: unnamed types still round-trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Icmpv4Message {
+    EchoReply,
+    DstUnreachable,
+    Redirect,
+    EchoRequest,
+    TimeExceeded,
+    ParamProblem,
+    Timestamp,
+    TimestampReply,
+    InfoRequest,
+    InfoReply,
+    AddressMaskRequest,
+    AddressMaskReply,
+    Unknown(u8),
+}
+
+impl From<u8> for Icmpv4Message {
+    fn from(v: u8) -> Self {
+        match v {
+            0 => Icmpv4Message::EchoReply,
+            3 => Icmpv4Message::DstUnreachable,
+            5 => Icmpv4Message::Redirect,
+            8 => Icmpv4Message::EchoRequest,
+            11 => Icmpv4Message::TimeExceeded,
+            12 => Icmpv4Message::ParamProblem,
+            13 => Icmpv4Message::Timestamp,
+            14 => Icmpv4Message::TimestampReply,
+            15 => Icmpv4Message::InfoRequest,
+            16 => Icmpv4Message::InfoReply,
+            17 => Icmpv4Message::AddressMaskRequest,
+            18 => Icmpv4Message::AddressMaskReply,
+            other => Icmpv4Message::Unknown(other),
+        }
+    }
+}
+
+impl From<Icmpv4Message> for u8 {
+    fn from(m: Icmpv4Message) -> u8 {
+        match m {
+            Icmpv4Message::EchoReply => 0,
+            Icmpv4Message::DstUnreachable => 3,
+            Icmpv4Message::Redirect => 5,
+            Icmpv4Message::EchoRequest => 8,
+            Icmpv4Message::TimeExceeded => 11,
+            Icmpv4Message::ParamProblem => 12,
+            Icmpv4Message::Timestamp => 13,
+            Icmpv4Message::TimestampReply => 14,
+            Icmpv4Message::InfoRequest => 15,
+            Icmpv4Message::InfoReply => 16,
+            Icmpv4Message::AddressMaskRequest => 17,
+            Icmpv4Message::AddressMaskReply => 18,
+            Icmpv4Message::Unknown(other) => other,
+        }
+    }
+}
+
+impl Icmpv4Message {
+    /// Queries and their replies, the only ICMP messages an error may be
+    /// sent about (RFC 1122 3.2.2: never an error about an error).
+    pub fn is_query(self) -> bool {
+        matches!(
+            self,
+            Icmpv4Message::EchoReply
+                | Icmpv4Message::EchoRequest
+                | Icmpv4Message::Timestamp
+                | Icmpv4Message::TimestampReply
+                | Icmpv4Message::InfoRequest
+                | Icmpv4Message::InfoReply
+                | Icmpv4Message::AddressMaskRequest
+                | Icmpv4Message::AddressMaskReply
+        )
+    }
+}
+
+/// Code of "destination unreachable: fragmentation needed and DF set".
+pub const ICMP_CODE_FRAG_NEEDED: u8 = 4;
+
+mod icmp_field {
+    use core::ops::Range;
+    pub const TYPE: usize = 0;
+    pub const CODE: usize = 1;
+    pub const CHECKSUM: Range<usize> = 2..4;
+    /// Unused in "fragmentation needed" (RFC 1191); identifier in echo.
+    pub const UNUSED: Range<usize> = 4..6;
+    /// Next-hop MTU in "fragmentation needed"; sequence number in echo.
+    pub const MTU: Range<usize> = 6..8;
+    pub const DATA: usize = 8;
+}
+
+/// Bytes of an ICMPv4 header: type, code, checksum and 4 type-specific bytes.
+pub const ICMP_HEADER_LEN: usize = icmp_field::DATA;
+
+/// A view of an ICMPv4 message (the IPv4 payload).
+#[derive(Debug, Clone, Copy)]
+pub struct Icmpv4Packet<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Icmpv4Packet<T> {
+    pub fn new_unchecked(buffer: T) -> Self {
+        Icmpv4Packet { buffer }
+    }
+    /// Validates that the fixed header fits.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        need(buffer.as_ref().len(), ICMP_HEADER_LEN)?;
+        Ok(Icmpv4Packet { buffer })
+    }
+    fn b(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
+    pub fn msg_type(&self) -> Icmpv4Message {
+        Icmpv4Message::from(self.b()[icmp_field::TYPE])
+    }
+    pub fn msg_code(&self) -> u8 {
+        self.b()[icmp_field::CODE]
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.b(), icmp_field::CHECKSUM)
+    }
+    /// The next-hop MTU of a "fragmentation needed".
+    pub fn next_hop_mtu(&self) -> u16 {
+        be16(self.b(), icmp_field::MTU)
+    }
+    /// What follows the header (for errors: the quoted packet).
+    pub fn data(&self) -> &[u8] {
+        &self.b()[icmp_field::DATA..]
+    }
+    /// The checksum covers the whole message.
+    pub fn verify_checksum(&self) -> bool {
+        checksum(self.b()) == 0
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Icmpv4Packet<T> {
+    pub fn set_msg_type(&mut self, v: Icmpv4Message) {
+        self.buffer.as_mut()[icmp_field::TYPE] = v.into();
+    }
+    pub fn set_msg_code(&mut self, v: u8) {
+        self.buffer.as_mut()[icmp_field::CODE] = v;
+    }
+    pub fn set_checksum(&mut self, v: u16) {
+        self.buffer.as_mut()[icmp_field::CHECKSUM].copy_from_slice(&v.to_be_bytes());
+    }
+    /// Sets the "fragmentation needed" rest-of-header: unused zero, then the MTU.
+    pub fn set_next_hop_mtu(&mut self, mtu: u16) {
+        let b = self.buffer.as_mut();
+        b[icmp_field::UNUSED].fill(0);
+        b[icmp_field::MTU].copy_from_slice(&mtu.to_be_bytes());
+    }
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer.as_mut()[icmp_field::DATA..]
+    }
+    /// Computes and stores the checksum over the whole message.
+    pub fn fill_checksum(&mut self) {
+        self.set_checksum(0);
+        let c = checksum(self.b());
+        self.set_checksum(c);
+    }
+}
+
 /// RFC 792: an ICMP error quotes the IP header and the first 8 payload bytes.
 const ICMP_QUOTE_PAYLOAD: usize = 8;
 /// Largest ICMP "fragmentation needed" this module emits.
@@ -286,12 +653,9 @@ pub fn icmp_error_allowed<T: AsRef<[u8]>>(p: &Ipv4Packet<T>) -> bool {
     if p.is_later_fragment() {
         return false;
     }
-    if p.protocol() == IPPROTO_ICMP {
-        // Only echo request/reply (8/0) and other queries may trigger errors.
-        return match p.payload().first() {
-            Some(t) => matches!(t, 0 | 8 | 13 | 14 | 15 | 16 | 17 | 18),
-            None => false,
-        };
+    if p.protocol() == IpProtocol::Icmp {
+        // A truncated ICMP message is not a query: no error about it.
+        return Icmpv4Packet::new_checked(p.payload()).is_ok_and(|m| m.msg_type().is_query());
     }
     true
 }
@@ -317,21 +681,18 @@ pub fn emit_frag_needed<T: AsRef<[u8]>>(
     Ipv4Repr {
         src: from,
         dst: original.src(),
-        protocol: IPPROTO_ICMP,
+        protocol: IpProtocol::Icmp,
         ttl: 64,
         dont_fragment: false,
         payload_len: icmp_len,
     }
     .emit(out)?;
-    let icmp = &mut out[IPV4_HEADER_LEN..total];
-    icmp[0] = 3;
-    icmp[1] = 4;
-    icmp[2..4].copy_from_slice(&[0, 0]);
-    icmp[4..6].copy_from_slice(&[0, 0]);
-    icmp[6..8].copy_from_slice(&mtu.to_be_bytes());
-    icmp[ICMP_HEADER_LEN..].copy_from_slice(&original.buffer.as_ref()[..quote_len]);
-    let c = checksum(icmp);
-    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut icmp = Icmpv4Packet::new_unchecked(&mut out[IPV4_HEADER_LEN..total]);
+    icmp.set_msg_type(Icmpv4Message::DstUnreachable);
+    icmp.set_msg_code(ICMP_CODE_FRAG_NEEDED);
+    icmp.set_next_hop_mtu(mtu);
+    icmp.data_mut().copy_from_slice(&original.b()[..quote_len]);
+    icmp.fill_checksum();
     Ok(total)
 }
 
@@ -344,7 +705,7 @@ mod tests {
         Ipv4Repr {
             src: Ipv4Addr::new(198, 18, 1, 11),
             dst: Ipv4Addr::new(198, 18, 2, 11),
-            protocol: 17,
+            protocol: IpProtocol::Udp,
             ttl: 64,
             dont_fragment: df,
             payload_len,
@@ -352,6 +713,32 @@ mod tests {
         .emit(&mut v)
         .unwrap();
         v
+    }
+
+    fn ipip(inner: &[u8]) -> Vec<u8> {
+        let mut outer = vec![0u8; IPV4_HEADER_LEN + inner.len()];
+        Ipv4Repr {
+            src: Ipv4Addr::new(198, 18, 1, 11),
+            dst: Ipv4Addr::new(198, 18, 1, 1),
+            protocol: IpProtocol::Ipip,
+            ttl: 64,
+            dont_fragment: false,
+            payload_len: inner.len(),
+        }
+        .emit(&mut outer)
+        .unwrap();
+        outer[IPV4_HEADER_LEN..].copy_from_slice(inner);
+        outer
+    }
+
+    #[test]
+    fn protocol_numbers_round_trip() {
+        for v in 0..=255u8 {
+            assert_eq!(u8::from(IpProtocol::from(v)), v);
+            assert_eq!(u8::from(Icmpv4Message::from(v)), v);
+        }
+        assert_eq!(IpProtocol::from(4), IpProtocol::Ipip);
+        assert_eq!(IpProtocol::from(99), IpProtocol::Unknown(99));
     }
 
     #[test]
@@ -363,6 +750,18 @@ mod tests {
         assert_eq!(r.payload_len, 12);
         assert!(r.dont_fragment);
         assert_eq!(r.dst, Ipv4Addr::new(198, 18, 2, 11));
+    }
+
+    #[test]
+    fn setters_then_fill_checksum() {
+        let mut v = sample(4, false);
+        let mut p = Ipv4Packet::new_checked(&mut v[..]).unwrap();
+        p.set_ttl(3);
+        p.set_dst(Ipv4Addr::new(10, 0, 0, 1));
+        assert!(!p.verify_checksum());
+        p.fill_checksum();
+        assert!(p.verify_checksum());
+        assert_eq!((p.ttl(), p.dst()), (3, Ipv4Addr::new(10, 0, 0, 1)));
     }
 
     #[test]
@@ -390,44 +789,67 @@ mod tests {
     }
 
     #[test]
-    fn ipip_parse_checks_protocol_and_inner() {
+    fn ipip_parse_checks_protocol_fragments_and_inner() {
         let inner = sample(8, false);
-        let mut outer = vec![0u8; IPV4_HEADER_LEN + inner.len()];
-        let mut repr = Ipv4Repr {
-            src: Ipv4Addr::new(198, 18, 1, 11),
-            dst: Ipv4Addr::new(198, 18, 1, 1),
-            protocol: IPPROTO_IPIP,
-            ttl: 64,
-            dont_fragment: false,
-            payload_len: inner.len(),
-        };
-        repr.emit(&mut outer).unwrap();
-        outer[IPV4_HEADER_LEN..].copy_from_slice(&inner);
-        let (r, got) = parse_ipip(&outer).unwrap();
-        assert_eq!(r.src, repr.src);
-        assert_eq!(got, &inner[..]);
-        repr.protocol = 17;
-        repr.emit(&mut outer).unwrap();
-        assert_eq!(parse_ipip(&outer).unwrap_err(), Error::NotIpInIp(17));
-        repr.protocol = IPPROTO_IPIP;
-        repr.emit(&mut outer).unwrap();
-        outer[IPV4_HEADER_LEN] = 0x75; // inner version 7
-        assert_eq!(parse_ipip(&outer).unwrap_err(), Error::NotIp(7));
+        let outer = ipip(&inner);
+        let p = IpipPacket::new_checked(&outer[..]).unwrap();
+        assert_eq!(p.outer().src(), Ipv4Addr::new(198, 18, 1, 11));
+        assert_eq!(p.inner().as_bytes(), &inner[..]);
+        assert_eq!(
+            p.inner().as_ipv4().unwrap().dst(),
+            Ipv4Addr::new(198, 18, 2, 11)
+        );
+
+        let mut udp = outer.clone();
+        let mut o = Ipv4Packet::new_unchecked(&mut udp[..]);
+        o.set_protocol(IpProtocol::Udp);
+        o.fill_checksum();
+        assert_eq!(
+            IpipPacket::new_checked(&udp[..]).unwrap_err(),
+            Error::NotIpInIp(17)
+        );
+
+        let mut frag = outer.clone();
+        let mut o = Ipv4Packet::new_unchecked(&mut frag[..]);
+        o.set_flags_frag(false, true, 0);
+        o.fill_checksum();
+        assert_eq!(
+            IpipPacket::new_checked(&frag[..]).unwrap_err(),
+            Error::Fragment {
+                offset: 0,
+                more: true
+            }
+        );
+
+        let mut bad = outer.clone();
+        bad[IPV4_HEADER_LEN] = 0x75; // inner version 7
+        assert_eq!(
+            IpipPacket::new_checked(&bad[..]).unwrap_err(),
+            Error::NotIp(7)
+        );
+
+        let mut sum = outer;
+        sum[8] ^= 1; // TTL changed, checksum not
+        assert_eq!(
+            IpipPacket::new_checked(&sum[..]).unwrap_err(),
+            Error::BadChecksum
+        );
     }
 
     #[test]
     fn inner_ipv6_addresses() {
-        let mut v = vec![0u8; 48];
+        let mut v = [0u8; 48];
         v[0] = 0x60;
         v[5] = 8;
         v[8 + 15] = 1;
         v[24 + 15] = 2;
-        let p = InnerPacket::new_checked(&v).unwrap();
+        let p = InnerPacket::new_checked(&v[..]).unwrap();
         assert_eq!(p.src(), "::1".parse::<IpAddr>().unwrap());
         assert_eq!(p.dst(), "::2".parse::<IpAddr>().unwrap());
         assert!(p.dont_fragment());
+        assert!(p.as_ipv4().is_none());
         v[5] = 9;
-        assert!(InnerPacket::new_checked(&v).is_err());
+        assert!(InnerPacket::new_checked(&v[..]).is_err());
     }
 
     #[test]
@@ -438,17 +860,17 @@ mod tests {
         let mut out = [0u8; FRAG_NEEDED_MAX_LEN];
         let n = emit_frag_needed(&p, 1400, Ipv4Addr::new(198, 18, 1, 1), &mut out).unwrap();
         assert_eq!(n, 20 + 8 + 20 + 8);
-        let icmp = Ipv4Packet::new_checked(&out[..n]).unwrap();
+        let ip = Ipv4Packet::new_checked(&out[..n]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(ip.dst(), p.src());
+        assert_eq!(ip.protocol(), IpProtocol::Icmp);
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
         assert!(icmp.verify_checksum());
-        assert_eq!(icmp.dst(), p.src());
-        assert_eq!(icmp.protocol(), IPPROTO_ICMP);
-        let body = icmp.payload();
-        assert_eq!(checksum(body), 0);
-        assert_eq!((body[0], body[1]), (3, 4));
-        assert_eq!(u16::from_be_bytes([body[6], body[7]]), 1400);
-        assert_eq!(&body[8..], &orig[..28]);
+        assert_eq!(icmp.msg_type(), Icmpv4Message::DstUnreachable);
+        assert_eq!(icmp.msg_code(), ICMP_CODE_FRAG_NEEDED);
+        assert_eq!(icmp.next_hop_mtu(), 1400);
+        assert_eq!(icmp.data(), &orig[..28]);
         // Never an error about an ICMP error.
-        let err = Ipv4Packet::new_checked(&out[..n]).unwrap();
-        assert!(!icmp_error_allowed(&err));
+        assert!(!icmp_error_allowed(&ip));
     }
 }

@@ -3,9 +3,12 @@
 //!
 //! Every format follows the same shape (after smoltcp's `wire` module): a
 //! zero-copy view `Packet<T: AsRef<[u8]>>` whose `new_checked` validates all
-//! lengths once so that accessors cannot panic afterwards, and an owned `Repr`
-//! with `parse` and `emit`.
+//! lengths once so that accessors cannot panic afterwards, field offsets as
+//! ranges in a private `field` module, getters and setters, and an owned
+//! `Repr` with `parse` and `emit`. A parser that validates a nested packet
+//! hands out the nested view, so no caller checks the same bytes twice.
 
+pub mod codec;
 pub mod control;
 pub mod error;
 pub mod ip;
@@ -19,3 +22,54 @@ pub use error::Error;
 
 /// Result type of every parser in this crate.
 pub type Result<T> = core::result::Result<T, Error>;
+
+/// The well-known UDP ports, in one place so that daemons, agents and their
+/// configuration defaults cannot drift apart.
+pub mod ports {
+    /// Proxy ↔ proxy PON traffic.
+    pub const PON: u16 = 7300;
+    /// The forwarder's port for agents using the UDP encapsulation.
+    pub const AGENT_UDP: u16 = 7301;
+    /// The RA's port for the UDP encapsulation.
+    pub const RA_UDP: u16 = 7302;
+    /// TAs listen here for the proxy's steering messages.
+    pub const STEERING: u16 = 7303;
+}
+
+/// How an app VM's agent legs are encapsulated: the one type the CU's
+/// messages, the forwarder's table and the agents share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Encap {
+    /// IPv4 protocol 4 to the agent's address.
+    Ipip,
+    /// UDP to the RA's port, for networks that filter protocol 4.
+    Udp { ra_port: u16 },
+}
+
+/// The `encap = "ipip" | "udp"` setting of configuration files, where the
+/// RA port is a separate field; [`EncapKind::with_port`] makes the [`Encap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncapKind {
+    #[default]
+    Ipip,
+    Udp,
+}
+
+impl EncapKind {
+    pub fn with_port(self, ra_port: u16) -> Encap {
+        match self {
+            EncapKind::Ipip => Encap::Ipip,
+            EncapKind::Udp => Encap::Udp { ra_port },
+        }
+    }
+}
+
+impl Encap {
+    pub fn kind(&self) -> EncapKind {
+        match self {
+            Encap::Ipip => EncapKind::Ipip,
+            Encap::Udp { .. } => EncapKind::Udp,
+        }
+    }
+}

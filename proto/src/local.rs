@@ -15,6 +15,7 @@
 //! state and are re-sent every second), so a lost datagram costs at most a
 //! probe or a second of staleness.
 
+use crate::codec::CodecError;
 use crate::measurement::{ProbeOutcome, ProbeTag};
 use crate::pon::Hops;
 use serde::{Deserialize, Serialize};
@@ -81,28 +82,22 @@ pub enum LocalError {
     Malformed(String),
 }
 
+impl From<CodecError> for LocalError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::TooLong { len, .. } => LocalError::TooLong(len),
+            CodecError::Malformed(m) => LocalError::Malformed(m),
+        }
+    }
+}
+
 impl LocalMsg {
     pub fn encode(&self) -> Result<Vec<u8>, LocalError> {
-        let v = postcard::to_stdvec(self).map_err(|e| LocalError::Malformed(e.to_string()))?;
-        if v.len() > MAX_LOCAL_LEN {
-            return Err(LocalError::TooLong(v.len()));
-        }
-        Ok(v)
+        crate::codec::encode(self, MAX_LOCAL_LEN).map_err(LocalError::from)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, LocalError> {
-        if bytes.len() > MAX_LOCAL_LEN {
-            return Err(LocalError::TooLong(bytes.len()));
-        }
-        let (m, rest) =
-            postcard::take_from_bytes(bytes).map_err(|e| LocalError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(LocalError::Malformed(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
-        }
-        Ok(m)
+        crate::codec::decode(bytes, MAX_LOCAL_LEN).map_err(LocalError::from)
     }
 }
 

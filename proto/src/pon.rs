@@ -54,6 +54,8 @@ pub const fn proxy_leg_overhead(hops: usize) -> usize {
     crate::ip::UDP_OVERHEAD + header_len(hops, true)
 }
 
+/// What a PON packet carries. Closed: a kind this version does not know is
+/// an error ([`Error::UnknownKind`]), never mistaken for another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     Data,
@@ -61,17 +63,21 @@ pub enum Kind {
     ProbeReply,
 }
 
-impl Kind {
-    pub fn from_u8(v: u8) -> Result<Self> {
+impl TryFrom<u8> for Kind {
+    type Error = Error;
+    fn try_from(v: u8) -> Result<Self> {
         match v {
             1 => Ok(Kind::Data),
             2 => Ok(Kind::Probe),
             3 => Ok(Kind::ProbeReply),
-            other => Err(Error::BadKind(other)),
+            other => Err(Error::UnknownKind(other)),
         }
     }
-    pub fn to_u8(self) -> u8 {
-        match self {
+}
+
+impl From<Kind> for u8 {
+    fn from(k: Kind) -> u8 {
+        match k {
             Kind::Data => 1,
             Kind::Probe => 2,
             Kind::ProbeReply => 3,
@@ -80,44 +86,45 @@ impl Kind {
 }
 
 mod field {
+    use core::ops::Range;
     pub const VERSION: usize = 0;
     pub const KIND: usize = 1;
     pub const FLAGS: usize = 2;
     pub const HOP_LIMIT: usize = 3;
     pub const HOP_COUNT: usize = 4;
     pub const HOP_INDEX: usize = 5;
-    pub const FLOW: usize = 8;
-    pub const SOURCE: usize = 12;
-    pub const HOPS: usize = 16;
+    pub const RESERVED: Range<usize> = 6..8;
+    pub const FLOW: Range<usize> = 8..12;
+    pub const SOURCE: Range<usize> = 12..16;
+    /// Hop `i` of the source route.
+    pub const fn hop(i: usize) -> Range<usize> {
+        super::FIXED_HEADER_LEN + 4 * i..super::FIXED_HEADER_LEN + 4 * (i + 1)
+    }
+    /// The authentication tag after `hops` hops.
+    pub const fn auth_tag(hops: usize) -> Range<usize> {
+        hop(hops).start..hop(hops).start + super::AUTH_TAG_LEN
+    }
 }
 
 /// A zero-copy view of a PON packet. After `new_checked` every accessor is
-/// infallible.
+/// infallible; the kind is decoded once there and kept, so no accessor has
+/// to guess at an unknown one.
 #[derive(Debug, Clone, Copy)]
 pub struct Packet<T: AsRef<[u8]>> {
     buffer: T,
+    kind: Kind,
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    pub fn new_unchecked(buffer: T) -> Self {
-        Packet { buffer }
-    }
-
     /// Validates version, kind, hop count, hop index and lengths; for data
     /// packets also that the payload is an IPv4 or IPv6 packet.
     pub fn new_checked(buffer: T) -> Result<Self> {
-        let p = Packet { buffer };
-        p.check()?;
-        Ok(p)
-    }
-
-    fn check(&self) -> Result<()> {
-        let b = self.buffer.as_ref();
+        let b = buffer.as_ref();
         need(b.len(), FIXED_HEADER_LEN)?;
         if b[field::VERSION] != VERSION {
             return Err(Error::BadVersion(b[field::VERSION]));
         }
-        let kind = Kind::from_u8(b[field::KIND])?;
+        let kind = Kind::try_from(b[field::KIND])?;
         let count = b[field::HOP_COUNT];
         if count == 0 || usize::from(count) > MAX_HOPS {
             return Err(Error::BadHopCount(count));
@@ -126,11 +133,12 @@ impl<T: AsRef<[u8]>> Packet<T> {
         if index >= count {
             return Err(Error::HopIndexOutOfRange { index, count });
         }
-        need(b.len(), self.header_len())?;
+        let p = Packet { buffer, kind };
+        need(p.b().len(), p.header_len())?;
         if kind == Kind::Data {
-            InnerPacket::new_checked(self.payload())?;
+            InnerPacket::new_checked(p.payload())?;
         }
-        Ok(())
+        Ok(p)
     }
 
     fn b(&self) -> &[u8] {
@@ -140,7 +148,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.b()[field::VERSION]
     }
     pub fn kind(&self) -> Kind {
-        Kind::from_u8(self.b()[field::KIND]).unwrap_or(Kind::Data)
+        self.kind
     }
     pub fn flags(&self) -> u8 {
         self.b()[field::FLAGS]
@@ -166,7 +174,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     /// Proxy id of hop `i`; `i` must be below `hop_count()`.
     pub fn hop(&self, i: usize) -> u32 {
         debug_assert!(i < self.hop_count());
-        be32(self.b(), field::HOPS + 4 * i)
+        be32(self.b(), field::hop(i))
     }
     /// The hop that must handle the packet now.
     pub fn current_hop(&self) -> u32 {
@@ -177,18 +185,34 @@ impl<T: AsRef<[u8]>> Packet<T> {
         let next = self.hop_index() + 1;
         (next < self.hop_count()).then(|| self.hop(next))
     }
+    /// The whole source route.
+    pub fn hops(&self) -> Hops {
+        let mut hops = Hops {
+            ids: [0; MAX_HOPS],
+            len: self.hop_count() as u8,
+        };
+        for (i, slot) in hops.ids[..self.hop_count()].iter_mut().enumerate() {
+            *slot = self.hop(i);
+        }
+        hops
+    }
     pub fn header_len(&self) -> usize {
         header_len(self.hop_count(), self.has_auth_tag())
     }
     pub fn auth_tag(&self) -> Option<&[u8]> {
-        if !self.has_auth_tag() {
-            return None;
-        }
-        let start = field::HOPS + 4 * self.hop_count();
-        Some(&self.b()[start..start + AUTH_TAG_LEN])
+        self.has_auth_tag()
+            .then(|| &self.b()[field::auth_tag(self.hop_count())])
     }
     pub fn payload(&self) -> &[u8] {
         &self.b()[self.header_len()..]
+    }
+    /// The inner packet of a data packet, checked by `new_checked` (so not
+    /// checked again here); `None` for probes.
+    pub fn inner(&self) -> Option<InnerPacket<&[u8]>> {
+        if self.kind != Kind::Data {
+            return None;
+        }
+        Some(InnerPacket::new_unchecked(self.payload()))
     }
     pub fn into_inner(self) -> T {
         self.buffer
@@ -196,6 +220,9 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    fn m(&mut self) -> &mut [u8] {
+        self.buffer.as_mut()
+    }
     /// Moves the packet on to the next hop: advances the hop index and
     /// spends one unit of hop limit. Returns the next hop's id, or `None`
     /// (packet unchanged) when this is the last hop or the limit is spent.
@@ -205,26 +232,49 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         if limit <= 1 {
             return None;
         }
-        let b = self.buffer.as_mut();
-        b[field::HOP_INDEX] += 1;
-        b[field::HOP_LIMIT] = limit - 1;
+        let index = self.hop_index() as u8;
+        self.set_hop_index(index + 1);
+        self.set_hop_limit(limit - 1);
         Some(next)
+    }
+    pub fn set_kind(&mut self, k: Kind) {
+        self.kind = k;
+        self.m()[field::KIND] = k.into();
+    }
+    pub fn set_hop_limit(&mut self, v: u8) {
+        self.m()[field::HOP_LIMIT] = v;
+    }
+    /// The hop index must stay below the hop count.
+    pub fn set_hop_index(&mut self, v: u8) {
+        debug_assert!(usize::from(v) < self.hop_count());
+        self.m()[field::HOP_INDEX] = v;
+    }
+    pub fn set_flow_id(&mut self, v: u32) {
+        self.m()[field::FLOW].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_source(&mut self, v: u32) {
+        self.m()[field::SOURCE].copy_from_slice(&v.to_be_bytes());
+    }
+    /// Rewrites hop `i` (below `hop_count()`).
+    pub fn set_hop(&mut self, i: usize, id: u32) {
+        debug_assert!(i < self.hop_count());
+        self.m()[field::hop(i)].copy_from_slice(&id.to_be_bytes());
     }
     pub fn auth_tag_mut(&mut self) -> Option<&mut [u8]> {
         if !self.has_auth_tag() {
             return None;
         }
-        let start = field::HOPS + 4 * self.hop_count();
-        Some(&mut self.buffer.as_mut()[start..start + AUTH_TAG_LEN])
+        let r = field::auth_tag(self.hop_count());
+        Some(&mut self.m()[r])
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let start = self.header_len();
-        &mut self.buffer.as_mut()[start..]
+        &mut self.m()[start..]
     }
 }
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+fn be32(b: &[u8], r: core::ops::Range<usize>) -> u32 {
+    u32::from_be_bytes(b[r].try_into().unwrap_or_default())
 }
 
 /// On the local link a route travels as a sequence of ids; decoding checks
@@ -304,14 +354,6 @@ pub struct Repr {
 
 impl Repr {
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Self> {
-        let ids = &p.b()[field::HOPS..field::HOPS + 4 * p.hop_count()];
-        let mut hops = Hops {
-            ids: [0; MAX_HOPS],
-            len: p.hop_count() as u8,
-        };
-        for (slot, c) in hops.ids.iter_mut().zip(ids.chunks_exact(4)) {
-            *slot = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-        }
         Ok(Repr {
             kind: p.kind(),
             auth: p.has_auth_tag(),
@@ -319,7 +361,7 @@ impl Repr {
             hop_index: p.hop_index() as u8,
             flow_id: p.flow_id(),
             source: p.source(),
-            hops,
+            hops: p.hops(),
         })
     }
 
@@ -343,23 +385,26 @@ impl Repr {
                 count: self.hops.len() as u8,
             });
         }
+        // The count and flags go first: the other setters find the hop
+        // list and the tag through them.
         out[field::VERSION] = VERSION;
-        out[field::KIND] = self.kind.to_u8();
         out[field::FLAGS] = if self.auth { flags::AUTH } else { 0 };
-        out[field::HOP_LIMIT] = self.hop_limit;
         out[field::HOP_COUNT] = self.hops.len() as u8;
-        out[field::HOP_INDEX] = self.hop_index;
-        out[6] = 0;
-        out[7] = 0;
-        out[field::FLOW..field::FLOW + 4].copy_from_slice(&self.flow_id.to_be_bytes());
-        out[field::SOURCE..field::SOURCE + 4].copy_from_slice(&self.source.to_be_bytes());
+        out[field::RESERVED].fill(0);
+        let mut p = Packet {
+            buffer: out,
+            kind: self.kind,
+        };
+        p.set_kind(self.kind);
+        p.set_hop_limit(self.hop_limit);
+        p.set_hop_index(self.hop_index);
+        p.set_flow_id(self.flow_id);
+        p.set_source(self.source);
         for (i, id) in self.hops.as_slice().iter().enumerate() {
-            let at = field::HOPS + 4 * i;
-            out[at..at + 4].copy_from_slice(&id.to_be_bytes());
+            p.set_hop(i, *id);
         }
-        if self.auth {
-            let at = field::HOPS + 4 * self.hops.len();
-            out[at..at + AUTH_TAG_LEN].fill(0);
+        if let Some(tag) = p.auth_tag_mut() {
+            tag.fill(0);
         }
         Ok(())
     }
@@ -387,7 +432,7 @@ mod tests {
         Ipv4Repr {
             src: Ipv4Addr::new(198, 18, 1, 11),
             dst: Ipv4Addr::new(198, 18, 2, 11),
-            protocol: 17,
+            protocol: crate::ip::IpProtocol::Udp,
             ttl: 64,
             dont_fragment: false,
             payload_len: 4,
@@ -441,7 +486,10 @@ mod tests {
         );
         let mut v = good.clone();
         v[1] = 42;
-        assert_eq!(Packet::new_checked(&v[..]).unwrap_err(), Error::BadKind(42));
+        assert_eq!(
+            Packet::new_checked(&v[..]).unwrap_err(),
+            Error::UnknownKind(42)
+        );
         let mut v = good.clone();
         v[4] = 0;
         assert_eq!(

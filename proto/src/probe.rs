@@ -18,17 +18,40 @@
 use crate::error::need;
 use crate::{Error, Result};
 
-pub const BODY_LEN: usize = 32;
+pub const BODY_LEN: usize = field::PADDING;
 
+mod field {
+    use core::ops::Range;
+    pub const SESSION: Range<usize> = 0..4;
+    pub const SEQUENCE: Range<usize> = 4..8;
+    pub const SENT_NS: Range<usize> = 8..16;
+    pub const TRAIN_INDEX: Range<usize> = 16..18;
+    pub const TRAIN_LEN: Range<usize> = 18..20;
+    pub const REPLY_RX_NS: Range<usize> = 20..28;
+    /// Reserved, zero on emit.
+    pub const RESERVED: Range<usize> = 28..32;
+    pub const PADDING: usize = 32;
+}
+
+/// A view of a probe body; after `new_checked` no accessor can panic.
 #[derive(Debug, Clone, Copy)]
 pub struct Packet<T: AsRef<[u8]>> {
     buffer: T,
 }
 
+fn be<const N: usize>(b: &[u8], r: core::ops::Range<usize>) -> [u8; N] {
+    b[r].try_into().unwrap_or([0; N])
+}
+
 impl<T: AsRef<[u8]>> Packet<T> {
+    /// A view without checks, for writing a body into a buffer of at least
+    /// [`BODY_LEN`] bytes.
+    pub fn new_unchecked(buffer: T) -> Self {
+        Packet { buffer }
+    }
+    /// Validates the length and that the train index is below its length.
     pub fn new_checked(buffer: T) -> Result<Self> {
-        let b = buffer.as_ref();
-        need(b.len(), BODY_LEN)?;
+        need(buffer.as_ref().len(), BODY_LEN)?;
         let p = Packet { buffer };
         let (index, len) = (p.train_index(), p.train_len());
         if len == 0 || index >= len {
@@ -40,22 +63,26 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.buffer.as_ref()
     }
     pub fn session(&self) -> u32 {
-        u32::from_be_bytes(self.b()[0..4].try_into().unwrap_or_default())
+        u32::from_be_bytes(be(self.b(), field::SESSION))
     }
     pub fn sequence(&self) -> u32 {
-        u32::from_be_bytes(self.b()[4..8].try_into().unwrap_or_default())
+        u32::from_be_bytes(be(self.b(), field::SEQUENCE))
     }
     pub fn sent_ns(&self) -> u64 {
-        u64::from_be_bytes(self.b()[8..16].try_into().unwrap_or_default())
+        u64::from_be_bytes(be(self.b(), field::SENT_NS))
     }
     pub fn train_index(&self) -> u16 {
-        u16::from_be_bytes([self.b()[16], self.b()[17]])
+        u16::from_be_bytes(be(self.b(), field::TRAIN_INDEX))
     }
     pub fn train_len(&self) -> u16 {
-        u16::from_be_bytes([self.b()[18], self.b()[19]])
+        u16::from_be_bytes(be(self.b(), field::TRAIN_LEN))
     }
     pub fn reply_rx_ns(&self) -> u64 {
-        u64::from_be_bytes(self.b()[20..28].try_into().unwrap_or_default())
+        u64::from_be_bytes(be(self.b(), field::REPLY_RX_NS))
+    }
+    /// The padding after the body (bandwidth trains, MTU probes).
+    pub fn padding(&self) -> &[u8] {
+        &self.b()[field::PADDING..]
     }
     /// Total length including padding.
     pub fn len(&self) -> usize {
@@ -67,9 +94,31 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    fn m(&mut self) -> &mut [u8] {
+        self.buffer.as_mut()
+    }
+    pub fn set_session(&mut self, v: u32) {
+        self.m()[field::SESSION].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_sequence(&mut self, v: u32) {
+        self.m()[field::SEQUENCE].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_sent_ns(&mut self, v: u64) {
+        self.m()[field::SENT_NS].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_train_index(&mut self, v: u16) {
+        self.m()[field::TRAIN_INDEX].copy_from_slice(&v.to_be_bytes());
+    }
+    pub fn set_train_len(&mut self, v: u16) {
+        self.m()[field::TRAIN_LEN].copy_from_slice(&v.to_be_bytes());
+    }
     /// Turns a received probe into its reply in place, stamping the receive time.
-    pub fn set_reply_rx_ns(&mut self, ns: u64) {
-        self.buffer.as_mut()[20..28].copy_from_slice(&ns.to_be_bytes());
+    pub fn set_reply_rx_ns(&mut self, v: u64) {
+        self.m()[field::REPLY_RX_NS].copy_from_slice(&v.to_be_bytes());
+    }
+    /// Zeroes the reserved bytes and the padding.
+    pub fn clear_reserved_and_padding(&mut self) {
+        self.m()[field::RESERVED.start..].fill(0);
     }
 }
 
@@ -109,13 +158,14 @@ impl Repr {
                 len: self.train_len,
             });
         }
-        out[0..4].copy_from_slice(&self.session.to_be_bytes());
-        out[4..8].copy_from_slice(&self.sequence.to_be_bytes());
-        out[8..16].copy_from_slice(&self.sent_ns.to_be_bytes());
-        out[16..18].copy_from_slice(&self.train_index.to_be_bytes());
-        out[18..20].copy_from_slice(&self.train_len.to_be_bytes());
-        out[20..28].copy_from_slice(&self.reply_rx_ns.to_be_bytes());
-        out[28..].fill(0);
+        let mut p = Packet::new_unchecked(out);
+        p.set_session(self.session);
+        p.set_sequence(self.sequence);
+        p.set_sent_ns(self.sent_ns);
+        p.set_train_index(self.train_index);
+        p.set_train_len(self.train_len);
+        p.set_reply_rx_ns(self.reply_rx_ns);
+        p.clear_reserved_and_padding();
         Ok(())
     }
 }

@@ -9,11 +9,10 @@
 //! Encoded with postcard, at most [`MAX_STEERING_LEN`] bytes; decoding never
 //! panics.
 
+use crate::codec::CodecError;
 use serde::{Deserialize, Serialize};
 use std::net::Ipv4Addr;
 
-/// UDP port TAs listen on for steering messages.
-pub const STEERING_PORT: u16 = 7303;
 pub const STEERING_VERSION: u16 = 1;
 /// Largest message (one datagram on any underlay).
 pub const MAX_STEERING_LEN: usize = 1400;
@@ -43,26 +42,25 @@ pub enum SteeringError {
     PrefixLen(u8),
 }
 
+impl From<CodecError> for SteeringError {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::TooLong { len, .. } => SteeringError::TooLong(len),
+            CodecError::Malformed(m) => SteeringError::Malformed(m),
+        }
+    }
+}
+
 impl Steering {
     pub fn encode(&self) -> Result<Vec<u8>, SteeringError> {
         if self.bypass.len() > MAX_BYPASS {
             return Err(SteeringError::TooLong(self.bypass.len() * 5));
         }
-        postcard::to_stdvec(self).map_err(|e| SteeringError::Malformed(e.to_string()))
+        crate::codec::encode(self, MAX_STEERING_LEN).map_err(SteeringError::from)
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, SteeringError> {
-        if bytes.len() > MAX_STEERING_LEN {
-            return Err(SteeringError::TooLong(bytes.len()));
-        }
-        let (m, rest): (Steering, _) = postcard::take_from_bytes(bytes)
-            .map_err(|e| SteeringError::Malformed(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(SteeringError::Malformed(format!(
-                "{} trailing bytes",
-                rest.len()
-            )));
-        }
+        let m: Steering = crate::codec::decode(bytes, MAX_STEERING_LEN)?;
         if m.version != STEERING_VERSION {
             return Err(SteeringError::Version(m.version));
         }

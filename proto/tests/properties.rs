@@ -1,7 +1,9 @@
 //! Property tests: every parser survives arbitrary bytes, and emit/parse
 //! round-trips for every representable header.
 
-use pon_proto::ip::{self, InnerPacket, Ipv4Packet, Ipv4Repr};
+use pon_proto::ip::{
+    self, Icmpv4Packet, InnerPacket, IpProtocol, IpipPacket, Ipv4Packet, Ipv4Repr,
+};
 use pon_proto::{pon, probe};
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
@@ -31,7 +33,7 @@ fn ipv4_packet() -> impl Strategy<Value = Vec<u8>> {
             Ipv4Repr {
                 src: Ipv4Addr::from(s),
                 dst: Ipv4Addr::from(d),
-                protocol: proto,
+                protocol: IpProtocol::from(proto),
                 ttl: 64,
                 dont_fragment: df,
                 payload_len: payload.len(),
@@ -50,6 +52,14 @@ proptest! {
             let r = pon::Repr::parse(&p).unwrap();
             prop_assert!(r.header_len() <= bytes.len());
             let _ = (p.current_hop(), p.next_hop(), p.payload(), p.auth_tag());
+            // A data packet's inner view is the checked payload, never re-parsed.
+            prop_assert_eq!(p.inner().is_some(), p.kind() == pon::Kind::Data);
+            if let Some(inner) = p.inner() {
+                let _ = (inner.src(), inner.dst(), inner.flow_key());
+            }
+        } else if bytes.len() > 1 && !(1..=3).contains(&bytes[1]) && bytes.len() >= pon::FIXED_HEADER_LEN && bytes[0] == pon::VERSION {
+            // An unknown kind is refused by name, never taken for data.
+            prop_assert_eq!(pon::Packet::new_checked(&bytes[..]).unwrap_err(), pon_proto::Error::UnknownKind(bytes[1]));
         }
     }
 
@@ -76,9 +86,17 @@ proptest! {
             let _ = (p.payload(), p.src(), p.dst(), Ipv4Repr::parse(&p), ip::icmp_error_allowed(&p));
         }
         if let Ok(p) = InnerPacket::new_checked(&bytes[..]) {
-            let _ = (p.src(), p.dst(), p.dont_fragment());
+            let _ = (p.src(), p.dst(), p.dont_fragment(), p.flow_key());
         }
-        let _ = ip::parse_ipip(&bytes);
+        if let Ok(p) = IpipPacket::new_checked(&bytes[..]) {
+            // The inner view comes from the outer parse and must be usable as is.
+            let inner = p.inner();
+            let _ = (inner.src(), inner.dst(), inner.dont_fragment(), inner.flow_key());
+            prop_assert!(InnerPacket::new_checked(inner.as_bytes()).is_ok());
+        }
+        if let Ok(p) = Icmpv4Packet::new_checked(&bytes[..]) {
+            let _ = (p.msg_type(), p.msg_code(), p.next_hop_mtu(), p.data(), p.verify_checksum());
+        }
         if let Ok(p) = probe::Packet::new_checked(&bytes[..]) {
             let _ = probe::Repr::parse(&p).unwrap();
         }
@@ -99,9 +117,12 @@ proptest! {
         let p = Ipv4Packet::new_checked(&v[..]).unwrap();
         let mut out = [0u8; ip::FRAG_NEEDED_MAX_LEN];
         let n = ip::emit_frag_needed(&p, mtu, Ipv4Addr::new(198, 18, 0, 1), &mut out).unwrap();
-        let icmp = Ipv4Packet::new_checked(&out[..n]).unwrap();
+        let outer = Ipv4Packet::new_checked(&out[..n]).unwrap();
+        prop_assert!(outer.verify_checksum());
+        let icmp = Icmpv4Packet::new_checked(outer.payload()).unwrap();
         prop_assert!(icmp.verify_checksum());
-        prop_assert_eq!(ip::checksum(icmp.payload()), 0);
+        prop_assert_eq!(icmp.next_hop_mtu(), mtu);
+        prop_assert!(!ip::icmp_error_allowed(&outer));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use pon_agents::config::TaConfig;
 use pon_agents::interception::Interception;
 use pon_agents::io::{run_ta, TaUplink};
 use pon_agents::ta::{Encapsulator, TaCounters};
-use pon_agents::Encap;
+use pon_proto::EncapKind;
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::path::PathBuf;
@@ -91,10 +91,10 @@ fn main() -> anyhow::Result<()> {
         encap: cfg.encap,
     };
     let uplink = match cfg.encap {
-        Encap::Ipip => TaUplink::Ipip(
+        EncapKind::Ipip => TaUplink::Ipip(
             pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?,
         ),
-        Encap::Udp => TaUplink::Udp {
+        EncapKind::Udp => TaUplink::Udp {
             io: pon_netio::udp::UdpIo::bind(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
             forwarder: SocketAddr::V4(SocketAddrV4::new(forwarder, forwarder_udp_port)),
         },

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use pon_proto::ip::{self, InnerPacket, Ipv4Packet};
+use pon_proto::ip::{self, Icmpv4Packet, InnerPacket, IpipPacket, Ipv4Packet};
 use pon_proto::{pon, probe};
 
 fuzz_target!(|data: &[u8]| {
@@ -19,6 +19,9 @@ fuzz_target!(|data: &[u8]| {
         let mut copy = data.to_vec();
         let mut m = pon::Packet::new_checked(&mut copy[..]).unwrap();
         let _ = m.advance();
+        if let Some(inner) = p.inner() {
+            let _ = (inner.src(), inner.dst(), inner.flow_key());
+        }
     }
     if let Ok(p) = Ipv4Packet::new_checked(data) {
         let _ = (p.payload(), ip::icmp_error_allowed(&p));
@@ -27,9 +30,17 @@ fuzz_target!(|data: &[u8]| {
         assert!(Ipv4Packet::new_checked(&out[..n]).unwrap().verify_checksum());
     }
     if let Ok(p) = InnerPacket::new_checked(data) {
-        let _ = (p.src(), p.dst(), p.dont_fragment());
+        let _ = (p.src(), p.dst(), p.dont_fragment(), p.flow_key());
     }
-    let _ = ip::parse_ipip(data);
+    if let Ok(p) = IpipPacket::new_checked(data) {
+        // The inner view comes from the outer parse, unchecked: it must hold.
+        let inner = p.inner();
+        let _ = (inner.src(), inner.dst(), inner.flow_key());
+        assert!(InnerPacket::new_checked(inner.as_bytes()).is_ok());
+    }
+    if let Ok(p) = Icmpv4Packet::new_checked(data) {
+        let _ = (p.msg_type(), p.msg_code(), p.next_hop_mtu(), p.data(), p.verify_checksum());
+    }
     if let Ok(p) = probe::Packet::new_checked(data) {
         let _ = probe::Repr::parse(&p);
     }

@@ -6,7 +6,7 @@
 use arc_swap::ArcSwap;
 use pon_forwarder::engine::{BUFFER_LEN, HEADROOM};
 use pon_forwarder::{Agent, Encap, Engine, ForwardingTable, Output};
-use pon_proto::ip::{Ipv4Repr, IPPROTO_IPIP, IPV4_HEADER_LEN};
+use pon_proto::ip::{IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
 use std::hint::black_box;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -64,7 +64,7 @@ fn main() {
     Ipv4Repr {
         src: Ipv4Addr::new(198, 18, 1, 11),
         dst: Ipv4Addr::new(198, 18, 1, 1),
-        protocol: IPPROTO_IPIP,
+        protocol: IpProtocol::Ipip,
         ttl: 64,
         dont_fragment: false,
         payload_len: inner_len,
@@ -74,7 +74,7 @@ fn main() {
     Ipv4Repr {
         src: Ipv4Addr::new(198, 18, 1, 11),
         dst: Ipv4Addr::new(198, 18, 2, 11),
-        protocol: 17,
+        protocol: IpProtocol::Udp,
         ttl: 64,
         dont_fragment: true,
         payload_len: 72,

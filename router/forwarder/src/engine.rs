@@ -5,10 +5,11 @@
 
 use super::table::{Agent, Encap, ForwardingTable, SharedTable};
 use pon_proto::ip::{
-    self, InnerPacket, Ipv4Packet, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPPROTO_IPIP, IPV4_HEADER_LEN,
+    self, InnerPacket, IpProtocol, IpipPacket, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPV4_HEADER_LEN,
     UDP_OVERHEAD,
 };
 use pon_proto::pon::{self, Kind, MAX_HEADER_LEN};
+use pon_proto::Error;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::sync::Arc;
@@ -24,9 +25,8 @@ pub const MAX_PACKET: usize = 65535;
 pub const BUFFER_LEN: usize = HEADROOM + MAX_PACKET + TAILROOM;
 
 pon_telemetry::counters! {
-    /// Forwarder counters: every packet received ends in exactly one of the
-    /// stage or drop counters.
-    pub struct ForwarderCounters {
+    /// The forwarder's counters other than parse errors.
+    pub struct EngineCounters {
         rx_agent => ("pon_forwarder_rx_packets_total", "from=\"agent\"", "Packets received."),
         rx_peer => ("pon_forwarder_rx_packets_total", "from=\"peer\"", "Packets received."),
         ingress => ("pon_forwarder_packets_total", "stage=\"ingress\"", "Packets forwarded, by role of this proxy on their path."),
@@ -34,7 +34,6 @@ pon_telemetry::counters! {
         egress => ("pon_forwarder_packets_total", "stage=\"egress\"", "Packets forwarded, by role of this proxy on their path."),
         local => ("pon_forwarder_packets_total", "stage=\"local\"", "Packets forwarded, by role of this proxy on their path."),
         frag_needed => ("pon_forwarder_icmp_frag_needed_total", "", "ICMP fragmentation-needed errors returned to senders."),
-        drop_malformed => ("pon_forwarder_drops_total", "reason=\"malformed\"", "Packets dropped, by reason."),
         drop_unknown_agent => ("pon_forwarder_drops_total", "reason=\"unknown_agent\"", "Packets dropped, by reason."),
         drop_spoofed_source => ("pon_forwarder_drops_total", "reason=\"spoofed_source\"", "Packets dropped, by reason."),
         drop_unknown_peer => ("pon_forwarder_drops_total", "reason=\"unknown_peer\"", "Packets dropped, by reason."),
@@ -49,6 +48,63 @@ pon_telemetry::counters! {
         drop_no_room => ("pon_forwarder_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
         rx_errors => ("pon_forwarder_socket_errors_total", "op=\"recv\"", "Socket errors."),
         tx_errors => ("pon_forwarder_socket_errors_total", "op=\"send\"", "Socket errors."),
+    }
+}
+
+const DROPS_METRIC: &str = "pon_forwarder_drops_total";
+const DROPS_HELP: &str = "Packets dropped, by reason.";
+
+/// Packets dropped because they did not parse, one counter per
+/// [`pon_proto::Error`] variant so each reason is its own series
+/// (`reason="<Error::label()>"`); counting indexes an array, so the hot
+/// path neither allocates nor formats.
+#[derive(Debug, Default)]
+pub struct ParseDrops([pon_telemetry::Counter; Error::COUNT]);
+
+impl ParseDrops {
+    pub fn get(&self, e: Error) -> u64 {
+        self.0[e.index()].get()
+    }
+    fn count(&self, e: Error) {
+        self.0[e.index()].inc();
+    }
+    /// Sum over all reasons.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.get()).sum()
+    }
+    pub fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        for (c, label) in self.0.iter().zip(Error::LABELS) {
+            w.counter(
+                DROPS_METRIC,
+                &format!("reason=\"{label}\""),
+                DROPS_HELP,
+                c.get(),
+            );
+        }
+    }
+}
+
+/// Forwarder counters: every packet received ends in exactly one of the
+/// stage or drop counters.
+#[derive(Debug, Default)]
+pub struct ForwarderCounters {
+    pub engine: EngineCounters,
+    pub parse: ParseDrops,
+}
+
+impl ForwarderCounters {
+    pub fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        self.engine.render(w);
+        self.parse.render(w);
+    }
+}
+
+/// The stage and non-parse drop counters read as fields of the whole
+/// (`counters.transit`), as they did before parse drops were split out.
+impl std::ops::Deref for ForwarderCounters {
+    type Target = EngineCounters;
+    fn deref(&self) -> &EngineCounters {
+        &self.engine
     }
 }
 
@@ -94,6 +150,32 @@ fn drop(counter: &pon_telemetry::Counter) -> Decision {
     Decision::DROP
 }
 
+/// Splits `buf` at the end of the packet `buf[start..start + len]` into the
+/// packet (read-only, to be checked), the room after it (for an ICMP error)
+/// and the offset of that room, so that a checked view of the packet and a
+/// write to the tail can coexist.
+fn split_packet(
+    buf: &mut [u8],
+    start: usize,
+    len: usize,
+) -> Result<(&[u8], &mut [u8], usize), Error> {
+    let end = end_of(buf, start, len)?;
+    let (front, tail) = buf.split_at_mut(end);
+    Ok((&front[start..], tail, end))
+}
+
+/// The end of `buf[start..start + len]`, or the truncation to count when the
+/// caller's length overruns the buffer.
+fn end_of(buf: &[u8], start: usize, len: usize) -> Result<usize, Error> {
+    start
+        .checked_add(len)
+        .filter(|e| *e <= buf.len())
+        .ok_or(Error::Truncated {
+            needed: start.saturating_add(len),
+            have: buf.len(),
+        })
+}
+
 impl Engine {
     pub fn new(table: SharedTable, local_addr: Ipv4Addr, underlay_mtu: u16, hop_limit: u8) -> Self {
         Engine {
@@ -113,6 +195,11 @@ impl Engine {
         self
     }
 
+    fn malformed(&self, e: Error) -> Decision {
+        self.counters.parse.count(e);
+        Decision::DROP
+    }
+
     /// An IP-in-IP packet from a local TA, as read from the raw socket into
     /// `buf[start..start + len]` (outer header included).
     pub fn from_agent_ipip(
@@ -124,22 +211,21 @@ impl Engine {
     ) -> Decision {
         let c = &self.counters;
         c.rx_agent.inc();
-        let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else {
-            return drop(&c.drop_malformed);
+        let checked = split_packet(buf, start, len)
+            .and_then(|(pkt, tail, end)| Ok((IpipPacket::new_checked(pkt)?, tail, end)));
+        let (outer, tail, end) = match checked {
+            Ok(v) => v,
+            Err(e) => return self.malformed(e),
         };
-        let (outer, inner_len, header_len) = match ip::parse_ipip(&buf[start..end]) {
-            Ok((outer, inner)) => (
-                outer,
-                inner.len(),
-                Ipv4Packet::new_unchecked(&buf[start..end]).header_len(),
-            ),
-            Err(_) => return drop(&c.drop_malformed),
-        };
-        if outer.protocol != IPPROTO_IPIP || t.agent(IpAddr::V4(outer.src)).is_none() {
+        let agent = outer.outer().src();
+        if t.agent(IpAddr::V4(agent)).is_none() {
             return drop(&c.drop_unknown_agent);
         }
-        let inner_start = start + header_len;
-        self.ingress(t, buf, inner_start, inner_start + inner_len, outer.src)
+        let inner = outer.inner();
+        let is = start + outer.outer().header_len();
+        let ie = is + inner.len();
+        let plan = self.plan_ingress(t, inner, agent, tail, end);
+        self.ingress(buf, is, ie, plan)
     }
 
     /// An inner packet from a local TA using the UDP encapsulation.
@@ -159,59 +245,75 @@ impl Engine {
         if t.agent(src.ip()).is_none() {
             return drop(&c.drop_unknown_agent);
         }
-        let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else {
-            return drop(&c.drop_malformed);
+        let checked = split_packet(buf, start, len)
+            .and_then(|(pkt, tail, end)| Ok((InnerPacket::new_checked(pkt)?, tail, end)));
+        let (inner, tail, end) = match checked {
+            Ok(v) => v,
+            Err(e) => return self.malformed(e),
         };
-        self.ingress(t, buf, start, end, src_ip)
+        let plan = self.plan_ingress(t, inner, src_ip, tail, end);
+        self.ingress(buf, start, end, plan)
     }
 
-    /// Entry into the overlay: find the egress proxy and its source route,
-    /// and write the PON header in front of the inner packet.
-    fn ingress(
+    /// Entry into the overlay, first half: decides from the checked inner
+    /// packet (read-only) where it goes. Only the ICMP error of a packet
+    /// too big for the path is written here, into `tail` (the buffer after
+    /// the packet as received, from offset `tail_at`); the PON header is written
+    /// by `ingress` once the view is no longer needed.
+    fn plan_ingress(
         &self,
         t: &ForwardingTable,
-        buf: &mut [u8],
-        is: usize,
-        ie: usize,
+        inner: InnerPacket<&[u8]>,
         agent: Ipv4Addr,
-    ) -> Decision {
+        tail: &mut [u8],
+        tail_at: usize,
+    ) -> Ingress<'_> {
         let c = &self.counters;
-        let inner = match InnerPacket::new_checked(&buf[is..ie]) {
-            Ok(p) => p,
-            Err(_) => return drop(&c.drop_malformed),
-        };
         // An agent speaks only for its own address: no spoofing through PON.
         if inner.src() != IpAddr::V4(agent) {
-            return drop(&c.drop_spoofed_source);
+            return Ingress::Drop(&c.drop_spoofed_source);
         }
         let dst = inner.dst();
         if let Some(local) = t.agent(dst) {
             c.local.inc();
-            return self.to_agent(local, buf, is, ie);
+            return Ingress::Local(local);
         }
         let Some(proxy) = t.egress_for(dst) else {
-            return drop(&c.drop_no_destination);
+            return Ingress::Drop(&c.drop_no_destination);
         };
         let Some(hops) = t.route(proxy) else {
-            return drop(&c.drop_no_route);
+            return Ingress::Drop(&c.drop_no_route);
         };
         let Some(first) = t.peer_addr(hops.as_slice()[0]) else {
-            return drop(&c.drop_unknown_next_hop);
+            return Ingress::Drop(&c.drop_unknown_next_hop);
         };
         let header = pon::Repr {
             kind: Kind::Data,
             auth: false,
             hop_limit: self.hop_limit,
             hop_index: 0,
-            flow_id: flow_hash(&buf[is..ie]),
+            flow_id: flow_hash(&inner),
             source: t.my_id(),
             hops,
         };
-        let hlen = header.header_len();
-        let path_mtu = self.underlay_mtu - UDP_OVERHEAD - hlen;
-        if ie - is > path_mtu && inner.dont_fragment() {
-            return self.frag_needed(t, buf, is, ie, path_mtu);
+        let path_mtu = self.underlay_mtu - UDP_OVERHEAD - header.header_len();
+        if inner.len() > path_mtu && inner.dont_fragment() {
+            return self.frag_needed(t, &inner, tail, tail_at, path_mtu);
         }
+        Ingress::Peer(header, first)
+    }
+
+    /// Entry into the overlay, second half: carries out the plan, writing
+    /// the PON header in front of the inner packet `buf[is..ie]`.
+    fn ingress(&self, buf: &mut [u8], is: usize, ie: usize, plan: Ingress) -> Decision {
+        let c = &self.counters;
+        let (header, first) = match plan {
+            Ingress::Drop(counter) => return drop(counter),
+            Ingress::Local(agent) => return self.to_agent(agent, buf, is, ie),
+            Ingress::Icmp(sender, s, e) => return self.to_agent(sender, buf, s, e),
+            Ingress::Peer(header, first) => (header, first),
+        };
+        let hlen = header.header_len();
         if is < hlen {
             return drop(&c.drop_no_room);
         }
@@ -227,43 +329,39 @@ impl Engine {
 
     /// Answers a DF packet that does not fit the path with ICMP
     /// "fragmentation needed", delivered to the sender through its RA, so
-    /// that path-MTU discovery works across the overlay.
+    /// that path-MTU discovery works across the overlay. The error is
+    /// written into `tail`, the buffer after the packet (offset `tail_at`).
     fn frag_needed(
         &self,
         t: &ForwardingTable,
-        buf: &mut [u8],
-        is: usize,
-        ie: usize,
+        inner: &InnerPacket<&[u8]>,
+        tail: &mut [u8],
+        tail_at: usize,
         mtu: usize,
-    ) -> Decision {
+    ) -> Ingress<'_> {
         let c = &self.counters;
-        let icmp_start = ie + IPV4_HEADER_LEN;
-        if buf.len() < icmp_start + FRAG_NEEDED_MAX_LEN {
-            return drop(&c.drop_too_big);
+        if tail.len() < IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN {
+            return Ingress::Drop(&c.drop_too_big);
         }
-        let (head, tail) = buf.split_at_mut(ie);
-        let Ok(original) = Ipv4Packet::new_checked(&head[is..]) else {
+        let Some(original) = inner.as_ipv4() else {
             // IPv6 senders would need "packet too big"; not carried yet.
-            return drop(&c.drop_too_big);
+            return Ingress::Drop(&c.drop_too_big);
         };
-        if !ip::icmp_error_allowed(&original) {
-            return drop(&c.drop_too_big);
+        if !ip::icmp_error_allowed(original) {
+            return Ingress::Drop(&c.drop_too_big);
         }
         let Some(sender) = t.agent(IpAddr::V4(original.src())) else {
-            return drop(&c.drop_too_big);
+            return Ingress::Drop(&c.drop_too_big);
         };
         let mtu = mtu.min(usize::from(u16::MAX)) as u16;
-        match ip::emit_frag_needed(
-            &original,
-            mtu,
-            self.local_addr,
-            &mut tail[IPV4_HEADER_LEN..],
-        ) {
+        // Room for the outer header to the sender's RA is kept in front.
+        match ip::emit_frag_needed(original, mtu, self.local_addr, &mut tail[IPV4_HEADER_LEN..]) {
             Ok(n) => {
                 c.frag_needed.inc();
-                self.to_agent(sender, buf, icmp_start, icmp_start + n)
+                let s = tail_at + IPV4_HEADER_LEN;
+                Ingress::Icmp(sender, s, s + n)
             }
-            Err(_) => drop(&c.drop_too_big),
+            Err(_) => Ingress::Drop(&c.drop_too_big),
         }
     }
 
@@ -281,12 +379,13 @@ impl Engine {
         if t.peer_id(&src).is_none() {
             return drop(&c.drop_unknown_peer);
         }
-        let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else {
-            return drop(&c.drop_malformed);
+        let end = match end_of(buf, start, len) {
+            Ok(e) => e,
+            Err(e) => return self.malformed(e),
         };
         let mut p = match pon::Packet::new_checked(&mut buf[start..end]) {
             Ok(p) => p,
-            Err(_) => return drop(&c.drop_malformed),
+            Err(e) => return self.malformed(e),
         };
         if p.current_hop() != t.my_id() {
             return drop(&c.drop_not_for_me);
@@ -317,9 +416,8 @@ impl Engine {
             };
         }
         let is = start + p.header_len();
-        // new_checked verified the payload is an IP packet.
-        let dst = InnerPacket::new_checked(&buf[is..end]).map(|p| p.dst());
-        let Some(agent) = dst.ok().and_then(|d| t.agent(d)) else {
+        // The data packet's inner view was checked with the PON header.
+        let Some(agent) = p.inner().and_then(|inner| t.agent(inner.dst())) else {
             return drop(&c.drop_no_destination);
         };
         c.egress.inc();
@@ -340,7 +438,7 @@ impl Engine {
                 let outer = Ipv4Repr {
                     src: self.local_addr,
                     dst: agent.addr,
-                    protocol: IPPROTO_IPIP,
+                    protocol: IpProtocol::Ipip,
                     ttl: 64,
                     dont_fragment: false,
                     payload_len: e - s,
@@ -359,15 +457,20 @@ impl Engine {
 
 /// A flow id from the inner addresses and protocol (FNV-1a), so that later
 /// stages (per-flow queues, multipath) can keep a flow's packets together.
-fn flow_hash(inner: &[u8]) -> u32 {
-    let fields: &[u8] = match inner[0] >> 4 {
-        4 if inner.len() >= IPV4_HEADER_LEN => &inner[9..20],
-        6 if inner.len() >= ip::IPV6_HEADER_LEN => &inner[6..40],
-        _ => &[],
-    };
-    fields.iter().fold(0x811c_9dc5u32, |h, b| {
+fn flow_hash(inner: &InnerPacket<&[u8]>) -> u32 {
+    inner.flow_key().iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
     })
+}
+
+/// What ingress decided about an inner packet while its view was held.
+enum Ingress<'c> {
+    Drop(&'c pon_telemetry::Counter),
+    /// Both ends are agents of this proxy.
+    Local(Agent),
+    /// An ICMP error at `buf[s..e]` for the sender.
+    Icmp(Agent, usize, usize),
+    Peer(pon::Repr, SocketAddr),
 }
 
 #[cfg(test)]

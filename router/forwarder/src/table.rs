@@ -13,13 +13,7 @@ use std::sync::Arc;
 /// allocation-free; `store()` from the control side swaps it atomically.
 pub type SharedTable = Arc<ArcSwap<ForwardingTable>>;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encap {
-    /// IPv4 protocol 4 to the agent's address.
-    Ipip,
-    /// UDP to the agent's reception port, for networks that filter protocol 4.
-    Udp { ra_port: u16 },
-}
+pub use pon_proto::Encap;
 
 /// An app VM behind this proxy: its TA sends to us, its RA receives from us.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

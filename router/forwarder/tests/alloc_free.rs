@@ -5,7 +5,7 @@
 use arc_swap::ArcSwap;
 use pon_forwarder::engine::{BUFFER_LEN, HEADROOM};
 use pon_forwarder::{Agent, Encap, Engine, ForwardingTable, Output};
-use pon_proto::ip::{Ipv4Repr, IPPROTO_IPIP, IPV4_HEADER_LEN};
+use pon_proto::ip::{IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -86,7 +86,7 @@ fn load_from_ta(buf: &mut [u8], payload: usize) -> usize {
     let outer = Ipv4Repr {
         src: APP_A,
         dst: Ipv4Addr::new(198, 18, 1, 1),
-        protocol: IPPROTO_IPIP,
+        protocol: IpProtocol::Ipip,
         ttl: 64,
         dont_fragment: false,
         payload_len: inner_len,
@@ -95,7 +95,7 @@ fn load_from_ta(buf: &mut [u8], payload: usize) -> usize {
     let inner = Ipv4Repr {
         src: APP_A,
         dst: APP_B,
-        protocol: 17,
+        protocol: IpProtocol::Udp,
         ttl: 64,
         dont_fragment: true,
         payload_len: payload,
@@ -163,7 +163,7 @@ fn per_packet_paths_do_not_allocate() {
     assert_eq!(relay.counters.transit.get(), 10_001);
     assert_eq!(ingress.counters.frag_needed.get(), 10_001);
     assert_eq!(
-        egress.counters.drop_malformed.get() + egress.counters.drop_unknown_peer.get(),
+        egress.counters.parse.total() + egress.counters.drop_unknown_peer.get(),
         20_002
     );
 }

@@ -48,7 +48,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             keepalive_ms: 50,
-            steering_port: pon_proto::steering::STEERING_PORT,
+            steering_port: pon_proto::ports::STEERING,
             steering_refresh_ms: 1000,
             status_every_ms: 250,
             queue: 4096,

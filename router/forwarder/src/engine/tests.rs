@@ -1,7 +1,7 @@
 use super::*;
 use crate::table::ForwardingTable;
 use arc_swap::ArcSwap;
-use pon_proto::ip::{parse_ipip, IPPROTO_ICMP};
+use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpipPacket, Ipv4Packet};
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const APP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
@@ -39,7 +39,7 @@ fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize, df: bool) -> Vec<u
     Ipv4Repr {
         src,
         dst,
-        protocol: 17,
+        protocol: IpProtocol::Udp,
         ttl: 64,
         dont_fragment: df,
         payload_len: payload,
@@ -60,7 +60,7 @@ fn from_ta(inner: &[u8], forwarder: Ipv4Addr) -> (Vec<u8>, usize) {
     Ipv4Repr {
         src: Ipv4Addr::from(src),
         dst: forwarder,
-        protocol: IPPROTO_IPIP,
+        protocol: IpProtocol::Ipip,
         ttl: 64,
         dont_fragment: false,
         payload_len: inner.len(),
@@ -121,9 +121,9 @@ fn relayed_packet_arrives_intact() {
     let mut buf = received(&wire);
     let d = step(&p2, &mut buf, wire.len(), proxy_addr(3));
     assert_eq!(d.output, Output::AgentIpip(APP_B));
-    let (outer, got) = parse_ipip(&buf[d.range]).unwrap();
-    assert_eq!(outer.src, Ipv4Addr::new(198, 18, 2, 1));
-    assert_eq!(got, &inner[..]);
+    let p = IpipPacket::new_checked(&buf[d.range]).unwrap();
+    assert_eq!(p.outer().src(), Ipv4Addr::new(198, 18, 2, 1));
+    assert_eq!(p.inner().as_bytes(), &inner[..]);
     assert_eq!(p3.counters.transit.get(), 1);
     assert_eq!(p2.counters.egress.get(), 1);
 }
@@ -169,7 +169,35 @@ fn forged_and_malformed_are_dropped_and_counted() {
     // Garbage from a real peer.
     let mut buf = received(&[1, 1, 0, 9, 0, 0, 0, 0]);
     assert_eq!(step(&p1, &mut buf, 8, proxy_addr(2)).output, Output::Drop);
-    assert_eq!(p1.counters.drop_malformed.get(), 1);
+    let truncated = Error::Truncated { needed: 0, have: 0 };
+    assert_eq!(p1.counters.parse.get(truncated), 1);
+
+    // An unknown PON kind is its own reason, not taken for data.
+    let mut bad = pon_packet(&[1], 4, &inner);
+    bad[1] = 9;
+    let mut buf = received(&bad);
+    assert_eq!(
+        step(&p1, &mut buf, bad.len(), proxy_addr(2)).output,
+        Output::Drop
+    );
+    assert_eq!(p1.counters.parse.get(Error::UnknownKind(0)), 1);
+    assert_eq!(p1.counters.parse.total(), 2);
+    let mut w = pon_telemetry::PromWriter::new();
+    p1.counters.render(&mut w);
+    let page = w.finish();
+    assert!(
+        page.contains("pon_forwarder_drops_total{reason=\"unknown_kind\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("pon_forwarder_drops_total{reason=\"truncated\"} 1"),
+        "{page}"
+    );
+    assert!(
+        page.contains("pon_forwarder_drops_total{reason=\"fragment\"} 0"),
+        "{page}"
+    );
+    assert_eq!(page.matches("# HELP pon_forwarder_drops_total").count(), 1);
 
     // A well-formed header that names another proxy as current hop.
     let wire = pon_packet(&[3], 4, &inner);
@@ -244,13 +272,19 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
         Output::AgentIpip(APP_A),
         "error goes back to the sender"
     );
-    let (_, icmp) = parse_ipip(&buf[d.range]).unwrap();
-    let icmp = Ipv4Packet::new_checked(icmp).unwrap();
-    assert_eq!(icmp.protocol(), IPPROTO_ICMP);
-    assert_eq!(icmp.dst(), APP_A);
-    let body = icmp.payload();
-    assert_eq!((body[0], body[1]), (3, 4));
-    let mtu = usize::from(u16::from_be_bytes([body[6], body[7]]));
+    let outer = IpipPacket::new_checked(&buf[d.range]).unwrap();
+    let ip = outer.inner();
+    let ip = ip.as_ipv4().unwrap();
+    assert_eq!(ip.protocol(), IpProtocol::Icmp);
+    assert_eq!(ip.dst(), APP_A);
+    let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(icmp.verify_checksum());
+    assert_eq!(
+        (icmp.msg_type(), icmp.msg_code()),
+        (Icmpv4Message::DstUnreachable, 4)
+    );
+    let _ = Ipv4Packet::new_checked(ip.as_bytes()).unwrap();
+    let mtu = usize::from(icmp.next_hop_mtu());
     assert_eq!(mtu, 1500 - relay_overhead);
     assert_eq!(p1.counters.frag_needed.get(), 1);
 

@@ -70,7 +70,7 @@ fn packet(hops: &[u32], source: u32, payload: usize) -> Vec<u8> {
     Ipv4Repr {
         src: Ipv4Addr::new(198, 18, 1, 11),
         dst: Ipv4Addr::new(198, 18, 2, 11),
-        protocol: 17,
+        protocol: pon_proto::ip::IpProtocol::Udp,
         ttl: 64,
         dont_fragment: false,
         payload_len: UDP_HEADER_LEN + payload,

@@ -4,7 +4,8 @@
 
 use anyhow::Context;
 use ipnet::IpNet;
-use pon_forwarder::{Agent, Encap, ForwardingTable};
+use pon_forwarder::{Agent, ForwardingTable};
+use pon_proto::{ports, EncapKind};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -71,18 +72,11 @@ pub struct PeerConfig {
     pub addr: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum EncapKind {
-    Ipip,
-    Udp,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub addr: Ipv4Addr,
-    #[serde(default = "default_encap")]
+    #[serde(default)]
     pub encap: EncapKind,
     /// The RA's UDP port, used with `encap = "udp"`.
     #[serde(default = "default_ra_port")]
@@ -105,10 +99,10 @@ pub struct RouteConfig {
 }
 
 fn default_agent_udp_port() -> u16 {
-    7301
+    ports::AGENT_UDP
 }
 fn default_steering_port() -> u16 {
-    pon_proto::steering::STEERING_PORT
+    ports::STEERING
 }
 fn default_mtu() -> u16 {
     1500
@@ -116,11 +110,8 @@ fn default_mtu() -> u16 {
 fn default_hop_limit() -> u8 {
     pon_proto::pon::DEFAULT_HOP_LIMIT
 }
-fn default_encap() -> EncapKind {
-    EncapKind::Ipip
-}
 fn default_ra_port() -> u16 {
-    7302
+    ports::RA_UDP
 }
 
 impl ForwarderConfig {
@@ -168,10 +159,7 @@ impl ForwarderConfig {
             .iter()
             .map(|a| Agent {
                 addr: a.addr,
-                encap: match a.encap {
-                    EncapKind::Ipip => Encap::Ipip,
-                    EncapKind::Udp => Encap::Udp { ra_port: a.ra_port },
-                },
+                encap: a.encap.with_port(a.ra_port),
             })
             .collect();
         let dests: Vec<_> = self
@@ -227,7 +215,7 @@ via = [3]
         assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
         assert_eq!(
             t.agent("198.18.1.12".parse().unwrap()).unwrap().encap,
-            Encap::Udp { ra_port: 7302 }
+            pon_proto::Encap::Udp { ra_port: 7302 }
         );
         assert_eq!(c.underlay_mtu, 1500);
     }

@@ -6,8 +6,8 @@
 use super::ForwarderConfig;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
-use pon_forwarder::{Agent, Encap, ForwardingTable};
-use pon_proto::control::{self, Endpoints};
+use pon_forwarder::{Agent, ForwardingTable};
+use pon_proto::control::Endpoints;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -45,10 +45,7 @@ pub fn table_from_view_with(
             if agent_addrs.insert(app.addr) {
                 agents.push(Agent {
                     addr: app.addr,
-                    encap: match app.encap {
-                        control::Encap::Ipip => Encap::Ipip,
-                        control::Encap::Udp { ra_port } => Encap::Udp { ra_port },
-                    },
+                    encap: app.encap,
                 });
             }
         } else if let Some(p) = view.proxy_of(&app.cloud).filter(|p| known.contains(&p.id)) {
@@ -134,7 +131,7 @@ mod tests {
             cloud,
             Endpoints::App {
                 addr: a.into(),
-                encap: control::Encap::Ipip,
+                encap: pon_proto::Encap::Ipip,
             },
         )
     }
