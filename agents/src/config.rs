@@ -3,11 +3,11 @@
 use crate::Encap;
 use anyhow::Context;
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaConfig {
     /// Name of the TUN device the TA creates.
@@ -55,7 +55,7 @@ pub struct TaConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaConfig {
     #[serde(default = "default_ra_tun")]
@@ -94,13 +94,13 @@ fn default_encap() -> Encap {
     Encap::Ipip
 }
 fn default_forwarder_udp_port() -> u16 {
-    7301
+    pon_proto::ports::AGENT_UDP
 }
 fn default_steering_port() -> u16 {
     pon_proto::steering::STEERING_PORT
 }
 fn default_ra_port() -> u16 {
-    7302
+    pon_proto::ports::RA_UDP
 }
 fn default_mtu() -> u16 {
     1500

@@ -16,7 +16,7 @@ pub mod ta;
 pub mod tun;
 
 /// How an agent leg is encapsulated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Encap {
     Ipip,

@@ -11,6 +11,7 @@ pub mod error;
 pub mod ip;
 pub mod local;
 pub mod pon;
+pub mod ports;
 pub mod probe;
 pub mod steering;
 

@@ -28,7 +28,7 @@ pub mod stats;
 
 use pon_proto::pon::{self, Hops, Kind};
 use pon_proto::probe;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stats::{PathEstimator, PathStats};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -49,7 +49,7 @@ pon_telemetry::counters! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
     /// Ceiling on probe packets this monitor sends per second (replies to

@@ -5,11 +5,11 @@
 use anyhow::Context;
 use ipnet::IpNet;
 use pon_forwarder::{Agent, Encap, ForwardingTable};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwarderConfig {
     /// This proxy's id (nonzero, unique in the overlay). In CU mode the CU
@@ -50,7 +50,7 @@ pub struct ForwarderConfig {
     pub local: Option<LocalConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// UDP address for the monitor's and the router's messages.
@@ -64,21 +64,21 @@ pub struct LocalConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: u32,
     pub addr: SocketAddr,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum EncapKind {
     Ipip,
     Udp,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub addr: Ipv4Addr,
@@ -89,14 +89,14 @@ pub struct AgentConfig {
     pub ra_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     pub prefix: IpNet,
     pub proxy: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub to: u32,
@@ -105,7 +105,7 @@ pub struct RouteConfig {
 }
 
 fn default_agent_udp_port() -> u16 {
-    7301
+    pon_proto::ports::AGENT_UDP
 }
 fn default_steering_port() -> u16 {
     pon_proto::steering::STEERING_PORT
@@ -120,7 +120,7 @@ fn default_encap() -> EncapKind {
     EncapKind::Ipip
 }
 fn default_ra_port() -> u16 {
-    7302
+    pon_proto::ports::RA_UDP
 }
 
 impl ForwarderConfig {
