@@ -3,11 +3,11 @@
 use anyhow::Context;
 use ipnet::IpNet;
 use pon_proto::{ports, Encap, EncapKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaConfig {
     /// Name of the TUN device the TA creates.
@@ -57,7 +57,7 @@ pub struct TaConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RaConfig {
     #[serde(default = "default_ra_tun")]

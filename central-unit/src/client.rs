@@ -10,7 +10,7 @@ use pon_proto::control::{
     AgentMsg, CuMsg, Endpoints, FrameDecoder, Register, MAX_CU_FRAME, PROTOCOL_VERSION,
 };
 use pon_telemetry::PromWriter;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `[cu]` section of an agent's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CuClientConfig {
     /// The CU's QUIC address.

@@ -48,7 +48,7 @@ fn invalid(field: impl Into<String>, msg: impl Into<String>) -> InvalidSetting {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The TUN device the lab routes inter-site traffic into.
@@ -96,7 +96,7 @@ pub struct Site {
 /// One direction of a link in the configuration file. (The settings are
 /// spelled out rather than `#[serde(flatten)]`ed: serde cannot combine
 /// flattening with rejecting unknown keys, and a misspelt key must fail.)
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkConfig {
     pub from: String,

@@ -15,6 +15,7 @@ pub mod ip;
 pub mod local;
 pub mod measurement;
 pub mod pon;
+pub mod ports;
 pub mod probe;
 pub mod steering;
 
@@ -22,19 +23,6 @@ pub use error::Error;
 
 /// Result type of every parser in this crate.
 pub type Result<T> = core::result::Result<T, Error>;
-
-/// The well-known UDP ports, in one place so that daemons, agents and their
-/// configuration defaults cannot drift apart.
-pub mod ports {
-    /// Proxy ↔ proxy PON traffic.
-    pub const PON: u16 = 7300;
-    /// The forwarder's port for agents using the UDP encapsulation.
-    pub const AGENT_UDP: u16 = 7301;
-    /// The RA's port for the UDP encapsulation.
-    pub const RA_UDP: u16 = 7302;
-    /// TAs listen here for the proxy's steering messages.
-    pub const STEERING: u16 = 7303;
-}
 
 /// How an app VM's agent legs are encapsulated: the one type the CU's
 /// messages, the forwarder's table and the agents share.
@@ -48,7 +36,7 @@ pub enum Encap {
 
 /// The `encap = "ipip" | "udp"` setting of configuration files, where the
 /// RA port is a separate field; [`EncapKind::with_port`] makes the [`Encap`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EncapKind {
     #[default]

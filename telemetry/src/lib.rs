@@ -10,6 +10,19 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+/// Conventional ports of each daemon's Prometheus endpoint (`metrics = ...`
+/// in its configuration; the daemons serve none unless told). The lab and
+/// `ponctl` use them, so one host can run several daemons.
+pub mod metrics_port {
+    pub const FORWARDER: u16 = 9100;
+    pub const TA: u16 = 9101;
+    pub const RA: u16 = 9102;
+    pub const MONITOR: u16 = 9103;
+    pub const ROUTER: u16 = 9104;
+    pub const LINKEMU: u16 = 9110;
+    pub const CU: u16 = 9200;
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

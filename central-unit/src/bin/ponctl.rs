@@ -39,7 +39,7 @@ struct Args {
     #[arg(long)]
     routes: bool,
     /// Port of the proxies' status endpoint, on their agent-side address.
-    #[arg(long, default_value_t = 9100)]
+    #[arg(long, default_value_t = pon_telemetry::metrics_port::FORWARDER)]
     status_port: u16,
 }
 

@@ -29,7 +29,7 @@ pub mod stats;
 pub use pon_proto::measurement::{ProbeOutcome, ProbeTag};
 use pon_proto::pon::{self, Hops, Kind};
 use pon_proto::probe;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use stats::{PathEstimator, PathStats};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -50,7 +50,7 @@ pon_telemetry::counters! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
     /// Ceiling on probe packets this monitor sends per second (replies to

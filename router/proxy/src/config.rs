@@ -8,7 +8,7 @@ use crate::forwarder::ForwarderConfig;
 use anyhow::Context;
 use pon_monitor::MonitorConfig;
 use pon_routing::RoutingConfig;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +21,7 @@ pub struct ProxyConfig {
     pub control: ControlConfig,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// Every current route is probed this often, whatever the learning
@@ -60,6 +60,29 @@ impl Default for ControlConfig {
 impl ControlConfig {
     pub fn keepalive(&self) -> Duration {
         Duration::from_millis(self.keepalive_ms)
+    }
+}
+
+/// Written as it is read: the forwarder's fields at the top level, then
+/// `[routing]` (when routing), `[monitor]` and `[proxy]`.
+impl Serialize for ProxyConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Doc<'a> {
+            #[serde(flatten)]
+            forwarder: &'a ForwarderConfig,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            routing: Option<&'a RoutingConfig>,
+            monitor: &'a MonitorConfig,
+            proxy: &'a ControlConfig,
+        }
+        Doc {
+            forwarder: &self.forwarder,
+            routing: self.routing.as_ref(),
+            monitor: &self.monitor,
+            proxy: &self.control,
+        }
+        .serialize(s)
     }
 }
 
@@ -134,7 +157,7 @@ impl ProxyConfig {
 }
 
 /// pon-monitor's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorDaemonConfig {
     /// UDP address for the forwarder's and the router's messages.
@@ -159,7 +182,7 @@ impl MonitorDaemonConfig {
 }
 
 /// pon-router's configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouterDaemonConfig {
     /// UDP address for the forwarder's and the monitor's messages.

@@ -6,11 +6,11 @@ use anyhow::Context;
 use ipnet::IpNet;
 use pon_forwarder::{Agent, ForwardingTable};
 use pon_proto::{ports, EncapKind};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ForwarderConfig {
     /// This proxy's id (nonzero, unique in the overlay). In CU mode the CU
@@ -51,7 +51,7 @@ pub struct ForwarderConfig {
     pub local: Option<LocalConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// UDP address for the monitor's and the router's messages.
@@ -65,14 +65,14 @@ pub struct LocalConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     pub id: u32,
     pub addr: SocketAddr,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub addr: Ipv4Addr,
@@ -83,14 +83,14 @@ pub struct AgentConfig {
     pub ra_port: u16,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     pub prefix: IpNet,
     pub proxy: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     pub to: u32,

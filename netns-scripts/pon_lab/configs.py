@@ -1,0 +1,133 @@
+"""What the lab sets in each daemon's configuration: only the values it decides (ids,
+addresses, peers, routes, CU settings, the topology's options). Everything else is the
+daemon's default, and the TOML is written by the daemon's own config type (renderer)."""
+
+
+from . import cu, linkemu, renderer
+from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY
+from .topology import CU_ADDR, MTU, app_addr, proxy_addr, relay_route
+
+LINKEMU_TUN = "wan0"
+LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kernel threads
+
+
+def write(lab, hosts):
+    """Writes the configs of `hosts`' daemons (pon-cu init first, when a CU is among them)."""
+    makers = {"pon-forwarder": forwarder, PROXY_BINARY: proxy, "pon-monitor": monitor,
+              "pon-router": router, "pon-ra": ra, "pon-ta": ta, LINKEMU_BINARY: linkemu_config,
+              CU_BINARY: cu_config}
+    jobs = []
+    for h in hosts:
+        for d in h["daemons"]:
+            if d["name"] == CU_BINARY:
+                cu.init(lab)
+            jobs.append({"daemon": d["name"], "path": d["config"],
+                         "config": makers[d["name"]](lab, h)})
+    renderer.render_batch(jobs, lab.state["bin_dir"])
+
+
+def ports(lab):
+    return renderer.ports(lab.state["bin_dir"])
+
+
+def metrics(lab, host, daemon):
+    return f"{host['address']}:{ports(lab)['metrics'][daemon]}"
+
+
+def local_addr(lab, daemon):
+    """The split daemons' local link, on loopback."""
+    return f"127.0.0.1:{ports(lab)['local'][daemon]}"
+
+
+def cu_client(lab, host, role):
+    return {"addr": f"{CU_ADDR}:{ports(lab)['cu']}", "ca": str(cu.directory(lab) / "ca.pem"),
+            "token_file": str(cu.directory(lab) / "token"), "cloud": host["site"], "role": role}
+
+
+def cu_config(lab, host):
+    d = cu.directory(lab)
+    return {"listen": f"{CU_ADDR}:{ports(lab)['cu']}",
+            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "token_file": str(d / "token"),
+            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY)}
+
+
+def forwarder(lab, host, daemon="pon-forwarder"):
+    topo = lab.state["topology"]
+    i, me = host["site_index"], lab.site(host["site"])
+    others = [s for s in topo["sites"] if s["index"] != i]
+    ids = {s["name"]: s["index"] for s in topo["sites"]}
+    pon_port = ports(lab)["pon"]
+    routes = [{"to": s["index"], "via": [ids[r] for r in via]}
+              for s in others if (via := relay_route(topo, me["name"], s["name"]))]
+    cfg = {"id": i, "listen": f"{host['address']}:{pon_port}", "local_addr": host["address"],
+           "underlay_mtu": MTU, "metrics": metrics(lab, host, daemon), "route": routes}
+    if topo.get("split") and topo.get("routing") is not None:
+        cfg["local"] = {"listen": local_addr(lab, "pon-forwarder"),
+                        "monitor": local_addr(lab, "pon-monitor"),
+                        "router": local_addr(lab, "pon-router")}
+    if topo.get("cu"):
+        # The CU hands out peers, agents and destinations; we ask for id i so that
+        # relay routes (by id) and the tests' expectations hold.
+        cfg["cu"] = cu_client(lab, host, me.get("role", "PROXY"))
+        return cfg
+    cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}"}
+                   for s in others]
+    cfg["agent"] = [{"addr": app_addr(i, j), "encap": topo["encap"]}
+                    for j in range(1, me["apps"] + 1)]
+    cfg["destination"] = [{"prefix": f"{app_addr(s['index'], j)}/32", "proxy": s["index"]}
+                          for s in others for j in range(1, s["apps"] + 1)]
+    return cfg
+
+
+def proxy(lab, host):
+    """pon-proxy: the forwarder's configuration plus the topology's [routing] settings."""
+    return forwarder(lab, host, PROXY_BINARY) | {"routing": dict(lab.state["topology"]["routing"])}
+
+
+def monitor(lab, host):
+    return {"listen": local_addr(lab, "pon-monitor"), "forwarder": local_addr(lab, "pon-forwarder"),
+            "router": local_addr(lab, "pon-router"), "metrics": metrics(lab, host, "pon-monitor")}
+
+
+def router(lab, host):
+    return {"listen": local_addr(lab, "pon-router"), "forwarder": local_addr(lab, "pon-forwarder"),
+            "monitor": local_addr(lab, "pon-monitor"), "metrics": metrics(lab, host, "pon-router"),
+            "routing": dict(lab.state["topology"]["routing"])}
+
+
+def agent_options(lab):
+    """Settings the TA and RA share; only set when not the default, so that older binaries
+    (benchmarked against) still read the config."""
+    return {} if lab.state["topology"].get("offload", True) else {"offload": False}
+
+
+def ra(lab, host):
+    return agent_options(lab) | {"proxy": proxy_addr(host["site_index"]),
+                                 "local_addr": host["address"],
+                                 "metrics": metrics(lab, host, "pon-ra")}
+
+
+def ta(lab, host):
+    topo = lab.state["topology"]
+    cfg = ({"mtu": topo["ta_mtu"]} if topo.get("ta_mtu") else {}) | agent_options(lab) | {
+        "local_addr": host["address"], "encap": topo["encap"], "underlay_mtu": MTU,
+        "metrics": metrics(lab, host, "pon-ta")}
+    if topo.get("cu"):
+        return cfg | {"cu": cu_client(lab, host, "APP")}
+    return cfg | {"forwarder": proxy_addr(host["site_index"]),
+                  "intercept": [f"{app_addr(s['index'], j)}/32" for s in topo["sites"]
+                                if s["index"] != host["site_index"]
+                                for j in range(1, s["apps"] + 1)]}
+
+
+def linkemu_config(lab, host):
+    return {
+        "tun_name": LINKEMU_TUN,
+        "mtu": MTU,
+        # Real-time data path: packets leave on time also on a loaded machine.
+        "realtime_priority": LINKEMU_RT_PRIORITY,
+        "control": str(linkemu.control_socket(lab)),
+        "metrics": metrics(lab, host, LINKEMU_BINARY),
+        "site": linkemu.sites(lab),
+        "link": linkemu.directed_links(lab),
+    }

@@ -1,0 +1,135 @@
+"""Namespaces and their plumbing: veths, the internet's bridges and its policy routing into
+the link emulator. Both ends of every veth are created in their target namespaces: nothing
+is ever created in, or changed in, the root namespace."""
+
+import json
+from pathlib import Path
+
+from . import linkemu
+from .configs import LINKEMU_TUN
+from .topology import CU_GATEWAY, MTU, bridge_name, gateway_addr
+from .util import run
+
+
+def ip_batch(netns, commands):
+    """Run several `ip` commands in one process (one fork instead of dozens per host)."""
+    if not commands:
+        return
+    prefix = ["ip"] if netns is None else ["ip", "-n", netns]
+    run(prefix + ["-batch", "-"], input="\n".join(commands) + "\n")
+
+
+def sysctl(netns, settings):
+    if settings:
+        run(["ip", "netns", "exec", netns, "sysctl", "-q", "-w"]
+            + [f"{k}={v}" for k, v in settings.items()])
+
+
+def base_sysctls():
+    # Labs are IPv4-only; IPv6 would only add router solicitations and DAD noise to
+    # captures. Setting "default" before any veth exists means new links start disabled.
+    if not Path("/proc/sys/net/ipv6").exists():  # kernel booted with ipv6.disable=1
+        return {}
+    return {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1}
+
+
+def existing():
+    out = run(["ip", "-j", "netns", "list"]).stdout.strip()
+    return {entry["name"] for entry in json.loads(out or "[]")}
+
+
+def pids(netns):
+    proc = run(["ip", "netns", "pids", netns], check=False)
+    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+
+
+def delete(names):
+    # -force: keep going past namespaces that vanished meanwhile.
+    if names:
+        run(["ip", "-force", "-batch", "-"],
+            input="".join(f"netns del {ns}\n" for ns in names), check=False)
+
+
+def create(lab, names):
+    # Record first: if we die between `ip netns add` and save(), down still finds them.
+    lab.state["netns"].extend(n for n in names if n not in lab.state["netns"])
+    lab.save()
+    for ns in names:
+        run(["ip", "netns", "add", ns])
+
+
+def bridge_cmds(index):
+    # STP off + no forward delay: ports forward as soon as they are up, so the
+    # lab is usable immediately after `up` (no 30 s listening/learning phase).
+    br = bridge_name(index)
+    return [f"link add {br} mtu {MTU} type bridge stp_state 0 forward_delay 0",
+            f"addr add {gateway_addr(index)}/24 dev {br}",
+            f"link set {br} up"]
+
+
+def build_inet(lab):
+    ns = lab.inet_netns
+    emulated = lab.state["topology"].get("link_emulator")
+    create(lab, [ns])
+    sysctls = {**base_sysctls(), "net.ipv4.ip_forward": 1}
+    if emulated:
+        # Packets come back out of wan0 with site source addresses: no reverse-path check
+        # (the effective value is the max of "all" and the device's, which inherits "default").
+        sysctls |= {"net.ipv4.conf.all.rp_filter": 0, "net.ipv4.conf.default.rp_filter": 0}
+    sysctl(ns, sysctls)
+    cmds = ["link set lo up"]
+    if emulated:
+        # Locally originated packets and the emulator's output use the main table; all
+        # forwarded traffic (from any bridge, also of sites added later) goes to table 100.
+        # Its `unreachable` fallback makes traffic fail, not silently bypass the emulator,
+        # when wan0 is gone; the wan0 route is added once the emulator is ready.
+        cmds += ["rule add pref 1000 iif lo lookup main",
+                 f"rule add pref 1001 iif {LINKEMU_TUN} lookup main",
+                 f"rule add pref 1002 lookup {linkemu.TABLE}",
+                 f"route add unreachable default metric 4294967295 table {linkemu.TABLE}"]
+    for site in lab.state["topology"]["sites"]:
+        cmds += bridge_cmds(site["index"])
+    ip_batch(ns, cmds)
+
+
+def route_into_emulator(lab):
+    """Send forwarded traffic through the (ready) emulator's TUN."""
+    ip_batch(lab.inet_netns,
+             [f"route replace default dev {LINKEMU_TUN} metric 0 table {linkemu.TABLE}"])
+
+
+def _veth(h, inet_netns):
+    run(["ip", "link", "add", "eth0", "mtu", str(MTU), "netns", h["netns"],
+         "type", "veth", "peer", "name", h["inet_port"], "mtu", str(MTU), "netns", inet_netns])
+
+
+def _host_side(h):
+    ip_batch(h["netns"], ["link set lo up", "link set eth0 up",
+                          f"addr add {h['address']}/24 dev eth0",
+                          f"route add default via {h['gateway']} dev eth0"])
+
+
+def build_cu(lab):
+    """The CU's own namespace, one hop from every site through inet."""
+    h = next((h for h in lab.hosts("cu")), None)
+    if h is None:
+        return
+    create(lab, [h["netns"]])
+    sysctl(h["netns"], base_sysctls())
+    _veth(h, lab.inet_netns)
+    ip_batch(lab.inet_netns, [f"addr add {CU_GATEWAY}/24 dev {h['inet_port']}",
+                              f"link set {h['inet_port']} up"])
+    _host_side(h)
+
+
+def build_site(lab, site):
+    hosts = [h for h in lab.hosts() if h["site"] == site["name"]]
+    create(lab, [h["netns"] for h in hosts])
+    for h in hosts:
+        sysctl(h["netns"], base_sysctls())
+        _veth(h, lab.inet_netns)
+    # Bring the bridge side up first so host default routes are added on a link with carrier.
+    ip_batch(lab.inet_netns,
+             [f"link set {h['inet_port']} master {bridge_name(site['index'])} up" for h in hosts])
+    for h in hosts:
+        _host_side(h)

@@ -1,0 +1,117 @@
+"""Hosts and daemons of a lab, decided up front: the plan is saved in state.json before
+anything is created, so `down` can always clean up a half-made lab."""
+
+import time
+from pathlib import Path
+
+from . import renderer
+from .topology import (CU_ADDR, CU_GATEWAY, app_addr, bridge_name, gateway_addr,
+                       inet_port_name, proxy_addr)
+
+STATE_VERSION = 1
+IFNAMSIZ = 15  # usable characters in a Linux interface name
+
+CU_BINARY = "pon-cu"
+LINKEMU_BINARY = "pon-linkemu"
+# With a [routing] table (or `routing = true`) proxies run pon-proxy: forwarder, monitor and
+# router in one process, choosing paths at run time; without, pon-forwarder with static routes.
+PROXY_BINARY = "pon-proxy"
+DAEMON_BINARIES = ("pon-forwarder", "pon-ra", "pon-ta")
+# `split = true` (with routing): the three parts as separate processes instead, talking over
+# loopback UDP (pon-forwarder [local], pon-monitor, pon-router).
+SPLIT_BINARIES = ("pon-monitor", "pon-router")
+
+
+def plan(lab, topology, bin_dir, with_daemons):
+    """The state of a lab about to be created."""
+    hosts = []
+    for site in topology["sites"]:
+        i = site["index"]
+        hosts.append(plan_host(lab, site, "proxy", 0, proxy_addr(i), "proxy"))
+        for j in range(1, site["apps"] + 1):
+            hosts.append(plan_host(lab, site, f"app{j}", j, app_addr(i, j), "app"))
+    hosts.append({
+        "name": "inet", "site": None, "host": "inet", "netns": lab.inet_netns,
+        "role": "internet", "site_index": None,
+        "addresses": [f"{gateway_addr(s['index'])}/24" for s in topology["sites"]],
+        "address": gateway_addr(topology["sites"][0]["index"]),
+        "daemons": [],
+    })
+    if topology.get("cu"):
+        hosts.append({
+            "name": "cu", "site": None, "host": "cu", "netns": f"{lab.prefix}cu",
+            "role": "cu", "site_index": None, "addresses": [f"{CU_ADDR}/24"],
+            "address": CU_ADDR, "gateway": CU_GATEWAY, "inet_port": "cu0", "daemons": [],
+        })
+    for h in hosts:
+        # The link emulator is part of the network, not of PON: it runs with --no-daemons too.
+        if h["role"] == "internet":
+            if topology["link_emulator"]:
+                h["daemons"] = plan_daemons(lab, topology, h, bin_dir)
+        elif with_daemons:
+            h["daemons"] = plan_daemons(lab, topology, h, bin_dir)
+    return {
+        "version": STATE_VERSION,
+        "name": lab.name,
+        "phase": "creating",
+        "topology": topology,
+        "bin_dir": str(bin_dir) if bin_dir else None,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "netns": [],  # namespaces we are about to create / have created
+        "hosts": hosts,
+        # Current link settings (topology's [[link]] plus `impair` changes).
+        "links": [dict(lk) for lk in topology.get("links", [])],
+    }
+
+
+def plan_host(lab, site, host, k, addr, role):
+    name = f"{site['name']}/{host}"
+    port = inet_port_name(site["index"], k)
+    assert len(port) <= IFNAMSIZ and len(bridge_name(site["index"])) <= IFNAMSIZ
+    return {
+        "name": name, "site": site["name"], "host": host,
+        "netns": lab.host_netns(site["name"], host), "role": role,
+        "site_index": site["index"], "addresses": [f"{addr}/24"],
+        "address": addr, "gateway": gateway_addr(site["index"]), "inet_port": port,
+        "daemons": [],
+    }
+
+
+def daemon_names(topology, role):
+    """The daemons a host of `role` runs, in start order."""
+    if role == "proxy":
+        if topology.get("routing") is None:
+            return ["pon-forwarder"]
+        return ["pon-forwarder", *SPLIT_BINARIES] if topology.get("split") else [PROXY_BINARY]
+    return {"app": ["pon-ra", "pon-ta"], "internet": [LINKEMU_BINARY],
+            "cu": [CU_BINARY]}.get(role, [])
+
+
+def needed_binaries(topology, with_daemons):
+    need = []
+    if with_daemons:
+        need += DAEMON_BINARIES
+        if topology.get("routing") is not None:
+            need += SPLIT_BINARIES if topology.get("split") else (PROXY_BINARY,)
+        if topology["cu"]:
+            need.append(CU_BINARY)
+    if topology["link_emulator"]:
+        need.append(LINKEMU_BINARY)
+    return tuple(need)
+
+
+def plan_daemons(lab, topology, host, bin_dir):
+    base = f"{host['site']}-{host['host']}" if host["site"] else host["host"]
+    daemons = [{
+        "name": daemon,
+        "bin": str(Path(bin_dir) / daemon),
+        "config": str(lab.dir / "configs" / f"{base}-{daemon}.toml"),
+        "log": str(lab.dir / "logs" / f"{base}-{daemon}.log"),
+        "metrics": f"{host['address']}:{renderer.metrics_port(daemon, bin_dir)}",
+        "pid": None,
+        "starttime": None,
+    } for daemon in daemon_names(topology, host["role"])]
+    for d in daemons:
+        if d["name"] == CU_BINARY:
+            d["args"] = ["run", "--config", d["config"]]
+    return daemons

@@ -1,0 +1,232 @@
+"""The topology file (netns-scripts/topologies/*.toml): validation into the normalized dict
+that state.json stores, relay paths, and the lab's fixed addressing."""
+
+import re
+import tomllib
+from pathlib import Path
+
+from .util import LabError
+
+LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
+SITE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+ROLE_RE = re.compile(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$")
+MAX_SITES = 50
+MAX_APPS = 50
+ENCAPS = ("ipip", "udp")
+LINK_FIELDS = {          # [[link]] settings: (maximum, help); all >= 0
+    "delay_ms": (60000, "one-way delay, each direction (ms)"),
+    "jitter_ms": (60000, "jitter: uniform +- this around the delay (ms)"),
+    "loss": (1, "fraction of packets dropped, each direction"),
+    "rate_mbit": (1000000, "rate limit, each direction (Mbit/s; 0 = unlimited)"),
+}
+
+# Addressing (fixed: tests depend on it). Site i is 198.18.i.0/24; the CU has its own network.
+MTU = 1500               # every veth and bridge; the daemons' underlay_mtu
+CU_ADDR = "198.18.250.1"
+CU_GATEWAY = "198.18.250.254"
+
+
+def validate_lab_name(name):
+    if not LAB_NAME_RE.match(name or ""):
+        raise LabError(f"invalid lab name {name!r}: must match [a-z0-9]{{1,8}}")
+    return name
+
+
+def check_role(role):
+    return isinstance(role, str) and bool(ROLE_RE.match(role)) and role.startswith("PROXY")
+
+
+def load_topology(path):
+    """Parse and validate a topology file into a normalized dict (what state.json stores)."""
+    path = Path(path)
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise LabError(f"{where}: cannot read: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise LabError(f"{where}: invalid TOML: {e}")
+
+    def fail(field, msg):
+        raise LabError(f"{where}: {field}: {msg}")
+
+    def check_keys(table, allowed, field):
+        if not isinstance(table, dict):
+            fail(field, "must be a table")
+        for key in table:
+            if key not in allowed:
+                fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
+
+    check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
+                     "routing", "split"), "top level")
+    split = raw.get("split", False)
+    if not isinstance(split, bool):
+        fail("split", f"must be true or false, got {split!r}")
+    # routing: true, or a table of pon-proxy [routing] settings (policy, interval_ms, ...),
+    # passed through as they are (pon-proxy checks them and names the field).
+    routing = raw.get("routing", False)
+    if routing is True:
+        routing = {}
+    elif routing is False:
+        routing = None
+    elif not isinstance(routing, dict) or any(isinstance(v, (dict, list)) for v in routing.values()):
+        fail("routing", "must be true, false, or a table of plain [routing] settings")
+    if split and routing is None:
+        fail("split", "needs routing (the processes it splits are the monitor and the router)")
+    # offload = false turns the agents' TUN offloads off: benchmarks compare.
+    offload = raw.get("offload", True)
+    if type(offload) is not bool:
+        fail("offload", f"must be true or false, got {offload!r}")
+    cu = raw.get("cu", True)
+    if not isinstance(cu, bool):
+        fail("cu", f"must be true or false, got {cu!r}")
+    # ta_mtu overrides the TAs' derived TUN MTU: tests use it to make the
+    # forwarder, not the sender's stack, meet packets that do not fit.
+    ta_mtu = raw.get("ta_mtu")
+    if ta_mtu is not None and (type(ta_mtu) is not int or not 576 <= ta_mtu <= 9000):
+        fail("ta_mtu", f"must be an integer in 576..9000, got {ta_mtu!r}")
+    encap = raw.get("encap", "ipip")
+    if encap not in ENCAPS:
+        fail("encap", f"must be one of {', '.join(map(repr, ENCAPS))}, got {encap!r}")
+
+    raw_sites = raw.get("site", [])
+    if not isinstance(raw_sites, list) or not raw_sites:
+        fail("site", "at least one [[site]] table is required")
+    if len(raw_sites) > MAX_SITES:
+        fail("site", f"at most {MAX_SITES} sites are supported, got {len(raw_sites)}")
+
+    sites = []
+    for i, s in enumerate(raw_sites, start=1):
+        field = f"site[{i}]"
+        check_keys(s, ("name", "apps", "role"), field)
+        name = s.get("name")
+        if not isinstance(name, str) or not SITE_NAME_RE.match(name):
+            fail(f"{field}.name", f"must match [a-z][a-z0-9]{{0,9}}, got {name!r}")
+        if any(o["name"] == name for o in sites):
+            fail(f"{field}.name", f"duplicate site name {name!r}")
+        apps = s.get("apps")
+        if type(apps) is not int or not 1 <= apps <= MAX_APPS:
+            fail(f"{field}.apps", f"must be an integer in 1..{MAX_APPS}, got {apps!r}")
+        role = s.get("role", "PROXY")
+        if not check_role(role):
+            fail(f"{field}.role", f"must be a dotted PROXY role such as PROXY.SRC, got {role!r}")
+        sites.append({"name": name, "index": i, "apps": apps, "role": role})
+    names = {s["name"] for s in sites}
+
+    paths = []
+    raw_paths = raw.get("path", [])
+    if not isinstance(raw_paths, list):
+        fail("path", "must be an array of tables ([[path]])")
+    for n, p in enumerate(raw_paths, start=1):
+        field = f"path[{n}]"
+        check_keys(p, ("between", "via"), field)
+        between = p.get("between")
+        if (not isinstance(between, list) or len(between) != 2
+                or not all(isinstance(x, str) for x in between)):
+            fail(f"{field}.between", "must be a list of two site names")
+        for x in between:
+            if x not in names:
+                fail(f"{field}.between", f"unknown site {x!r}")
+        if between[0] == between[1]:
+            fail(f"{field}.between", "the two sites must differ")
+        via = p.get("via", [])
+        if not isinstance(via, list) or not all(isinstance(x, str) for x in via):
+            fail(f"{field}.via", "must be a list of site names")
+        for x in via:
+            if x not in names:
+                fail(f"{field}.via", f"unknown site {x!r}")
+            if x in between:
+                fail(f"{field}.via", f"must not contain the endpoint {x!r}")
+        if len(set(via)) != len(via):
+            fail(f"{field}.via", "lists a site more than once")
+        if any(set(q["between"]) == set(between) for q in paths):
+            fail(f"{field}.between", f"a path between {between[0]} and {between[1]} is already defined")
+        paths.append({"between": list(between), "via": list(via)})
+
+    links = []
+    raw_links = raw.get("link", [])
+    if not isinstance(raw_links, list):
+        fail("link", "must be an array of tables ([[link]])")
+    for n, lk in enumerate(raw_links, start=1):
+        field = f"link[{n}]"
+        check_keys(lk, ("between", *LINK_FIELDS), field)
+        between = lk.get("between")
+        if (not isinstance(between, list) or len(between) != 2
+                or not all(isinstance(x, str) for x in between)):
+            fail(f"{field}.between", "must be a list of two site names")
+        for x in between:
+            if x not in names:
+                fail(f"{field}.between", f"unknown site {x!r}")
+        if between[0] == between[1]:
+            fail(f"{field}.between", "the two sites must differ")
+        if any(set(q["between"]) == set(between) for q in links):
+            fail(f"{field}.between", f"a link between {between[0]} and {between[1]} is already defined")
+        settings = {}
+        for key in LINK_FIELDS:
+            try:
+                settings[key] = check_link_value(key, lk.get(key, 0))
+            except ValueError as e:
+                fail(f"{field}.{key}", str(e))
+        links.append({"between": list(between), **settings, "down": False})
+    emulator = raw.get("link_emulator", bool(links))
+    if not isinstance(emulator, bool):
+        fail("link_emulator", f"must be true or false, got {emulator!r}")
+    if links and not emulator:
+        fail("link_emulator", "is false, but [[link]] tables need the link emulator")
+
+    return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
+            "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
+            "routing": routing, "split": split}
+
+
+def check_link_value(key, value):
+    """A [[link]] / impair setting as a float, or ValueError saying what is wrong."""
+    maximum = LINK_FIELDS[key][0]
+    if type(value) not in (int, float) or not 0 <= value <= maximum:
+        raise ValueError(f"must be a number in 0..{maximum}, got {value!r}")
+    return float(value)
+
+
+def link_key(a, b):
+    return tuple(sorted((a, b)))
+
+
+def relay_route(topology, src, dst):
+    """Relay site names from src to dst (empty = direct); reverse paths use the reversed list."""
+    for p in topology["paths"]:
+        if p["between"] == [src, dst]:
+            return p["via"]
+        if p["between"] == [dst, src]:
+            return list(reversed(p["via"]))
+    return []
+
+
+# addressing
+
+
+def site_net(index):
+    return f"198.18.{index}"
+
+
+def gateway_addr(index):
+    return f"{site_net(index)}.254"
+
+
+def proxy_addr(index):
+    return f"{site_net(index)}.1"
+
+
+def app_addr(index, j):
+    return f"{site_net(index)}.{10 + j}"
+
+
+def site_prefix(index):
+    return f"{site_net(index)}.0/24"
+
+
+def bridge_name(index):
+    return f"br{index}"
+
+
+def inet_port_name(index, k):
+    return f"s{index}h{k}"
