@@ -14,7 +14,7 @@
 use crate::ra::{Decapsulator, RaCounters};
 use crate::ta::{Encapsulator, TaCounters};
 use crate::HEADROOM;
-use pon_netio::udp::{GsoBatch, RecvBatch, UdpIo};
+use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
 use std::io;
 use std::net::SocketAddr;
@@ -26,10 +26,15 @@ pub enum TaUplink {
     Udp { io: UdpIo, forwarder: SocketAddr },
 }
 
+/// Counts one error, logging only the 1st, 2nd, 4th, 8th... occurrence.
 fn sparse_warn(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
-    counter.inc();
-    if counter.get().is_power_of_two() {
-        tracing::warn!(error = %e, occurrences = counter.get(), "{what}");
+    sparse_warn_n(counter, 1, what, e);
+}
+
+/// Counts `n` lost packets (a failed GSO send loses a whole batch).
+fn sparse_warn_n(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Error) {
+    if let Some(total) = counter.add_sparse(n) {
+        tracing::warn!(error = %e, occurrences = total, "{what}");
     }
 }
 
@@ -59,20 +64,35 @@ pub fn run_ta(
             let Some(range) = enc.encapsulate(buf, size, counters) else {
                 continue;
             };
-            let sent = match uplink {
-                TaUplink::Ipip(raw) => raw.send_to(&buf[range], enc.forwarder).map(drop),
-                TaUplink::Udp { io, forwarder } => gso.push(io, *forwarder, &buf[range]),
-            };
-            if let Err(e) = sent {
-                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+            match uplink {
+                TaUplink::Ipip(raw) => {
+                    if let Err(e) = raw.send_to(&buf[range], enc.forwarder) {
+                        sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+                    }
+                }
+                TaUplink::Udp { io, forwarder } => {
+                    if let Err(e) = gso.push(io, *forwarder, &buf[range]) {
+                        lost(counters, &e);
+                    }
+                }
             }
         }
         if let TaUplink::Udp { io, .. } = uplink {
             if let Err(e) = gso.flush(io) {
-                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+                lost(counters, &e);
             }
         }
     }
+}
+
+/// Counts every packet a failed batched send lost.
+fn lost(counters: &TaCounters, e: &SendError) {
+    sparse_warn_n(
+        &counters.tx_errors,
+        e.datagrams,
+        "send to forwarder failed",
+        &e.error,
+    );
 }
 
 /// Gathers packets for the RA's TUN and writes them in batches, coalesced

@@ -37,6 +37,15 @@ impl Counter {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+    /// Adds `n` and returns the new total if it passed a power of two (the
+    /// 1st, 2nd, 4th, 8th... occurrence), for error paths that log sparsely
+    /// so a storm cannot flood the log; with `add(n)` totals skip values, so
+    /// "is the total a power of two" would miss most of them.
+    pub fn add_sparse(&self, n: u64) -> Option<u64> {
+        let before = self.0.fetch_add(n, Ordering::Relaxed);
+        let after = before.wrapping_add(n);
+        (n > 0 && (before == 0 || after.ilog2() > before.ilog2())).then_some(after)
+    }
 }
 
 /// Builds a Prometheus text-format page, writing HELP/TYPE once per metric.
