@@ -37,20 +37,21 @@ pon_telemetry::counters! {
     }
 }
 
-/// What a datagram means for the TA, without I/O.
+/// What a datagram means for the TA, without I/O. Time comes in as `now`,
+/// the time since the TA started, so tests drive the lease deterministically.
 #[derive(Default)]
 pub struct SteeringState {
     last: Option<Steering>,
-    heard: Option<Instant>,
+    heard: Option<Duration>,
     expired: bool,
 }
 
 impl SteeringState {
     /// Everything, once the proxy that used to steer has been silent for
     /// the lease (returned once per silence).
-    pub fn on_silence(&mut self, now: Instant, c: &SteeringCounters) -> Option<Vec<IpNet>> {
+    pub fn on_silence(&mut self, now: Duration, c: &SteeringCounters) -> Option<Vec<IpNet>> {
         let heard = self.heard?;
-        if self.expired || now.saturating_duration_since(heard) < LEASE {
+        if self.expired || now.saturating_sub(heard) < LEASE {
             return None;
         }
         self.expired = true;
@@ -58,13 +59,14 @@ impl SteeringState {
         Some(vec!["0.0.0.0/0".parse().expect("literal")])
     }
 
-    /// The bypass set to apply, if `bytes` from `from` is a newer message
-    /// from the forwarder at `forwarder`.
+    /// The bypass set to apply, if `bytes` from `from`, arrived at `now`,
+    /// is a newer message from the forwarder at `forwarder`.
     pub fn on_datagram(
         &mut self,
         bytes: &[u8],
         from: SocketAddr,
         forwarder: Ipv4Addr,
+        now: Duration,
         c: &SteeringCounters,
     ) -> Option<Vec<IpNet>> {
         if from.ip() != IpAddr::V4(forwarder) {
@@ -84,7 +86,7 @@ impl SteeringState {
             return None;
         }
         c.accepted.inc();
-        self.heard = Some(Instant::now());
+        self.heard = Some(now);
         self.expired = false;
         let set = m
             .bypass
@@ -103,6 +105,7 @@ pub fn start(
     forwarder: Ipv4Addr,
     interception: Arc<Mutex<Interception>>,
     counters: Arc<SteeringCounters>,
+    started: Instant,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding steering socket {bind}"))?;
@@ -115,14 +118,16 @@ pub fn start(
             let _ = sock.set_read_timeout(Some(LEASE / 6));
             loop {
                 let set = match sock.recv_from(&mut buf) {
-                    Ok((n, from)) => state.on_datagram(&buf[..n], from, forwarder, &counters),
+                    Ok((n, from)) => {
+                        state.on_datagram(&buf[..n], from, forwarder, started.elapsed(), &counters)
+                    }
                     Err(e)
                         if matches!(
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        let gone = state.on_silence(Instant::now(), &counters);
+                        let gone = state.on_silence(started.elapsed(), &counters);
                         if gone.is_some() {
                             tracing::warn!("the local proxy fell silent: every destination takes the IP path");
                         }
@@ -170,20 +175,17 @@ mod tests {
             .unwrap()
         };
         let from = SocketAddr::from((fwd, 40000));
-        let got = s.on_datagram(&msg(1, 1, 11), from, fwd, &c).unwrap();
+        let t = Duration::ZERO;
+        let got = s.on_datagram(&msg(1, 1, 11), from, fwd, t, &c).unwrap();
         assert_eq!(got, vec!["198.18.2.11/32".parse::<IpNet>().unwrap()]);
-        assert!(s.on_datagram(&msg(1, 1, 12), from, fwd, &c).is_none());
+        assert!(s.on_datagram(&msg(1, 1, 12), from, fwd, t, &c).is_none());
+        let stranger = SocketAddr::from(([198, 18, 1, 99], 1));
         assert!(s
-            .on_datagram(
-                &msg(1, 2, 12),
-                SocketAddr::from(([198, 18, 1, 99], 1)),
-                fwd,
-                &c
-            )
+            .on_datagram(&msg(1, 2, 12), stranger, fwd, t, &c)
             .is_none());
-        assert!(s.on_datagram(b"junk", from, fwd, &c).is_none());
+        assert!(s.on_datagram(b"junk", from, fwd, t, &c).is_none());
         // A restarted proxy (new epoch) starts its sequence again.
-        assert!(s.on_datagram(&msg(2, 0, 13), from, fwd, &c).is_some());
+        assert!(s.on_datagram(&msg(2, 0, 13), from, fwd, t, &c).is_some());
         assert_eq!(
             (
                 c.accepted.get(),
@@ -196,13 +198,13 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_proxy_loses_its_lease_once() {
+    fn a_silent_proxy_loses_its_lease_once_per_silence() {
         let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = SteeringCounters::default();
         let mut s = SteeringState::default();
-        let t0 = Instant::now();
-        // Never heard: interception stays as configured.
-        assert!(s.on_silence(t0 + LEASE * 10, &c).is_none());
+        let secs = Duration::from_secs_f64;
+        // Never heard: interception stays as configured, however long.
+        assert!(s.on_silence(secs(1000.0), &c).is_none());
         let m = Steering {
             version: STEERING_VERSION,
             epoch: 1,
@@ -210,21 +212,26 @@ mod tests {
             bypass: vec![],
         };
         let from = SocketAddr::from((fwd, 40000));
-        s.on_datagram(&m.encode().unwrap(), from, fwd, &c).unwrap();
-        let now = Instant::now();
-        assert!(s.on_silence(now + LEASE / 2, &c).is_none());
-        let all = s.on_silence(now + LEASE, &c).unwrap();
+        // Heard at 100 s (the TA's clock, not the wall's).
+        s.on_datagram(&m.encode().unwrap(), from, fwd, secs(100.0), &c)
+            .unwrap();
+        assert!(s.on_silence(secs(101.0), &c).is_none());
+        assert!(s.on_silence(secs(102.999), &c).is_none(), "just inside");
+        let all = s.on_silence(secs(103.0), &c).unwrap();
         assert_eq!(all, vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]);
-        assert!(
-            s.on_silence(now + LEASE * 2, &c).is_none(),
-            "once per silence"
-        );
-        // The proxy is back: its set applies again.
-        let back = Steering { seq: 2, ..m };
+        assert!(s.on_silence(secs(110.0), &c).is_none(), "once per silence");
+        // The proxy is back at 111 s: its set applies again, and the lease
+        // restarts from then.
+        let back = Steering {
+            seq: 2,
+            ..m.clone()
+        };
         assert_eq!(
-            s.on_datagram(&back.encode().unwrap(), from, fwd, &c),
+            s.on_datagram(&back.encode().unwrap(), from, fwd, secs(111.0), &c),
             Some(vec![])
         );
-        assert_eq!(c.lease_expired.get(), 1);
+        assert!(s.on_silence(secs(113.5), &c).is_none());
+        assert!(s.on_silence(secs(114.0), &c).is_some(), "a second silence");
+        assert_eq!(c.lease_expired.get(), 2);
     }
 }

@@ -24,6 +24,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The TA's clock: its sans-I/O parts get time as "since this instant".
+    let started = std::time::Instant::now();
     pon_telemetry::init_logging();
     let cfg = TaConfig::load(&args.config)?;
     let mtu = cfg.tun_mtu();
@@ -83,7 +85,7 @@ fn main() -> anyhow::Result<()> {
     if cfg.steering_port != 0 {
         // The router's reachability verdicts, from the forwarder we send to.
         let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
-        pon_agents::steering::start(bind, forwarder, interception.clone(), steering)?;
+        pon_agents::steering::start(bind, forwarder, interception.clone(), steering, started)?;
     }
     let enc = Encapsulator {
         local: cfg.local_addr,
