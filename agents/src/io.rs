@@ -12,7 +12,7 @@
 //! no GSO).
 
 use crate::ra::{Decapsulator, RaCounters};
-use crate::ta::{Encapsulator, TaCounters};
+use crate::ta::{CurrentForwarder, Encapsulator, TaCounters};
 use crate::HEADROOM;
 use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
@@ -23,7 +23,7 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// How the TA reaches its forwarder.
 pub enum TaUplink {
     Ipip(RawSender),
-    Udp { io: UdpIo, forwarder: SocketAddr },
+    Udp(UdpIo),
 }
 
 /// Counts one error, logging only the 1st, 2nd, 4th, 8th... occurrence.
@@ -38,12 +38,15 @@ fn sparse_warn_n(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::E
     }
 }
 
-/// The TA's loop: TUN → encapsulate → forwarder. Runs until the process exits.
+/// The TA's loop: TUN → encapsulate → forwarder. Runs until the process
+/// exits. The forwarder is read once per batch, so the TA follows a new one
+/// the CU names from the next batch on.
 pub fn run_ta(
     tun: &SyncDevice,
     mtu: u16,
     enc: &Encapsulator,
     uplink: &TaUplink,
+    forwarder: &CurrentForwarder,
     counters: &TaCounters,
 ) -> ! {
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
@@ -60,24 +63,29 @@ pub fn run_ta(
                 continue;
             }
         };
+        // Named before the loop starts (the TA waits for it), never unnamed.
+        let Some((fwd_ip, fwd_port)) = forwarder.get() else {
+            continue;
+        };
+        let fwd_udp = SocketAddr::from((fwd_ip, fwd_port));
         for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-            let Some(range) = enc.encapsulate(buf, size, counters) else {
+            let Some(range) = enc.encapsulate(buf, size, fwd_ip, counters) else {
                 continue;
             };
             match uplink {
                 TaUplink::Ipip(raw) => {
-                    if let Err(e) = raw.send_to(&buf[range], enc.forwarder) {
+                    if let Err(e) = raw.send_to(&buf[range], fwd_ip) {
                         sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
                     }
                 }
-                TaUplink::Udp { io, forwarder } => {
-                    if let Err(e) = gso.push(io, *forwarder, &buf[range]) {
+                TaUplink::Udp(io) => {
+                    if let Err(e) = gso.push(io, fwd_udp, &buf[range]) {
                         lost(counters, &e);
                     }
                 }
             }
         }
-        if let TaUplink::Udp { io, .. } = uplink {
+        if let TaUplink::Udp(io) = uplink {
             if let Err(e) = gso.flush(io) {
                 lost(counters, &e);
             }
