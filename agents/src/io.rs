@@ -73,11 +73,10 @@ pub fn run_ta(
                 continue;
             };
             match uplink {
-                TaUplink::Ipip(raw) => {
-                    if let Err(e) = raw.send_to(&buf[range], fwd_ip) {
-                        sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
-                    }
-                }
+                TaUplink::Ipip(raw) => match raw.send_to(&buf[range], fwd_ip) {
+                    Ok(_) => counters.sent.inc(),
+                    Err(e) => sparse_warn(&counters.tx_errors, "send to forwarder failed", &e),
+                },
                 TaUplink::Udp(io) => {
                     if let Err(e) = gso.push(io, fwd_udp, &buf[range]) {
                         lost(counters, &e);
@@ -89,6 +88,8 @@ pub fn run_ta(
             if let Err(e) = gso.flush(io) {
                 lost(counters, &e);
             }
+            // Lost datagrams were counted as their sends failed.
+            counters.sent.add(gso.take_tally().sent);
         }
     }
 }

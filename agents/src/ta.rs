@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pon_telemetry::counters! {
     pub struct TaCounters {
-        captured => ("pon_ta_packets_total", "stage=\"captured\"", "Packets read from the TUN and sent to the forwarder."),
+        captured => ("pon_ta_packets_total", "stage=\"captured\"", "Packets read from the TUN for the forwarder."),
+        sent => ("pon_ta_packets_total", "stage=\"sent\"", "Packets the kernel took to send to the forwarder; those it refused are in pon_ta_socket_errors_total{op=\"send\"}."),
         drop_malformed => ("pon_ta_drops_total", "reason=\"malformed\"", "Packets dropped, by reason."),
         drop_foreign_source => ("pon_ta_drops_total", "reason=\"foreign_source\"", "Packets dropped, by reason."),
         rx_errors => ("pon_ta_socket_errors_total", "op=\"recv\"", "TUN or socket errors."),

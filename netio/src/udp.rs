@@ -256,6 +256,11 @@ impl GsoBatch {
         self.tally
     }
 
+    /// The tally since the last call, for callers that add it to counters.
+    pub fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -385,6 +390,8 @@ mod tests {
         assert_eq!(t.sent + t.failed, 40);
         assert_eq!(t.failed, reported);
         assert!(t.sent > 0 && t.failed > 0, "{t:?}");
+        assert_eq!(batch.take_tally(), t);
+        assert_eq!(batch.tally(), Tally::default(), "taken, so counted once");
     }
 
     #[test]

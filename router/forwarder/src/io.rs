@@ -70,8 +70,11 @@ impl Sockets {
             }
             Output::AgentUdp(addr) => tx.agent.push(self.agent_io(), addr.into(), pkt),
         };
-        if let Err(e) = sent {
-            tx_error(engine, &e);
+        match sent {
+            // Batched datagrams are counted when their batch goes out.
+            Ok(()) if matches!(d.output, Output::AgentIpip(_)) => engine.counters.tx_packets.inc(),
+            Ok(()) => {}
+            Err(e) => tx_error(engine, &e),
         }
     }
 
@@ -83,6 +86,10 @@ impl Sockets {
         if let Err(e) = tx.agent.flush(self.agent_io()) {
             tx_error(engine, &e);
         }
+        // Failed datagrams were counted by `tx_error` as their sends failed;
+        // what went out is counted here, so each packet is counted once.
+        let sent = tx.peer.take_tally().sent + tx.agent.take_tally().sent;
+        engine.counters.tx_packets.add(sent);
     }
 }
 
