@@ -356,4 +356,36 @@ mod tests {
         // And the server still answers others.
         assert!(scrape(addr).starts_with("HTTP/1.1 200"));
     }
+
+    #[test]
+    fn connections_past_the_bound_are_closed_at_once() {
+        let addr = sample_server();
+        let silent: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // One more finds every slot taken: closed without waiting for the
+        // deadline of the others (no thread is spent on it).
+        let start = std::time::Instant::now();
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra.set_read_timeout(Some(REQUEST_DEADLINE * 2)).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)));
+        assert!(
+            start.elapsed() < REQUEST_DEADLINE / 2,
+            "{:?}",
+            start.elapsed()
+        );
+        // Slots come back as their clients go.
+        drop(silent);
+        let deadline = std::time::Instant::now() + REQUEST_DEADLINE * 2;
+        loop {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let _ = write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            if c.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "slots never freed");
+        }
+    }
 }
