@@ -4,6 +4,7 @@
 
 use crate::config::TaConfig;
 use crate::interception::Interception;
+use crate::ta::CurrentForwarder;
 use ipnet::IpNet;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
@@ -26,23 +27,65 @@ pub fn wanted(view: &View, my_cloud: &str, configured: &[IpNet]) -> Vec<IpNet> {
     set.into_iter().collect()
 }
 
+/// The forwarder the CU names for this VM: the proxy serving its cloud,
+/// at its agent-leg address and UDP port.
+pub fn forwarder_in(view: &View, my_cloud: &str, default_port: u16) -> Option<(Ipv4Addr, u16)> {
+    let p = view.proxy_of(my_cloud)?;
+    let port = if p.agent_udp_port != 0 {
+        p.agent_udp_port
+    } else {
+        default_port
+    };
+    Some((p.agent_addr, port))
+}
+
+/// What following a view did to the TA's forwarder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Followed {
+    Unchanged,
+    First((Ipv4Addr, u16)),
+    Moved {
+        old: (Ipv4Addr, u16),
+        new: (Ipv4Addr, u16),
+    },
+}
+
+/// Points `current` at the forwarder `view` names, if it names one: the
+/// data path and the steering thread follow from their next packet. A view
+/// naming none (the cloud's proxies all gone) keeps the last one, since
+/// there is nothing better to send to.
+pub fn follow(
+    current: &CurrentForwarder,
+    view: &View,
+    my_cloud: &str,
+    default_port: u16,
+) -> Followed {
+    let Some(new) = forwarder_in(view, my_cloud, default_port) else {
+        return Followed::Unchanged;
+    };
+    match current.swap(new) {
+        None => Followed::First(new),
+        Some(old) if old != new => Followed::Moved { old, new },
+        Some(_) => Followed::Unchanged,
+    }
+}
+
 pub struct TaCu {
     pub status: Option<Arc<ClientStatus>>,
-    forwarder: Option<mpsc::Receiver<(Ipv4Addr, u16)>>,
-    fixed: Option<(Ipv4Addr, u16)>,
+    forwarder: Arc<CurrentForwarder>,
+    named: Option<mpsc::Receiver<()>>,
 }
 
 impl TaCu {
-    /// The forwarder to send to: the configured one, or in CU mode the
-    /// first one the CU names (blocks until then).
-    pub fn forwarder(&mut self) -> anyhow::Result<(Ipv4Addr, u16)> {
-        if let Some(f) = self.fixed {
-            return Ok(f);
+    /// The forwarder to send to: the configured one, or in CU mode the one
+    /// the CU names, which may change later (blocks until the first).
+    pub fn forwarder(&mut self) -> anyhow::Result<Arc<CurrentForwarder>> {
+        if let Some(rx) = self.named.take() {
+            tracing::info!("waiting for the CU to name this VM's forwarder");
+            rx.recv()
+                .map_err(|_| anyhow::anyhow!("the CU client stopped before naming a forwarder"))?;
         }
-        let rx = self.forwarder.take().expect("forwarder() is called once");
-        tracing::info!("waiting for the CU to name this VM's forwarder");
-        rx.recv()
-            .map_err(|_| anyhow::anyhow!("the CU client stopped before naming a forwarder"))
+        Ok(self.forwarder.clone())
     }
 }
 
@@ -51,8 +94,8 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
         let fwd = cfg.forwarder.expect("validated: forwarder or [cu]");
         return Ok(TaCu {
             status: None,
-            forwarder: None,
-            fixed: Some((fwd, cfg.forwarder_udp_port)),
+            forwarder: Arc::new(CurrentForwarder::new((fwd, cfg.forwarder_udp_port))),
+            named: None,
         });
     };
     let endpoints = Endpoints::App {
@@ -66,28 +109,18 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
     let cloud = cu.cloud.clone();
     let configured = cfg.intercept.clone();
     let default_port = cfg.forwarder_udp_port;
-    let mut current: Option<(Ipv4Addr, u16)> = None;
+    let current = Arc::new(CurrentForwarder::default());
+    let cur = current.clone();
     let on_view = Box::new(move |view: &View| {
-        if let Some(p) = view.proxy_of(&cloud) {
-            let port = if p.agent_udp_port != 0 {
-                p.agent_udp_port
-            } else {
-                default_port
-            };
-            let f = (p.agent_addr, port);
-            match current {
-                None => {
-                    tracing::info!(forwarder = %f.0, "forwarder from the CU");
-                    let _ = tx.send(f);
-                    current = Some(f);
-                }
-                Some(c) if c != f => tracing::warn!(
-                    old = %c.0,
-                    new = %f.0,
-                    "the CU names another forwarder; restart the TA to follow it"
-                ),
-                Some(_) => {}
+        match follow(&cur, view, &cloud, default_port) {
+            Followed::First(f) => {
+                tracing::info!(forwarder = %f.0, "forwarder from the CU");
+                let _ = tx.send(());
             }
+            Followed::Moved { old, new } => {
+                tracing::warn!(old = %old.0, new = %new.0, "the CU names another forwarder: following it");
+            }
+            Followed::Unchanged => {}
         }
         let want = wanted(view, &cloud, &configured);
         let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,8 +136,8 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
     let status = client::spawn(&cu, register, on_view, on_fatal, true)?;
     Ok(TaCu {
         status: Some(status),
-        forwarder: Some(rx),
-        fixed: None,
+        forwarder: current,
+        named: Some(rx),
     })
 }
 
@@ -126,8 +159,7 @@ mod tests {
         })
     }
 
-    #[test]
-    fn intercepts_remote_apps_whose_cloud_has_a_proxy() {
+    fn empty_view() -> View {
         let mut v = View::default();
         v.apply_config(Config {
             id: 9,
@@ -135,6 +167,12 @@ mod tests {
             dead_after_ms: 2000,
             peers: vec![],
         });
+        v
+    }
+
+    #[test]
+    fn intercepts_remote_apps_whose_cloud_has_a_proxy() {
+        let mut v = empty_view();
         let app = |id, cloud: &str, last| {
             peer(
                 id,
@@ -168,5 +206,98 @@ mod tests {
         assert_eq!(wanted(&v, "tokyo", &[]), Vec::<IpNet>::new());
         v.apply_changes(vec![Change::Down(3)]);
         assert!(wanted(&v, "paris", &[]).is_empty());
+    }
+
+    fn proxy(id: u32, last: u8) -> Change {
+        let a = Ipv4Addr::new(198, 18, 1, last);
+        peer(
+            id,
+            "paris",
+            Endpoints::Proxy {
+                pon: (a, 7300).into(),
+                agent_addr: a,
+                agent_udp_port: 7301,
+            },
+        )
+    }
+
+    #[test]
+    fn the_ta_follows_a_new_forwarder_and_its_steering_only() {
+        use crate::steering::{SteeringCounters, SteeringState};
+        use crate::ta::{Encapsulator, TaCounters};
+        use pon_proto::ip::{IpProtocol, IpipPacket, Ipv4Repr};
+        use pon_proto::steering::{Steering, STEERING_VERSION};
+        use std::time::Duration;
+
+        let (old, new) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
+        let mut v = empty_view();
+        v.apply_changes(vec![proxy(1, 1)]);
+        let current = CurrentForwarder::default();
+        assert_eq!(
+            follow(&current, &v, "paris", 7301),
+            Followed::First((old, 7301))
+        );
+        let mut steering = SteeringState::default();
+        let c = SteeringCounters::default();
+        assert_eq!(steering.follow(current.get().unwrap().0), None);
+        let msg = |epoch, seq| {
+            Steering {
+                version: STEERING_VERSION,
+                epoch,
+                seq,
+                bypass: vec![(Ipv4Addr::new(198, 18, 2, 11), 32)],
+            }
+            .encode()
+            .unwrap()
+        };
+        let t = Duration::from_secs(1);
+        assert!(steering
+            .on_datagram(&msg(5, 9), (old, 1).into(), t, &c)
+            .is_some());
+
+        // The old proxy leaves; the CU names the other proxy of the cloud.
+        v.apply_changes(vec![Change::Down(1), proxy(2, 2)]);
+        assert_eq!(
+            follow(&current, &v, "paris", 7301),
+            Followed::Moved {
+                old: (old, 7301),
+                new: (new, 7301)
+            }
+        );
+        assert_eq!(current.get(), Some((new, 7301)));
+        // What the old proxy said is dropped...
+        assert_eq!(steering.follow(new), Some(vec![]));
+        // ... and it is no longer listened to, while the new one is, with
+        // its own epoch and sequence.
+        assert!(steering
+            .on_datagram(&msg(5, 10), (old, 1).into(), t, &c)
+            .is_none());
+        assert!(steering
+            .on_datagram(&msg(1, 1), (new, 1).into(), t, &c)
+            .is_some());
+        assert_eq!((c.accepted.get(), c.foreign.get()), (2, 1));
+
+        // The data path sends to the new forwarder.
+        let local = Ipv4Addr::new(198, 18, 1, 11);
+        let enc = Encapsulator {
+            local,
+            encap: pon_proto::EncapKind::Ipip,
+        };
+        let mut buf = vec![0u8; crate::BUFFER_LEN];
+        Ipv4Repr {
+            src: local,
+            dst: Ipv4Addr::new(198, 18, 2, 11),
+            protocol: IpProtocol::Icmp,
+            ttl: 64,
+            dont_fragment: true,
+            payload_len: 8,
+        }
+        .emit(&mut buf[crate::HEADROOM..])
+        .unwrap();
+        let (fwd, _) = current.get().unwrap();
+        let r = enc
+            .encapsulate(&mut buf, 28, fwd, &TaCounters::default())
+            .unwrap();
+        assert_eq!(IpipPacket::new_checked(&buf[r]).unwrap().outer().dst(), new);
     }
 }

@@ -12,9 +12,9 @@
 //! no GSO).
 
 use crate::ra::{Decapsulator, RaCounters};
-use crate::ta::{Encapsulator, TaCounters};
+use crate::ta::{CurrentForwarder, Encapsulator, TaCounters};
 use crate::HEADROOM;
-use pon_netio::udp::{GsoBatch, RecvBatch, UdpIo};
+use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
 use std::io;
 use std::net::SocketAddr;
@@ -23,22 +23,30 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 /// How the TA reaches its forwarder.
 pub enum TaUplink {
     Ipip(RawSender),
-    Udp { io: UdpIo, forwarder: SocketAddr },
+    Udp(UdpIo),
 }
 
+/// Counts one error, logging only the 1st, 2nd, 4th, 8th... occurrence.
 fn sparse_warn(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
-    counter.inc();
-    if counter.get().is_power_of_two() {
-        tracing::warn!(error = %e, occurrences = counter.get(), "{what}");
+    sparse_warn_n(counter, 1, what, e);
+}
+
+/// Counts `n` lost packets (a failed GSO send loses a whole batch).
+fn sparse_warn_n(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Error) {
+    if let Some(total) = counter.add_sparse(n) {
+        tracing::warn!(error = %e, occurrences = total, "{what}");
     }
 }
 
-/// The TA's loop: TUN → encapsulate → forwarder. Runs until the process exits.
+/// The TA's loop: TUN → encapsulate → forwarder. Runs until the process
+/// exits. The forwarder is read once per batch, so the TA follows a new one
+/// the CU names from the next batch on.
 pub fn run_ta(
     tun: &SyncDevice,
     mtu: u16,
     enc: &Encapsulator,
     uplink: &TaUplink,
+    forwarder: &CurrentForwarder,
     counters: &TaCounters,
 ) -> ! {
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
@@ -55,24 +63,45 @@ pub fn run_ta(
                 continue;
             }
         };
+        // Named before the loop starts (the TA waits for it), never unnamed.
+        let Some((fwd_ip, fwd_port)) = forwarder.get() else {
+            continue;
+        };
+        let fwd_udp = SocketAddr::from((fwd_ip, fwd_port));
         for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-            let Some(range) = enc.encapsulate(buf, size, counters) else {
+            let Some(range) = enc.encapsulate(buf, size, fwd_ip, counters) else {
                 continue;
             };
-            let sent = match uplink {
-                TaUplink::Ipip(raw) => raw.send_to(&buf[range], enc.forwarder).map(drop),
-                TaUplink::Udp { io, forwarder } => gso.push(io, *forwarder, &buf[range]),
-            };
-            if let Err(e) = sent {
-                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+            match uplink {
+                TaUplink::Ipip(raw) => match raw.send_to(&buf[range], fwd_ip) {
+                    Ok(_) => counters.sent.inc(),
+                    Err(e) => sparse_warn(&counters.tx_errors, "send to forwarder failed", &e),
+                },
+                TaUplink::Udp(io) => {
+                    if let Err(e) = gso.push(io, fwd_udp, &buf[range]) {
+                        lost(counters, &e);
+                    }
+                }
             }
         }
-        if let TaUplink::Udp { io, .. } = uplink {
+        if let TaUplink::Udp(io) = uplink {
             if let Err(e) = gso.flush(io) {
-                sparse_warn(&counters.tx_errors, "send to forwarder failed", &e);
+                lost(counters, &e);
             }
+            // Lost datagrams were counted as their sends failed.
+            counters.sent.add(gso.take_tally().sent);
         }
     }
+}
+
+/// Counts every packet a failed batched send lost.
+fn lost(counters: &TaCounters, e: &SendError) {
+    sparse_warn_n(
+        &counters.tx_errors,
+        e.datagrams,
+        "send to forwarder failed",
+        &e.error,
+    );
 }
 
 /// Gathers packets for the RA's TUN and writes them in batches, coalesced

@@ -6,8 +6,10 @@
 //! Direct rather than through the CU: the proxy is one LAN hop away, so the
 //! switch to the IP path takes a datagram instead of a round through a CU
 //! that may be away; the CU is not on the data path's failure path.
-//! Only datagrams from the forwarder's address are accepted; each carries
-//! the whole bypass set, so a lost one is repaired by the next refresh.
+//! Only datagrams from the address of the forwarder the TA sends to are
+//! accepted (when the CU names another forwarder, from the new one only);
+//! each carries the whole bypass set, so a lost one is repaired by the next
+//! refresh.
 //!
 //! The messages are also a lease: once a proxy has spoken, its silence for
 //! [`LEASE`] means the proxy itself is gone, and with it every overlay path,
@@ -16,6 +18,7 @@
 //! configured.
 
 use crate::interception::Interception;
+use crate::ta::CurrentForwarder;
 use ipnet::{IpNet, Ipv4Net};
 use pon_proto::steering::{Steering, MAX_STEERING_LEN};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -37,20 +40,39 @@ pon_telemetry::counters! {
     }
 }
 
-/// What a datagram means for the TA, without I/O.
+/// What a datagram means for the TA, without I/O. Time comes in as `now`,
+/// the time since the TA started, so tests drive the lease deterministically.
 #[derive(Default)]
 pub struct SteeringState {
+    /// The forwarder whose messages count.
+    forwarder: Option<Ipv4Addr>,
     last: Option<Steering>,
-    heard: Option<Instant>,
+    heard: Option<Duration>,
     expired: bool,
 }
 
 impl SteeringState {
+    /// Takes steering from `forwarder` from now on. When that is a new one,
+    /// what the old one said (its bypass set, its sequence, its lease) no
+    /// longer applies: returns the empty bypass set to apply until the new
+    /// one speaks.
+    pub fn follow(&mut self, forwarder: Ipv4Addr) -> Option<Vec<IpNet>> {
+        if self.forwarder == Some(forwarder) {
+            return None;
+        }
+        let first = self.forwarder.is_none();
+        *self = SteeringState {
+            forwarder: Some(forwarder),
+            ..SteeringState::default()
+        };
+        (!first).then(Vec::new)
+    }
+
     /// Everything, once the proxy that used to steer has been silent for
     /// the lease (returned once per silence).
-    pub fn on_silence(&mut self, now: Instant, c: &SteeringCounters) -> Option<Vec<IpNet>> {
+    pub fn on_silence(&mut self, now: Duration, c: &SteeringCounters) -> Option<Vec<IpNet>> {
         let heard = self.heard?;
-        if self.expired || now.saturating_duration_since(heard) < LEASE {
+        if self.expired || now.saturating_sub(heard) < LEASE {
             return None;
         }
         self.expired = true;
@@ -58,16 +80,16 @@ impl SteeringState {
         Some(vec!["0.0.0.0/0".parse().expect("literal")])
     }
 
-    /// The bypass set to apply, if `bytes` from `from` is a newer message
-    /// from the forwarder at `forwarder`.
+    /// The bypass set to apply, if `bytes` from `from`, arrived at `now`,
+    /// is a newer message from the forwarder followed.
     pub fn on_datagram(
         &mut self,
         bytes: &[u8],
         from: SocketAddr,
-        forwarder: Ipv4Addr,
+        now: Duration,
         c: &SteeringCounters,
     ) -> Option<Vec<IpNet>> {
-        if from.ip() != IpAddr::V4(forwarder) {
+        if self.forwarder.map(IpAddr::V4) != Some(from.ip()) {
             c.foreign.inc();
             return None;
         }
@@ -84,7 +106,7 @@ impl SteeringState {
             return None;
         }
         c.accepted.inc();
-        self.heard = Some(Instant::now());
+        self.heard = Some(now);
         self.expired = false;
         let set = m
             .bypass
@@ -96,13 +118,15 @@ impl SteeringState {
     }
 }
 
-/// Listens on `bind` for the forwarder's steering messages and applies
-/// them to `interception`, on a thread of its own.
+/// Listens on `bind` for the steering messages of the forwarder the TA
+/// currently sends to and applies them to `interception`, on a thread of
+/// its own.
 pub fn start(
     bind: SocketAddr,
-    forwarder: Ipv4Addr,
+    forwarder: Arc<CurrentForwarder>,
     interception: Arc<Mutex<Interception>>,
     counters: Arc<SteeringCounters>,
+    started: Instant,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding steering socket {bind}"))?;
@@ -114,17 +138,31 @@ pub fn start(
             // Wake up now and then to notice a silent proxy.
             let _ = sock.set_read_timeout(Some(LEASE / 6));
             loop {
-                let set = match sock.recv_from(&mut buf) {
-                    Ok((n, from)) => state.on_datagram(&buf[..n], from, forwarder, &counters),
+                let got = sock.recv_from(&mut buf);
+                // Which forwarder counts is decided before looking at the
+                // datagram, so the first one from a new forwarder counts.
+                let moved = forwarder.get().and_then(|(f, _)| state.follow(f));
+                if let Some(set) = moved {
+                    tracing::info!(
+                        "following a new forwarder: its steering only, from a clean slate"
+                    );
+                    apply(&interception, &set, &counters);
+                }
+                let set = match got {
+                    Ok((n, from)) => {
+                        state.on_datagram(&buf[..n], from, started.elapsed(), &counters)
+                    }
                     Err(e)
                         if matches!(
                             e.kind(),
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        let gone = state.on_silence(Instant::now(), &counters);
+                        let gone = state.on_silence(started.elapsed(), &counters);
                         if gone.is_some() {
-                            tracing::warn!("the local proxy fell silent: every destination takes the IP path");
+                            tracing::warn!(
+                                "the local proxy fell silent: every destination takes the IP path"
+                            );
                         }
                         gone
                     }
@@ -133,20 +171,23 @@ pub fn start(
                         None
                     }
                 };
-                let Some(set) = set else {
-                    continue;
-                };
-                let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());
-                if i.bypass().iter().copied().collect::<Vec<_>>() != set {
-                    tracing::info!(bypass = ?set, "the proxy's router changed the destinations left to the IP path");
-                }
-                if let Err(e) = i.set_bypass(&set) {
-                    counters.apply_errors.inc();
-                    tracing::error!(error = %format!("{e:#}"), "applying the bypass set");
+                if let Some(set) = set {
+                    apply(&interception, &set, &counters);
                 }
             }
         })?;
     Ok(())
+}
+
+fn apply(interception: &Mutex<Interception>, set: &[IpNet], counters: &SteeringCounters) {
+    let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());
+    if !i.bypass().iter().eq(set.iter()) {
+        tracing::info!(bypass = ?set, "the proxy's router changed the destinations left to the IP path");
+    }
+    if let Err(e) = i.set_bypass(set) {
+        counters.apply_errors.inc();
+        tracing::error!(error = %format!("{e:#}"), "applying the bypass set");
+    }
 }
 
 #[cfg(test)]
@@ -154,11 +195,17 @@ mod tests {
     use super::*;
     use pon_proto::steering::STEERING_VERSION;
 
+    fn following(fwd: Ipv4Addr) -> SteeringState {
+        let mut s = SteeringState::default();
+        assert_eq!(s.follow(fwd), None, "nothing to undo the first time");
+        s
+    }
+
     #[test]
     fn only_newer_messages_from_the_forwarder_count() {
         let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = SteeringCounters::default();
-        let mut s = SteeringState::default();
+        let mut s = following(fwd);
         let msg = |epoch, seq, last: u8| {
             Steering {
                 version: STEERING_VERSION,
@@ -170,20 +217,15 @@ mod tests {
             .unwrap()
         };
         let from = SocketAddr::from((fwd, 40000));
-        let got = s.on_datagram(&msg(1, 1, 11), from, fwd, &c).unwrap();
+        let t = Duration::ZERO;
+        let got = s.on_datagram(&msg(1, 1, 11), from, t, &c).unwrap();
         assert_eq!(got, vec!["198.18.2.11/32".parse::<IpNet>().unwrap()]);
-        assert!(s.on_datagram(&msg(1, 1, 12), from, fwd, &c).is_none());
-        assert!(s
-            .on_datagram(
-                &msg(1, 2, 12),
-                SocketAddr::from(([198, 18, 1, 99], 1)),
-                fwd,
-                &c
-            )
-            .is_none());
-        assert!(s.on_datagram(b"junk", from, fwd, &c).is_none());
+        assert!(s.on_datagram(&msg(1, 1, 12), from, t, &c).is_none());
+        let stranger = SocketAddr::from(([198, 18, 1, 99], 1));
+        assert!(s.on_datagram(&msg(1, 2, 12), stranger, t, &c).is_none());
+        assert!(s.on_datagram(b"junk", from, t, &c).is_none());
         // A restarted proxy (new epoch) starts its sequence again.
-        assert!(s.on_datagram(&msg(2, 0, 13), from, fwd, &c).is_some());
+        assert!(s.on_datagram(&msg(2, 0, 13), from, t, &c).is_some());
         assert_eq!(
             (
                 c.accepted.get(),
@@ -196,13 +238,13 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_proxy_loses_its_lease_once() {
+    fn a_silent_proxy_loses_its_lease_once_per_silence() {
         let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = SteeringCounters::default();
-        let mut s = SteeringState::default();
-        let t0 = Instant::now();
-        // Never heard: interception stays as configured.
-        assert!(s.on_silence(t0 + LEASE * 10, &c).is_none());
+        let mut s = following(fwd);
+        let secs = Duration::from_secs_f64;
+        // Never heard: interception stays as configured, however long.
+        assert!(s.on_silence(secs(1000.0), &c).is_none());
         let m = Steering {
             version: STEERING_VERSION,
             epoch: 1,
@@ -210,21 +252,26 @@ mod tests {
             bypass: vec![],
         };
         let from = SocketAddr::from((fwd, 40000));
-        s.on_datagram(&m.encode().unwrap(), from, fwd, &c).unwrap();
-        let now = Instant::now();
-        assert!(s.on_silence(now + LEASE / 2, &c).is_none());
-        let all = s.on_silence(now + LEASE, &c).unwrap();
+        // Heard at 100 s (the TA's clock, not the wall's).
+        s.on_datagram(&m.encode().unwrap(), from, secs(100.0), &c)
+            .unwrap();
+        assert!(s.on_silence(secs(101.0), &c).is_none());
+        assert!(s.on_silence(secs(102.999), &c).is_none(), "just inside");
+        let all = s.on_silence(secs(103.0), &c).unwrap();
         assert_eq!(all, vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]);
-        assert!(
-            s.on_silence(now + LEASE * 2, &c).is_none(),
-            "once per silence"
-        );
-        // The proxy is back: its set applies again.
-        let back = Steering { seq: 2, ..m };
+        assert!(s.on_silence(secs(110.0), &c).is_none(), "once per silence");
+        // The proxy is back at 111 s: its set applies again, and the lease
+        // restarts from then.
+        let back = Steering {
+            seq: 2,
+            ..m.clone()
+        };
         assert_eq!(
-            s.on_datagram(&back.encode().unwrap(), from, fwd, &c),
+            s.on_datagram(&back.encode().unwrap(), from, secs(111.0), &c),
             Some(vec![])
         );
-        assert_eq!(c.lease_expired.get(), 1);
+        assert!(s.on_silence(secs(113.5), &c).is_none());
+        assert!(s.on_silence(secs(114.0), &c).is_some(), "a second silence");
+        assert_eq!(c.lease_expired.get(), 2);
     }
 }

@@ -6,10 +6,12 @@ use pon_proto::ip::{InnerPacket, IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
 use pon_proto::EncapKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pon_telemetry::counters! {
     pub struct TaCounters {
-        captured => ("pon_ta_packets_total", "stage=\"captured\"", "Packets read from the TUN and sent to the forwarder."),
+        captured => ("pon_ta_packets_total", "stage=\"captured\"", "Packets read from the TUN for the forwarder."),
+        sent => ("pon_ta_packets_total", "stage=\"sent\"", "Packets the kernel took to send to the forwarder; those it refused are in pon_ta_socket_errors_total{op=\"send\"}."),
         drop_malformed => ("pon_ta_drops_total", "reason=\"malformed\"", "Packets dropped, by reason."),
         drop_foreign_source => ("pon_ta_drops_total", "reason=\"foreign_source\"", "Packets dropped, by reason."),
         rx_errors => ("pon_ta_socket_errors_total", "op=\"recv\"", "TUN or socket errors."),
@@ -17,18 +19,55 @@ pon_telemetry::counters! {
     }
 }
 
+/// The forwarder the TA sends to (agent-leg address, UDP port), shared
+/// between the CU client, which follows the forwarder the CU names, and the
+/// data path and steering thread, which read it once per batch or message.
+/// One atomic word, so following costs the data path no lock.
+#[derive(Debug, Default)]
+pub struct CurrentForwarder(AtomicU64);
+
+/// Marks a named forwarder (0 means none yet).
+const NAMED: u64 = 1 << 48;
+
+fn pack((ip, port): (Ipv4Addr, u16)) -> u64 {
+    NAMED | u64::from(u32::from(ip)) << 16 | u64::from(port)
+}
+
+impl CurrentForwarder {
+    pub fn new(f: (Ipv4Addr, u16)) -> Self {
+        CurrentForwarder(AtomicU64::new(pack(f)))
+    }
+
+    pub fn get(&self) -> Option<(Ipv4Addr, u16)> {
+        let v = self.0.load(Ordering::Acquire);
+        (v & NAMED != 0).then(|| (Ipv4Addr::from((v >> 16) as u32), v as u16))
+    }
+
+    /// Names `f`; returns the forwarder named before.
+    pub fn swap(&self, f: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
+        let old = CurrentForwarder(AtomicU64::new(self.0.swap(pack(f), Ordering::AcqRel)));
+        old.get()
+    }
+}
+
 pub struct Encapsulator {
     pub local: Ipv4Addr,
-    pub forwarder: Ipv4Addr,
     /// How the TA reaches the forwarder (the port is the forwarder's).
     pub encap: EncapKind,
 }
 
 impl Encapsulator {
     /// `buf[HEADROOM..HEADROOM + len]` holds a packet read from the TUN.
-    /// Returns the bytes to send: the whole IP-in-IP packet, or the inner
-    /// packet for the UDP encapsulation. `None` means drop (counted).
-    pub fn encapsulate(&self, buf: &mut [u8], len: usize, c: &TaCounters) -> Option<Range<usize>> {
+    /// Returns the bytes to send: the whole IP-in-IP packet (to
+    /// `forwarder`), or the inner packet for the UDP encapsulation. `None`
+    /// means drop (counted).
+    pub fn encapsulate(
+        &self,
+        buf: &mut [u8],
+        len: usize,
+        forwarder: Ipv4Addr,
+        c: &TaCounters,
+    ) -> Option<Range<usize>> {
         let end = HEADROOM + len;
         let inner = match buf.get(HEADROOM..end).map(InnerPacket::new_checked) {
             Some(Ok(p)) => p,
@@ -49,7 +88,7 @@ impl Encapsulator {
             EncapKind::Ipip => {
                 Ipv4Repr {
                     src: self.local,
-                    dst: self.forwarder,
+                    dst: forwarder,
                     protocol: IpProtocol::Ipip,
                     ttl: 64,
                     dont_fragment: false,
@@ -87,18 +126,18 @@ mod tests {
     fn wraps_own_packets_and_refuses_others() {
         let e = Encapsulator {
             local: Ipv4Addr::new(198, 18, 1, 11),
-            forwarder: Ipv4Addr::new(198, 18, 1, 1),
             encap: EncapKind::Ipip,
         };
+        let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = TaCounters::default();
         let mut buf = packet_from(e.local);
-        let r = e.encapsulate(&mut buf, 28, &c).unwrap();
+        let r = e.encapsulate(&mut buf, 28, fwd, &c).unwrap();
         let p = IpipPacket::new_checked(&buf[r]).unwrap();
-        assert_eq!(p.outer().dst(), e.forwarder);
+        assert_eq!(p.outer().dst(), fwd);
         assert_eq!(p.inner().len(), 28);
         let mut buf = packet_from(Ipv4Addr::new(10, 0, 0, 1));
-        assert!(e.encapsulate(&mut buf, 28, &c).is_none());
-        assert!(e.encapsulate(&mut buf, 3, &c).is_none());
+        assert!(e.encapsulate(&mut buf, 28, fwd, &c).is_none());
+        assert!(e.encapsulate(&mut buf, 3, fwd, &c).is_none());
         assert_eq!(
             (
                 c.captured.get(),
@@ -107,5 +146,16 @@ mod tests {
             ),
             (1, 1, 1)
         );
+    }
+
+    #[test]
+    fn current_forwarder_round_trips() {
+        let f = CurrentForwarder::default();
+        assert_eq!(f.get(), None);
+        let a = (Ipv4Addr::new(198, 18, 1, 1), 7301);
+        let b = (Ipv4Addr::new(255, 255, 255, 254), 65535);
+        assert_eq!(f.swap(a), None);
+        assert_eq!(f.swap(b), Some(a));
+        assert_eq!(f.get(), Some(b));
     }
 }

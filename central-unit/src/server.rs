@@ -11,7 +11,7 @@
 
 use crate::config::CuConfig;
 use crate::registry::{Action, ConnId, Outgoing, Registry};
-use crate::store::Store;
+use crate::store::{Backend, PendingWrites, Store};
 use anyhow::Context;
 use pon_proto::control::{
     self, AgentMsg, AgentRecord, ControlError, CuMsg, FrameDecoder, MAX_AGENT_FRAME, MAX_CU_FRAME,
@@ -70,7 +70,8 @@ pon_telemetry::counters! {
         config_frames => ("pon_cu_frames_sent_total", "kind=\"config\"", "Frames sent to agents."),
         update_frames => ("pon_cu_frames_sent_total", "kind=\"update\"", "Frames sent to agents."),
         resyncs => ("pon_cu_resyncs_total", "", "Agents sent a full configuration because their update queue overflowed."),
-        store_errors => ("pon_cu_store_errors_total", "", "Failed store commits."),
+        store_errors => ("pon_cu_store_errors_total", "op=\"write\"", "Store errors: failed commits (retried) and bad records skipped at start."),
+        store_skipped => ("pon_cu_store_errors_total", "op=\"load\"", "Store errors: failed commits (retried) and bad records skipped at start."),
         lists => ("pon_cu_registry_queries_total", "", "Registry queries (ponctl)."),
     }
 }
@@ -196,9 +197,10 @@ pub async fn serve(
         .context("loading the CU certificate")?;
     let store = Store::open(&cfg.store)?;
     let mut registry = Registry::new(settings, policy);
-    let records = store.load()?;
-    let restored = records.len();
-    registry.restore(records, Instant::now());
+    let loaded = store.load()?;
+    stats.counters.store_skipped.add(loaded.skipped);
+    let restored = loaded.records.len();
+    registry.restore(loaded.records, Instant::now());
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let local = endpoint.local_addr()?;
@@ -210,7 +212,7 @@ pub async fn serve(
         pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| s.render(w)))
             .with_context(|| format!("serving metrics on {addr}"))?;
     }
-    tracing::info!(listen = %local, restored, store = %cfg.store.display(), "CU running");
+    tracing::info!(listen = %local, restored, skipped = loaded.skipped, store = %cfg.store.display(), "CU running");
 
     let (store_tx, store_rx) = std::sync::mpsc::channel::<AgentRecord>();
     let st = stats.clone();
@@ -229,18 +231,48 @@ pub async fn serve(
     Ok(())
 }
 
-fn store_loop(store: Store, rx: std::sync::mpsc::Receiver<AgentRecord>, stats: &CuStats) {
-    while let Ok(first) = rx.recv() {
-        // Group commit: everything queued meanwhile goes into one transaction.
-        let mut batch: HashMap<u32, AgentRecord> = HashMap::new();
-        batch.insert(first.info.id, first);
-        while let Ok(r) = rx.try_recv() {
-            batch.insert(r.info.id, r);
+/// Commits what the actor persists, grouping everything queued meanwhile
+/// into one transaction, and retries failed commits with backoff (see
+/// `PendingWrites`) so a passing disk problem loses nothing.
+fn store_loop(
+    mut store: impl Backend,
+    rx: std::sync::mpsc::Receiver<AgentRecord>,
+    stats: &CuStats,
+) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let start = Instant::now();
+    let mut pending = PendingWrites::default();
+    loop {
+        let got = match pending.poll_timeout() {
+            None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+            Some(at) => rx.recv_timeout(at.saturating_sub(start.elapsed())),
+        };
+        let closing = match got {
+            Ok(r) => {
+                pending.push(r);
+                while let Ok(r) = rx.try_recv() {
+                    pending.push(r);
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        // When the actor is gone, one last try whatever the backoff says.
+        let now = if closing {
+            Duration::MAX
+        } else {
+            start.elapsed()
+        };
+        match pending.write_due(now, &mut store) {
+            Ok(_) => {}
+            Err(e) => {
+                stats.counters.store_errors.inc();
+                tracing::error!(error = %e, retry_in = ?pending.backoff(), "store commit failed; will retry");
+            }
         }
-        let records: Vec<_> = batch.into_values().collect();
-        if let Err(e) = store.write(&records) {
-            stats.counters.store_errors.inc();
-            tracing::error!(error = %e, records = records.len(), "store commit failed");
+        if closing {
+            return;
         }
     }
 }
@@ -641,4 +673,43 @@ async fn writer(
         }
     }
     let _ = close_code::NORMAL;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    fn rec(id: u32, last_seen_ms: u64) -> AgentRecord {
+        AgentRecord {
+            last_seen_ms,
+            ..crate::store::tests::rec(id)
+        }
+    }
+
+    #[test]
+    fn a_failed_store_write_is_retried_and_lands() {
+        let (landed_tx, landed) = std::sync::mpsc::channel();
+        let mut fail = 1;
+        let backend = move |records: &[AgentRecord]| {
+            if fail > 0 {
+                fail -= 1;
+                return Err(StoreError::Db("disk full".into()));
+            }
+            landed_tx.send(records.to_vec()).unwrap();
+            Ok(())
+        };
+        let stats = Arc::new(CuStats::default());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let st = stats.clone();
+        let thread = std::thread::spawn(move || store_loop(backend, rx, &st));
+        tx.send(rec(1, 10)).unwrap();
+        let got = landed
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the failed write never landed");
+        assert_eq!(got, vec![rec(1, 10)]);
+        assert_eq!(stats.counters.store_errors.get(), 1);
+        drop(tx);
+        thread.join().unwrap();
+    }
 }

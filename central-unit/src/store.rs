@@ -4,7 +4,9 @@
 
 use pon_proto::control::AgentRecord;
 use redb::{Database, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 const AGENTS: TableDefinition<u32, &[u8]> = TableDefinition::new("agents");
 
@@ -24,6 +26,24 @@ pub struct Store {
     db: Database,
 }
 
+/// Where the CU's store thread commits records: the redb `Store`, or in
+/// tests anything whose writes can be made to fail.
+pub trait Backend {
+    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError>;
+}
+
+impl Backend for Store {
+    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError> {
+        Store::write(self, records)
+    }
+}
+
+impl<F: FnMut(&[AgentRecord]) -> Result<(), StoreError>> Backend for F {
+    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError> {
+        self(records)
+    }
+}
+
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let db = Database::create(path).map_err(|e| StoreError::Open {
@@ -36,17 +56,38 @@ impl Store {
         Ok(Store { db })
     }
 
-    /// Every record. A record that no longer decodes (written by an
-    /// incompatible version) is skipped with a warning, not fatal.
-    pub fn load(&self) -> Result<Vec<AgentRecord>, StoreError> {
+    /// Every good record. A bad one (unreadable, not decoding because an
+    /// incompatible version wrote it, or filed under another agent's key) is
+    /// skipped, counted and logged with its key: one bad record must not
+    /// keep the CU from starting with all the others.
+    pub fn load(&self) -> Result<Loaded, StoreError> {
         let tx = self.db.begin_read().map_err(db_err)?;
         let table = tx.open_table(AGENTS).map_err(db_err)?;
-        let mut out = Vec::new();
+        let mut out = Loaded::default();
         for row in table.iter().map_err(db_err)? {
-            let (k, v) = row.map_err(db_err)?;
+            let (k, v) = match row {
+                Ok(row) => row,
+                Err(e) => {
+                    out.skipped += 1;
+                    tracing::warn!(error = %e, "skipping unreadable store row");
+                    continue;
+                }
+            };
+            let key = k.value();
             match pon_proto::codec::decode::<AgentRecord>(v.value(), usize::MAX) {
-                Ok(r) => out.push(r),
-                Err(e) => tracing::warn!(id = k.value(), error = %e, "skipping unreadable record"),
+                Ok(r) if r.info.id == key => out.records.push(r),
+                Ok(r) => {
+                    out.skipped += 1;
+                    tracing::warn!(
+                        key,
+                        id = r.info.id,
+                        "skipping record filed under another id"
+                    );
+                }
+                Err(e) => {
+                    out.skipped += 1;
+                    tracing::warn!(key, error = %e, "skipping undecodable record");
+                }
             }
         }
         Ok(out)
@@ -66,21 +107,90 @@ impl Store {
     }
 }
 
+/// What `Store::load` found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Loaded {
+    pub records: Vec<AgentRecord>,
+    /// Bad records left out.
+    pub skipped: u64,
+}
+
+/// First wait after a failed write; it doubles per failure up to `RETRY_MAX`.
+pub const RETRY_MIN: Duration = Duration::from_millis(100);
+pub const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Records waiting to be written, without I/O: the store thread feeds it
+/// records and an explicit `now` (time since the CU started). Only the
+/// latest record per agent is kept, so a retry never writes a value older
+/// than one already queued, and what waits is bounded by the number of
+/// agents however long the store fails. A failed write is retried after a
+/// backoff that doubles up to `RETRY_MAX`, never given up.
+#[derive(Debug, Default)]
+pub struct PendingWrites {
+    pending: BTreeMap<u32, AgentRecord>,
+    failures: u32,
+    retry_at: Duration,
+}
+
+impl PendingWrites {
+    pub fn push(&mut self, r: AgentRecord) {
+        self.pending.insert(r.info.id, r);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// When to call `write_due` next; `None` while nothing is pending.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        (!self.is_empty()).then_some(self.retry_at)
+    }
+
+    /// Writes everything pending in one transaction if it is due at `now`;
+    /// returns how many records landed (0 when nothing was due). On failure
+    /// the records stay pending and the next try is pushed back.
+    pub fn write_due(
+        &mut self,
+        now: Duration,
+        backend: &mut impl Backend,
+    ) -> Result<usize, StoreError> {
+        if self.is_empty() || now < self.retry_at {
+            return Ok(0);
+        }
+        let records: Vec<AgentRecord> = self.pending.values().cloned().collect();
+        match backend.write(&records) {
+            Ok(()) => {
+                self.pending.clear();
+                self.failures = 0;
+                self.retry_at = Duration::ZERO;
+                Ok(records.len())
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                self.retry_at = now.saturating_add(self.backoff());
+                Err(e)
+            }
+        }
+    }
+
+    /// The wait after the latest failure.
+    pub fn backoff(&self) -> Duration {
+        let doublings = self.failures.saturating_sub(1).min(16);
+        (RETRY_MIN * (1 << doublings)).min(RETRY_MAX)
+    }
+}
+
 fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Db(e.into().to_string())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pon_proto::control::{AgentInfo, Endpoints};
 
-    #[test]
-    fn records_survive_reopening() {
-        let dir = std::env::temp_dir().join(format!("pon-cu-store-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("r.redb");
-        let rec = |id: u32, online| AgentRecord {
+    pub(crate) fn rec(id: u32) -> AgentRecord {
+        AgentRecord {
             info: AgentInfo {
                 id,
                 cloud: "paris".into(),
@@ -88,16 +198,96 @@ mod tests {
                 name: format!("p{id}"),
                 endpoints: Endpoints::Other { addrs: vec![] },
             },
-            online,
+            online: true,
             last_seen_ms: 42,
-        };
+        }
+    }
+
+    #[test]
+    fn records_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("pon-cu-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.redb");
+        let rec = |id: u32, online| AgentRecord { online, ..rec(id) };
         {
             let s = Store::open(&path).unwrap();
             s.write(&[rec(1, true), rec(2, true)]).unwrap();
             s.write(&[rec(2, false)]).unwrap();
         }
         let s = Store::open(&path).unwrap();
-        assert_eq!(s.load().unwrap(), vec![rec(1, true), rec(2, false)]);
+        assert_eq!(s.load().unwrap().records, vec![rec(1, true), rec(2, false)]);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn corrupt_records_are_skipped_and_the_rest_loads() {
+        let dir = std::env::temp_dir().join(format!("pon-cu-store-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.redb");
+        let s = Store::open(&path).unwrap();
+        s.write(&[rec(1), rec(2), rec(3)]).unwrap();
+        {
+            // Corrupt two rows behind the store's back: bytes that do not
+            // decode, and a record filed under another agent's key.
+            let tx = s.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(AGENTS).unwrap();
+                t.insert(2, &[0xff, 0xff, 0xff][..]).unwrap();
+                let misfiled = pon_proto::codec::encode(&rec(1), usize::MAX).unwrap();
+                t.insert(9, misfiled.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let loaded = s.load().unwrap();
+        assert_eq!(loaded.records, vec![rec(1), rec(3)]);
+        assert_eq!(loaded.skipped, 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn failed_writes_back_off_and_the_latest_value_lands() {
+        let mut written: Vec<Vec<AgentRecord>> = Vec::new();
+        let mut fails = 3;
+        let mut backend = |records: &[AgentRecord]| {
+            if fails > 0 {
+                fails -= 1;
+                return Err(StoreError::Db("disk full".into()));
+            }
+            written.push(records.to_vec());
+            Ok(())
+        };
+        let ms = Duration::from_millis;
+        let mut p = PendingWrites::default();
+        let stale = AgentRecord {
+            last_seen_ms: 1,
+            ..rec(1)
+        };
+        p.push(stale);
+        assert!(p.write_due(ms(0), &mut backend).is_err());
+        assert_eq!(p.poll_timeout(), Some(ms(100)));
+        // A newer value for the same agent replaces the one waiting.
+        p.push(rec(1));
+        p.push(rec(2));
+        assert_eq!(p.write_due(ms(99), &mut backend).unwrap(), 0, "not due yet");
+        assert!(p.write_due(ms(100), &mut backend).is_err());
+        assert_eq!(p.poll_timeout(), Some(ms(300)), "backoff doubles");
+        assert!(p.write_due(ms(300), &mut backend).is_err());
+        assert_eq!(p.poll_timeout(), Some(ms(700)));
+        assert_eq!(p.write_due(ms(700), &mut backend).unwrap(), 2);
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(written, vec![vec![rec(1), rec(2)]]);
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        let mut p = PendingWrites::default();
+        let mut failing = |_: &[AgentRecord]| Err(StoreError::Db("gone".into()));
+        p.push(rec(1));
+        let mut now = Duration::ZERO;
+        for _ in 0..100 {
+            assert!(p.write_due(now, &mut failing).is_err());
+            now = p.poll_timeout().unwrap();
+        }
+        assert_eq!(p.backoff(), RETRY_MAX);
     }
 }

@@ -126,15 +126,56 @@ impl UdpIo {
     }
 }
 
+/// A send that failed, and how many datagrams it lost: callers count
+/// packets, not system calls, so a failed GSO send of 40 datagrams is 40.
+#[derive(Debug)]
+pub struct SendError {
+    pub datagrams: u64,
+    pub error: io::Error,
+}
+
+impl SendError {
+    /// Folds two outcomes of one `push` into one: the losses add up, and the
+    /// first error is the one reported.
+    fn merge(a: Result<(), SendError>, b: Result<(), SendError>) -> Result<(), SendError> {
+        match (a, b) {
+            (Err(mut x), Err(y)) => {
+                x.datagrams += y.datagrams;
+                Err(x)
+            }
+            (Err(x), Ok(())) | (Ok(()), Err(x)) => Err(x),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({} datagrams lost)", self.error, self.datagrams)
+    }
+}
+
+impl std::error::Error for SendError {}
+
+/// What became of the datagrams pushed into a batch so far; every datagram
+/// ends in exactly one of the two once the batch is flushed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    pub sent: u64,
+    pub failed: u64,
+}
+
 /// Gathers consecutive datagrams to the same destination into one GSO send.
 /// GSO needs equal-sized segments (the last may be shorter) that each fit the
-/// path MTU, so a datagram that breaks the run flushes it first.
+/// path MTU, so a datagram that breaks the run flushes it first. A failed
+/// flush never costs the datagram that caused it.
 pub struct GsoBatch {
     buf: Vec<u8>,
     dst: Option<SocketAddr>,
     segment: usize,
     count: usize,
     max_segment: usize,
+    tally: Tally,
 }
 
 impl GsoBatch {
@@ -147,21 +188,27 @@ impl GsoBatch {
             segment: 0,
             count: 0,
             max_segment,
+            tally: Tally::default(),
         }
     }
 
-    pub fn push(&mut self, io: &UdpIo, dst: SocketAddr, datagram: &[u8]) -> io::Result<()> {
+    /// Queues `datagram` for `dst`, sending what it cannot join. An error
+    /// counts every datagram lost, which may include earlier ones whose
+    /// batch this push flushed.
+    pub fn push(&mut self, io: &UdpIo, dst: SocketAddr, datagram: &[u8]) -> Result<(), SendError> {
         let len = datagram.len();
         if len > self.max_segment || len == 0 {
-            self.flush(io)?;
-            return io.send(dst, datagram, None);
+            let before = self.flush(io);
+            let alone = io.send(dst, datagram, None);
+            return SendError::merge(before, self.settle(1, alone));
         }
         let joins = self.dst == Some(dst)
             && len <= self.segment
             && self.count < io.max_gso_segments()
             && self.buf.len() + len <= GSO_MAX_BYTES;
+        let mut result = Ok(());
         if !joins {
-            self.flush(io)?;
+            result = self.flush(io);
             self.dst = Some(dst);
             self.segment = len;
         }
@@ -169,20 +216,49 @@ impl GsoBatch {
         self.count += 1;
         if len < self.segment {
             // A shorter datagram must be the last of its run.
-            self.flush(io)?;
+            result = SendError::merge(result, self.flush(io));
         }
-        Ok(())
+        result
     }
 
-    pub fn flush(&mut self, io: &UdpIo) -> io::Result<()> {
+    pub fn flush(&mut self, io: &UdpIo) -> Result<(), SendError> {
         let result = match self.dst {
-            Some(dst) if self.count > 0 => io.send(dst, &self.buf, Some(self.segment)),
+            Some(dst) if self.count > 0 => {
+                let r = io.send(dst, &self.buf, Some(self.segment));
+                self.settle(self.count as u64, r)
+            }
             _ => Ok(()),
         };
         self.buf.clear();
         self.dst = None;
         self.count = 0;
         result
+    }
+
+    /// Books `n` datagrams as sent or failed by the outcome of their send.
+    fn settle(&mut self, n: u64, r: io::Result<()>) -> Result<(), SendError> {
+        match r {
+            Ok(()) => {
+                self.tally.sent += n;
+                Ok(())
+            }
+            Err(error) => {
+                self.tally.failed += n;
+                Err(SendError {
+                    datagrams: n,
+                    error,
+                })
+            }
+        }
+    }
+
+    pub fn tally(&self) -> Tally {
+        self.tally
+    }
+
+    /// The tally since the last call, for callers that add it to counters.
+    pub fn take_tally(&mut self) -> Tally {
+        std::mem::take(&mut self.tally)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -285,5 +361,60 @@ mod tests {
         }
         assert_eq!(got[10], vec![99; 10]);
         assert_eq!(got[11], vec![7; 3000]);
+    }
+
+    /// Broadcasting without SO_BROADCAST fails (EACCES) on every kernel, so
+    /// no namespace or routing is needed to make a send fail.
+    const FAILS: &str = "255.255.255.255:9";
+
+    #[test]
+    fn every_datagram_ends_sent_or_failed() {
+        let rx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (ok, bad) = (rx.local_addr().unwrap(), FAILS.parse().unwrap());
+        let mut batch = GsoBatch::new(1400);
+        let mut reported = 0;
+        // Runs broken by destination, by a shorter datagram and by an
+        // oversized one, alternating between a working and a failing peer.
+        let sizes = [100, 100, 50, 100, 3000, 100, 0, 100];
+        for (i, &size) in sizes.iter().cycle().take(40).enumerate() {
+            let dst = if (i / 3) % 2 == 0 { ok } else { bad };
+            if let Err(e) = batch.push(&tx, dst, &vec![0; size]) {
+                reported += e.datagrams;
+            }
+        }
+        if let Err(e) = batch.flush(&tx) {
+            reported += e.datagrams;
+        }
+        let t = batch.tally();
+        assert_eq!(t.sent + t.failed, 40);
+        assert_eq!(t.failed, reported);
+        assert!(t.sent > 0 && t.failed > 0, "{t:?}");
+        assert_eq!(batch.take_tally(), t);
+        assert_eq!(batch.tally(), Tally::default(), "taken, so counted once");
+    }
+
+    #[test]
+    fn failed_flush_keeps_the_next_datagram() {
+        let rx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tx = UdpIo::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut batch = GsoBatch::new(1400);
+        for _ in 0..3 {
+            batch.push(&tx, FAILS.parse().unwrap(), &[1; 100]).unwrap();
+        }
+        // Changing destination flushes the 3 queued datagrams, which fails;
+        // the new one must still go out.
+        let err = batch
+            .push(&tx, rx.local_addr().unwrap(), &[2; 100])
+            .unwrap_err();
+        assert_eq!(err.datagrams, 3, "an error counts packets, not calls");
+        batch.flush(&tx).unwrap();
+        assert_eq!(batch.tally(), Tally { sent: 1, failed: 3 });
+        let mut rb = RecvBatch::default();
+        let n = rb
+            .recv_within(&rx, std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(n, 1, "the datagram after the failed flush was dropped");
+        assert_eq!(rb.datagrams(0).next().unwrap(), &[2; 100][..]);
     }
 }

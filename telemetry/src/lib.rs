@@ -5,10 +5,10 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Conventional ports of each daemon's Prometheus endpoint (`metrics = ...`
 /// in its configuration; the daemons serve none unless told). The lab and
@@ -49,6 +49,15 @@ impl Counter {
     }
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
+    }
+    /// Adds `n` and returns the new total if it passed a power of two (the
+    /// 1st, 2nd, 4th, 8th... occurrence), for error paths that log sparsely
+    /// so a storm cannot flood the log; with `add(n)` totals skip values, so
+    /// "is the total a power of two" would miss most of them.
+    pub fn add_sparse(&self, n: u64) -> Option<u64> {
+        let before = self.0.fetch_add(n, Ordering::Relaxed);
+        let after = before.wrapping_add(n);
+        (n > 0 && (before == 0 || after.ilog2() > before.ilog2())).then_some(after)
     }
 }
 
@@ -132,13 +141,23 @@ pub type Renderer = Arc<dyn Fn(&mut PromWriter) + Send + Sync>;
 /// Produces a JSON document (a daemon's status) on demand.
 pub type StatusFn = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// How long one request may take in all, however its bytes trickle in.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Connections served at once; more are closed at once, so a crowd of
+/// stuck clients costs a bounded number of threads, each for at most
+/// `REQUEST_DEADLINE`.
+pub const MAX_CONNECTIONS: usize = 16;
+
 /// Serves `GET /metrics` (Prometheus text) and `GET /healthz` on `addr`
-/// from a background thread. Off the data path: one short request at a time.
+/// from background threads, off the data path.
 pub fn serve_metrics(addr: SocketAddr, render: Renderer) -> io::Result<SocketAddr> {
     serve_http(addr, render, None)
 }
 
 /// Like [`serve_metrics`], plus `GET /status` (JSON from `status`) when given.
+/// Each connection gets its own thread and `REQUEST_DEADLINE` in all, so a
+/// slow client never holds up another's scrape.
 pub fn serve_http(
     addr: SocketAddr,
     render: Renderer,
@@ -146,27 +165,66 @@ pub fn serve_http(
 ) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
+    let busy = Arc::new(AtomicUsize::new(0));
     thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &render, status.as_ref()) {
-                    tracing::debug!(error = %e, "metrics request failed");
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    tracing::debug!("metrics: too many connections, closing one");
+                    continue;
+                }
+                let slot = Slot(busy.clone());
+                let (render, status) = (render.clone(), status.clone());
+                let spawned = thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        let _slot = slot;
+                        if let Err(e) = answer(stream, &render, status.as_ref()) {
+                            tracing::debug!(error = %e, "metrics request failed");
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "metrics: cannot start a connection thread");
                 }
             }
         })?;
     Ok(bound)
 }
 
+/// One taken connection slot, given back when dropped: also when the
+/// thread fails to start or a renderer panics.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The time left before `deadline`, or a timeout error once it has passed;
+/// socket timeouts are per call, so each call gets only what is left.
+fn left(deadline: Instant) -> io::Result<Duration> {
+    let d = deadline.saturating_duration_since(Instant::now());
+    if d.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request deadline passed",
+        ));
+    }
+    Ok(d)
+}
+
 fn answer(mut stream: TcpStream, render: &Renderer, status: Option<&StatusFn>) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut req = [0u8; 1024];
     let mut n = 0;
     // Read until the end of the request head (all of it, so that closing
     // does not reset the connection over unread bytes and discard the
     // answer at the client); a slow or huge client is cut off.
     while n < req.len() && !req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        stream.set_read_timeout(Some(left(deadline)?))?;
         let got = stream.read(&mut req[n..])?;
         if got == 0 {
             break;
@@ -189,11 +247,19 @@ fn answer(mut stream: TcpStream, render: &Renderer, status: Option<&StatusFn>) -
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
     };
-    write!(
-        stream,
+    let page = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    // The write shares the deadline too: a client that never reads is cut off.
+    let mut rest = page.as_bytes();
+    while !rest.is_empty() {
+        stream.set_write_timeout(Some(left(deadline)?))?;
+        match stream.write(rest)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            k => rest = &rest[k..],
+        }
+    }
     stream.flush()
 }
 
@@ -241,5 +307,98 @@ mod tests {
         assert!(page.starts_with("HTTP/1.1 200"));
         assert!(page.contains("pon_test_total{k=\"b\"} 1"));
         assert!(get("/nope").starts_with("HTTP/1.1 404"));
+    }
+
+    fn sample_server() -> SocketAddr {
+        let s = Arc::new(Sample::default());
+        serve_metrics(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(move |w: &mut PromWriter| s.render(w)),
+        )
+        .unwrap()
+    }
+
+    fn scrape(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn silent_client_does_not_delay_a_scrape() {
+        let addr = sample_server();
+        // Connected but silent: a serial server waits on it until its deadline.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let start = std::time::Instant::now();
+        assert!(scrape(addr).starts_with("HTTP/1.1 200"));
+        let took = start.elapsed();
+        assert!(
+            took < REQUEST_DEADLINE / 4,
+            "scrape waited {took:?} behind a silent client"
+        );
+    }
+
+    #[test]
+    fn trickling_client_is_cut_off_at_the_deadline() {
+        let addr = sample_server();
+        let mut c = TcpStream::connect(addr).unwrap();
+        // One byte per 200 ms: every single read is quick, the request never ends.
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        loop {
+            assert!(
+                start.elapsed() < REQUEST_DEADLINE * 2,
+                "server still listening to a trickle after {:?}",
+                start.elapsed()
+            );
+            if c.write_all(b"G").is_err() {
+                break;
+            }
+            match c.read(&mut buf) {
+                Ok(_) => break, // closed (or answered): cut off
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {}
+                Err(_) => break,
+            }
+        }
+        assert!(start.elapsed() >= REQUEST_DEADLINE - Duration::from_millis(300));
+        // And the server still answers others.
+        assert!(scrape(addr).starts_with("HTTP/1.1 200"));
+    }
+
+    #[test]
+    fn connections_past_the_bound_are_closed_at_once() {
+        let addr = sample_server();
+        let silent: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+            .map(|_| TcpStream::connect(addr).unwrap())
+            .collect();
+        // One more finds every slot taken: closed without waiting for the
+        // deadline of the others (no thread is spent on it).
+        let start = std::time::Instant::now();
+        let mut extra = TcpStream::connect(addr).unwrap();
+        extra.set_read_timeout(Some(REQUEST_DEADLINE * 2)).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(extra.read(&mut buf), Ok(0) | Err(_)));
+        assert!(
+            start.elapsed() < REQUEST_DEADLINE / 2,
+            "{:?}",
+            start.elapsed()
+        );
+        // Slots come back as their clients go.
+        drop(silent);
+        let deadline = std::time::Instant::now() + REQUEST_DEADLINE * 2;
+        loop {
+            let mut c = TcpStream::connect(addr).unwrap();
+            let _ = write!(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let mut out = String::new();
+            if c.read_to_string(&mut out).is_ok() && out.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "slots never freed");
+        }
     }
 }

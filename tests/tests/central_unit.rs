@@ -406,3 +406,87 @@ fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
         4
     );
 }
+
+/// A process started in a lab host, killed (and reaped) when the test ends,
+/// also when it panics.
+struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_ta_follows_the_forwarder_the_cu_names() {
+    require_root();
+    let lab = Lab::up(THREE_SITES);
+    assert!(
+        wait_until(Duration::from_secs(20), || ping_ok(
+            &lab,
+            "paris/app1",
+            TOKYO_APP
+        )),
+        "overlay never came up"
+    );
+    // A second forwarder for paris, on another address of the proxy host
+    // and asking for another id; the CU names it to paris's TA once the
+    // first one is gone.
+    let configs = lab.state_dir().join("configs");
+    let first = std::fs::read_to_string(configs.join("paris-proxy-pon-forwarder.toml"))
+        .expect("paris's forwarder config");
+    let second = first
+        .replace("198.18.1.1", "198.18.1.2")
+        .replacen("id = 1\n", "id = 11\n", 1);
+    assert!(second.contains("id = 11\n") && second.contains("198.18.1.2:7300"));
+    let file = configs.join("paris-proxy-second-forwarder.toml");
+    std::fs::write(&file, second).unwrap();
+
+    lab.ctl("stop", &["paris/proxy"]);
+    assert!(
+        wait_until(LEAVE_BOUND, || peers(&lab, "tokyo/proxy", TOKYO_FWD) == 1),
+        "paris's forwarder was not announced as gone"
+    );
+    // The old forwarder's address goes with it: a raw IP-in-IP socket takes
+    // protocol-4 packets to any local address, so with 198.18.1.1 still
+    // here the new forwarder would get packets sent to the old one.
+    for cmd in [
+        "addr del 198.18.1.1/24 dev eth0",
+        "addr add 198.18.1.2/24 dev eth0",
+        "route replace default via 198.18.1.254 dev eth0",
+    ] {
+        let mut args = vec!["ip"];
+        args.extend(cmd.split(' '));
+        lab.exec_ok("paris/proxy", &args);
+    }
+    let bin = bin_dir().join("pon-forwarder");
+    let _second = Spawned(lab.spawn(
+        "paris/proxy",
+        &[bin.to_str().unwrap(), "--config", file.to_str().unwrap()],
+    ));
+    let named = Instant::now();
+
+    // Paris's TA now sends to the new forwarder, which carries its packets
+    // to tokyo. (Only that way: paris's RA still takes packets from the
+    // address it was configured with, so the replies do not arrive.)
+    let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
+    let egress = "pon_forwarder_packets_total{stage=\"egress\"}";
+    let tokyo_before = metric(&lab, "tokyo/proxy", TOKYO_FWD, egress);
+    assert!(
+        wait_until(Duration::from_secs(15), || {
+            let _ = lab.exec("paris/app1", &["ping", "-c", "1", "-W", "1", TOKYO_APP]);
+            metric(&lab, "paris/proxy", "198.18.1.2:9100", ingress) > 0
+        }),
+        "paris's TA never sent to the forwarder the CU named"
+    );
+    let followed = named.elapsed();
+    assert!(
+        metric(&lab, "tokyo/proxy", TOKYO_FWD, egress) > tokyo_before,
+        "tokyo delivered nothing from the new forwarder"
+    );
+    eprintln!(
+        "paris's TA sent through the new forwarder {:.1} s after it started",
+        followed.as_secs_f64()
+    );
+}

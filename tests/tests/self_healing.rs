@@ -10,6 +10,9 @@ const PARIS_APP: &str = "paris/app1";
 const TOKYO_APP_ADDR: &str = "198.18.2.11";
 const PARIS_PROXY: (&str, &str) = ("paris/proxy", "198.18.1.1:9100");
 const TOKYO_PROXY: (&str, &str) = ("tokyo/proxy", "198.18.2.1:9100");
+/// London's forwarder (pon-proxy, or pon-forwarder when split): the relay.
+const LONDON_FORWARDER: (&str, &str) = ("london/proxy", "198.18.3.1:9100");
+const TRANSIT: &str = "pon_forwarder_packets_total{stage=\"transit\"}";
 
 /// paris-tokyo slow (150 ms RTT), through london fast (2 x 30 ms RTT).
 fn triangle(routing: &str, direct: &str) -> String {
@@ -85,6 +88,78 @@ fn one_ping_ms(lab: &Lab) -> Option<f64> {
     (s.received == 1).then_some(s.avg_ms)
 }
 
+/// Waits until `packets` more packets crossed london since this was
+/// called: traffic is flowing on the relayed path (a ping started in the
+/// background is under way), so a cut now happens mid-traffic.
+fn wait_for_relayed_traffic(lab: &Lab, packets: u64) {
+    let transit = || lab.metric(LONDON_FORWARDER.0, LONDON_FORWARDER.1, TRANSIT);
+    let before = transit();
+    assert!(
+        wait_until(Duration::from_secs(10), || transit() >= before + packets),
+        "no traffic through london"
+    );
+}
+
+/// Probes `proxy` has sent towards `dst` (learning and keepalives).
+fn probes_sent(lab: &Lab, proxy: (&str, &str), dst: u64) -> u64 {
+    status(lab, proxy)["destinations"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
+        .and_then(|d| d["probes_sent"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Waits until both proxies have sent `probes` more probes to each other:
+/// a window measured in the routers' own work rather than wall time, so it
+/// stretches on a loaded machine instead of shrinking to nothing.
+fn let_routers_probe(lab: &Lab, probes: u64) {
+    let (p0, t0) = (
+        probes_sent(lab, PARIS_PROXY, 2),
+        probes_sent(lab, TOKYO_PROXY, 1),
+    );
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            probes_sent(lab, PARIS_PROXY, 2) >= p0 + probes
+                && probes_sent(lab, TOKYO_PROXY, 1) >= t0 + probes
+        }),
+        "the routers stopped probing"
+    );
+}
+
+/// Whether a proxy's router has written off one candidate path to `dst`:
+/// listed, but without a cost (every probe in its loss window lost, or no
+/// answer for longer than `fresh_ms`).
+fn written_off(lab: &Lab, proxy: (&str, &str), dst: u64, path: &[u64]) -> bool {
+    status(lab, proxy)["destinations"]
+        .as_array()
+        .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
+        .and_then(|d| d["candidates"].as_array())
+        .and_then(|c| c.iter().find(|c| c["path"] == serde_json::json!(path)))
+        .is_some_and(|c| c["cost"].is_null())
+}
+
+/// The probe rate towards one destination that `status` (a proxy's
+/// `/status`) should report: a keepalive on the current route every
+/// `keepalive_ms`, plus up to `probes_per_interval` learning probes every
+/// `interval_ms`. Returns (least, most): keepalives only, and keepalives
+/// with the whole learning budget spent.
+fn expected_probe_rate(status: &serde_json::Value) -> (f64, f64) {
+    let b = &status["budget"];
+    let field = |k: &str| {
+        b[k].as_f64()
+            .unwrap_or_else(|| panic!("no budget.{k} in {status}"))
+    };
+    let keepalives = 1000.0 / field("keepalive_ms");
+    let learning = field("probes_per_interval") * 1000.0 / field("interval_ms");
+    (keepalives, keepalives + learning)
+}
+
+/// Whether `rate` is in `least..=most`, give or take 20 % for the window
+/// the proxy measures over.
+fn rate_ok(rate: f64, (least, most): (f64, f64)) -> bool {
+    rate >= least * 0.8 && rate <= most * 1.2
+}
+
 fn impair(lab: &Lab, args: &[&str]) {
     let out = lab_command()
         .args(["impair", &lab.name])
@@ -134,14 +209,9 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     assert_eq!(route(&lab, PARIS_PROXY, 2), vec![3, 2]);
     assert_eq!(route(&lab, TOKYO_PROXY, 1), vec![3, 1]);
-    // Transit through london carries the pings, and the budget is reported.
-    assert!(
-        lab.metric(
-            "london/proxy",
-            "198.18.3.1:9100",
-            "pon_forwarder_packets_total{stage=\"transit\"}"
-        ) > 20
-    );
+    // Transit through london carries the pings (20 each way, at least),
+    // and the budget is reported.
+    assert!(lab.metric(LONDON_FORWARDER.0, LONDON_FORWARDER.1, TRANSIT) >= 40);
     let st = status(&lab, PARIS_PROXY);
     let d = &st["destinations"].as_array().unwrap()[0];
     eprintln!(
@@ -152,8 +222,27 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
         st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0),
         st["budget"]["max_probes_per_sec"]
     );
-    let rate = st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0);
-    assert!(rate > 0.0 && rate < 100.0, "{st}");
+    // The rate is what the configuration asks for: keepalives on every
+    // current route plus at most k learning probes per interval, per
+    // destination (paris optimises towards tokyo and london).
+    let (least, most) = expected_probe_rate(&st);
+    let dsts = st["destinations"].as_array().expect("destinations");
+    assert_eq!(dsts.len(), 2, "{st}");
+    for d in dsts {
+        let r = d["probes_per_sec"].as_f64().unwrap_or(0.0);
+        assert!(
+            rate_ok(r, (least, most)),
+            "probe rate to {}: {r:.1}/s, expected {least:.0}..{most:.0}/s: {st}",
+            d["id"]
+        );
+    }
+    let total = st["budget"]["probes_per_sec"].as_f64().unwrap_or(0.0);
+    assert!(
+        rate_ok(total, (2.0 * least, 2.0 * most)),
+        "probe rate {total:.1}/s, expected {:.0}..{:.0}/s: {st}",
+        2.0 * least,
+        2.0 * most
+    );
 
     // ponctl shows it per proxy: the CU lists the proxies, each answers for its routes.
     let dir = lab.state_dir().join("cu");
@@ -216,7 +305,8 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
             TOKYO_APP_ADDR,
         ],
     );
-    std::thread::sleep(Duration::from_secs(3));
+    // A second of pings both ways through london before the cut.
+    wait_for_relayed_traffic(&lab, 100);
     let down = Instant::now();
     impair(&lab, &["paris", "london", "--down"]);
     assert!(
@@ -226,7 +316,16 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
         "no failover to the direct path"
     );
     let failover = down.elapsed();
-    std::thread::sleep(Duration::from_secs(6));
+    // Bring the link back only once both routers have written the relayed
+    // path off, so what follows is a return from a dead path, not a blip.
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            written_off(&lab, PARIS_PROXY, 2, &[3, 2]) && written_off(&lab, TOKYO_PROXY, 1, &[3, 1])
+        }),
+        "the routers never wrote the relayed path off: {}",
+        status(&lab, PARIS_PROXY)
+    );
+    assert_eq!(route(&lab, PARIS_PROXY, 2), vec![2], "still direct");
     let (p0, t0) = (
         route_changes(&lab, PARIS_PROXY, 2),
         route_changes(&lab, TOKYO_PROXY, 1),
@@ -243,8 +342,9 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
     let out = ping.wait_with_output().expect("ping");
     let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
         .unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)));
-    // Stayed there, with one change each way: no flapping.
-    std::thread::sleep(Duration::from_secs(5));
+    // Stayed there, with one change each way: no flapping, over about 5 s
+    // of the routers' probing (100 probes at 20 keepalives/s and more).
+    let_routers_probe(&lab, 100);
     let flaps = (
         route_changes(&lab, PARIS_PROXY, 2) - p0,
         route_changes(&lab, TOKYO_PROXY, 1) - t0,
@@ -505,7 +605,7 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
             TOKYO_APP_ADDR,
         ],
     );
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for_relayed_traffic(&lab, 100);
     impair(&lab, &["paris", "london", "--down"]);
     assert!(
         wait_until(Duration::from_secs(5), || route(&lab, paris_router, 2)

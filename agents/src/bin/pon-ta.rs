@@ -24,6 +24,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The TA's clock: its sans-I/O parts get time as "since this instant".
+    let started = std::time::Instant::now();
     pon_telemetry::init_logging();
     let cfg = TaConfig::load(&args.config)?;
     let mtu = cfg.tun_mtu();
@@ -79,26 +81,33 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("serving metrics on {addr}"))?;
     }
 
-    let (forwarder, forwarder_udp_port) = cu.forwarder()?;
+    let forwarder = cu.forwarder()?;
     if cfg.steering_port != 0 {
         // The router's reachability verdicts, from the forwarder we send to.
         let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
-        pon_agents::steering::start(bind, forwarder, interception.clone(), steering)?;
+        pon_agents::steering::start(
+            bind,
+            forwarder.clone(),
+            interception.clone(),
+            steering,
+            started,
+        )?;
     }
     let enc = Encapsulator {
         local: cfg.local_addr,
-        forwarder,
         encap: cfg.encap,
     };
     let uplink = match cfg.encap {
         EncapKind::Ipip => TaUplink::Ipip(
             pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?,
         ),
-        EncapKind::Udp => TaUplink::Udp {
-            io: pon_netio::udp::UdpIo::bind(SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0)))?,
-            forwarder: SocketAddr::V4(SocketAddrV4::new(forwarder, forwarder_udp_port)),
-        },
+        EncapKind::Udp => TaUplink::Udp(pon_netio::udp::UdpIo::bind(SocketAddr::V4(
+            SocketAddrV4::new(cfg.local_addr, 0),
+        ))?),
     };
-    tracing::info!(tun = %cfg.tun_name, mtu, %forwarder, encap = ?cfg.encap, "TA running");
-    run_ta(&tun, mtu, &enc, &uplink, &counters)
+    let (fwd, _) = forwarder
+        .get()
+        .expect("cu.forwarder() returns once one is named");
+    tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %fwd, encap = ?cfg.encap, "TA running");
+    run_ta(&tun, mtu, &enc, &uplink, &forwarder, &counters)
 }

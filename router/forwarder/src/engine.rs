@@ -48,6 +48,7 @@ pon_telemetry::counters! {
         drop_no_room => ("pon_forwarder_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
         rx_errors => ("pon_forwarder_socket_errors_total", "op=\"recv\"", "Socket errors."),
         tx_errors => ("pon_forwarder_socket_errors_total", "op=\"send\"", "Socket errors."),
+        tx_packets => ("pon_forwarder_tx_packets_total", "", "Packets the kernel took to send; those it refused are in pon_forwarder_socket_errors_total{op=\"send\"}."),
     }
 }
 

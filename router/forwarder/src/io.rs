@@ -5,7 +5,7 @@
 //! or allocation per packet.
 
 use super::engine::{Decision, Engine, Output, BUFFER_LEN, HEADROOM, TAILROOM};
-use pon_netio::udp::{GsoBatch, RecvBatch, UdpIo};
+use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
 use std::io;
 use std::sync::Arc;
@@ -59,11 +59,22 @@ impl Sockets {
                 return;
             }
             Output::Peer(addr) => tx.peer.push(&self.peer, addr, pkt),
-            Output::AgentIpip(ip) => self.raw_tx.send_to(pkt, ip).map(drop),
+            Output::AgentIpip(ip) => {
+                self.raw_tx
+                    .send_to(pkt, ip)
+                    .map(drop)
+                    .map_err(|error| SendError {
+                        datagrams: 1,
+                        error,
+                    })
+            }
             Output::AgentUdp(addr) => tx.agent.push(self.agent_io(), addr.into(), pkt),
         };
-        if let Err(e) = sent {
-            tx_error(engine, &e);
+        match sent {
+            // Batched datagrams are counted when their batch goes out.
+            Ok(()) if matches!(d.output, Output::AgentIpip(_)) => engine.counters.tx_packets.inc(),
+            Ok(()) => {}
+            Err(e) => tx_error(engine, &e),
         }
     }
 
@@ -75,25 +86,32 @@ impl Sockets {
         if let Err(e) = tx.agent.flush(self.agent_io()) {
             tx_error(engine, &e);
         }
+        // Failed datagrams were counted by `tx_error` as their sends failed;
+        // what went out is counted here, so each packet is counted once.
+        let sent = tx.peer.take_tally().sent + tx.agent.take_tally().sent;
+        engine.counters.tx_packets.add(sent);
     }
 }
 
-fn tx_error(engine: &Engine, e: &io::Error) {
-    engine.counters.tx_errors.inc();
-    log_sparsely(&engine.counters.tx_errors, "send failed", e);
+/// Counts every packet a failed send lost (a GSO send carries many).
+fn tx_error(engine: &Engine, e: &SendError) {
+    count_error(
+        &engine.counters.tx_errors,
+        e.datagrams,
+        "send failed",
+        &e.error,
+    );
 }
 
-/// Logs the 1st, 2nd, 4th, 8th... occurrence, so a storm cannot flood the log.
-fn log_sparsely(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
-    let n = counter.get();
-    if n.is_power_of_two() {
-        tracing::warn!(error = %e, occurrences = n, "{what}");
+/// Counts `n` errors, logging only the 1st, 2nd, 4th, 8th... occurrence.
+fn count_error(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Error) {
+    if let Some(total) = counter.add_sparse(n) {
+        tracing::warn!(error = %e, occurrences = total, "{what}");
     }
 }
 
 fn rx_error(engine: &Engine, what: &str, e: &io::Error) {
-    engine.counters.rx_errors.inc();
-    log_sparsely(&engine.counters.rx_errors, what, e);
+    count_error(&engine.counters.rx_errors, 1, what, e);
 }
 
 /// PON packets from peers: transit and egress work in place inside the

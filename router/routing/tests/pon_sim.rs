@@ -64,18 +64,45 @@ fn generated_and_csv_series_give_the_same_report() {
 
 #[test]
 fn bad_arguments_are_refused_with_a_message() {
-    for args in [
-        &["--selector", "oracle"][..],
-        &["--policy", "fastest"],
-        &["--nodes", "2"],
-        &["--csv", "/nonexistent/pon-sim.csv"],
-        &["--max-relays", "3"],
+    // Each refusal names the argument, the value and what would be accepted
+    // (or why the file cannot be used), not just "something went wrong".
+    for (args, says) in [
+        (
+            &["--selector", "oracle"][..],
+            &[
+                "--selector",
+                "\"oracle\"",
+                "expected rnn, bandit, random, fullmesh or all",
+            ][..],
+        ),
+        (
+            &["--policy", "fastest"],
+            &[
+                "--policy",
+                "\"fastest\"",
+                "expected latency, loss or bandwidth",
+            ],
+        ),
+        (&["--nodes", "2"], &["--nodes 2", "expected 3..=500"]),
+        (
+            &["--csv", "/nonexistent/pon-sim.csv"],
+            &[
+                "opening /nonexistent/pon-sim.csv",
+                "No such file or directory",
+            ],
+        ),
+        (&["--max-relays", "3"], &["max_relays", "must be 1 or 2"]),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_pon-sim"))
             .args(args)
             .output()
             .unwrap();
         assert!(!out.status.success(), "{args:?} accepted");
-        assert!(!out.stderr.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("Error: "), "{args:?}: {err}");
+        for s in says {
+            assert!(err.contains(s), "{args:?}: no {s:?} in {err}");
+        }
+        assert!(out.stdout.is_empty(), "{args:?} printed a report");
     }
 }

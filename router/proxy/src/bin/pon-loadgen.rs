@@ -107,13 +107,14 @@ fn main() -> anyhow::Result<()> {
                         std::thread::sleep(wait);
                     }
                 }
+                // Errors count lost packets, not failed system calls.
                 for _ in 0..batch {
-                    if gso.push(&io, to, &pkt).is_err() {
-                        errors += 1;
+                    if let Err(e) = gso.push(&io, to, &pkt) {
+                        errors += e.datagrams;
                     }
                 }
-                if gso.flush(&io).is_err() {
-                    errors += 1;
+                if let Err(e) = gso.flush(&io) {
+                    errors += e.datagrams;
                 }
                 sent += batch;
             }
