@@ -245,6 +245,8 @@ mod tests {
                 version: STEERING_VERSION,
                 epoch,
                 seq,
+                part: 0,
+                parts: 1,
                 bypass: vec![(Ipv4Addr::new(198, 18, 2, 11), 32)],
             }
             .encode()

@@ -8,8 +8,10 @@
 //! that may be away; the CU is not on the data path's failure path.
 //! Only datagrams from the address of the forwarder the TA sends to are
 //! accepted (when the CU names another forwarder, from the new one only);
-//! each carries the whole bypass set, so a lost one is repaired by the next
-//! refresh.
+//! each message carries the whole bypass set, so a lost one is repaired by
+//! the next refresh. A set spread over several datagrams is applied once
+//! every part of the same message is in (a missing part leaves the last
+//! complete set in force until the next refresh).
 //!
 //! The messages are also a lease: once a proxy has spoken, its silence for
 //! [`LEASE`] means the proxy itself is gone, and with it every overlay path,
@@ -46,7 +48,11 @@ pon_telemetry::counters! {
 pub struct SteeringState {
     /// The forwarder whose messages count.
     forwarder: Option<Ipv4Addr>,
+    /// The last message applied (its header; the set is in the routes).
     last: Option<Steering>,
+    /// A message arriving in parts: its first part's header, and each
+    /// part's prefixes once received.
+    partial: Option<(Steering, Vec<Option<Vec<(Ipv4Addr, u8)>>>)>,
     heard: Option<Duration>,
     expired: bool,
 }
@@ -108,13 +114,42 @@ impl SteeringState {
         c.accepted.inc();
         self.heard = Some(now);
         self.expired = false;
-        let set = m
-            .bypass
+        let bypass = self.assemble(m)?;
+        let set = bypass
             .iter()
             .filter_map(|(a, l)| Ipv4Net::new(*a, *l).ok().map(IpNet::V4))
             .collect();
-        self.last = Some(m);
         Some(set)
+    }
+
+    /// Files one part; returns the whole set once the message is complete.
+    fn assemble(&mut self, mut m: Steering) -> Option<Vec<(Ipv4Addr, u8)>> {
+        let bypass = std::mem::take(&mut m.bypass);
+        if m.parts == 1 {
+            self.partial = None;
+            self.last = Some(m);
+            return Some(bypass);
+        }
+        match &mut self.partial {
+            // Another part of the message being assembled.
+            Some((head, parts)) if m.same_message(head) => {
+                parts[usize::from(m.part)] = Some(bypass);
+            }
+            // A part of a newer message: the older one will not complete.
+            Some((head, _)) if !m.newer_than(head) => return None,
+            _ => {
+                let mut parts = vec![None; usize::from(m.parts)];
+                parts[usize::from(m.part)] = Some(bypass);
+                self.partial = Some((m.clone(), parts));
+            }
+        }
+        let (_, parts) = self.partial.as_ref()?;
+        if parts.iter().any(Option::is_none) {
+            return None;
+        }
+        let (head, parts) = self.partial.take()?;
+        self.last = Some(head);
+        Some(parts.into_iter().flatten().flatten().collect())
     }
 }
 
@@ -211,6 +246,8 @@ mod tests {
                 version: STEERING_VERSION,
                 epoch,
                 seq,
+                part: 0,
+                parts: 1,
                 bypass: vec![(Ipv4Addr::new(198, 18, 2, last), 32)],
             }
             .encode()
@@ -249,6 +286,8 @@ mod tests {
             version: STEERING_VERSION,
             epoch: 1,
             seq: 1,
+            part: 0,
+            parts: 1,
             bypass: vec![],
         };
         let from = SocketAddr::from((fwd, 40000));
@@ -273,5 +312,73 @@ mod tests {
         assert!(s.on_silence(secs(113.5), &c).is_none());
         assert!(s.on_silence(secs(114.0), &c).is_some(), "a second silence");
         assert_eq!(c.lease_expired.get(), 2);
+    }
+
+    /// The datagrams of a set of `n` prefixes, as the proxy sends them.
+    fn parts(epoch: u64, seq: u64, n: u32) -> Vec<Vec<u8>> {
+        let set: Vec<(Ipv4Addr, u8)> = (0..n)
+            .map(|i| (Ipv4Addr::from(0x0a00_0000 + i), 32))
+            .collect();
+        Steering::split(epoch, seq, &set)
+            .unwrap()
+            .iter()
+            .map(|p| p.encode().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_large_set_applies_once_every_part_is_in() {
+        let fwd = Ipv4Addr::new(198, 18, 1, 1);
+        let (c, from, t) = (
+            SteeringCounters::default(),
+            SocketAddr::from((fwd, 1)),
+            Duration::ZERO,
+        );
+        let mut s = following(fwd);
+        let m1 = parts(1, 1, 600);
+        assert_eq!(m1.len(), 3);
+        assert!(s.on_datagram(&m1[2], from, t, &c).is_none());
+        assert!(s.on_datagram(&m1[0], from, t, &c).is_none());
+        let set = s.on_datagram(&m1[1], from, t, &c).unwrap();
+        assert_eq!(set.len(), 600);
+        // A repeated part of an applied message is stale.
+        assert!(s.on_datagram(&m1[1], from, t, &c).is_none());
+        assert_eq!(c.stale.get(), 1);
+        // Message 2 loses a part; message 3 overtakes it and completes.
+        let (m2, m3) = (parts(1, 2, 300), parts(1, 3, 260));
+        assert!(s.on_datagram(&m2[0], from, t, &c).is_none());
+        assert!(s.on_datagram(&m3[1], from, t, &c).is_none());
+        // A late part of message 2 no longer counts.
+        assert!(s.on_datagram(&m2[1], from, t, &c).is_none());
+        assert_eq!(
+            s.on_datagram(&m3[0], from, t, &c).map(|s| s.len()),
+            Some(260)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_set_arrives_whole_in_any_order(
+            n in 0u32..3000,
+            order in proptest::collection::vec(proptest::prelude::any::<u16>(), 13),
+        ) {
+            let fwd = Ipv4Addr::new(198, 18, 1, 1);
+            let (c, from) = (SteeringCounters::default(), SocketAddr::from((fwd, 1)));
+            let mut s = following(fwd);
+            let mut m = parts(7, 9, n);
+            // Shuffle the datagrams with the generated keys.
+            let mut keyed: Vec<(u16, Vec<u8>)> = order.iter().copied().zip(m.drain(..)).collect();
+            keyed.sort_by_key(|k| k.0);
+            let total = keyed.len();
+            let mut applied = None;
+            for (i, (_, d)) in keyed.into_iter().enumerate() {
+                let got = s.on_datagram(&d, from, Duration::ZERO, &c);
+                proptest::prop_assert_eq!(got.is_some(), i + 1 == total);
+                applied = got.or(applied);
+            }
+            let set = applied.unwrap();
+            proptest::prop_assert_eq!(set.len(), n as usize);
+            proptest::prop_assert!(set.iter().enumerate().all(|(i, p)| *p == IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32), 32).unwrap())));
+        }
     }
 }

@@ -171,13 +171,15 @@ fn icmp_frag_needed() {
 #[test]
 fn steering_message() {
     let m = Steering {
-        version: 1,
+        version: 2,
         epoch: 7,
         seq: 300,
+        part: 1,
+        parts: 3,
         bypass: vec![(APP_B, 32), (Ipv4Addr::new(10, 0, 0, 0), 8)],
     };
-    // version, epoch, seq (varint), 2 prefixes: (address, length)
-    let want = [1, 7, 0xac, 2, 2, 198, 18, 2, 11, 32, 10, 0, 0, 0, 8];
+    // version, epoch, seq (varint), part 1 of 3, 2 prefixes: (address, length)
+    let want = [2, 7, 0xac, 2, 1, 3, 2, 198, 18, 2, 11, 32, 10, 0, 0, 0, 8];
     golden("steering", &m.encode().unwrap(), &want);
     assert_eq!(Steering::decode(&want).unwrap(), m);
 }

@@ -7,7 +7,7 @@ use crate::forwarder::config::RouteConfig;
 use crate::forwarder::cu::table_from_view_with;
 use crate::forwarder::{ForwarderConfig, ForwardingTable, TableError};
 use pon_cu::view::View;
-use pon_proto::steering::{Steering, MAX_BYPASS, STEERING_VERSION};
+use pon_proto::steering::Steering;
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
@@ -141,23 +141,71 @@ impl Steerer {
             })
             .collect();
         bypass.sort_unstable();
-        bypass.truncate(MAX_BYPASS);
         if bypass != self.last {
             tracing::info!(bypass = ?bypass, "telling the TAs which destinations take the IP path");
             self.last = bypass.clone();
         }
         self.seq += 1;
-        let bytes = Steering {
-            version: STEERING_VERSION,
-            epoch: self.epoch,
-            seq: self.seq,
-            bypass,
-        }
-        .encode()
-        .ok()?;
+        // Any size: several datagrams when one does not hold the set.
+        let datagrams = match Steering::split(self.epoch, self.seq, &bypass) {
+            Ok(parts) => parts.iter().filter_map(|p| p.encode().ok()).collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "the bypass set is too large to send");
+                return None;
+            }
+        };
         Some(SteeringOut {
-            datagrams: vec![bytes],
+            datagrams,
             agents: table.agents().map(|a| a.addr).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::forwarder::Agent;
+    use pon_proto::Encap;
+
+    #[test]
+    fn a_bypass_set_of_any_size_reaches_the_tas_whole() {
+        // 600 app VMs behind proxy 2, which the overlay cannot reach: more
+        // than one datagram holds (the old message silently kept 250).
+        let destinations: Vec<(ipnet::IpNet, u32)> = (0..600u32)
+            .map(|i| {
+                let a = Ipv4Addr::from(0x0a02_0000 + i);
+                (ipnet::IpNet::from(IpAddr::V4(a)), 2)
+            })
+            .chain([("198.18.3.11/32".parse().unwrap(), 3)])
+            .collect();
+        let table = ForwardingTable::build(
+            1,
+            &[
+                (2, "198.18.2.1:7300".parse().unwrap()),
+                (3, "198.18.3.1:7300".parse().unwrap()),
+            ],
+            &[Agent {
+                addr: Ipv4Addr::new(198, 18, 1, 11),
+                encap: Encap::Ipip,
+            }],
+            &destinations,
+            &[],
+        )
+        .unwrap();
+        let mut s = Steerer::new(42, Duration::from_secs(1));
+        s.wake(Duration::ZERO);
+        let out = s
+            .message(Duration::ZERO, &table, &BTreeSet::from([2]))
+            .unwrap();
+        assert_eq!(out.datagrams.len(), 3);
+        let mut got = BTreeSet::new();
+        for d in &out.datagrams {
+            let m = Steering::decode(d).unwrap();
+            assert_eq!((m.epoch, m.seq, m.parts), (42, 1, 3));
+            got.extend(m.bypass);
+        }
+        assert_eq!(got.len(), 600);
+        assert!(!got.contains(&(Ipv4Addr::new(198, 18, 3, 11), 32)));
+        assert_eq!(out.agents, vec![Ipv4Addr::new(198, 18, 1, 11)]);
     }
 }
