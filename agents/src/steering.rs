@@ -42,6 +42,10 @@ pon_telemetry::counters! {
     }
 }
 
+/// A message arriving in parts: its first part's header, and each part's
+/// prefixes once received.
+type Partial = (Steering, Vec<Option<Vec<(Ipv4Addr, u8)>>>);
+
 /// What a datagram means for the TA, without I/O. Time comes in as `now`,
 /// the time since the TA started, so tests drive the lease deterministically.
 #[derive(Default)]
@@ -50,9 +54,8 @@ pub struct SteeringState {
     forwarder: Option<Ipv4Addr>,
     /// The last message applied (its header; the set is in the routes).
     last: Option<Steering>,
-    /// A message arriving in parts: its first part's header, and each
-    /// part's prefixes once received.
-    partial: Option<(Steering, Vec<Option<Vec<(Ipv4Addr, u8)>>>)>,
+    /// A message arriving in parts.
+    partial: Option<Partial>,
     heard: Option<Duration>,
     expired: bool,
 }
