@@ -1,6 +1,6 @@
 //! Observability shared by every PON daemon: lock-free counters, their
 //! Prometheus text exposition, a minimal HTTP endpoint that serves it, and
-//! `tracing` setup.
+//! `tracing` setup, with the command line every daemon starts from.
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -21,6 +21,58 @@ pub mod metrics_port {
     pub const ROUTER: u16 = 9104;
     pub const LINKEMU: u16 = 9110;
     pub const CU: u16 = 9200;
+}
+
+/// What every daemon takes on its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonArgs {
+    /// Its TOML configuration.
+    pub config: std::path::PathBuf,
+    /// Validate the configuration and exit.
+    pub check: bool,
+}
+
+/// Parses a daemon's command line (`--config FILE [--check]`, with `about`
+/// as its `--help`) and sets up logging. Use [`daemon_args!`].
+pub fn start_daemon(name: &'static str, version: &'static str, about: &'static str) -> DaemonArgs {
+    let args = daemon_command(name, version, about).get_matches();
+    init_logging();
+    DaemonArgs {
+        config: args
+            .get_one::<std::path::PathBuf>("config")
+            .cloned()
+            .expect("required"),
+        check: args.get_flag("check"),
+    }
+}
+
+fn daemon_command(name: &'static str, version: &'static str, about: &'static str) -> clap::Command {
+    use clap::{Arg, ArgAction};
+    clap::Command::new(name)
+        .version(version)
+        .about(about)
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .short('c')
+                .required(true)
+                .value_parser(clap::value_parser!(std::path::PathBuf))
+                .help("TOML configuration"),
+        )
+        .arg(
+            Arg::new("check")
+                .long("check")
+                .action(ArgAction::SetTrue)
+                .help("Validate the configuration and exit"),
+        )
+}
+
+/// The calling daemon's command line: `daemon_args!("what it does")`.
+#[macro_export]
+macro_rules! daemon_args {
+    ($about:expr) => {
+        $crate::start_daemon(env!("CARGO_BIN_NAME"), env!("CARGO_PKG_VERSION"), $about)
+    };
 }
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
@@ -266,6 +318,22 @@ fn answer(mut stream: TcpStream, render: &Renderer, status: Option<&StatusFn>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn daemon_command_line() {
+        let m = daemon_command("pon-x", "0", "x")
+            .try_get_matches_from(["pon-x", "-c", "a.toml", "--check"])
+            .unwrap();
+        assert_eq!(
+            m.get_one::<std::path::PathBuf>("config").unwrap().to_str(),
+            Some("a.toml")
+        );
+        assert!(m.get_flag("check"));
+        let e = daemon_command("pon-x", "0", "x")
+            .try_get_matches_from(["pon-x"])
+            .unwrap_err();
+        assert!(e.to_string().contains("--config"), "{e}");
+    }
 
     counters! {
         pub struct Sample {
