@@ -1,7 +1,7 @@
 //! The forwarder's part of the core: the one writer of the forwarding
 //! table, the monitor's door to the network and the TAs' steerer.
 
-use super::{Output, Outputs, Part, Transmit};
+use super::{CoreCounters, Output, Outputs, Part, Transmit};
 use crate::compose::{Composer, Steerer};
 use crate::forwarder::{ForwarderConfig, ForwardingTable};
 use pon_cu::view::View;
@@ -10,16 +10,6 @@ use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
-
-pon_telemetry::counters! {
-    pub struct ForwarderPartCounters {
-        table_updates => ("pon_proxy_table_updates_total", "", "Forwarding tables stored."),
-        table_errors => ("pon_proxy_table_errors_total", "", "Inputs that did not make a valid table (the last one is kept)."),
-        steering_sent => ("pon_proxy_steering_messages_total", "", "Steering messages sent to local TAs."),
-        unknown_hop => ("pon_proxy_monitor_drops_total", "reason=\"unknown_hop\"", "Monitor packets not sent, by reason."),
-        unexpected => ("pon_proxy_local_unexpected_total", "part=\"forwarder\"", "Local messages a part does not take from their sender (dropped)."),
-    }
-}
 
 /// The topology is re-sent this often: over the local link a datagram may
 /// be lost, and a restarted monitor or router learns it within this time.
@@ -47,11 +37,11 @@ pub struct ForwarderPart {
     table: Option<Arc<ForwardingTable>>,
     next_topology: Duration,
     out: VecDeque<Output>,
-    pub counters: Arc<ForwarderPartCounters>,
+    pub counters: Arc<CoreCounters>,
 }
 
 impl ForwarderPart {
-    pub fn new(cfg: ForwarderPartConfig) -> Self {
+    pub fn new(cfg: ForwarderPartConfig, counters: Arc<CoreCounters>) -> Self {
         let composer = Composer::new(cfg.forwarder);
         let mut f = ForwarderPart {
             steerer: Steerer::new(cfg.epoch, cfg.steering_refresh),
@@ -62,7 +52,7 @@ impl ForwarderPart {
             table: None,
             next_topology: Duration::ZERO,
             out: VecDeque::new(),
-            counters: Default::default(),
+            counters,
             composer,
         };
         if !f.composer.cu_mode() {
@@ -81,6 +71,20 @@ impl ForwarderPart {
     /// The table last stored.
     pub fn table(&self) -> Option<&Arc<ForwardingTable>> {
         self.table.as_ref()
+    }
+
+    /// pon-forwarder's status page.
+    pub fn status(&self) -> super::status::ForwarderStatus {
+        let t = self.table.as_deref();
+        super::status::ForwarderStatus {
+            id: self.my_id(),
+            routes: self.relays.clone(),
+            unreachable: self.unreachable.iter().copied().collect(),
+            routed: self.heard_router,
+            peers: t.map_or(0, |t| t.peer_count()),
+            destinations: t.map_or(0, |t| t.destinations().len()),
+            agents: t.map_or(0, |t| t.agents().count()),
+        }
     }
 
     pub fn handle_view(&mut self, now: Duration, view: View) {
@@ -125,7 +129,7 @@ impl ForwarderPart {
                 }
                 self.steer(now);
             }
-            _ => self.counters.unexpected.inc(),
+            _ => self.counters.unexpected_forwarder.inc(),
         }
     }
 

@@ -34,16 +34,35 @@ pub mod status;
 pub use forwarder::{ForwarderPart, ForwarderPartConfig};
 pub use monitor::MonitorPart;
 pub use router::{RouterPart, RouterPartConfig};
-pub use status::{MonitorStatus, Status};
+pub use status::{ForwarderStatus, MonitorStatus, Status, StatusPage};
 
 use crate::forwarder::ForwardingTable;
 use crate::ProxyConfig;
 use pon_cu::view::View;
 use pon_proto::local::LocalMsg;
+use pon_telemetry::{PromWriter, Renderer};
 use std::collections::VecDeque;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
+
+pon_telemetry::counters! {
+    /// What the core's parts count, one set per process (shared by the
+    /// three parts in pon-proxy; a split daemon renders its part's).
+    pub struct CoreCounters {
+        route_changes => ("pon_router_route_changes_total", "", "Routes written into the forwarding table."),
+        failovers => ("pon_router_failovers_total", "", "Moves off a route that stopped answering."),
+        unreachable => ("pon_router_unreachable_total", "", "Destinations found unreachable over the overlay (traffic left to the IP path)."),
+        reachable => ("pon_router_reachable_total", "", "Destinations reachable over the overlay again."),
+        table_updates => ("pon_proxy_table_updates_total", "", "Forwarding tables stored."),
+        table_errors => ("pon_proxy_table_errors_total", "", "Inputs that did not make a valid table (the last one is kept)."),
+        steering_sent => ("pon_proxy_steering_messages_total", "", "Steering messages sent to local TAs."),
+        unknown_hop => ("pon_proxy_monitor_drops_total", "reason=\"unknown_hop\"", "Monitor packets not sent, by reason."),
+        unexpected_forwarder => ("pon_proxy_local_unexpected_total", "part=\"forwarder\"", "Inputs a part does not take from their sender (dropped)."),
+        unexpected_monitor => ("pon_proxy_local_unexpected_total", "part=\"monitor\"", "Inputs a part does not take from their sender (dropped)."),
+        unexpected_router => ("pon_proxy_local_unexpected_total", "part=\"router\"", "Inputs a part does not take from their sender (dropped)."),
+    }
+}
 
 /// The three parts of a proxy: the addressees of local messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,10 +117,11 @@ impl ProxyCore {
     /// `session` tells this run's probes from a previous run's; `epoch`
     /// does the same for steering messages.
     pub fn new(cfg: &ProxyConfig, session: u32, epoch: u64) -> Self {
+        let c = Arc::new(CoreCounters::default());
         let mut core = ProxyCore {
-            forwarder: ForwarderPart::new(cfg.forwarder_part(epoch)),
-            monitor: MonitorPart::new(session, cfg.monitor.clone()),
-            router: cfg.router_part().map(RouterPart::new),
+            forwarder: ForwarderPart::new(cfg.forwarder_part(epoch), c.clone()),
+            monitor: MonitorPart::new(session, cfg.monitor.clone(), c.clone()),
+            router: cfg.router_part().map(|r| RouterPart::new(r, c)),
             transmits: VecDeque::new(),
             actions: VecDeque::new(),
             local: VecDeque::new(),
@@ -236,6 +256,17 @@ pub trait Core: Outputs {
     fn handle_local(&mut self, now: Duration, from: Part, msg: LocalMsg);
     fn handle_timeout(&mut self, now: Duration);
     fn poll_timeout(&self) -> Option<Duration>;
+    /// Renders this core's counters (for the metrics endpoint's thread).
+    fn metrics(&self) -> Renderer;
+    /// Whether probes that end at this proxy have a monitor to go to here.
+    fn has_monitor(&self) -> bool {
+        false
+    }
+}
+
+fn render_counters(c: &Arc<CoreCounters>) -> Renderer {
+    let c = c.clone();
+    Arc::new(move |w: &mut PromWriter| c.render(w))
 }
 
 impl Outputs for ProxyCore {
@@ -264,6 +295,12 @@ impl Core for ProxyCore {
     fn poll_timeout(&self) -> Option<Duration> {
         ProxyCore::poll_timeout(self)
     }
+    fn metrics(&self) -> Renderer {
+        self.monitor.metrics()
+    }
+    fn has_monitor(&self) -> bool {
+        true
+    }
 }
 
 impl Core for ForwarderPart {
@@ -282,6 +319,9 @@ impl Core for ForwarderPart {
     fn poll_timeout(&self) -> Option<Duration> {
         ForwarderPart::poll_timeout(self)
     }
+    fn metrics(&self) -> Renderer {
+        render_counters(&self.counters)
+    }
 }
 
 struct NoOutputs;
@@ -297,10 +337,10 @@ macro_rules! local_only_core {
     ($part:ty) => {
         impl Core for $part {
             fn handle_packet(&mut self, _now: Duration, _packet: Vec<u8>) {
-                self.counters.unexpected.inc()
+                self.unexpected()
             }
             fn handle_view(&mut self, _now: Duration, _view: View) {
-                self.counters.unexpected.inc()
+                self.unexpected()
             }
             fn handle_local(&mut self, now: Duration, from: Part, msg: LocalMsg) {
                 self.handle_message(now, from, msg)
@@ -310,6 +350,9 @@ macro_rules! local_only_core {
             }
             fn poll_timeout(&self) -> Option<Duration> {
                 <$part>::poll_timeout(self)
+            }
+            fn metrics(&self) -> Renderer {
+                <$part>::metrics(self)
             }
         }
     };

@@ -5,18 +5,12 @@
 
 use super::rate::RateMeter;
 use super::status::{MonitorStatus, PathStatus, Status};
-use super::{Output, Outputs, Part};
+use super::{CoreCounters, Output, Outputs, Part};
 use pon_monitor::{Monitor, MonitorConfig, MonitorEvent};
 use pon_proto::local::LocalMsg;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-
-pon_telemetry::counters! {
-    pub struct MonitorPartCounters {
-        unexpected => ("pon_proxy_local_unexpected_total", "part=\"monitor\"", "Local messages a part does not take from their sender (dropped)."),
-    }
-}
 
 /// Paths not probed for this long are forgotten (their estimates are stale).
 const FORGET_IDLE: Duration = Duration::from_secs(600);
@@ -26,23 +20,27 @@ pub struct MonitorPart {
     /// Probes sent per second, over the last few seconds.
     rate: RateMeter<()>,
     out: VecDeque<Output>,
-    pub counters: Arc<MonitorPartCounters>,
+    pub counters: Arc<CoreCounters>,
 }
 
 impl MonitorPart {
     /// `session` tells this run's probes from a previous run's. The id
     /// comes with the forwarder's first topology message.
-    pub fn new(session: u32, cfg: MonitorConfig) -> Self {
+    pub fn new(session: u32, cfg: MonitorConfig, counters: Arc<CoreCounters>) -> Self {
         MonitorPart {
             monitor: Monitor::new(0, session, cfg),
             rate: RateMeter::default(),
             out: VecDeque::new(),
-            counters: Default::default(),
+            counters,
         }
     }
 
     pub fn monitor(&self) -> &Monitor {
         &self.monitor
+    }
+
+    pub(super) fn unexpected(&self) {
+        self.counters.unexpected_monitor.inc()
     }
 
     pub fn handle_message(&mut self, now: Duration, from: Part, msg: LocalMsg) {
@@ -69,7 +67,7 @@ impl MonitorPart {
                 let every = (every_ms > 0).then(|| Duration::from_millis(u64::from(every_ms)));
                 m.set_rate(now, path, tag, every);
             }
-            _ => self.counters.unexpected.inc(),
+            _ => self.unexpected(),
         }
         self.drain();
     }
@@ -127,6 +125,16 @@ impl MonitorPart {
                 msg,
             });
         }
+    }
+
+    /// The core's counters and the monitor's (the core's are shared with
+    /// the other parts in pon-proxy, so this renders all of them).
+    pub fn metrics(&self) -> pon_telemetry::Renderer {
+        let (c, m) = (self.counters.clone(), self.monitor.counters.clone());
+        Arc::new(move |w: &mut pon_telemetry::PromWriter| {
+            c.render(w);
+            m.render(w);
+        })
     }
 
     /// Adds the monitor's estimates and budget to a status.

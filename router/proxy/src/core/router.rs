@@ -5,7 +5,7 @@
 
 use super::rate::RateMeter;
 use super::status::{BudgetStatus, CandidateStatus, DestinationStatus, Status};
-use super::{Output, Outputs, Part};
+use super::{CoreCounters, Output, Outputs, Part};
 use pon_proto::local::LocalMsg;
 use pon_proto::measurement::{ProbeTag, Purpose};
 use pon_proto::pon::Hops;
@@ -13,16 +13,6 @@ use pon_routing::{ChangeReason, Policy, ProbeRequest, Router, RouterEvent, Routi
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-
-pon_telemetry::counters! {
-    pub struct RouterPartCounters {
-        route_changes => ("pon_router_route_changes_total", "", "Routes written into the forwarding table."),
-        failovers => ("pon_router_failovers_total", "", "Moves off a route that stopped answering."),
-        unreachable => ("pon_router_unreachable_total", "", "Destinations found unreachable over the overlay (traffic left to the IP path)."),
-        reachable => ("pon_router_reachable_total", "", "Destinations reachable over the overlay again."),
-        unexpected => ("pon_proxy_local_unexpected_total", "part=\"router\"", "Local messages a part does not take from their sender (dropped)."),
-    }
-}
 
 /// The routes are re-sent this often even when unchanged (the local link
 /// may lose a datagram; a restarted forwarder learns them within this).
@@ -53,11 +43,11 @@ pub struct RouterPart {
     next_routes: Duration,
     reqs: Vec<ProbeRequest>,
     out: VecDeque<Output>,
-    pub counters: Arc<RouterPartCounters>,
+    pub counters: Arc<CoreCounters>,
 }
 
 impl RouterPart {
-    pub fn new(cfg: RouterPartConfig) -> Self {
+    pub fn new(cfg: RouterPartConfig, counters: Arc<CoreCounters>) -> Self {
         RouterPart {
             cfg,
             router: None,
@@ -68,12 +58,16 @@ impl RouterPart {
             next_routes: Duration::ZERO,
             reqs: Vec::new(),
             out: VecDeque::new(),
-            counters: Default::default(),
+            counters,
         }
     }
 
     pub fn router(&self) -> Option<&Router> {
         self.router.as_ref()
+    }
+
+    pub(super) fn unexpected(&self) {
+        self.counters.unexpected_router.inc()
     }
 
     pub fn handle_message(&mut self, now: Duration, from: Part, msg: LocalMsg) {
@@ -119,7 +113,7 @@ impl RouterPart {
                     r.on_bandwidth(now, tag.dst, &path, m);
                 }
             }
-            _ => self.counters.unexpected.inc(),
+            _ => self.unexpected(),
         }
         self.events(now);
     }
@@ -367,6 +361,11 @@ impl RouterPart {
             to: Part::Forwarder,
             msg,
         });
+    }
+
+    pub fn metrics(&self) -> pon_telemetry::Renderer {
+        let c = self.counters.clone();
+        Arc::new(move |w: &mut pon_telemetry::PromWriter| c.render(w))
     }
 
     /// Each destination's route, metric and candidates, and the budget as

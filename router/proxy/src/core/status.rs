@@ -126,6 +126,37 @@ impl Status {
     }
 }
 
+/// What a daemon's `GET /status` answers, and the gauges it adds to its
+/// metrics.
+pub trait StatusPage: Serialize + Send + Sync + 'static {
+    fn render(&self, _w: &mut pon_telemetry::PromWriter) {}
+}
+
+impl StatusPage for Status {
+    fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        Status::render(self, w)
+    }
+}
+
+impl StatusPage for MonitorStatus {}
+
+impl StatusPage for ForwarderStatus {}
+
+/// pon-forwarder's status page: the table's inputs as it last composed them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ForwarderStatus {
+    pub id: u32,
+    /// The router's routes laid over the base: (to, relays).
+    pub routes: Vec<(u32, Vec<u32>)>,
+    /// Destinations left to the IP path (their TAs are steered).
+    pub unreachable: Vec<u32>,
+    /// Whether a router has spoken (until then TAs are not steered).
+    pub routed: bool,
+    pub peers: usize,
+    pub destinations: usize,
+    pub agents: usize,
+}
+
 /// pon-monitor's status page: every path's estimates and probe rate.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MonitorStatus {

@@ -53,9 +53,13 @@ impl Node {
         match shape {
             Shape::Joined => Node::Joined(Box::new(ProxyCore::new(cfg, session, 1))),
             Shape::Split { local_delay_us } => Node::Split {
-                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1))),
-                mon: Box::new(MonitorPart::new(session, cfg.monitor.clone())),
-                rtr: Box::new(RouterPart::new(cfg.router_part().unwrap())),
+                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1), Arc::default())),
+                mon: Box::new(MonitorPart::new(
+                    session,
+                    cfg.monitor.clone(),
+                    Arc::default(),
+                )),
+                rtr: Box::new(RouterPart::new(cfg.router_part().unwrap(), Arc::default())),
                 delay: Duration::from_micros(local_delay_us),
             },
         }

@@ -5,6 +5,7 @@
 
 use super::link::Link;
 use super::mailbox::{Inbox, Input, BULK_PER_ROUND};
+use super::DaemonCounters;
 use crate::core::{Core, Output, Part, Transmit};
 use pon_forwarder::io::Sockets;
 use pon_forwarder::SharedTable;
@@ -12,14 +13,6 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-pon_telemetry::counters! {
-    pub struct LoopCounters {
-        peer_send_errors => ("pon_proxy_send_errors_total", "to=\"peer\"", "Datagrams the control loop could not send, by destination."),
-        steering_send_errors => ("pon_proxy_send_errors_total", "to=\"ta\"", "Datagrams the control loop could not send, by destination."),
-        no_socket => ("pon_proxy_send_errors_total", "to=\"none\"", "Datagrams the control loop could not send, by destination."),
-    }
-}
 
 /// Longest sleep between looks at the clock; nothing waits longer anyway.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -34,7 +27,7 @@ pub struct Io {
     /// Where steering datagrams leave from (the proxy's agent-side address).
     pub steering: Option<UdpSocket>,
     pub link: Option<Link>,
-    pub counters: Arc<LoopCounters>,
+    pub counters: Arc<DaemonCounters>,
 }
 
 impl Io {

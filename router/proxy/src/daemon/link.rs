@@ -4,47 +4,41 @@
 //! daemon's mailbox (never waiting on it).
 
 use super::mailbox::{Input, Mailbox};
+use super::DaemonCounters;
 use crate::core::Part;
 use pon_proto::local::{LocalMsg, MAX_LOCAL_LEN};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-
-pon_telemetry::counters! {
-    pub struct LinkCounters {
-        received => ("pon_local_messages_total", "dir=\"rx\"", "Local-link messages between the proxy's processes."),
-        sent => ("pon_local_messages_total", "dir=\"tx\"", "Local-link messages between the proxy's processes."),
-        foreign => ("pon_local_drops_total", "reason=\"foreign_source\"", "Local-link datagrams dropped, by reason."),
-        malformed => ("pon_local_drops_total", "reason=\"malformed\"", "Local-link datagrams dropped, by reason."),
-        send_errors => ("pon_local_drops_total", "reason=\"send_error\"", "Local-link datagrams dropped, by reason."),
-        no_partner => ("pon_local_drops_total", "reason=\"no_partner\"", "Local-link datagrams dropped, by reason."),
-    }
-}
 
 /// A daemon's end of the local link, and where the other parts listen.
 #[derive(Clone)]
 pub struct Link {
     sock: Arc<UdpSocket>,
     partners: Vec<(Part, SocketAddr)>,
-    pub counters: Arc<LinkCounters>,
+    pub counters: Arc<DaemonCounters>,
 }
 
 impl Link {
-    pub fn bind(listen: SocketAddr, partners: Vec<(Part, SocketAddr)>) -> std::io::Result<Self> {
+    pub fn bind(
+        listen: SocketAddr,
+        partners: Vec<(Part, SocketAddr)>,
+        counters: Arc<DaemonCounters>,
+    ) -> std::io::Result<Self> {
         Ok(Link {
             sock: Arc::new(UdpSocket::bind(listen)?),
             partners,
-            counters: Arc::default(),
+            counters,
         })
     }
 
     pub fn send(&self, to: Part, msg: &LocalMsg) {
         let Some(addr) = self.partners.iter().find(|p| p.0 == to).map(|p| p.1) else {
-            self.counters.no_partner.inc();
+            self.counters.local_no_partner.inc();
             return;
         };
         match msg.encode().map(|b| self.sock.send_to(&b, addr)) {
-            Ok(Ok(_)) => self.counters.sent.inc(),
-            _ => self.counters.send_errors.inc(),
+            Ok(Ok(_)) => self.counters.local_sent.inc(),
+            _ => self.counters.local_send_errors.inc(),
         }
     }
 
@@ -76,14 +70,14 @@ impl Link {
     /// nothing (counted).
     fn accept(&self, bytes: &[u8], from: SocketAddr) -> Option<Input> {
         let Some(part) = self.partners.iter().find(|p| p.1 == from).map(|p| p.0) else {
-            self.counters.foreign.inc();
+            self.counters.local_foreign.inc();
             return None;
         };
         let Ok(msg) = LocalMsg::decode(bytes) else {
-            self.counters.malformed.inc();
+            self.counters.local_malformed.inc();
             return None;
         };
-        self.counters.received.inc();
+        self.counters.local_received.inc();
         Some(Input::Local(part, msg))
     }
 }
@@ -98,6 +92,7 @@ mod tests {
         let link = Link::bind(
             "127.0.0.1:0".parse().unwrap(),
             vec![(Part::Monitor, monitor)],
+            Arc::default(),
         )
         .unwrap();
         let msg = LocalMsg::Arrived(vec![1, 2, 3]).encode().unwrap();
@@ -110,14 +105,14 @@ mod tests {
         ));
         assert_eq!(
             (
-                link.counters.foreign.get(),
-                link.counters.malformed.get(),
-                link.counters.received.get()
+                link.counters.local_foreign.get(),
+                link.counters.local_malformed.get(),
+                link.counters.local_received.get()
             ),
             (1, 1, 1)
         );
         // No router configured: a message for it is counted, not sent.
         link.send(Part::Router, &LocalMsg::Arrived(vec![]));
-        assert_eq!(link.counters.no_partner.get(), 1);
+        assert_eq!(link.counters.local_no_partner.get(), 1);
     }
 }

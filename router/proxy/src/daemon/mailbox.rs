@@ -20,16 +20,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
+use super::DaemonCounters;
 use crate::core::Part;
-
-pon_telemetry::counters! {
-    pub struct MailboxCounters {
-        urgent_full => ("pon_proxy_input_drops_total", "reason=\"urgent_queue_full\"", "Inputs of the control loop dropped, by reason."),
-        bulk_full => ("pon_proxy_input_drops_total", "reason=\"probe_queue_full\"", "Inputs of the control loop dropped, by reason."),
-        too_long => ("pon_proxy_input_drops_total", "reason=\"probe_too_long\"", "Inputs of the control loop dropped, by reason."),
-        not_probe => ("pon_proxy_input_drops_total", "reason=\"not_a_probe\"", "Inputs of the control loop dropped, by reason."),
-    }
-}
 
 /// Longest probe or reply accepted from the forwarding threads: the
 /// longest PON header and the longest probe body a monitor sends.
@@ -55,7 +47,7 @@ pub struct Mailbox {
     bulk: SyncSender<Vec<u8>>,
     bulk_pending: Arc<AtomicBool>,
     view: Arc<Mutex<Option<View>>>,
-    pub counters: Arc<MailboxCounters>,
+    pub counters: Arc<DaemonCounters>,
 }
 
 /// The loop's side.

@@ -7,6 +7,26 @@
 //! - here: the forwarder's sockets, run identifiers and the CU client,
 //!   set up the same way by pon-proxy and pon-forwarder.
 
+pon_telemetry::counters! {
+    /// What a daemon's control side counts besides its core: inputs it
+    /// could not take, datagrams it could not send, the local link.
+    pub struct DaemonCounters {
+        urgent_full => ("pon_proxy_input_drops_total", "reason=\"urgent_queue_full\"", "Inputs of the control loop dropped, by reason."),
+        bulk_full => ("pon_proxy_input_drops_total", "reason=\"probe_queue_full\"", "Inputs of the control loop dropped, by reason."),
+        too_long => ("pon_proxy_input_drops_total", "reason=\"probe_too_long\"", "Inputs of the control loop dropped, by reason."),
+        not_probe => ("pon_proxy_input_drops_total", "reason=\"not_a_probe\"", "Inputs of the control loop dropped, by reason."),
+        peer_send_errors => ("pon_proxy_send_errors_total", "to=\"peer\"", "Datagrams the control loop could not send, by destination."),
+        steering_send_errors => ("pon_proxy_send_errors_total", "to=\"ta\"", "Datagrams the control loop could not send, by destination."),
+        no_socket => ("pon_proxy_send_errors_total", "to=\"none\"", "Datagrams the control loop could not send, by destination."),
+        local_received => ("pon_local_messages_total", "dir=\"rx\"", "Local-link messages between the proxy's processes."),
+        local_sent => ("pon_local_messages_total", "dir=\"tx\"", "Local-link messages between the proxy's processes."),
+        local_foreign => ("pon_local_drops_total", "reason=\"foreign_source\"", "Local-link datagrams dropped, by reason."),
+        local_malformed => ("pon_local_drops_total", "reason=\"malformed\"", "Local-link datagrams dropped, by reason."),
+        local_send_errors => ("pon_local_drops_total", "reason=\"send_error\"", "Local-link datagrams dropped, by reason."),
+        local_no_partner => ("pon_local_drops_total", "reason=\"no_partner\"", "Local-link datagrams dropped, by reason."),
+    }
+}
+
 pub mod event_loop;
 pub mod link;
 pub mod mailbox;
@@ -15,15 +35,17 @@ pub use event_loop::{partners, EventLoop, Io};
 pub use link::Link;
 pub use mailbox::{mailbox, Inbox, Input, Mailbox};
 
-use crate::forwarder::{io::Sockets, ForwarderConfig};
+use crate::core::{Core, Part, StatusPage};
+use crate::forwarder::{io::Sockets, Engine, ForwarderConfig};
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use event_loop::Publish;
 use pon_cu::client::ClientStatus;
 use pon_forwarder::io::MonitorSink;
-use pon_telemetry::PromWriter;
+use pon_telemetry::{PromWriter, Renderer};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The forwarder's sockets: peers, agents (IP-in-IP and the UDP variant);
 /// probes that end here go to `monitor` (`None`: dropped and counted).
@@ -86,15 +108,169 @@ pub fn start_cu(
     crate::forwarder::cu::start_with(cfg, Box::new(move |v| mb.post_view(v.clone())))
 }
 
-/// Serves Prometheus metrics (`render`) and `GET /status` (the JSON of the
-/// latest published status) on `addr`.
-pub fn serve_status<S: serde::Serialize + Send + Sync + 'static>(
-    addr: SocketAddr,
-    render: impl Fn(&mut PromWriter) + Send + Sync + 'static,
-    status: Arc<ArcSwap<S>>,
+/// How a core's status is published, and how often.
+pub struct StatusOf<C, S> {
+    pub every: Duration,
+    pub build: fn(&C, Duration) -> S,
+}
+
+/// Serves the core's and the daemon's counters, `extra` metrics and the
+/// latest published status (`GET /status`) on `addr`, and returns how the
+/// control loop publishes that status.
+fn serve<C: Core + 'static, S: StatusPage>(
+    addr: Option<SocketAddr>,
+    core: &C,
+    counters: &Arc<DaemonCounters>,
+    extra: Renderer,
+    status: StatusOf<C, S>,
+    now: Duration,
+) -> anyhow::Result<Publish<C>> {
+    let page = Arc::new(ArcSwap::from_pointee((status.build)(core, now)));
+    if let Some(addr) = addr {
+        let (metrics, counters, st) = (core.metrics(), counters.clone(), page.clone());
+        let render = Arc::new(move |w: &mut PromWriter| {
+            metrics(w);
+            counters.render(w);
+            extra(w);
+            st.load().render(w);
+        });
+        let st = page.clone();
+        let json = Arc::new(move || serde_json::to_string_pretty(&**st.load()).unwrap_or_default());
+        pon_telemetry::serve_http(addr, render, Some(json))
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+    let build = status.build;
+    Ok(Box::new(move |c: &C, now| {
+        page.store(Arc::new(build(c, now)))
+    }))
+}
+
+/// Where the three parts of a split proxy listen on their local link.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddrs {
+    pub forwarder: SocketAddr,
+    pub monitor: SocketAddr,
+    pub router: SocketAddr,
+}
+
+/// Runs a split proxy's monitor or router (`me`): its part, over the local
+/// link to the other two, until the process ends (`--check`: returns once
+/// the configuration, already loaded, proved valid).
+pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
+    args: &pon_telemetry::DaemonArgs,
+    me: Part,
+    addrs: LocalAddrs,
+    metrics: Option<SocketAddr>,
+    core: C,
+    status: StatusOf<C, S>,
 ) -> anyhow::Result<()> {
-    let json = Arc::new(move || serde_json::to_string_pretty(&**status.load()).unwrap_or_default());
-    pon_telemetry::serve_http(addr, Arc::new(render), Some(json))
-        .with_context(|| format!("serving metrics on {addr}"))?;
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(());
+    }
+    let listen = match me {
+        Part::Forwarder => addrs.forwarder,
+        Part::Monitor => addrs.monitor,
+        Part::Router => addrs.router,
+    };
+    let partners = partners(me, addrs.forwarder, addrs.monitor, addrs.router);
+    let (mailbox, inbox) = mailbox(4096, 1);
+    let link = Link::bind(listen, partners, mailbox.counters.clone())
+        .with_context(|| format!("binding the local link {listen}"))?;
+    link.spawn_reader(mailbox.clone())?;
+    let every = status.every;
+    let none: Renderer = Arc::new(|_: &mut PromWriter| {});
+    let publish = serve(
+        metrics,
+        &core,
+        &mailbox.counters,
+        none,
+        status,
+        Duration::ZERO,
+    )?;
+    tracing::info!(part = ?me, %listen, "running");
+    EventLoop::over_link(core, inbox, link, publish, every).run();
+    Ok(())
+}
+
+/// Runs the forwarder's data plane around `core` (pon-proxy's whole core,
+/// or pon-forwarder's part): the forwarding threads, the control loop, the
+/// CU client and the metrics endpoint. `link`: the local link to a
+/// pon-monitor and pon-router, for pon-forwarder with `[local]`.
+pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
+    cfg: &ForwarderConfig,
+    core: C,
+    link: Option<(SocketAddr, Vec<(Part, SocketAddr)>)>,
+    queue: usize,
+    steering_port: u16,
+    status: StatusOf<C, S>,
+) -> anyhow::Result<()> {
+    let table = Arc::new(ArcSwap::from_pointee(cfg.table()?));
+    let (mailbox, inbox) = mailbox(queue, queue);
+    let link = match link {
+        Some((listen, partners)) => {
+            let l = Link::bind(listen, partners, mailbox.counters.clone())
+                .with_context(|| format!("binding the local link {listen}"))?;
+            l.spawn_reader(mailbox.clone())?;
+            Some(l)
+        }
+        None => None,
+    };
+    // Probes that end here go to the control loop when there is a monitor
+    // (in-process, or over the link); without one the engine drops them.
+    let has_monitor = link.is_some() || core.has_monitor();
+    let engine = Engine::new(
+        table.clone(),
+        cfg.local_addr,
+        cfg.underlay_mtu,
+        cfg.hop_limit,
+    );
+    let engine = Arc::new(if has_monitor {
+        engine.with_monitor()
+    } else {
+        engine
+    });
+    let sockets = Arc::new(open_sockets(cfg, has_monitor.then(|| mailbox.sink()))?);
+    // CU mode: views go to the control loop, the one writer of the table.
+    let cu = start_cu(cfg, &mailbox)?;
+    let extra: Renderer = {
+        let (engine, table) = (engine.counters.clone(), table.clone());
+        Arc::new(move |w: &mut PromWriter| {
+            engine.render(w);
+            if let Some(s) = &cu {
+                s.render(w);
+            }
+            table.load().render(w);
+        })
+    };
+    let every = status.every;
+    let publish = serve(
+        cfg.metrics,
+        &core,
+        &mailbox.counters,
+        extra,
+        status,
+        Duration::ZERO,
+    )?;
+    EventLoop {
+        core,
+        inbox,
+        io: Io {
+            sockets: Some(sockets.clone()),
+            table: Some(table),
+            steering: steering_socket(cfg, steering_port)?,
+            link,
+            counters: mailbox.counters.clone(),
+        },
+        publish,
+        status_every: every,
+        start: Instant::now(),
+    }
+    .spawn("control")?;
+    drop(mailbox);
+    tracing::info!(id = ?cfg.id, cu = ?cfg.cu.as_ref().map(|c| c.addr), listen = %cfg.listen, local = %cfg.local_addr, "forwarding");
+    for t in pon_forwarder::io::spawn(engine, sockets)? {
+        let _ = t.join();
+    }
     Ok(())
 }
