@@ -1,4 +1,6 @@
-//! Path selection, without I/O: for every destination proxy, which candidate
+//! Path selection, without I/O (and without an async runtime, QUIC or TLS
+//! in its dependency tree, so the simulator and the research around it stay
+//! light): for every destination proxy, which candidate
 //! paths (direct, through one relay, optionally two) to probe within a fixed
 //! budget, which one traffic should take under the destination's policy,
 //! with hysteresis against flapping and immediate failover, and when the
