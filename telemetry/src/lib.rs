@@ -32,6 +32,17 @@ pub struct DaemonArgs {
     pub check: bool,
 }
 
+impl DaemonArgs {
+    /// Call once the configuration is loaded and validated: with `--check`,
+    /// says so ("<path>: ok") and returns true, for the daemon to exit.
+    pub fn check_done(&self) -> bool {
+        if self.check {
+            println!("{}: ok", self.config.display());
+        }
+        self.check
+    }
+}
+
 /// Parses a daemon's command line (`--config FILE [--check]`, with `about`
 /// as its `--help`) and sets up logging. Use [`daemon_args!`].
 pub fn start_daemon(name: &'static str, version: &'static str, about: &'static str) -> DaemonArgs {
