@@ -223,10 +223,10 @@ mod tests {
 
     #[test]
     fn the_ta_follows_a_new_forwarder_and_its_steering_only() {
+        use crate::steering::tests::datagram;
         use crate::steering::{SteeringCounters, SteeringState};
         use crate::ta::{Encapsulator, TaCounters};
         use pon_proto::ip::{IpProtocol, IpipPacket, Ipv4Repr};
-        use pon_proto::steering::{Steering, STEERING_VERSION};
         use std::time::Duration;
 
         let (old, new) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
@@ -240,18 +240,7 @@ mod tests {
         let mut steering = SteeringState::default();
         let c = SteeringCounters::default();
         assert_eq!(steering.follow(current.get().unwrap().0), None);
-        let msg = |epoch, seq| {
-            Steering {
-                version: STEERING_VERSION,
-                epoch,
-                seq,
-                part: 0,
-                parts: 1,
-                bypass: vec![(Ipv4Addr::new(198, 18, 2, 11), 32)],
-            }
-            .encode()
-            .unwrap()
-        };
+        let msg = |epoch, seq| datagram(epoch, seq, vec![(Ipv4Addr::new(198, 18, 2, 11), 32)]);
         let t = Duration::from_secs(1);
         assert!(steering
             .on_datagram(&msg(5, 9), (old, 1).into(), t, &c)

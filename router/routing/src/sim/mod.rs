@@ -147,6 +147,36 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+impl Report {
+    /// The pairs' scores (`acc`, n x n) summarised, with no route changes
+    /// or probes: a run with a router fills those in itself.
+    fn scored(
+        selector: String,
+        acc: &[PairAcc],
+        n: usize,
+        oracle: &Oracle,
+        started: Instant,
+    ) -> Report {
+        let sum = summarise(acc, n);
+        Report {
+            selector,
+            ratio_mean: sum.mean,
+            ratio_p50: sum.p50,
+            ratio_p95: sum.p95,
+            ratio_max: sum.max,
+            worst_pair: sum.worst,
+            pairs_within_5pct: sum.within,
+            dead_share: sum.dead,
+            unreachable_share: sum.unreachable,
+            changes_per_pair_per_100: 0.0,
+            failovers_per_pair_per_100: 0.0,
+            probes_per_dst_interval: 0.0,
+            full_mesh_probes: oracle.candidates,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct PairAcc {
     achieved: f64,
@@ -344,22 +374,17 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
     }
     let pairs = (n * (n - 1)) as f64;
     let scored_intervals = s.intervals.saturating_sub(rc.warmup).max(1) as f64;
-    let sum = summarise(&acc, n);
     Report {
-        selector: rc.routing.selector.name().to_string(),
-        ratio_mean: sum.mean,
-        ratio_p50: sum.p50,
-        ratio_p95: sum.p95,
-        ratio_max: sum.max,
-        worst_pair: sum.worst,
-        pairs_within_5pct: sum.within,
-        dead_share: sum.dead,
-        unreachable_share: sum.unreachable,
         changes_per_pair_per_100: changes as f64 / pairs / scored_intervals * 100.0,
         failovers_per_pair_per_100: failovers as f64 / pairs / scored_intervals * 100.0,
         probes_per_dst_interval: total_probes as f64 / pairs / scored_intervals,
-        full_mesh_probes: oracle.candidates,
-        elapsed: started.elapsed(),
+        ..Report::scored(
+            rc.routing.selector.name().to_string(),
+            &acc,
+            n,
+            oracle,
+            started,
+        )
     }
 }
 
@@ -387,23 +412,8 @@ pub fn direct_baseline(s: &Scenario, oracle: &Oracle, warmup: usize) -> Report {
             }
         }
     }
-    let sum = summarise(&acc, n);
-    Report {
-        selector: "direct-ip".into(),
-        ratio_mean: sum.mean,
-        ratio_p50: sum.p50,
-        ratio_p95: sum.p95,
-        ratio_max: sum.max,
-        worst_pair: sum.worst,
-        pairs_within_5pct: sum.within,
-        dead_share: sum.dead,
-        unreachable_share: sum.unreachable,
-        changes_per_pair_per_100: 0.0,
-        failovers_per_pair_per_100: 0.0,
-        probes_per_dst_interval: 0.0,
-        full_mesh_probes: oracle.candidates,
-        elapsed: started.elapsed(),
-    }
+    // No router: no route changes and no probes.
+    Report::scored("direct-ip".into(), &acc, n, oracle, started)
 }
 
 #[cfg(test)]
