@@ -57,16 +57,9 @@ fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize, df: bool) -> Vec<u
 fn from_ta(inner: &[u8], forwarder: Ipv4Addr) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; BUFFER_LEN];
     let src: [u8; 4] = inner[12..16].try_into().unwrap();
-    Ipv4Repr {
-        src: Ipv4Addr::from(src),
-        dst: forwarder,
-        protocol: IpProtocol::Ipip,
-        ttl: 64,
-        dont_fragment: false,
-        payload_len: inner.len(),
-    }
-    .emit(&mut buf[HEADROOM..])
-    .unwrap();
+    Ipv4Repr::ipip(Ipv4Addr::from(src), forwarder, inner.len())
+        .emit(&mut buf[HEADROOM..])
+        .unwrap();
     buf[HEADROOM + IPV4_HEADER_LEN..HEADROOM + IPV4_HEADER_LEN + inner.len()]
         .copy_from_slice(inner);
     (buf, IPV4_HEADER_LEN + inner.len())
