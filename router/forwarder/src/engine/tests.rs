@@ -1,7 +1,7 @@
 use super::*;
 use crate::table::ForwardingTable;
 use arc_swap::ArcSwap;
-use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpipPacket, Ipv4Packet};
+use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet};
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const APP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
