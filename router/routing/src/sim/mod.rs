@@ -186,6 +186,20 @@ struct PairAcc {
     unreachable: u32,
 }
 
+impl PairAcc {
+    /// One interval in which traffic took `path` and the oracle's best
+    /// path had RTT `best`: scored against it, or dead if `path` was.
+    fn score(&mut self, path: PathTruth, best: f64) {
+        if path.alive() {
+            self.achieved += path.rtt_ms;
+            self.best += best;
+            self.scored += 1;
+        } else {
+            self.dead += 1;
+        }
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -359,14 +373,7 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                     Some(path) => {
                         hop_idx.clear();
                         hop_idx.extend(path.as_slice().iter().map(|&h| h as usize - 1));
-                        let truth = s.path(t, src, &hop_idx);
-                        if truth.alive() {
-                            a.achieved += truth.rtt_ms;
-                            a.best += best;
-                            a.scored += 1;
-                        } else {
-                            a.dead += 1;
-                        }
+                        a.score(s.path(t, src, &hop_idx), best);
                     }
                 }
             }
@@ -401,14 +408,7 @@ pub fn direct_baseline(s: &Scenario, oracle: &Oracle, warmup: usize) -> Report {
                     continue;
                 }
                 let a = &mut acc[src * n + dst];
-                let p = s.path(t, src, &[dst]);
-                if p.alive() {
-                    a.achieved += p.rtt_ms;
-                    a.best += best;
-                    a.scored += 1;
-                } else {
-                    a.dead += 1;
-                }
+                a.score(s.path(t, src, &[dst]), best);
             }
         }
     }
