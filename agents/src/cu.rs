@@ -187,15 +187,7 @@ mod tests {
         v.apply_changes(vec![
             app(1, "tokyo", 11),
             app(2, "london", 12),
-            peer(
-                3,
-                "tokyo",
-                Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                },
-            ),
+            peer(3, "tokyo", Endpoints::proxy(a)),
         ]);
         let extra: IpNet = "10.0.0.0/8".parse().unwrap();
         assert_eq!(
@@ -210,15 +202,7 @@ mod tests {
 
     fn proxy(id: u32, last: u8) -> Change {
         let a = Ipv4Addr::new(198, 18, 1, last);
-        peer(
-            id,
-            "paris",
-            Endpoints::Proxy {
-                pon: (a, 7300).into(),
-                agent_addr: a,
-                agent_udp_port: 7301,
-            },
-        )
+        peer(id, "paris", Endpoints::proxy(a))
     }
 
     #[test]

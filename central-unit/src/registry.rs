@@ -551,11 +551,7 @@ mod tests {
             role: role.into(),
             name: name.into(),
             endpoints: if role.starts_with("PROXY") {
-                Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                }
+                Endpoints::proxy(a)
             } else {
                 Endpoints::App {
                     addr: a,

@@ -123,11 +123,7 @@ mod tests {
                 cloud: cloud.into(),
                 role: "PROXY".into(),
                 name: "proxy".into(),
-                endpoints: Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                },
+                endpoints: Endpoints::proxy(a),
             },
             optimise: true,
         }
