@@ -56,6 +56,18 @@ fn measured<'a>(r: &'a Router, dst: u32, path: &[u32]) -> &'a Measurement {
         .expect("a candidate path")
 }
 
+/// The events of `dst` becoming reachable, routed over `path`.
+fn reached(dst: u32, path: &[u32], reason: ChangeReason) -> Vec<RouterEvent> {
+    vec![
+        RouterEvent::RouteChanged {
+            dst,
+            path: hops(path),
+            reason,
+        },
+        RouterEvent::Reachable { dst },
+    ]
+}
+
 fn changed_to(ev: &[RouterEvent]) -> Vec<(Vec<u32>, ChangeReason)> {
     ev.iter()
         .filter_map(|e| match e {
@@ -122,17 +134,7 @@ fn first_answer_makes_the_destination_reachable_route_first() {
             100
         })
     });
-    assert_eq!(
-        ev,
-        vec![
-            RouterEvent::RouteChanged {
-                dst: 2,
-                path: hops(&[4, 2]),
-                reason: ChangeReason::Initial
-            },
-            RouterEvent::Reachable { dst: 2 },
-        ]
-    );
+    assert_eq!(ev, reached(2, &[4, 2], ChangeReason::Initial));
     assert_eq!(r.current_path(2), Some(hops(&[4, 2])));
     assert_eq!(r.relays(), vec![(2, vec![4])]);
 }
@@ -261,17 +263,7 @@ fn unreachable_when_nothing_works_and_back_when_a_path_answers() {
     assert!(r.relays().is_empty());
     // Only relay 3 comes back.
     let ev = step(&mut r, 8, &|h| (h.as_slice() == [3, 2]).then_some(70));
-    assert_eq!(
-        ev,
-        vec![
-            RouterEvent::RouteChanged {
-                dst: 2,
-                path: hops(&[3, 2]),
-                reason: ChangeReason::Restored
-            },
-            RouterEvent::Reachable { dst: 2 },
-        ]
-    );
+    assert_eq!(ev, reached(2, &[3, 2], ChangeReason::Restored));
 }
 
 #[test]
