@@ -144,20 +144,8 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::control::{AgentInfo, Change, Config, Peer};
-
-    fn peer(id: u32, cloud: &str, endpoints: Endpoints) -> Change {
-        Change::Up(Peer {
-            info: AgentInfo {
-                id,
-                cloud: cloud.into(),
-                role: "X".into(),
-                name: format!("n{id}"),
-                endpoints,
-            },
-            optimise: false,
-        })
-    }
+    use pon_cu::view::testing;
+    use pon_proto::control::{Change, Config};
 
     fn empty_view() -> View {
         let mut v = View::default();
@@ -173,21 +161,12 @@ mod tests {
     #[test]
     fn intercepts_remote_apps_whose_cloud_has_a_proxy() {
         let mut v = empty_view();
-        let app = |id, cloud: &str, last| {
-            peer(
-                id,
-                cloud,
-                Endpoints::App {
-                    addr: Ipv4Addr::new(198, 18, 2, last),
-                    encap: pon_proto::Encap::Ipip,
-                },
-            )
-        };
-        let a = Ipv4Addr::new(198, 18, 2, 1);
+        let app =
+            |id, cloud, last| Change::Up(testing::app(id, cloud, Ipv4Addr::new(198, 18, 2, last)));
         v.apply_changes(vec![
             app(1, "tokyo", 11),
             app(2, "london", 12),
-            peer(3, "tokyo", Endpoints::proxy(a)),
+            Change::Up(testing::proxy(3, "tokyo", Ipv4Addr::new(198, 18, 2, 1))),
         ]);
         let extra: IpNet = "10.0.0.0/8".parse().unwrap();
         assert_eq!(
@@ -201,8 +180,7 @@ mod tests {
     }
 
     fn proxy(id: u32, last: u8) -> Change {
-        let a = Ipv4Addr::new(198, 18, 1, last);
-        peer(id, "paris", Endpoints::proxy(a))
+        Change::Up(testing::proxy(id, "paris", Ipv4Addr::new(198, 18, 1, last)))
     }
 
     #[test]
