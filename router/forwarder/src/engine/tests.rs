@@ -330,7 +330,11 @@ fn probes_transit_and_end_at_the_monitor() {
         Output::Peer(proxy_addr(2))
     );
     let wire = probe(&[3]);
-    assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Drop);
+    let mut buf = received(&wire);
+    assert_eq!(
+        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
+        Output::Drop
+    );
     assert_eq!(p3.counters.drop_no_monitor.get(), 1);
     let p3 = engine(3).with_monitor();
     let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
