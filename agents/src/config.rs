@@ -117,7 +117,7 @@ fn check_tun_name(name: &str) -> anyhow::Result<()> {
 
 impl TaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        load(path, "TA").and_then(|mut c: Self| {
+        pon_telemetry::load_toml(path, "TA").and_then(|mut c: Self| {
             c.validate()
                 .with_context(|| format!("in TA config {}", path.display()))?;
             c.cu = c.cu.map(|cu| cu.relative_to(path));
@@ -179,18 +179,12 @@ impl TaConfig {
 
 impl RaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        load(path, "RA").and_then(|c: Self| {
+        pon_telemetry::load_toml(path, "RA").and_then(|c: Self| {
             check_tun_name(&c.tun_name)
                 .with_context(|| format!("in RA config {}", path.display()))?;
             Ok(c)
         })
     }
-}
-
-fn load<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {what} config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("in {what} config {}", path.display()))
 }
 
 #[cfg(test)]

@@ -144,20 +144,8 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::control::{AgentInfo, Change, Config, Peer};
-
-    fn peer(id: u32, cloud: &str, endpoints: Endpoints) -> Change {
-        Change::Up(Peer {
-            info: AgentInfo {
-                id,
-                cloud: cloud.into(),
-                role: "X".into(),
-                name: format!("n{id}"),
-                endpoints,
-            },
-            optimise: false,
-        })
-    }
+    use pon_cu::view::testing;
+    use pon_proto::control::{Change, Config};
 
     fn empty_view() -> View {
         let mut v = View::default();
@@ -173,29 +161,12 @@ mod tests {
     #[test]
     fn intercepts_remote_apps_whose_cloud_has_a_proxy() {
         let mut v = empty_view();
-        let app = |id, cloud: &str, last| {
-            peer(
-                id,
-                cloud,
-                Endpoints::App {
-                    addr: Ipv4Addr::new(198, 18, 2, last),
-                    encap: pon_proto::Encap::Ipip,
-                },
-            )
-        };
-        let a = Ipv4Addr::new(198, 18, 2, 1);
+        let app =
+            |id, cloud, last| Change::Up(testing::app(id, cloud, Ipv4Addr::new(198, 18, 2, last)));
         v.apply_changes(vec![
             app(1, "tokyo", 11),
             app(2, "london", 12),
-            peer(
-                3,
-                "tokyo",
-                Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                },
-            ),
+            Change::Up(testing::proxy(3, "tokyo", Ipv4Addr::new(198, 18, 2, 1))),
         ]);
         let extra: IpNet = "10.0.0.0/8".parse().unwrap();
         assert_eq!(
@@ -209,24 +180,15 @@ mod tests {
     }
 
     fn proxy(id: u32, last: u8) -> Change {
-        let a = Ipv4Addr::new(198, 18, 1, last);
-        peer(
-            id,
-            "paris",
-            Endpoints::Proxy {
-                pon: (a, 7300).into(),
-                agent_addr: a,
-                agent_udp_port: 7301,
-            },
-        )
+        Change::Up(testing::proxy(id, "paris", Ipv4Addr::new(198, 18, 1, last)))
     }
 
     #[test]
     fn the_ta_follows_a_new_forwarder_and_its_steering_only() {
+        use crate::steering::tests::datagram;
         use crate::steering::{SteeringCounters, SteeringState};
         use crate::ta::{Encapsulator, TaCounters};
         use pon_proto::ip::{IpProtocol, IpipPacket, Ipv4Repr};
-        use pon_proto::steering::{Steering, STEERING_VERSION};
         use std::time::Duration;
 
         let (old, new) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
@@ -240,18 +202,7 @@ mod tests {
         let mut steering = SteeringState::default();
         let c = SteeringCounters::default();
         assert_eq!(steering.follow(current.get().unwrap().0), None);
-        let msg = |epoch, seq| {
-            Steering {
-                version: STEERING_VERSION,
-                epoch,
-                seq,
-                part: 0,
-                parts: 1,
-                bypass: vec![(Ipv4Addr::new(198, 18, 2, 11), 32)],
-            }
-            .encode()
-            .unwrap()
-        };
+        let msg = |epoch, seq| datagram(epoch, seq, vec![(Ipv4Addr::new(198, 18, 2, 11), 32)]);
         let t = Duration::from_secs(1);
         assert!(steering
             .on_datagram(&msg(5, 9), (old, 1).into(), t, &c)

@@ -70,16 +70,9 @@ mod tests {
 
     fn ipip(outer_src: Ipv4Addr, inner_dst: Ipv4Addr) -> Vec<u8> {
         let mut v = vec![0u8; 48];
-        Ipv4Repr {
-            src: outer_src,
-            dst: inner_dst,
-            protocol: IpProtocol::Ipip,
-            ttl: 64,
-            dont_fragment: false,
-            payload_len: 28,
-        }
-        .emit(&mut v)
-        .unwrap();
+        Ipv4Repr::ipip(outer_src, inner_dst, 28)
+            .emit(&mut v)
+            .unwrap();
         Ipv4Repr {
             src: Ipv4Addr::new(198, 18, 2, 11),
             dst: inner_dst,

@@ -229,9 +229,24 @@ fn apply(interception: &Mutex<Interception>, set: &[IpNet], counters: &SteeringC
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pon_proto::steering::STEERING_VERSION;
+
+    /// A whole steering message (one datagram) leaving `bypass` to the IP
+    /// path, as message `seq` of `epoch`, encoded.
+    pub(crate) fn datagram(epoch: u64, seq: u64, bypass: Vec<(Ipv4Addr, u8)>) -> Vec<u8> {
+        Steering {
+            version: STEERING_VERSION,
+            epoch,
+            seq,
+            part: 0,
+            parts: 1,
+            bypass,
+        }
+        .encode()
+        .unwrap()
+    }
 
     fn following(fwd: Ipv4Addr) -> SteeringState {
         let mut s = SteeringState::default();
@@ -244,18 +259,8 @@ mod tests {
         let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = SteeringCounters::default();
         let mut s = following(fwd);
-        let msg = |epoch, seq, last: u8| {
-            Steering {
-                version: STEERING_VERSION,
-                epoch,
-                seq,
-                part: 0,
-                parts: 1,
-                bypass: vec![(Ipv4Addr::new(198, 18, 2, last), 32)],
-            }
-            .encode()
-            .unwrap()
-        };
+        let msg =
+            |epoch, seq, last| datagram(epoch, seq, vec![(Ipv4Addr::new(198, 18, 2, last), 32)]);
         let from = SocketAddr::from((fwd, 40000));
         let t = Duration::ZERO;
         let got = s.on_datagram(&msg(1, 1, 11), from, t, &c).unwrap();

@@ -2,7 +2,7 @@
 //! read from the TUN and wrap it for the local forwarder.
 
 use crate::HEADROOM;
-use pon_proto::ip::{InnerPacket, IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
+use pon_proto::ip::{InnerPacket, Ipv4Repr, IPV4_HEADER_LEN};
 use pon_proto::EncapKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
@@ -86,16 +86,9 @@ impl Encapsulator {
         match self.encap {
             EncapKind::Udp => Some(HEADROOM..end),
             EncapKind::Ipip => {
-                Ipv4Repr {
-                    src: self.local,
-                    dst: forwarder,
-                    protocol: IpProtocol::Ipip,
-                    ttl: 64,
-                    dont_fragment: false,
-                    payload_len: len,
-                }
-                .emit(&mut buf[HEADROOM - IPV4_HEADER_LEN..HEADROOM])
-                .ok()?;
+                Ipv4Repr::ipip(self.local, forwarder, len)
+                    .emit(&mut buf[HEADROOM - IPV4_HEADER_LEN..HEADROOM])
+                    .ok()?;
                 Some(HEADROOM - IPV4_HEADER_LEN..end)
             }
         }
@@ -105,7 +98,7 @@ impl Encapsulator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pon_proto::ip::IpipPacket;
+    use pon_proto::ip::{IpProtocol, IpipPacket};
 
     fn packet_from(src: Ipv4Addr) -> Vec<u8> {
         let mut buf = vec![0u8; crate::BUFFER_LEN];

@@ -62,10 +62,7 @@ fn default_restart_grace_ms() -> u64 {
 
 impl CuConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading CU config {}", path.display()))?;
-        let mut cfg =
-            Self::parse(&text).with_context(|| format!("in CU config {}", path.display()))?;
+        let mut cfg = pon_telemetry::load_config(path, "CU", Self::parse)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
             &mut cfg.cert,

@@ -551,11 +551,7 @@ mod tests {
             role: role.into(),
             name: name.into(),
             endpoints: if role.starts_with("PROXY") {
-                Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                }
+                Endpoints::proxy(a)
             } else {
                 Endpoints::App {
                     addr: a,
@@ -576,27 +572,38 @@ mod tests {
         )
     }
 
+    /// A CU with proxies registered on connections 1, 2, ... (one per
+    /// cloud, each `n`-th at 198.18.1.`n`), and the time they did.
+    fn with_proxies(clouds: &[&str]) -> (Registry, Instant) {
+        let mut r = cu();
+        let t = Instant::now();
+        for (n, cloud) in (1..).zip(clouds) {
+            r.register(u64::from(n), reg(cloud, "p", "PROXY", n), t, 1);
+        }
+        (r, t)
+    }
+
+    /// The messages `actions` send to `conn`.
+    fn sent_to(actions: &[Action], conn: ConnId) -> impl Iterator<Item = &Outgoing> {
+        actions.iter().filter_map(move |a| match a {
+            Action::Send { conn: c, msg } if *c == conn => Some(msg),
+            _ => None,
+        })
+    }
+
     fn config_of(actions: &[Action], conn: ConnId) -> Config {
-        actions
-            .iter()
-            .find_map(|a| match a {
-                Action::Send {
-                    conn: c,
-                    msg: Outgoing::Config(cfg),
-                } if *c == conn => Some(cfg.clone()),
+        sent_to(actions, conn)
+            .find_map(|m| match m {
+                Outgoing::Config(cfg) => Some(cfg.clone()),
                 _ => None,
             })
             .expect("a config")
     }
 
     fn changes_to(actions: &[Action], conn: ConnId) -> Vec<Change> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    conn: c,
-                    msg: Outgoing::Changes(ch),
-                } if *c == conn => Some(ch.clone()),
+        sent_to(actions, conn)
+            .filter_map(|m| match m {
+                Outgoing::Changes(ch) => Some(ch.clone()),
                 _ => None,
             })
             .flatten()
@@ -682,11 +689,7 @@ mod tests {
 
     #[test]
     fn leaving_is_announced_for_goodbye_close_and_silence() {
-        let mut r = cu();
-        let t = Instant::now();
-        r.register(1, reg("a", "p", "PROXY", 1), t, 1);
-        r.register(2, reg("b", "p", "PROXY", 2), t, 1);
-        r.register(3, reg("c", "p", "PROXY", 3), t, 1);
+        let (mut r, t) = with_proxies(&["a", "b", "c"]);
         let (a, who) = r.disconnected(2, true, 5);
         assert_eq!(who, Some((2, LeaveReason::Goodbye)));
         assert_eq!(changes_to(&a, 1), vec![Change::Down(2)]);
@@ -710,10 +713,7 @@ mod tests {
 
     #[test]
     fn a_newer_connection_replaces_the_old_one_silently() {
-        let mut r = cu();
-        let t = Instant::now();
-        r.register(1, reg("a", "p", "PROXY", 1), t, 1);
-        r.register(2, reg("b", "p", "PROXY", 2), t, 1);
+        let (mut r, t) = with_proxies(&["a", "b"]);
         let (a, _) = r.register(3, reg("b", "p", "PROXY", 2), t, 1);
         assert!(a.contains(&Action::Close {
             conn: 2,
@@ -757,10 +757,7 @@ mod tests {
 
     #[test]
     fn restored_agents_stay_in_views_until_the_grace_ends() {
-        let mut r = cu();
-        let t = Instant::now();
-        r.register(1, reg("a", "p", "PROXY", 1), t, 1);
-        r.register(2, reg("b", "p", "PROXY", 2), t, 1);
+        let (r, t) = with_proxies(&["a", "b"]);
         let saved = r.records();
         let mut r2 = cu();
         r2.restore(saved, t);

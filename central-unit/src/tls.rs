@@ -59,16 +59,22 @@ pub fn client_config(ca_pem: &Path, idle: Duration) -> Result<quinn::ClientConfi
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
+    let mut transport = transport(idle)?;
     transport
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?,
-        ))
         .keep_alive_interval(Some(idle / 3))
         .max_concurrent_bidi_streams(0u32.into())
         .max_concurrent_uni_streams(0u32.into());
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
+}
+
+/// QUIC transport settings both ends share: a connection idle for `idle`
+/// is closed.
+fn transport(idle: Duration) -> Result<quinn::TransportConfig, TlsError> {
+    let idle = quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(idle));
+    Ok(transport)
 }
 
 /// Server side: the CU's certificate chain and key.
@@ -90,13 +96,10 @@ pub fn server_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
+    let mut transport = transport(idle)?;
     // One control stream per agent; what an agent may have in flight
     // towards the CU stays small, whatever it tries.
     transport
-        .max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?,
-        ))
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window((2 * pon_proto::control::MAX_AGENT_FRAME as u32).into())

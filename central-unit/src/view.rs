@@ -110,30 +110,29 @@ impl View {
     }
 }
 
-#[cfg(test)]
-mod tests {
+/// Peers as the CU announces them, for tests of what agents make of their
+/// view (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use super::*;
-    use pon_proto::Encap;
 
-    fn proxy(id: u32, cloud: &str) -> Peer {
-        let a = Ipv4Addr::new(198, 18, id as u8, 1);
+    /// Proxy `id` of `cloud` at `addr` on the well-known ports; routers
+    /// optimise paths towards it.
+    pub fn proxy(id: u32, cloud: &str, addr: Ipv4Addr) -> Peer {
         Peer {
             info: AgentInfo {
                 id,
                 cloud: cloud.into(),
                 role: "PROXY".into(),
                 name: "proxy".into(),
-                endpoints: Endpoints::Proxy {
-                    pon: (a, 7300).into(),
-                    agent_addr: a,
-                    agent_udp_port: 7301,
-                },
+                endpoints: Endpoints::proxy(addr),
             },
             optimise: true,
         }
     }
 
-    fn app(id: u32, cloud: &str, last: u8) -> Peer {
+    /// App VM `id` of `cloud` at `addr`, receiving IP-in-IP.
+    pub fn app(id: u32, cloud: &str, addr: Ipv4Addr) -> Peer {
         Peer {
             info: AgentInfo {
                 id,
@@ -141,12 +140,25 @@ mod tests {
                 role: "APP".into(),
                 name: format!("app{id}"),
                 endpoints: Endpoints::App {
-                    addr: Ipv4Addr::new(198, 18, 9, last),
-                    encap: Encap::Ipip,
+                    addr,
+                    encap: pon_proto::Encap::Ipip,
                 },
             },
             optimise: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(id: u32, cloud: &str) -> Peer {
+        testing::proxy(id, cloud, Ipv4Addr::new(198, 18, id as u8, 1))
+    }
+
+    fn app(id: u32, cloud: &str, last: u8) -> Peer {
+        testing::app(id, cloud, Ipv4Addr::new(198, 18, 9, last))
     }
 
     #[test]

@@ -58,11 +58,7 @@ fn register(token: &str, cloud: &str, last: u8) -> AgentMsg {
         cloud: cloud.into(),
         role: "PROXY".into(),
         name: "proxy".into(),
-        endpoints: Endpoints::Proxy {
-            pon: (a, 7300).into(),
-            agent_addr: a,
-            agent_udp_port: 7301,
-        },
+        endpoints: Endpoints::proxy(a),
         id_hint: None,
     })
 }

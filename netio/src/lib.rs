@@ -60,6 +60,13 @@ fn setsockopt_int(
     }
 }
 
+/// A raw IPv4 socket of `protocol`, its buffers sized for bursts.
+fn raw_socket(protocol: libc::c_int) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(protocol)))?;
+    big_buffers(&s);
+    Ok(s)
+}
+
 /// Receives every IPv4 IP-in-IP (protocol 4) packet addressed to this host,
 /// outer header included. Owning one also keeps the kernel from answering
 /// protocol 4 with "protocol unreachable" (no ipip module is needed).
@@ -67,13 +74,7 @@ pub struct IpipReceiver(Socket);
 
 impl IpipReceiver {
     pub fn open() -> io::Result<Self> {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_IPIP)),
-        )?;
-        big_buffers(&s);
-        Ok(IpipReceiver(s))
+        raw_socket(libc::IPPROTO_IPIP).map(IpipReceiver)
     }
     /// Blocks for the next packet; returns its length (outer header included).
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -108,13 +109,7 @@ pub struct RawSender(Socket);
 
 impl RawSender {
     pub fn open() -> io::Result<Self> {
-        let s = Socket::new(
-            Domain::IPV4,
-            Type::RAW,
-            Some(Protocol::from(libc::IPPROTO_RAW)),
-        )?;
-        big_buffers(&s);
-        Ok(RawSender(s))
+        raw_socket(libc::IPPROTO_RAW).map(RawSender)
     }
     pub fn send_to(&self, packet: &[u8], dst: Ipv4Addr) -> io::Result<usize> {
         self.0

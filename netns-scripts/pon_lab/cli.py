@@ -139,31 +139,34 @@ def cmd_list(args):
     return 0
 
 
+def add_command(sub, cmd, func, help_text, lab=True):
+    """A subcommand running `func`; with `lab`, on an existing lab named first."""
+    p = sub.add_parser(cmd, help=help_text)
+    p.set_defaults(func=func)
+    if lab:
+        p.add_argument("name")
+    return p
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="lab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("up", help="create namespaces and start daemons")
+    p = add_command(sub, "up", cmd_up, "create namespaces and start daemons", lab=False)
     p.add_argument("topology", help="topology TOML file")
     p.add_argument("--name", required=True, help="lab name, [a-z0-9]{1,8}")
     p.add_argument("--bin-dir", help="directory with pon-forwarder, pon-ra, pon-ta")
     p.add_argument("--no-daemons", action="store_true", help="build only the namespaces")
-    p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("status", help="show hosts, addresses and daemons")
-    p.add_argument("name")
+    p = add_command(sub, "status", cmd_status, "show hosts, addresses and daemons")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("exec", help="run a command inside a host (SITE/HOST or inet)")
-    p.add_argument("name")
+    p = add_command(sub, "exec", cmd_exec, "run a command inside a host (SITE/HOST or inet)")
     p.add_argument("host")
     p.add_argument("command", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_exec)
 
-    p = sub.add_parser("impair", help="change the emulated link between two sites while traffic "
-                       "flows (both directions; unnamed settings are kept)")
-    p.add_argument("name")
+    p = add_command(sub, "impair", cmd_impair, "change the emulated link between two sites "
+                    "while traffic flows (both directions; unnamed settings are kept)")
     p.add_argument("site_a")
     p.add_argument("site_b")
     for key, (maximum, help_text) in LINK_FIELDS.items():
@@ -173,32 +176,22 @@ def parse_args(argv):
                    help="drop every packet between the two sites, both directions")
     p.add_argument("--up", action="store_true",
                    help="end --down; the other settings are as before")
-    p.set_defaults(func=cmd_impair)
 
-    p = sub.add_parser("add-site", help="add a site (proxy and app VMs) to a running CU-mode lab")
-    p.add_argument("name")
+    p = add_command(sub, "add-site", cmd_add_site,
+                    "add a site (proxy and app VMs) to a running CU-mode lab")
     p.add_argument("site")
     p.add_argument("--apps", type=int, default=1)
     p.add_argument("--role", default="PROXY", help="the proxy's role (default PROXY)")
-    p.set_defaults(func=cmd_add_site)
 
-    p = sub.add_parser("stop", help="stop a host's daemons (SIGKILL: a crash)")
-    p.add_argument("name")
+    p = add_command(sub, "stop", cmd_stop, "stop a host's daemons (SIGKILL: a crash)")
     p.add_argument("host", help="SITE/HOST or cu")
     p.add_argument("--graceful", action="store_true", help="SIGTERM instead: a clean goodbye")
-    p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("start", help="start a stopped host's daemons again")
-    p.add_argument("name")
+    p = add_command(sub, "start", cmd_start, "start a stopped host's daemons again")
     p.add_argument("host", help="SITE/HOST or cu")
-    p.set_defaults(func=cmd_start)
 
-    p = sub.add_parser("down", help="stop daemons and delete everything")
-    p.add_argument("name")
-    p.set_defaults(func=cmd_down)
-
-    p = sub.add_parser("list", help="names of existing labs")
-    p.set_defaults(func=cmd_list)
+    add_command(sub, "down", cmd_down, "stop daemons and delete everything")
+    add_command(sub, "list", cmd_list, "names of existing labs", lab=False)
     return parser.parse_args(argv)
 
 

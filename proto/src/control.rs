@@ -62,6 +62,21 @@ pub enum Endpoints {
     Other { addrs: Vec<SocketAddr> },
 }
 
+impl Endpoints {
+    /// A proxy at `addr` on the well-known ports: PON on [`ports::PON`],
+    /// agents' IP-in-IP to `addr` and their UDP on [`ports::AGENT_UDP`].
+    ///
+    /// [`ports::PON`]: crate::ports::PON
+    /// [`ports::AGENT_UDP`]: crate::ports::AGENT_UDP
+    pub fn proxy(addr: Ipv4Addr) -> Self {
+        Endpoints::Proxy {
+            pon: SocketAddr::from((addr, crate::ports::PON)),
+            agent_addr: addr,
+            agent_udp_port: crate::ports::AGENT_UDP,
+        }
+    }
+}
+
 /// R: the first message on a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {

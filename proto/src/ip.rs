@@ -267,6 +267,20 @@ pub struct Ipv4Repr {
 }
 
 impl Ipv4Repr {
+    /// The outer header of an IP-in-IP packet (the agent legs) carrying
+    /// `payload_len` bytes, as every PON component writes it: TTL 64, DF
+    /// clear. One place, so the TA, the forwarder and the tests agree.
+    pub fn ipip(src: Ipv4Addr, dst: Ipv4Addr, payload_len: usize) -> Self {
+        Ipv4Repr {
+            src,
+            dst,
+            protocol: IpProtocol::Ipip,
+            ttl: 64,
+            dont_fragment: false,
+            payload_len,
+        }
+    }
+
     pub fn parse<T: AsRef<[u8]>>(p: &Ipv4Packet<T>) -> Result<Self> {
         if !p.verify_checksum() {
             return Err(Error::BadChecksum);
@@ -717,14 +731,11 @@ mod tests {
 
     fn ipip(inner: &[u8]) -> Vec<u8> {
         let mut outer = vec![0u8; IPV4_HEADER_LEN + inner.len()];
-        Ipv4Repr {
-            src: Ipv4Addr::new(198, 18, 1, 11),
-            dst: Ipv4Addr::new(198, 18, 1, 1),
-            protocol: IpProtocol::Ipip,
-            ttl: 64,
-            dont_fragment: false,
-            payload_len: inner.len(),
-        }
+        Ipv4Repr::ipip(
+            Ipv4Addr::new(198, 18, 1, 11),
+            Ipv4Addr::new(198, 18, 1, 1),
+            inner.len(),
+        )
         .emit(&mut outer)
         .unwrap();
         outer[IPV4_HEADER_LEN..].copy_from_slice(inner);

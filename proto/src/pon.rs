@@ -478,45 +478,25 @@ mod tests {
     #[test]
     fn rejects_malformed_headers() {
         let good = data_packet(&[2], 0, false);
-        let mut v = good.clone();
-        v[0] = 9;
-        assert_eq!(
-            Packet::new_checked(&v[..]).unwrap_err(),
-            Error::BadVersion(9)
-        );
-        let mut v = good.clone();
-        v[1] = 42;
-        assert_eq!(
-            Packet::new_checked(&v[..]).unwrap_err(),
-            Error::UnknownKind(42)
-        );
-        let mut v = good.clone();
-        v[4] = 0;
-        assert_eq!(
-            Packet::new_checked(&v[..]).unwrap_err(),
-            Error::BadHopCount(0)
-        );
-        let mut v = good.clone();
-        v[4] = 9;
-        assert_eq!(
-            Packet::new_checked(&v[..]).unwrap_err(),
-            Error::BadHopCount(9)
-        );
-        let mut v = good.clone();
-        v[5] = 1;
-        assert_eq!(
-            Packet::new_checked(&v[..]).unwrap_err(),
-            Error::HopIndexOutOfRange { index: 1, count: 1 }
-        );
+        // One byte of a good packet changed, and what the parser says of it.
+        for (at, byte, err) in [
+            (0, 9, Error::BadVersion(9)),
+            (1, 42, Error::UnknownKind(42)),
+            (4, 0, Error::BadHopCount(0)),
+            (4, 9, Error::BadHopCount(9)),
+            (5, 1, Error::HopIndexOutOfRange { index: 1, count: 1 }),
+            (20, 0x35, Error::NotIp(3)), // inner version 3
+        ] {
+            let mut v = good.clone();
+            v[at] = byte;
+            assert_eq!(Packet::new_checked(&v[..]).unwrap_err(), err, "byte {at}");
+        }
         let mut v = good.clone();
         v[4] = 8; // hop list runs past the end
         assert!(matches!(
             Packet::new_checked(&v[..20]),
             Err(Error::Truncated { .. })
         ));
-        let mut v = good.clone();
-        v[20] = 0x35; // inner version 3
-        assert_eq!(Packet::new_checked(&v[..]).unwrap_err(), Error::NotIp(3));
         assert!(matches!(
             Packet::new_checked(&good[..10]),
             Err(Error::Truncated { .. })

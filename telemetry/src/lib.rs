@@ -32,6 +32,17 @@ pub struct DaemonArgs {
     pub check: bool,
 }
 
+impl DaemonArgs {
+    /// Call once the configuration is loaded and validated: with `--check`,
+    /// says so ("<path>: ok") and returns true, for the daemon to exit.
+    pub fn check_done(&self) -> bool {
+        if self.check {
+            println!("{}: ok", self.config.display());
+        }
+        self.check
+    }
+}
+
 /// Parses a daemon's command line (`--config FILE [--check]`, with `about`
 /// as its `--help`) and sets up logging. Use [`daemon_args!`].
 pub fn start_daemon(name: &'static str, version: &'static str, about: &'static str) -> DaemonArgs {
@@ -65,6 +76,28 @@ fn daemon_command(name: &'static str, version: &'static str, about: &'static str
                 .action(ArgAction::SetTrue)
                 .help("Validate the configuration and exit"),
         )
+}
+
+/// Reads a daemon's configuration file and parses its text with `parse`;
+/// either error names the file ("reading {what} config PATH", "in {what}
+/// config PATH"), so every daemon reports a bad file the same way.
+pub fn load_config<T>(
+    path: &std::path::Path,
+    what: &str,
+    parse: impl FnOnce(&str) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {what} config {}", path.display()))?;
+    parse(&text).with_context(|| format!("in {what} config {}", path.display()))
+}
+
+/// [`load_config`] of a plain TOML document.
+pub fn load_toml<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<T> {
+    load_config(path, what, |text| Ok(toml::from_str(text)?))
 }
 
 /// The calling daemon's command line: `daemon_args!("what it does")`.
@@ -333,6 +366,26 @@ mod tests {
             .try_get_matches_from(["pon-x"])
             .unwrap_err();
         assert!(e.to_string().contains("--config"), "{e}");
+    }
+
+    #[test]
+    fn config_errors_name_the_file() {
+        #[derive(serde::Deserialize)]
+        struct C {
+            #[allow(dead_code)]
+            x: u32,
+        }
+        let dir = std::env::temp_dir().join(format!("pon-telemetry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (good, bad) = (dir.join("good.toml"), dir.join("bad.toml"));
+        std::fs::write(&good, "x = 1\n").unwrap();
+        std::fs::write(&bad, "x = \"one\"\n").unwrap();
+        assert_eq!(load_toml::<C>(&good, "X").unwrap().x, 1);
+        let e = load_toml::<C>(&bad, "X").err().unwrap();
+        assert_eq!(e.to_string(), format!("in X config {}", bad.display()));
+        let e = load_toml::<C>(&dir.join("none.toml"), "X").err().unwrap();
+        assert!(e.to_string().starts_with("reading X config "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     counters! {

@@ -57,7 +57,8 @@ pub fn lab_command() -> Command {
     Command::new(repo_root().join("netns-scripts/lab"))
 }
 
-fn text(o: &Output) -> String {
+/// A command's stdout then stderr, for assertions and failure messages.
+pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
@@ -138,6 +139,52 @@ impl Lab {
         metric_value(&self.metrics(host, addr), sample)
     }
 
+    /// Whether one ping from `host` to `dst` gets an answer within a second.
+    pub fn ping_ok(&self, host: &str, dst: &str) -> bool {
+        self.exec(host, &["ping", "-c", "1", "-W", "1", dst])
+            .status
+            .success()
+    }
+
+    /// Runs `lab impair NAME ARGS...` and returns its output (the caller
+    /// checks it: some tests expect it to fail).
+    pub fn impair(&self, args: &[&str]) -> Output {
+        lab_command()
+            .args(["impair", &self.name])
+            .args(args)
+            .output()
+            .expect("run lab impair")
+    }
+
+    /// Like `impair`, but panics with the output unless it succeeds.
+    pub fn impair_ok(&self, args: &[&str]) {
+        let out = self.impair(args);
+        assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
+    }
+
+    /// Runs ponctl in the CU's host against the lab's CU, trusting `ca`
+    /// and presenting the token in `token`.
+    pub fn ponctl_with(&self, ca: &Path, token: &Path, extra: &[&str]) -> Output {
+        let ponctl = bin_dir().join("ponctl");
+        let mut args = vec![
+            ponctl.to_str().expect("UTF-8 path"),
+            "--cu",
+            "198.18.250.1:7400",
+            "--ca",
+            ca.to_str().expect("UTF-8 path"),
+            "--token-file",
+            token.to_str().expect("UTF-8 path"),
+        ];
+        args.extend_from_slice(extra);
+        self.exec("cu", &args)
+    }
+
+    /// Runs ponctl with the lab's own CA and join token.
+    pub fn ponctl(&self, extra: &[&str]) -> Output {
+        let dir = self.state_dir().join("cu");
+        self.ponctl_with(&dir.join("ca.pem"), &dir.join("token"), extra)
+    }
+
     pub fn status_json(&self) -> serde_json::Value {
         let out = lab_command()
             .args(["status", &self.name, "--json"])
@@ -213,6 +260,21 @@ pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A topology's `[[site]]` entry.
+pub fn site(name: &str, apps: u32) -> String {
+    format!("[[site]]\nname = \"{name}\"\napps = {apps}\n")
+}
+
+/// `[[site]]` entries of one app VM each, in this order (site ids 1, 2, ...).
+pub fn sites(names: &[&str]) -> String {
+    names.iter().map(|n| site(n, 1)).collect()
+}
+
+/// A topology's `[[link]]` between two sites, with its settings (TOML lines).
+pub fn link(a: &str, b: &str, settings: &str) -> String {
+    format!("[[link]]\nbetween = [\"{a}\", \"{b}\"]\n{settings}\n")
+}
+
 /// Parsed summary of a `ping` run.
 #[derive(Debug, Clone, Copy)]
 pub struct PingStats {
@@ -242,6 +304,12 @@ pub fn parse_ping(out: &str) -> Option<PingStats> {
     })
 }
 
+/// The summary of a finished ping; panics with all its output if it has none.
+pub fn ping_stats(out: &Output) -> PingStats {
+    parse_ping(&String::from_utf8_lossy(&out.stdout))
+        .unwrap_or_else(|| panic!("no ping summary:\n{}", text(out)))
+}
+
 /// Fails the calling test unless we may build namespaces.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions; declared here to avoid a libc dependency.
@@ -268,6 +336,15 @@ mod tests {
     }
 
     #[test]
+    fn writes_topology_entries() {
+        assert_eq!(
+            site("paris", 2) + &sites(&["tokyo"]) + &link("paris", "tokyo", "delay_ms = 5"),
+            "[[site]]\nname = \"paris\"\napps = 2\n[[site]]\nname = \"tokyo\"\napps = 1\n\
+             [[link]]\nbetween = [\"paris\", \"tokyo\"]\ndelay_ms = 5\n"
+        );
+    }
+
+    #[test]
     fn reads_metric_samples() {
         let page = "# HELP x y\nx_total{a=\"b\"} 12\nx_total 3\n";
         assert_eq!(metric_value(page, "x_total{a=\"b\"}"), 12);
@@ -285,11 +362,7 @@ pub mod clients {
     /// Waits (bounded) until one ping from `host` to `dst` gets through:
     /// first packets may meet ARP resolution or a route still being set up.
     pub fn wait_reachable(lab: &Lab, host: &str, dst: &str) {
-        let ok = wait_until(Duration::from_secs(15), || {
-            lab.exec(host, &["ping", "-c", "1", "-W", "1", dst])
-                .status
-                .success()
-        });
+        let ok = wait_until(Duration::from_secs(15), || lab.ping_ok(host, dst));
         assert!(ok, "{host} never reached {dst}");
     }
 

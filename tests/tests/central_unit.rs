@@ -2,21 +2,11 @@
 //! (CU mode), agents joining, crashing and coming back, the CU itself
 //! crashing, and intruders with the wrong token or CA.
 
-use pon_e2e::{bin_dir, metric_value, parse_ping, require_root, wait_until, Lab};
+use pon_e2e::{bin_dir, metric_value, ping_stats, require_root, sites, text, wait_until, Lab};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-const THREE_SITES: &str = r#"
-[[site]]
-name = "paris"
-apps = 1
-[[site]]
-name = "tokyo"
-apps = 1
-[[site]]
-name = "london"
-apps = 1
-"#;
+const THREE_SITES: [&str; 3] = ["paris", "tokyo", "london"];
 
 const PARIS_APP: &str = "198.18.1.11";
 const TOKYO_APP: &str = "198.18.2.11";
@@ -27,31 +17,10 @@ const CU_METRICS: &str = "198.18.250.1:9200";
 /// update then has to reach the others. Generous for a loaded machine.
 const LEAVE_BOUND: Duration = Duration::from_secs(4);
 
-fn ponctl(lab: &Lab, extra: &[&str]) -> std::process::Output {
-    let dir = lab.state_dir().join("cu");
-    let ponctl = bin_dir().join("ponctl");
-    let (ca, token) = (dir.join("ca.pem"), dir.join("token"));
-    let mut args = vec![
-        ponctl.to_str().unwrap(),
-        "--cu",
-        "198.18.250.1:7400",
-        "--ca",
-        ca.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    lab.exec("cu", &args)
-}
-
 /// (cloud, name) -> (id, online), from `ponctl --json`.
 fn registry(lab: &Lab) -> BTreeMap<(String, String), (u64, bool)> {
-    let out = ponctl(lab, &["--json"]);
-    assert!(
-        out.status.success(),
-        "ponctl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = lab.ponctl(&["--json"]);
+    assert!(out.status.success(), "ponctl: {}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ponctl --json");
     v.as_array()
         .unwrap()
@@ -86,29 +55,48 @@ fn intercepts(lab: &Lab, host: &str, dst: &str) -> bool {
     String::from_utf8_lossy(&out.stdout).contains("ponta0")
 }
 
-fn ping_ok(lab: &Lab, host: &str, dst: &str) -> bool {
-    lab.exec(host, &["ping", "-c", "1", "-W", "1", dst])
-        .status
-        .success()
+/// Waits (bounded) until paris's app reaches tokyo's: the overlay is up.
+fn wait_overlay_up(lab: &Lab) {
+    assert!(
+        wait_until(Duration::from_secs(20), || lab
+            .ping_ok("paris/app1", TOKYO_APP)),
+        "overlay never came up"
+    );
 }
 
-fn all_registered(lab: &Lab, n: u64) -> bool {
-    metric(lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}") == n
+/// Paris, tokyo and london, one app VM each: six agents in all.
+fn three_sites() -> Lab {
+    Lab::up(&sites(&THREE_SITES))
+}
+
+/// Waits (bounded) until the CU counts `n` agents online.
+fn wait_registered(lab: &Lab, n: u64, within: Duration) {
+    assert!(
+        wait_until(within, || metric(
+            lab,
+            "cu",
+            CU_METRICS,
+            "pon_cu_agents{state=\"online\"}"
+        ) == n),
+        "the CU never had {n} agents online"
+    );
 }
 
 fn assert_no_loss(out: &std::process::Output) {
-    let text = String::from_utf8_lossy(&out.stdout);
-    let s = parse_ping(&text).unwrap_or_else(|| panic!("no ping summary:\n{text}"));
-    assert_eq!(s.transmitted, s.received, "ping lost packets:\n{text}");
+    let s = ping_stats(out);
+    assert_eq!(
+        s.transmitted,
+        s.received,
+        "ping lost packets:\n{}",
+        text(out)
+    );
 }
 
 #[test]
 fn agents_started_before_the_cu_come_up_once_it_appears() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
-    assert!(wait_until(Duration::from_secs(20), || all_registered(
-        &lab, 6
-    )));
+    let lab = three_sites();
+    wait_registered(&lab, 6, Duration::from_secs(20));
     // Take the CU away, and start paris and tokyo afresh while it is away.
     lab.ctl("stop", &["cu"]);
     for h in ["paris/app1", "paris/proxy", "tokyo/app1", "tokyo/proxy"] {
@@ -138,11 +126,8 @@ fn agents_started_before_the_cu_come_up_once_it_appears() {
         TOKYO_FWD,
         "pon_forwarder_packets_total{stage=\"egress\"}",
     );
-    assert!(wait_until(Duration::from_secs(15), || ping_ok(
-        &lab,
-        "paris/app1",
-        TOKYO_APP
-    )));
+    assert!(wait_until(Duration::from_secs(15), || lab
+        .ping_ok("paris/app1", TOKYO_APP)));
     let after = metric(
         &lab,
         "tokyo/proxy",
@@ -155,12 +140,8 @@ fn agents_started_before_the_cu_come_up_once_it_appears() {
 #[test]
 fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
-    assert!(wait_until(Duration::from_secs(20), || ping_ok(
-        &lab,
-        "paris/app1",
-        TOKYO_APP
-    )));
+    let lab = three_sites();
+    wait_overlay_up(&lab);
     let pids = |lab: &Lab| -> Vec<u64> {
         lab.status_json()["hosts"]
             .as_array()
@@ -184,7 +165,7 @@ fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
     ] {
         assert!(
             wait_until(Duration::from_secs(20), || intercepts(&lab, from, to)
-                && ping_ok(&lab, from, to)),
+                && lab.ping_ok(from, to)),
             "{from} never reached {to} through the overlay"
         );
     }
@@ -205,7 +186,7 @@ fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
 #[test]
 fn a_proxy_killed_with_sigkill_is_announced_gone_within_the_bound() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
+    let lab = three_sites();
     assert!(wait_until(Duration::from_secs(20), || {
         peers(&lab, "paris/proxy", PARIS_FWD) == 2 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 2
     }));
@@ -247,15 +228,9 @@ fn a_proxy_killed_with_sigkill_is_announced_gone_within_the_bound() {
 #[test]
 fn a_cu_killed_and_restarted_loses_no_ping_and_every_agent_keeps_its_id() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
-    assert!(wait_until(Duration::from_secs(20), || all_registered(
-        &lab, 6
-    )));
-    assert!(wait_until(Duration::from_secs(20), || ping_ok(
-        &lab,
-        "paris/app1",
-        TOKYO_APP
-    )));
+    let lab = three_sites();
+    wait_registered(&lab, 6, Duration::from_secs(20));
+    wait_overlay_up(&lab);
     let ids_before = registry(&lab);
     assert_eq!(ids_before.len(), 6);
     let pinger = lab.spawn(
@@ -272,9 +247,7 @@ fn a_cu_killed_and_restarted_loses_no_ping_and_every_agent_keeps_its_id() {
     ) == 0));
     lab.ctl("start", &["cu"]);
     // ... and come back to the restarted one, which knew them all along.
-    assert!(wait_until(Duration::from_secs(30), || all_registered(
-        &lab, 6
-    )));
+    wait_registered(&lab, 6, Duration::from_secs(30));
     assert_no_loss(&pinger.wait_with_output().unwrap());
     assert_eq!(
         registry(&lab),
@@ -301,12 +274,8 @@ fn a_cu_killed_and_restarted_loses_no_ping_and_every_agent_keeps_its_id() {
 #[test]
 fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
     require_root();
-    let lab = Lab::up(&THREE_SITES.replace("[[site]]\nname = \"london\"\napps = 1\n", ""));
-    assert!(wait_until(Duration::from_secs(20), || ping_ok(
-        &lab,
-        "paris/app1",
-        TOKYO_APP
-    )));
+    let lab = Lab::up(&sites(&THREE_SITES[..2]));
+    wait_overlay_up(&lab);
     let dir = lab.state_dir();
     std::fs::write(dir.join("bad-token"), "not-the-token\n").unwrap();
     let other = dir.join("other-ca");
@@ -318,21 +287,7 @@ fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
     assert!(init.status.success());
 
     // ponctl: the operator's tool.
-    let ponctl = bin_dir().join("ponctl");
-    let run = |ca: &std::path::Path, token: &std::path::Path| {
-        lab.exec(
-            "cu",
-            &[
-                ponctl.to_str().unwrap(),
-                "--cu",
-                "198.18.250.1:7400",
-                "--ca",
-                ca.to_str().unwrap(),
-                "--token-file",
-                token.to_str().unwrap(),
-            ],
-        )
-    };
+    let run = |ca: &std::path::Path, token: &std::path::Path| lab.ponctl_with(ca, token, &[]);
     let cu = dir.join("cu");
     let out = run(&cu.join("ca.pem"), &dir.join("bad-token"));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -396,11 +351,7 @@ fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
     );
     // The CU and its other agents carried on.
     lab.ctl("start", &["tokyo/proxy"]);
-    assert!(wait_until(Duration::from_secs(20), || ping_ok(
-        &lab,
-        "paris/app1",
-        TOKYO_APP
-    )));
+    wait_overlay_up(&lab);
     assert_eq!(
         metric(&lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}"),
         4
@@ -421,15 +372,8 @@ impl Drop for Spawned {
 #[test]
 fn a_ta_follows_the_forwarder_the_cu_names() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
-    assert!(
-        wait_until(Duration::from_secs(20), || ping_ok(
-            &lab,
-            "paris/app1",
-            TOKYO_APP
-        )),
-        "overlay never came up"
-    );
+    let lab = three_sites();
+    wait_overlay_up(&lab);
     // A second forwarder for paris, on another address of the proxy host
     // and asking for another id; the CU names it to paris's TA once the
     // first one is gone.

@@ -2,20 +2,13 @@
 //! real clients (ping, iperf3, curl) as the applications.
 
 use pon_e2e::clients::{check_ping, check_udp, iperf3, tcp_mbps, wait_reachable};
-use pon_e2e::{metric_value, repo_root, require_root, wait_until, Lab};
+use pon_e2e::{metric_value, repo_root, require_root, site, sites, text, wait_until, Lab};
 use std::time::Duration;
 
-const THREE_SITES: &str = r#"
-[[site]]
-name = "paris"
-apps = 2
-[[site]]
-name = "tokyo"
-apps = 1
-[[site]]
-name = "london"
-apps = 1
-"#;
+/// Paris (two app VMs), tokyo and london.
+fn three_sites() -> String {
+    site("paris", 2) + &sites(&["tokyo", "london"])
+}
 
 const RELAY: &str = r#"
 [[path]]
@@ -37,6 +30,22 @@ fn drops(reason: &str) -> String {
     format!("pon_forwarder_drops_total{{reason=\"{reason}\"}}")
 }
 
+/// TCP and UDP (20 Mbit/s) between paris's first app and tokyo's, each
+/// way: TCP at more than 10 Mbit/s, UDP with little loss.
+fn check_tcp_and_udp_both_ways(lab: &Lab) {
+    let up = iperf3(lab, "tokyo/app1", TOKYO_APP, "paris/app1", &[]);
+    let down = iperf3(lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-R"]);
+    assert!(
+        tcp_mbps(&up) > 10.0 && tcp_mbps(&down) > 10.0,
+        "TCP over the overlay is too slow"
+    );
+    for reverse in [&[][..], &["-R"]] {
+        let mut args = vec!["-u", "-b", "20M"];
+        args.extend_from_slice(reverse);
+        check_udp(&iperf3(lab, "tokyo/app1", TOKYO_APP, "paris/app1", &args));
+    }
+}
+
 /// Waits until `host` reaches `dst`, then runs `count` pings and returns the output.
 fn ping(lab: &Lab, host: &str, dst: &str, count: u32, extra: &[&str]) -> String {
     wait_reachable(lab, host, dst);
@@ -50,7 +59,7 @@ fn ping(lab: &Lab, host: &str, dst: &str, count: u32, extra: &[&str]) -> String 
 #[test]
 fn direct_path_carries_ping_tcp_and_udp() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
+    let lab = Lab::up(&three_sites());
 
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 20, &[]), 20);
     check_ping(&ping(&lab, "tokyo/app1", PARIS_APP, 20, &[]), 20);
@@ -73,26 +82,7 @@ fn direct_path_carries_ping_tcp_and_udp() {
         ) >= 40
     );
 
-    let up = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &[]);
-    let down = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-R"]);
-    assert!(
-        tcp_mbps(&up) > 10.0 && tcp_mbps(&down) > 10.0,
-        "TCP over the overlay is too slow"
-    );
-    check_udp(&iperf3(
-        &lab,
-        "tokyo/app1",
-        TOKYO_APP,
-        "paris/app1",
-        &["-u", "-b", "20M"],
-    ));
-    check_udp(&iperf3(
-        &lab,
-        "tokyo/app1",
-        TOKYO_APP,
-        "paris/app1",
-        &["-u", "-b", "20M", "-R"],
-    ));
+    check_tcp_and_udp_both_ways(&lab);
 
     // The second app VM of a site works too, and sites without a relay stay direct.
     check_ping(&ping(&lab, "paris/app2", "198.18.3.11", 5, &[]), 5);
@@ -102,7 +92,7 @@ fn direct_path_carries_ping_tcp_and_udp() {
 #[test]
 fn relay_path_goes_through_the_third_site() {
     require_root();
-    let lab = Lab::up(&format!("{THREE_SITES}{RELAY}"));
+    let lab = Lab::up(&format!("{}{RELAY}", three_sites()));
     // In CU mode the relay route exists once the CU has told paris about
     // london and tokyo: wait for it rather than measure a half-built table.
     let relayed = "pon_forwarder_route_hops{to=\"2\",hops=\"[3, 2]\"}";
@@ -121,23 +111,7 @@ fn relay_path_goes_through_the_third_site() {
         after - before
     );
 
-    let up = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &[]);
-    let down = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-R"]);
-    assert!(tcp_mbps(&up) > 10.0 && tcp_mbps(&down) > 10.0);
-    check_udp(&iperf3(
-        &lab,
-        "tokyo/app1",
-        TOKYO_APP,
-        "paris/app1",
-        &["-u", "-b", "20M"],
-    ));
-    check_udp(&iperf3(
-        &lab,
-        "tokyo/app1",
-        TOKYO_APP,
-        "paris/app1",
-        &["-u", "-b", "20M", "-R"],
-    ));
+    check_tcp_and_udp_both_ways(&lab);
     assert!(lab.metric("london/proxy", LONDON_FWD, &stage("transit")) > after + 1000);
     // london -> tokyo stays direct: london's own traffic is not relayed.
     check_ping(&ping(&lab, "london/app1", TOKYO_APP, 5, &[]), 5);
@@ -148,7 +122,7 @@ fn relay_path_goes_through_the_third_site() {
 fn oversized_packets_fit_or_get_frag_needed() {
     require_root();
     // Default TUN MTU: 1500 - (20 + 8 + 16 + 4x4 + 16) = 1424.
-    let lab = Lab::up(THREE_SITES);
+    let lab = Lab::up(&three_sites());
     check_ping(
         &ping(
             &lab,
@@ -165,17 +139,16 @@ fn oversized_packets_fit_or_get_frag_needed() {
             "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1397", TOKYO_APP,
         ],
     );
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let said = text(&out);
     assert!(
-        !out.status.success() && text.contains("mtu=1424"),
-        "expected a local 'message too long':\n{text}"
+        !out.status.success() && said.contains("mtu=1424"),
+        "expected a local 'message too long':\n{said}"
     );
     drop(lab);
 
     // TUN MTU larger than the path: the forwarder answers with ICMP.
     // The agent leg (IP-in-IP, 20 bytes) still fits 1480; the relay leg does not.
-    let lab = Lab::up(&format!("ta_mtu = 1480\n{THREE_SITES}{RELAY}"));
+    let lab = Lab::up(&format!("ta_mtu = 1480\n{}{RELAY}", three_sites()));
     ping(&lab, "paris/app1", TOKYO_APP, 1, &[]);
     let out = lab.exec(
         "paris/app1",
@@ -183,12 +156,11 @@ fn oversized_packets_fit_or_get_frag_needed() {
             "ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1452", TOKYO_APP,
         ],
     );
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let said = text(&out);
     // Relay route: 1500 - 20 IPv4 - 8 UDP - (16 + 2x4) PON = 1448.
     assert!(
-        text.contains("Frag needed") && text.contains("1448"),
-        "expected frag needed:\n{text}"
+        said.contains("Frag needed") && said.contains("1448"),
+        "expected frag needed:\n{said}"
     );
     assert!(
         lab.metric(
@@ -216,7 +188,7 @@ fn oversized_packets_fit_or_get_frag_needed() {
 #[test]
 fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
     require_root();
-    let lab = Lab::up(THREE_SITES);
+    let lab = Lab::up(&three_sites());
     ping(&lab, "paris/app1", TOKYO_APP, 1, &[]);
     let pinger = lab.spawn(
         "paris/app1",
@@ -244,18 +216,10 @@ fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
 
     let page = || lab.metrics("paris/proxy", PARIS_FWD);
     let counted_in = |page: &str, reason: &str| metric_value(page, &drops(reason));
-    // Every malformed datagram is counted under what is wrong with it: the
-    // flood sends a fifth of each of these, and a fifth of random garbage.
-    let parse_errors = [
-        "truncated",
-        "bad_version",
-        "unknown_kind",
-        "bad_hop_count",
-        "hop_index_out_of_range",
-        "inner_not_ip",
-        "bad_header_length",
-        "bad_total_length",
-    ];
+    // Every malformed datagram is counted under what is wrong with it (one
+    // of the parser's reasons, each its own counter): the flood sends a
+    // fifth of each of the four below, and a fifth of random garbage.
+    let parse_errors = pon_proto::Error::LABELS;
     let fifth = n / 5;
     let all = wait_until(Duration::from_secs(10), || {
         let p = page();
@@ -287,7 +251,7 @@ fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
 #[test]
 fn udp_encapsulation_variant_works() {
     require_root();
-    let lab = Lab::up(&format!("encap = \"udp\"\n{THREE_SITES}{RELAY}"));
+    let lab = Lab::up(&format!("encap = \"udp\"\n{}{RELAY}", three_sites()));
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 10, &[]), 10);
     check_ping(&ping(&lab, "tokyo/app1", PARIS_APP, 10, &[]), 10);
     let report = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-t", "1"]);

@@ -3,9 +3,11 @@
 //! delay, loss, rate, run-time changes while traffic flows, and the lab's
 //! `[[link]]` / `impair` / `status` interface.
 
-use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab, PingStats};
+use pon_e2e::clients::wait_reachable;
+use pon_e2e::{
+    lab_command, link, ping_stats, require_root, sites, text, wait_until, Lab, PingStats,
+};
 use std::io::{BufRead, BufReader};
-use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,39 +16,12 @@ const LONDON: &str = "198.18.3.1";
 /// The emulator's metrics endpoint (first site's gateway, in inet).
 const EMU_METRICS: &str = "198.18.1.254:9110";
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn wait_connected(lab: &Lab, from: &str, to: &str) {
-    let ok = wait_until(Duration::from_secs(15), || {
-        lab.exec(from, &["ping", "-c", "1", "-W", "1", to])
-            .status
-            .success()
-    });
-    assert!(ok, "{from} cannot reach {to}");
-}
-
 fn ping(lab: &Lab, from: &str, to: &str, count: u32, interval: &str) -> PingStats {
     let count = count.to_string();
-    let out = lab.exec(
+    ping_stats(&lab.exec(
         from,
         &["ping", "-q", "-c", &count, "-i", interval, "-W", "2", to],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    parse_ping(&stdout).unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)))
-}
-
-fn impair(lab: &Lab, args: &[&str]) -> Output {
-    lab_command()
-        .args(["impair", &lab.name])
-        .args(args)
-        .output()
-        .expect("run lab impair")
+    ))
 }
 
 fn now_s() -> f64 {
@@ -60,30 +35,25 @@ fn emu_metric(lab: &Lab, sample: &str) -> u64 {
     lab.metric("inet", EMU_METRICS, sample)
 }
 
+/// Paris and tokyo (one app VM each) linked with `settings`, once paris's
+/// proxy reaches tokyo's.
+fn paris_tokyo(settings: &str) -> Lab {
+    let lab = Lab::up(&(sites(&["paris", "tokyo"]) + &link("paris", "tokyo", settings)));
+    wait_reachable(&lab, "paris/proxy", TOKYO);
+    lab
+}
+
 #[test]
 fn delay_loss_and_unimpaired_pairs() {
     require_root();
-    let lab = Lab::up(
-        r#"
-[[site]]
-name = "paris"
-apps = 1
-[[site]]
-name = "tokyo"
-apps = 1
-[[site]]
-name = "london"
-apps = 1
-[[link]]
-between = ["paris", "tokyo"]
-delay_ms = 20
-[[link]]
-between = ["paris", "london"]
-loss = 0.1
-"#,
-    );
+    let lab = Lab::up(&format!(
+        "{}{}{}",
+        sites(&["paris", "tokyo", "london"]),
+        link("paris", "tokyo", "delay_ms = 20"),
+        link("paris", "london", "loss = 0.1"),
+    ));
     for (from, to) in [("paris/proxy", TOKYO), ("tokyo/proxy", LONDON)] {
-        wait_connected(&lab, from, to);
+        wait_reachable(&lab, from, to);
     }
 
     // Delay: RTT = 2 x 20 ms within 1 ms (the emulator's own latency and
@@ -155,21 +125,7 @@ fn iperf3(lab: &Lab, args: &[&str]) -> serde_json::Value {
 #[test]
 fn rate_limit_holds() {
     require_root();
-    let lab = Lab::up(
-        r#"
-[[site]]
-name = "paris"
-apps = 1
-[[site]]
-name = "tokyo"
-apps = 1
-[[link]]
-between = ["paris", "tokyo"]
-delay_ms = 5
-rate_mbit = 20
-"#,
-    );
-    wait_connected(&lab, "paris/proxy", TOKYO);
+    let lab = paris_tokyo("delay_ms = 5\nrate_mbit = 20");
     // UDP offered at twice the rate: what arrives is the rate. The limit
     // counts IP bytes; iperf3 counts UDP payload (1400 of 1428 bytes).
     let r = iperf3(&lab, &["-u", "-b", "40M", "-l", "1400"]);
@@ -195,10 +151,7 @@ rate_mbit = 20
 
     // TCP adapts to the limit and gets most of it.
     let r = iperf3(&lab, &[]);
-    let got = r["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no TCP summary in {r}"))
-        / 1e6;
+    let got = pon_e2e::clients::tcp_mbps(&r);
     eprintln!("rate 20 Mbit/s: TCP {got:.2} Mbit/s");
     assert!(
         (14.0..=21.0).contains(&got),
@@ -231,20 +184,7 @@ fn replies(out: &str) -> Vec<(f64, f64)> {
 #[test]
 fn impair_changes_links_while_traffic_flows() {
     require_root();
-    let lab = Lab::up(
-        r#"
-[[site]]
-name = "paris"
-apps = 1
-[[site]]
-name = "tokyo"
-apps = 1
-[[link]]
-between = ["paris", "tokyo"]
-delay_ms = 5
-"#,
-    );
-    wait_connected(&lab, "paris/proxy", TOKYO);
+    let lab = paris_tokyo("delay_ms = 5");
     // 100 pings a second, bounded to 3000 and 60 s; killed once all phases
     // are seen. -O reports each unanswered ping, so the down phase shows
     // progress too; -D stamps every line.
@@ -265,7 +205,7 @@ delay_ms = 5
     };
     let step = |args: &[&str]| {
         let before = now_s();
-        let out = impair(&lab, args);
+        let out = lab.impair(args);
         let after = now_s();
         assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
         (before, after)
@@ -360,13 +300,13 @@ fn lab_interface_errors_are_clear() {
     let dir = std::env::temp_dir().join(format!("pon-e2e-linkemu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let topo = dir.join("bad.toml");
-    let base = "[[site]]\nname = \"a\"\napps = 1\n[[site]]\nname = \"b\"\napps = 1\n";
-    for (link, field) in [
-        ("between = [\"a\", \"b\"]\nloss = 1.5", "link[1].loss"),
-        ("between = [\"a\", \"x\"]", "link[1].between"),
-        ("between = [\"a\", \"b\"]\ndelay = 5", "link[1].delay"),
+    let base = sites(&["a", "b"]);
+    for (bad, field) in [
+        (link("a", "b", "loss = 1.5"), "link[1].loss"),
+        (link("a", "x", ""), "link[1].between"),
+        (link("a", "b", "delay = 5"), "link[1].delay"),
     ] {
-        std::fs::write(&topo, format!("{base}[[link]]\n{link}\n")).expect("write");
+        std::fs::write(&topo, format!("{base}{bad}")).expect("write");
         let name = format!("e{:x}", std::process::id() & 0xfffffff);
         let out = lab_command()
             .arg("up")
@@ -384,16 +324,16 @@ fn lab_interface_errors_are_clear() {
     let _ = std::fs::remove_dir_all(&dir);
 
     // Without [[link]], the lab runs on the raw underlay, and `impair` says how to get links.
-    let lab = Lab::up(base);
+    let lab = Lab::up(&base);
     let status = lab.status_json();
     assert_eq!(status["link_emulator"]["enabled"], false, "{status}");
-    let out = impair(&lab, &["a", "b", "--delay-ms", "10"]);
+    let out = lab.impair(&["a", "b", "--delay-ms", "10"]);
     assert!(!out.status.success());
     assert!(
         text(&out).contains("link_emulator = true"),
         "{}",
         text(&out)
     );
-    let out = impair(&lab, &["a", "b"]);
+    let out = lab.impair(&["a", "b"]);
     assert!(text(&out).contains("nothing to change"), "{}", text(&out));
 }

@@ -2,8 +2,7 @@
 //! router in one process) on every site, emulated WAN links, real pings
 //! between app VMs. Each test prints what it measured.
 
-use pon_e2e::{lab_command, parse_ping, require_root, wait_until, Lab};
-use std::process::Output;
+use pon_e2e::{link, parse_ping, ping_stats, require_root, sites, text, wait_until, Lab};
 use std::time::{Duration, Instant};
 
 const PARIS_APP: &str = "paris/app1";
@@ -13,38 +12,18 @@ const TOKYO_PROXY: (&str, &str) = ("tokyo/proxy", "198.18.2.1:9100");
 /// London's forwarder (pon-proxy, or pon-forwarder when split): the relay.
 const LONDON_FORWARDER: (&str, &str) = ("london/proxy", "198.18.3.1:9100");
 const TRANSIT: &str = "pon_forwarder_packets_total{stage=\"transit\"}";
+const INGRESS: &str = "pon_forwarder_packets_total{stage=\"ingress\"}";
+/// Where pon-proxy's router answers for paris's and tokyo's routes.
+const PROXIES: [(&str, &str); 2] = [PARIS_PROXY, TOKYO_PROXY];
 
 /// paris-tokyo slow (150 ms RTT), through london fast (2 x 30 ms RTT).
 fn triangle(routing: &str, direct: &str) -> String {
     format!(
-        r#"routing = {{ {routing} }}
-[[site]]
-name = "paris"
-apps = 1
-[[site]]
-name = "tokyo"
-apps = 1
-[[site]]
-name = "london"
-apps = 1
-[[link]]
-between = ["paris", "tokyo"]
-{direct}
-[[link]]
-between = ["paris", "london"]
-delay_ms = 15
-[[link]]
-between = ["london", "tokyo"]
-delay_ms = 15
-"#
-    )
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
+        "routing = {{ {routing} }}\n{}{}{}{}",
+        sites(&["paris", "tokyo", "london"]),
+        link("paris", "tokyo", direct),
+        link("paris", "london", "delay_ms = 15"),
+        link("london", "tokyo", "delay_ms = 15"),
     )
 }
 
@@ -63,23 +42,75 @@ fn status(lab: &Lab, proxy: (&str, &str)) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
 }
 
-/// The current route of `proxy` to destination proxy `dst` (hops after it;
-/// empty while unreachable).
-fn route(lab: &Lab, proxy: (&str, &str), dst: u64) -> Vec<u64> {
+/// What `proxy`'s status says of destination proxy `dst` (Null if nothing).
+fn destination(lab: &Lab, proxy: (&str, &str), dst: u64) -> serde_json::Value {
     status(lab, proxy)["destinations"]
         .as_array()
         .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
-        .and_then(|d| d["current"].as_array())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The current route of `proxy` to destination proxy `dst` (hops after it;
+/// empty while unreachable).
+fn route(lab: &Lab, proxy: (&str, &str), dst: u64) -> Vec<u64> {
+    destination(lab, proxy, dst)["current"]
+        .as_array()
         .map(|c| c.iter().filter_map(|h| h.as_u64()).collect())
         .unwrap_or_default()
 }
 
-fn route_changes(lab: &Lab, proxy: (&str, &str), dst: u64) -> u64 {
-    lab.metric(
-        proxy.0,
-        proxy.1,
-        &format!("pon_router_destination_route_changes_total{{dst=\"{dst}\"}}"),
-    )
+/// The routes paris -> tokyo and tokyo -> paris, as `routers` (paris's
+/// router, tokyo's) report them.
+fn routes(lab: &Lab, routers: [(&str, &str); 2]) -> (Vec<u64>, Vec<u64>) {
+    (route(lab, routers[0], 2), route(lab, routers[1], 1))
+}
+
+/// How often paris's route to tokyo and tokyo's to paris have changed.
+fn route_changes(lab: &Lab) -> (u64, u64) {
+    let changes = |(host, addr): (&str, &str), dst: u64| {
+        lab.metric(
+            host,
+            addr,
+            &format!("pon_router_destination_route_changes_total{{dst=\"{dst}\"}}"),
+        )
+    };
+    (changes(PARIS_PROXY, 2), changes(TOKYO_PROXY, 1))
+}
+
+/// `ping -q` from paris's app to tokyo's: `count` pings every `interval` s.
+fn pings<'a>(count: &'a str, interval: &'a str) -> [&'a str; 9] {
+    [
+        "ping",
+        "-q",
+        "-c",
+        count,
+        "-i",
+        interval,
+        "-W",
+        "1",
+        TOKYO_APP_ADDR,
+    ]
+}
+
+/// Runs 10 pings from paris to tokyo and checks all are answered; returns
+/// how many packets paris's forwarder took into the overlay meanwhile.
+fn ten_pings_ingress(lab: &Lab) -> u64 {
+    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS);
+    let out = lab.exec_ok(PARIS_APP, &pings("10", "0.1"));
+    assert_eq!(parse_ping(&out).map(|s| s.received), Some(10), "{out}");
+    lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS) - before
+}
+
+/// Waits until both proxies route to each other and a ping gets through.
+fn wait_overlay_up(lab: &Lab) {
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let (paris, tokyo) = routes(lab, PROXIES);
+            !paris.is_empty() && !tokyo.is_empty() && one_ping_ms(lab).is_some()
+        }),
+        "overlay never came up"
+    );
 }
 
 fn one_ping_ms(lab: &Lab) -> Option<f64> {
@@ -102,10 +133,8 @@ fn wait_for_relayed_traffic(lab: &Lab, packets: u64) {
 
 /// Probes `proxy` has sent towards `dst` (learning and keepalives).
 fn probes_sent(lab: &Lab, proxy: (&str, &str), dst: u64) -> u64 {
-    status(lab, proxy)["destinations"]
-        .as_array()
-        .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
-        .and_then(|d| d["probes_sent"].as_u64())
+    destination(lab, proxy, dst)["probes_sent"]
+        .as_u64()
         .unwrap_or(0)
 }
 
@@ -130,10 +159,8 @@ fn let_routers_probe(lab: &Lab, probes: u64) {
 /// listed, but without a cost (every probe in its loss window lost, or no
 /// answer for longer than `fresh_ms`).
 fn written_off(lab: &Lab, proxy: (&str, &str), dst: u64, path: &[u64]) -> bool {
-    status(lab, proxy)["destinations"]
+    destination(lab, proxy, dst)["candidates"]
         .as_array()
-        .and_then(|ds| ds.iter().find(|d| d["id"] == dst))
-        .and_then(|d| d["candidates"].as_array())
         .and_then(|c| c.iter().find(|c| c["path"] == serde_json::json!(path)))
         .is_some_and(|c| c["cost"].is_null())
 }
@@ -160,15 +187,6 @@ fn rate_ok(rate: f64, (least, most): (f64, f64)) -> bool {
     rate >= least * 0.8 && rate <= most * 1.2
 }
 
-fn impair(lab: &Lab, args: &[&str]) {
-    let out = lab_command()
-        .args(["impair", &lab.name])
-        .args(args)
-        .output()
-        .expect("run lab impair");
-    assert!(out.status.success(), "impair {args:?}:\n{}", text(&out));
-}
-
 #[test]
 fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
     require_root();
@@ -184,20 +202,7 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
         relayed,
         "ping never showed the relayed RTT (last {last:?} ms)"
     );
-    let out = lab.exec_ok(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "20",
-            "-i",
-            "0.1",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
+    let out = lab.exec_ok(PARIS_APP, &pings("20", "0.1"));
     let s = parse_ping(&out).expect("ping summary");
     eprintln!(
         "relayed RTT {:.1} ms (direct link 150 ms RTT, relay 60 ms) {:.1} s after the lab was up",
@@ -207,8 +212,7 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
     assert_eq!(s.received, 20, "{out}");
     assert!(s.avg_ms > 55.0 && s.avg_ms < 100.0, "{out}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
-    assert_eq!(route(&lab, PARIS_PROXY, 2), vec![3, 2]);
-    assert_eq!(route(&lab, TOKYO_PROXY, 1), vec![3, 1]);
+    assert_eq!(routes(&lab, PROXIES), (vec![3, 2], vec![3, 1]));
     // Transit through london carries the pings (20 each way, at least),
     // and the budget is reported.
     assert!(lab.metric(LONDON_FORWARDER.0, LONDON_FORWARDER.1, TRANSIT) >= 40);
@@ -245,22 +249,9 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
     );
 
     // ponctl shows it per proxy: the CU lists the proxies, each answers for its routes.
-    let dir = lab.state_dir().join("cu");
-    let ponctl = pon_e2e::bin_dir().join("ponctl");
-    let (ca, token) = (dir.join("ca.pem"), dir.join("token"));
-    let out = lab.exec_ok(
-        "cu",
-        &[
-            ponctl.to_str().unwrap(),
-            "--cu",
-            "198.18.250.1:7400",
-            "--ca",
-            ca.to_str().unwrap(),
-            "--token-file",
-            token.to_str().unwrap(),
-            "--routes",
-        ],
-    );
+    let out = lab.ponctl(&["--routes"]);
+    assert!(out.status.success(), "ponctl: {}", text(&out));
+    let out = String::from_utf8_lossy(&out.stdout);
     eprintln!("{out}");
     let paris = out
         .split("\n\n")
@@ -286,33 +277,19 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
     let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 75"));
     assert!(
         wait_until(Duration::from_secs(20), || {
-            route(&lab, PARIS_PROXY, 2) == [3, 2] && route(&lab, TOKYO_PROXY, 1) == [3, 1]
+            routes(&lab, PROXIES) == (vec![3, 2], vec![3, 1])
         }),
         "never settled on the relayed path"
     );
     // 30 s of pings every 20 ms over the relayed path.
-    let ping = lab.spawn(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "1500",
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
+    let ping = lab.spawn(PARIS_APP, &pings("1500", "0.02"));
     // A second of pings both ways through london before the cut.
     wait_for_relayed_traffic(&lab, 100);
     let down = Instant::now();
-    impair(&lab, &["paris", "london", "--down"]);
+    lab.impair_ok(&["paris", "london", "--down"]);
     assert!(
-        wait_until(Duration::from_secs(5), || route(&lab, PARIS_PROXY, 2)
-            == [2]
-            && route(&lab, TOKYO_PROXY, 1) == [1]),
+        wait_until(Duration::from_secs(5), || routes(&lab, PROXIES)
+            == (vec![2], vec![1])),
         "no failover to the direct path"
     );
     let failover = down.elapsed();
@@ -326,29 +303,21 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
         status(&lab, PARIS_PROXY)
     );
     assert_eq!(route(&lab, PARIS_PROXY, 2), vec![2], "still direct");
-    let (p0, t0) = (
-        route_changes(&lab, PARIS_PROXY, 2),
-        route_changes(&lab, TOKYO_PROXY, 1),
-    );
+    let (p0, t0) = route_changes(&lab);
     let up = Instant::now();
-    impair(&lab, &["paris", "london", "--up"]);
+    lab.impair_ok(&["paris", "london", "--up"]);
     assert!(
-        wait_until(Duration::from_secs(30), || route(&lab, PARIS_PROXY, 2)
-            == [3, 2]
-            && route(&lab, TOKYO_PROXY, 1) == [3, 1]),
+        wait_until(Duration::from_secs(30), || routes(&lab, PROXIES)
+            == (vec![3, 2], vec![3, 1])),
         "traffic did not return to the relayed path"
     );
     let back = up.elapsed();
-    let out = ping.wait_with_output().expect("ping");
-    let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
-        .unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)));
+    let s = ping_stats(&ping.wait_with_output().expect("ping"));
     // Stayed there, with one change each way: no flapping, over about 5 s
     // of the routers' probing (100 probes at 20 keepalives/s and more).
     let_routers_probe(&lab, 100);
-    let flaps = (
-        route_changes(&lab, PARIS_PROXY, 2) - p0,
-        route_changes(&lab, TOKYO_PROXY, 1) - t0,
-    );
+    let (p1, t1) = route_changes(&lab);
+    let flaps = (p1 - p0, t1 - t0);
     let lost = s.transmitted - s.received;
     eprintln!(
         "failover seen by the router within {:.2} s (status polled); {lost} of {} pings at 20 ms lost \
@@ -379,31 +348,14 @@ fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
     ));
     let start = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(45), || route(&lab, PARIS_PROXY, 2)
-            == [3, 2]
-            && route(&lab, TOKYO_PROXY, 1) == [3, 1]),
+        wait_until(Duration::from_secs(45), || routes(&lab, PROXIES)
+            == (vec![3, 2], vec![3, 1])),
         "the lossy direct path is still used: {}",
         status(&lab, PARIS_PROXY)
     );
     let chose = start.elapsed();
-    let (p0, t0) = (
-        route_changes(&lab, PARIS_PROXY, 2),
-        route_changes(&lab, TOKYO_PROXY, 1),
-    );
-    let out = lab.exec_ok(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "100",
-            "-i",
-            "0.1",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
+    let (p0, t0) = route_changes(&lab);
+    let out = lab.exec_ok(PARIS_APP, &pings("100", "0.1"));
     let s = parse_ping(&out).expect("ping summary");
     let st = status(&lab, PARIS_PROXY);
     let direct = st["destinations"][0]["candidates"]
@@ -423,14 +375,7 @@ fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
     );
     assert!(s.avg_ms > 55.0, "pings took the 40 ms direct path: {out}");
     assert!(s.received >= 98, "the clean path loses nothing: {out}");
-    assert_eq!(
-        (
-            route_changes(&lab, PARIS_PROXY, 2) - p0,
-            route_changes(&lab, TOKYO_PROXY, 1) - t0
-        ),
-        (0, 0),
-        "stayed off the lossy path"
-    );
+    assert_eq!(route_changes(&lab), (p0, t0), "stayed off the lossy path");
 }
 
 fn nft(lab: &Lab, host: &str, args: &[&str]) {
@@ -449,18 +394,11 @@ fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
     let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 10"));
     let paris_ta = ("paris/app1", "198.18.1.11:9101");
     let tokyo_ta = ("tokyo/app1", "198.18.2.11:9101");
-    let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
-    assert!(
-        wait_until(Duration::from_secs(20), || !route(&lab, PARIS_PROXY, 2)
-            .is_empty()
-            && !route(&lab, TOKYO_PROXY, 1).is_empty()
-            && one_ping_ms(&lab).is_some()),
-        "overlay never came up"
-    );
-    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+    wait_overlay_up(&lab);
+    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS);
     assert!(one_ping_ms(&lab).is_some());
     assert!(
-        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) > before,
+        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS) > before,
         "ping uses the overlay"
     );
 
@@ -497,25 +435,9 @@ fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
         status(&lab, PARIS_PROXY)
     );
     let fallback = cut.elapsed();
-    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
-    let out = lab.exec_ok(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "10",
-            "-i",
-            "0.1",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
-    assert_eq!(parse_ping(&out).map(|s| s.received), Some(10), "{out}");
     assert_eq!(
-        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress),
-        before,
+        ten_pings_ingress(&lab),
+        0,
         "pings bypass the overlay meanwhile"
     );
 
@@ -534,26 +456,7 @@ fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
         status(&lab, PARIS_PROXY)
     );
     let back = restored.elapsed();
-    let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
-    let out = lab.exec_ok(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "10",
-            "-i",
-            "0.1",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
-    assert_eq!(parse_ping(&out).map(|s| s.received), Some(10), "{out}");
-    assert!(
-        lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) >= before + 10,
-        "back on the overlay"
-    );
+    assert!(ten_pings_ingress(&lab) >= 10, "back on the overlay");
     eprintln!(
         "all overlay paths down: traffic on the IP path {:.2} s later; overlay restored: \
          interception back {:.2} s later",
@@ -578,9 +481,10 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
     let tokyo_router = ("tokyo/proxy", "198.18.2.1:9104");
     let start = Instant::now();
     assert!(
-        wait_until(Duration::from_secs(20), || route(&lab, paris_router, 2)
-            == [3, 2]
-            && route(&lab, tokyo_router, 1) == [3, 1]
+        wait_until(Duration::from_secs(20), || routes(
+            &lab,
+            [paris_router, tokyo_router]
+        ) == (vec![3, 2], vec![3, 1])
             && one_ping_ms(&lab).is_some_and(|ms| ms < 100.0)),
         "split processes never settled on the relayed path: {}",
         status(&lab, paris_router)
@@ -591,31 +495,17 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
         monitor["id"], 1,
         "the monitor learnt its id from the forwarder: {monitor}"
     );
-    let ping = lab.spawn(
-        PARIS_APP,
-        &[
-            "ping",
-            "-q",
-            "-c",
-            "500",
-            "-i",
-            "0.02",
-            "-W",
-            "1",
-            TOKYO_APP_ADDR,
-        ],
-    );
+    let ping = lab.spawn(PARIS_APP, &pings("500", "0.02"));
     wait_for_relayed_traffic(&lab, 100);
-    impair(&lab, &["paris", "london", "--down"]);
+    lab.impair_ok(&["paris", "london", "--down"]);
     assert!(
-        wait_until(Duration::from_secs(5), || route(&lab, paris_router, 2)
-            == [2]
-            && route(&lab, tokyo_router, 1) == [1]),
+        wait_until(Duration::from_secs(5), || routes(
+            &lab,
+            [paris_router, tokyo_router]
+        ) == (vec![2], vec![1])),
         "no failover"
     );
-    let out = ping.wait_with_output().expect("ping");
-    let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
-        .unwrap_or_else(|| panic!("no ping summary:\n{}", text(&out)));
+    let s = ping_stats(&ping.wait_with_output().expect("ping"));
     let lost = s.transmitted - s.received;
     eprintln!(
         "split processes: relayed path {:.1} s after start; failover lost {lost} of {} pings at 20 ms",
@@ -630,14 +520,7 @@ fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
     require_root();
     let lab = Lab::up(&triangle("policy = \"latency\"", "delay_ms = 10"));
     let paris_ta = ("paris/app1", "198.18.1.11:9101");
-    let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
-    assert!(
-        wait_until(Duration::from_secs(20), || !route(&lab, PARIS_PROXY, 2)
-            .is_empty()
-            && !route(&lab, TOKYO_PROXY, 1).is_empty()
-            && one_ping_ms(&lab).is_some()),
-        "overlay never came up"
-    );
+    wait_overlay_up(&lab);
     // Paris's proxy crashes: its TA stops hearing from it and, once the
     // lease runs out, leaves everything to the IP path; tokyo's router finds
     // paris unreachable and does the same on its side.
@@ -660,9 +543,9 @@ fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
     let restart = Instant::now();
     assert!(
         wait_until(Duration::from_secs(20), || {
-            let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress);
+            let before = lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS);
             one_ping_ms(&lab).is_some()
-                && lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, ingress) > before
+                && lab.metric(PARIS_PROXY.0, PARIS_PROXY.1, INGRESS) > before
         }),
         "traffic did not return to the overlay: {}",
         status(&lab, PARIS_PROXY)

@@ -1,30 +1,23 @@
 //! pon-ra: the reception agent of an app VM.
 
 use anyhow::Context;
-use clap::Parser;
 use pon_agents::config::RaConfig;
 use pon_agents::io::{run_ra_ipip, run_ra_udp};
 use pon_agents::ra::{Decapsulator, RaCounters};
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread;
 
-/// Receives packets from the local PON proxy (IP-in-IP, or UDP) and delivers
-/// them to this VM's network stack through a TUN device.
-#[derive(Parser)]
-#[command(version, about, long_about)]
-struct Args {
-    /// TOML configuration: proxy address, local address, UDP port.
-    #[arg(long, short)]
-    config: PathBuf,
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    pon_telemetry::init_logging();
+    let args = pon_telemetry::daemon_args!(
+        "Receives packets from the local PON proxy (IP-in-IP, or UDP) and delivers \
+         them to this VM's network stack through a TUN device."
+    );
     let cfg = RaConfig::load(&args.config)?;
+    if args.check_done() {
+        return Ok(());
+    }
     let tun = Arc::new(pon_agents::tun::open(
         &cfg.tun_name,
         1500,

@@ -1,7 +1,6 @@
 //! pon-ta: the transmission agent of an app VM.
 
 use anyhow::Context;
-use clap::Parser;
 use pon_agents::config::TaConfig;
 use pon_agents::interception::Interception;
 use pon_agents::io::{run_ta, TaUplink};
@@ -9,25 +8,19 @@ use pon_agents::ta::{Encapsulator, TaCounters};
 use pon_proto::EncapKind;
 use pon_telemetry::PromWriter;
 use std::net::{SocketAddr, SocketAddrV4};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-/// Captures this VM's packets for overlay destinations through a TUN device
-/// and sends them, IP-in-IP (or UDP), to the local PON forwarder.
-#[derive(Parser)]
-#[command(version, about, long_about)]
-struct Args {
-    /// TOML configuration: local address, forwarder, encapsulation, intercepted prefixes.
-    #[arg(long, short)]
-    config: PathBuf,
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let args = pon_telemetry::daemon_args!(
+        "Captures this VM's packets for overlay destinations through a TUN device \
+         and sends them, IP-in-IP (or UDP), to the local PON forwarder."
+    );
+    let cfg = TaConfig::load(&args.config)?;
+    if args.check_done() {
+        return Ok(());
+    }
     // The TA's clock: its sans-I/O parts get time as "since this instant".
     let started = std::time::Instant::now();
-    pon_telemetry::init_logging();
-    let cfg = TaConfig::load(&args.config)?;
     let mtu = cfg.tun_mtu();
     let tun = pon_agents::tun::open(&cfg.tun_name, mtu, None, cfg.offload)?;
     let counters = Arc::new(TaCounters::default());

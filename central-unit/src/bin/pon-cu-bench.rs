@@ -118,14 +118,7 @@ fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
             let site = i % sites;
             let (role, endpoints) = if i < sites {
                 let a = Ipv4Addr::from(0x0a00_0001u32 + (site as u32) * 256);
-                (
-                    "PROXY",
-                    Endpoints::Proxy {
-                        pon: SocketAddr::from((a, 7300)),
-                        agent_addr: a,
-                        agent_udp_port: 7301,
-                    },
-                )
+                ("PROXY", Endpoints::proxy(a))
             } else {
                 (
                     "APP",

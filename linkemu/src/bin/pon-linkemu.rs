@@ -1,7 +1,6 @@
 //! pon-linkemu: the lab's WAN link emulator (runs in the internet namespace).
 
 use anyhow::Context;
-use clap::Parser;
 use pon_linkemu::config::{Config, Sites};
 use pon_linkemu::control::{self, Controlled};
 use pon_linkemu::emulator::Emulator;
@@ -10,26 +9,20 @@ use pon_linkemu::metrics::Registry;
 use pon_telemetry::PromWriter;
 use rand::rngs::SmallRng;
 use rand::RngExt;
-use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
 use tun_rs::DeviceBuilder;
 
-/// Emulates WAN links between lab sites: packets routed into a TUN device
-/// are delayed, jittered, dropped and rate-limited per ordered pair of sites
-/// (by source and destination prefix), then written back to be routed on.
-/// Settings change at run time through a Unix control socket.
-#[derive(Parser)]
-#[command(version, about, long_about)]
-struct Args {
-    /// TOML configuration: TUN name, sites, links, control socket, metrics.
-    #[arg(long, short)]
-    config: PathBuf,
-}
-
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    pon_telemetry::init_logging();
+    let args = pon_telemetry::daemon_args!(
+        "Emulates WAN links between lab sites: packets routed into a TUN device \
+         are delayed, jittered, dropped and rate-limited per ordered pair of sites \
+         (by source and destination prefix), then written back to be routed on. \
+         Settings change at run time through a Unix control socket."
+    );
     let cfg = Config::load(&args.config)?;
+    if args.check_done() {
+        return Ok(());
+    }
     let seed = cfg
         .seed
         .unwrap_or_else(|| rand::make_rng::<SmallRng>().random());

@@ -61,14 +61,11 @@ fn main() {
     let (ingress, relay, egress) = (engine(1, n), engine(3, n), engine(2, n));
     let inner_len = IPV4_HEADER_LEN + 8 + 64;
     let mut buf = vec![0u8; BUFFER_LEN];
-    Ipv4Repr {
-        src: Ipv4Addr::new(198, 18, 1, 11),
-        dst: Ipv4Addr::new(198, 18, 1, 1),
-        protocol: IpProtocol::Ipip,
-        ttl: 64,
-        dont_fragment: false,
-        payload_len: inner_len,
-    }
+    Ipv4Repr::ipip(
+        Ipv4Addr::new(198, 18, 1, 11),
+        Ipv4Addr::new(198, 18, 1, 1),
+        inner_len,
+    )
     .emit(&mut buf[HEADROOM..])
     .unwrap();
     Ipv4Repr {

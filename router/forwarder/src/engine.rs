@@ -5,8 +5,7 @@
 
 use super::table::{Agent, Encap, ForwardingTable, SharedTable};
 use pon_proto::ip::{
-    self, InnerPacket, IpProtocol, IpipPacket, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPV4_HEADER_LEN,
-    UDP_OVERHEAD,
+    self, InnerPacket, IpipPacket, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPV4_HEADER_LEN, UDP_OVERHEAD,
 };
 use pon_proto::pon::{self, Kind, MAX_HEADER_LEN};
 use pon_proto::Error;
@@ -436,14 +435,7 @@ impl Engine {
                 if s < IPV4_HEADER_LEN {
                     return drop(&self.counters.drop_no_room);
                 }
-                let outer = Ipv4Repr {
-                    src: self.local_addr,
-                    dst: agent.addr,
-                    protocol: IpProtocol::Ipip,
-                    ttl: 64,
-                    dont_fragment: false,
-                    payload_len: e - s,
-                };
+                let outer = Ipv4Repr::ipip(self.local_addr, agent.addr, e - s);
                 if outer.emit(&mut buf[s - IPV4_HEADER_LEN..s]).is_err() {
                     return drop(&self.counters.drop_too_big);
                 }

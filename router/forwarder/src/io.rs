@@ -110,8 +110,11 @@ fn count_error(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Err
     }
 }
 
-fn rx_error(engine: &Engine, what: &str, e: &io::Error) {
-    count_error(&engine.counters.rx_errors, 1, what, e);
+/// What a receive returned, or None after counting (and sparsely logging)
+/// its error: the loops go on to the next receive.
+fn received<T>(engine: &Engine, what: &str, r: io::Result<T>) -> Option<T> {
+    r.map_err(|e| count_error(&engine.counters.rx_errors, 1, what, &e))
+        .ok()
 }
 
 /// PON packets from peers: transit and egress work in place inside the
@@ -120,12 +123,8 @@ fn peer_loop(e: &Engine, s: &Sockets) {
     let mut rb = RecvBatch::default();
     let mut tx = s.tx();
     loop {
-        let n = match rb.recv(&s.peer) {
-            Ok(n) => n,
-            Err(err) => {
-                rx_error(e, "peer recv failed", &err);
-                continue;
-            }
+        let Some(n) = received(e, "peer recv failed", rb.recv(&s.peer)) else {
+            continue;
         };
         let table = e.table.load();
         for i in 0..n {
@@ -156,17 +155,14 @@ fn ipip_loop(e: &Engine, s: &Sockets) {
         } else {
             s.ipip_rx.recv(window).map(Some)
         };
-        let n = match got {
-            Ok(Some(n)) => n,
-            Ok(None) => {
+        let n = match received(e, "ipip recv failed", got) {
+            Some(Some(n)) => n,
+            Some(None) => {
                 s.flush(e, &mut tx);
                 pending = false;
                 continue;
             }
-            Err(err) => {
-                rx_error(e, "ipip recv failed", &err);
-                continue;
-            }
+            None => continue,
         };
         let d = e.from_agent_ipip(&e.table.load(), &mut buf, HEADROOM, n);
         s.transmit(e, &d, &buf, &mut tx);
@@ -181,12 +177,8 @@ fn agent_udp_loop(e: &Engine, s: &Sockets, sock: &UdpIo) {
     let mut work = vec![0u8; BUFFER_LEN];
     let mut tx = s.tx();
     loop {
-        let n = match rb.recv(sock) {
-            Ok(n) => n,
-            Err(err) => {
-                rx_error(e, "agent udp recv failed", &err);
-                continue;
-            }
+        let Some(n) = received(e, "agent udp recv failed", rb.recv(sock)) else {
+            continue;
         };
         let table = e.table.load();
         for i in 0..n {

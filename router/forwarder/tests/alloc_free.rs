@@ -83,14 +83,7 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
 /// An IP-in-IP packet from APP_A's TA at the receive offset of `buf`.
 fn load_from_ta(buf: &mut [u8], payload: usize) -> usize {
     let inner_len = IPV4_HEADER_LEN + payload;
-    let outer = Ipv4Repr {
-        src: APP_A,
-        dst: Ipv4Addr::new(198, 18, 1, 1),
-        protocol: IpProtocol::Ipip,
-        ttl: 64,
-        dont_fragment: false,
-        payload_len: inner_len,
-    };
+    let outer = Ipv4Repr::ipip(APP_A, Ipv4Addr::new(198, 18, 1, 1), inner_len);
     outer.emit(&mut buf[HEADROOM..]).unwrap();
     let inner = Ipv4Repr {
         src: APP_A,

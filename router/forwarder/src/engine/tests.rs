@@ -1,7 +1,7 @@
 use super::*;
 use crate::table::ForwardingTable;
 use arc_swap::ArcSwap;
-use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpipPacket, Ipv4Packet};
+use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet};
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const APP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
@@ -57,16 +57,9 @@ fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize, df: bool) -> Vec<u
 fn from_ta(inner: &[u8], forwarder: Ipv4Addr) -> (Vec<u8>, usize) {
     let mut buf = vec![0u8; BUFFER_LEN];
     let src: [u8; 4] = inner[12..16].try_into().unwrap();
-    Ipv4Repr {
-        src: Ipv4Addr::from(src),
-        dst: forwarder,
-        protocol: IpProtocol::Ipip,
-        ttl: 64,
-        dont_fragment: false,
-        payload_len: inner.len(),
-    }
-    .emit(&mut buf[HEADROOM..])
-    .unwrap();
+    Ipv4Repr::ipip(Ipv4Addr::from(src), forwarder, inner.len())
+        .emit(&mut buf[HEADROOM..])
+        .unwrap();
     buf[HEADROOM + IPV4_HEADER_LEN..HEADROOM + IPV4_HEADER_LEN + inner.len()]
         .copy_from_slice(inner);
     (buf, IPV4_HEADER_LEN + inner.len())
@@ -81,6 +74,12 @@ fn received(bytes: &[u8]) -> Vec<u8> {
 
 fn step(e: &Engine, buf: &mut [u8], len: usize, from: SocketAddr) -> Decision {
     e.from_peer(&e.table.load(), buf, HEADROOM, len, from)
+}
+
+/// What `e` does with `wire`, received from `from`.
+fn output_from_peer(e: &Engine, wire: &[u8], from: SocketAddr) -> Output {
+    let mut buf = received(wire);
+    step(e, &mut buf, wire.len(), from).output
 }
 
 fn pon_packet(hops: &[u32], hop_limit: u8, inner: &[u8]) -> Vec<u8> {
@@ -167,19 +166,17 @@ fn forged_and_malformed_are_dropped_and_counted() {
     assert_eq!(p1.counters.drop_unknown_peer.get(), 2);
 
     // Garbage from a real peer.
-    let mut buf = received(&[1, 1, 0, 9, 0, 0, 0, 0]);
-    assert_eq!(step(&p1, &mut buf, 8, proxy_addr(2)).output, Output::Drop);
+    assert_eq!(
+        output_from_peer(&p1, &[1, 1, 0, 9, 0, 0, 0, 0], proxy_addr(2)),
+        Output::Drop
+    );
     let truncated = Error::Truncated { needed: 0, have: 0 };
     assert_eq!(p1.counters.parse.get(truncated), 1);
 
     // An unknown PON kind is its own reason, not taken for data.
     let mut bad = pon_packet(&[1], 4, &inner);
     bad[1] = 9;
-    let mut buf = received(&bad);
-    assert_eq!(
-        step(&p1, &mut buf, bad.len(), proxy_addr(2)).output,
-        Output::Drop
-    );
+    assert_eq!(output_from_peer(&p1, &bad, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.parse.get(Error::UnknownKind(0)), 1);
     assert_eq!(p1.counters.parse.total(), 2);
     let mut w = pon_telemetry::PromWriter::new();
@@ -201,20 +198,12 @@ fn forged_and_malformed_are_dropped_and_counted() {
 
     // A well-formed header that names another proxy as current hop.
     let wire = pon_packet(&[3], 4, &inner);
-    let mut buf = received(&wire);
-    assert_eq!(
-        step(&p1, &mut buf, wire.len(), proxy_addr(2)).output,
-        Output::Drop
-    );
+    assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.drop_not_for_me.get(), 1);
 
     // Egress to an address that is not one of our agents: no open relay.
     let wire = pon_packet(&[1], 4, &inner);
-    let mut buf = received(&wire);
-    assert_eq!(
-        step(&p1, &mut buf, wire.len(), proxy_addr(2)).output,
-        Output::Drop
-    );
+    assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.drop_no_destination.get(), 1);
 
     // IP-in-IP from a host that is not a local agent, and an agent spoofing.
@@ -237,11 +226,7 @@ fn hop_limit_is_enforced_in_transit() {
     let p3 = engine(3);
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let wire = pon_packet(&[3, 2], 1, &inner);
-    let mut buf = received(&wire);
-    assert_eq!(
-        step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
-        Output::Drop
-    );
+    assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Drop);
     assert_eq!(p3.counters.drop_hop_limit.get(), 1);
 }
 

@@ -47,6 +47,27 @@ fn step(r: &mut Router, t: u64, world: &dyn Fn(&Hops) -> Option<u64>) -> Vec<Rou
     std::iter::from_fn(|| r.poll_event()).collect()
 }
 
+/// What `r` has measured on the candidate path `path` to `dst`.
+fn measured<'a>(r: &'a Router, dst: u32, path: &[u32]) -> &'a Measurement {
+    r.paths(dst)
+        .unwrap()
+        .find(|(h, _)| *h == hops(path))
+        .map(|(_, m)| m)
+        .expect("a candidate path")
+}
+
+/// The events of `dst` becoming reachable, routed over `path`.
+fn reached(dst: u32, path: &[u32], reason: ChangeReason) -> Vec<RouterEvent> {
+    vec![
+        RouterEvent::RouteChanged {
+            dst,
+            path: hops(path),
+            reason,
+        },
+        RouterEvent::Reachable { dst },
+    ]
+}
+
 fn changed_to(ev: &[RouterEvent]) -> Vec<(Vec<u32>, ChangeReason)> {
     ev.iter()
         .filter_map(|e| match e {
@@ -113,17 +134,7 @@ fn first_answer_makes_the_destination_reachable_route_first() {
             100
         })
     });
-    assert_eq!(
-        ev,
-        vec![
-            RouterEvent::RouteChanged {
-                dst: 2,
-                path: hops(&[4, 2]),
-                reason: ChangeReason::Initial
-            },
-            RouterEvent::Reachable { dst: 2 },
-        ]
-    );
+    assert_eq!(ev, reached(2, &[4, 2], ChangeReason::Initial));
     assert_eq!(r.current_path(2), Some(hops(&[4, 2])));
     assert_eq!(r.relays(), vec![(2, vec![4])]);
 }
@@ -252,17 +263,7 @@ fn unreachable_when_nothing_works_and_back_when_a_path_answers() {
     assert!(r.relays().is_empty());
     // Only relay 3 comes back.
     let ev = step(&mut r, 8, &|h| (h.as_slice() == [3, 2]).then_some(70));
-    assert_eq!(
-        ev,
-        vec![
-            RouterEvent::RouteChanged {
-                dst: 2,
-                path: hops(&[3, 2]),
-                reason: ChangeReason::Restored
-            },
-            RouterEvent::Reachable { dst: 2 },
-        ]
-    );
+    assert_eq!(ev, reached(2, &[3, 2], ChangeReason::Restored));
 }
 
 #[test]
@@ -326,13 +327,7 @@ fn topology_changes_keep_measurements_and_move_a_vanished_route() {
     r.set_peers(ms(3500), &[2, 4, 5]);
     let ev: Vec<_> = std::iter::from_fn(|| r.poll_event()).collect();
     assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Topology)]);
-    let kept = r
-        .paths(2)
-        .unwrap()
-        .find(|(h, _)| *h == hops(&[4, 2]))
-        .unwrap()
-        .1
-        .rtt_ms();
+    let kept = measured(&r, 2, &[4, 2]).rtt_ms();
     assert_eq!(kept, Some(30.0));
 }
 
@@ -355,13 +350,7 @@ fn stray_results_are_ignored_and_lookup_by_path_works() {
     );
     assert_eq!(r.current_path(2), Some(hops(&[3, 2])));
     r.on_bandwidth(secs(0), 2, &hops(&[3, 2]), 250.0);
-    let bw = r
-        .paths(2)
-        .unwrap()
-        .find(|(h, _)| *h == hops(&[3, 2]))
-        .unwrap()
-        .1
-        .bandwidth_mbps();
+    let bw = measured(&r, 2, &[3, 2]).bandwidth_mbps();
     assert_eq!(bw, Some(250.0));
     r.remove_destination(2);
     assert!(!r.is_reachable(2));

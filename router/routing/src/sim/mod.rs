@@ -147,6 +147,36 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
+impl Report {
+    /// The pairs' scores (`acc`, n x n) summarised, with no route changes
+    /// or probes: a run with a router fills those in itself.
+    fn scored(
+        selector: String,
+        acc: &[PairAcc],
+        n: usize,
+        oracle: &Oracle,
+        started: Instant,
+    ) -> Report {
+        let sum = summarise(acc, n);
+        Report {
+            selector,
+            ratio_mean: sum.mean,
+            ratio_p50: sum.p50,
+            ratio_p95: sum.p95,
+            ratio_max: sum.max,
+            worst_pair: sum.worst,
+            pairs_within_5pct: sum.within,
+            dead_share: sum.dead,
+            unreachable_share: sum.unreachable,
+            changes_per_pair_per_100: 0.0,
+            failovers_per_pair_per_100: 0.0,
+            probes_per_dst_interval: 0.0,
+            full_mesh_probes: oracle.candidates,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
 #[derive(Default, Clone, Copy)]
 struct PairAcc {
     achieved: f64,
@@ -154,6 +184,20 @@ struct PairAcc {
     scored: u32,
     dead: u32,
     unreachable: u32,
+}
+
+impl PairAcc {
+    /// One interval in which traffic took `path` and the oracle's best
+    /// path had RTT `best`: scored against it, or dead if `path` was.
+    fn score(&mut self, path: PathTruth, best: f64) {
+        if path.alive() {
+            self.achieved += path.rtt_ms;
+            self.best += best;
+            self.scored += 1;
+        } else {
+            self.dead += 1;
+        }
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -329,14 +373,7 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                     Some(path) => {
                         hop_idx.clear();
                         hop_idx.extend(path.as_slice().iter().map(|&h| h as usize - 1));
-                        let truth = s.path(t, src, &hop_idx);
-                        if truth.alive() {
-                            a.achieved += truth.rtt_ms;
-                            a.best += best;
-                            a.scored += 1;
-                        } else {
-                            a.dead += 1;
-                        }
+                        a.score(s.path(t, src, &hop_idx), best);
                     }
                 }
             }
@@ -344,22 +381,17 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
     }
     let pairs = (n * (n - 1)) as f64;
     let scored_intervals = s.intervals.saturating_sub(rc.warmup).max(1) as f64;
-    let sum = summarise(&acc, n);
     Report {
-        selector: rc.routing.selector.name().to_string(),
-        ratio_mean: sum.mean,
-        ratio_p50: sum.p50,
-        ratio_p95: sum.p95,
-        ratio_max: sum.max,
-        worst_pair: sum.worst,
-        pairs_within_5pct: sum.within,
-        dead_share: sum.dead,
-        unreachable_share: sum.unreachable,
         changes_per_pair_per_100: changes as f64 / pairs / scored_intervals * 100.0,
         failovers_per_pair_per_100: failovers as f64 / pairs / scored_intervals * 100.0,
         probes_per_dst_interval: total_probes as f64 / pairs / scored_intervals,
-        full_mesh_probes: oracle.candidates,
-        elapsed: started.elapsed(),
+        ..Report::scored(
+            rc.routing.selector.name().to_string(),
+            &acc,
+            n,
+            oracle,
+            started,
+        )
     }
 }
 
@@ -376,34 +408,12 @@ pub fn direct_baseline(s: &Scenario, oracle: &Oracle, warmup: usize) -> Report {
                     continue;
                 }
                 let a = &mut acc[src * n + dst];
-                let p = s.path(t, src, &[dst]);
-                if p.alive() {
-                    a.achieved += p.rtt_ms;
-                    a.best += best;
-                    a.scored += 1;
-                } else {
-                    a.dead += 1;
-                }
+                a.score(s.path(t, src, &[dst]), best);
             }
         }
     }
-    let sum = summarise(&acc, n);
-    Report {
-        selector: "direct-ip".into(),
-        ratio_mean: sum.mean,
-        ratio_p50: sum.p50,
-        ratio_p95: sum.p95,
-        ratio_max: sum.max,
-        worst_pair: sum.worst,
-        pairs_within_5pct: sum.within,
-        dead_share: sum.dead,
-        unreachable_share: sum.unreachable,
-        changes_per_pair_per_100: 0.0,
-        failovers_per_pair_per_100: 0.0,
-        probes_per_dst_interval: 0.0,
-        full_mesh_probes: oracle.candidates,
-        elapsed: started.elapsed(),
-    }
+    // No router: no route changes and no probes.
+    Report::scored("direct-ip".into(), &acc, n, oracle, started)
 }
 
 #[cfg(test)]
