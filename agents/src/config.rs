@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use ipnet::IpNet;
-use pon_proto::{ports, Encap, EncapKind};
+use pon_proto::{Encap, EncapKind};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -23,10 +23,10 @@ pub struct TaConfig {
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
     pub encap: EncapKind,
-    #[serde(default = "default_forwarder_udp_port")]
+    #[serde(default = "pon_proto::ports::defaults::agent_udp")]
     pub forwarder_udp_port: u16,
     /// MTU of the underlay; the TUN MTU is derived from it.
-    #[serde(default = "default_mtu")]
+    #[serde(default = "pon_proto::ports::defaults::underlay_mtu")]
     pub underlay_mtu: u16,
     /// Longest source route the overlay may use; sizes the TUN MTU.
     #[serde(default = "default_max_hops")]
@@ -45,7 +45,7 @@ pub struct TaConfig {
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     /// The RA's UDP port on this VM, told to the CU for the UDP encapsulation.
-    #[serde(default = "default_ra_port")]
+    #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub ra_port: u16,
     /// CU mode: register as an app VM, learn the forwarder and the remote
     /// app VMs to intercept from the Central Unit.
@@ -53,7 +53,7 @@ pub struct TaConfig {
     pub cu: Option<pon_cu::client::CuClientConfig>,
     /// UDP port on which the local proxy's router says which destinations
     /// the overlay cannot reach (left to the IP path meanwhile); 0: off.
-    #[serde(default = "default_steering_port")]
+    #[serde(default = "pon_proto::ports::defaults::steering")]
     pub steering_port: u16,
 }
 
@@ -74,7 +74,7 @@ pub struct RaConfig {
     #[serde(default = "default_true")]
     pub offload: bool,
     /// UDP port of the UDP encapsulation (0 disables it).
-    #[serde(default = "default_ra_port")]
+    #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub udp_port: u16,
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
@@ -91,18 +91,6 @@ fn default_ra_tun() -> String {
 }
 fn default_ra_tun_addr() -> Ipv4Addr {
     Ipv4Addr::new(169, 254, 80, 1)
-}
-fn default_forwarder_udp_port() -> u16 {
-    ports::AGENT_UDP
-}
-fn default_steering_port() -> u16 {
-    ports::STEERING
-}
-fn default_ra_port() -> u16 {
-    ports::RA_UDP
-}
-fn default_mtu() -> u16 {
-    1500
 }
 fn default_max_hops() -> u8 {
     4

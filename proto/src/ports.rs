@@ -17,3 +17,21 @@ pub const CU: u16 = 7400;
 pub const LOCAL_FORWARDER: u16 = 7310;
 pub const LOCAL_MONITOR: u16 = 7311;
 pub const LOCAL_ROUTER: u16 = 7312;
+
+/// The same, as functions for `#[serde(default = "...")]` in the daemons'
+/// configuration types (serde takes a path to a function, not a constant).
+pub mod defaults {
+    pub fn agent_udp() -> u16 {
+        super::AGENT_UDP
+    }
+    pub fn ra_udp() -> u16 {
+        super::RA_UDP
+    }
+    pub fn steering() -> u16 {
+        super::STEERING
+    }
+    /// Ethernet's MTU: what an underlay is assumed to carry unless told.
+    pub fn underlay_mtu() -> u16 {
+        1500
+    }
+}

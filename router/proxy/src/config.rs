@@ -88,10 +88,7 @@ impl Serialize for ProxyConfig {
 
 impl ProxyConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading proxy config {}", path.display()))?;
-        let mut cfg =
-            Self::parse(&text).with_context(|| format!("in proxy config {}", path.display()))?;
+        let mut cfg = pon_telemetry::load_config(path, "proxy", Self::parse)?;
         cfg.forwarder.cu = cfg.forwarder.cu.map(|c| c.relative_to(path));
         Ok(cfg)
     }
@@ -175,7 +172,7 @@ pub struct MonitorDaemonConfig {
 
 impl MonitorDaemonConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let c: Self = load_toml(path, "monitor")?;
+        let c: Self = pon_telemetry::load_toml(path, "monitor")?;
         c.monitor.validate().map_err(anyhow::Error::msg)?;
         Ok(c)
     }
@@ -213,7 +210,7 @@ fn default_bandwidth_every() -> u64 {
 
 impl RouterDaemonConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let c: Self = load_toml(path, "router")?;
+        let c: Self = pon_telemetry::load_toml(path, "router")?;
         c.routing.validate()?;
         if c.keepalive_ms == 0 {
             anyhow::bail!("keepalive_ms must be positive");
@@ -229,12 +226,6 @@ impl RouterDaemonConfig {
                 .then(|| Duration::from_millis(self.bandwidth_every_ms)),
         }
     }
-}
-
-fn load_toml<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {what} config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("in {what} config {}", path.display()))
 }
 
 #[cfg(test)]

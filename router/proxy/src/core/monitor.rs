@@ -148,15 +148,8 @@ impl MonitorPart {
         s.budget.answered = c.answered.get();
         for d in &mut s.destinations {
             for cand in &mut d.candidates {
-                let Some(st) =
-                    pon_proto::pon::Hops::new(&cand.path).and_then(|h| self.monitor.stats(now, &h))
-                else {
-                    continue;
-                };
-                cand.p50_us = st.p50_us;
-                cand.p99_us = st.p99_us;
-                cand.jitter_us = Some(st.jitter_us);
-                cand.monitor_loss = Some(st.loss);
+                cand.monitor =
+                    pon_proto::pon::Hops::new(&cand.path).and_then(|h| self.monitor.stats(now, &h));
             }
         }
     }

@@ -48,11 +48,10 @@ pub struct CandidateStatus {
     pub rtt_ms: Option<f64>,
     pub loss: f64,
     pub last_reply_ms_ago: Option<u64>,
-    pub p50_us: Option<u64>,
-    pub p99_us: Option<u64>,
-    pub jitter_us: Option<u64>,
-    pub monitor_loss: Option<f64>,
     pub bandwidth_mbps: Option<f64>,
+    /// The monitor's own estimates of the path (percentiles, jitter, its
+    /// loss window), where the monitor runs in this process.
+    pub monitor: Option<PathStats>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -5,7 +5,7 @@
 use anyhow::Context;
 use ipnet::IpNet;
 use pon_forwarder::{Agent, ForwardingTable};
-use pon_proto::{ports, EncapKind};
+use pon_proto::EncapKind;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -26,10 +26,10 @@ pub struct ForwarderConfig {
     /// Address agents send IP-in-IP to, and the source of packets to agents.
     pub local_addr: Ipv4Addr,
     /// UDP port for agents using the UDP encapsulation (0: disabled).
-    #[serde(default = "default_agent_udp_port")]
+    #[serde(default = "pon_proto::ports::defaults::agent_udp")]
     pub agent_udp_port: u16,
     /// MTU of the underlay between proxies.
-    #[serde(default = "default_mtu")]
+    #[serde(default = "pon_proto::ports::defaults::underlay_mtu")]
     pub underlay_mtu: u16,
     /// Hop limit written into new PON headers.
     #[serde(default = "default_hop_limit")]
@@ -61,7 +61,7 @@ pub struct LocalConfig {
     /// Where pon-router listens (the topology goes there).
     pub router: SocketAddr,
     /// UDP port of the local TAs' steering listeners (0: do not steer).
-    #[serde(default = "default_steering_port")]
+    #[serde(default = "pon_proto::ports::defaults::steering")]
     pub steering_port: u16,
 }
 
@@ -79,7 +79,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub encap: EncapKind,
     /// The RA's UDP port, used with `encap = "udp"`.
-    #[serde(default = "default_ra_port")]
+    #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub ra_port: u16,
 }
 
@@ -98,28 +98,13 @@ pub struct RouteConfig {
     pub via: Vec<u32>,
 }
 
-fn default_agent_udp_port() -> u16 {
-    ports::AGENT_UDP
-}
-fn default_steering_port() -> u16 {
-    ports::STEERING
-}
-fn default_mtu() -> u16 {
-    1500
-}
 fn default_hop_limit() -> u8 {
     pon_proto::pon::DEFAULT_HOP_LIMIT
-}
-fn default_ra_port() -> u16 {
-    ports::RA_UDP
 }
 
 impl ForwarderConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading forwarder config {}", path.display()))?;
-        let mut cfg = Self::parse(&text)
-            .with_context(|| format!("in forwarder config {}", path.display()))?;
+        let mut cfg = pon_telemetry::load_config(path, "forwarder", Self::parse)?;
         cfg.cu = cfg.cu.map(|c| c.relative_to(path));
         Ok(cfg)
     }
