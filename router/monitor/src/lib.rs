@@ -130,6 +130,18 @@ impl MonitorConfig {
     }
 }
 
+/// A monitor's probe budget and what it spent, for status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Budget {
+    pub max_probes_per_sec: u32,
+    pub probes_sent: u64,
+    pub probe_bytes_sent: u64,
+    /// Probes not sent: over the budget, or too many outstanding.
+    pub refused: u64,
+    /// Other monitors' probes answered.
+    pub answered: u64,
+}
+
 /// Longest probe body: a train packet plus headers must fit a 1500-byte
 /// underlay.
 pub const MAX_BODY_LEN: usize = 1400;
@@ -657,6 +669,18 @@ impl Monitor {
         self.paths.retain(|p, e| {
             periodic.contains_key(p) || e.last_sent.is_some_and(|t| now.saturating_sub(t) < idle)
         });
+    }
+
+    /// What the monitor spent of its probe budget so far.
+    pub fn budget(&self) -> Budget {
+        let c = &self.counters;
+        Budget {
+            max_probes_per_sec: self.cfg.max_probes_per_sec,
+            probes_sent: c.probes_sent.get(),
+            probe_bytes_sent: c.probe_bytes.get(),
+            refused: c.refused_budget.get() + c.refused_busy.get(),
+            answered: c.answered.get(),
+        }
     }
 
     pub fn outstanding(&self) -> usize {

@@ -70,9 +70,10 @@ pub enum RouterEvent {
     Reachable { dst: u32 },
 }
 
-/// Counters per destination, for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Counters per destination, for metrics and status pages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DestinationStats {
+    /// Learning probes asked for.
     pub probes: u64,
     pub route_changes: u64,
     pub failovers: u64,

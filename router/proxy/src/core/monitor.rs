@@ -139,13 +139,8 @@ impl MonitorPart {
 
     /// Adds the monitor's estimates and budget to a status.
     pub fn fill(&self, now: Duration, s: &mut Status) {
-        let c = &self.monitor.counters;
-        s.budget.max_probes_per_sec = self.monitor.config().max_probes_per_sec;
+        s.budget.monitor = self.monitor.budget();
         s.budget.probes_per_sec = self.rate.get(&());
-        s.budget.probes_sent = c.probes_sent.get();
-        s.budget.probe_bytes_sent = c.probe_bytes.get();
-        s.budget.refused = c.refused_budget.get() + c.refused_busy.get();
-        s.budget.answered = c.answered.get();
         for d in &mut s.destinations {
             for cand in &mut d.candidates {
                 cand.monitor =

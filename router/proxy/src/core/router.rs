@@ -394,11 +394,15 @@ impl RouterPart {
     fn budget(&self) -> BudgetStatus {
         BudgetStatus {
             probes_per_sec: self.rates.total(),
-            probes_sent: self.probes.values().sum(),
+            // The monitor may run in another process: what this router
+            // knows it spent, counted by the results that came back.
+            monitor: pon_monitor::Budget {
+                probes_sent: self.probes.values().sum(),
+                ..Default::default()
+            },
             keepalive_ms: self.cfg.keepalive.as_millis() as u64,
             interval_ms: Some(self.cfg.routing.interval_ms),
             probes_per_interval: Some(self.cfg.routing.probes_per_interval),
-            ..BudgetStatus::default()
         }
     }
 }
@@ -442,9 +446,7 @@ fn destination_status(
         candidates,
         probes_sent: probes.get(&d).copied().unwrap_or(0),
         probes_per_sec: rates.get(&d),
-        route_changes: stats.route_changes,
-        failovers: stats.failovers,
-        unreachable_episodes: stats.unreachable_episodes,
+        stats,
     }
 }
 

@@ -34,11 +34,12 @@ pub struct DestinationStatus {
     /// The current route's cost under the policy (ms-equivalent).
     pub metric: Option<f64>,
     pub candidates: Vec<CandidateStatus>,
+    /// Probes of every kind that came back answered or lost.
     pub probes_sent: u64,
     pub probes_per_sec: f64,
-    pub route_changes: u64,
-    pub failovers: u64,
-    pub unreachable_episodes: u64,
+    /// The router's own counts: route changes, failovers, outages.
+    #[serde(flatten)]
+    pub stats: pon_routing::DestinationStats,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -56,12 +57,11 @@ pub struct CandidateStatus {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BudgetStatus {
-    pub max_probes_per_sec: u32,
+    /// The monitor's figures, where it runs in this process.
+    #[serde(flatten)]
+    pub monitor: pon_monitor::Budget,
+    /// Probes per second over the last few seconds.
     pub probes_per_sec: f64,
-    pub probes_sent: u64,
-    pub probe_bytes_sent: u64,
-    pub refused: u64,
-    pub answered: u64,
     pub keepalive_ms: u64,
     pub interval_ms: Option<u64>,
     pub probes_per_interval: Option<usize>,
@@ -79,7 +79,7 @@ impl Status {
             "pon_monitor_probe_budget",
             "",
             "Ceiling on probe packets per second.",
-            f64::from(self.budget.max_probes_per_sec),
+            f64::from(self.budget.monitor.max_probes_per_sec),
         );
         for d in &self.destinations {
             let l = format!("dst=\"{}\"", d.id);
@@ -119,7 +119,7 @@ impl Status {
                 "pon_router_destination_route_changes_total",
                 &l,
                 "Route changes of the destination.",
-                d.route_changes,
+                d.stats.route_changes,
             );
         }
     }
