@@ -80,6 +80,7 @@ impl Error {
     }
 }
 
+#[inline]
 pub(crate) fn need(have: usize, needed: usize) -> crate::Result<()> {
     if have < needed {
         Err(Error::Truncated { needed, have })

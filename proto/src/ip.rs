@@ -71,12 +71,14 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+#[inline]
 fn be16(b: &[u8], r: core::ops::Range<usize>) -> u16 {
     u16::from_be_bytes([b[r.start], b[r.start + 1]])
 }
 
 /// A length field `total` must cover the header (`min`) and fit the `have`
 /// bytes received.
+#[inline]
 fn total_fits(total: usize, min: usize, have: usize) -> Result<()> {
     if total < min || total > have {
         return Err(Error::BadTotalLength { total, have });

@@ -65,6 +65,7 @@ pub enum Kind {
 
 impl TryFrom<u8> for Kind {
     type Error = Error;
+    #[inline]
     fn try_from(v: u8) -> Result<Self> {
         match v {
             1 => Ok(Kind::Data),
@@ -118,6 +119,7 @@ pub struct Packet<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> Packet<T> {
     /// Validates version, kind, hop count, hop index and lengths; for data
     /// packets also that the payload is an IPv4 or IPv6 packet.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let b = buffer.as_ref();
         need(b.len(), FIXED_HEADER_LEN)?;
@@ -141,12 +143,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
         Ok(p)
     }
 
+    #[inline]
     fn b(&self) -> &[u8] {
         self.buffer.as_ref()
     }
     pub fn version(&self) -> u8 {
         self.b()[field::VERSION]
     }
+    #[inline]
     pub fn kind(&self) -> Kind {
         self.kind
     }
@@ -156,12 +160,15 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn has_auth_tag(&self) -> bool {
         self.flags() & flags::AUTH != 0
     }
+    #[inline]
     pub fn hop_limit(&self) -> u8 {
         self.b()[field::HOP_LIMIT]
     }
+    #[inline]
     pub fn hop_count(&self) -> usize {
         usize::from(self.b()[field::HOP_COUNT])
     }
+    #[inline]
     pub fn hop_index(&self) -> usize {
         usize::from(self.b()[field::HOP_INDEX])
     }
@@ -172,15 +179,18 @@ impl<T: AsRef<[u8]>> Packet<T> {
         be32(self.b(), field::SOURCE)
     }
     /// Proxy id of hop `i`; `i` must be below `hop_count()`.
+    #[inline]
     pub fn hop(&self, i: usize) -> u32 {
         debug_assert!(i < self.hop_count());
         be32(self.b(), field::hop(i))
     }
     /// The hop that must handle the packet now.
+    #[inline]
     pub fn current_hop(&self) -> u32 {
         self.hop(self.hop_index())
     }
     /// The hop after the current one, or `None` at the egress proxy.
+    #[inline]
     pub fn next_hop(&self) -> Option<u32> {
         let next = self.hop_index() + 1;
         (next < self.hop_count()).then(|| self.hop(next))
@@ -196,6 +206,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
         }
         hops
     }
+    #[inline]
     pub fn header_len(&self) -> usize {
         header_len(self.hop_count(), self.has_auth_tag())
     }
@@ -203,11 +214,13 @@ impl<T: AsRef<[u8]>> Packet<T> {
         self.has_auth_tag()
             .then(|| &self.b()[field::auth_tag(self.hop_count())])
     }
+    #[inline]
     pub fn payload(&self) -> &[u8] {
         &self.b()[self.header_len()..]
     }
     /// The inner packet of a data packet, checked by `new_checked` (so not
     /// checked again here); `None` for probes.
+    #[inline]
     pub fn inner(&self) -> Option<InnerPacket<&[u8]>> {
         if self.kind != Kind::Data {
             return None;
@@ -220,12 +233,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    #[inline]
     fn m(&mut self) -> &mut [u8] {
         self.buffer.as_mut()
     }
     /// Moves the packet on to the next hop: advances the hop index and
     /// spends one unit of hop limit. Returns the next hop's id, or `None`
     /// (packet unchanged) when this is the last hop or the limit is spent.
+    #[inline]
     pub fn advance(&mut self) -> Option<u32> {
         let next = self.next_hop()?;
         let limit = self.hop_limit();
@@ -241,10 +256,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         self.kind = k;
         self.m()[field::KIND] = k.into();
     }
+    #[inline]
     pub fn set_hop_limit(&mut self, v: u8) {
         self.m()[field::HOP_LIMIT] = v;
     }
     /// The hop index must stay below the hop count.
+    #[inline]
     pub fn set_hop_index(&mut self, v: u8) {
         debug_assert!(usize::from(v) < self.hop_count());
         self.m()[field::HOP_INDEX] = v;
@@ -273,8 +290,11 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
     }
 }
 
+/// Callers pass ranges inside a checked header; inlined because it sits
+/// on every forwarded packet's path.
+#[inline]
 fn be32(b: &[u8], r: core::ops::Range<usize>) -> u32 {
-    u32::from_be_bytes(b[r].try_into().unwrap_or_default())
+    u32::from_be_bytes([b[r.start], b[r.start + 1], b[r.start + 2], b[r.start + 3]])
 }
 
 /// On the local link a route travels as a sequence of ids; decoding checks
@@ -365,6 +385,7 @@ impl Repr {
         })
     }
 
+    #[inline]
     pub fn header_len(&self) -> usize {
         header_len(self.hops.len(), self.auth)
     }
