@@ -259,10 +259,12 @@ async fn run(
         Err(e) => return format!("opening the CU client socket: {e}"),
     };
     endpoint.set_default_client_config(quic);
-    let mut session = Session::new(register, Instant::now(), seed());
+    // The session's clock: time since this start, picked once.
+    let start = Instant::now();
+    let mut session = Session::new(register, start.elapsed(), seed());
     let mut signals = goodbye_on_signal.then(Signals::new).flatten();
     loop {
-        let now = Instant::now();
+        let now = start.elapsed();
         match session.poll(now) {
             Some(SessionAction::Connect) => {}
             _ => {
@@ -270,7 +272,7 @@ async fn run(
                     .next_deadline()
                     .unwrap_or(now + Duration::from_secs(1));
                 tokio::select! {
-                    _ = tokio::time::sleep_until(at.into()) => {}
+                    _ = tokio::time::sleep_until((start + at).into()) => {}
                     _ = Signals::wait(&mut signals) => std::process::exit(0),
                 }
                 continue;
@@ -289,7 +291,7 @@ async fn run(
                 status.counters.connects.inc();
                 tracing::info!(cu = %addr, "connected to the CU");
                 let ended =
-                    serve(&conn, &mut session, &mut on_view, &status, &mut signals).await;
+                    serve(&conn, start, &mut session, &mut on_view, &status, &mut signals).await;
                 status.registered.store(0, Ordering::Relaxed);
                 conn.close(0u32.into(), b"bye");
                 ended
@@ -309,7 +311,7 @@ async fn run(
             }
             Ended::Fatal(why) => return why,
             Ended::Lost(why) => {
-                let d = session.disconnected(Instant::now());
+                let d = session.disconnected(start.elapsed());
                 if status.counters.connect_failures.get() <= 1
                     || status.counters.connect_failures.get().is_power_of_two()
                 {
@@ -324,6 +326,7 @@ async fn run(
 
 async fn serve(
     conn: &quinn::Connection,
+    start: Instant,
     session: &mut Session,
     on_view: &mut ViewCallback,
     status: &ClientStatus,
@@ -340,9 +343,9 @@ async fn serve(
         return Ended::Lost(format!("sending the registration: {e}"));
     }
     let mut decoder = FrameDecoder::new(MAX_CU_FRAME);
-    let register_by = Instant::now() + REGISTER_TIMEOUT;
+    let register_by = start.elapsed() + REGISTER_TIMEOUT;
     loop {
-        let now = Instant::now();
+        let now = start.elapsed();
         while let Some(SessionAction::Send(m)) = session.poll(now) {
             if let Err(e) = send.write_all(&pon_proto::control::encode(&m)).await {
                 return Ended::Lost(format!("sending to the CU: {e}"));
@@ -360,7 +363,7 @@ async fn serve(
         };
         let chunk = tokio::select! {
             c = recv.read_chunk(64 * 1024, true) => c,
-            _ = tokio::time::sleep_until(wake.into()) => continue,
+            _ = tokio::time::sleep_until((start + wake).into()) => continue,
             _ = Signals::wait(signals) => {
                 if let Some(bye) = session.goodbye() {
                     let _ = send.write_all(&pon_proto::control::encode(&bye)).await;
@@ -411,7 +414,7 @@ async fn serve(
                 }
                 _ => {}
             }
-            match session.received(msg, Instant::now()) {
+            match session.received(msg, start.elapsed()) {
                 Ok(actions) => changed |= actions.contains(&SessionAction::ViewChanged),
                 Err(refused) => return Ended::Fatal(refused.to_string()),
             }

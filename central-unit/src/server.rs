@@ -200,7 +200,9 @@ pub async fn serve(
     let loaded = store.load()?;
     stats.counters.store_skipped.add(loaded.skipped);
     let restored = loaded.records.len();
-    registry.restore(loaded.records, Instant::now());
+    // The registry's clock: time since this start, picked once.
+    let start = Instant::now();
+    registry.restore(loaded.records, start.elapsed());
     let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let local = endpoint.local_addr()?;
@@ -221,7 +223,7 @@ pub async fn serve(
         .spawn(move || store_loop(store, store_rx, &st))?;
 
     let (events_tx, events_rx) = mpsc::channel::<Event>(65536);
-    let actor = tokio::spawn(actor(registry, events_rx, store_tx, stats.clone()));
+    let actor = tokio::spawn(actor(registry, start, events_rx, store_tx, stats.clone()));
     let next_conn = Arc::new(AtomicU64::new(1));
     while let Some(incoming) = endpoint.accept().await {
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
@@ -279,6 +281,7 @@ fn store_loop(
 
 async fn actor(
     mut registry: Registry,
+    start: Instant,
     mut events: mpsc::Receiver<Event>,
     store: std::sync::mpsc::Sender<AgentRecord>,
     stats: Arc<CuStats>,
@@ -290,10 +293,10 @@ async fn actor(
         let actions = tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { return };
-                handle_event(&mut registry, &mut handles, ev, &stats)
+                handle_event(&mut registry, &mut handles, ev, start.elapsed(), &stats)
             }
             _ = tick.tick() => {
-                let (actions, gone) = registry.tick(Instant::now());
+                let (actions, gone) = registry.tick(start.elapsed());
                 for (id, why) in gone {
                     count_leave(&stats, why);
                     tracing::info!(id, reason = why.label(), "agent gone");
@@ -326,13 +329,14 @@ fn handle_event(
     registry: &mut Registry,
     handles: &mut HashMap<ConnId, ConnHandle>,
     ev: Event,
+    now: Duration,
     stats: &CuStats,
 ) -> Vec<Action> {
     match ev {
         Event::Register { conn, reg, handle } => {
             handles.insert(conn, handle);
             let (cloud, name, role) = (reg.cloud.clone(), reg.name.clone(), reg.role.clone());
-            let (actions, refused) = registry.register(conn, reg, Instant::now(), wall_ms());
+            let (actions, refused) = registry.register(conn, reg, now, wall_ms());
             match refused {
                 None => {
                     stats.counters.registrations.inc();
@@ -374,7 +378,7 @@ fn handle_event(
             actions
         }
         Event::Heartbeat(conn) => {
-            registry.heartbeat(conn, Instant::now(), wall_ms());
+            registry.heartbeat(conn, now, wall_ms());
             vec![]
         }
         Event::Gone { conn, goodbye } => {

@@ -97,6 +97,8 @@ pub struct DataPath {
     /// The TUN is non-blocking: `recv` says WouldBlock when it is empty.
     pub buf_len: usize,
     pool: Vec<Box<[u8]>>,
+    /// The emulator's clock: it is fed the time since this start.
+    start: Instant,
 }
 
 impl DataPath {
@@ -115,6 +117,7 @@ impl DataPath {
             waker,
             buf_len: usize::from(mtu),
             pool: Vec::new(),
+            start: Instant::now(),
         })
     }
 
@@ -133,7 +136,7 @@ impl DataPath {
         let tun_fd = self.tun.as_raw_fd();
         let wake_fd = self.waker.0.as_raw_fd();
         loop {
-            self.emit_due(Instant::now());
+            self.emit_due(self.start.elapsed());
             self.state
                 .registry
                 .set_in_flight(self.state.emu.in_flight());
@@ -141,7 +144,7 @@ impl DataPath {
                 .state
                 .emu
                 .next_due()
-                .map(|due| due.saturating_duration_since(Instant::now()));
+                .map(|due| due.saturating_sub(self.start.elapsed()));
             let (tun_ready, wake_ready) = ppoll2(tun_fd, wake_fd, timeout)?;
             if tun_ready {
                 self.read_batch();
@@ -174,7 +177,7 @@ impl DataPath {
                     return;
                 }
             };
-            let now = Instant::now();
+            let now = self.start.elapsed();
             // Keep departures on time under a flood of arrivals.
             if self.state.emu.next_due().is_some_and(|d| d <= now) {
                 self.emit_due(now);
@@ -183,7 +186,7 @@ impl DataPath {
         }
     }
 
-    fn arrive(&mut self, now: Instant, mut p: Packet) {
+    fn arrive(&mut self, now: Duration, mut p: Packet) {
         restore_ttl(&mut p.buf[..p.len]);
         let c = &self.state.registry.emu;
         let Some((from, to)) = classify(&self.state.sites, &p.buf[..p.len]) else {
@@ -202,7 +205,7 @@ impl DataPath {
         }
     }
 
-    fn emit_due(&mut self, now: Instant) {
+    fn emit_due(&mut self, now: Duration) {
         while let Some(e) = self.state.emu.poll(now) {
             match e {
                 Emit::Send(p) => self.send(p),
