@@ -195,6 +195,14 @@ impl<T: AsRef<[u8]>> Packet<T> {
         let next = self.hop_index() + 1;
         (next < self.hop_count()).then(|| self.hop(next))
     }
+    /// Whether a proxy appears twice in the source route: such a route
+    /// loops (`[P, Q, P, Q, ...]` makes each proxy send the packet again
+    /// and again) and no proxy ever builds one.
+    pub fn has_repeated_hop(&self) -> bool {
+        let n = self.hop_count();
+        (1..n).any(|i| (0..i).any(|j| self.hop(i) == self.hop(j)))
+    }
+
     /// The whole source route.
     pub fn hops(&self) -> Hops {
         let mut hops = Hops {

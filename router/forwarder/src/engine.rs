@@ -40,6 +40,8 @@ pon_telemetry::counters! {
         probes_local => ("pon_forwarder_packets_total", "stage=\"probe_local\"", "Packets forwarded, by role of this proxy on their path."),
         drop_no_monitor => ("pon_forwarder_drops_total", "reason=\"no_monitor\"", "Packets dropped, by reason."),
         drop_hop_limit => ("pon_forwarder_drops_total", "reason=\"hop_limit\"", "Packets dropped, by reason."),
+        drop_hop_limit_above_max => ("pon_forwarder_drops_total", "reason=\"hop_limit_above_max\"", "Packets dropped, by reason."),
+        drop_repeated_hop => ("pon_forwarder_drops_total", "reason=\"repeated_hop\"", "Packets dropped, by reason."),
         drop_no_destination => ("pon_forwarder_drops_total", "reason=\"no_destination\"", "Packets dropped, by reason."),
         drop_no_route => ("pon_forwarder_drops_total", "reason=\"no_route\"", "Packets dropped, by reason."),
         drop_unknown_next_hop => ("pon_forwarder_drops_total", "reason=\"unknown_next_hop\"", "Packets dropped, by reason."),
@@ -389,6 +391,15 @@ impl Engine {
         };
         if p.current_hop() != t.my_id() {
             return drop(&c.drop_not_for_me);
+        }
+        // No proxy sends a hop limit above the configured one, nor a route
+        // through the same proxy twice: either would let a forged packet
+        // circulate, each pass costing every proxy on the loop.
+        if p.hop_limit() > self.hop_limit {
+            return drop(&c.drop_hop_limit_above_max);
+        }
+        if p.has_repeated_hop() {
+            return drop(&c.drop_repeated_hop);
         }
         if let Some(next) = p.next_hop() {
             let Some(addr) = t.peer_addr(next) else {

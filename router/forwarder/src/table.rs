@@ -42,6 +42,8 @@ pub enum TableError {
     RouteTooLong(u32),
     #[error("route to {0} passes through this proxy")]
     RouteThroughSelf(u32),
+    #[error("route to {to} passes through proxy {hop} twice")]
+    RepeatedHop { to: u32, hop: u32 },
 }
 
 // The maps are keyed by addresses and ids and hashed with FxHash: a lookup
@@ -153,9 +155,12 @@ impl ForwardingTable {
         for (to, via) in relays {
             let mut hops: Vec<u32> = via.clone();
             hops.push(*to);
-            for &hop in &hops {
+            for (i, &hop) in hops.iter().enumerate() {
                 if hop == my_id {
                     return Err(TableError::RouteThroughSelf(*to));
+                }
+                if hops[..i].contains(&hop) {
+                    return Err(TableError::RepeatedHop { to: *to, hop });
                 }
                 if !t.peers_by_id.contains_key(&hop) {
                     return Err(TableError::UnknownHop { to: *to, hop });
@@ -287,6 +292,10 @@ mod tests {
         assert_eq!(
             ForwardingTable::build(1, &peers, &[], &[], &[(2, vec![1])]).unwrap_err(),
             TableError::RouteThroughSelf(2)
+        );
+        assert_eq!(
+            ForwardingTable::build(1, &peers, &[], &[], &[(2, vec![3, 2])]).unwrap_err(),
+            TableError::RepeatedHop { to: 2, hop: 2 }
         );
         assert!(matches!(
             ForwardingTable::build(1, &peers, &[], &[("10.0.0.0/8".parse().unwrap(), 9)], &[]),

@@ -231,6 +231,40 @@ fn hop_limit_is_enforced_in_transit() {
 }
 
 #[test]
+fn looping_routes_and_inflated_hop_limits_are_refused() {
+    // An attacker who can send as proxy 1 tries to make 3 and 2 bounce a
+    // packet between them: [3, 2, 3, 2, ...], or to outlive the hop limit.
+    let inner = inner_packet(APP_A, APP_B, 10, false);
+    let p3 = engine(3);
+    let loop_route = pon_packet(&[3, 2, 3, 2, 3, 2, 3, 2], 8, &inner);
+    assert_eq!(
+        output_from_peer(&p3, &loop_route, proxy_addr(1)),
+        Output::Drop
+    );
+    assert_eq!(p3.counters.drop_repeated_hop.get(), 1);
+    // Even when the repeat is at the end, and for probes too.
+    let mut probe = pon_packet(&[3, 2, 3], 8, &inner);
+    pon::Packet::new_checked(&mut probe[..])
+        .unwrap()
+        .set_kind(Kind::Probe);
+    assert_eq!(output_from_peer(&p3, &probe, proxy_addr(1)), Output::Drop);
+    assert_eq!(p3.counters.drop_repeated_hop.get(), 2);
+    let inflated = pon_packet(&[3, 2], pon::DEFAULT_HOP_LIMIT + 1, &inner);
+    assert_eq!(
+        output_from_peer(&p3, &inflated, proxy_addr(1)),
+        Output::Drop
+    );
+    assert_eq!(p3.counters.drop_hop_limit_above_max.get(), 1);
+    // The honest packet still goes through.
+    let honest = pon_packet(&[3, 2], pon::DEFAULT_HOP_LIMIT, &inner);
+    assert_eq!(
+        output_from_peer(&p3, &honest, proxy_addr(1)),
+        Output::Peer(proxy_addr(2))
+    );
+    assert_eq!(p3.counters.transit.get(), 1);
+}
+
+#[test]
 fn oversized_df_packet_gets_frag_needed_back_to_sender() {
     let p1 = engine(1);
     let relay_overhead = UDP_OVERHEAD + pon::header_len(2, false);
