@@ -16,7 +16,6 @@ use crate::ta::{CurrentForwarder, Encapsulator, TaCounters};
 use crate::HEADROOM;
 use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
-use std::io;
 use std::net::SocketAddr;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
@@ -24,18 +23,6 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 pub enum TaUplink {
     Ipip(RawSender),
     Udp(UdpIo),
-}
-
-/// Counts one error, logging only the 1st, 2nd, 4th, 8th... occurrence.
-fn sparse_warn(counter: &pon_telemetry::Counter, what: &str, e: &io::Error) {
-    sparse_warn_n(counter, 1, what, e);
-}
-
-/// Counts `n` lost packets (a failed GSO send loses a whole batch).
-fn sparse_warn_n(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Error) {
-    if let Some(total) = counter.add_sparse(n) {
-        tracing::warn!(error = %e, occurrences = total, "{what}");
-    }
 }
 
 /// The TA's loop: TUN → encapsulate → forwarder. Runs until the process
@@ -59,7 +46,7 @@ pub fn run_ta(
         let n = match tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, HEADROOM) {
             Ok(n) => n,
             Err(e) => {
-                sparse_warn(&counters.rx_errors, "TUN read failed", &e);
+                counters.rx_errors.add_and_warn(1, "TUN read failed", &e);
                 continue;
             }
         };
@@ -75,7 +62,9 @@ pub fn run_ta(
             match uplink {
                 TaUplink::Ipip(raw) => match raw.send_to(&buf[range], fwd_ip) {
                     Ok(_) => counters.sent.inc(),
-                    Err(e) => sparse_warn(&counters.tx_errors, "send to forwarder failed", &e),
+                    Err(e) => counters
+                        .tx_errors
+                        .add_and_warn(1, "send to forwarder failed", &e),
                 },
                 TaUplink::Udp(io) => {
                     if let Err(e) = gso.push(io, fwd_udp, &buf[range]) {
@@ -89,19 +78,17 @@ pub fn run_ta(
                 lost(counters, &e);
             }
             // Lost datagrams were counted as their sends failed.
-            counters.sent.add(gso.take_tally().sent);
+            counters.sent.add(gso.take_sent());
         }
     }
 }
 
 /// Counts every packet a failed batched send lost.
 fn lost(counters: &TaCounters, e: &SendError) {
-    sparse_warn_n(
-        &counters.tx_errors,
-        e.datagrams,
-        "send to forwarder failed",
-        &e.error,
-    );
+    // A failed batched send loses every packet of the batch.
+    counters
+        .tx_errors
+        .add_and_warn(e.datagrams, "send to forwarder failed", &e.error);
 }
 
 /// Gathers packets for the RA's TUN and writes them in batches, coalesced
@@ -145,7 +132,7 @@ impl TunWriter {
             &mut self.bufs[..self.count],
             VIRTIO_NET_HDR_LEN,
         ) {
-            sparse_warn(&c.tx_errors, "TUN write failed", &e);
+            c.tx_errors.add_and_warn(1, "TUN write failed", &e);
         }
         self.count = 0;
     }
@@ -175,7 +162,9 @@ pub fn run_ra_ipip(
                 continue;
             }
             Err(e) => {
-                sparse_warn(&counters.rx_errors, "IP-in-IP receive failed", &e);
+                counters
+                    .rx_errors
+                    .add_and_warn(1, "IP-in-IP receive failed", &e);
                 continue;
             }
         };
@@ -194,7 +183,7 @@ pub fn run_ra_udp(rx: &UdpIo, tun: &SyncDevice, dec: &Decapsulator, counters: &R
         let n = match rb.recv(rx) {
             Ok(n) => n,
             Err(e) => {
-                sparse_warn(&counters.rx_errors, "UDP receive failed", &e);
+                counters.rx_errors.add_and_warn(1, "UDP receive failed", &e);
                 continue;
             }
         };

@@ -157,14 +157,6 @@ impl std::fmt::Display for SendError {
 
 impl std::error::Error for SendError {}
 
-/// What became of the datagrams pushed into a batch so far; every datagram
-/// ends in exactly one of the two once the batch is flushed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Tally {
-    pub sent: u64,
-    pub failed: u64,
-}
-
 /// Gathers consecutive datagrams to the same destination into one GSO send.
 /// GSO needs equal-sized segments (the last may be shorter) that each fit the
 /// path MTU, so a datagram that breaks the run flushes it first. A failed
@@ -175,7 +167,9 @@ pub struct GsoBatch {
     segment: usize,
     count: usize,
     max_segment: usize,
-    tally: Tally,
+    /// Datagrams the kernel took since the last `take_sent`; those it
+    /// refused were reported by the `SendError` of the call that lost them.
+    sent: u64,
 }
 
 impl GsoBatch {
@@ -188,7 +182,7 @@ impl GsoBatch {
             segment: 0,
             count: 0,
             max_segment,
-            tally: Tally::default(),
+            sent: 0,
         }
     }
 
@@ -239,26 +233,20 @@ impl GsoBatch {
     fn settle(&mut self, n: u64, r: io::Result<()>) -> Result<(), SendError> {
         match r {
             Ok(()) => {
-                self.tally.sent += n;
+                self.sent += n;
                 Ok(())
             }
-            Err(error) => {
-                self.tally.failed += n;
-                Err(SendError {
-                    datagrams: n,
-                    error,
-                })
-            }
+            Err(error) => Err(SendError {
+                datagrams: n,
+                error,
+            }),
         }
     }
 
-    pub fn tally(&self) -> Tally {
-        self.tally
-    }
-
-    /// The tally since the last call, for callers that add it to counters.
-    pub fn take_tally(&mut self) -> Tally {
-        std::mem::take(&mut self.tally)
+    /// Datagrams sent since the last call, for callers that add them to
+    /// counters (each packet ends sent here, or lost in a `SendError`).
+    pub fn take_sent(&mut self) -> u64 {
+        std::mem::take(&mut self.sent)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -386,12 +374,10 @@ mod tests {
         if let Err(e) = batch.flush(&tx) {
             reported += e.datagrams;
         }
-        let t = batch.tally();
-        assert_eq!(t.sent + t.failed, 40);
-        assert_eq!(t.failed, reported);
-        assert!(t.sent > 0 && t.failed > 0, "{t:?}");
-        assert_eq!(batch.take_tally(), t);
-        assert_eq!(batch.tally(), Tally::default(), "taken, so counted once");
+        let sent = batch.take_sent();
+        assert_eq!(sent + reported, 40, "every datagram sent or reported lost");
+        assert!(sent > 0 && reported > 0, "{sent} sent, {reported} lost");
+        assert_eq!(batch.take_sent(), 0, "taken, so counted once");
     }
 
     #[test]
@@ -409,7 +395,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.datagrams, 3, "an error counts packets, not calls");
         batch.flush(&tx).unwrap();
-        assert_eq!(batch.tally(), Tally { sent: 1, failed: 3 });
+        assert_eq!(batch.take_sent(), 1, "3 lost (in the error), 1 sent");
         let mut rb = RecvBatch::default();
         let n = rb
             .recv_within(&rx, std::time::Duration::from_secs(5))

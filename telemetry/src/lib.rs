@@ -144,6 +144,14 @@ impl Counter {
         let after = before.wrapping_add(n);
         (n > 0 && (before == 0 || after.ilog2() > before.ilog2())).then_some(after)
     }
+
+    /// Counts `n` occurrences of error `e` and logs it as `what` sparsely
+    /// (see [`Counter::add_sparse`]), for the data path's error paths.
+    pub fn add_and_warn(&self, n: u64, what: &str, e: &dyn std::fmt::Display) {
+        if let Some(total) = self.add_sparse(n) {
+            tracing::warn!(error = %e, occurrences = total, "{what}");
+        }
+    }
 }
 
 /// Builds a Prometheus text-format page, writing HELP/TYPE once per metric.

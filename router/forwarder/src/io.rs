@@ -88,32 +88,23 @@ impl Sockets {
         }
         // Failed datagrams were counted by `tx_error` as their sends failed;
         // what went out is counted here, so each packet is counted once.
-        let sent = tx.peer.take_tally().sent + tx.agent.take_tally().sent;
+        let sent = tx.peer.take_sent() + tx.agent.take_sent();
         engine.counters.tx_packets.add(sent);
     }
 }
 
 /// Counts every packet a failed send lost (a GSO send carries many).
 fn tx_error(engine: &Engine, e: &SendError) {
-    count_error(
-        &engine.counters.tx_errors,
-        e.datagrams,
-        "send failed",
-        &e.error,
-    );
-}
-
-/// Counts `n` errors, logging only the 1st, 2nd, 4th, 8th... occurrence.
-fn count_error(counter: &pon_telemetry::Counter, n: u64, what: &str, e: &io::Error) {
-    if let Some(total) = counter.add_sparse(n) {
-        tracing::warn!(error = %e, occurrences = total, "{what}");
-    }
+    engine
+        .counters
+        .tx_errors
+        .add_and_warn(e.datagrams, "send failed", &e.error);
 }
 
 /// What a receive returned, or None after counting (and sparsely logging)
 /// its error: the loops go on to the next receive.
 fn received<T>(engine: &Engine, what: &str, r: io::Result<T>) -> Option<T> {
-    r.map_err(|e| count_error(&engine.counters.rx_errors, 1, what, &e))
+    r.map_err(|e| engine.counters.rx_errors.add_and_warn(1, what, &e))
         .ok()
 }
 

@@ -1,7 +1,7 @@
 //! pon-forwarder: the PON data path of one proxy.
 
 use pon_proxy::core::{ForwarderPart, ForwarderPartConfig, Part};
-use pon_proxy::daemon::{self, StatusOf};
+use pon_proxy::daemon::{self, LocalAddrs, StatusOf};
 use pon_proxy::forwarder::ForwarderConfig;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,8 +24,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let link = cfg.local.as_ref().map(|l| {
-        let partners = daemon::partners(Part::Forwarder, l.listen, l.monitor, l.router);
-        (l.listen, partners)
+        let addrs = LocalAddrs {
+            forwarder: l.listen,
+            monitor: l.monitor,
+            router: l.router,
+        };
+        (l.listen, addrs.partners(Part::Forwarder))
     });
     let steering_port = cfg.local.as_ref().map_or(0, |l| l.steering_port);
     let (epoch, _) = daemon::run_ids();

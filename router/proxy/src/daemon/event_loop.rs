@@ -6,13 +6,16 @@
 use super::link::Link;
 use super::mailbox::{Inbox, Input, BULK_PER_ROUND};
 use super::DaemonCounters;
-use crate::core::{Core, Output, Part, Transmit};
+use crate::core::{Core, Output, Transmit};
 use pon_forwarder::io::Sockets;
 use pon_forwarder::SharedTable;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// Urgent inputs handled per loop round at most, before timers get a look.
+const URGENT_PER_ROUND: usize = 4096;
 
 /// Longest sleep between looks at the clock; nothing waits longer anyway.
 const MAX_WAIT: Duration = Duration::from_millis(100);
@@ -109,9 +112,11 @@ impl<C: Core + Send + 'static> EventLoop<C> {
 
     pub fn run(mut self) {
         let mut next_status = Duration::ZERO;
+        // The last round stopped at its cap with others' probes left.
+        let mut bulk_more = false;
         loop {
             let now = self.start.elapsed();
-            let wait = if self.inbox.bulk_left() {
+            let wait = if bulk_more || self.inbox.bulk_left() {
                 Duration::ZERO
             } else {
                 self.core
@@ -125,13 +130,17 @@ impl<C: Core + Send + 'static> EventLoop<C> {
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             };
-            // Everything urgent queued meanwhile, then the newest view,
-            // then a bounded round of others' probes.
-            let urgent: Vec<Input> = first
-                .into_iter()
-                .chain(std::iter::from_fn(|| self.inbox.urgent.try_recv().ok()))
-                .collect();
-            for input in urgent {
+            // What is queued, up to a round's worth (so timers are not
+            // starved by a steady stream), then the newest view, then a
+            // bounded round of others' probes.
+            let mut next = first;
+            let mut taken = 0;
+            while let Some(input) = next.take().or_else(|| {
+                (taken < URGENT_PER_ROUND)
+                    .then(|| self.inbox.urgent.try_recv().ok())
+                    .flatten()
+            }) {
+                taken += 1;
                 let now = self.start.elapsed();
                 match input {
                     Input::Packet(p) => self.core.handle_packet(now, p),
@@ -145,7 +154,13 @@ impl<C: Core + Send + 'static> EventLoop<C> {
                 self.core.handle_view(self.start.elapsed(), v);
                 self.flush();
             }
-            for p in self.inbox.take_bulk(BULK_PER_ROUND).collect::<Vec<_>>() {
+            self.inbox.start_bulk_round();
+            bulk_more = true;
+            for _ in 0..BULK_PER_ROUND {
+                let Some(p) = self.inbox.take_bulk() else {
+                    bulk_more = false;
+                    break;
+                };
                 self.core.handle_packet(self.start.elapsed(), p);
                 self.flush();
             }
@@ -166,21 +181,4 @@ impl<C: Core + Send + 'static> EventLoop<C> {
             self.io.output(o);
         }
     }
-}
-
-/// Where each part of a split proxy listens, seen from `me`.
-pub fn partners(
-    me: Part,
-    forwarder: SocketAddr,
-    monitor: SocketAddr,
-    router: SocketAddr,
-) -> Vec<(Part, SocketAddr)> {
-    [
-        (Part::Forwarder, forwarder),
-        (Part::Monitor, monitor),
-        (Part::Router, router),
-    ]
-    .into_iter()
-    .filter(|p| p.0 != me)
-    .collect()
 }

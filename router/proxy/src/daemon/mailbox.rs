@@ -131,15 +131,20 @@ impl Inbox {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Up to `max` of others' probes.
-    pub fn take_bulk(&self, max: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
-        self.bulk_pending.store(false, Ordering::Release);
-        std::iter::from_fn(|| self.bulk.try_recv().ok()).take(max)
+    /// Another of others' probes, if one is queued.
+    pub fn take_bulk(&self) -> Option<Vec<u8>> {
+        self.bulk.try_recv().ok()
     }
 
-    /// Whether bulk inputs are left after a round.
+    /// Whether others' probes may be waiting (a wake-up was posted for them).
     pub fn bulk_left(&self) -> bool {
         self.bulk_pending.load(Ordering::Acquire)
+    }
+
+    /// Called before a round drains the bulk queue: a probe queued from now
+    /// on posts a new wake-up, so none is left waiting for a timer.
+    pub fn start_bulk_round(&self) {
+        self.bulk_pending.store(false, Ordering::Release);
     }
 }
 
@@ -179,7 +184,8 @@ mod tests {
         assert_eq!(urgent.len(), 4);
         assert!(matches!(urgent[0], Input::Wake));
         assert!(urgent[1..].iter().all(|i| matches!(i, Input::Packet(_))));
-        assert_eq!(inbox.take_bulk(usize::MAX).count(), 4);
+        inbox.start_bulk_round();
+        assert_eq!(std::iter::from_fn(|| inbox.take_bulk()).count(), 4);
     }
 
     #[test]
@@ -191,7 +197,7 @@ mod tests {
         assert_eq!(mb.counters.too_long.get(), 1);
         assert_eq!(mb.counters.not_probe.get(), 2);
         assert!(inbox.urgent.try_recv().is_err());
-        assert_eq!(inbox.take_bulk(10).count(), 0);
+        assert!(inbox.take_bulk().is_none());
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub mod event_loop;
 pub mod link;
 pub mod mailbox;
 
-pub use event_loop::{partners, EventLoop, Io};
+pub use event_loop::{EventLoop, Io};
 pub use link::Link;
 pub use mailbox::{mailbox, Inbox, Input, Mailbox};
 
@@ -153,6 +153,26 @@ pub struct LocalAddrs {
     pub router: SocketAddr,
 }
 
+impl LocalAddrs {
+    /// Where `part` listens.
+    pub fn of(&self, part: Part) -> SocketAddr {
+        match part {
+            Part::Forwarder => self.forwarder,
+            Part::Monitor => self.monitor,
+            Part::Router => self.router,
+        }
+    }
+
+    /// The other two parts, seen from `me`.
+    pub fn partners(&self, me: Part) -> Vec<(Part, SocketAddr)> {
+        [Part::Forwarder, Part::Monitor, Part::Router]
+            .into_iter()
+            .filter(|p| *p != me)
+            .map(|p| (p, self.of(p)))
+            .collect()
+    }
+}
+
 /// Runs a split proxy's monitor or router (`me`): its part, over the local
 /// link to the other two, until the process ends (`--check`: returns once
 /// the configuration, already loaded, proved valid).
@@ -168,12 +188,7 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    let listen = match me {
-        Part::Forwarder => addrs.forwarder,
-        Part::Monitor => addrs.monitor,
-        Part::Router => addrs.router,
-    };
-    let partners = partners(me, addrs.forwarder, addrs.monitor, addrs.router);
+    let (listen, partners) = (addrs.of(me), addrs.partners(me));
     let (mailbox, inbox) = mailbox(4096, 1);
     let link = Link::bind(listen, partners, mailbox.counters.clone())
         .with_context(|| format!("binding the local link {listen}"))?;
