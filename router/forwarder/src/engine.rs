@@ -119,8 +119,9 @@ pub enum Output {
     AgentIpip(Ipv4Addr),
     /// An inner packet to an agent's UDP reception port.
     AgentUdp(SocketAddrV4),
-    /// A probe or probe reply that ends here: for the local monitor.
-    Monitor,
+    /// A probe or probe reply (its kind, already read) that ends here:
+    /// for the local monitor.
+    Monitor(Kind),
     /// Dropped; the reason is already counted.
     Drop,
 }
@@ -422,7 +423,7 @@ impl Engine {
             }
             c.probes_local.inc();
             return Decision {
-                output: Output::Monitor,
+                output: Output::Monitor(p.kind()),
                 range: start..end,
             };
         }

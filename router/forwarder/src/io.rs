@@ -28,7 +28,7 @@ pub struct Sockets {
 
 /// Takes a probe or probe reply for the local monitor. Runs on a forwarding
 /// thread, so it must never block: queue (bounded) and count what does not fit.
-pub type MonitorSink = Arc<dyn Fn(&[u8]) + Send + Sync>;
+pub type MonitorSink = Arc<dyn Fn(pon_proto::pon::Kind, &[u8]) + Send + Sync>;
 
 /// Per-thread send state: a GSO batch per UDP socket.
 struct Tx {
@@ -52,9 +52,9 @@ impl Sockets {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
             Output::Drop => return,
-            Output::Monitor => {
+            Output::Monitor(kind) => {
                 if let Some(m) = &self.monitor {
-                    m(pkt);
+                    m(kind, pkt);
                 }
                 return;
             }

@@ -372,6 +372,6 @@ fn probes_transit_and_end_at_the_monitor() {
     assert_eq!(p3.counters.drop_no_monitor.get(), 1);
     let p3 = engine(3).with_monitor();
     let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
-    assert_eq!(d.output, Output::Monitor);
+    assert_eq!(d.output, Output::Monitor(Kind::Probe));
     assert_eq!(&buf[d.range], &wire[..]);
 }

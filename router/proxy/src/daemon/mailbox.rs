@@ -88,16 +88,16 @@ impl Mailbox {
         }
     }
 
-    /// A probe or reply from a forwarding thread: replies to ours are
-    /// urgent, others' probes are bulk.
-    pub fn post_packet(&self, packet: &[u8]) {
+    /// A probe or reply from a forwarding thread, whose kind the engine
+    /// already read: replies to ours are urgent, others' probes are bulk.
+    pub fn post_packet(&self, kind: Kind, packet: &[u8]) {
         if packet.len() > MAX_PROBE_LEN {
             self.counters.too_long.inc();
             return;
         }
-        match pon::Packet::new_checked(packet).map(|p| p.kind()) {
-            Ok(Kind::ProbeReply) => self.post(Input::Packet(packet.to_vec())),
-            Ok(Kind::Probe) => {
+        match kind {
+            Kind::ProbeReply => self.post(Input::Packet(packet.to_vec())),
+            Kind::Probe => {
                 if let Err(TrySendError::Full(_)) = self.bulk.try_send(packet.to_vec()) {
                     self.counters.bulk_full.inc();
                     return;
@@ -108,14 +108,14 @@ impl Mailbox {
                     self.post(Input::Wake);
                 }
             }
-            _ => self.counters.not_probe.inc(),
+            Kind::Data => self.counters.not_probe.inc(),
         }
     }
 
     /// The forwarding threads' hand-off.
     pub fn sink(&self) -> MonitorSink {
         let m = self.clone();
-        Arc::new(move |packet: &[u8]| m.post_packet(packet))
+        Arc::new(move |kind, packet: &[u8]| m.post_packet(kind, packet))
     }
 
     /// A new view from the CU: replaces any not yet taken.
@@ -172,10 +172,10 @@ mod tests {
     fn a_flood_of_foreign_probes_never_pushes_out_our_replies() {
         let (mb, inbox) = mailbox(8, 4);
         for _ in 0..1000 {
-            mb.post_packet(&packet(Kind::Probe, 40));
+            mb.post_packet(Kind::Probe, &packet(Kind::Probe, 40));
         }
         for _ in 0..3 {
-            mb.post_packet(&packet(Kind::ProbeReply, 40));
+            mb.post_packet(Kind::ProbeReply, &packet(Kind::ProbeReply, 40));
         }
         assert_eq!(mb.counters.bulk_full.get(), 996);
         assert_eq!(mb.counters.urgent_full.get(), 0);
@@ -191,9 +191,9 @@ mod tests {
     #[test]
     fn oversized_and_data_packets_are_not_copied() {
         let (mb, inbox) = mailbox(8, 8);
-        mb.post_packet(&packet(Kind::Probe, 60_000));
-        mb.post_packet(&packet(Kind::Data, 40));
-        mb.post_packet(&[0xff; 3]);
+        mb.post_packet(Kind::Probe, &packet(Kind::Probe, 60_000));
+        mb.post_packet(Kind::Data, &packet(Kind::Data, 40));
+        mb.post_packet(Kind::Data, &packet(Kind::Data, 0));
         assert_eq!(mb.counters.too_long.get(), 1);
         assert_eq!(mb.counters.not_probe.get(), 2);
         assert!(inbox.urgent.try_recv().is_err());
