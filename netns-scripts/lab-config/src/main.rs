@@ -169,9 +169,8 @@ pub fn render(daemon: &str, input: &serde_json::Value, full: bool) -> anyhow::Re
     };
     let typed = check(daemon, &toml::to_string(&given)?)?;
     let out = match typed {
-        Some(typed) if full => typed,
-        Some(typed) => prune(&typed, &given),
-        None => given,
+        typed if full => typed,
+        typed => prune(&typed, &given),
     };
     let text = toml::to_string(&out)?;
     check(daemon, &text).context("the rendered configuration does not read back")?;
@@ -194,14 +193,14 @@ fn without_nulls(v: &serde_json::Value) -> serde_json::Value {
 }
 
 /// Parses `text` as `daemon` does at start-up. Returns the parsed
-/// configuration as a TOML table, or `None` when its type cannot be written.
-fn check(daemon: &str, text: &str) -> anyhow::Result<Option<toml::Table>> {
+/// configuration as a TOML table.
+fn check(daemon: &str, text: &str) -> anyhow::Result<toml::Table> {
     use pon_agents::config::{RaConfig, TaConfig};
     use pon_proxy::config::{MonitorDaemonConfig, RouterDaemonConfig};
     use pon_proxy::forwarder::ForwarderConfig;
     use pon_proxy::ProxyConfig;
-    fn table<T: Serialize>(cfg: T) -> anyhow::Result<Option<toml::Table>> {
-        Ok(Some(toml::Table::try_from(cfg)?))
+    fn table<T: Serialize>(cfg: T) -> anyhow::Result<toml::Table> {
+        Ok(toml::Table::try_from(cfg)?)
     }
     match daemon {
         "pon-forwarder" => table(ForwarderConfig::parse(text)?),
