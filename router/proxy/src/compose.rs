@@ -4,7 +4,7 @@
 //! writer of the table.
 
 use crate::forwarder::config::RouteConfig;
-use crate::forwarder::cu::table_from_view_with;
+use crate::forwarder::cu::table_from_view;
 use crate::forwarder::{ForwarderConfig, ForwardingTable, TableError};
 use pon_cu::view::View;
 use pon_proto::steering::Steering;
@@ -68,7 +68,7 @@ impl Composer {
     /// The table with `chosen` routes (`(to, relays)`) in place of static ones.
     pub fn compose(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
         match (&self.cloud, &self.view) {
-            (Some(cloud), Some(view)) => table_from_view_with(&self.fcfg, cloud, view, chosen),
+            (Some(cloud), Some(view)) => table_from_view(&self.fcfg, cloud, view, chosen),
             (Some(_), None) => self.fcfg.table(),
             (None, _) => {
                 let mut cfg = self.fcfg.clone();

@@ -11,19 +11,11 @@ use pon_proto::control::Endpoints;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Builds the table from what the CU told us. Static `[[route]]`s apply
-/// once every proxy they name is known; others are skipped for now.
+/// Builds the table from what the CU told us, with routes chosen at run
+/// time (by the router, `(to, relays)`) taking the place of static
+/// `[[route]]`s to the same proxy. Static `[[route]]`s apply once every
+/// proxy they name is known; others are skipped for now.
 pub fn table_from_view(
-    cfg: &ForwarderConfig,
-    my_cloud: &str,
-    view: &View,
-) -> Result<ForwardingTable, pon_forwarder::TableError> {
-    table_from_view_with(cfg, my_cloud, view, &[])
-}
-
-/// Like [`table_from_view`], with routes chosen at run time (by the router,
-/// `(to, relays)`) taking the place of static `[[route]]`s to the same proxy.
-pub fn table_from_view_with(
     cfg: &ForwarderConfig,
     my_cloud: &str,
     view: &View,
@@ -154,7 +146,7 @@ mod tests {
                 app(12, "nowhere", [198, 18, 9, 11]),
             ],
         });
-        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.my_id(), 1);
         assert_eq!(t.peer_count(), 2 - 1);
         assert!(t.agent("198.18.1.11".parse().unwrap()).is_some());
@@ -163,10 +155,10 @@ mod tests {
         assert_eq!(t.egress_for("198.18.9.11".parse().unwrap()), None);
         assert_eq!(t.route(2).unwrap().as_slice(), &[2]);
         v.apply_changes(vec![Change::Up(proxy(3, "london"))]);
-        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
         v.apply_changes(vec![Change::Down(2)]);
-        let t = table_from_view(&cfg, "paris", &v).unwrap();
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), None);
     }
 }
