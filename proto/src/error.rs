@@ -30,6 +30,8 @@ pub enum Error {
     BufferTooSmall { needed: usize, have: usize },
     #[error("probe train index {index} not below train length {len}")]
     BadTrain { index: u16, len: u16 },
+    #[error("{extra} bytes after the end of a fixed-size message")]
+    TrailingBytes { extra: usize },
 }
 
 impl Error {
@@ -38,7 +40,7 @@ impl Error {
 
     /// Every label, in [`Error::index`] order, so that a daemon can declare
     /// one counter per reason before any packet arrives.
-    pub const LABELS: [&'static str; 13] = [
+    pub const LABELS: [&'static str; 14] = [
         "truncated",
         "bad_version",
         "unknown_kind",
@@ -52,6 +54,7 @@ impl Error {
         "bad_checksum",
         "buffer_too_small",
         "bad_train",
+        "trailing_bytes",
     ];
 
     /// A dense index below [`Error::COUNT`], for counter arrays: a drop is
@@ -71,6 +74,7 @@ impl Error {
             Error::BadChecksum => 10,
             Error::BufferTooSmall { .. } => 11,
             Error::BadTrain { .. } => 12,
+            Error::TrailingBytes { .. } => 13,
         }
     }
 
@@ -112,6 +116,7 @@ mod tests {
             Error::BadChecksum,
             Error::BufferTooSmall { needed: 0, have: 0 },
             Error::BadTrain { index: 0, len: 0 },
+            Error::TrailingBytes { extra: 0 },
         ];
         assert_eq!(all.len(), Error::COUNT);
         for (i, e) in all.iter().enumerate() {

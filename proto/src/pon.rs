@@ -1,5 +1,6 @@
-//! The PON header, carried over UDP between proxies, in front of the inner IP
-//! packet (data) or a probe body (probe, probe reply).
+//! The PON header, carried over UDP between proxies, in front of a sealed
+//! payload: the inner IP packet (data), a probe body (probe, probe reply),
+//! nothing (keepalive), or a Noise handshake message.
 //!
 //! ```text
 //!  0       1       2       3       4       5       6       7
@@ -9,49 +10,90 @@
 //! |            flow id            |        source proxy id        |
 //! +-------------------------------+-------------------------------+
 //! |  hop 0 proxy id  |  hop 1 ... (hop count x 4 bytes)            |
+//! +-------------------------------+-------------------------------+
+//! |  seal index   |          seal counter (64 bits)               |
+//! +-------------------------------+-------------------------------+
+//! |  link index   |          link counter (64 bits)               |  only when hop count > 1
 //! +---------------------------------------------------------------+
-//! |  authentication tag (16 bytes, present when flags & AUTH)     |
+//! |  payload (encrypted unless a handshake message)               |
 //! +---------------------------------------------------------------+
-//! |  payload                                                      |
+//! |  seal tag (16 bytes; not on handshake messages)               |
+//! |  link tag (16 bytes; only when hop count > 1)                 |
+//! +---------------------------------------------------------------+
 //! ```
 //!
-//! `hops` is the source route after the ingress proxy; `hop index` names the
-//! hop that must receive the packet now, so the last hop is the egress proxy.
-//! `hop limit` is decremented at every forwarder and stops loops that a
-//! forged or stale route could build.
+//! `hops` is the source route after the ingress proxy (the `source`);
+//! `hop index` names the hop that must receive the packet now, so the last
+//! hop is the egress proxy. `hop limit` is decremented at every forwarder
+//! and stops loops that a stale route could build.
+//!
+//! Two layers protect a packet (see the `pon-tunnel` crate). The **seal**
+//! is end to end, between the source and the last hop: the payload is
+//! encrypted and the header's fixed fields are authenticated under the
+//! session whose receiver index and counter are in the seal fields, so a
+//! relay carries what it can neither read nor alter. The **link** layer
+//! exists only on relayed routes: each leg's sender authenticates the whole
+//! datagram with the session it shares with the next hop (link fields and
+//! link tag), so every proxy drops what does not come from a neighbour
+//! before doing any work. On a direct route the two are the same pair of
+//! proxies and the seal alone does both jobs.
 
 use crate::error::need;
-use crate::ip::InnerPacket;
 use crate::{Error, Result};
 
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Bytes before the hop list.
 pub const FIXED_HEADER_LEN: usize = 16;
 /// Most hops a source route may carry: the egress proxy and up to seven relays.
 pub const MAX_HOPS: usize = 8;
-pub const AUTH_TAG_LEN: usize = 16;
+/// Bytes of an AEAD tag.
+pub const TAG_LEN: usize = 16;
+/// Bytes of a session index and counter.
+pub const SESSION_FIELDS_LEN: usize = 12;
 /// The longest header this version can produce.
-pub const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + 4 * MAX_HOPS + AUTH_TAG_LEN;
+pub const MAX_HEADER_LEN: usize = header_len(MAX_HOPS);
+/// The longest trailer (seal and link tags).
+pub const MAX_TRAILER_LEN: usize = 2 * TAG_LEN;
+/// The longest additional data a seal authenticates (see [`Packet::seal_aad`]).
+pub const MAX_SEAL_AAD_LEN: usize = FIXED_HEADER_LEN + 4 * MAX_HOPS + SESSION_FIELDS_LEN;
 /// Hop limit ingress forwarders start with unless configured otherwise.
 pub const DEFAULT_HOP_LIMIT: u8 = 16;
 
 pub mod flags {
-    /// An authentication tag follows the hop list.
-    pub const AUTH: u8 = 0x01;
     /// Flags this version understands; others are ignored and cleared on emit.
-    pub const KNOWN: u8 = AUTH;
+    pub const KNOWN: u8 = 0;
 }
 
-/// Length of a header with `hops` hops and optionally an authentication tag.
-pub const fn header_len(hops: usize, auth: bool) -> usize {
-    FIXED_HEADER_LEN + 4 * hops + if auth { AUTH_TAG_LEN } else { 0 }
+/// Whether a route of `hops` hops carries the link layer.
+#[inline]
+pub const fn has_link(hops: usize) -> bool {
+    hops > 1
+}
+
+/// Length of the header of a route of `hops` hops.
+#[inline]
+pub const fn header_len(hops: usize) -> usize {
+    FIXED_HEADER_LEN
+        + 4 * hops
+        + SESSION_FIELDS_LEN
+        + if has_link(hops) {
+            SESSION_FIELDS_LEN
+        } else {
+            0
+        }
+}
+
+/// Length of the tags after the payload.
+#[inline]
+pub const fn trailer_len(kind: Kind, hops: usize) -> usize {
+    (if kind.is_sealed() { TAG_LEN } else { 0 }) + if has_link(hops) { TAG_LEN } else { 0 }
 }
 
 /// Bytes the proxy legs add to an inner packet (outer IPv4 + UDP + PON
-/// header) for a route of `hops` hops, with room kept for an authentication
-/// tag. Agents size their TUN MTU from this.
+/// header + tags) for a route of `hops` hops. Agents size their TUN MTU
+/// from this.
 pub const fn proxy_leg_overhead(hops: usize) -> usize {
-    crate::ip::UDP_OVERHEAD + header_len(hops, true)
+    crate::ip::UDP_OVERHEAD + header_len(hops) + trailer_len(Kind::Data, hops)
 }
 
 /// What a PON packet carries. Closed: a kind this version does not know is
@@ -61,6 +103,22 @@ pub enum Kind {
     Data,
     Probe,
     ProbeReply,
+    /// The first message of a Noise handshake.
+    HandshakeInit,
+    /// Its answer.
+    HandshakeResponse,
+    /// A sealed empty payload: the handshake's initiator shows it holds
+    /// the new keys.
+    Keepalive,
+}
+
+impl Kind {
+    /// Whether the payload is sealed end to end. Handshake messages are
+    /// protected by the Noise handshake itself.
+    #[inline]
+    pub const fn is_sealed(self) -> bool {
+        !matches!(self, Kind::HandshakeInit | Kind::HandshakeResponse)
+    }
 }
 
 impl TryFrom<u8> for Kind {
@@ -71,6 +129,9 @@ impl TryFrom<u8> for Kind {
             1 => Ok(Kind::Data),
             2 => Ok(Kind::Probe),
             3 => Ok(Kind::ProbeReply),
+            4 => Ok(Kind::HandshakeInit),
+            5 => Ok(Kind::HandshakeResponse),
+            6 => Ok(Kind::Keepalive),
             other => Err(Error::UnknownKind(other)),
         }
     }
@@ -82,6 +143,9 @@ impl From<Kind> for u8 {
             Kind::Data => 1,
             Kind::Probe => 2,
             Kind::ProbeReply => 3,
+            Kind::HandshakeInit => 4,
+            Kind::HandshakeResponse => 5,
+            Kind::Keepalive => 6,
         }
     }
 }
@@ -101,9 +165,18 @@ mod field {
     pub const fn hop(i: usize) -> Range<usize> {
         super::FIXED_HEADER_LEN + 4 * i..super::FIXED_HEADER_LEN + 4 * (i + 1)
     }
-    /// The authentication tag after `hops` hops.
-    pub const fn auth_tag(hops: usize) -> Range<usize> {
-        hop(hops).start..hop(hops).start + super::AUTH_TAG_LEN
+    /// The seal's session index after `hops` hops; its counter follows.
+    pub const fn seal_index(hops: usize) -> Range<usize> {
+        hop(hops).start..hop(hops).start + 4
+    }
+    pub const fn seal_counter(hops: usize) -> Range<usize> {
+        seal_index(hops).end..seal_index(hops).end + 8
+    }
+    pub const fn link_index(hops: usize) -> Range<usize> {
+        seal_counter(hops).end..seal_counter(hops).end + 4
+    }
+    pub const fn link_counter(hops: usize) -> Range<usize> {
+        link_index(hops).end..link_index(hops).end + 8
     }
 }
 
@@ -117,8 +190,9 @@ pub struct Packet<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> Packet<T> {
-    /// Validates version, kind, hop count, hop index and lengths; for data
-    /// packets also that the payload is an IPv4 or IPv6 packet.
+    /// Validates version, kind, hop count, hop index and that header and
+    /// trailer fit. The payload is not looked at: it is ciphertext until
+    /// the seal is opened.
     #[inline]
     pub fn new_checked(buffer: T) -> Result<Self> {
         let b = buffer.as_ref();
@@ -136,10 +210,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
             return Err(Error::HopIndexOutOfRange { index, count });
         }
         let p = Packet { buffer, kind };
-        need(p.b().len(), p.header_len())?;
-        if kind == Kind::Data {
-            InnerPacket::new_checked(p.payload())?;
-        }
+        need(p.b().len(), p.header_len() + p.trailer_len())?;
         Ok(p)
     }
 
@@ -157,9 +228,6 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn flags(&self) -> u8 {
         self.b()[field::FLAGS]
     }
-    pub fn has_auth_tag(&self) -> bool {
-        self.flags() & flags::AUTH != 0
-    }
     #[inline]
     pub fn hop_limit(&self) -> u8 {
         self.b()[field::HOP_LIMIT]
@@ -175,6 +243,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn flow_id(&self) -> u32 {
         be32(self.b(), field::FLOW)
     }
+    #[inline]
     pub fn source(&self) -> u32 {
         be32(self.b(), field::SOURCE)
     }
@@ -189,11 +258,25 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn current_hop(&self) -> u32 {
         self.hop(self.hop_index())
     }
+    /// The proxy that sent the packet on its current leg: the source, or
+    /// the hop before the current one.
+    #[inline]
+    pub fn previous_hop(&self) -> u32 {
+        match self.hop_index() {
+            0 => self.source(),
+            i => self.hop(i - 1),
+        }
+    }
     /// The hop after the current one, or `None` at the egress proxy.
     #[inline]
     pub fn next_hop(&self) -> Option<u32> {
         let next = self.hop_index() + 1;
         (next < self.hop_count()).then(|| self.hop(next))
+    }
+    /// The proxy the seal is for: the last hop.
+    #[inline]
+    pub fn egress(&self) -> u32 {
+        self.hop(self.hop_count() - 1)
     }
     /// Whether a proxy appears twice in the source route: such a route
     /// loops (`[P, Q, P, Q, ...]` makes each proxy send the packet again
@@ -216,24 +299,68 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
     #[inline]
     pub fn header_len(&self) -> usize {
-        header_len(self.hop_count(), self.has_auth_tag())
-    }
-    pub fn auth_tag(&self) -> Option<&[u8]> {
-        self.has_auth_tag()
-            .then(|| &self.b()[field::auth_tag(self.hop_count())])
+        header_len(self.hop_count())
     }
     #[inline]
-    pub fn payload(&self) -> &[u8] {
-        &self.b()[self.header_len()..]
+    pub fn trailer_len(&self) -> usize {
+        trailer_len(self.kind, self.hop_count())
     }
-    /// The inner packet of a data packet, checked by `new_checked` (so not
-    /// checked again here); `None` for probes.
+    /// Whether this packet carries the link layer (its route is relayed).
     #[inline]
-    pub fn inner(&self) -> Option<InnerPacket<&[u8]>> {
-        if self.kind != Kind::Data {
+    pub fn has_link(&self) -> bool {
+        has_link(self.hop_count())
+    }
+    #[inline]
+    pub fn seal_index(&self) -> u32 {
+        be32(self.b(), field::seal_index(self.hop_count()))
+    }
+    #[inline]
+    pub fn seal_counter(&self) -> u64 {
+        be64(self.b(), field::seal_counter(self.hop_count()))
+    }
+    /// The link fields, when the route is relayed.
+    #[inline]
+    pub fn link(&self) -> Option<(u32, u64)> {
+        let n = self.hop_count();
+        self.has_link().then(|| {
+            (
+                be32(self.b(), field::link_index(n)),
+                be64(self.b(), field::link_counter(n)),
+            )
+        })
+    }
+    /// The bytes the link tag authenticates (all before it) and the tag.
+    #[inline]
+    pub fn link_tagged(&self) -> Option<(&[u8], &[u8; TAG_LEN])> {
+        if !self.has_link() {
             return None;
         }
-        Some(InnerPacket::new_unchecked(self.payload()))
+        let (body, tag) = self.b().split_at(self.b().len() - TAG_LEN);
+        Some((body, tag.try_into().ok()?))
+    }
+    /// The header's fields a seal authenticates: all but the hop limit and
+    /// hop index (relays change them) and the link fields (each leg's own),
+    /// copied into `out` with those two bytes zeroed.
+    #[inline]
+    pub fn seal_aad<'o>(&self, out: &'o mut [u8; MAX_SEAL_AAD_LEN]) -> &'o [u8] {
+        let len = field::seal_counter(self.hop_count()).end;
+        out[..len].copy_from_slice(&self.b()[..len]);
+        out[field::HOP_LIMIT] = 0;
+        out[field::HOP_INDEX] = 0;
+        &out[..len]
+    }
+    /// The payload between header and trailer (ciphertext while sealed).
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        let end = self.b().len() - self.trailer_len();
+        &self.b()[self.header_len()..end]
+    }
+    /// The range of the sealed payload and its seal tag, which
+    /// [`Packet::payload`] excludes.
+    #[inline]
+    pub fn sealed_range(&self) -> core::ops::Range<usize> {
+        let link = if self.has_link() { TAG_LEN } else { 0 };
+        self.header_len()..self.b().len() - link
     }
     pub fn into_inner(self) -> T {
         self.buffer
@@ -285,16 +412,41 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
         debug_assert!(i < self.hop_count());
         self.m()[field::hop(i)].copy_from_slice(&id.to_be_bytes());
     }
-    pub fn auth_tag_mut(&mut self) -> Option<&mut [u8]> {
-        if !self.has_auth_tag() {
+    #[inline]
+    pub fn set_seal(&mut self, index: u32, counter: u64) {
+        let n = self.hop_count();
+        self.m()[field::seal_index(n)].copy_from_slice(&index.to_be_bytes());
+        self.m()[field::seal_counter(n)].copy_from_slice(&counter.to_be_bytes());
+    }
+    /// Sets the link fields; ignored on a direct route, which has none.
+    #[inline]
+    pub fn set_link(&mut self, index: u32, counter: u64) {
+        let n = self.hop_count();
+        if has_link(n) {
+            self.m()[field::link_index(n)].copy_from_slice(&index.to_be_bytes());
+            self.m()[field::link_counter(n)].copy_from_slice(&counter.to_be_bytes());
+        }
+    }
+    /// The bytes a link tag covers and the tag's slot, for writing it.
+    #[inline]
+    pub fn link_tag_mut(&mut self) -> Option<(&[u8], &mut [u8])> {
+        if !self.has_link() {
             return None;
         }
-        let r = field::auth_tag(self.hop_count());
-        Some(&mut self.m()[r])
+        let len = self.b().len();
+        let (body, tag) = self.m().split_at_mut(len - TAG_LEN);
+        Some((&*body, tag))
+    }
+    /// The sealed payload with its seal tag, for opening or sealing in place.
+    #[inline]
+    pub fn sealed_mut(&mut self) -> &mut [u8] {
+        let r = self.sealed_range();
+        &mut self.m()[r]
     }
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let start = self.header_len();
-        &mut self.m()[start..]
+        let end = self.b().len() - self.trailer_len();
+        &mut self.m()[start..end]
     }
 }
 
@@ -303,6 +455,13 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
 #[inline]
 fn be32(b: &[u8], r: core::ops::Range<usize>) -> u32 {
     u32::from_be_bytes([b[r.start], b[r.start + 1], b[r.start + 2], b[r.start + 3]])
+}
+
+#[inline]
+fn be64(b: &[u8], r: core::ops::Range<usize>) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[r]);
+    u64::from_be_bytes(a)
 }
 
 /// On the local link a route travels as a sequence of ids; decoding checks
@@ -367,12 +526,12 @@ impl core::fmt::Debug for Hops {
     }
 }
 
-/// The owned form of a PON header.
+/// The owned form of a PON header. The seal and link fields are the
+/// crypto step's: `emit` zeroes them, and leaves the trailer to the caller
+/// (a packet is `wire_len(payload)` bytes long).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Repr {
     pub kind: Kind,
-    /// Whether room for an authentication tag is reserved (zeroed on emit).
-    pub auth: bool,
     pub hop_limit: u8,
     pub hop_index: u8,
     pub flow_id: u32,
@@ -384,7 +543,6 @@ impl Repr {
     pub fn parse<T: AsRef<[u8]>>(p: &Packet<T>) -> Result<Self> {
         Ok(Repr {
             kind: p.kind(),
-            auth: p.has_auth_tag(),
             hop_limit: p.hop_limit(),
             hop_index: p.hop_index() as u8,
             flow_id: p.flow_id(),
@@ -395,7 +553,18 @@ impl Repr {
 
     #[inline]
     pub fn header_len(&self) -> usize {
-        header_len(self.hops.len(), self.auth)
+        header_len(self.hops.len())
+    }
+
+    #[inline]
+    pub fn trailer_len(&self) -> usize {
+        trailer_len(self.kind, self.hops.len())
+    }
+
+    /// Length of a whole packet with a payload of `payload` bytes.
+    #[inline]
+    pub fn wire_len(&self, payload: usize) -> usize {
+        self.header_len() + payload + self.trailer_len()
     }
 
     /// Writes the header into `out[..self.header_len()]`, leaving the payload
@@ -414,12 +583,13 @@ impl Repr {
                 count: self.hops.len() as u8,
             });
         }
-        // The count and flags go first: the other setters find the hop
-        // list and the tag through them.
+        // The count goes first: the other setters find the hop list and
+        // the session fields through it.
         out[field::VERSION] = VERSION;
-        out[field::FLAGS] = if self.auth { flags::AUTH } else { 0 };
+        out[field::FLAGS] = 0;
         out[field::HOP_COUNT] = self.hops.len() as u8;
         out[field::RESERVED].fill(0);
+        out[field::hop(self.hops.len()).start..len].fill(0);
         let mut p = Packet {
             buffer: out,
             kind: self.kind,
@@ -432,9 +602,6 @@ impl Repr {
         for (i, id) in self.hops.as_slice().iter().enumerate() {
             p.set_hop(i, *id);
         }
-        if let Some(tag) = p.auth_tag_mut() {
-            tag.fill(0);
-        }
         Ok(())
     }
 }
@@ -442,61 +609,78 @@ impl Repr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ip::{Ipv4Repr, IPV4_HEADER_LEN};
-    use core::net::Ipv4Addr;
 
-    fn data_packet(hops: &[u32], index: u8, auth: bool) -> Vec<u8> {
+    fn packet(kind: Kind, hops: &[u32], index: u8, payload: usize) -> Vec<u8> {
         let repr = Repr {
-            kind: Kind::Data,
-            auth,
+            kind,
             hop_limit: 4,
             hop_index: index,
             flow_id: 7,
             source: 1,
             hops: Hops::new(hops).unwrap(),
         };
-        let inner_len = IPV4_HEADER_LEN + 4;
-        let mut v = vec![0u8; repr.header_len() + inner_len];
+        let mut v = vec![0xaa; repr.wire_len(payload)];
         repr.emit(&mut v).unwrap();
-        Ipv4Repr {
-            src: Ipv4Addr::new(198, 18, 1, 11),
-            dst: Ipv4Addr::new(198, 18, 2, 11),
-            protocol: crate::ip::IpProtocol::Udp,
-            ttl: 64,
-            dont_fragment: false,
-            payload_len: 4,
-        }
-        .emit(&mut v[repr.header_len()..])
-        .unwrap();
         v
     }
 
     #[test]
     fn parse_emit_round_trip() {
-        let v = data_packet(&[3, 2], 0, true);
-        let p = Packet::new_checked(&v[..]).unwrap();
+        let mut v = packet(Kind::Data, &[3, 2], 0, 24);
+        let mut p = Packet::new_checked(&mut v[..]).unwrap();
+        p.set_seal(9, 1 << 40);
+        p.set_link(11, 5);
         let r = Repr::parse(&p).unwrap();
         assert_eq!(r.hops.as_slice(), &[3, 2]);
-        assert_eq!(p.current_hop(), 3);
-        assert_eq!(p.next_hop(), Some(2));
-        assert_eq!(p.auth_tag().unwrap(), &[0u8; 16]);
-        assert_eq!(p.payload().len(), 24);
+        assert_eq!((p.current_hop(), p.previous_hop()), (3, 1));
+        assert_eq!((p.next_hop(), p.egress()), (Some(2), 2));
+        assert_eq!((p.seal_index(), p.seal_counter()), (9, 1 << 40));
+        assert_eq!(p.link(), Some((11, 5)));
+        assert_eq!(p.payload(), &[0xaa; 24]);
+        assert_eq!(p.sealed_range().len(), 24 + TAG_LEN);
+        assert_eq!(p.link_tagged().unwrap().0.len(), v.len() - TAG_LEN);
+    }
+
+    #[test]
+    fn direct_routes_have_no_link_layer() {
+        let v = packet(Kind::Data, &[2], 0, 10);
+        let p = Packet::new_checked(&v[..]).unwrap();
+        assert_eq!(p.link(), None);
+        assert!(p.link_tagged().is_none());
+        assert_eq!(v.len(), 16 + 4 + 12 + 10 + 16);
+        let h = packet(Kind::HandshakeInit, &[2], 0, 10);
+        assert_eq!(h.len(), 16 + 4 + 12 + 10, "no seal tag on handshakes");
+    }
+
+    #[test]
+    fn the_seal_covers_fixed_fields_only() {
+        let mut v = packet(Kind::Data, &[3, 2], 0, 4);
+        let mut aad = [0u8; MAX_SEAL_AAD_LEN];
+        let before = Packet::new_checked(&v[..]).unwrap().seal_aad(&mut aad).to_vec();
+        let mut p = Packet::new_checked(&mut v[..]).unwrap();
+        p.advance().unwrap();
+        p.set_link(1, 2);
+        assert_eq!(p.seal_aad(&mut aad), &before[..], "relays' changes are outside it");
+        p.set_flow_id(8);
+        assert_ne!(p.seal_aad(&mut aad), &before[..]);
     }
 
     #[test]
     fn advance_moves_to_next_hop_and_spends_limit() {
-        let mut v = data_packet(&[3, 2], 0, false);
+        let mut v = packet(Kind::Data, &[3, 2], 0, 0);
         let mut p = Packet::new_checked(&mut v[..]).unwrap();
         assert_eq!(p.advance(), Some(2));
         assert_eq!(p.hop_index(), 1);
         assert_eq!(p.hop_limit(), 3);
+        assert_eq!(p.previous_hop(), 3);
         assert_eq!(p.advance(), None, "egress has no next hop");
     }
 
     #[test]
     fn hop_limit_stops_loops() {
-        let mut v = data_packet(&[1, 2, 1, 2, 1, 2, 1, 2], 0, false);
+        let mut v = packet(Kind::Data, &[1, 2, 1, 2, 1, 2, 1, 2], 0, 0);
         let mut p = Packet::new_checked(&mut v[..]).unwrap();
+        assert!(p.has_repeated_hop());
         let mut moves = 0;
         while p.advance().is_some() {
             moves += 1;
@@ -506,7 +690,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_headers() {
-        let good = data_packet(&[2], 0, false);
+        let good = packet(Kind::Data, &[2], 0, 0);
         // One byte of a good packet changed, and what the parser says of it.
         for (at, byte, err) in [
             (0, 9, Error::BadVersion(9)),
@@ -514,7 +698,6 @@ mod tests {
             (4, 0, Error::BadHopCount(0)),
             (4, 9, Error::BadHopCount(9)),
             (5, 1, Error::HopIndexOutOfRange { index: 1, count: 1 }),
-            (20, 0x35, Error::NotIp(3)), // inner version 3
         ] {
             let mut v = good.clone();
             v[at] = byte;
@@ -523,34 +706,19 @@ mod tests {
         let mut v = good.clone();
         v[4] = 8; // hop list runs past the end
         assert!(matches!(
-            Packet::new_checked(&v[..20]),
+            Packet::new_checked(&v[..]),
             Err(Error::Truncated { .. })
         ));
         assert!(matches!(
-            Packet::new_checked(&good[..10]),
+            Packet::new_checked(&good[..good.len() - 1]),
             Err(Error::Truncated { .. })
         ));
     }
 
     #[test]
-    fn probe_payload_need_not_be_ip() {
-        let repr = Repr {
-            kind: Kind::Probe,
-            auth: false,
-            hop_limit: 1,
-            hop_index: 0,
-            flow_id: 0,
-            source: 1,
-            hops: Hops::new(&[2]).unwrap(),
-        };
-        let mut v = vec![0xffu8; repr.header_len() + 5];
-        repr.emit(&mut v).unwrap();
-        assert_eq!(Packet::new_checked(&v[..]).unwrap().kind(), Kind::Probe);
-    }
-
-    #[test]
-    fn overhead_accounts_for_tag_room() {
-        assert_eq!(proxy_leg_overhead(1), 28 + 16 + 4 + 16);
-        assert_eq!(MAX_HEADER_LEN, 64);
+    fn overhead_accounts_for_both_layers() {
+        assert_eq!(proxy_leg_overhead(1), 28 + 16 + 4 + 12 + 16);
+        assert_eq!(proxy_leg_overhead(2), 28 + 16 + 8 + 24 + 32);
+        assert_eq!(MAX_HEADER_LEN, 16 + 32 + 24);
     }
 }
