@@ -46,6 +46,63 @@ impl ControlError {
 
 pub use crate::Encap;
 
+/// A static X25519 public key (the data plane's Noise handshakes), as the
+/// CU vouches for it. Written as standard base64, like WireGuard keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PublicKey(pub [u8; 32]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a public key: expected 32 bytes in standard base64 (44 characters)")]
+pub struct BadPublicKey;
+
+impl std::fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use base64::Engine;
+        f.write_str(&base64::engine::general_purpose::STANDARD.encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl std::str::FromStr for PublicKey {
+    type Err = BadPublicKey;
+    fn from_str(s: &str) -> Result<Self, BadPublicKey> {
+        use base64::Engine;
+        let mut out = [0u8; 32];
+        match base64::engine::general_purpose::STANDARD.decode_slice(s.trim(), &mut out) {
+            Ok(32) => Ok(PublicKey(out)),
+            _ => Err(BadPublicKey),
+        }
+    }
+}
+
+// Human-readable formats (JSON from ponctl, TOML) get the base64 text; the
+// wire (postcard) gets the 32 bytes.
+impl Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(PublicKey)
+        }
+    }
+}
+
 /// Where an agent can be reached; the variant must match the role family.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Endpoints {

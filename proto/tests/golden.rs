@@ -25,15 +25,14 @@ fn golden(what: &str, got: &[u8], want: &[u8]) {
     );
 }
 
-fn pon_header(kind: pon::Kind, auth: bool) -> Vec<u8> {
+fn pon_header(kind: pon::Kind, hops: &[u32]) -> Vec<u8> {
     let r = pon::Repr {
         kind,
-        auth,
         hop_limit: 16,
         hop_index: 0,
         flow_id: 0x0102_0304,
         source: 1,
-        hops: pon::Hops::new(&[3, 2]).unwrap(),
+        hops: pon::Hops::new(hops).unwrap(),
     };
     let mut v = vec![0xee; r.header_len()];
     r.emit(&mut v).unwrap();
@@ -44,42 +43,70 @@ fn pon_header(kind: pon::Kind, auth: bool) -> Vec<u8> {
 fn pon_header_per_kind() {
     #[rustfmt::skip]
     let data = [
-        1, 1, 0, 16, 2, 0, 0, 0, // version, kind Data, flags, hop limit, count, index, reserved
+        2, 1, 0, 16, 1, 0, 0, 0, // version 2, kind Data, flags, hop limit, count, index, reserved
         1, 2, 3, 4, 0, 0, 0, 1, // flow id, source
-        0, 0, 0, 3, 0, 0, 0, 2, // hops
+        0, 0, 0, 2, // hops
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // seal index and counter (the crypto step's)
     ];
     golden(
-        "PON data header",
-        &pon_header(pon::Kind::Data, false),
+        "PON data header, direct",
+        &pon_header(pon::Kind::Data, &[2]),
         &data,
     );
-    let mut probe = data.to_vec();
-    probe[1] = 2;
-    probe[2] = 1; // AUTH: room for a zeroed tag after the hops
-    probe.extend([0; 16]);
+    #[rustfmt::skip]
+    let relayed = [
+        2, 2, 0, 16, 2, 0, 0, 0, // kind Probe, two hops
+        1, 2, 3, 4, 0, 0, 0, 1,
+        0, 0, 0, 3, 0, 0, 0, 2,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // seal fields
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // link fields: relayed routes only
+    ];
     golden(
-        "PON probe header",
-        &pon_header(pon::Kind::Probe, true),
-        &probe,
+        "PON probe header, relayed",
+        &pon_header(pon::Kind::Probe, &[3, 2]),
+        &relayed,
     );
-    let mut reply = data.to_vec();
-    reply[1] = 3;
-    golden(
-        "PON probe reply header",
-        &pon_header(pon::Kind::ProbeReply, false),
-        &reply,
-    );
-    for (kind, v) in [(pon::Kind::Probe, probe), (pon::Kind::ProbeReply, reply)] {
-        let p = pon::Packet::new_checked(&v[..]).unwrap();
-        assert_eq!(p.kind(), kind);
-        assert_eq!(p.hops().as_slice(), &[3, 2]);
+    for (kind, byte) in [
+        (pon::Kind::ProbeReply, 3),
+        (pon::Kind::HandshakeInit, 4),
+        (pon::Kind::HandshakeResponse, 5),
+        (pon::Kind::Keepalive, 6),
+    ] {
+        let mut want = data.to_vec();
+        want[1] = byte;
+        golden("PON header kind", &pon_header(kind, &[2]), &want);
     }
+    // Trailers: a seal tag unless a handshake, a link tag when relayed.
+    for (kind, hops, trailer) in [
+        (pon::Kind::Data, 1, 16),
+        (pon::Kind::Data, 2, 32),
+        (pon::Kind::HandshakeInit, 1, 0),
+        (pon::Kind::HandshakeResponse, 3, 16),
+    ] {
+        assert_eq!(pon::trailer_len(kind, hops), trailer, "{kind:?} over {hops} hops");
+    }
+    let mut v = relayed.to_vec();
+    v.extend([0; 32]);
+    let p = pon::Packet::new_checked(&v[..]).unwrap();
+    assert_eq!(p.kind(), pon::Kind::Probe);
+    assert_eq!(p.hops().as_slice(), &[3, 2]);
     let mut unknown = data.to_vec();
-    unknown[1] = 4;
+    unknown[1] = 7;
+    unknown.extend([0; 16]);
     assert_eq!(
         pon::Packet::new_checked(&unknown[..]).unwrap_err(),
-        pon_proto::Error::UnknownKind(4)
+        pon_proto::Error::UnknownKind(7)
     );
+}
+
+#[test]
+fn handshake_bodies() {
+    let init = pon_proto::handshake::init(0x0a0b_0c0d);
+    assert_eq!(&init[..4], &[0x0a, 0x0b, 0x0c, 0x0d]);
+    assert_eq!(init.len(), 4 + 32 + 8 + 16, "index, ephemeral key, timestamp, tag");
+    let r = pon_proto::handshake::response(1, 2);
+    assert_eq!(&r[..8], &[0, 0, 0, 1, 0, 0, 0, 2]);
+    assert_eq!(r.len(), 8 + 32 + 16, "indices, ephemeral key, tag");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use pon_proto::{pon, probe};
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = pon::Packet::new_checked(data) {
         let repr = pon::Repr::parse(&p).expect("checked packets parse");
-        let _ = (p.current_hop(), p.next_hop(), p.auth_tag(), p.payload());
+        let _ = (p.current_hop(), p.next_hop(), p.link_tagged(), p.payload(), p.seal_counter());
         let mut out = vec![0u8; repr.header_len()];
         repr.emit(&mut out).expect("parsed headers emit");
         // Reserved bytes and unknown flags are not carried over; the rest must match.
@@ -19,9 +19,12 @@ fuzz_target!(|data: &[u8]| {
         let mut copy = data.to_vec();
         let mut m = pon::Packet::new_checked(&mut copy[..]).unwrap();
         let _ = m.advance();
-        if let Some(inner) = p.inner() {
-            let _ = (inner.src(), inner.dst(), inner.flow_key());
-        }
+    }
+    if let Ok(i) = pon_proto::handshake::Init::new_checked(data) {
+        let _ = (i.sender_index(), i.noise());
+    }
+    if let Ok(r) = pon_proto::handshake::Response::new_checked(data) {
+        let _ = (r.sender_index(), r.receiver_index(), r.noise());
     }
     if let Ok(p) = Ipv4Packet::new_checked(data) {
         let _ = (p.payload(), ip::icmp_error_allowed(&p));

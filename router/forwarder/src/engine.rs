@@ -1,14 +1,22 @@
 //! What the forwarder does with one packet, without doing any I/O: the
 //! caller receives into a buffer with headroom, asks the engine, and sends
-//! the bytes it is pointed at. Headers are added and removed in place, so no
-//! packet is copied and nothing is allocated.
+//! the bytes it is pointed at. Headers are added and removed, and payloads
+//! sealed and opened, in place, so no packet is copied and nothing is
+//! allocated.
+//!
+//! Every packet from a peer is authenticated before any other work: on a
+//! relayed route by its link tag (the neighbour that sent it), on a direct
+//! one by its seal. Relays check and renew the link tag and never open the
+//! seal; the egress opens it, then delivers an inner packet only if its
+//! source is one the sending proxy serves (allowed IPs).
 
 use super::table::{Agent, Encap, ForwardingTable, SharedTable};
 use pon_proto::ip::{
     self, InnerPacket, IpipPacket, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPV4_HEADER_LEN, UDP_OVERHEAD,
 };
-use pon_proto::pon::{self, Kind, MAX_HEADER_LEN};
+use pon_proto::pon::{self, Kind, MAX_HEADER_LEN, MAX_SEAL_AAD_LEN, MAX_TRAILER_LEN, TAG_LEN};
 use pon_proto::Error;
+use pon_tunnel::{OpenError, Session, SessionTable};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
 use std::sync::Arc;
@@ -16,8 +24,13 @@ use std::sync::Arc;
 /// Free bytes kept before a received packet so a PON or outer IPv4 header
 /// can be written in front of it.
 pub const HEADROOM: usize = MAX_HEADER_LEN;
-/// Free bytes kept after a received packet for an ICMP error about it.
-pub const TAILROOM: usize = IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN;
+/// Free bytes kept after a received packet for an ICMP error about it, or
+/// for the tags sealing adds.
+pub const TAILROOM: usize = if IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN > MAX_TRAILER_LEN {
+    IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN
+} else {
+    MAX_TRAILER_LEN
+};
 /// Largest packet a socket read may return.
 pub const MAX_PACKET: usize = 65535;
 /// Size of one receive buffer.
@@ -46,6 +59,14 @@ pon_telemetry::counters! {
         drop_no_route => ("pon_forwarder_drops_total", "reason=\"no_route\"", "Packets dropped, by reason."),
         drop_unknown_next_hop => ("pon_forwarder_drops_total", "reason=\"unknown_next_hop\"", "Packets dropped, by reason."),
         drop_too_big => ("pon_forwarder_drops_total", "reason=\"too_big\"", "Packets dropped, by reason."),
+        drop_no_session => ("pon_forwarder_drops_total", "reason=\"no_session\"", "Packets dropped, by reason."),
+        drop_unknown_session => ("pon_forwarder_drops_total", "reason=\"unknown_session\"", "Packets dropped, by reason."),
+        drop_wrong_peer => ("pon_forwarder_drops_total", "reason=\"wrong_peer\"", "Packets dropped, by reason."),
+        drop_bad_tag => ("pon_forwarder_drops_total", "reason=\"bad_tag\"", "Packets dropped, by reason."),
+        drop_replayed => ("pon_forwarder_drops_total", "reason=\"replayed\"", "Packets dropped, by reason."),
+        drop_foreign_source => ("pon_forwarder_drops_total", "reason=\"foreign_source\"", "Packets dropped, by reason."),
+        handshakes_local => ("pon_forwarder_packets_total", "stage=\"handshake\"", "Packets forwarded, by role of this proxy on their path."),
+        keepalives => ("pon_forwarder_packets_total", "stage=\"keepalive\"", "Packets forwarded, by role of this proxy on their path."),
         drop_no_room => ("pon_forwarder_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
         rx_errors => ("pon_forwarder_socket_errors_total", "op=\"recv\"", "Socket errors."),
         tx_errors => ("pon_forwarder_socket_errors_total", "op=\"send\"", "Socket errors."),
@@ -119,9 +140,10 @@ pub enum Output {
     AgentIpip(Ipv4Addr),
     /// An inner packet to an agent's UDP reception port.
     AgentUdp(SocketAddrV4),
-    /// A probe or probe reply (its kind, already read) that ends here:
-    /// for the local monitor.
-    Monitor(Kind),
+    /// A packet that ends here and is for the proxy core: a probe or probe
+    /// reply (opened: its payload is plaintext) for the monitor, a
+    /// handshake message for the tunnels. Its kind is already read.
+    Core(Kind),
     /// Dropped; the reason is already counted.
     Drop,
 }
@@ -141,12 +163,17 @@ impl Decision {
 
 pub struct Engine {
     pub table: SharedTable,
+    /// The session keys, swapped whole by the control side.
+    pub sessions: SharedSessions,
     pub counters: Arc<ForwarderCounters>,
     local_addr: Ipv4Addr,
     underlay_mtu: usize,
     hop_limit: u8,
     has_monitor: bool,
 }
+
+/// The session table the data path reads, as the forwarding table.
+pub type SharedSessions = Arc<arc_swap::ArcSwap<SessionTable>>;
 
 fn drop(counter: &pon_telemetry::Counter) -> Decision {
     counter.inc();
@@ -179,10 +206,57 @@ fn end_of(buf: &[u8], start: usize, len: usize) -> Result<usize, Error> {
         })
 }
 
+/// Why a packet could not be sealed for sending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealError {
+    /// No session with the egress or the next hop yet (a handshake is due).
+    NoSession,
+    /// The next hop is not a peer.
+    UnknownNextHop,
+    /// The bytes are not a PON packet this proxy could have built.
+    Malformed,
+}
+
+/// Seals `buf[start..end]`, a PON packet whose trailer room (zeroed or
+/// not) is included in the range: the payload with the egress's session,
+/// then, on a relayed route, the whole datagram with the first hop's.
+#[inline]
+fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
+    let mut p = pon::Packet::new_checked(&mut buf[start..end]).map_err(|_| SealError::Malformed)?;
+    if p.kind().is_sealed() {
+        let e2e = s.sender(p.egress()).ok_or(SealError::NoSession)?;
+        let counter = e2e.next_counter().ok_or(SealError::NoSession)?;
+        p.set_seal(e2e.remote_index(), counter);
+        let mut aad = [0u8; MAX_SEAL_AAD_LEN];
+        let aad = p.seal_aad(&mut aad);
+        let sealed = p.sealed_mut();
+        let (data, tag) = sealed.split_at_mut(sealed.len() - TAG_LEN);
+        tag.copy_from_slice(&e2e.seal(counter, aad, data));
+    }
+    let first = p.current_hop();
+    link(s, &mut p, first)
+}
+
+/// Authenticates the datagram for the leg to `next` (relayed routes only).
+#[inline]
+fn link(s: &SessionTable, p: &mut pon::Packet<&mut [u8]>, next: u32) -> Result<(), SealError> {
+    if !p.has_link() {
+        return Ok(());
+    }
+    let session = s.sender(next).ok_or(SealError::NoSession)?;
+    let counter = session.next_counter().ok_or(SealError::NoSession)?;
+    p.set_link(session.remote_index(), counter);
+    if let Some((body, tag)) = p.link_tag_mut() {
+        tag.copy_from_slice(&session.tag(counter, body));
+    }
+    Ok(())
+}
+
 impl Engine {
     pub fn new(table: SharedTable, local_addr: Ipv4Addr, underlay_mtu: u16, hop_limit: u8) -> Self {
         Engine {
             table,
+            sessions: Arc::default(),
             counters: Arc::default(),
             local_addr,
             underlay_mtu: usize::from(underlay_mtu),
@@ -191,7 +265,7 @@ impl Engine {
         }
     }
 
-    /// Hands probes that end here to a monitor (`Output::Monitor`) instead
+    /// Hands probes that end here to a monitor (`Output::Core`) instead
     /// of dropping them.
     pub fn with_monitor(mut self) -> Self {
         self.has_monitor = true;
@@ -203,11 +277,28 @@ impl Engine {
         Decision::DROP
     }
 
+    fn seal_failed(&self, e: SealError) -> Decision {
+        let c = &self.counters;
+        match e {
+            SealError::NoSession => drop(&c.drop_no_session),
+            SealError::UnknownNextHop => drop(&c.drop_unknown_next_hop),
+            SealError::Malformed => drop(&c.drop_no_room),
+        }
+    }
+
+    fn open_failed(&self, e: OpenError) -> Decision {
+        match e {
+            OpenError::Forged => drop(&self.counters.drop_bad_tag),
+            OpenError::Replayed => drop(&self.counters.drop_replayed),
+        }
+    }
+
     /// An IP-in-IP packet from a local TA, as read from the raw socket into
     /// `buf[start..start + len]` (outer header included).
     pub fn from_agent_ipip(
         &self,
         t: &ForwardingTable,
+        s: &SessionTable,
         buf: &mut [u8],
         start: usize,
         len: usize,
@@ -228,13 +319,14 @@ impl Engine {
         let is = start + outer.outer().header_len();
         let ie = is + inner.len();
         let plan = self.plan_ingress(t, inner, agent, tail, end);
-        self.ingress(buf, is, ie, plan)
+        self.ingress(s, buf, is, ie, plan)
     }
 
     /// An inner packet from a local TA using the UDP encapsulation.
     pub fn from_agent_udp(
         &self,
         t: &ForwardingTable,
+        s: &SessionTable,
         buf: &mut [u8],
         start: usize,
         len: usize,
@@ -255,7 +347,7 @@ impl Engine {
             Err(e) => return self.malformed(e),
         };
         let plan = self.plan_ingress(t, inner, src_ip, tail, end);
-        self.ingress(buf, start, end, plan)
+        self.ingress(s, buf, start, end, plan)
     }
 
     /// Entry into the overlay, first half: decides from the checked inner
@@ -292,14 +384,14 @@ impl Engine {
         };
         let header = pon::Repr {
             kind: Kind::Data,
-            auth: false,
             hop_limit: self.hop_limit,
             hop_index: 0,
             flow_id: flow_hash(&inner),
             source: t.my_id(),
             hops,
         };
-        let path_mtu = self.underlay_mtu - UDP_OVERHEAD - header.header_len();
+        let path_mtu =
+            self.underlay_mtu - UDP_OVERHEAD - header.header_len() - header.trailer_len();
         if inner.len() > path_mtu && inner.dont_fragment() {
             return self.frag_needed(t, &inner, tail, tail_at, path_mtu);
         }
@@ -307,8 +399,16 @@ impl Engine {
     }
 
     /// Entry into the overlay, second half: carries out the plan, writing
-    /// the PON header in front of the inner packet `buf[is..ie]`.
-    fn ingress(&self, buf: &mut [u8], is: usize, ie: usize, plan: Ingress) -> Decision {
+    /// the PON header in front of the inner packet `buf[is..ie]` and
+    /// sealing it.
+    fn ingress(
+        &self,
+        s: &SessionTable,
+        buf: &mut [u8],
+        is: usize,
+        ie: usize,
+        plan: Ingress,
+    ) -> Decision {
         let c = &self.counters;
         let (header, first) = match plan {
             Ingress::Drop(counter) => return drop(counter),
@@ -317,17 +417,40 @@ impl Engine {
             Ingress::Peer(header, first) => (header, first),
         };
         let hlen = header.header_len();
-        if is < hlen {
+        let end = ie + header.trailer_len();
+        if is < hlen || end > buf.len() {
             return drop(&c.drop_no_room);
         }
         if header.emit(&mut buf[is - hlen..is]).is_err() {
             return drop(&c.drop_no_room);
         }
+        if let Err(e) = seal(s, buf, is - hlen, end) {
+            return self.seal_failed(e);
+        }
         c.ingress.inc();
         Decision {
             output: Output::Peer(first),
-            range: is - hlen..ie,
+            range: is - hlen..end,
         }
+    }
+
+    /// A packet the proxy core made (probe, reply, handshake message,
+    /// keepalive) in `buf[start..end]`, trailer room included: sealed as
+    /// ingress seals data. Returns the first hop's address.
+    pub fn seal_local(
+        &self,
+        t: &ForwardingTable,
+        s: &SessionTable,
+        buf: &mut [u8],
+        start: usize,
+        end: usize,
+    ) -> Result<SocketAddr, SealError> {
+        let first = pon::Packet::new_checked(&buf[start..end])
+            .map_err(|_| SealError::Malformed)?
+            .current_hop();
+        let addr = t.peer_addr(first).ok_or(SealError::UnknownNextHop)?;
+        seal(s, buf, start, end)?;
+        Ok(addr)
     }
 
     /// Answers a DF packet that does not fit the path with ICMP
@@ -368,10 +491,12 @@ impl Engine {
         }
     }
 
-    /// A PON packet from a peer proxy: relay it, or hand it to the agent.
+    /// A PON packet from a peer proxy: authenticate it, then relay it,
+    /// hand it to an agent, or to the proxy core.
     pub fn from_peer(
         &self,
         t: &ForwardingTable,
+        s: &SessionTable,
         buf: &mut [u8],
         start: usize,
         len: usize,
@@ -379,6 +504,8 @@ impl Engine {
     ) -> Decision {
         let c = &self.counters;
         c.rx_peer.inc();
+        // A cheap filter before any crypto: only peers' addresses. Trust
+        // rests on the tags below, not on this.
         if t.peer_id(&src).is_none() {
             return drop(&c.drop_unknown_peer);
         }
@@ -394,13 +521,28 @@ impl Engine {
             return drop(&c.drop_not_for_me);
         }
         // No proxy sends a hop limit above the configured one, nor a route
-        // through the same proxy twice: either would let a forged packet
+        // through the same proxy twice: either would let a packet
         // circulate, each pass costing every proxy on the loop.
         if p.hop_limit() > self.hop_limit {
             return drop(&c.drop_hop_limit_above_max);
         }
         if p.has_repeated_hop() {
             return drop(&c.drop_repeated_hop);
+        }
+        // The leg: a relayed route's datagram carries its sender's tag.
+        if let Some((index, counter)) = p.link() {
+            let Some(session) = s.session(index) else {
+                return drop(&c.drop_unknown_session);
+            };
+            if session.peer() != p.previous_hop() {
+                return drop(&c.drop_wrong_peer);
+            }
+            let Some((body, tag)) = p.link_tagged() else {
+                return drop(&c.drop_bad_tag);
+            };
+            if let Err(e) = session.verify(counter, body, tag) {
+                return self.open_failed(e);
+            }
         }
         if let Some(next) = p.next_hop() {
             let Some(addr) = t.peer_addr(next) else {
@@ -409,31 +551,79 @@ impl Engine {
             if p.advance().is_none() {
                 return drop(&c.drop_hop_limit);
             }
+            if let Err(e) = link(s, &mut p, next) {
+                return self.seal_failed(e);
+            }
             c.transit.inc();
             return Decision {
                 output: Output::Peer(addr),
                 range: start..end,
             };
         }
-        // Probes travel source routes like data; where they end, the
-        // monitor answers or reads them.
-        if p.kind() != Kind::Data {
-            if !self.has_monitor {
-                return drop(&c.drop_no_monitor);
-            }
-            c.probes_local.inc();
-            return Decision {
-                output: Output::Monitor(p.kind()),
-                range: start..end,
-            };
+        let kind = p.kind();
+        if !kind.is_sealed() {
+            // Handshake messages: the Noise handshake authenticates them.
+            return self.to_core(kind, start, end);
         }
+        if let Err(e) = self.open(s, &mut p) {
+            return e;
+        }
+        let source = p.source();
         let is = start + p.header_len();
-        // The data packet's inner view was checked with the PON header.
-        let Some(agent) = p.inner().and_then(|inner| t.agent(inner.dst())) else {
+        let ie = end - p.trailer_len();
+        match kind {
+            Kind::Data => {}
+            Kind::Keepalive => return drop(&c.keepalives),
+            _ => return self.to_core(kind, start, end),
+        }
+        let inner = match InnerPacket::new_checked(&buf[is..ie]) {
+            Ok(i) => i,
+            Err(e) => return self.malformed(e),
+        };
+        // Allowed IPs: a proxy speaks only for the sources it serves.
+        if t.egress_for(inner.src()) != Some(source) {
+            return drop(&c.drop_foreign_source);
+        }
+        let Some(agent) = t.agent(inner.dst()) else {
             return drop(&c.drop_no_destination);
         };
         c.egress.inc();
-        self.to_agent(agent, buf, is, end)
+        self.to_agent(agent, buf, is, ie)
+    }
+
+    /// Opens the seal of a packet that ends here: it must come from its
+    /// claimed source, under a session with it.
+    #[inline]
+    fn open(&self, s: &SessionTable, p: &mut pon::Packet<&mut [u8]>) -> Result<(), Decision> {
+        let c = &self.counters;
+        let session: &Session = s
+            .session(p.seal_index())
+            .ok_or_else(|| drop(&c.drop_unknown_session))?;
+        if session.peer() != p.source() {
+            return Err(drop(&c.drop_wrong_peer));
+        }
+        let counter = p.seal_counter();
+        let mut aad = [0u8; MAX_SEAL_AAD_LEN];
+        let aad = p.seal_aad(&mut aad);
+        session
+            .open(counter, aad, p.sealed_mut())
+            .map_err(|e| self.open_failed(e))
+    }
+
+    fn to_core(&self, kind: Kind, start: usize, end: usize) -> Decision {
+        let c = &self.counters;
+        if !self.has_monitor && matches!(kind, Kind::Probe | Kind::ProbeReply) {
+            return drop(&c.drop_no_monitor);
+        }
+        if kind.is_sealed() {
+            c.probes_local.inc();
+        } else {
+            c.handshakes_local.inc();
+        }
+        Decision {
+            output: Output::Core(kind),
+            range: start..end,
+        }
     }
 
     /// Sends `buf[s..e]` (an inner packet) to an agent's RA.

@@ -22,7 +22,7 @@ pub struct Sockets {
     pub agent_udp: Option<UdpIo>,
     /// Largest UDP payload that fits the underlay in one datagram.
     pub max_datagram: usize,
-    /// Where probes that end here (`Output::Monitor`) go; `None` drops them.
+    /// Where probes that end here (`Output::Core`) go; `None` drops them.
     pub monitor: Option<MonitorSink>,
 }
 
@@ -52,7 +52,7 @@ impl Sockets {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
             Output::Drop => return,
-            Output::Monitor(kind) => {
+            Output::Core(kind) => {
                 if let Some(m) = &self.monitor {
                     m(kind, pkt);
                 }
@@ -118,13 +118,14 @@ fn peer_loop(e: &Engine, s: &Sockets) {
             continue;
         };
         let table = e.table.load();
+        let sessions = e.sessions.load();
         for i in 0..n {
             let src = rb.source(i);
             let (buf, len, stride) = rb.message_mut(i);
             let mut off = 0;
             while off < len {
                 let seg = stride.min(len - off);
-                let d = e.from_peer(&table, buf, off, seg, src);
+                let d = e.from_peer(&table, &sessions, buf, off, seg, src);
                 s.transmit(e, &d, buf, &mut tx);
                 off += seg;
             }
@@ -155,7 +156,7 @@ fn ipip_loop(e: &Engine, s: &Sockets) {
             }
             None => continue,
         };
-        let d = e.from_agent_ipip(&e.table.load(), &mut buf, HEADROOM, n);
+        let d = e.from_agent_ipip(&e.table.load(), &e.sessions.load(), &mut buf, HEADROOM, n);
         s.transmit(e, &d, &buf, &mut tx);
         pending = true;
     }
@@ -172,12 +173,13 @@ fn agent_udp_loop(e: &Engine, s: &Sockets, sock: &UdpIo) {
             continue;
         };
         let table = e.table.load();
+        let sessions = e.sessions.load();
         for i in 0..n {
             let src = rb.source(i);
             for datagram in rb.datagrams(i) {
                 let len = datagram.len();
                 work[HEADROOM..HEADROOM + len].copy_from_slice(datagram);
-                let d = e.from_agent_udp(&table, &mut work, HEADROOM, len, src);
+                let d = e.from_agent_udp(&table, &sessions, &mut work, HEADROOM, len, src);
                 s.transmit(e, &d, &work, &mut tx);
             }
         }

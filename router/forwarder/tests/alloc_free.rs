@@ -1,6 +1,7 @@
 //! The forwarder's per-packet path must not allocate. A counting global
 //! allocator watches this thread while the engine handles packets on every
-//! path: ingress, transit, egress, ICMP "fragmentation needed", and drops.
+//! path: ingress (sealing), transit (checking and renewing the link tag),
+//! egress (opening the seal), ICMP "fragmentation needed", and drops.
 
 use arc_swap::ArcSwap;
 use pon_forwarder::engine::{BUFFER_LEN, HEADROOM};
@@ -72,12 +73,21 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
         .filter(|(_, p)| *p != u32::from(id))
         .collect();
     let t = ForwardingTable::build(u32::from(id), &peers, &agents, &dests, &relays).unwrap();
-    Engine::new(
+    let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id, 1),
         1500,
         16,
-    )
+    );
+    e.sessions.store(mesh()[&u32::from(id)].clone());
+    e
+}
+
+/// Real sessions between the three proxies, made once.
+fn mesh() -> &'static rustc_hash::FxHashMap<u32, Arc<pon_tunnel::SessionTable>> {
+    static MESH: std::sync::OnceLock<rustc_hash::FxHashMap<u32, Arc<pon_tunnel::SessionTable>>> =
+        std::sync::OnceLock::new();
+    MESH.get_or_init(|| pon_tunnel::local_mesh(&[1, 2, 3]))
 }
 
 /// An IP-in-IP packet from APP_A's TA at the receive offset of `buf`.
@@ -110,24 +120,25 @@ fn per_packet_paths_do_not_allocate() {
         for _ in 0..rounds {
             // Ingress, then transit at the relay, then egress.
             let len = load_from_ta(&mut buf, 1000);
-            let d = ingress.from_agent_ipip(&ingress.table.load(), &mut buf, HEADROOM, len);
+            let d = ingress.from_agent_ipip(&ingress.table.load(), &ingress.sessions.load(), &mut buf, HEADROOM, len);
             assert_eq!(d.output, Output::Peer(peer(3)));
             let pon_len = d.range.len();
             wire[HEADROOM..HEADROOM + pon_len].copy_from_slice(&buf[d.range]);
-            let d = relay.from_peer(&relay.table.load(), &mut wire, HEADROOM, pon_len, peer(1));
+            let d = relay.from_peer(&relay.table.load(), &relay.sessions.load(), &mut wire, HEADROOM, pon_len, peer(1));
             assert_eq!(d.output, Output::Peer(peer(2)));
-            let d = egress.from_peer(&egress.table.load(), &mut wire, HEADROOM, pon_len, peer(3));
+            let d = egress.from_peer(&egress.table.load(), &egress.sessions.load(), &mut wire, HEADROOM, pon_len, peer(3));
             assert_eq!(d.output, Output::AgentIpip(APP_B));
 
             // Too big with DF: ICMP back to the sender.
             let len = load_from_ta(&mut buf, 1460);
-            let d = ingress.from_agent_ipip(&ingress.table.load(), &mut buf, HEADROOM, len);
+            let d = ingress.from_agent_ipip(&ingress.table.load(), &ingress.sessions.load(), &mut buf, HEADROOM, len);
             assert_eq!(d.output, Output::AgentIpip(APP_A));
 
             // Garbage and strangers.
             wire[HEADROOM..HEADROOM + garbage.len()].copy_from_slice(&garbage);
             let d = egress.from_peer(
                 &egress.table.load(),
+                &egress.sessions.load(),
                 &mut wire,
                 HEADROOM,
                 garbage.len(),
@@ -137,6 +148,7 @@ fn per_packet_paths_do_not_allocate() {
             let stranger = SocketAddr::from(([203, 0, 113, 1], 7300));
             let d = egress.from_peer(
                 &egress.table.load(),
+                &egress.sessions.load(),
                 &mut wire,
                 HEADROOM,
                 garbage.len(),

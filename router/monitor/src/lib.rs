@@ -341,7 +341,6 @@ impl Monitor {
         self.next_seq = self.next_seq.wrapping_add(1);
         let header = pon::Repr {
             kind: Kind::Probe,
-            auth: false,
             hop_limit: pon::DEFAULT_HOP_LIMIT,
             hop_index: 0,
             flow_id: self.session,
@@ -349,7 +348,8 @@ impl Monitor {
             hops: path,
         };
         let hlen = header.header_len();
-        let mut bytes = vec![0u8; hlen + body_len];
+        // Room for the tags is kept: the forwarder seals in place.
+        let mut bytes = vec![0u8; header.wire_len(body_len)];
         let (train_index, train_len) = train.map_or((0, 1), |(_, i, n)| (i, n));
         // Both emits write into a buffer sized for them from valid fields.
         let _ = header.emit(&mut bytes);
@@ -416,7 +416,10 @@ impl Monitor {
         let id = self.next_train;
         self.next_train = self.next_train.wrapping_add(1);
         let body = self.cfg.train_probe_len;
-        let wire_len = pon_proto::ip::UDP_OVERHEAD + pon::header_len(path.len(), false) + body;
+        let wire_len = pon_proto::ip::UDP_OVERHEAD
+            + pon::header_len(path.len())
+            + body
+            + pon::trailer_len(Kind::Probe, path.len());
         self.trains.insert(
             id,
             Train {
@@ -551,7 +554,7 @@ impl Monitor {
                 None => self.counters.bad_packets.inc(),
             },
             Kind::ProbeReply => self.on_reply(now, &p, &body),
-            Kind::Data => self.counters.bad_packets.inc(),
+            _ => self.counters.bad_packets.inc(),
         }
     }
 
@@ -575,7 +578,6 @@ impl Monitor {
         let hops = Hops::new(&ids[..n])?;
         let header = pon::Repr {
             kind: Kind::ProbeReply,
-            auth: false,
             hop_limit: pon::DEFAULT_HOP_LIMIT,
             hop_index: 0,
             flow_id: p.flow_id(),
@@ -583,10 +585,11 @@ impl Monitor {
             hops,
         };
         let hlen = header.header_len();
-        let mut bytes = vec![0u8; hlen + probe::BODY_LEN];
+        let mut bytes = vec![0u8; header.wire_len(probe::BODY_LEN)];
         header.emit(&mut bytes).ok()?;
-        bytes[hlen..].copy_from_slice(&p.payload()[..probe::BODY_LEN]);
-        probe::Packet::new_checked(&mut bytes[hlen..])
+        let body = &mut bytes[hlen..hlen + probe::BODY_LEN];
+        body.copy_from_slice(&p.payload()[..probe::BODY_LEN]);
+        probe::Packet::new_checked(body)
             .ok()?
             .set_reply_rx_ns(now.as_nanos() as u64);
         Some(Transmit {

@@ -65,6 +65,16 @@ impl Composer {
         }
     }
 
+    /// Every peer proxy's static key, for the tunnels: from the
+    /// configuration, or as the CU vouches for them.
+    pub fn peer_keys(&self) -> Vec<(u32, [u8; 32])> {
+        match (&self.cloud, &self.view) {
+            (Some(_), Some(_v)) => vec![], // MERGE: AgentInfo.noise_key from the identity branch
+            (Some(_), None) => vec![],
+            (None, _) => self.fcfg.peers.iter().map(|p| (p.id, p.public_key.0)).collect(),
+        }
+    }
+
     /// The table with `chosen` routes (`(to, relays)`) in place of static ones.
     pub fn compose(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
         match (&self.cloud, &self.view) {

@@ -94,10 +94,12 @@ impl ProxyConfig {
     }
 
     /// The forwarder's part of the core under this configuration.
-    pub fn forwarder_part(&self, epoch: u64) -> crate::core::ForwarderPartConfig {
+    pub fn forwarder_part(&self, epoch: u64, private_key: [u8; 32]) -> crate::core::ForwarderPartConfig {
         crate::core::ForwarderPartConfig {
             forwarder: self.forwarder.clone(),
             epoch,
+            private_key,
+            timers: self.forwarder.tunnel.timers(),
             steering_port: self.control.steering_port,
             steering_refresh: Duration::from_millis(self.control.steering_refresh_ms),
         }
@@ -232,7 +234,7 @@ impl RouterDaemonConfig {
 mod tests {
     use super::*;
 
-    const BASE: &str = "id = 1\nlisten = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n[[peer]]\nid = 2\naddr = \"198.18.2.1:7300\"\n";
+    const BASE: &str = "id = 1\nlisten = \"198.18.1.1:7300\"\nlocal_addr = \"198.18.1.1\"\n[[peer]]\nid = 2\naddr = \"198.18.2.1:7300\"\npublic_key = \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"\n";
 
     #[test]
     fn sections_split_off_the_forwarder_config() {

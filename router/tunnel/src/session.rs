@@ -166,6 +166,11 @@ impl Session {
         self.open(counter, aad, &mut t)
     }
 
+    /// Marks the session usable for sending (the peer proved it has it).
+    pub(crate) fn confirm(&self) {
+        self.confirmed.store(true, Ordering::Relaxed);
+    }
+
     fn may_accept(&self, counter: u64) -> bool {
         self.window().may_accept(counter)
     }

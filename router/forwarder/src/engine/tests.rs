@@ -2,12 +2,19 @@ use super::*;
 use crate::table::ForwardingTable;
 use arc_swap::ArcSwap;
 use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet};
+use std::sync::OnceLock;
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
 const APP_B: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 11);
 
 fn proxy_addr(id: u32) -> SocketAddr {
     SocketAddr::from(([198, 18, id as u8, 1], 7300))
+}
+
+/// Sessions between proxies 1, 2 and 3, made once by real handshakes.
+fn mesh() -> &'static rustc_hash::FxHashMap<u32, Arc<SessionTable>> {
+    static MESH: OnceLock<rustc_hash::FxHashMap<u32, Arc<SessionTable>>> = OnceLock::new();
+    MESH.get_or_init(|| pon_tunnel::local_mesh(&[1, 2, 3]))
 }
 
 /// Proxy `id` of a three-site overlay where 1 reaches 2 through 3.
@@ -26,12 +33,14 @@ fn engine(id: u32) -> Engine {
         .collect();
     let relays = if id == 1 { vec![(2, vec![3])] } else { vec![] };
     let t = ForwardingTable::build(id, &peers, &agents, &dests, &relays).unwrap();
-    Engine::new(
+    let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id as u8, 1),
         1500,
         pon::DEFAULT_HOP_LIMIT,
-    )
+    );
+    e.sessions.store(mesh()[&id].clone());
+    e
 }
 
 fn inner_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: usize, df: bool) -> Vec<u8> {
@@ -73,7 +82,7 @@ fn received(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn step(e: &Engine, buf: &mut [u8], len: usize, from: SocketAddr) -> Decision {
-    e.from_peer(&e.table.load(), buf, HEADROOM, len, from)
+    e.from_peer(&e.table.load(), &e.sessions.load(), buf, HEADROOM, len, from)
 }
 
 /// What `e` does with `wire`, received from `from`.
@@ -82,28 +91,41 @@ fn output_from_peer(e: &Engine, wire: &[u8], from: SocketAddr) -> Output {
     step(e, &mut buf, wire.len(), from).output
 }
 
-fn pon_packet(hops: &[u32], hop_limit: u8, inner: &[u8]) -> Vec<u8> {
+/// A packet of `kind` from proxy `source` along `hops`, sealed by `source`
+/// with its real sessions (as an honest proxy, or an attacker holding its
+/// keys, would).
+fn sealed(kind: Kind, source: u32, hops: &[u32], hop_limit: u8, payload: &[u8]) -> Vec<u8> {
     let header = pon::Repr {
-        kind: Kind::Data,
-        auth: false,
+        kind,
         hop_limit,
         hop_index: 0,
         flow_id: 0,
-        source: 2,
+        source,
         hops: pon::Hops::new(hops).unwrap(),
     };
-    let mut wire = vec![0u8; header.header_len() + inner.len()];
+    let mut wire = vec![0u8; header.wire_len(payload.len())];
     header.emit(&mut wire).unwrap();
-    wire[header.header_len()..].copy_from_slice(inner);
+    let hl = header.header_len();
+    wire[hl..hl + payload.len()].copy_from_slice(payload);
+    let len = wire.len();
+    super::seal(&mesh()[&source], &mut wire, 0, len).unwrap();
     wire
 }
 
+fn data(source: u32, hops: &[u32], hop_limit: u8, inner: &[u8]) -> Vec<u8> {
+    sealed(Kind::Data, source, hops, hop_limit, inner)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[test]
-fn relayed_packet_arrives_intact() {
+fn relayed_packet_arrives_intact_and_the_relay_cannot_read_it() {
     let (p1, p2, p3) = (engine(1), engine(2), engine(3));
     let inner = inner_packet(APP_A, APP_B, 100, true);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
     assert_eq!(
         d.output,
         Output::Peer(proxy_addr(3)),
@@ -111,11 +133,13 @@ fn relayed_packet_arrives_intact() {
     );
     let wire = buf[d.range].to_vec();
     assert_eq!(pon::Packet::new_checked(&wire[..]).unwrap().source(), 1);
+    assert!(!contains(&wire, &inner[IPV4_HEADER_LEN..]), "payload is encrypted");
 
     let mut buf = received(&wire);
     let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
     assert_eq!(d.output, Output::Peer(proxy_addr(2)));
     let wire = buf[d.range].to_vec();
+    assert!(!contains(&wire, &inner[IPV4_HEADER_LEN..]), "still encrypted after the relay");
 
     let mut buf = received(&wire);
     let d = step(&p2, &mut buf, wire.len(), proxy_addr(3));
@@ -129,52 +153,143 @@ fn relayed_packet_arrives_intact() {
 
 #[test]
 fn udp_agent_leg_and_direct_route() {
-    let p2 = engine(2);
+    let (p1, p2) = (engine(1), engine(2));
     let inner = inner_packet(APP_B, APP_A, 10, false);
     let mut buf = received(&inner);
     let from = SocketAddr::from((APP_B, 40000));
-    let d = p2.from_agent_udp(&p2.table.load(), &mut buf, HEADROOM, inner.len(), from);
+    let d = p2.from_agent_udp(&p2.table.load(), &p2.sessions.load(), &mut buf, HEADROOM, inner.len(), from);
     assert_eq!(
         d.output,
         Output::Peer(proxy_addr(1)),
         "2 reaches 1 directly"
     );
-    let p = pon::Packet::new_checked(&buf[d.range]).unwrap();
+    let wire = buf[d.range].to_vec();
+    let p = pon::Packet::new_checked(&wire[..]).unwrap();
     assert_eq!(p.hop_count(), 1);
-    assert_eq!(p.payload(), &inner[..]);
+    assert_eq!(p.link(), None, "a direct route has no link layer");
+    assert_eq!(wire.len(), pon::header_len(1) + inner.len() + TAG_LEN);
+    let mut buf = received(&wire);
+    let d = step(&p1, &mut buf, wire.len(), proxy_addr(2));
+    assert_eq!(d.output, Output::AgentIpip(APP_A));
+}
+
+#[test]
+fn altered_replayed_and_unauthenticated_packets_are_dropped_and_counted() {
+    let (p2, p3) = (engine(2), engine(3));
+    let inner = inner_packet(APP_A, APP_B, 40, false);
+
+    // Direct 1 -> 2: each byte of the sealed part or the fixed header
+    // altered fails the seal.
+    let wire = data(1, &[2], 4, &inner);
+    for at in [1usize, 9, 14, 16, 25, wire.len() - 20, wire.len() - 1] {
+        let mut bad = wire.clone();
+        bad[at] ^= 0x40;
+        assert_eq!(output_from_peer(&p2, &bad, proxy_addr(1)), Output::Drop, "byte {at}");
+    }
+    assert!(p2.counters.drop_bad_tag.get() >= 3, "payload, counter and tag bytes");
+    assert_eq!(p2.counters.egress.get(), 0);
+    // The original, once; the replay, never.
+    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(1)), Output::AgentIpip(APP_B));
+    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(1)), Output::Drop);
+    assert_eq!(p2.counters.drop_replayed.get(), 1);
+
+    // Relayed 1 -> 3 -> 2: the relay drops a datagram whose link tag does
+    // not verify, and a replay of one it already forwarded.
+    let wire = data(1, &[3, 2], 4, &inner);
+    let mut bad = wire.clone();
+    let n = bad.len();
+    bad[n - TAG_LEN - 3] ^= 1; // in the seal tag: the relay's link tag catches it
+    assert_eq!(output_from_peer(&p3, &bad, proxy_addr(1)), Output::Drop);
+    assert_eq!(p3.counters.drop_bad_tag.get(), 1);
+    assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Peer(proxy_addr(2)));
+    assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Drop);
+    assert_eq!(p3.counters.drop_replayed.get(), 1);
+    assert_eq!(p3.counters.transit.get(), 1);
+}
+
+#[test]
+fn a_peer_cannot_speak_for_another_or_for_another_cloud() {
+    let p2 = engine(2);
+    // 3 seals with its own keys but claims to be 1: the session it named
+    // belongs to 3, not to the claimed source.
+    let inner = inner_packet(APP_A, APP_B, 10, false);
+    let mut forged = data(3, &[2], 4, &inner);
+    pon::Packet::new_checked(&mut forged[..]).unwrap().set_source(1);
+    assert_eq!(output_from_peer(&p2, &forged, proxy_addr(3)), Output::Drop);
+    assert_eq!(p2.counters.drop_wrong_peer.get() + p2.counters.drop_bad_tag.get(), 1);
+
+    // 3, honestly itself, sends an inner packet whose source is in 1's
+    // cloud: allowed IPs say no.
+    let wire = data(3, &[2], 4, &inner);
+    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(3)), Output::Drop);
+    assert_eq!(p2.counters.drop_foreign_source.get(), 1);
+    let own = inner_packet(Ipv4Addr::new(198, 18, 3, 11), APP_B, 10, false);
+    let wire = data(3, &[2], 4, &own);
+    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(3)), Output::AgentIpip(APP_B));
+
+    // Sessions from outside the overlay (another mesh's keys) name no
+    // session here.
+    let outsider = pon_tunnel::local_mesh(&[1, 2]);
+    let header = pon::Repr {
+        kind: Kind::Data,
+        hop_limit: 4,
+        hop_index: 0,
+        flow_id: 0,
+        source: 1,
+        hops: pon::Hops::new(&[2]).unwrap(),
+    };
+    let mut wire = vec![0u8; header.wire_len(inner.len())];
+    header.emit(&mut wire).unwrap();
+    wire[header.header_len()..header.header_len() + inner.len()].copy_from_slice(&inner);
+    let len = wire.len();
+    super::seal(&outsider[&1], &mut wire, 0, len).unwrap();
+    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(1)), Output::Drop);
+    assert!(p2.counters.drop_unknown_session.get() + p2.counters.drop_bad_tag.get() >= 1);
+}
+
+#[test]
+fn without_a_session_nothing_is_sent() {
+    let p1 = engine(1);
+    p1.sessions.store(Arc::default());
+    let inner = inner_packet(APP_A, APP_B, 10, false);
+    let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(p1.counters.drop_no_session.get(), 1);
 }
 
 #[test]
 fn forged_and_malformed_are_dropped_and_counted() {
     let p1 = engine(1);
     let t = p1.table.load();
+    let s = p1.sessions.load();
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let stranger = SocketAddr::from(([198, 18, 9, 9], 7300));
 
     // Unknown sender address, or a known peer IP from another port.
     let mut buf = received(&inner);
     assert_eq!(
-        p1.from_peer(&t, &mut buf, HEADROOM, 30, stranger).output,
+        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, stranger).output,
         Output::Drop
     );
     let mut buf = received(&inner);
     let other_port = SocketAddr::from(([198, 18, 2, 1], 7301));
     assert_eq!(
-        p1.from_peer(&t, &mut buf, HEADROOM, 30, other_port).output,
+        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, other_port).output,
         Output::Drop
     );
     assert_eq!(p1.counters.drop_unknown_peer.get(), 2);
 
     // Garbage from a real peer.
     assert_eq!(
-        output_from_peer(&p1, &[1, 1, 0, 9, 0, 0, 0, 0], proxy_addr(2)),
+        output_from_peer(&p1, &[2, 1, 0, 9, 0, 0, 0, 0], proxy_addr(2)),
         Output::Drop
     );
     let truncated = Error::Truncated { needed: 0, have: 0 };
     assert_eq!(p1.counters.parse.get(truncated), 1);
 
     // An unknown PON kind is its own reason, not taken for data.
-    let mut bad = pon_packet(&[1], 4, &inner);
+    let mut bad = data(2, &[1], 4, &inner);
     bad[1] = 9;
     assert_eq!(output_from_peer(&p1, &bad, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.parse.get(Error::UnknownKind(0)), 1);
@@ -182,41 +297,43 @@ fn forged_and_malformed_are_dropped_and_counted() {
     let mut w = pon_telemetry::PromWriter::new();
     p1.counters.render(&mut w);
     let page = w.finish();
-    assert!(
-        page.contains("pon_forwarder_drops_total{reason=\"unknown_kind\"} 1"),
-        "{page}"
-    );
-    assert!(
-        page.contains("pon_forwarder_drops_total{reason=\"truncated\"} 1"),
-        "{page}"
-    );
-    assert!(
-        page.contains("pon_forwarder_drops_total{reason=\"fragment\"} 0"),
-        "{page}"
-    );
+    for line in [
+        "pon_forwarder_drops_total{reason=\"unknown_kind\"} 1",
+        "pon_forwarder_drops_total{reason=\"truncated\"} 1",
+        "pon_forwarder_drops_total{reason=\"fragment\"} 0",
+        "pon_forwarder_drops_total{reason=\"bad_tag\"} 0",
+    ] {
+        assert!(page.contains(line), "{line} in {page}");
+    }
     assert_eq!(page.matches("# HELP pon_forwarder_drops_total").count(), 1);
 
     // A well-formed header that names another proxy as current hop.
-    let wire = pon_packet(&[3], 4, &inner);
+    let wire = data(2, &[3], 4, &inner);
     assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.drop_not_for_me.get(), 1);
 
     // Egress to an address that is not one of our agents: no open relay.
-    let wire = pon_packet(&[1], 4, &inner);
+    let elsewhere = inner_packet(Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(10, 0, 0, 1), 10, false);
+    let wire = data(2, &[1], 4, &elsewhere);
     assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.drop_no_destination.get(), 1);
+
+    // A sealed payload that is not an IP packet.
+    let wire = data(2, &[1], 4, &[0x35; 24]);
+    assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
+    assert_eq!(p1.counters.parse.get(Error::NotIp(0)), 1);
 
     // IP-in-IP from a host that is not a local agent, and an agent spoofing.
     let foreign = inner_packet(Ipv4Addr::new(198, 18, 1, 99), APP_B, 10, false);
     let (mut buf, len) = from_ta(&foreign, Ipv4Addr::new(198, 18, 1, 1));
     assert_eq!(
-        p1.from_agent_ipip(&t, &mut buf, HEADROOM, len).output,
+        p1.from_agent_ipip(&t, &s, &mut buf, HEADROOM, len).output,
         Output::Drop
     );
     assert_eq!(p1.counters.drop_unknown_agent.get(), 1);
     let mut buf = received(&foreign);
     let from = SocketAddr::from((APP_A, 1));
-    let d = p1.from_agent_udp(&t, &mut buf, HEADROOM, foreign.len(), from);
+    let d = p1.from_agent_udp(&t, &s, &mut buf, HEADROOM, foreign.len(), from);
     assert_eq!(d.output, Output::Drop);
     assert_eq!(p1.counters.drop_spoofed_source.get(), 1);
 }
@@ -225,38 +342,35 @@ fn forged_and_malformed_are_dropped_and_counted() {
 fn hop_limit_is_enforced_in_transit() {
     let p3 = engine(3);
     let inner = inner_packet(APP_A, APP_B, 10, false);
-    let wire = pon_packet(&[3, 2], 1, &inner);
+    let wire = data(1, &[3, 2], 1, &inner);
     assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Drop);
     assert_eq!(p3.counters.drop_hop_limit.get(), 1);
 }
 
 #[test]
 fn looping_routes_and_inflated_hop_limits_are_refused() {
-    // An attacker who can send as proxy 1 tries to make 3 and 2 bounce a
+    // Proxy 1 (or whoever holds its keys) tries to make 3 and 2 bounce a
     // packet between them: [3, 2, 3, 2, ...], or to outlive the hop limit.
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let p3 = engine(3);
-    let loop_route = pon_packet(&[3, 2, 3, 2, 3, 2, 3, 2], 8, &inner);
+    let loop_route = data(1, &[3, 2, 3, 2, 3, 2, 3, 2], 8, &inner);
     assert_eq!(
         output_from_peer(&p3, &loop_route, proxy_addr(1)),
         Output::Drop
     );
     assert_eq!(p3.counters.drop_repeated_hop.get(), 1);
     // Even when the repeat is at the end, and for probes too.
-    let mut probe = pon_packet(&[3, 2, 3], 8, &inner);
-    pon::Packet::new_checked(&mut probe[..])
-        .unwrap()
-        .set_kind(Kind::Probe);
+    let probe = sealed(Kind::Probe, 1, &[3, 2, 3], 8, &[0; 32]);
     assert_eq!(output_from_peer(&p3, &probe, proxy_addr(1)), Output::Drop);
     assert_eq!(p3.counters.drop_repeated_hop.get(), 2);
-    let inflated = pon_packet(&[3, 2], pon::DEFAULT_HOP_LIMIT + 1, &inner);
+    let inflated = data(1, &[3, 2], pon::DEFAULT_HOP_LIMIT + 1, &inner);
     assert_eq!(
         output_from_peer(&p3, &inflated, proxy_addr(1)),
         Output::Drop
     );
     assert_eq!(p3.counters.drop_hop_limit_above_max.get(), 1);
     // The honest packet still goes through.
-    let honest = pon_packet(&[3, 2], pon::DEFAULT_HOP_LIMIT, &inner);
+    let honest = data(1, &[3, 2], pon::DEFAULT_HOP_LIMIT, &inner);
     assert_eq!(
         output_from_peer(&p3, &honest, proxy_addr(1)),
         Output::Peer(proxy_addr(2))
@@ -267,10 +381,10 @@ fn looping_routes_and_inflated_hop_limits_are_refused() {
 #[test]
 fn oversized_df_packet_gets_frag_needed_back_to_sender() {
     let p1 = engine(1);
-    let relay_overhead = UDP_OVERHEAD + pon::header_len(2, false);
+    let relay_overhead = pon::proxy_leg_overhead(2);
     let fits = inner_packet(APP_A, APP_B, 1500 - relay_overhead - IPV4_HEADER_LEN, true);
     let (mut buf, len) = from_ta(&fits, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
     assert!(matches!(d.output, Output::Peer(_)));
     assert_eq!(
         d.range.len() + UDP_OVERHEAD,
@@ -285,7 +399,7 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
         true,
     );
     let (mut buf, len) = from_ta(&too_big, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
     assert_eq!(
         d.output,
         Output::AgentIpip(APP_A),
@@ -310,7 +424,7 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
     // Without DF the packet goes on; the kernel fragments the outer packet.
     let no_df = inner_packet(APP_A, APP_B, 1600, false);
     let (mut buf, len) = from_ta(&no_df, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
     assert!(matches!(d.output, Output::Peer(_)));
 }
 
@@ -332,7 +446,7 @@ fn local_destination_is_delivered_without_the_overlay() {
     p1.table.store(Arc::new(table));
     let inner = inner_packet(APP_A, neighbour, 10, false);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
     assert_eq!(
         d.output,
         Output::AgentUdp(SocketAddrV4::new(neighbour, 7302))
@@ -341,29 +455,16 @@ fn local_destination_is_delivered_without_the_overlay() {
 }
 
 #[test]
-fn probes_transit_and_end_at_the_monitor() {
+fn probes_transit_and_end_opened_at_the_monitor() {
     let p3 = engine(3);
-    let probe = |hops: &[u32]| {
-        let header = pon::Repr {
-            kind: Kind::Probe,
-            auth: false,
-            hop_limit: 4,
-            hop_index: 0,
-            flow_id: 0,
-            source: 1,
-            hops: pon::Hops::new(hops).unwrap(),
-        };
-        let mut wire = vec![0u8; header.header_len() + 32];
-        header.emit(&mut wire).unwrap();
-        wire
-    };
-    let wire = probe(&[3, 2]);
+    let body = [7u8; 32];
+    let wire = sealed(Kind::Probe, 1, &[3, 2], 4, &body);
     let mut buf = received(&wire);
     assert_eq!(
         step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
         Output::Peer(proxy_addr(2))
     );
-    let wire = probe(&[3]);
+    let wire = sealed(Kind::Probe, 1, &[3], 4, &body);
     let mut buf = received(&wire);
     assert_eq!(
         step(&p3, &mut buf, wire.len(), proxy_addr(1)).output,
@@ -371,7 +472,20 @@ fn probes_transit_and_end_at_the_monitor() {
     );
     assert_eq!(p3.counters.drop_no_monitor.get(), 1);
     let p3 = engine(3).with_monitor();
+    let wire = sealed(Kind::Probe, 1, &[3], 4, &body);
+    let mut buf = received(&wire);
     let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
-    assert_eq!(d.output, Output::Monitor(Kind::Probe));
-    assert_eq!(&buf[d.range], &wire[..]);
+    assert_eq!(d.output, Output::Core(Kind::Probe));
+    let p = pon::Packet::new_checked(&buf[d.range]).unwrap();
+    assert_eq!(p.payload(), &body, "opened for the monitor");
+}
+
+#[test]
+fn handshakes_reach_the_core_and_keepalives_end_here() {
+    let p2 = engine(2);
+    let init = sealed(Kind::HandshakeInit, 1, &[2], 4, &[0; 60]);
+    assert_eq!(output_from_peer(&p2, &init, proxy_addr(1)), Output::Core(Kind::HandshakeInit));
+    let keepalive = sealed(Kind::Keepalive, 1, &[2], 4, &[]);
+    assert_eq!(output_from_peer(&p2, &keepalive, proxy_addr(1)), Output::Drop);
+    assert_eq!(p2.counters.keepalives.get(), 1);
 }

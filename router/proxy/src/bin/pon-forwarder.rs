@@ -38,6 +38,8 @@ fn main() -> anyhow::Result<()> {
         epoch,
         steering_port,
         steering_refresh: STEERING_REFRESH,
+        private_key: daemon::private_key(&cfg)?,
+        timers: cfg.tunnel.timers(),
     };
     let part = ForwarderPart::new(part_cfg, Arc::default());
     let status = StatusOf {

@@ -57,7 +57,6 @@ enum Mode {
 fn packet(hops: &[u32], source: u32, payload: usize) -> Vec<u8> {
     let header = pon::Repr {
         kind: Kind::Data,
-        auth: false,
         hop_limit: pon::DEFAULT_HOP_LIMIT,
         hop_index: 0,
         flow_id: 1,
@@ -65,7 +64,7 @@ fn packet(hops: &[u32], source: u32, payload: usize) -> Vec<u8> {
         hops: Hops::new(hops).expect("1 to 8 hops"),
     };
     let inner_len = IPV4_HEADER_LEN + UDP_HEADER_LEN + payload;
-    let mut v = vec![0u8; header.header_len() + inner_len];
+    let mut v = vec![0u8; header.wire_len(inner_len)];
     header.emit(&mut v).expect("sized");
     Ipv4Repr {
         src: Ipv4Addr::new(198, 18, 1, 11),

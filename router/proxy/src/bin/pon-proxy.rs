@@ -25,7 +25,8 @@ fn main() -> anyhow::Result<()> {
         every: Duration::from_millis(cfg.control.status_every_ms),
         build: |c: &ProxyCore, now| c.status(now),
     };
-    let core = ProxyCore::new(&cfg, session, epoch);
+    let key = daemon::private_key(&cfg.forwarder)?;
+    let core = ProxyCore::new(&cfg, session, epoch, key);
     let c = &cfg.control;
     daemon::run_data_plane(&cfg.forwarder, core, None, c.queue, c.steering_port, status)
 }

@@ -1,11 +1,14 @@
 //! The forwarder's part of the core: the one writer of the forwarding
-//! table, the monitor's door to the network and the TAs' steerer.
+//! table and of the session keys (it runs the tunnels' handshakes), the
+//! monitor's door to the network and the TAs' steerer.
 
 use super::{CoreCounters, Output, Outputs, Part, Transmit};
 use crate::compose::{Composer, Steerer};
 use crate::forwarder::{ForwarderConfig, ForwardingTable};
 use pon_cu::view::View;
 use pon_proto::local::LocalMsg;
+use pon_proto::pon::{self, Hops, Kind};
+use pon_tunnel::{Timers, Tunnels};
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddrV4;
 use std::sync::Arc;
@@ -23,10 +26,17 @@ pub struct ForwarderPartConfig {
     /// UDP port of the local TAs' steering listeners (0: do not steer).
     pub steering_port: u16,
     pub steering_refresh: Duration,
+    /// This proxy's static key (its identity to the other proxies).
+    pub private_key: [u8; 32],
+    pub timers: Timers,
 }
 
 pub struct ForwarderPart {
     composer: Composer,
+    tunnels: Tunnels,
+    /// Wall clock (Unix ns) at `now == 0`: handshake timestamps must grow
+    /// across restarts.
+    epoch: u64,
     steerer: Steerer,
     steering_port: u16,
     /// The router's latest routes (`(to, relays)`) laid over the base.
@@ -43,7 +53,10 @@ pub struct ForwarderPart {
 impl ForwarderPart {
     pub fn new(cfg: ForwarderPartConfig, counters: Arc<CoreCounters>) -> Self {
         let composer = Composer::new(cfg.forwarder);
+        let tunnels = Tunnels::new(composer.my_id(), cfg.private_key, cfg.timers);
         let mut f = ForwarderPart {
+            tunnels,
+            epoch: cfg.epoch,
             steerer: Steerer::new(cfg.epoch, cfg.steering_refresh),
             steering_port: cfg.steering_port,
             relays: Vec::new(),
@@ -94,9 +107,89 @@ impl ForwarderPart {
         self.steer(now);
     }
 
-    /// A probe or reply that ended here: the monitor's.
-    pub fn handle_arrived(&mut self, _now: Duration, packet: Vec<u8>) {
-        self.local(Part::Monitor, LocalMsg::Arrived(packet));
+    /// A packet that ended here, already authenticated by the engine if
+    /// sealed: a handshake message is the tunnels', a probe or reply the
+    /// monitor's.
+    pub fn handle_arrived(&mut self, now: Duration, packet: Vec<u8>) {
+        let Ok(p) = pon::Packet::new_checked(&packet[..]) else {
+            self.counters.unexpected_forwarder.inc();
+            return;
+        };
+        let (kind, from) = (p.kind(), p.source());
+        let result = match kind {
+            Kind::HandshakeInit => self.tunnels.handle_init(now, from, p.payload()),
+            Kind::HandshakeResponse => self.tunnels.handle_response(now, from, p.payload()),
+            // The engine ends these itself; nothing else sends them here.
+            Kind::Data | Kind::Keepalive => {
+                self.counters.unexpected_forwarder.inc();
+                return;
+            }
+            Kind::Probe | Kind::ProbeReply => {
+                self.local(Part::Monitor, LocalMsg::Arrived(packet));
+                return;
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = from, ?kind, error = %e, "handshake message dropped");
+        }
+        self.flush_tunnels(now);
+    }
+
+    /// What the tunnels want sent, and their new keys for the data path.
+    fn flush_tunnels(&mut self, now: Duration) {
+        while let Some(t) = self.tunnels.poll_transmit() {
+            let (to, kind, body): (u32, Kind, &[u8]) = match &t {
+                pon_tunnel::Transmit::Init { to, body } => (*to, Kind::HandshakeInit, body),
+                pon_tunnel::Transmit::Response { to, body } => (*to, Kind::HandshakeResponse, body),
+                pon_tunnel::Transmit::Keepalive { to } => (*to, Kind::Keepalive, &[]),
+            };
+            self.send_to_peer(to, kind, body);
+        }
+        if let Some(sessions) = self.tunnels.poll_table() {
+            self.out.push_back(Output::Sessions(sessions));
+        }
+        let _ = now;
+    }
+
+    /// A packet of this proxy's own to `to`, along the current route (a
+    /// handshake over a relay when the direct path is down). The daemon
+    /// seals it on its way out.
+    fn send_to_peer(&mut self, to: u32, kind: Kind, body: &[u8]) {
+        let Some(table) = &self.table else { return };
+        let hops = table
+            .route(to)
+            .or_else(|| Hops::new(&[to]))
+            .expect("one hop is a valid route");
+        let Some(addr) = table.peer_addr(hops.as_slice()[0]) else {
+            self.counters.unknown_hop.inc();
+            return;
+        };
+        let header = pon::Repr {
+            kind,
+            hop_limit: pon::DEFAULT_HOP_LIMIT,
+            hop_index: 0,
+            flow_id: 0,
+            source: self.composer.my_id(),
+            hops,
+        };
+        let mut bytes = vec![0u8; header.wire_len(body.len())];
+        if header.emit(&mut bytes).is_err() {
+            return;
+        }
+        let hl = header.header_len();
+        bytes[hl..hl + body.len()].copy_from_slice(body);
+        self.out
+            .push_back(Output::Transmit(Transmit::Peer { to: addr, bytes }));
+    }
+
+    /// The tunnels' state, for `/status`.
+    pub fn tunnels(&self, now: Duration) -> Vec<pon_tunnel::PeerStatus> {
+        self.tunnels.status(now)
+    }
+
+    /// The tunnels' counters.
+    pub fn tunnel_counters(&self) -> Arc<pon_tunnel::TunnelCounters> {
+        self.tunnels.counters.clone()
     }
 
     pub fn handle_message(&mut self, now: Duration, from: Part, msg: LocalMsg) {
@@ -137,13 +230,19 @@ impl ForwarderPart {
         if now >= self.next_topology && (self.composer.my_id() != 0) {
             self.send_topology(now);
         }
+        if self.table.is_some() {
+            let wall = self.epoch.saturating_add(now.as_nanos() as u64);
+            self.tunnels.handle_timeout(now, wall);
+            self.flush_tunnels(now);
+        }
         self.steer(now);
     }
 
     pub fn poll_timeout(&self) -> Option<Duration> {
         let topology = (self.composer.my_id() != 0).then_some(self.next_topology);
         let steering = self.steerer.due().filter(|_| self.steers());
-        [topology, steering].into_iter().flatten().min()
+        let tunnels = self.table.as_ref().and(self.tunnels.poll_timeout());
+        [topology, steering, tunnels].into_iter().flatten().min()
     }
 
     fn local(&mut self, to: Part, msg: LocalMsg) {
@@ -178,6 +277,11 @@ impl ForwarderPart {
                 self.counters.table_updates.inc();
                 self.table = Some(t.clone());
                 self.out.push_back(Output::Table(t));
+                // The peers the tunnels keep sessions with follow the
+                // table: a peer gone from it (revoked) loses them at once.
+                self.tunnels.set_my_id(now, self.composer.my_id());
+                self.tunnels.set_peers(now, &self.composer.peer_keys());
+                self.flush_tunnels(now);
                 self.steerer.wake(now);
             }
             Err(e) => {

@@ -75,8 +75,9 @@ pub enum Part {
 /// A datagram that leaves the proxy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transmit {
-    /// A PON packet (probe, train packet or reply), out of the proxy's
-    /// peer socket: peers accept PON packets only from that address.
+    /// A PON packet of the proxy's own (probe, train packet, reply,
+    /// handshake message, keepalive) with room for its tags, out of the
+    /// proxy's peer socket once the data path has sealed it.
     Peer { to: SocketAddr, bytes: Vec<u8> },
     /// A steering message to a local TA.
     Steering { to: SocketAddrV4, bytes: Vec<u8> },
@@ -88,6 +89,8 @@ pub enum Output {
     Transmit(Transmit),
     /// Store this table (it replaces the forwarder's current one).
     Table(Arc<ForwardingTable>),
+    /// Store these session keys (they replace the data path's).
+    Sessions(Arc<pon_tunnel::SessionTable>),
     /// A message for another part of this proxy.
     Local {
         to: Part,
@@ -99,6 +102,7 @@ pub enum Output {
 #[derive(Debug, Clone)]
 pub enum Action {
     StoreTable(Arc<ForwardingTable>),
+    StoreSessions(Arc<pon_tunnel::SessionTable>),
 }
 
 /// Forwarder, monitor and router of one proxy in one process.
@@ -115,11 +119,12 @@ pub struct ProxyCore {
 
 impl ProxyCore {
     /// `session` tells this run's probes from a previous run's; `epoch`
-    /// does the same for steering messages.
-    pub fn new(cfg: &ProxyConfig, session: u32, epoch: u64) -> Self {
+    /// does the same for steering messages; `private_key` is the proxy's
+    /// static key.
+    pub fn new(cfg: &ProxyConfig, session: u32, epoch: u64, private_key: [u8; 32]) -> Self {
         let c = Arc::new(CoreCounters::default());
         let mut core = ProxyCore {
-            forwarder: ForwarderPart::new(cfg.forwarder_part(epoch), c.clone()),
+            forwarder: ForwarderPart::new(cfg.forwarder_part(epoch, private_key), c.clone()),
             monitor: MonitorPart::new(session, cfg.monitor.clone(), c.clone()),
             router: cfg.router_part().map(|r| RouterPart::new(r, c)),
             transmits: VecDeque::new(),
@@ -208,6 +213,7 @@ impl ProxyCore {
                 match o {
                     Output::Transmit(t) => self.transmits.push_back(t),
                     Output::Table(t) => self.actions.push_back(Action::StoreTable(t)),
+                    Output::Sessions(s) => self.actions.push_back(Action::StoreSessions(s)),
                     Output::Local { to, msg } => self.local.push_back((from, to, msg)),
                 }
             }
@@ -274,6 +280,7 @@ impl Outputs for ProxyCore {
         if let Some(a) = self.poll_action() {
             return Some(match a {
                 Action::StoreTable(t) => Output::Table(t),
+                Action::StoreSessions(s) => Output::Sessions(s),
             });
         }
         self.poll_transmit().map(Output::Transmit)

@@ -50,10 +50,11 @@ type LoseLocal = (fn(&LocalMsg) -> bool, u32);
 
 impl Node {
     fn new(shape: Shape, cfg: &ProxyConfig, session: u32) -> Self {
+        let private = keys(cfg.forwarder.id.unwrap()).0;
         match shape {
-            Shape::Joined => Node::Joined(Box::new(ProxyCore::new(cfg, session, 1))),
+            Shape::Joined => Node::Joined(Box::new(ProxyCore::new(cfg, session, 1, private))),
             Shape::Split { local_delay_us } => Node::Split {
-                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1), Arc::default())),
+                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1, private), Arc::default())),
                 mon: Box::new(MonitorPart::new(
                     session,
                     cfg.monitor.clone(),
@@ -132,12 +133,21 @@ fn config(id: u32, policy: &str) -> ProxyConfig {
     config_with(id, policy, "")
 }
 
+/// Proxy `id`'s static key pair (made once per test run).
+fn keys(id: u32) -> ([u8; 32], pon_proto::control::PublicKey) {
+    static KEYS: std::sync::OnceLock<Vec<([u8; 32], [u8; 32])>> = std::sync::OnceLock::new();
+    let (private, public) = KEYS.get_or_init(|| (0..4).map(|_| pon_tunnel::generate_keypair()).collect())
+        [id as usize];
+    (private, pon_proto::control::PublicKey(public))
+}
+
 fn config_with(id: u32, policy: &str, proxy: &str) -> ProxyConfig {
     let mut t = format!(
         "id = {id}\nlisten = \"198.18.{id}.1:7300\"\nlocal_addr = \"198.18.{id}.1\"\n[[agent]]\naddr = \"198.18.{id}.11\"\n"
     );
     for p in (1..=3).filter(|p| *p != id) {
-        t += &format!("[[peer]]\nid = {p}\naddr = \"198.18.{p}.1:7300\"\n[[destination]]\nprefix = \"198.18.{p}.11/32\"\nproxy = {p}\n");
+        let key = keys(p).1;
+        t += &format!("[[peer]]\nid = {p}\naddr = \"198.18.{p}.1:7300\"\npublic_key = \"{key}\"\n[[destination]]\nprefix = \"198.18.{p}.11/32\"\nproxy = {p}\n");
     }
     t += &format!("[routing]\npolicy = \"{policy}\"\nloss_window = 64\n[proxy]\n{proxy}\n");
     ProxyConfig::parse(&t).unwrap()
@@ -227,6 +237,7 @@ impl Net {
                 out.extend(std::iter::from_fn(|| c.poll_transmit()).map(Output::Transmit));
                 out.extend(std::iter::from_fn(|| c.poll_action()).map(|a| match a {
                     Action::StoreTable(t) => Output::Table(t),
+                    Action::StoreSessions(s) => Output::Sessions(s),
                 }));
             }
             Node::Split {
@@ -292,6 +303,9 @@ impl Net {
                     }
                 }
                 Output::Table(_) => self.tables[id as usize] += 1,
+                // The simulator carries packets unsealed: keys are the
+                // data path's business, tested with it.
+                Output::Sessions(_) => {}
                 Output::Local { .. } => unreachable!(),
             }
         }

@@ -8,7 +8,7 @@ use super::mailbox::{Inbox, Input, BULK_PER_ROUND};
 use super::DaemonCounters;
 use crate::core::{Core, Output, Transmit};
 use pon_forwarder::io::Sockets;
-use pon_forwarder::SharedTable;
+use pon_forwarder::Engine;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,7 +26,9 @@ const MAX_WAIT: Duration = Duration::from_millis(100);
 #[derive(Default)]
 pub struct Io {
     pub sockets: Option<Arc<Sockets>>,
-    pub table: Option<SharedTable>,
+    /// The data path's engine: its table and session keys are stored
+    /// through it, and the core's own packets sealed by it.
+    pub engine: Option<Arc<Engine>>,
     /// Where steering datagrams leave from (the proxy's agent-side address).
     pub steering: Option<UdpSocket>,
     pub link: Option<Link>,
@@ -36,18 +38,30 @@ pub struct Io {
 impl Io {
     fn output(&self, o: Output) {
         match o {
-            Output::Table(t) => match &self.table {
-                Some(shared) => shared.store(t),
+            Output::Table(t) => match &self.engine {
+                Some(e) => e.table.store(t),
                 None => self.counters.no_socket.inc(),
             },
-            Output::Transmit(Transmit::Peer { to, bytes }) => match &self.sockets {
-                Some(s) => {
-                    if s.peer.send(to, &bytes, None).is_err() {
-                        self.counters.peer_send_errors.inc();
+            Output::Sessions(s) => match &self.engine {
+                Some(e) => e.sessions.store(s),
+                None => self.counters.no_socket.inc(),
+            },
+            Output::Transmit(Transmit::Peer { to: _, mut bytes }) => {
+                let (Some(s), Some(e)) = (&self.sockets, &self.engine) else {
+                    self.counters.no_socket.inc();
+                    return;
+                };
+                let len = bytes.len();
+                let sealed = e.seal_local(&e.table.load(), &e.sessions.load(), &mut bytes, 0, len);
+                match sealed {
+                    Ok(to) => {
+                        if s.peer.send(to, &bytes, None).is_err() {
+                            self.counters.peer_send_errors.inc();
+                        }
                     }
+                    Err(_) => self.counters.not_sealed.inc(),
                 }
-                None => self.counters.no_socket.inc(),
-            },
+            }
             Output::Transmit(Transmit::Steering { to, bytes }) => match &self.steering {
                 Some(s) => {
                     if s.send_to(&bytes, SocketAddr::V4(to)).is_err() {

@@ -3,9 +3,10 @@
 //! Three ways in, because they must not compete with each other:
 //! - the **urgent** queue: replies to our own probes, local-link messages,
 //!   wake-ups. Bounded; what does not fit is dropped and counted.
-//! - the **bulk** queue: other monitors' probes, which we only answer. A
-//!   flood of them fills this queue alone, so it can never push our own
-//!   replies out (which would look like loss and cause false failovers).
+//! - the **bulk** queue: other monitors' probes and other proxies'
+//!   handshake initiations, which we only answer. A flood of them fills
+//!   this queue alone, so it can never push our own replies out (which
+//!   would look like loss and cause false failovers).
 //! - the **latest view** slot: the CU client's thread overwrites it and
 //!   never blocks (its heartbeats must go on); the loop takes the newest.
 //!
@@ -96,8 +97,12 @@ impl Mailbox {
             return;
         }
         match kind {
-            Kind::ProbeReply => self.post(Input::Packet(packet.to_vec())),
-            Kind::Probe => {
+            // Answers to what we sent: our measurements and our sessions.
+            Kind::ProbeReply | Kind::HandshakeResponse => {
+                self.post(Input::Packet(packet.to_vec()))
+            }
+            // Others' requests, answered in bounded rounds.
+            Kind::Probe | Kind::HandshakeInit => {
                 if let Err(TrySendError::Full(_)) = self.bulk.try_send(packet.to_vec()) {
                     self.counters.bulk_full.inc();
                     return;
@@ -108,7 +113,7 @@ impl Mailbox {
                     self.post(Input::Wake);
                 }
             }
-            Kind::Data => self.counters.not_probe.inc(),
+            Kind::Data | Kind::Keepalive => self.counters.not_probe.inc(),
         }
     }
 
@@ -156,14 +161,13 @@ mod tests {
     fn packet(kind: Kind, body: usize) -> Vec<u8> {
         let r = Repr {
             kind,
-            auth: false,
             hop_limit: 8,
             hop_index: 0,
             flow_id: 0,
             source: 2,
             hops: Hops::new(&[1]).unwrap(),
         };
-        let mut v = vec![0; r.header_len() + body];
+        let mut v = vec![0; r.wire_len(body)];
         r.emit(&mut v).unwrap();
         v
     }

@@ -17,6 +17,7 @@ pon_telemetry::counters! {
         not_probe => ("pon_proxy_input_drops_total", "reason=\"not_a_probe\"", "Inputs of the control loop dropped, by reason."),
         peer_send_errors => ("pon_proxy_send_errors_total", "to=\"peer\"", "Datagrams the control loop could not send, by destination."),
         steering_send_errors => ("pon_proxy_send_errors_total", "to=\"ta\"", "Datagrams the control loop could not send, by destination."),
+        not_sealed => ("pon_proxy_send_errors_total", "to=\"peer_without_session\"", "Datagrams the control loop could not send, by destination."),
         no_socket => ("pon_proxy_send_errors_total", "to=\"none\"", "Datagrams the control loop could not send, by destination."),
         local_received => ("pon_local_messages_total", "dir=\"rx\"", "Local-link messages between the proxy's processes."),
         local_sent => ("pon_local_messages_total", "dir=\"tx\"", "Local-link messages between the proxy's processes."),
@@ -85,6 +86,15 @@ pub fn steering_socket(cfg: &ForwarderConfig, port: u16) -> anyhow::Result<Optio
     let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, 0));
     let s = UdpSocket::bind(bind).with_context(|| format!("binding steering socket {bind}"))?;
     Ok(Some(s))
+}
+
+/// The proxy's static key, from its state directory (made there, mode
+/// 0600, on first start).
+pub fn private_key(cfg: &ForwarderConfig) -> anyhow::Result<[u8; 32]> {
+    let id = pon_identity::Identity::load_or_create(&cfg.state_dir)
+        .with_context(|| format!("loading the keys in {}", cfg.state_dir.display()))?;
+    tracing::info!(public_key = %id.noise_public(), state_dir = %cfg.state_dir.display(), "identity");
+    Ok(id.noise_secret())
 }
 
 /// This run's identifiers: the steering epoch (nanoseconds since the Unix
@@ -272,7 +282,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
         inbox,
         io: Io {
             sockets: Some(sockets.clone()),
-            table: Some(table),
+            engine: Some(engine.clone()),
             steering: steering_socket(cfg, steering_port)?,
             link,
             counters: mailbox.counters.clone(),

@@ -8,7 +8,8 @@ use pon_forwarder::{Agent, ForwardingTable};
 use pon_proto::EncapKind;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use pon_proto::control::PublicKey;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +50,56 @@ pub struct ForwarderConfig {
     /// pon-router) and talk to this forwarder over UDP.
     #[serde(default)]
     pub local: Option<LocalConfig>,
+    /// Where this proxy keeps its keys (made on first start, mode 0600).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Session lifetimes of the tunnels between proxies.
+    #[serde(default)]
+    pub tunnel: TunnelConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    pon_identity::default_state_dir("proxy")
+}
+
+/// When the sessions between proxies are replaced (defaults: WireGuard's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    #[serde(default = "default_rekey_after_ms")]
+    pub rekey_after_ms: u64,
+    #[serde(default = "default_rekey_after_messages")]
+    pub rekey_after_messages: u64,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            rekey_after_ms: default_rekey_after_ms(),
+            rekey_after_messages: default_rekey_after_messages(),
+        }
+    }
+}
+
+fn default_rekey_after_ms() -> u64 {
+    pon_tunnel::Timers::default().rekey_after.as_millis() as u64
+}
+fn default_rekey_after_messages() -> u64 {
+    pon_tunnel::Timers::default().rekey_after_messages
+}
+
+impl TunnelConfig {
+    /// A session is given up half a rekey period after it should have
+    /// been replaced (WireGuard: 120 s and 180 s).
+    pub fn timers(&self) -> pon_tunnel::Timers {
+        let rekey = std::time::Duration::from_millis(self.rekey_after_ms);
+        pon_tunnel::Timers {
+            rekey_after: rekey,
+            reject_after: rekey + rekey / 2,
+            rekey_after_messages: self.rekey_after_messages,
+            ..pon_tunnel::Timers::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -70,6 +121,8 @@ pub struct LocalConfig {
 pub struct PeerConfig {
     pub id: u32,
     pub addr: SocketAddr,
+    /// The peer's static key (`pon-proxy --public-key` prints a proxy's).
+    pub public_key: PublicKey,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +159,9 @@ impl ForwarderConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut cfg = pon_telemetry::load_config(path, "forwarder", Self::parse)?;
         cfg.cu = cfg.cu.map(|c| c.relative_to(path));
+        if let Some(dir) = path.parent().filter(|_| cfg.state_dir.is_relative()) {
+            cfg.state_dir = dir.join(&cfg.state_dir);
+        }
         Ok(cfg)
     }
 
@@ -119,6 +175,9 @@ impl ForwarderConfig {
         }
         if cfg.hop_limit == 0 {
             anyhow::bail!("hop_limit must be at least 1");
+        }
+        if cfg.tunnel.rekey_after_ms < 100 || cfg.tunnel.rekey_after_messages == 0 {
+            anyhow::bail!("[tunnel] rekey_after_ms must be at least 100 and rekey_after_messages at least 1");
         }
         match (&cfg.cu, cfg.id) {
             (None, None) => anyhow::bail!("id is required (or a [cu] section to get one)"),
@@ -177,9 +236,11 @@ metrics = "198.18.1.1:9100"
 [[peer]]
 id = 2
 addr = "198.18.2.1:7300"
+public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 [[peer]]
 id = 3
 addr = "198.18.3.1:7300"
+public_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 [[agent]]
 addr = "198.18.1.11"
 [[agent]]
