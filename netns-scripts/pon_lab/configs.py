@@ -51,6 +51,11 @@ def cu_config(lab, host):
             "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY)}
 
 
+def state_dir(lab, site):
+    """Where site's proxy keeps its keys (made on first start, 0700)."""
+    return lab.dir / "state" / f"{site}-proxy"
+
+
 def forwarder(lab, host, daemon="pon-forwarder"):
     topo = lab.state["topology"]
     i, me = host["site_index"], lab.site(host["site"])
@@ -60,7 +65,10 @@ def forwarder(lab, host, daemon="pon-forwarder"):
     routes = [{"to": s["index"], "via": [ids[r] for r in via]}
               for s in others if (via := relay_route(topo, me["name"], s["name"]))]
     cfg = {"id": i, "listen": f"{host['address']}:{pon_port}", "local_addr": host["address"],
-           "underlay_mtu": MTU, "metrics": metrics(lab, host, daemon), "route": routes}
+           "underlay_mtu": MTU, "metrics": metrics(lab, host, daemon), "route": routes,
+           "state_dir": str(state_dir(lab, me["name"]))}
+    if topo.get("tunnel"):
+        cfg["tunnel"] = dict(topo["tunnel"])
     if topo.get("split") and topo.get("routing") is not None:
         cfg["local"] = {"listen": local_addr(lab, "pon-forwarder"),
                         "monitor": local_addr(lab, "pon-monitor"),
@@ -70,7 +78,12 @@ def forwarder(lab, host, daemon="pon-forwarder"):
         # relay routes (by id) and the tests' expectations hold.
         cfg["cu"] = cu_client(lab, host, me.get("role", "PROXY"))
         return cfg
-    cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}"}
+    # Static mode names each peer's key, as WireGuard configs do; the
+    # identities are made now, each in its proxy's state directory.
+    dirs = {s["name"]: str(state_dir(lab, s["name"])) for s in others}
+    keys = renderer.identities(dirs.values(), lab.state["bin_dir"])
+    cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}",
+                    "public_key": keys[dirs[s["name"]]]}
                    for s in others]
     cfg["agent"] = [{"addr": app_addr(i, j), "encap": topo["encap"]}
                     for j in range(1, me["apps"] + 1)]

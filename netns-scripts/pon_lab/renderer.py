@@ -40,6 +40,11 @@ def metrics_port(daemon, bin_dir=None):
     return ports(bin_dir)["metrics"][daemon]
 
 
+def identities(dirs, bin_dir=None):
+    """{dir: public key} of the identities kept in `dirs` (made there if new)."""
+    return json.loads(run([find(bin_dir), "identity", *map(str, dirs)]).stdout)
+
+
 def render_batch(jobs, bin_dir=None):
     """Writes configs: jobs are {"daemon", "path", "config"} (config: JSON-able values).
     All are checked by the daemons' own parsers before any is written; a bad value fails

@@ -58,7 +58,7 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split"), "top level")
+                     "routing", "split", "tunnel"), "top level")
     split = raw.get("split", False)
     if not isinstance(split, bool):
         fail("split", f"must be true or false, got {split!r}")
@@ -71,6 +71,11 @@ def load_topology(path):
         routing = None
     elif not isinstance(routing, dict) or any(isinstance(v, (dict, list)) for v in routing.values()):
         fail("routing", "must be true, false, or a table of plain [routing] settings")
+    # tunnel: the proxies' [tunnel] settings (rekey_after_ms, rekey_after_messages),
+    # passed through; the daemons check them and name the field.
+    tunnel = raw.get("tunnel", {})
+    if not isinstance(tunnel, dict) or any(isinstance(v, (dict, list)) for v in tunnel.values()):
+        fail("tunnel", "must be a table of plain [tunnel] settings")
     if split and routing is None:
         fail("split", "needs routing (the processes it splits are the monitor and the router)")
     # offload = false turns the agents' TUN offloads off: benchmarks compare.
@@ -176,7 +181,7 @@ def load_topology(path):
 
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
-            "routing": routing, "split": split}
+            "routing": routing, "split": split, "tunnel": tunnel}
 
 
 def check_link_value(key, value):

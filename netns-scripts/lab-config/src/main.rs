@@ -52,6 +52,10 @@ enum Cmd {
         #[arg(long)]
         full: bool,
     },
+    /// Make (or load) the identity kept in each state directory and print
+    /// its public keys as JSON ({dir: key}), for the static configs that
+    /// name their peers' keys.
+    Identity { dirs: Vec<PathBuf> },
 }
 
 pub const DAEMONS: [&str; 8] = [
@@ -130,6 +134,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             let input: serde_json::Value =
                 serde_json::from_str(&stdin()?).context("stdin is not JSON")?;
             print!("{}", render(&daemon, &input, full)?);
+        }
+        Cmd::Identity { dirs } => {
+            let keys = dirs
+                .iter()
+                .map(|d| {
+                    let id = pon_identity::Identity::load_or_create(d)
+                        .with_context(|| format!("identity in {}", d.display()))?;
+                    Ok((d.display().to_string(), id.noise_public().to_string()))
+                })
+                .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+            println!("{}", serde_json::to_string_pretty(&keys)?);
         }
         Cmd::RenderBatch { full } => {
             let jobs: Vec<Job> = serde_json::from_str(&stdin()?).context("stdin")?;

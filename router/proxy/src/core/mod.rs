@@ -303,7 +303,11 @@ impl Core for ProxyCore {
         ProxyCore::poll_timeout(self)
     }
     fn metrics(&self) -> Renderer {
-        self.monitor.metrics()
+        let (monitor, tunnels) = (self.monitor.metrics(), self.forwarder.tunnel_counters());
+        Arc::new(move |w: &mut PromWriter| {
+            monitor(w);
+            tunnels.render(w);
+        })
     }
     fn has_monitor(&self) -> bool {
         true
@@ -327,7 +331,11 @@ impl Core for ForwarderPart {
         ForwarderPart::poll_timeout(self)
     }
     fn metrics(&self) -> Renderer {
-        render_counters(&self.counters)
+        let (counters, tunnels) = (render_counters(&self.counters), self.tunnel_counters());
+        Arc::new(move |w: &mut PromWriter| {
+            counters(w);
+            tunnels.render(w);
+        })
     }
 }
 
