@@ -184,8 +184,8 @@ mod tests {
         let c: TaConfig =
             toml::from_str("local_addr = \"198.18.1.11\"\nforwarder = \"198.18.1.1\"").unwrap();
         c.validate().unwrap();
-        // 1500 - (20 IPv4 + 8 UDP + 16 PON + 4x4 hops + 16 tag)
-        assert_eq!(c.tun_mtu(), 1424);
+        // 1500 - (20 IPv4 + 8 UDP + 16 PON + 4x4 hops + 2x12 sessions + 2x16 tags)
+        assert_eq!(c.tun_mtu(), 1384);
         let c = TaConfig { max_hops: 9, ..c };
         assert!(c.validate().is_err());
         let c = TaConfig {

@@ -121,7 +121,7 @@ fn relay_path_goes_through_the_third_site() {
 #[test]
 fn oversized_packets_fit_or_get_frag_needed() {
     require_root();
-    // Default TUN MTU: 1500 - (20 + 8 + 16 + 4x4 + 16) = 1424.
+    // Default TUN MTU: 1500 - (20 + 8 + 16 + 4x4 + 2x12 + 2x16) = 1384.
     let lab = Lab::up(&three_sites());
     check_ping(
         &ping(
@@ -129,19 +129,19 @@ fn oversized_packets_fit_or_get_frag_needed() {
             "paris/app1",
             TOKYO_APP,
             3,
-            &["-M", "do", "-s", "1396"],
+            &["-M", "do", "-s", "1356"],
         ),
         3,
     );
     let out = lab.exec(
         "paris/app1",
         &[
-            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1397", TOKYO_APP,
+            "ping", "-c", "1", "-W", "1", "-M", "do", "-s", "1357", TOKYO_APP,
         ],
     );
     let said = text(&out);
     assert!(
-        !out.status.success() && said.contains("mtu=1424"),
+        !out.status.success() && said.contains("mtu=1384"),
         "expected a local 'message too long':\n{said}"
     );
     drop(lab);
@@ -157,9 +157,9 @@ fn oversized_packets_fit_or_get_frag_needed() {
         ],
     );
     let said = text(&out);
-    // Relay route: 1500 - 20 IPv4 - 8 UDP - (16 + 2x4) PON = 1448.
+    // Relay route: 1500 - 20 IPv4 - 8 UDP - (16 + 2x4 + 2x12) PON - 2x16 tags = 1392.
     assert!(
-        said.contains("Frag needed") && said.contains("1448"),
+        said.contains("Frag needed") && said.contains("1392"),
         "expected frag needed:\n{said}"
     );
     assert!(
@@ -176,7 +176,7 @@ fn oversized_packets_fit_or_get_frag_needed() {
             "paris/app1",
             TOKYO_APP,
             3,
-            &["-M", "do", "-s", "1420"],
+            &["-M", "do", "-s", "1364"],
         ),
         3,
     );
