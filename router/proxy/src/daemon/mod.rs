@@ -104,8 +104,12 @@ pub fn start_cu(
     cfg: &ForwarderConfig,
     mailbox: &Mailbox,
 ) -> anyhow::Result<Option<Arc<ClientStatus>>> {
+    if cfg.cu.is_none() {
+        return Ok(None);
+    }
+    let identity = Arc::new(cfg.identity()?);
     let mb = mailbox.clone();
-    crate::forwarder::cu::start_with(cfg, Box::new(move |v| mb.post_view(v.clone())))
+    crate::forwarder::cu::start_with(cfg, identity, Box::new(move |v| mb.post_view(v.clone())))
 }
 
 /// How a core's status is published, and how often.

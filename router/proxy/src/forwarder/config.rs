@@ -8,7 +8,7 @@ use pon_forwarder::{Agent, ForwardingTable};
 use pon_proto::EncapKind;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +21,10 @@ pub struct ForwarderConfig {
     /// destinations from it.
     #[serde(default)]
     pub cu: Option<pon_cu::client::CuClientConfig>,
+    /// Where this proxy keeps its keys and the CU's certificate for them
+    /// (default /var/lib/pon/proxy; relative to this file).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// UDP address for PON packets from peer proxies.
     pub listen: SocketAddr,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
@@ -106,7 +110,18 @@ impl ForwarderConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut cfg = pon_telemetry::load_config(path, "forwarder", Self::parse)?;
         cfg.cu = cfg.cu.map(|c| c.relative_to(path));
+        cfg.state_dir = cfg.state_dir.map(|d| pon_identity::relative_to(d, path));
         Ok(cfg)
+    }
+
+    /// The directory of this proxy's identity.
+    pub fn state_dir(&self) -> PathBuf {
+        pon_identity::state_dir_or_default(self.state_dir.as_deref(), "proxy")
+    }
+
+    /// This proxy's identity, made on first start.
+    pub fn identity(&self) -> anyhow::Result<pon_identity::Identity> {
+        pon_identity::Identity::load_or_create(&self.state_dir()).context("state_dir")
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
