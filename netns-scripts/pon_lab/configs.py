@@ -40,15 +40,26 @@ def local_addr(lab, daemon):
 
 
 def cu_client(lab, host, role):
+    """The [cu] section: the site's token for the role's family (the agent needs it only to
+    enrol, on its first start)."""
     return {"addr": f"{CU_ADDR}:{ports(lab)['cu']}", "ca": str(cu.directory(lab) / "ca.pem"),
-            "token_file": str(cu.directory(lab) / "token"), "cloud": host["site"], "role": role}
+            "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
+            "role": role}
+
+
+def state_dir(lab, host, daemon):
+    """Where a daemon keeps its keys and certificate: one directory per daemon, so no two
+    agents ever share a key."""
+    return str(lab.dir / "state" / f"{host['site']}-{host['host']}-{daemon}")
 
 
 def cu_config(lab, host):
     d = cu.directory(lab)
     return {"listen": f"{CU_ADDR}:{ports(lab)['cu']}",
-            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "token_file": str(d / "token"),
-            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY)}
+            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "ca": str(d / "ca.pem"),
+            "ca_key": str(d / "ca.key"), "admin_cert": str(d / "admin.pem"),
+            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY),
+            "clouds": cu.grants(lab)}
 
 
 def forwarder(lab, host, daemon="pon-forwarder"):
@@ -69,6 +80,7 @@ def forwarder(lab, host, daemon="pon-forwarder"):
         # The CU hands out peers, agents and destinations; we ask for id i so that
         # relay routes (by id) and the tests' expectations hold.
         cfg["cu"] = cu_client(lab, host, me.get("role", "PROXY"))
+        cfg["state_dir"] = state_dir(lab, host, daemon)
         return cfg
     cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}"}
                    for s in others]
@@ -113,7 +125,7 @@ def ta(lab, host):
         "local_addr": host["address"], "encap": topo["encap"], "underlay_mtu": MTU,
         "metrics": metrics(lab, host, "pon-ta")}
     if topo.get("cu"):
-        return cfg | {"cu": cu_client(lab, host, "APP")}
+        return cfg | {"cu": cu_client(lab, host, "APP"), "state_dir": state_dir(lab, host, "pon-ta")}
     return cfg | {"forwarder": proxy_addr(host["site_index"]),
                   "intercept": [f"{app_addr(s['index'], j)}/32" for s in topo["sites"]
                                 if s["index"] != host["site_index"]
