@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use pon_proto::{Encap, EncapKind};
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +51,10 @@ pub struct TaConfig {
     /// app VMs to intercept from the Central Unit.
     #[serde(default)]
     pub cu: Option<pon_cu::client::CuClientConfig>,
+    /// Where this agent keeps its keys and the CU's certificate for them
+    /// (default /var/lib/pon/ta; relative to this file).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// UDP port on which the local proxy's router says which destinations
     /// the overlay cannot reach (left to the IP path meanwhile); 0: off.
     #[serde(default = "pon_proto::ports::defaults::steering")]
@@ -109,8 +113,14 @@ impl TaConfig {
             c.validate()
                 .with_context(|| format!("in TA config {}", path.display()))?;
             c.cu = c.cu.map(|cu| cu.relative_to(path));
+            c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
             Ok(c)
         })
+    }
+
+    /// The directory of this agent's identity.
+    pub fn state_dir(&self) -> PathBuf {
+        pon_identity::state_dir_or_default(self.state_dir.as_deref(), "ta")
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {

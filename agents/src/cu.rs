@@ -102,8 +102,18 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
         addr: cfg.local_addr,
         encap: cfg.encap(),
     };
+    let identity = Arc::new(
+        pon_identity::Identity::load_or_create(&cfg.state_dir())
+            .map_err(|e| anyhow::anyhow!("state_dir: {e}"))?,
+    );
     let register = cu
-        .register("APP", &cfg.local_addr.to_string(), endpoints, None)
+        .register(
+            "APP",
+            &cfg.local_addr.to_string(),
+            endpoints,
+            None,
+            identity.noise_public(),
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let (tx, rx) = mpsc::channel();
     let cloud = cu.cloud.clone();
@@ -133,7 +143,7 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
         eprintln!("pon-ta: {why}");
         std::process::exit(2);
     });
-    let status = client::spawn(&cu, register, on_view, on_fatal, true)?;
+    let status = client::spawn(&cu, identity, register, on_view, on_fatal, true)?;
     Ok(TaCu {
         status: Some(status),
         forwarder: current,

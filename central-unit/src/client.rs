@@ -6,8 +6,9 @@
 use crate::session::{Session, SessionAction};
 use crate::tls;
 use crate::view::View;
+use pon_identity::Identity;
 use pon_proto::control::{
-    AgentMsg, CuMsg, Endpoints, FrameDecoder, Register, MAX_CU_FRAME, PROTOCOL_VERSION,
+    AgentMsg, CuMsg, Endpoints, FrameDecoder, PublicKey, Register, MAX_CU_FRAME, PROTOCOL_VERSION,
 };
 use pon_telemetry::PromWriter;
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,8 @@ pub struct CuClientConfig {
     pub server_name: String,
     /// The CA certificate (PEM) made by `pon-cu init`.
     pub ca: PathBuf,
-    /// The join token, inline ...
+    /// The join token, inline ... (needed only until the agent has enrolled:
+    /// from then on its certificate in its state directory authenticates it)
     #[serde(default)]
     pub token: Option<String>,
     /// ... or in a file.
@@ -49,8 +51,17 @@ fn default_server_name() -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("[cu] needs exactly one of `token` and `token_file`")]
+    #[error("[cu] has both `token` and `token_file`: give one")]
     Token,
+    #[error(
+        "this agent has not enrolled yet (no certificate in {state_dir}) and [cu] has no \
+         `token` or `token_file` to enrol with"
+    )]
+    NoToken { state_dir: String },
+    #[error("[cu] the certificate in {path}: {why}")]
+    Certificate { path: String, why: String },
+    #[error("identity: {0}")]
+    Identity(#[from] pon_identity::IdentityError),
     #[error("[cu] token_file {path}: {err}")]
     TokenFile { path: String, err: std::io::Error },
     #[error("[cu] {field} = {value:?} is invalid: {why}")]
@@ -66,28 +77,34 @@ pub enum ClientError {
 }
 
 impl CuClientConfig {
-    /// The token, read from the file if given there.
-    pub fn token(&self) -> Result<String, ClientError> {
+    /// The token, read from the file if given there; None if neither is.
+    pub fn token(&self) -> Result<Option<String>, ClientError> {
         match (&self.token, &self.token_file) {
-            (Some(t), None) => Ok(t.trim().to_string()),
+            (Some(t), None) => Ok(Some(t.trim().to_string())),
             (None, Some(p)) => std::fs::read_to_string(p)
-                .map(|s| s.trim().to_string())
+                .map(|s| Some(s.trim().to_string()))
                 .map_err(|err| ClientError::TokenFile {
                     path: p.display().to_string(),
                     err,
                 }),
-            _ => Err(ClientError::Token),
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(ClientError::Token),
         }
     }
 
-    /// Checks the fields and builds the registration for this agent.
+    /// Checks the fields and builds the registration for this agent, whose
+    /// static Noise key is `noise_key`.
     pub fn register(
         &self,
         default_role: &str,
         default_name: &str,
         endpoints: Endpoints,
         id_hint: Option<u32>,
+        noise_key: PublicKey,
     ) -> Result<Register, ClientError> {
+        if self.token.is_some() && self.token_file.is_some() {
+            return Err(ClientError::Token);
+        }
         let role = self.role.clone().unwrap_or_else(|| default_role.into());
         let name = self.name.clone().unwrap_or_else(|| default_name.into());
         if !pon_proto::control::valid_role(&role) {
@@ -108,12 +125,12 @@ impl CuClientConfig {
         }
         Ok(Register {
             version: PROTOCOL_VERSION,
-            token: self.token()?,
             cloud: self.cloud.clone(),
             role,
             name,
             endpoints,
             id_hint,
+            noise_key,
         })
     }
 
@@ -133,6 +150,7 @@ pon_telemetry::counters! {
         configs => ("pon_cu_client_messages_total", "kind=\"config\"", "Messages received from the CU."),
         updates => ("pon_cu_client_messages_total", "kind=\"update\"", "Messages received from the CU."),
         bad_messages => ("pon_cu_client_bad_messages_total", "", "Malformed or oversized messages from the CU (the connection is dropped)."),
+        enrolments => ("pon_cu_client_enrolments_total", "", "Certificates obtained from the CU with the join token."),
     }
 }
 
@@ -172,19 +190,23 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 pub type ViewCallback = Box<dyn FnMut(&View) + Send>;
 pub type FatalCallback = Box<dyn FnOnce(String) + Send>;
 
-/// Starts the client thread. `on_view` runs on that thread after every
-/// change (batched: once per burst of messages); `on_fatal` runs if the CU
-/// refuses this agent or its certificate is not signed by our CA, which
-/// retrying cannot fix. With `goodbye_on_signal`, SIGTERM/SIGINT send a
-/// goodbye (so others hear at once) and then exit the process.
+/// Starts the client thread. An agent without a certificate in its state
+/// directory first enrols with the join token (retrying while the CU is
+/// unreachable) and keeps the certificate; from then on it connects with
+/// mutual TLS. `on_view` runs on that thread after every change (batched:
+/// once per burst of messages); `on_fatal` runs if the CU refuses this
+/// agent or its certificate is not signed by our CA, which retrying cannot
+/// fix. With `goodbye_on_signal`, SIGTERM/SIGINT send a goodbye (so others
+/// hear at once) and then exit the process.
 pub fn spawn(
     cfg: &CuClientConfig,
+    identity: Arc<Identity>,
     register: Register,
     on_view: ViewCallback,
     on_fatal: FatalCallback,
     goodbye_on_signal: bool,
 ) -> Result<Arc<ClientStatus>, ClientError> {
-    let quic = tls::client_config(&cfg.ca, CU_IDLE_TIMEOUT)?;
+    let credentials = crate::enrolment::Credentials::new(cfg, identity, &register)?;
     let status = Arc::new(ClientStatus::default());
     let st = status.clone();
     let (addr, server_name) = (cfg.addr, cfg.server_name.clone());
@@ -201,7 +223,7 @@ pub fn spawn(
             let fatal = rt.block_on(run(
                 addr,
                 server_name,
-                quic,
+                credentials,
                 register,
                 on_view,
                 st,
@@ -212,7 +234,7 @@ pub fn spawn(
     Ok(status)
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -220,7 +242,7 @@ fn seed() -> u64 {
 }
 
 /// Certificate problems are configuration errors: retrying cannot help.
-fn is_fatal(e: &quinn::ConnectionError) -> bool {
+pub(crate) fn is_fatal(e: &quinn::ConnectionError) -> bool {
     match e {
         quinn::ConnectionError::TransportError(t) => {
             let code = u64::from(t.code);
@@ -243,7 +265,7 @@ enum Ended {
 async fn run(
     addr: SocketAddr,
     server_name: String,
-    quic: quinn::ClientConfig,
+    credentials: crate::enrolment::Credentials,
     register: Register,
     mut on_view: ViewCallback,
     status: Arc<ClientStatus>,
@@ -258,11 +280,18 @@ async fn run(
         Ok(e) => e,
         Err(e) => return format!("opening the CU client socket: {e}"),
     };
-    endpoint.set_default_client_config(quic);
+    let mut signals = goodbye_on_signal.then(Signals::new).flatten();
+    let enrolled = tokio::select! {
+        q = credentials.client_config(&endpoint, addr, &server_name, &status) => q,
+        _ = Signals::wait(&mut signals) => std::process::exit(0),
+    };
+    match enrolled {
+        Ok(quic) => endpoint.set_default_client_config(quic),
+        Err(fatal) => return fatal,
+    }
     // The session's clock: time since this start, picked once.
     let start = Instant::now();
     let mut session = Session::new(register, start.elapsed(), seed());
-    let mut signals = goodbye_on_signal.then(Signals::new).flatten();
     loop {
         let now = start.elapsed();
         match session.poll(now) {

@@ -2,6 +2,7 @@
 
 use crate::policy::Policy;
 use crate::registry::Settings;
+use crate::trust::{Grant, Grants};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -19,8 +20,16 @@ pub struct CuConfig {
     pub cert: PathBuf,
     #[serde(default = "default_key")]
     pub key: PathBuf,
-    #[serde(default = "default_token_file")]
-    pub token_file: PathBuf,
+    /// The CA (certificate and key) that signs agents' certificates; agents
+    /// and the admin present certificates it signed.
+    #[serde(default = "default_ca")]
+    pub ca: PathBuf,
+    #[serde(default = "default_ca_key")]
+    pub ca_key: PathBuf,
+    /// The admin credential's certificate: `ponctl` presenting it (with its
+    /// key) may list the registry, make tokens and revoke agents.
+    #[serde(default = "default_admin_cert")]
+    pub admin_cert: PathBuf,
     /// The registry store (redb).
     #[serde(default = "default_store")]
     pub store: PathBuf,
@@ -36,6 +45,10 @@ pub struct CuConfig {
     /// Replaces the built-in PANACEA policy when given.
     #[serde(default)]
     pub policy: Option<BTreeMap<String, Vec<String>>>,
+    /// Address grants: the prefixes each cloud may use. A cloud without
+    /// one cannot register agents. Re-read on SIGHUP.
+    #[serde(default)]
+    pub clouds: BTreeMap<String, Grant>,
 }
 
 fn default_cert() -> PathBuf {
@@ -44,8 +57,14 @@ fn default_cert() -> PathBuf {
 fn default_key() -> PathBuf {
     "cu.key".into()
 }
-fn default_token_file() -> PathBuf {
-    "token".into()
+fn default_ca() -> PathBuf {
+    "ca.pem".into()
+}
+fn default_ca_key() -> PathBuf {
+    "ca.key".into()
+}
+fn default_admin_cert() -> PathBuf {
+    "admin.pem".into()
 }
 fn default_store() -> PathBuf {
     "registry.redb".into()
@@ -67,7 +86,9 @@ impl CuConfig {
         for p in [
             &mut cfg.cert,
             &mut cfg.key,
-            &mut cfg.token_file,
+            &mut cfg.ca,
+            &mut cfg.ca_key,
+            &mut cfg.admin_cert,
             &mut cfg.store,
         ] {
             *p = base.join(&*p);
@@ -88,7 +109,36 @@ impl CuConfig {
             );
         }
         cfg.policy().context("in [policy]")?;
+        cfg.grants()?;
         Ok(cfg)
+    }
+
+    /// `[clouds]`, checked: valid cloud names, at least one prefix each, and
+    /// no address in two clouds' prefixes (each inner source has one cloud).
+    pub fn grants(&self) -> anyhow::Result<Grants> {
+        let mut seen: Vec<(&str, ipnet::IpNet)> = Vec::new();
+        for (cloud, g) in &self.clouds {
+            if !pon_proto::control::valid_name(cloud) {
+                anyhow::bail!("[clouds.{cloud}]: invalid cloud name");
+            }
+            if g.prefixes.is_empty() {
+                anyhow::bail!(
+                    "[clouds.{cloud}] prefixes: empty (leave the cloud out to grant it nothing)"
+                );
+            }
+            for p in &g.prefixes {
+                if let Some((other, q)) = seen
+                    .iter()
+                    .find(|(_, q)| q.contains(&p.network()) || p.contains(&q.network()))
+                {
+                    anyhow::bail!(
+                        "[clouds.{cloud}] prefixes: {p} overlaps {q} of cloud {other}; a prefix belongs to one cloud"
+                    );
+                }
+                seen.push((cloud, *p));
+            }
+        }
+        Ok(Grants(self.clouds.clone()))
     }
 
     pub fn policy(&self) -> Result<Policy, crate::policy::PolicyError> {
@@ -99,27 +149,57 @@ impl CuConfig {
     }
 
     pub fn settings(&self) -> anyhow::Result<Settings> {
-        let token = std::fs::read_to_string(&self.token_file)
-            .with_context(|| format!("token_file {}", self.token_file.display()))?
-            .trim()
-            .to_string();
-        if token.len() < 16 {
-            anyhow::bail!(
-                "token_file {}: the token is shorter than 16 characters",
-                self.token_file.display()
-            );
+        let admins = if self.admin_cert.exists() {
+            crate::pki::keys_of_pem_file(&self.admin_cert).context("admin_cert")?
+        } else {
+            tracing::warn!(admin_cert = %self.admin_cert.display(), "no admin certificate: ponctl will be refused");
+            Vec::new()
+        };
+        if self.clouds.is_empty() {
+            tracing::warn!("no [clouds] address grants in the configuration: every registration will be refused");
         }
         Ok(Settings {
-            token,
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             dead_after: Duration::from_millis(self.dead_after_ms),
             restart_grace: Duration::from_millis(self.restart_grace_ms),
+            grants: self.grants()?,
+            admins,
         })
     }
 }
 
+/// A duration as operators write one: `90s`, `30m`, `1h`, `7d` (or plain
+/// seconds); in seconds.
+pub fn parse_duration_s(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected e.g. 90s, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unit must be s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?}: too long"))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::parse_duration_s("90"), Ok(90));
+        assert_eq!(super::parse_duration_s("30m"), Ok(1800));
+        assert_eq!(super::parse_duration_s("1h"), Ok(3600));
+        assert_eq!(super::parse_duration_s("7d"), Ok(604800));
+        for bad in ["", "h", "1w", "-1h", "1.5h", "99999999999999999999d"] {
+            assert!(super::parse_duration_s(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -145,5 +225,29 @@ mod tests {
             CuConfig::parse("listen = \"127.0.0.1:7400\"\ndead_after_ms = 600\n").unwrap_err()
         );
         assert!(e.contains("dead_after_ms"), "{e}");
+    }
+
+    #[test]
+    fn grants_are_read_and_checked() {
+        let c = CuConfig::parse(
+            "listen = \"127.0.0.1:7400\"\n[clouds.paris]\nprefixes = [\"198.18.1.0/24\"]\nendpoints = [\"203.0.113.7/32\"]\n[clouds.tokyo]\nprefixes = [\"198.18.2.0/24\", \"10.2.0.0/16\"]\n",
+        )
+        .unwrap();
+        let g = c.grants().unwrap();
+        assert_eq!(g.allowed("tokyo").len(), 2);
+        assert_eq!(g.0["paris"].endpoints.len(), 1);
+        for (bad, field) in [
+            ("[clouds.paris]\nprefixes = [\"198.18.1.0/24\"]\n[clouds.tokyo]\nprefixes = [\"198.18.0.0/16\"]\n", "overlaps"),
+            ("[clouds.paris]\nprefixes = []\n", "empty"),
+            ("[clouds.paris]\nprefixes = [\"nope\"]\n", "prefixes"),
+            ("[clouds.paris]\nprefix = [\"198.18.1.0/24\"]\n", "prefix"),
+            ("[clouds.\"a b\"]\nprefixes = [\"198.18.1.0/24\"]\n", "invalid cloud name"),
+        ] {
+            let e = format!(
+                "{:#}",
+                CuConfig::parse(&format!("listen = \"127.0.0.1:7400\"\n{bad}")).unwrap_err()
+            );
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 }

@@ -2,18 +2,22 @@
 //! their id and configuration (C), and are pushed topology updates (U) when
 //! agents they are concerned with join or leave.
 //!
-//! - `policy`, `registry`: the CU's logic, sans-I/O (events + `now` in,
-//!   actions out), unit-tested.
+//! - `policy`, `registry`, `trust`: the CU's logic, sans-I/O (events +
+//!   `now` in, actions out), unit-tested; `trust` is who may be an agent
+//!   (tokens, enrolments, revocations, address grants).
 //! - `view`, `session`: the agent's side, sans-I/O.
 //! - `client`: the thread every PON daemon embeds to talk to the CU.
 //! - `server`, `store`, `config`, `pki` (feature `server`): the CU daemon:
-//!   QUIC server, redb store, configuration file, CA and token creation.
+//!   QUIC server, redb store, configuration file, the CA (init, signing
+//!   agents' certificates).
 
 pub mod client;
+pub mod enrolment;
 pub mod policy;
 pub mod registry;
 pub mod session;
 pub mod tls;
+pub mod trust;
 pub mod view;
 
 #[cfg(feature = "server")]

@@ -20,12 +20,12 @@ pub struct Policy {
     rules: Vec<(String, Vec<String>)>,
 }
 
-fn valid_pattern(p: &str) -> bool {
+pub(crate) fn valid_pattern(p: &str) -> bool {
     p == "*" || valid_role(p)
 }
 
 /// Does `pattern` cover `role`? Specificity is the pattern's length (`*` is 0).
-fn covers(pattern: &str, role: &str) -> bool {
+pub(crate) fn covers(pattern: &str, role: &str) -> bool {
     pattern == "*"
         || role == pattern
         || (role.starts_with(pattern) && role.as_bytes().get(pattern.len()) == Some(&b'.'))

@@ -1,12 +1,15 @@
 //! The CU's protocol logic, without I/O: a registry fed with events
-//! (register, heartbeat, goodbye, connection closed, time passing) and an
-//! explicit `now`, returning actions (send, close, persist). The QUIC server
-//! only moves bytes between connections and this struct.
+//! (enrol, register, heartbeat, goodbye, connection closed, admin requests,
+//! time passing) and an explicit `now`, returning actions (send, close,
+//! persist). The QUIC server only moves bytes between connections and this
+//! struct, and supplies what needs the CA or randomness.
 
 use crate::policy::Policy;
+pub use crate::trust::Refusal;
+use crate::trust::{claims, Enrolment, Grants, KeyId, Refused, TokenRecord, Trust};
 use pon_proto::control::{
-    valid_name, valid_role, AgentInfo, AgentRecord, Change, Config, Endpoints, Peer, Register,
-    PROTOCOL_VERSION,
+    valid_name, valid_role, AdminRequest, AgentInfo, AgentRecord, Change, Config, Endpoints, Enrol,
+    Peer, Register, TokenInfo, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,7 +19,6 @@ pub type ConnId = u64;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub token: String,
     /// How often agents send heartbeats.
     pub heartbeat: Duration,
     /// Silence after which an agent is declared gone.
@@ -24,15 +26,20 @@ pub struct Settings {
     /// After a CU restart, how long agents known from the store have to
     /// reconnect before they are announced as gone.
     pub restart_grace: Duration,
+    /// The prefixes each cloud may use.
+    pub grants: Grants,
+    /// Keys of the admin certificates (`ponctl`).
+    pub admins: Vec<KeyId>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            token: String::new(),
             heartbeat: Duration::from_millis(500),
             dead_after: Duration::from_millis(2000),
             restart_grace: Duration::from_secs(10),
+            grants: Grants::default(),
+            admins: Vec::new(),
         }
     }
 }
@@ -44,6 +51,7 @@ pub enum LeaveReason {
     Closed,
     MissedHeartbeats,
     NotBack,
+    Revoked,
 }
 
 impl LeaveReason {
@@ -53,6 +61,7 @@ impl LeaveReason {
             LeaveReason::Closed => "closed",
             LeaveReason::MissedHeartbeats => "missed_heartbeats",
             LeaveReason::NotBack => "not_back_after_restart",
+            LeaveReason::Revoked => "revoked",
         }
     }
 }
@@ -63,6 +72,18 @@ pub enum Outgoing {
     Changes(Vec<Change>),
     Refused(String),
     Registry(Vec<AgentRecord>),
+    Enrolled(String),
+    Token(String, TokenInfo),
+    Tokens(Vec<TokenInfo>),
+    Revoked(Option<u32>),
+}
+
+/// What the store keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Agent(AgentRecord),
+    Token(TokenRecord),
+    Enrolment(Enrolment),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,25 +98,30 @@ pub enum Action {
         reason: String,
     },
     /// Write this record to the store.
-    Persist(AgentRecord),
+    Persist(Record),
 }
 
-/// A refused registration, as returned to the I/O layer for its metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    Version,
-    Token,
-    Invalid,
+/// The CA's part of an enrolment, supplied by the I/O layer: reading the
+/// key out of a certificate request (after checking that the key signed
+/// it), and signing a certificate for that key.
+pub trait Issuer {
+    fn key_of(&self, csr: &[u8]) -> Result<KeyId, String>;
+    /// The certificate (PEM) for the key of `csr`, naming `e`'s identity.
+    fn issue(&self, csr: &[u8], e: &Enrolment) -> Result<String, String>;
 }
 
-impl Refusal {
-    pub fn label(self) -> &'static str {
-        match self {
-            Refusal::Version => "bad_version",
-            Refusal::Token => "bad_token",
-            Refusal::Invalid => "invalid_register",
-        }
-    }
+/// What an admin request did, for the I/O layer's log and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminDone {
+    Listed,
+    TokenCreated(TokenInfo),
+    TokensListed,
+    /// Revoked `cloud`/`name`; its registry id if it had one.
+    Revoked {
+        cloud: String,
+        name: String,
+        id: Option<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,20 +189,36 @@ fn role_family_matches(role: &str, endpoints: &Endpoints) -> bool {
     }
 }
 
-/// Compares secrets without an early exit, so timing does not leak how much
-/// of a guessed token was right.
-fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff));
+fn check_version(v: u16) -> Result<(), Refused> {
+    if v != PROTOCOL_VERSION {
+        return Err((
+            Refusal::Version,
+            format!("protocol version {v} is not supported (the CU speaks {PROTOCOL_VERSION})"),
+        ));
     }
-    diff == 0
+    Ok(())
+}
+
+fn check_identity(cloud: &str, name: &str, role: &str) -> Result<(), Refused> {
+    if !valid_name(cloud) {
+        return Err((Refusal::Invalid, format!("invalid cloud id {cloud:?}")));
+    }
+    if !valid_name(name) {
+        return Err((Refusal::Invalid, format!("invalid agent name {name:?}")));
+    }
+    if !valid_role(role) {
+        return Err((
+            Refusal::Invalid,
+            format!("invalid role {role:?} (expected e.g. PROXY.SRC)"),
+        ));
+    }
+    Ok(())
 }
 
 pub struct Registry {
     settings: Settings,
     policy: Policy,
+    trust: Trust,
     agents: HashMap<u32, Entry>,
     by_key: HashMap<(String, String), u32>,
     by_conn: HashMap<ConnId, u32>,
@@ -186,6 +228,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(settings: Settings, policy: Policy) -> Self {
         Registry {
+            trust: Trust::new(settings.admins.iter().copied()),
             settings,
             policy,
             agents: HashMap::new(),
@@ -207,10 +250,13 @@ impl Registry {
             self.next_id = self.next_id.max(id.saturating_add(1));
             self.by_key
                 .insert((r.info.cloud.clone(), r.info.name.clone()), id);
+            let mut info = r.info;
+            // The grant is cu.toml's as it is now, not as it was.
+            info.allowed = self.allowed_for(&info.cloud, &info.endpoints);
             self.agents.insert(
                 id,
                 Entry {
-                    info: r.info,
+                    info,
                     conn: None,
                     presence: if r.online {
                         Presence::Pending { deadline }
@@ -223,8 +269,52 @@ impl Registry {
         }
     }
 
+    /// Tokens and enrolments the store kept.
+    pub fn restore_trust(
+        &mut self,
+        tokens: impl IntoIterator<Item = TokenRecord>,
+        enrolments: impl IntoIterator<Item = Enrolment>,
+    ) {
+        self.trust.restore(tokens, enrolments);
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// What a proxy's peers accept from it as inner sources.
+    fn allowed_for(&self, cloud: &str, e: &Endpoints) -> Vec<ipnet::IpNet> {
+        match e {
+            Endpoints::Proxy { .. } => self.settings.grants.allowed(cloud),
+            _ => Vec::new(),
+        }
+    }
+
+    /// New grants (cu.toml reloaded): proxies whose cloud's grant changed
+    /// are announced again with it, so their peers' egress checks follow.
+    /// Agents already present keep their addresses until they register
+    /// again, when the new grants apply.
+    pub fn set_grants(&mut self, grants: Grants) -> Vec<Action> {
+        self.settings.grants = grants;
+        let mut out = Vec::new();
+        let ids: Vec<u32> = self.agents.keys().copied().collect();
+        for id in ids {
+            let e = &self.agents[&id];
+            let allowed = self.allowed_for(&e.info.cloud, &e.info.endpoints);
+            if allowed == e.info.allowed {
+                continue;
+            }
+            let before = e.info.clone();
+            let mut after = before.clone();
+            after.allowed = allowed;
+            if e.present() {
+                self.announce(Some(&before), Some(&after), &mut out);
+            }
+            let e = self.agents.get_mut(&id).expect("listed above");
+            e.info = after;
+            out.push(Action::Persist(Record::Agent(e.record())));
+        }
+        out
     }
 
     pub fn len(&self) -> usize {
@@ -253,22 +343,183 @@ impl Registry {
         v
     }
 
-    /// `ponctl`'s query: the registry, for holders of the join token.
-    pub fn list(&self, conn: ConnId, token: &str) -> Vec<Action> {
+    /// An administration request on `conn`, whose client certificate
+    /// holds `key`. `secret` makes a fresh token secret.
+    pub fn admin(
+        &mut self,
+        conn: ConnId,
+        key: Option<KeyId>,
+        request: AdminRequest,
+        version: u16,
+        wall_ms: u64,
+        secret: &mut dyn FnMut() -> Option<String>,
+    ) -> (Vec<Action>, Result<AdminDone, Refusal>) {
         let mut out = Vec::new();
-        if !same_secret(token, &self.settings.token) {
-            Self::refuse(conn, "wrong join token".into(), &mut out);
-            return out;
+        let done = self.admin_inner(conn, key, request, version, wall_ms, secret, &mut out);
+        Self::conclude(conn, done, "done", out)
+    }
+
+    /// A one-request connection (enrolment, admin) ends either way: closed
+    /// after the answer, or refused.
+    fn conclude<T>(
+        conn: ConnId,
+        done: Result<T, Refused>,
+        reason: &str,
+        mut out: Vec<Action>,
+    ) -> (Vec<Action>, Result<T, Refusal>) {
+        match done {
+            Ok(d) => {
+                out.push(Action::Close {
+                    conn,
+                    reason: reason.into(),
+                });
+                (out, Ok(d))
+            }
+            Err((why, text)) => {
+                Self::refuse(conn, text, &mut out);
+                (out, Err(why))
+            }
         }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn admin_inner(
+        &mut self,
+        conn: ConnId,
+        key: Option<KeyId>,
+        request: AdminRequest,
+        version: u16,
+        wall_ms: u64,
+        secret: &mut dyn FnMut() -> Option<String>,
+        out: &mut Vec<Action>,
+    ) -> Result<AdminDone, Refused> {
+        check_version(version)?;
+        if !self.trust.is_admin(key) {
+            return Err((
+                Refusal::NotAdmin,
+                "administration needs the CU's admin certificate (admin.pem and admin.key, \
+                 made by pon-cu init); agent certificates and join tokens are not admin \
+                 credentials"
+                    .into(),
+            ));
+        }
+        let send = |msg, out: &mut Vec<Action>| out.push(Action::Send { conn, msg });
+        match request {
+            AdminRequest::List => {
+                send(Outgoing::Registry(self.records()), out);
+                Ok(AdminDone::Listed)
+            }
+            AdminRequest::ListTokens => {
+                send(Outgoing::Tokens(self.trust.tokens()), out);
+                Ok(AdminDone::TokensListed)
+            }
+            AdminRequest::CreateToken {
+                cloud,
+                role,
+                uses,
+                ttl_s,
+            } => {
+                if cloud != "*" && !self.settings.grants.0.contains_key(&cloud) {
+                    return Err((
+                        Refusal::NoGrant,
+                        format!(
+                            "cloud {cloud} has no address grant in cu.toml ([clouds.{cloud}] \
+                             prefixes): its agents could not register"
+                        ),
+                    ));
+                }
+                let Some(token) = secret() else {
+                    return Err((Refusal::Invalid, "no system randomness for a token".into()));
+                };
+                let rec = self
+                    .trust
+                    .create_token(&token, &cloud, &role, uses, ttl_s, wall_ms)
+                    .map_err(|e| (Refusal::Invalid, e))?;
+                let info = rec.info.clone();
+                out.push(Action::Persist(Record::Token(rec)));
+                send(Outgoing::Token(token, info.clone()), out);
+                Ok(AdminDone::TokenCreated(info))
+            }
+            AdminRequest::Revoke { cloud, name } => {
+                let revoked = self.trust.revoke(&cloud, &name);
+                let id = self.by_key.get(&(cloud.clone(), name.clone())).copied();
+                if revoked.is_none() && id.is_none() {
+                    return Err((Refusal::Invalid, format!("no agent {cloud}/{name}")));
+                }
+                if let Some(e) = revoked {
+                    out.push(Action::Persist(Record::Enrolment(e)));
+                }
+                if let Some(id) = id {
+                    if let Some(conn) = self.agents.get(&id).and_then(|e| e.conn) {
+                        out.push(Action::Close {
+                            conn,
+                            reason: "revoked".into(),
+                        });
+                    }
+                    self.leave(id, Some(wall_ms), out);
+                }
+                send(Outgoing::Revoked(id), out);
+                Ok(AdminDone::Revoked { cloud, name, id })
+            }
+        }
+    }
+
+    /// An enrolment on `conn` (a connection without a client certificate).
+    /// On success the agent gets its certificate and the connection closes:
+    /// it comes back with the certificate to register.
+    pub fn enrol(
+        &mut self,
+        conn: ConnId,
+        e: Enrol,
+        wall_ms: u64,
+        issuer: &dyn Issuer,
+    ) -> (Vec<Action>, Result<Enrolment, Refusal>) {
+        let mut out = Vec::new();
+        let done = self.enrol_inner(conn, e, wall_ms, issuer, &mut out);
+        Self::conclude(conn, done, "enrolled", out)
+    }
+
+    fn enrol_inner(
+        &mut self,
+        conn: ConnId,
+        e: Enrol,
+        wall_ms: u64,
+        issuer: &dyn Issuer,
+        out: &mut Vec<Action>,
+    ) -> Result<Enrolment, Refused> {
+        check_version(e.version)?;
+        check_identity(&e.cloud, &e.name, &e.role)?;
+        let key = issuer
+            .key_of(&e.csr)
+            .map_err(|why| (Refusal::Invalid, format!("bad certificate request: {why}")))?;
+        let token = self
+            .trust
+            .check_enrol(&e.token, &e.cloud, &e.name, &e.role, key, wall_ms)?;
+        let enrolment = Enrolment {
+            key,
+            cloud: e.cloud,
+            name: e.name,
+            role: e.role,
+            noise_key: e.noise_key,
+            enrolled_ms: wall_ms,
+            revoked: false,
+        };
+        let cert = issuer.issue(&e.csr, &enrolment).map_err(|why| {
+            (
+                Refusal::Invalid,
+                format!("cannot issue a certificate: {why}"),
+            )
+        })?;
+        let (charged, enrolment) = self.trust.enrol(token, enrolment);
+        if let Some(t) = charged {
+            out.push(Action::Persist(Record::Token(t)));
+        }
+        out.push(Action::Persist(Record::Enrolment(enrolment.clone())));
         out.push(Action::Send {
             conn,
-            msg: Outgoing::Registry(self.records()),
+            msg: Outgoing::Enrolled(cert),
         });
-        out.push(Action::Close {
-            conn,
-            reason: "done".into(),
-        });
-        out
+        Ok(enrolment)
     }
 
     fn refuse(conn: ConnId, why: String, out: &mut Vec<Action>) {
@@ -279,31 +530,16 @@ impl Registry {
         out.push(Action::Close { conn, reason: why });
     }
 
-    fn check_register(&self, r: &Register) -> Result<(), (Refusal, String)> {
-        if r.version != PROTOCOL_VERSION {
-            return Err((
-                Refusal::Version,
-                format!(
-                    "protocol version {} is not supported (the CU speaks {PROTOCOL_VERSION})",
-                    r.version
-                ),
-            ));
-        }
-        if !same_secret(&r.token, &self.settings.token) {
-            return Err((Refusal::Token, "wrong join token".into()));
-        }
-        if !valid_name(&r.cloud) {
-            return Err((Refusal::Invalid, format!("invalid cloud id {:?}", r.cloud)));
-        }
-        if !valid_name(&r.name) {
-            return Err((Refusal::Invalid, format!("invalid agent name {:?}", r.name)));
-        }
-        if !valid_role(&r.role) {
-            return Err((
-                Refusal::Invalid,
-                format!("invalid role {:?} (expected e.g. PROXY.SRC)", r.role),
-            ));
-        }
+    fn check_register(
+        &self,
+        key: Option<KeyId>,
+        r: &Register,
+        id: Option<u32>,
+    ) -> Result<(), Refused> {
+        check_version(r.version)?;
+        check_identity(&r.cloud, &r.name, &r.role)?;
+        self.trust
+            .check_register(key, &r.cloud, &r.name, &r.role, &r.noise_key)?;
         if !role_family_matches(&r.role, &r.endpoints) {
             return Err((
                 Refusal::Invalid,
@@ -315,19 +551,44 @@ impl Registry {
                 return Err((Refusal::Invalid, "more than 16 addresses".into()));
             }
         }
+        self.settings.grants.check(&r.cloud, &r.endpoints)?;
+        // An address another present agent holds would take its traffic.
+        let mine = claims(&r.endpoints);
+        for e in self.agents.values() {
+            if !e.present() || Some(e.info.id) == id {
+                continue;
+            }
+            for theirs in claims(&e.info.endpoints) {
+                if let Some(c) = mine.iter().find(|c| c.clashes(theirs)) {
+                    return Err((
+                        Refusal::AddressHeld,
+                        format!(
+                            "address {} is held by {}/{} (id {})",
+                            c.addr(),
+                            e.info.cloud,
+                            e.info.name,
+                            e.info.id
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// R: a registration on `conn`. Returns the actions and, if refused, why.
+    /// R: a registration on `conn`, whose client certificate holds `key`.
+    /// Returns the actions and, if refused, why.
     pub fn register(
         &mut self,
         conn: ConnId,
+        key: Option<KeyId>,
         r: Register,
         now: Duration,
         wall_ms: u64,
     ) -> (Vec<Action>, Option<Refusal>) {
         let mut out = Vec::new();
-        if let Err((why, text)) = self.check_register(&r) {
+        let known = self.by_key.get(&(r.cloud.clone(), r.name.clone())).copied();
+        if let Err((why, text)) = self.check_register(key, &r, known) {
             Self::refuse(conn, text, &mut out);
             return (out, Some(why));
         }
@@ -359,10 +620,12 @@ impl Registry {
         };
         let info = AgentInfo {
             id,
+            allowed: self.allowed_for(&r.cloud, &r.endpoints),
             cloud: r.cloud,
             role: r.role,
             name: r.name,
             endpoints: r.endpoints,
+            noise_key: r.noise_key,
         };
         let old = self.agents.remove(&id);
         if let Some(old_conn) = old.as_ref().and_then(|e| e.conn) {
@@ -382,7 +645,7 @@ impl Registry {
             presence: Presence::Online { last_heard: now },
             last_seen_ms: wall_ms,
         };
-        out.push(Action::Persist(entry.record()));
+        out.push(Action::Persist(Record::Agent(entry.record())));
         self.agents.insert(id, entry);
         self.by_conn.insert(conn, id);
         out.push(Action::Send {
@@ -474,7 +737,7 @@ impl Registry {
             e.last_seen_ms = ms;
         }
         let info = e.info.clone();
-        out.push(Action::Persist(e.record()));
+        out.push(Action::Persist(Record::Agent(e.record())));
         self.announce(Some(&info), None, out);
     }
 
@@ -539,6 +802,8 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trust::Grant;
+    use pon_proto::control::PublicKey;
     use pon_proto::Encap;
     use std::net::Ipv4Addr;
 
@@ -546,7 +811,7 @@ mod tests {
         let a = Ipv4Addr::new(198, 18, 1, last);
         Register {
             version: PROTOCOL_VERSION,
-            token: "secret".into(),
+            noise_key: noise_of(cloud, name),
             cloud: cloud.into(),
             role: role.into(),
             name: name.into(),
@@ -562,14 +827,60 @@ mod tests {
         }
     }
 
+    fn key_of(cloud: &str, name: &str) -> KeyId {
+        KeyId::of_public_key(format!("{cloud}/{name}").as_bytes())
+    }
+
+    fn noise_of(cloud: &str, name: &str) -> PublicKey {
+        PublicKey(key_of(cloud, name).0)
+    }
+
+    const ADMIN: KeyId = KeyId([0xad; 32]);
+
+    /// Every test cloud may use 198.18.0.0/16.
     fn cu() -> Registry {
+        let wide = Grant {
+            prefixes: vec!["198.18.0.0/16".parse().unwrap()],
+            endpoints: vec![],
+        };
+        let grants = ["a", "b", "c", "paris", "tokyo"]
+            .map(|c| (c.to_string(), wide.clone()))
+            .into();
         Registry::new(
             Settings {
-                token: "secret".into(),
+                grants: Grants(grants),
+                admins: vec![ADMIN],
                 ..Settings::default()
             },
             Policy::default(),
         )
+    }
+
+    /// Registers `reg` on `conn` as an agent enrolled for exactly that
+    /// identity would.
+    fn join(
+        r: &mut Registry,
+        conn: ConnId,
+        reg: Register,
+        now: Duration,
+        wall_ms: u64,
+    ) -> (Vec<Action>, Option<Refusal>) {
+        let key = key_of(&reg.cloud, &reg.name);
+        if r.trust.enrolment(&key).is_none() {
+            r.restore_trust(
+                [],
+                [Enrolment {
+                    key,
+                    cloud: reg.cloud.clone(),
+                    name: reg.name.clone(),
+                    role: reg.role.clone(),
+                    noise_key: reg.noise_key,
+                    enrolled_ms: 0,
+                    revoked: false,
+                }],
+            );
+        }
+        r.register(conn, Some(key), reg, now, wall_ms)
     }
 
     /// A CU with proxies registered on connections 1, 2, ... (one per
@@ -578,7 +889,7 @@ mod tests {
         let mut r = cu();
         let t = Duration::ZERO;
         for (n, cloud) in (1..).zip(clouds) {
-            r.register(u64::from(n), reg(cloud, "p", "PROXY", n), t, 1);
+            join(&mut r, u64::from(n), reg(cloud, "p", "PROXY", n), t, 1);
         }
         (r, t)
     }
@@ -614,10 +925,10 @@ mod tests {
     fn register_assigns_ids_and_configs_follow_the_role_policy() {
         let mut r = cu();
         let t = Duration::ZERO;
-        let (a, _) = r.register(1, reg("paris", "proxy", "PROXY.SRC", 1), t, 1);
+        let (a, _) = join(&mut r, 1, reg("paris", "proxy", "PROXY.SRC", 1), t, 1);
         assert_eq!(config_of(&a, 1).id, 1);
         assert!(config_of(&a, 1).peers.is_empty());
-        let (a, _) = r.register(2, reg("tokyo", "proxy", "PROXY.DST", 2), t, 1);
+        let (a, _) = join(&mut r, 2, reg("tokyo", "proxy", "PROXY.DST", 2), t, 1);
         let cfg = config_of(&a, 2);
         assert_eq!(cfg.id, 2);
         // DST does not optimise towards SRC ...
@@ -629,7 +940,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // An app in paris: its TA gets the proxies, and both proxies learn of it.
-        let (a, _) = r.register(3, reg("paris", "app1", "APP", 11), t, 1);
+        let (a, _) = join(&mut r, 3, reg("paris", "app1", "APP", 11), t, 1);
         let cfg = config_of(&a, 3);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
@@ -638,7 +949,7 @@ mod tests {
         assert_eq!(changes_to(&a, 1).len(), 1);
         assert_eq!(changes_to(&a, 2).len(), 1);
         // An app in tokyo: it learns of the paris app and the paris app of it.
-        let (a, _) = r.register(4, reg("tokyo", "app1", "APP", 12), t, 1);
+        let (a, _) = join(&mut r, 4, reg("tokyo", "app1", "APP", 12), t, 1);
         let cfg = config_of(&a, 4);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
@@ -646,7 +957,7 @@ mod tests {
         );
         assert_eq!(changes_to(&a, 3).len(), 1);
         // A second app in tokyo is not news to the first one.
-        let (a, _) = r.register(5, reg("tokyo", "app2", "APP", 13), t, 1);
+        let (a, _) = join(&mut r, 5, reg("tokyo", "app2", "APP", 13), t, 1);
         assert!(changes_to(&a, 4).is_empty());
         assert_eq!(changes_to(&a, 3).len(), 1);
     }
@@ -655,10 +966,10 @@ mod tests {
     fn master_and_slave_optimise_both_ways_plain_proxy_towards_all() {
         let mut r = cu();
         let t = Duration::ZERO;
-        r.register(1, reg("a", "p", "PROXY.MASTER", 1), t, 1);
-        let (a, _) = r.register(2, reg("b", "p", "PROXY.SLAVE", 2), t, 1);
+        join(&mut r, 1, reg("a", "p", "PROXY.MASTER", 1), t, 1);
+        let (a, _) = join(&mut r, 2, reg("b", "p", "PROXY.SLAVE", 2), t, 1);
         assert!(config_of(&a, 2).peers[0].optimise);
-        let (a, _) = r.register(3, reg("c", "p", "PROXY", 3), t, 1);
+        let (a, _) = join(&mut r, 3, reg("c", "p", "PROXY", 3), t, 1);
         assert!(config_of(&a, 3).peers.iter().all(|p| p.optimise));
         // The master does not optimise towards a plain proxy.
         match &changes_to(&a, 1)[..] {
@@ -673,17 +984,17 @@ mod tests {
         let t = Duration::ZERO;
         let mut h = reg("paris", "proxy", "PROXY", 1);
         h.id_hint = Some(7);
-        let (a, _) = r.register(1, h.clone(), t, 1);
+        let (a, _) = join(&mut r, 1, h.clone(), t, 1);
         assert_eq!(config_of(&a, 1).id, 7);
         r.disconnected(1, true, 2);
         // Comes back on a new connection, other hint: same id.
         h.id_hint = Some(9);
-        let (a, _) = r.register(2, h, t, 3);
+        let (a, _) = join(&mut r, 2, h, t, 3);
         assert_eq!(config_of(&a, 2).id, 7);
         // A taken hint is not granted.
         let mut o = reg("tokyo", "proxy", "PROXY", 2);
         o.id_hint = Some(7);
-        let (a, _) = r.register(3, o, t, 3);
+        let (a, _) = join(&mut r, 3, o, t, 3);
         assert_eq!(config_of(&a, 3).id, 8);
     }
 
@@ -714,7 +1025,7 @@ mod tests {
     #[test]
     fn a_newer_connection_replaces_the_old_one_silently() {
         let (mut r, t) = with_proxies(&["a", "b"]);
-        let (a, _) = r.register(3, reg("b", "p", "PROXY", 2), t, 1);
+        let (a, _) = join(&mut r, 3, reg("b", "p", "PROXY", 2), t, 1);
         assert!(a.contains(&Action::Close {
             conn: 2,
             reason: "replaced by a newer connection of the same agent".into()
@@ -724,7 +1035,7 @@ mod tests {
         // The old connection closing later does not make it leave.
         assert_eq!(r.disconnected(2, false, 2).1, None);
         // New addresses: the others hear of it.
-        let (a, _) = r.register(4, reg("b", "p", "PROXY", 9), t, 1);
+        let (a, _) = join(&mut r, 4, reg("b", "p", "PROXY", 9), t, 1);
         assert_eq!(changes_to(&a, 1).len(), 1);
     }
 
@@ -732,26 +1043,20 @@ mod tests {
     fn refusals_name_the_problem() {
         let mut r = cu();
         let t = Duration::ZERO;
-        let mut bad = reg("a", "p", "PROXY", 1);
-        bad.token = "nope".into();
-        let (a, why) = r.register(1, bad, t, 1);
-        assert_eq!(why, Some(Refusal::Token));
-        assert_eq!(
-            a[0],
-            Action::Send {
-                conn: 1,
-                msg: Outgoing::Refused("wrong join token".into())
-            }
+        // No certificate at all.
+        let (a, why) = r.register(1, None, reg("a", "p", "PROXY", 1), t, 1);
+        assert_eq!(why, Some(Refusal::NotEnrolled));
+        assert!(
+            matches!(&a[0], Action::Send { conn: 1, msg: Outgoing::Refused(m) } if m.contains("enrol first"))
         );
-        let mut bad = reg("a", "p", "PROXY", 1);
-        bad.role = "APP".into();
-        assert_eq!(r.register(2, bad, t, 1).1, Some(Refusal::Invalid));
-        let mut bad = reg("a", "p", "PROXY", 1);
+        let mut bad = reg("a", "p", "APP", 1);
+        bad.endpoints = Endpoints::proxy(Ipv4Addr::new(198, 18, 1, 1));
+        assert_eq!(join(&mut r, 2, bad, t, 1).1, Some(Refusal::Invalid));
+        let mut bad = reg("a", "q", "PROXY", 1);
         bad.version = 99;
-        assert_eq!(r.register(3, bad, t, 1).1, Some(Refusal::Version));
-        let mut bad = reg("a b", "p", "PROXY", 1);
-        bad.cloud = "a b".into();
-        assert_eq!(r.register(4, bad, t, 1).1, Some(Refusal::Invalid));
+        assert_eq!(join(&mut r, 3, bad, t, 1).1, Some(Refusal::Version));
+        let bad = reg("a b", "p", "PROXY", 1);
+        assert_eq!(join(&mut r, 4, bad, t, 1).1, Some(Refusal::Invalid));
         assert!(r.is_empty());
     }
 
@@ -762,7 +1067,7 @@ mod tests {
         let mut r2 = cu();
         r2.restore(saved, t);
         // a comes back first: its config still has b, so its table is unchanged.
-        let (a, _) = r2.register(10, reg("a", "p", "PROXY", 1), t, 2);
+        let (a, _) = join(&mut r2, 10, reg("a", "p", "PROXY", 1), t, 2);
         assert_eq!(config_of(&a, 10).id, 1);
         assert_eq!(config_of(&a, 10).peers[0].info.id, 2);
         assert!(changes_to(&a, 10).is_empty());
@@ -773,7 +1078,261 @@ mod tests {
         assert_eq!(gone, vec![(2, LeaveReason::NotBack)]);
         assert_eq!(changes_to(&a, 10), vec![Change::Down(2)]);
         // b's id stays reserved for b.
-        let (a, _) = r2.register(11, reg("b", "p", "PROXY", 2), end, 4);
+        let (a, _) = join(&mut r2, 11, reg("b", "p", "PROXY", 2), end, 4);
         assert_eq!(config_of(&a, 11).id, 2);
+    }
+
+    /// The CA, faked: a request's "key" is its bytes.
+    struct FakeCa;
+    impl Issuer for FakeCa {
+        fn key_of(&self, csr: &[u8]) -> Result<KeyId, String> {
+            if csr.is_empty() {
+                return Err("empty".into());
+            }
+            Ok(KeyId::of_public_key(csr))
+        }
+        fn issue(&self, _: &[u8], e: &Enrolment) -> Result<String, String> {
+            Ok(format!("CERT {}/{} {}", e.cloud, e.name, e.role))
+        }
+    }
+
+    fn enrol_msg(token: &str, cloud: &str, name: &str, role: &str, key: &str) -> Enrol {
+        Enrol {
+            version: PROTOCOL_VERSION,
+            token: token.into(),
+            cloud: cloud.into(),
+            role: role.into(),
+            name: name.into(),
+            noise_key: PublicKey([9; 32]),
+            csr: key.as_bytes().to_vec(),
+        }
+    }
+
+    /// Enrols `name` of paris as `role` with the key `key`, on `conn`.
+    fn paris(
+        r: &mut Registry,
+        conn: ConnId,
+        token: &str,
+        name: &str,
+        role: &str,
+        key: &str,
+    ) -> (Vec<Action>, Result<Enrolment, Refusal>) {
+        r.enrol(
+            conn,
+            enrol_msg(token, "paris", name, role, key),
+            10,
+            &FakeCa,
+        )
+    }
+
+    fn refusal_text(actions: &[Action], conn: ConnId) -> String {
+        sent_to(actions, conn)
+            .find_map(|m| match m {
+                Outgoing::Refused(why) => Some(why.clone()),
+                _ => None,
+            })
+            .expect("a refusal")
+    }
+
+    /// A token made by the admin; returns its secret.
+    fn token(r: &mut Registry, cloud: &str, role: &str, uses: Option<u32>) -> String {
+        let mut n = 0;
+        let (a, done) = r.admin(
+            100,
+            Some(ADMIN),
+            AdminRequest::CreateToken {
+                cloud: cloud.into(),
+                role: role.into(),
+                uses,
+                ttl_s: 3600,
+            },
+            PROTOCOL_VERSION,
+            0,
+            &mut || {
+                n += 1;
+                Some(format!("secret-{cloud}-{role}-{n}"))
+            },
+        );
+        assert!(matches!(done, Ok(AdminDone::TokenCreated(_))), "{done:?}");
+        let secret = sent_to(&a, 100)
+            .find_map(|m| match m {
+                Outgoing::Token(t, _) => Some(t.clone()),
+                _ => None,
+            })
+            .unwrap();
+        secret
+    }
+
+    #[test]
+    fn enrolment_binds_a_name_to_one_key_and_scoped_tokens_hold() {
+        let mut r = cu();
+        let app_token = token(&mut r, "paris", "APP", None);
+        let proxy_token = token(&mut r, "paris", "PROXY", Some(1));
+        // An app VM's token cannot enrol a proxy.
+        let (a, got) = paris(&mut r, 1, &app_token, "p", "PROXY", "k1");
+        assert_eq!(got, Err(Refusal::TokenScope));
+        assert!(refusal_text(&a, 1).contains("may enrol role APP, not PROXY"));
+        // The proxy's token can, once.
+        let (a, got) = paris(&mut r, 2, &proxy_token, "p", "PROXY", "k1");
+        assert!(got.is_ok(), "{got:?}");
+        assert!(sent_to(&a, 2).any(|m| *m == Outgoing::Enrolled("CERT paris/p PROXY".into())));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Persist(Record::Enrolment(_)))));
+        assert!(a.iter().any(
+            |x| matches!(x, Action::Persist(Record::Token(t)) if t.info.uses_left == Some(0))
+        ));
+        let (_, got) = paris(&mut r, 3, &proxy_token, "p2", "PROXY", "k9");
+        assert_eq!(got, Err(Refusal::TokenUsedUp));
+        // Another key claiming paris/p, with a good token, is refused.
+        let another = token(&mut r, "paris", "PROXY", None);
+        let (a, got) = paris(&mut r, 4, &another, "p", "PROXY", "k2");
+        assert_eq!(got, Err(Refusal::NameTaken));
+        assert!(refusal_text(&a, 4).contains("paris/p is bound to another key"));
+        // A request whose signature does not check out never gets that far.
+        let (_, got) = paris(&mut r, 5, &another, "x", "PROXY", "");
+        assert_eq!(got, Err(Refusal::Invalid));
+        // The enrolled key registers as what it enrolled as, and as nothing else.
+        let k1 = KeyId::of_public_key(b"k1");
+        let mut me = reg("paris", "p", "PROXY", 1);
+        me.noise_key = PublicKey([9; 32]);
+        let mut other_name = me.clone();
+        other_name.name = "q".into();
+        assert_eq!(
+            r.register(6, Some(k1), other_name, Duration::ZERO, 1).1,
+            Some(Refusal::IdentityMismatch)
+        );
+        let mut other_role = me.clone();
+        other_role.role = "PROXY.SRC".into();
+        assert_eq!(
+            r.register(7, Some(k1), other_role, Duration::ZERO, 1).1,
+            Some(Refusal::IdentityMismatch)
+        );
+        let (a, got) = r.register(8, Some(k1), me, Duration::ZERO, 1);
+        assert_eq!(got, None);
+        let cfg = config_of(&a, 8);
+        assert_eq!(r.config_for(cfg.id).id, cfg.id);
+    }
+
+    #[test]
+    fn addresses_outside_the_grant_or_held_by_another_are_refused() {
+        let mut r = cu();
+        let t = Duration::ZERO;
+        let mut outside = reg("paris", "app1", "APP", 11);
+        outside.endpoints = Endpoints::App {
+            addr: Ipv4Addr::new(169, 254, 169, 254),
+            encap: Encap::Ipip,
+        };
+        let (a, why) = join(&mut r, 1, outside, t, 1);
+        assert_eq!(why, Some(Refusal::OutsideGrant));
+        assert!(refusal_text(&a, 1).contains("169.254.169.254 is outside cloud paris's grant"));
+        let mut unknown = reg("berlin", "app1", "APP", 11);
+        unknown.cloud = "berlin".into();
+        assert_eq!(join(&mut r, 2, unknown, t, 1).1, Some(Refusal::NoGrant));
+        // paris's proxy at .1; an app VM of tokyo claiming .1 is refused.
+        assert_eq!(join(&mut r, 3, reg("paris", "p", "PROXY", 1), t, 1).1, None);
+        let (a, why) = join(&mut r, 4, reg("tokyo", "thief", "APP", 1), t, 1);
+        assert_eq!(why, Some(Refusal::AddressHeld));
+        assert!(refusal_text(&a, 4).contains("address 198.18.1.1 is held by paris/p (id 1)"));
+        // Once paris's proxy has left, the address is free.
+        r.disconnected(3, true, 2);
+        assert_eq!(
+            join(&mut r, 5, reg("tokyo", "thief", "APP", 1), t, 1).1,
+            None
+        );
+    }
+
+    #[test]
+    fn revoking_tells_every_peer_at_once_and_refuses_the_key() {
+        let (mut r, t) = with_proxies(&["a", "b", "c"]);
+        let (_, done) = r.admin(
+            9,
+            Some(KeyId([1; 32])),
+            AdminRequest::List,
+            PROTOCOL_VERSION,
+            1,
+            &mut || None,
+        );
+        assert_eq!(
+            done,
+            Err(Refusal::NotAdmin),
+            "an agent's key is no admin key"
+        );
+        let (a, done) = r.admin(
+            9,
+            Some(ADMIN),
+            AdminRequest::Revoke {
+                cloud: "b".into(),
+                name: "p".into(),
+            },
+            PROTOCOL_VERSION,
+            5,
+            &mut || None,
+        );
+        assert_eq!(
+            done,
+            Ok(AdminDone::Revoked {
+                cloud: "b".into(),
+                name: "p".into(),
+                id: Some(2)
+            })
+        );
+        assert_eq!(changes_to(&a, 1), vec![Change::Down(2)]);
+        assert_eq!(changes_to(&a, 3), vec![Change::Down(2)]);
+        assert!(a.contains(&Action::Close {
+            conn: 2,
+            reason: "revoked".into()
+        }));
+        assert!(a
+            .iter()
+            .any(|x| matches!(x, Action::Persist(Record::Enrolment(e)) if e.revoked)));
+        assert!(sent_to(&a, 9).any(|m| *m == Outgoing::Revoked(Some(2))));
+        // It comes back with its certificate: refused.
+        let (_, why) = r.register(10, Some(key_of("b", "p")), reg("b", "p", "PROXY", 2), t, 6);
+        assert_eq!(why, Some(Refusal::Revoked));
+        assert_eq!(r.online(), 2);
+        let (_, done) = r.admin(
+            9,
+            Some(ADMIN),
+            AdminRequest::Revoke {
+                cloud: "b".into(),
+                name: "nobody".into(),
+            },
+            PROTOCOL_VERSION,
+            5,
+            &mut || None,
+        );
+        assert_eq!(done, Err(Refusal::Invalid));
+    }
+
+    #[test]
+    fn proxies_carry_their_clouds_grant_and_follow_its_changes() {
+        let (mut r, _) = with_proxies(&["a", "b"]);
+        let cfg = r.config_for(1);
+        assert_eq!(
+            cfg.peers[0].info.allowed,
+            vec!["198.18.0.0/16".parse().unwrap()]
+        );
+        let (_, _) = join(&mut r, 3, reg("a", "app", "APP", 11), Duration::ZERO, 1);
+        assert!(r
+            .config_for(2)
+            .peers
+            .iter()
+            .find(|p| p.info.is_app())
+            .unwrap()
+            .info
+            .allowed
+            .is_empty());
+        let mut g = r.settings().grants.clone();
+        g.0.get_mut("b").unwrap().prefixes = vec![
+            "198.18.1.0/24".parse().unwrap(),
+            "10.2.0.0/16".parse().unwrap(),
+        ];
+        let a = r.set_grants(g);
+        match &changes_to(&a, 1)[..] {
+            [Change::Up(p)] => assert_eq!(p.info.allowed.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        assert!(changes_to(&a, 2).is_empty(), "nothing changed for b itself");
     }
 }

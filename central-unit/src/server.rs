@@ -10,14 +10,17 @@
 //! `STALL_TIMEOUT`. Nothing one agent does can block the actor.
 
 use crate::config::CuConfig;
-use crate::registry::{Action, ConnId, Outgoing, Registry};
+use crate::pki::Ca;
+use crate::registry::{Action, AdminDone, ConnId, Outgoing, Record, Refusal, Registry};
 use crate::store::{Backend, PendingWrites, Store};
+use crate::trust::{Grants, KeyId};
 use anyhow::Context;
 use pon_proto::control::{
-    self, AgentMsg, AgentRecord, ControlError, CuMsg, FrameDecoder, MAX_AGENT_FRAME, MAX_CU_FRAME,
+    self, AdminRequest, AgentMsg, ControlError, CuMsg, FrameDecoder, MAX_AGENT_FRAME, MAX_CU_FRAME,
 };
-use pon_telemetry::PromWriter;
+use pon_telemetry::{Counter, PromWriter};
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -53,13 +56,15 @@ pub mod close_code {
 pon_telemetry::counters! {
     pub struct CuCounters {
         registrations => ("pon_cu_registrations_total", "", "Registrations accepted."),
-        refused_token => ("pon_cu_refused_total", "reason=\"bad_token\"", "Registrations refused, by reason."),
-        refused_version => ("pon_cu_refused_total", "reason=\"bad_version\"", "Registrations refused, by reason."),
-        refused_invalid => ("pon_cu_refused_total", "reason=\"invalid_register\"", "Registrations refused, by reason."),
+        enrolments => ("pon_cu_enrolments_total", "", "Agents enrolled (certificates issued)."),
+        revocations => ("pon_cu_revocations_total", "", "Agents revoked by ponctl."),
+        reloads => ("pon_cu_reloads_total", "", "Address grants re-read from cu.toml (SIGHUP)."),
+        reload_failures => ("pon_cu_reload_failures_total", "", "SIGHUPs whose cu.toml could not be used (the grants in force stay)."),
         leave_goodbye => ("pon_cu_leaves_total", "reason=\"goodbye\"", "Agents announced as gone, by how it was detected."),
         leave_closed => ("pon_cu_leaves_total", "reason=\"closed\"", "Agents announced as gone, by how it was detected."),
         leave_silent => ("pon_cu_leaves_total", "reason=\"missed_heartbeats\"", "Agents announced as gone, by how it was detected."),
         leave_not_back => ("pon_cu_leaves_total", "reason=\"not_back_after_restart\"", "Agents announced as gone, by how it was detected."),
+        leave_revoked => ("pon_cu_leaves_total", "reason=\"revoked\"", "Agents announced as gone, by how it was detected."),
         bad_malformed => ("pon_cu_bad_messages_total", "reason=\"malformed\"", "Connections dropped for a bad message, by reason."),
         bad_oversized => ("pon_cu_bad_messages_total", "reason=\"oversized\"", "Connections dropped for a bad message, by reason."),
         bad_truncated => ("pon_cu_bad_messages_total", "reason=\"truncated\"", "Connections dropped for a bad message, by reason."),
@@ -72,21 +77,36 @@ pon_telemetry::counters! {
         resyncs => ("pon_cu_resyncs_total", "", "Agents sent a full configuration because their update queue overflowed."),
         store_errors => ("pon_cu_store_errors_total", "op=\"write\"", "Store errors: failed commits (retried) and bad records skipped at start."),
         store_skipped => ("pon_cu_store_errors_total", "op=\"load\"", "Store errors: failed commits (retried) and bad records skipped at start."),
-        lists => ("pon_cu_registry_queries_total", "", "Registry queries (ponctl)."),
+        admin_requests => ("pon_cu_admin_requests_total", "", "Administration requests served (ponctl)."),
     }
 }
 
 #[derive(Default)]
 pub struct CuStats {
     pub counters: CuCounters,
+    /// Refused enrolments, registrations and admin requests, by reason.
+    refused: [Counter; Refusal::ALL.len()],
     pub known: AtomicU64,
     pub online: AtomicU64,
     pub connections: AtomicU64,
 }
 
 impl CuStats {
+    pub fn refused(&self, why: Refusal) -> &Counter {
+        let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        &self.refused[i]
+    }
+
     pub fn render(&self, w: &mut PromWriter) {
         self.counters.render(w);
+        for (why, c) in Refusal::ALL.iter().zip(&self.refused) {
+            w.counter(
+                "pon_cu_refused_total",
+                &format!("reason=\"{}\"", why.label()),
+                "Enrolments, registrations and admin requests refused, by reason.",
+                c.get(),
+            );
+        }
         let g = |v: &AtomicU64| v.load(Ordering::Relaxed) as f64;
         w.gauge(
             "pon_cu_agents",
@@ -157,14 +177,24 @@ struct ConnHandle {
 enum Event {
     Register {
         conn: ConnId,
+        key: Option<KeyId>,
         reg: control::Register,
         handle: ConnHandle,
     },
-    List {
+    Enrol {
         conn: ConnId,
-        token: String,
+        enrol: control::Enrol,
         handle: ConnHandle,
     },
+    Admin {
+        conn: ConnId,
+        key: Option<KeyId>,
+        version: u16,
+        request: AdminRequest,
+        handle: ConnHandle,
+    },
+    /// cu.toml's grants, re-read.
+    Reload(Grants),
     Heartbeat(ConnId),
     Gone {
         conn: ConnId,
@@ -173,33 +203,39 @@ enum Event {
     Resync(ConnId),
 }
 
-/// Runs the CU until the process is stopped.
-pub fn run(cfg: CuConfig) -> anyhow::Result<()> {
+/// Runs the CU until the process is stopped; SIGHUP re-reads the address
+/// grants from `path`.
+pub fn run(cfg: CuConfig, path: PathBuf) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("cu")
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(serve(cfg, Arc::new(CuStats::default()), None))
+    rt.block_on(serve(cfg, Arc::new(CuStats::default()), None, Some(path)))
 }
 
-/// Serves on `cfg.listen`; `bound` receives the actual address (port 0 in tests).
+/// Serves on `cfg.listen`; `bound` receives the actual address (port 0 in
+/// tests); with `reload_from`, SIGHUP re-reads that file's `[clouds]`.
 pub async fn serve(
     cfg: CuConfig,
     stats: Arc<CuStats>,
     bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+    reload_from: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let settings = cfg.settings()?;
     let policy = cfg.policy().context("[policy]")?;
     let idle = settings.dead_after + Duration::from_secs(1);
-    let server_cfg = crate::tls::server_config(&cfg.cert, &cfg.key, idle)
+    let server_cfg = crate::tls::server_config(&cfg.cert, &cfg.key, &cfg.ca, idle)
         .context("loading the CU certificate")?;
+    let ca =
+        Ca::load(&cfg.ca, &cfg.ca_key).context("loading the CA that signs agents' certificates")?;
     let store = Store::open(&cfg.store)?;
     let mut registry = Registry::new(settings, policy);
     let loaded = store.load()?;
     stats.counters.store_skipped.add(loaded.skipped);
     let restored = loaded.records.len();
+    registry.restore_trust(loaded.tokens, loaded.enrolments);
     // The registry's clock: time since this start, picked once.
     let start = Instant::now();
     registry.restore(loaded.records, start.elapsed());
@@ -216,14 +252,24 @@ pub async fn serve(
     }
     tracing::info!(listen = %local, restored, skipped = loaded.skipped, store = %cfg.store.display(), "CU running");
 
-    let (store_tx, store_rx) = std::sync::mpsc::channel::<AgentRecord>();
+    let (store_tx, store_rx) = std::sync::mpsc::channel::<Record>();
     let st = stats.clone();
     std::thread::Builder::new()
         .name("cu-store".into())
         .spawn(move || store_loop(store, store_rx, &st))?;
 
     let (events_tx, events_rx) = mpsc::channel::<Event>(65536);
-    let actor = tokio::spawn(actor(registry, start, events_rx, store_tx, stats.clone()));
+    if let Some(path) = reload_from {
+        tokio::spawn(reload_on_sighup(path, events_tx.clone(), stats.clone()));
+    }
+    let actor = tokio::spawn(actor(
+        registry,
+        ca,
+        start,
+        events_rx,
+        store_tx,
+        stats.clone(),
+    ));
     let next_conn = Arc::new(AtomicU64::new(1));
     while let Some(incoming) = endpoint.accept().await {
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
@@ -233,14 +279,33 @@ pub async fn serve(
     Ok(())
 }
 
+/// SIGHUP: re-reads `[clouds]` from `path` and hands the grants to the
+/// actor. A file that does not parse changes nothing (and is counted).
+async fn reload_on_sighup(path: PathBuf, events: mpsc::Sender<Event>, stats: Arc<CuStats>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: grants are fixed until a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match CuConfig::load(&path).and_then(|c| c.grants()) {
+            Ok(g) => {
+                if events.send(Event::Reload(g)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                stats.counters.reload_failures.inc();
+                tracing::error!(config = %path.display(), error = %format!("{e:#}"), "SIGHUP: keeping the grants in force");
+            }
+        }
+    }
+}
+
 /// Commits what the actor persists, grouping everything queued meanwhile
 /// into one transaction, and retries failed commits with backoff (see
 /// `PendingWrites`) so a passing disk problem loses nothing.
-fn store_loop(
-    mut store: impl Backend,
-    rx: std::sync::mpsc::Receiver<AgentRecord>,
-    stats: &CuStats,
-) {
+fn store_loop(mut store: impl Backend, rx: std::sync::mpsc::Receiver<Record>, stats: &CuStats) {
     use std::sync::mpsc::RecvTimeoutError;
     let start = Instant::now();
     let mut pending = PendingWrites::default();
@@ -281,9 +346,10 @@ fn store_loop(
 
 async fn actor(
     mut registry: Registry,
+    ca: Ca,
     start: Instant,
     mut events: mpsc::Receiver<Event>,
-    store: std::sync::mpsc::Sender<AgentRecord>,
+    store: std::sync::mpsc::Sender<Record>,
     stats: Arc<CuStats>,
 ) {
     let mut handles: HashMap<ConnId, ConnHandle> = HashMap::new();
@@ -293,7 +359,7 @@ async fn actor(
         let actions = tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { return };
-                handle_event(&mut registry, &mut handles, ev, start.elapsed(), &stats)
+                handle_event(&mut registry, &ca, &mut handles, ev, start.elapsed(), &stats)
             }
             _ = tick.tick() => {
                 let (actions, gone) = registry.tick(start.elapsed());
@@ -322,60 +388,92 @@ fn count_leave(stats: &CuStats, why: crate::registry::LeaveReason) {
         Closed => c.leave_closed.inc(),
         MissedHeartbeats => c.leave_silent.inc(),
         NotBack => c.leave_not_back.inc(),
+        Revoked => c.leave_revoked.inc(),
     }
 }
 
 fn handle_event(
     registry: &mut Registry,
+    ca: &Ca,
     handles: &mut HashMap<ConnId, ConnHandle>,
     ev: Event,
     now: Duration,
     stats: &CuStats,
 ) -> Vec<Action> {
     match ev {
-        Event::Register { conn, reg, handle } => {
+        Event::Register {
+            conn,
+            key,
+            reg,
+            handle,
+        } => {
             handles.insert(conn, handle);
             let (cloud, name, role) = (reg.cloud.clone(), reg.name.clone(), reg.role.clone());
-            let (actions, refused) = registry.register(conn, reg, now, wall_ms());
+            let (actions, refused) = registry.register(conn, key, reg, now, wall_ms());
             match refused {
                 None => {
                     stats.counters.registrations.inc();
                     let id = registry.id_of(conn).unwrap_or(0);
                     tracing::info!(id, %cloud, %name, %role, "agent registered");
                 }
-                Some(why) => {
-                    use crate::registry::Refusal::*;
-                    match why {
-                        Token => stats.counters.refused_token.inc(),
-                        Version => stats.counters.refused_version.inc(),
-                        Invalid => stats.counters.refused_invalid.inc(),
-                    }
-                    tracing::warn!(%cloud, %name, reason = why.label(), "registration refused");
-                }
+                Some(why) => refused_as(stats, why, "registration", &cloud, &name, &actions),
             }
             actions
         }
-        Event::List {
+        Event::Enrol {
             conn,
-            token,
+            enrol,
             handle,
         } => {
             handles.insert(conn, handle);
-            stats.counters.lists.inc();
-            let actions = registry.list(conn, &token);
-            if actions.iter().any(|a| {
-                matches!(
-                    a,
-                    Action::Send {
-                        msg: Outgoing::Refused(_),
-                        ..
-                    }
-                )
-            }) {
-                stats.counters.refused_token.inc();
-                tracing::warn!(reason = "bad_token", "registry query refused");
+            let (cloud, name, role) = (enrol.cloud.clone(), enrol.name.clone(), enrol.role.clone());
+            let (actions, done) = registry.enrol(conn, enrol, wall_ms(), ca);
+            match done {
+                Ok(_) => {
+                    stats.counters.enrolments.inc();
+                    tracing::info!(%cloud, %name, %role, "agent enrolled");
+                }
+                Err(why) => refused_as(stats, why, "enrolment", &cloud, &name, &actions),
             }
             actions
+        }
+        Event::Admin {
+            conn,
+            key,
+            version,
+            request,
+            handle,
+        } => {
+            handles.insert(conn, handle);
+            let (actions, done) =
+                registry.admin(conn, key, request, version, wall_ms(), &mut || {
+                    crate::pki::new_token().ok()
+                });
+            match done {
+                Ok(d) => {
+                    stats.counters.admin_requests.inc();
+                    match d {
+                        AdminDone::TokenCreated(t) => {
+                            tracing::info!(token = %t.id, cloud = %t.cloud, role = %t.role, uses = ?t.uses_left, "join token created")
+                        }
+                        AdminDone::Revoked { cloud, name, id } => {
+                            stats.counters.revocations.inc();
+                            if id.is_some() {
+                                count_leave(stats, crate::registry::LeaveReason::Revoked);
+                            }
+                            tracing::warn!(%cloud, %name, ?id, "agent revoked");
+                        }
+                        AdminDone::Listed | AdminDone::TokensListed => {}
+                    }
+                }
+                Err(why) => refused_as(stats, why, "admin request", "-", "-", &actions),
+            }
+            actions
+        }
+        Event::Reload(grants) => {
+            stats.counters.reloads.inc();
+            tracing::info!(clouds = grants.0.len(), "address grants reloaded");
+            registry.set_grants(grants)
         }
         Event::Heartbeat(conn) => {
             registry.heartbeat(conn, now, wall_ms());
@@ -403,10 +501,30 @@ fn handle_event(
     }
 }
 
+/// Counts and logs a refusal, with the text the peer was sent.
+fn refused_as(
+    stats: &CuStats,
+    why: Refusal,
+    what: &str,
+    cloud: &str,
+    name: &str,
+    actions: &[Action],
+) {
+    stats.refused(why).inc();
+    let text = actions.iter().find_map(|a| match a {
+        Action::Send {
+            msg: Outgoing::Refused(t),
+            ..
+        } => Some(t.as_str()),
+        _ => None,
+    });
+    tracing::warn!(%cloud, %name, reason = why.label(), why = text.unwrap_or(""), "{what} refused");
+}
+
 fn execute(
     a: Action,
     handles: &HashMap<ConnId, ConnHandle>,
-    store: &std::sync::mpsc::Sender<AgentRecord>,
+    store: &std::sync::mpsc::Sender<Record>,
     stats: &CuStats,
 ) {
     match a {
@@ -491,6 +609,20 @@ async fn connection(
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&stats);
     let remote = conn.remote_address();
+    // The TLS layer checked the chain against our CA; what identifies the
+    // peer is its key.
+    let key = match peer_key(&conn) {
+        Ok(k) => k,
+        Err(e) => {
+            stats.counters.handshake_failures.inc();
+            tracing::warn!(%remote, error = %e, "unreadable client certificate");
+            conn.close(
+                close_code::PROTOCOL.into(),
+                b"unreadable client certificate",
+            );
+            return;
+        }
+    };
     let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
     let timeout = |what: &str| {
         stats.counters.register_timeouts.inc();
@@ -527,12 +659,20 @@ async fn connection(
     let ev = match first {
         AgentMsg::Register(reg) => Event::Register {
             conn: id,
+            key,
             reg,
             handle,
         },
-        AgentMsg::List { token, .. } => Event::List {
+        AgentMsg::Enrol(enrol) => Event::Enrol {
             conn: id,
-            token,
+            enrol,
+            handle,
+        },
+        AgentMsg::Admin { version, request } => Event::Admin {
+            conn: id,
+            key,
+            version,
+            request,
             handle,
         },
         _ => {
@@ -584,12 +724,29 @@ async fn connection(
     let _ = events.send(Event::Gone { conn: id, goodbye }).await;
 }
 
+/// The key of the client certificate on `conn`, if it presented one.
+fn peer_key(conn: &quinn::Connection) -> Result<Option<KeyId>, String> {
+    use rustls::pki_types::CertificateDer;
+    let Some(any) = conn.peer_identity() else {
+        return Ok(None);
+    };
+    let chain = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| "no certificate chain".to_string())?;
+    let leaf = chain.first().ok_or("empty certificate chain")?;
+    crate::pki::key_of_certificate(leaf).map(Some)
+}
+
 fn to_msg(o: Outgoing) -> CuMsg {
     match o {
         Outgoing::Config(c) => CuMsg::Config(c),
         Outgoing::Changes(c) => CuMsg::Update(c),
         Outgoing::Refused(r) => CuMsg::Refused(r),
         Outgoing::Registry(r) => CuMsg::Registry(r),
+        Outgoing::Enrolled(certificate) => CuMsg::Enrolled { certificate },
+        Outgoing::Token(token, info) => CuMsg::Token { token, info },
+        Outgoing::Tokens(t) => CuMsg::Tokens(t),
+        Outgoing::Revoked(id) => CuMsg::Revoked { id },
     }
 }
 
@@ -684,18 +841,18 @@ mod tests {
     use super::*;
     use crate::store::StoreError;
 
-    fn rec(id: u32, last_seen_ms: u64) -> AgentRecord {
-        AgentRecord {
+    fn rec(id: u32, last_seen_ms: u64) -> Record {
+        Record::Agent(pon_proto::control::AgentRecord {
             last_seen_ms,
             ..crate::store::tests::rec(id)
-        }
+        })
     }
 
     #[test]
     fn a_failed_store_write_is_retried_and_lands() {
         let (landed_tx, landed) = std::sync::mpsc::channel();
         let mut fail = 1;
-        let backend = move |records: &[AgentRecord]| {
+        let backend = move |records: &[Record]| {
             if fail > 0 {
                 fail -= 1;
                 return Err(StoreError::Db("disk full".into()));

@@ -164,8 +164,14 @@ impl Session {
                 })
             }
             // An update before the configuration would be a CU bug; the
-            // configuration that follows holds the truth anyway.
-            CuMsg::Update(_) | CuMsg::Registry(_) => Ok(vec![]),
+            // configuration that follows holds the truth anyway. The rest
+            // answer enrolments and admin requests, never a registration.
+            CuMsg::Update(_)
+            | CuMsg::Registry(_)
+            | CuMsg::Enrolled { .. }
+            | CuMsg::Token { .. }
+            | CuMsg::Tokens(_)
+            | CuMsg::Revoked { .. } => Ok(vec![]),
             CuMsg::Refused(why) => Err(Refused(why)),
         }
     }
@@ -184,7 +190,6 @@ mod tests {
     fn reg() -> Register {
         Register {
             version: PROTOCOL_VERSION,
-            token: "t".into(),
             cloud: "paris".into(),
             role: "APP".into(),
             name: "app1".into(),
@@ -193,6 +198,7 @@ mod tests {
                 encap: pon_proto::Encap::Ipip,
             },
             id_hint: None,
+            noise_key: pon_proto::control::PublicKey([1; 32]),
         }
     }
 

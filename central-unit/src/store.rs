@@ -1,7 +1,10 @@
-//! The registry on disk, in redb: one table of agent records keyed by id.
-//! Every write is a redb transaction committed with immediate durability, so
-//! a CU killed at any point restarts with the last committed registry.
+//! The registry on disk, in redb: agent records keyed by id, join tokens
+//! keyed by their hash, enrolments keyed by their key's id. Every write is a
+//! redb transaction committed with immediate durability, so a CU killed at
+//! any point restarts with the last committed registry.
 
+use crate::registry::Record;
+use crate::trust::{Enrolment, TokenRecord};
 use pon_proto::control::AgentRecord;
 use redb::{Database, ReadableTable, TableDefinition};
 use std::collections::BTreeMap;
@@ -9,6 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 const AGENTS: TableDefinition<u32, &[u8]> = TableDefinition::new("agents");
+const TOKENS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("tokens");
+const ENROLMENTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("enrolments");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,17 +34,17 @@ pub struct Store {
 /// Where the CU's store thread commits records: the redb `Store`, or in
 /// tests anything whose writes can be made to fail.
 pub trait Backend {
-    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError>;
+    fn write(&mut self, records: &[Record]) -> Result<(), StoreError>;
 }
 
 impl Backend for Store {
-    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError> {
+    fn write(&mut self, records: &[Record]) -> Result<(), StoreError> {
         Store::write(self, records)
     }
 }
 
-impl<F: FnMut(&[AgentRecord]) -> Result<(), StoreError>> Backend for F {
-    fn write(&mut self, records: &[AgentRecord]) -> Result<(), StoreError> {
+impl<F: FnMut(&[Record]) -> Result<(), StoreError>> Backend for F {
+    fn write(&mut self, records: &[Record]) -> Result<(), StoreError> {
         self(records)
     }
 }
@@ -52,6 +57,8 @@ impl Store {
         })?;
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(AGENTS).map_err(db_err)?;
+        tx.open_table(TOKENS).map_err(db_err)?;
+        tx.open_table(ENROLMENTS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(Store { db })
     }
@@ -90,27 +97,81 @@ impl Store {
                 }
             }
         }
+        out.tokens = load_keyed(
+            &tx,
+            TOKENS,
+            "token",
+            |t: &TokenRecord| t.hash,
+            &mut out.skipped,
+        )?;
+        out.enrolments = load_keyed(
+            &tx,
+            ENROLMENTS,
+            "enrolment",
+            |e: &Enrolment| e.key.0,
+            &mut out.skipped,
+        )?;
         Ok(out)
     }
 
     /// Writes records in one transaction (group commit).
-    pub fn write(&self, records: &[AgentRecord]) -> Result<(), StoreError> {
+    pub fn write(&self, records: &[Record]) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
-            let mut table = tx.open_table(AGENTS).map_err(db_err)?;
+            let mut agents = tx.open_table(AGENTS).map_err(db_err)?;
+            let mut tokens = tx.open_table(TOKENS).map_err(db_err)?;
+            let mut enrolments = tx.open_table(ENROLMENTS).map_err(db_err)?;
             for r in records {
-                let bytes = pon_proto::codec::encode(r, usize::MAX).map_err(db)?;
-                table.insert(r.info.id, bytes.as_slice()).map_err(db_err)?;
+                match r {
+                    Record::Agent(a) => agents.insert(a.info.id, enc(a)?.as_slice()),
+                    Record::Token(t) => tokens.insert(&t.hash, enc(t)?.as_slice()),
+                    Record::Enrolment(e) => enrolments.insert(&e.key.0, enc(e)?.as_slice()),
+                }
+                .map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
     }
 }
 
+fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    pon_proto::codec::encode(v, usize::MAX).map_err(db)
+}
+
+/// Every good record of a table keyed by 32 bytes; bad ones are skipped
+/// and counted, as agent records are.
+fn load_keyed<T: serde::de::DeserializeOwned>(
+    tx: &redb::ReadTransaction,
+    def: TableDefinition<&[u8; 32], &[u8]>,
+    what: &str,
+    key_of: impl Fn(&T) -> [u8; 32],
+    skipped: &mut u64,
+) -> Result<Vec<T>, StoreError> {
+    let table = tx.open_table(def).map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in table.iter().map_err(db_err)? {
+        let Ok((k, v)) = row else {
+            *skipped += 1;
+            tracing::warn!("skipping unreadable {what} row");
+            continue;
+        };
+        match pon_proto::codec::decode::<T>(v.value(), usize::MAX) {
+            Ok(r) if key_of(&r) == *k.value() => out.push(r),
+            _ => {
+                *skipped += 1;
+                tracing::warn!("skipping bad {what} record");
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// What `Store::load` found.
 #[derive(Debug, Default, PartialEq)]
 pub struct Loaded {
     pub records: Vec<AgentRecord>,
+    pub tokens: Vec<TokenRecord>,
+    pub enrolments: Vec<Enrolment>,
     /// Bad records left out.
     pub skipped: u64,
 }
@@ -127,14 +188,31 @@ pub const RETRY_MAX: Duration = Duration::from_secs(5);
 /// backoff that doubles up to `RETRY_MAX`, never given up.
 #[derive(Debug, Default)]
 pub struct PendingWrites {
-    pending: BTreeMap<u32, AgentRecord>,
+    pending: BTreeMap<RecordKey, Record>,
     failures: u32,
     retry_at: Duration,
 }
 
+/// What a record is filed under: a newer record with the same key
+/// replaces a pending one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RecordKey {
+    Agent(u32),
+    Token([u8; 32]),
+    Enrolment([u8; 32]),
+}
+
+fn key_of(r: &Record) -> RecordKey {
+    match r {
+        Record::Agent(a) => RecordKey::Agent(a.info.id),
+        Record::Token(t) => RecordKey::Token(t.hash),
+        Record::Enrolment(e) => RecordKey::Enrolment(e.key.0),
+    }
+}
+
 impl PendingWrites {
-    pub fn push(&mut self, r: AgentRecord) {
-        self.pending.insert(r.info.id, r);
+    pub fn push(&mut self, r: Record) {
+        self.pending.insert(key_of(&r), r);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -157,7 +235,7 @@ impl PendingWrites {
         if self.is_empty() || now < self.retry_at {
             return Ok(0);
         }
-        let records: Vec<AgentRecord> = self.pending.values().cloned().collect();
+        let records: Vec<Record> = self.pending.values().cloned().collect();
         match backend.write(&records) {
             Ok(()) => {
                 self.pending.clear();
@@ -187,7 +265,8 @@ fn db_err<E: Into<redb::Error>>(e: E) -> StoreError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use pon_proto::control::{AgentInfo, Endpoints};
+    use crate::trust::KeyId;
+    use pon_proto::control::{AgentInfo, Endpoints, PublicKey, TokenInfo};
 
     pub(crate) fn rec(id: u32) -> AgentRecord {
         AgentRecord {
@@ -197,10 +276,61 @@ pub(crate) mod tests {
                 role: "PROXY".into(),
                 name: format!("p{id}"),
                 endpoints: Endpoints::Other { addrs: vec![] },
+                noise_key: PublicKey([id as u8; 32]),
+                allowed: vec![],
             },
             online: true,
             last_seen_ms: 42,
         }
+    }
+
+    fn agents(v: &[AgentRecord]) -> Vec<Record> {
+        v.iter().cloned().map(Record::Agent).collect()
+    }
+
+    #[test]
+    fn tokens_and_enrolments_survive_reopening() {
+        let dir = std::env::temp_dir().join(format!("pon-cu-store-trust-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("r.redb");
+        let token = TokenRecord {
+            hash: [3; 32],
+            info: TokenInfo {
+                id: "03030303".into(),
+                cloud: "paris".into(),
+                role: "APP".into(),
+                uses_left: Some(2),
+                expires_ms: 9,
+                created_ms: 1,
+            },
+        };
+        let enrolment = Enrolment {
+            key: KeyId([4; 32]),
+            cloud: "paris".into(),
+            name: "p".into(),
+            role: "PROXY".into(),
+            noise_key: PublicKey([5; 32]),
+            enrolled_ms: 3,
+            revoked: false,
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.write(&[
+                Record::Token(token.clone()),
+                Record::Enrolment(enrolment.clone()),
+            ])
+            .unwrap();
+            let revoked = Enrolment {
+                revoked: true,
+                ..enrolment.clone()
+            };
+            s.write(&[Record::Enrolment(revoked)]).unwrap();
+        }
+        let loaded = Store::open(&path).unwrap().load().unwrap();
+        assert_eq!(loaded.tokens, vec![token]);
+        assert_eq!(loaded.enrolments.len(), 1);
+        assert!(loaded.enrolments[0].revoked, "the latest write wins");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -211,8 +341,8 @@ pub(crate) mod tests {
         let rec = |id: u32, online| AgentRecord { online, ..rec(id) };
         {
             let s = Store::open(&path).unwrap();
-            s.write(&[rec(1, true), rec(2, true)]).unwrap();
-            s.write(&[rec(2, false)]).unwrap();
+            s.write(&agents(&[rec(1, true), rec(2, true)])).unwrap();
+            s.write(&agents(&[rec(2, false)])).unwrap();
         }
         let s = Store::open(&path).unwrap();
         assert_eq!(s.load().unwrap().records, vec![rec(1, true), rec(2, false)]);
@@ -225,7 +355,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.redb");
         let s = Store::open(&path).unwrap();
-        s.write(&[rec(1), rec(2), rec(3)]).unwrap();
+        s.write(&agents(&[rec(1), rec(2), rec(3)])).unwrap();
         {
             // Corrupt two rows behind the store's back: bytes that do not
             // decode, and a record filed under another agent's key.
@@ -246,9 +376,9 @@ pub(crate) mod tests {
 
     #[test]
     fn failed_writes_back_off_and_the_latest_value_lands() {
-        let mut written: Vec<Vec<AgentRecord>> = Vec::new();
+        let mut written: Vec<Vec<Record>> = Vec::new();
         let mut fails = 3;
-        let mut backend = |records: &[AgentRecord]| {
+        let mut backend = |records: &[Record]| {
             if fails > 0 {
                 fails -= 1;
                 return Err(StoreError::Db("disk full".into()));
@@ -262,12 +392,12 @@ pub(crate) mod tests {
             last_seen_ms: 1,
             ..rec(1)
         };
-        p.push(stale);
+        p.push(Record::Agent(stale));
         assert!(p.write_due(ms(0), &mut backend).is_err());
         assert_eq!(p.poll_timeout(), Some(ms(100)));
         // A newer value for the same agent replaces the one waiting.
-        p.push(rec(1));
-        p.push(rec(2));
+        p.push(Record::Agent(rec(1)));
+        p.push(Record::Agent(rec(2)));
         assert_eq!(p.write_due(ms(99), &mut backend).unwrap(), 0, "not due yet");
         assert!(p.write_due(ms(100), &mut backend).is_err());
         assert_eq!(p.poll_timeout(), Some(ms(300)), "backoff doubles");
@@ -275,14 +405,14 @@ pub(crate) mod tests {
         assert_eq!(p.poll_timeout(), Some(ms(700)));
         assert_eq!(p.write_due(ms(700), &mut backend).unwrap(), 2);
         assert_eq!(p.poll_timeout(), None);
-        assert_eq!(written, vec![vec![rec(1), rec(2)]]);
+        assert_eq!(written, vec![agents(&[rec(1), rec(2)])]);
     }
 
     #[test]
     fn backoff_is_bounded() {
         let mut p = PendingWrites::default();
-        let mut failing = |_: &[AgentRecord]| Err(StoreError::Db("gone".into()));
-        p.push(rec(1));
+        let mut failing = |_: &[Record]| Err(StoreError::Db("gone".into()));
+        p.push(Record::Agent(rec(1)));
         let mut now = Duration::ZERO;
         for _ in 0..100 {
             assert!(p.write_due(now, &mut failing).is_err());

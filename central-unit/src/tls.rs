@@ -1,5 +1,8 @@
 //! QUIC + TLS 1.3 set-up for both ends. Agents trust only the CA that
-//! `pon-cu init` made; the CU presents the certificate signed by it.
+//! `pon-cu init` made; the CU presents the certificate signed by it. Both
+//! ends authenticate: an agent presents the client certificate the CA
+//! signed at its enrolment (or none, to enrol), and the CU accepts only
+//! client certificates of its own CA.
 
 use pon_proto::control::ALPN;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -46,16 +49,69 @@ pub fn load_certs(
     Ok(certs)
 }
 
-/// Client side: trust exactly the CA in `ca_pem`.
-pub fn client_config(ca_pem: &Path, idle: Duration) -> Result<quinn::ClientConfig, TlsError> {
+/// The certificates in PEM text (an agent's certificate, as the CU sent it).
+pub fn certs_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    if certs.is_empty() {
+        return Err("no certificate in the PEM text".into());
+    }
+    Ok(certs)
+}
+
+fn roots(ca_pem: &Path) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
     for c in load_certs(ca_pem, "CA certificate")? {
         roots.add(c)?;
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    Ok(roots)
+}
+
+/// What a client presents: its certificate chain and private key.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ClientCert {
+    /// A chain and a PKCS#8 key (DER), as an agent's identity keeps them.
+    pub fn new(chain: Vec<CertificateDer<'static>>, pkcs8: Vec<u8>) -> Self {
+        ClientCert {
+            chain,
+            key: PrivateKeyDer::Pkcs8(pkcs8.into()),
+        }
+    }
+
+    /// From PEM files (`ponctl`'s admin credential).
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
+            what: "private key",
+            path: key.display().to_string(),
+            detail: e.to_string(),
+        })?;
+        Ok(ClientCert {
+            chain: load_certs(cert, "certificate")?,
+            key,
+        })
+    }
+}
+
+/// Client side: trust exactly the CA in `ca_pem`; present `cert` if given
+/// (an agent without one can only enrol).
+pub fn client_config(
+    ca_pem: &Path,
+    idle: Duration,
+    cert: Option<ClientCert>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots(ca_pem)?);
+    let mut tls = match cert {
+        Some(c) => builder.with_client_auth_cert(c.chain, c.key)?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
@@ -77,10 +133,13 @@ fn transport(idle: Duration) -> Result<quinn::TransportConfig, TlsError> {
     Ok(transport)
 }
 
-/// Server side: the CU's certificate chain and key.
+/// Server side: the CU's certificate chain and key; clients may present a
+/// certificate of the CA in `ca_pem` (agents, the admin) or none (an agent
+/// enrolling); a certificate of another CA fails the handshake.
 pub fn server_config(
     cert_pem: &Path,
     key_pem: &Path,
+    ca_pem: &Path,
     idle: Duration,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let certs = load_certs(cert_pem, "CU certificate")?;
@@ -89,9 +148,16 @@ pub fn server_config(
         path: key_pem.display().to_string(),
         detail: e.to_string(),
     })?;
+    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(ca_pem)?),
+        provider(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
+        .with_client_cert_verifier(clients)
         .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;

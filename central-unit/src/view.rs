@@ -115,6 +115,7 @@ impl View {
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::*;
+    use pon_proto::control::PublicKey;
 
     /// Proxy `id` of `cloud` at `addr` on the well-known ports; routers
     /// optimise paths towards it.
@@ -126,6 +127,8 @@ pub mod testing {
                 role: "PROXY".into(),
                 name: "proxy".into(),
                 endpoints: Endpoints::proxy(addr),
+                noise_key: PublicKey([id as u8; 32]),
+                allowed: vec![],
             },
             optimise: true,
         }
@@ -143,6 +146,8 @@ pub mod testing {
                     addr,
                     encap: pon_proto::Encap::Ipip,
                 },
+                noise_key: PublicKey([id as u8; 32]),
+                allowed: vec![],
             },
             optimise: false,
         }

@@ -29,6 +29,16 @@ pub fn default_state_dir(daemon: &str) -> PathBuf {
     Path::new("/var/lib/pon").join(daemon)
 }
 
+/// The configured state directory, or `daemon`'s default.
+pub fn state_dir_or_default(configured: Option<&Path>, daemon: &str) -> PathBuf {
+    configured.map_or_else(|| default_state_dir(daemon), Path::to_path_buf)
+}
+
+/// `dir` as written in `config_file`: relative to the file's directory.
+pub fn relative_to(dir: PathBuf, config_file: &Path) -> PathBuf {
+    config_file.parent().unwrap_or(Path::new(".")).join(dir)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("{path}: {err}")]
@@ -273,7 +283,10 @@ mod tests {
             let p = d.join(f);
             fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
             let e = Identity::load_or_create(&d).unwrap_err().to_string();
-            assert!(e.contains(f) && e.contains("644") && e.contains("chmod 600"), "{e}");
+            assert!(
+                e.contains(f) && e.contains("644") && e.contains("chmod 600"),
+                "{e}"
+            );
             fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
         }
         Identity::load_or_create(&d).unwrap();

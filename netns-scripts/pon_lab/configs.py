@@ -40,20 +40,26 @@ def local_addr(lab, daemon):
 
 
 def cu_client(lab, host, role):
+    """The [cu] section: the site's token for the role's family (the agent needs it only to
+    enrol, on its first start)."""
     return {"addr": f"{CU_ADDR}:{ports(lab)['cu']}", "ca": str(cu.directory(lab) / "ca.pem"),
-            "token_file": str(cu.directory(lab) / "token"), "cloud": host["site"], "role": role}
+            "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
+            "role": role}
+
+
+def state_dir(lab, host, daemon):
+    """Where a daemon keeps its keys and certificate: one directory per daemon, so no two
+    agents ever share a key."""
+    return str(lab.dir / "state" / f"{host['site']}-{host['host']}-{daemon}")
 
 
 def cu_config(lab, host):
     d = cu.directory(lab)
     return {"listen": f"{CU_ADDR}:{ports(lab)['cu']}",
-            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "token_file": str(d / "token"),
-            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY)}
-
-
-def state_dir(lab, site):
-    """Where site's proxy keeps its keys (made on first start, 0700)."""
-    return lab.dir / "state" / f"{site}-proxy"
+            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "ca": str(d / "ca.pem"),
+            "ca_key": str(d / "ca.key"), "admin_cert": str(d / "admin.pem"),
+            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY),
+            "clouds": cu.grants(lab)}
 
 
 def forwarder(lab, host, daemon="pon-forwarder"):
@@ -66,7 +72,7 @@ def forwarder(lab, host, daemon="pon-forwarder"):
               for s in others if (via := relay_route(topo, me["name"], s["name"]))]
     cfg = {"id": i, "listen": f"{host['address']}:{pon_port}", "local_addr": host["address"],
            "underlay_mtu": MTU, "metrics": metrics(lab, host, daemon), "route": routes,
-           "state_dir": str(state_dir(lab, me["name"]))}
+           "state_dir": state_dir(lab, host, daemon)}
     if topo.get("tunnel"):
         cfg["tunnel"] = dict(topo["tunnel"])
     if topo.get("split") and topo.get("routing") is not None:
@@ -80,7 +86,8 @@ def forwarder(lab, host, daemon="pon-forwarder"):
         return cfg
     # Static mode names each peer's key, as WireGuard configs do; the
     # identities are made now, each in its proxy's state directory.
-    dirs = {s["name"]: str(state_dir(lab, s["name"])) for s in others}
+    dirs = {s["name"]: state_dir(lab, {"site": s["name"], "host": host["host"]}, daemon)
+            for s in others}
     keys = renderer.identities(dirs.values(), lab.state["bin_dir"])
     cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}",
                     "public_key": keys[dirs[s["name"]]]}
@@ -126,7 +133,7 @@ def ta(lab, host):
         "local_addr": host["address"], "encap": topo["encap"], "underlay_mtu": MTU,
         "metrics": metrics(lab, host, "pon-ta")}
     if topo.get("cu"):
-        return cfg | {"cu": cu_client(lab, host, "APP")}
+        return cfg | {"cu": cu_client(lab, host, "APP"), "state_dir": state_dir(lab, host, "pon-ta")}
     return cfg | {"forwarder": proxy_addr(host["site_index"]),
                   "intercept": [f"{app_addr(s['index'], j)}/32" for s in topo["sites"]
                                 if s["index"] != host["site_index"]

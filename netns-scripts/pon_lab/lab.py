@@ -12,9 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from . import configs, linkemu, netns
+from . import configs, cu, linkemu, netns
 from .daemons import Processes, kill_all_in
-from .plan import LINKEMU_BINARY, plan, plan_daemons, plan_host
+from .plan import CU_BINARY, LINKEMU_BINARY, plan, plan_daemons, plan_host
 from .topology import (MAX_APPS, MAX_SITES, SITE_NAME_RE, app_addr, check_role,
                        gateway_addr, proxy_addr, validate_lab_name)
 from .util import LabError, print_table, progress
@@ -124,6 +124,9 @@ class Lab:
     def _stage_ready(self, daemon):
         if daemon == LINKEMU_BINARY:
             netns.route_into_emulator(self)
+        if daemon == CU_BINARY:
+            # Before any agent starts: they enrol with these.
+            cu.make_tokens(self, self.state["topology"]["sites"])
 
     def _undo_up(self, e):
         """Leave nothing behind: a half-built lab would block the next `up` and confuse tests."""
@@ -197,6 +200,11 @@ class Lab:
             self.save()
             netns.ip_batch(self.inet_netns, netns.bridge_cmds(index))
             netns.build_site(self, site)
+            # The CU grants the new site its prefix (cu.toml rewritten, SIGHUP) and the lab
+            # makes its tokens, before its agents start.
+            configs.write(self, self.hosts("cu"))
+            cu.reload(self)
+            cu.make_tokens(self, [site])
             configs.write(self, new)
             self.processes.start(new)
             return new

@@ -9,11 +9,13 @@
 //! Decoding never panics; bad input is an [`ControlError`].
 
 use crate::codec::{self, CodecError};
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 
 /// Bumped on incompatible changes; the CU refuses other versions by name.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: per-agent identity (enrolment, certificates, Noise keys, grants).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame an agent (or `ponctl`) may send to the CU.
 pub const MAX_AGENT_FRAME: usize = 64 * 1024;
 /// Largest frame the CU sends; bigger updates are split into several frames.
@@ -134,11 +136,12 @@ impl Endpoints {
     }
 }
 
-/// R: the first message on a connection.
+/// R: the first message on a connection authenticated by the agent's
+/// certificate (mutual TLS); cloud, name and role must be the ones the
+/// certificate was issued for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
     pub version: u16,
-    pub token: String,
     /// Cloud (site) the agent runs in.
     pub cloud: String,
     /// Dotted role: `PROXY`, `PROXY.SRC`, `APP`, ...
@@ -148,6 +151,24 @@ pub struct Register {
     pub endpoints: Endpoints,
     /// An id the agent had (or is configured to ask for); granted if free.
     pub id_hint: Option<u32>,
+    /// The agent's static Noise key; must be the one it enrolled with.
+    pub noise_key: PublicKey,
+}
+
+/// The one message of a connection without a client certificate: an agent
+/// asks, with a join token, for a certificate for its TLS key, bound to
+/// (cloud, name, role, Noise key). The CU answers `Enrolled` or `Refused`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrol {
+    pub version: u16,
+    pub token: String,
+    pub cloud: String,
+    pub role: String,
+    pub name: String,
+    pub noise_key: PublicKey,
+    /// PKCS#10 certificate request (DER), signed by the agent's TLS key:
+    /// proof that the agent holds the key it wants certified.
+    pub csr: Vec<u8>,
 }
 
 /// What the CU knows about an agent and tells others.
@@ -158,6 +179,11 @@ pub struct AgentInfo {
     pub role: String,
     pub name: String,
     pub endpoints: Endpoints,
+    /// The agent's static Noise key, as enrolled.
+    pub noise_key: PublicKey,
+    /// For a proxy, its cloud's address grant: the inner sources its
+    /// egress peers accept from it. Empty for other agents.
+    pub allowed: Vec<IpNet>,
 }
 
 impl AgentInfo {
@@ -203,16 +229,54 @@ pub struct AgentRecord {
     pub last_seen_ms: u64,
 }
 
+/// A join token as `ponctl token` shows it (the secret itself is only
+/// printed once, when made; the CU keeps a hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Short public handle: the first hex digits of the token's hash.
+    pub id: String,
+    pub cloud: String,
+    /// Roles it may enrol: `PROXY` covers `PROXY` and `PROXY.*`; `*` all.
+    pub role: String,
+    /// Enrolments left; `None`: unlimited.
+    pub uses_left: Option<u32>,
+    /// Unix milliseconds.
+    pub expires_ms: u64,
+    pub created_ms: u64,
+}
+
+/// Administration (`ponctl`); only a connection with the admin certificate
+/// may send these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    /// The registry.
+    List,
+    /// A new join token; `uses: None` for unlimited.
+    CreateToken {
+        cloud: String,
+        role: String,
+        uses: Option<u32>,
+        ttl_s: u64,
+    },
+    ListTokens,
+    /// Removes an agent: announced gone to every peer at once, its key
+    /// refused from then on, its connection closed.
+    Revoke {
+        cloud: String,
+        name: String,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
     Register(Register),
     Heartbeat,
     /// Clean leave: the CU announces the agent as gone at once.
     Goodbye,
-    /// `ponctl`: list the registry (authenticated by the join token).
-    List {
+    Enrol(Enrol),
+    Admin {
         version: u16,
-        token: String,
+        request: AdminRequest,
     },
 }
 
@@ -221,9 +285,24 @@ pub enum CuMsg {
     Config(Config),
     /// U: changes to the peers the receiver was given.
     Update(Vec<Change>),
-    /// Registration refused; the connection closes after this.
+    /// Registration (or enrolment, or an admin request) refused; the
+    /// connection closes after this.
     Refused(String),
     Registry(Vec<AgentRecord>),
+    /// The certificate (PEM) an enrolment earned.
+    Enrolled {
+        certificate: String,
+    },
+    /// A new token: the secret, shown once.
+    Token {
+        token: String,
+        info: TokenInfo,
+    },
+    Tokens(Vec<TokenInfo>),
+    /// The agent `ponctl revoke` named is revoked (its id, if it had one).
+    Revoked {
+        id: Option<u32>,
+    },
 }
 
 /// Encodes one frame (length prefix + message).
@@ -355,7 +434,6 @@ mod tests {
     fn sample_register() -> AgentMsg {
         AgentMsg::Register(Register {
             version: PROTOCOL_VERSION,
-            token: "t0k3n".into(),
             cloud: "paris".into(),
             role: "PROXY.SRC".into(),
             name: "proxy".into(),
@@ -365,6 +443,7 @@ mod tests {
                 agent_udp_port: 7301,
             },
             id_hint: Some(1),
+            noise_key: PublicKey([7; 32]),
         })
     }
 
@@ -418,6 +497,21 @@ mod tests {
             }
         }
         assert_eq!(all, changes);
+    }
+
+    #[test]
+    fn public_keys_read_and_write_as_base64() {
+        let k = PublicKey(core::array::from_fn(|i| i as u8));
+        let text = k.to_string();
+        assert_eq!(text, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=");
+        assert_eq!(text.parse::<PublicKey>(), Ok(k));
+        for bad in ["", "AAEC", &text[..43], &format!("{text}AAAA"), "!!!"] {
+            assert_eq!(bad.parse::<PublicKey>(), Err(BadPublicKey), "{bad:?}");
+        }
+        // The wire carries the 32 bytes as they are.
+        let wire = codec::encode(&k, 64).unwrap();
+        assert_eq!(wire, k.0);
+        assert_eq!(codec::decode::<PublicKey>(&wire, 64).unwrap(), k);
     }
 
     #[test]

@@ -308,8 +308,7 @@ fn control_framing() {
         &[0, 0, 0, 1, 1], // length 1, variant Heartbeat
     );
     let reg = AgentMsg::Register(Register {
-        version: 1,
-        token: "t".into(),
+        version: 2,
         cloud: "p".into(),
         role: "APP".into(),
         name: "a".into(),
@@ -318,14 +317,15 @@ fn control_framing() {
             encap: Encap::Udp { ra_port: 7302 },
         },
         id_hint: Some(5),
+        noise_key: control::PublicKey([0xab; 32]),
     });
-    #[rustfmt::skip]
-    let want = [
-        0, 0, 0, 22, // length
-        0, 1, 1, b't', 1, b'p', 3, b'A', b'P', b'P', 1, b'a', // Register, version, strings
+    let mut want = vec![
+        0, 0, 0, 52, // length
+        0, 2, 1, b'p', 3, b'A', b'P', b'P', 1, b'a', // Register, version, strings
         1, 198, 18, 1, 11, 1, 0x86, 0x39, // Endpoints::App, address, Encap::Udp, RA port 7302
         1, 5, // id hint Some(5)
     ];
+    want.extend([0xab; 32]); // the Noise key's 32 bytes, no length prefix
     golden("register frame", &control::encode(&reg), &want);
     let mut d = FrameDecoder::new(control::MAX_AGENT_FRAME);
     d.push(&want).unwrap();

@@ -171,14 +171,23 @@ mod control {
             "[A-Z]{1,6}(\\.[A-Z]{1,6})?",
             name(),
             endpoints(),
+            any::<[u8; 32]>(),
+            prop::collection::vec((any::<[u8; 4]>(), 0u8..=32), 0..4),
         )
-            .prop_map(|(id, cloud, role, name, endpoints)| AgentInfo {
-                id,
-                cloud,
-                role,
-                name,
-                endpoints,
-            })
+            .prop_map(
+                |(id, cloud, role, name, endpoints, key, allowed)| AgentInfo {
+                    id,
+                    cloud,
+                    role,
+                    name,
+                    endpoints,
+                    noise_key: PublicKey(key),
+                    allowed: allowed
+                        .into_iter()
+                        .map(|(a, len)| ipnet::Ipv4Net::new(a.into(), len).unwrap().into())
+                        .collect(),
+                },
+            )
     }
 
     fn cu_msg() -> impl Strategy<Value = CuMsg> {
@@ -201,6 +210,25 @@ mod control {
                 })),
             prop::collection::vec(change, 0..8).prop_map(CuMsg::Update),
             "[ -~]{0,40}".prop_map(CuMsg::Refused),
+            "[ -~]{0,200}".prop_map(|certificate| CuMsg::Enrolled { certificate }),
+            (
+                name(),
+                name(),
+                proptest::option::of(any::<u32>()),
+                any::<u64>()
+            )
+                .prop_map(|(token, cloud, uses_left, expires_ms)| CuMsg::Token {
+                    token,
+                    info: TokenInfo {
+                        id: "ab12".into(),
+                        cloud,
+                        role: "PROXY".into(),
+                        uses_left,
+                        expires_ms,
+                        created_ms: expires_ms / 2,
+                    },
+                }),
+            proptest::option::of(any::<u32>()).prop_map(|id| CuMsg::Revoked { id }),
         ]
     }
 
@@ -208,16 +236,46 @@ mod control {
         prop_oneof![
             Just(AgentMsg::Heartbeat),
             Just(AgentMsg::Goodbye),
-            (name(), info(), proptest::option::of(any::<u32>())).prop_map(|(token, i, hint)| {
+            (info(), proptest::option::of(any::<u32>())).prop_map(|(i, hint)| {
                 AgentMsg::Register(Register {
                     version: PROTOCOL_VERSION,
-                    token,
                     cloud: i.cloud,
                     role: i.role,
                     name: i.name,
                     endpoints: i.endpoints,
                     id_hint: hint,
+                    noise_key: i.noise_key,
                 })
+            }),
+            (name(), info(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(
+                |(token, i, csr)| AgentMsg::Enrol(Enrol {
+                    version: PROTOCOL_VERSION,
+                    token,
+                    cloud: i.cloud,
+                    role: i.role,
+                    name: i.name,
+                    noise_key: i.noise_key,
+                    csr,
+                })
+            ),
+            (
+                name(),
+                name(),
+                proptest::option::of(any::<u32>()),
+                any::<u64>()
+            )
+                .prop_map(|(cloud, role, uses, ttl_s)| AgentMsg::Admin {
+                    version: PROTOCOL_VERSION,
+                    request: AdminRequest::CreateToken {
+                        cloud,
+                        role,
+                        uses,
+                        ttl_s
+                    },
+                }),
+            (name(), name()).prop_map(|(cloud, name)| AgentMsg::Admin {
+                version: PROTOCOL_VERSION,
+                request: AdminRequest::Revoke { cloud, name },
             }),
         ]
     }

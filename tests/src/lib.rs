@@ -163,8 +163,8 @@ impl Lab {
     }
 
     /// Runs ponctl in the CU's host against the lab's CU, trusting `ca`
-    /// and presenting the token in `token`.
-    pub fn ponctl_with(&self, ca: &Path, token: &Path, extra: &[&str]) -> Output {
+    /// and presenting the certificate `cert` with its key `key`.
+    pub fn ponctl_with(&self, ca: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Output {
         let ponctl = bin_dir().join("ponctl");
         let mut args = vec![
             ponctl.to_str().expect("UTF-8 path"),
@@ -172,17 +172,32 @@ impl Lab {
             "198.18.250.1:7400",
             "--ca",
             ca.to_str().expect("UTF-8 path"),
-            "--token-file",
-            token.to_str().expect("UTF-8 path"),
+            "--cert",
+            cert.to_str().expect("UTF-8 path"),
+            "--key",
+            key.to_str().expect("UTF-8 path"),
         ];
         args.extend_from_slice(extra);
         self.exec("cu", &args)
     }
 
-    /// Runs ponctl with the lab's own CA and join token.
+    /// Runs ponctl with the lab's own CA and admin credential.
     pub fn ponctl(&self, extra: &[&str]) -> Output {
         let dir = self.state_dir().join("cu");
-        self.ponctl_with(&dir.join("ca.pem"), &dir.join("token"), extra)
+        self.ponctl_with(
+            &dir.join("ca.pem"),
+            &dir.join("admin.pem"),
+            &dir.join("admin.key"),
+            extra,
+        )
+    }
+
+    /// The state directory (keys, certificate) of `daemon` on `host`
+    /// ("paris/proxy"), as the lab configures it in CU mode.
+    pub fn agent_state(&self, host: &str, daemon: &str) -> PathBuf {
+        self.state_dir()
+            .join("state")
+            .join(format!("{}-{daemon}", host.replace('/', "-")))
     }
 
     pub fn status_json(&self) -> serde_json::Value {
@@ -211,7 +226,8 @@ impl Lab {
         text(&out)
     }
 
-    /// The lab's state directory (configs, logs, the CU's CA and token).
+    /// The lab's state directory (configs, logs, the CU's CA, admin
+    /// credential and tokens, the agents' state directories).
     pub fn state_dir(&self) -> PathBuf {
         PathBuf::from("/run/pon-lab").join(&self.name)
     }

@@ -1,6 +1,7 @@
 //! The Central Unit end to end: real pon-cu, forwarders and TAs in the lab
 //! (CU mode), agents joining, crashing and coming back, the CU itself
-//! crashing, and intruders with the wrong token or CA.
+//! crashing, intruders (wrong token or CA, a token of the wrong scope,
+//! another key for an enrolled name, addresses not theirs), and revocation.
 
 use pon_e2e::{bin_dir, metric_value, ping_stats, require_root, sites, text, wait_until, Lab};
 use std::collections::BTreeMap;
@@ -272,7 +273,7 @@ fn a_cu_killed_and_restarted_loses_no_ping_and_every_agent_keeps_its_id() {
 }
 
 #[test]
-fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
+fn intruders_are_refused_with_a_clear_error() {
     require_root();
     let lab = Lab::up(&sites(&THREE_SITES[..2]));
     wait_overlay_up(&lab);
@@ -284,49 +285,100 @@ fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
         .arg(&other)
         .output()
         .unwrap();
-    assert!(init.status.success());
+    assert!(init.status.success(), "{}", text(&init));
 
-    // ponctl: the operator's tool.
-    let run = |ca: &std::path::Path, token: &std::path::Path| lab.ponctl_with(ca, token, &[]);
+    // ponctl: an agent's own certificate is no admin credential, and a
+    // CU certificate of another CA is not trusted.
     let cu = dir.join("cu");
-    let out = run(&cu.join("ca.pem"), &dir.join("bad-token"));
+    let tokyo = lab.agent_state("tokyo/proxy", "pon-forwarder");
+    let out = lab.ponctl_with(
+        &cu.join("ca.pem"),
+        &tokyo.join("cert.pem"),
+        &tokyo.join("tls.key"),
+        &["revoke", "paris/198.18.1.1"],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("wrong join token"),
+        !out.status.success() && err.contains("needs the CU's admin certificate"),
         "{err}"
     );
-    let out = run(&other.join("ca.pem"), &cu.join("token"));
+    let out = lab.ponctl_with(
+        &other.join("ca.pem"),
+        &cu.join("admin.pem"),
+        &cu.join("admin.key"),
+        &[],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && err.contains("invalid peer certificate"),
         "{err}"
     );
 
-    // A forwarder with the wrong token, or trusting another CA, stops with
-    // a clear error instead of retrying forever.
-    lab.ctl("stop", &["tokyo/proxy"]);
+    // Forwarders that have not enrolled yet (fresh state directories) with
+    // a wrong token, an app VM's token, trusting another CA, claiming
+    // tokyo's enrolled name with another key, an address tokyo's proxy
+    // holds, or an address outside their cloud's grant: each stops with a
+    // clear error instead of retrying forever, and nothing of it reaches
+    // the other agents.
     let cfg = std::fs::read_to_string(dir.join("configs/tokyo-proxy-pon-forwarder.toml")).unwrap();
-    let fwd = bin_dir().join("pon-forwarder");
-    for (name, bad, expect) in [
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let token = s(&cu.join("tokens/tokyo-proxy"));
+    let state = s(&tokyo);
+    // Another process on tokyo's proxy host: its own ports, no metrics.
+    let beside = |c: &str, name: &str| {
+        let c = c
+            .replace("198.18.2.1:7300", "198.18.2.1:7399")
+            .replace("[cu]\n", &format!("[cu]\nname = \"{name}\"\n"));
+        let c: String = c
+            .lines()
+            .filter(|l| !l.starts_with("metrics = "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        format!("agent_udp_port = 0\n{c}")
+    };
+    let cases = [
         (
-            "bad-token.toml",
-            cfg.replace(
-                cu.join("token").to_str().unwrap(),
-                dir.join("bad-token").to_str().unwrap(),
-            ),
+            "bad-token",
+            cfg.replace(&token, &s(&dir.join("bad-token"))),
             "wrong join token",
         ),
         (
-            "bad-ca.toml",
-            cfg.replace(
-                cu.join("ca.pem").to_str().unwrap(),
-                other.join("ca.pem").to_str().unwrap(),
-            ),
+            "app-token",
+            cfg.replace(&token, &s(&cu.join("tokens/tokyo-app"))),
+            "may enrol role APP, not PROXY",
+        ),
+        (
+            "bad-ca",
+            cfg.replace(&s(&cu.join("ca.pem")), &s(&other.join("ca.pem"))),
             "TLS handshake with the CU",
         ),
-    ] {
-        let path = dir.join(name);
-        std::fs::write(&path, bad).unwrap();
+        (
+            "stolen-name",
+            cfg.clone(),
+            "tokyo/198.18.2.1 is bound to another key",
+        ),
+        (
+            "held-address",
+            beside(&cfg, "thief"),
+            "address 198.18.2.1 is held by tokyo/198.18.2.1",
+        ),
+        (
+            "outside-grant",
+            beside(&cfg, "thief2")
+                .replace("cloud = \"tokyo\"", "cloud = \"paris\"")
+                .replace(&token, &s(&cu.join("tokens/paris-proxy"))),
+            "198.18.2.1 is outside cloud paris's grant (198.18.1.0/24)",
+        ),
+    ];
+    let fwd = bin_dir().join("pon-forwarder");
+    for (name, bad, expect) in cases {
+        let fresh = s(&dir.join(format!("state-{name}")));
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, bad.replace(&state, &fresh)).unwrap();
+        if name == "stolen-name" {
+            // The name is tokyo's: its own forwarder must be away.
+            lab.ctl("stop", &["tokyo/proxy"]);
+        }
         let out = lab.exec(
             "tokyo/proxy",
             &[
@@ -337,25 +389,83 @@ fn a_wrong_token_or_ca_is_refused_with_a_clear_error() {
                 path.to_str().unwrap(),
             ],
         );
+        if name == "stolen-name" {
+            lab.ctl("start", &["tokyo/proxy"]);
+            wait_overlay_up(&lab);
+        }
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(expect), "{name}: {err}");
     }
-    assert!(
-        metric(
-            &lab,
-            "cu",
-            CU_METRICS,
-            "pon_cu_refused_total{reason=\"bad_token\"}"
-        ) >= 2
-    );
-    // The CU and its other agents carried on.
-    lab.ctl("start", &["tokyo/proxy"]);
+    for reason in [
+        "bad_token",
+        "token_scope",
+        "name_bound_to_another_key",
+        "address_held",
+        "outside_grant",
+    ] {
+        assert_eq!(
+            metric(
+                &lab,
+                "cu",
+                CU_METRICS,
+                &format!("pon_cu_refused_total{{reason=\"{reason}\"}}")
+            ),
+            1,
+            "{reason}"
+        );
+    }
+    // The CU and its agents carried on.
     wait_overlay_up(&lab);
     assert_eq!(
         metric(&lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}"),
         4
     );
+}
+
+#[test]
+fn a_revoked_proxy_is_gone_from_every_peer_at_once_and_stays_out() {
+    require_root();
+    let lab = three_sites();
+    assert!(wait_until(Duration::from_secs(20), || {
+        peers(&lab, "paris/proxy", PARIS_FWD) == 2 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 2
+    }));
+    let revoked = Instant::now();
+    let out = lab.ponctl(&["revoke", "london/198.18.3.1"]);
+    assert!(out.status.success(), "ponctl revoke: {}", text(&out));
+    assert!(text(&out).contains("revoked (id 3"), "{}", text(&out));
+    assert!(
+        wait_until(Duration::from_secs(1), || {
+            peers(&lab, "paris/proxy", PARIS_FWD) == 1 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 1
+        }),
+        "london still in a peer's table 1 s after its revocation"
+    );
+    eprintln!(
+        "london out of every peer's table {:.0} ms after ponctl revoke",
+        revoked.elapsed().as_secs_f64() * 1e3
+    );
+    // Its forwarder keeps its key and certificate; the CU refuses them.
+    assert!(wait_until(Duration::from_secs(10), || metric(
+        &lab,
+        "cu",
+        CU_METRICS,
+        "pon_cu_refused_total{reason=\"revoked\"}"
+    ) >= 1));
+    let reg = registry(&lab);
+    assert_eq!(
+        reg[&("london".to_string(), "198.18.3.1".to_string())],
+        (3, false)
+    );
+    assert_eq!(
+        metric(
+            &lab,
+            "cu",
+            CU_METRICS,
+            "pon_cu_leaves_total{reason=\"revoked\"}"
+        ),
+        1
+    );
+    assert_eq!(peers(&lab, "paris/proxy", PARIS_FWD), 1);
 }
 
 /// A process started in a lab host, killed (and reaped) when the test ends,
@@ -380,9 +490,14 @@ fn a_ta_follows_the_forwarder_the_cu_names() {
     let configs = lab.state_dir().join("configs");
     let first = std::fs::read_to_string(configs.join("paris-proxy-pon-forwarder.toml"))
         .expect("paris's forwarder config");
+    // Its own identity: a key is never shared by two agents.
     let second = first
         .replace("198.18.1.1", "198.18.1.2")
-        .replacen("id = 1\n", "id = 11\n", 1);
+        .replacen("id = 1\n", "id = 11\n", 1)
+        .replace(
+            "paris-proxy-pon-forwarder\"",
+            "paris-proxy-second-forwarder\"",
+        );
     assert!(second.contains("id = 11\n") && second.contains("198.18.1.2:7300"));
     let file = configs.join("paris-proxy-second-forwarder.toml");
     std::fs::write(&file, second).unwrap();

@@ -2,12 +2,15 @@
 //! the real protocol (QUIC + TLS 1.3 on loopback) and prints registrations
 //! per second, how long a join takes to reach every agent concerned, and the
 //! CU's memory per agent. A benchmark, not a test: bounded in agents and time.
+//! Every simulated agent has its own key and enrols first (not timed), as a
+//! real one does on its first start; the storm measures registrations with
+//! mutual TLS.
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use pon_proto::control::{
-    self, AgentMsg, Change, CuMsg, Encap, Endpoints, FrameDecoder, Register, MAX_CU_FRAME,
-    PROTOCOL_VERSION,
+    self, AgentMsg, Change, CuMsg, Encap, Endpoints, Enrol, FrameDecoder, PublicKey, Register,
+    MAX_CU_FRAME, PROTOCOL_VERSION,
 };
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -77,7 +80,17 @@ fn free_udp_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_cu(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<CuProcess> {
+/// Site `s` has 10.0.0.0 + s * 4096 /20: its proxy is .1, its app VMs
+/// from +16, the measured joins from +4080.
+fn site_base(site: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000u32 + (site as u32) * 4096)
+}
+
+fn site_addr(site: usize, offset: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(site_base(site)) + offset as u32)
+}
+
+fn start_cu(bin: &Path, dir: &Path, port: u16, sites: usize) -> anyhow::Result<CuProcess> {
     let out = Command::new(bin)
         .args(["init", "--force", "--ip", "127.0.0.1", "--dir"])
         .arg(dir)
@@ -88,10 +101,14 @@ fn start_cu(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<CuProcess> {
     }
     // Heartbeats every 5 s: 10,000 agents still send 2,000 a second, which
     // the CU handles, but the bench's own two cores are better spent on joins.
-    std::fs::write(
-        dir.join("cu.toml"),
-        format!("listen = \"127.0.0.1:{port}\"\nheartbeat_ms = 5000\ndead_after_ms = 30000\n"),
-    )?;
+    let mut toml = format!("listen = \"127.0.0.1:{port}\"\nheartbeat_ms = 5000\ndead_after_ms = 30000\n[clouds.warmup]\nprefixes = [\"192.0.2.0/24\"]\n");
+    for site in 0..sites {
+        toml += &format!(
+            "[clouds.site{site}]\nprefixes = [\"{}/20\"]\n",
+            site_base(site)
+        );
+    }
+    std::fs::write(dir.join("cu.toml"), toml)?;
     let child = Command::new(bin)
         .args(["run", "--config"])
         .arg(dir.join("cu.toml"))
@@ -112,18 +129,17 @@ struct Agent {
     register: Register,
 }
 
-fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
+fn population(n: usize, sites: usize) -> Vec<Agent> {
     (0..n)
         .map(|i| {
             let site = i % sites;
             let (role, endpoints) = if i < sites {
-                let a = Ipv4Addr::from(0x0a00_0001u32 + (site as u32) * 256);
-                ("PROXY", Endpoints::proxy(a))
+                ("PROXY", Endpoints::proxy(site_addr(site, 1)))
             } else {
                 (
                     "APP",
                     Endpoints::App {
-                        addr: Ipv4Addr::from(0x0b00_0000u32 + i as u32),
+                        addr: site_addr(site, 16 + i / sites),
                         encap: Encap::Ipip,
                     },
                 )
@@ -131,16 +147,61 @@ fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
             Agent {
                 register: Register {
                     version: PROTOCOL_VERSION,
-                    token: token.into(),
                     cloud: format!("site{site}"),
                     role: role.into(),
                     name: format!("agent{i}"),
                     endpoints,
                     id_hint: None,
+                    noise_key: PublicKey([(i % 251) as u8; 32]),
                 },
             }
         })
         .collect()
+}
+
+/// Enrols `reg`'s identity with a fresh key, as an agent on its first start
+/// does; returns the configuration that presents the certificate.
+async fn enrol(
+    ep: &quinn::Endpoint,
+    cu: SocketAddr,
+    ca: &Path,
+    token: &str,
+    reg: &Register,
+) -> Result<quinn::ClientConfig, String> {
+    use pon_cu::enrolment::{connect, request, Attempt};
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .map_err(|e| e.to_string())?;
+    let anon =
+        pon_cu::tls::client_config(ca, Duration::from_secs(30), None).map_err(|e| e.to_string())?;
+    let conn = connect(ep, anon, cu, "pon-cu")
+        .await
+        .map_err(|(Attempt::Fatal(e) | Attempt::Retry(e))| e)?;
+    let answer = request(
+        &conn,
+        &AgentMsg::Enrol(Enrol {
+            version: PROTOCOL_VERSION,
+            token: token.into(),
+            cloud: reg.cloud.clone(),
+            role: reg.role.clone(),
+            name: reg.name.clone(),
+            noise_key: reg.noise_key,
+            csr: csr.der().to_vec(),
+        }),
+    )
+    .await;
+    conn.close(0u32.into(), b"done");
+    match answer? {
+        CuMsg::Enrolled { certificate } => {
+            let chain = pon_cu::tls::certs_from_pem(&certificate)?;
+            let cert = pon_cu::tls::ClientCert::new(chain, key.serialize_der());
+            pon_cu::tls::client_config(ca, Duration::from_secs(30), Some(cert))
+                .map_err(|e| e.to_string())
+        }
+        CuMsg::Refused(why) => Err(why),
+        other => Err(format!("unexpected answer: {other:?}")),
+    }
 }
 
 /// One simulated agent: registers, then reads updates (recording probe
@@ -148,6 +209,7 @@ fn population(n: usize, sites: usize, token: &str) -> Vec<Agent> {
 async fn agent(
     index: Option<usize>,
     ep: quinn::Endpoint,
+    tls: quinn::ClientConfig,
     cu: SocketAddr,
     reg: Register,
     probes: Arc<Probes>,
@@ -156,7 +218,7 @@ async fn agent(
     let fail = |e: String| e;
     let run = async {
         let conn = ep
-            .connect(cu, "pon-cu")
+            .connect_with(tls, cu, "pon-cu")
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| fail(e.to_string()))?;
@@ -225,7 +287,7 @@ async fn agent(
                             if let Some(r) = registered.take() { let _ = r.send(Err(why)); }
                             return;
                         }
-                        CuMsg::Registry(_) => {}
+                        _ => {}
                     }
                 }
             }
@@ -251,6 +313,9 @@ async fn main() -> anyhow::Result<()> {
     if args.sites == 0 || args.agents < args.sites {
         bail!("--agents must be at least --sites (one proxy per site)");
     }
+    if args.agents / args.sites > 4000 || args.probes / args.sites > 15 || args.sites > 4096 {
+        bail!("at most 4000 agents and 15 probes per site, 4096 sites (one /20 each)");
+    }
     let cu_bin = match args.cu_bin.clone() {
         Some(b) => b,
         None => std::env::current_exe()?.with_file_name("pon-cu"),
@@ -258,18 +323,18 @@ async fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("pon-cu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = free_udp_port()?;
-    let cu = start_cu(&cu_bin, &dir, port)?;
+    let cu = start_cu(&cu_bin, &dir, port, args.sites)?;
     let cu_pid = cu.0.id();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let token = std::fs::read_to_string(dir.join("token"))?
         .trim()
         .to_string();
-    let client_cfg = pon_cu::tls::client_config(&dir.join("ca.pem"), Duration::from_secs(30))?;
+    let ca = dir.join("ca.pem");
     let endpoints: Vec<quinn::Endpoint> = (0..args.sockets.max(1))
         .map(|_| {
-            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal"))?;
-            ep.set_default_client_config(client_cfg.clone());
-            Ok(ep)
+            Ok(quinn::Endpoint::client(
+                "127.0.0.1:0".parse().expect("literal"),
+            )?)
         })
         .collect::<anyhow::Result<_>>()?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
@@ -285,16 +350,26 @@ async fn main() -> anyhow::Result<()> {
         last_us: (0..args.probes).map(|_| AtomicU64::new(0)).collect(),
     });
     let mut up = false;
+    let mut warmup = population(1, 1).remove(0).register;
+    warmup.name = "warmup".into();
+    warmup.cloud = "warmup".into();
+    warmup.endpoints = Endpoints::proxy(Ipv4Addr::new(192, 0, 2, 1));
+    let mut warmup_tls = None;
     for _ in 0..100 {
+        if warmup_tls.is_none() {
+            warmup_tls = enrol(&endpoints[0], addr, &ca, &token, &warmup).await.ok();
+        }
+        let Some(tls) = warmup_tls.clone() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let mut r = population(1, 1, &token).remove(0).register;
-        r.name = "warmup".into();
-        r.cloud = "warmup".into();
         tokio::spawn(agent(
             None,
             endpoints[0].clone(),
+            tls,
             addr,
-            r,
+            warmup.clone(),
             probes.clone(),
             tx,
         ));
@@ -310,13 +385,52 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(cu_pid);
 
-    // Phase 1: the join storm.
-    let pop = population(args.agents, args.sites, &token);
+    // Phase 0 (not timed): every agent enrols, as on its first start.
+    let pop = population(args.agents, args.sites);
     let sem = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let t_enrol = Instant::now();
+    let mut enrolling = Vec::with_capacity(pop.len());
+    for (i, a) in pop.iter().enumerate() {
+        let permit = sem.clone().acquire_owned().await?;
+        let (ep, ca, token, reg) = (
+            endpoints[i % endpoints.len()].clone(),
+            ca.clone(),
+            token.clone(),
+            a.register.clone(),
+        );
+        enrolling.push(tokio::spawn(async move {
+            let mut last = String::new();
+            for attempt in 0..5u32 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+                match enrol(&ep, addr, &ca, &token, &reg).await {
+                    Ok(tls) => return Ok(tls),
+                    Err(e) => last = e,
+                }
+            }
+            drop(permit);
+            Err(last)
+        }));
+    }
+    let mut tls = Vec::with_capacity(pop.len());
+    for e in enrolling {
+        match e.await? {
+            Ok(t) => tls.push(t),
+            Err(why) => bail!("enrolment failed: {why}"),
+        }
+    }
+    println!(
+        "enrolled {} agents in {:.2} s (not part of the figures below)",
+        tls.len(),
+        t_enrol.elapsed().as_secs_f64()
+    );
+
+    // Phase 1: the join storm.
     let t0 = Instant::now();
     let mut waits = Vec::with_capacity(pop.len());
     let retries = Arc::new(AtomicUsize::new(0));
-    for (i, a) in pop.into_iter().enumerate() {
+    for (i, (a, tls)) in pop.into_iter().zip(tls).enumerate() {
         let permit = sem.clone().acquire_owned().await?;
         let (ep, probes, retries) = (
             endpoints[i % endpoints.len()].clone(),
@@ -335,6 +449,7 @@ async fn main() -> anyhow::Result<()> {
                 tokio::spawn(agent(
                     Some(i),
                     ep.clone(),
+                    tls.clone(),
                     addr,
                     a.register.clone(),
                     probes.clone(),
@@ -416,16 +531,20 @@ async fn main() -> anyhow::Result<()> {
     let mut lat = Vec::new();
     for k in 0..args.probes {
         let site = k % args.sites;
-        let mut r = population(args.sites + 1, args.sites, &token)
+        let mut r = population(args.sites + 1, args.sites)
             .pop()
             .expect("one")
             .register;
         r.cloud = format!("site{site}");
         r.name = format!("probe{k}");
         r.endpoints = Endpoints::App {
-            addr: Ipv4Addr::from(0x0c00_0000u32 + k as u32),
+            addr: site_addr(site, 4080 + k / args.sites),
             encap: Encap::Ipip,
         };
+        // Enrolled before the clock starts: what is measured is the join.
+        let tls = enrol(&endpoints[0], addr, &ca, &token, &r)
+            .await
+            .map_err(|e| anyhow::anyhow!("enrolling probe {k}: {e}"))?;
         // Earlier probes are app VMs too, and hear of later ones from other clouds.
         let earlier_elsewhere = (0..k).filter(|j| j % args.sites != site).count();
         // Concerned: the connected proxies, and the connected app VMs of other clouds.
@@ -439,6 +558,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(agent(
             None,
             endpoints[k % endpoints.len()].clone(),
+            tls,
             addr,
             r,
             probes.clone(),

@@ -2,8 +2,10 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use pon_cu::config::CuConfig;
+use pon_cu::config::{parse_duration_s, CuConfig};
 use pon_cu::pki;
+use pon_cu::registry::Record;
+use pon_cu::trust::Trust;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -18,8 +20,9 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a CA, the CU's certificate and a join token in DIR (and a
-    /// sample cu.toml if there is none).
+    /// Create a CA, the CU's certificate, the admin credential (admin.pem,
+    /// admin.key: what ponctl presents) and a first join token in DIR (and
+    /// a sample cu.toml if there is none).
     Init {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -35,6 +38,18 @@ enum Cmd {
         /// Replace existing files.
         #[arg(long)]
         force: bool,
+        /// The first token's scope: the cloud it may enrol agents of ("*": any) ...
+        #[arg(long, default_value = "*")]
+        token_cloud: String,
+        /// ... the roles (e.g. PROXY, APP; "*": any) ...
+        #[arg(long, default_value = "*")]
+        token_role: String,
+        /// ... how long it lives ...
+        #[arg(long, default_value = "24h", value_parser = parse_duration_s)]
+        token_ttl: u64,
+        /// ... and how many agents it may enrol (default: unlimited).
+        #[arg(long)]
+        token_uses: Option<u32>,
     },
     /// Run the CU.
     Run {
@@ -56,27 +71,61 @@ fn main() -> anyhow::Result<()> {
             ips,
             listen,
             force,
+            token_cloud,
+            token_role,
+            token_ttl,
+            token_uses,
         } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let files = pki::InitFiles::in_dir(&dir);
             pki::init(&files, &name, &ips, force)?;
+            // The first token goes into the store (hashed) and its secret
+            // into a file only root reads.
+            let secret = pki::new_token()?;
+            let wall_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let token = Trust::default()
+                .create_token(
+                    &secret,
+                    &token_cloud,
+                    &token_role,
+                    token_uses,
+                    token_ttl,
+                    wall_ms,
+                )
+                .map_err(|e| anyhow::anyhow!("the first token: {e}"))?;
+            let store = pon_cu::store::Store::open(&files.store)?;
+            store.write(&[Record::Token(token.clone())])?;
+            drop(store);
+            pki::write_token(&files.token, &secret, force)?;
             let cfg = dir.join("cu.toml");
             if !cfg.exists() {
                 std::fs::write(
                     &cfg,
                     format!(
-                        "listen = \"{listen}\"\ncert = \"cu.pem\"\nkey = \"cu.key\"\ntoken_file = \"token\"\nstore = \"registry.redb\"\nheartbeat_ms = 500\ndead_after_ms = 2000\n"
+                        "listen = \"{listen}\"\ncert = \"cu.pem\"\nkey = \"cu.key\"\nca = \"ca.pem\"\nca_key = \"ca.key\"\nadmin_cert = \"admin.pem\"\nstore = \"registry.redb\"\nheartbeat_ms = 500\ndead_after_ms = 2000\n\n# The prefixes each cloud may use; agents of a cloud without a grant are refused.\n# [clouds.paris]\n# prefixes = [\"198.18.1.0/24\"]\n"
                     ),
                 )
                 .with_context(|| format!("writing {}", cfg.display()))?;
             }
+            let t = &token.info;
             println!(
-                "CA {}, certificate {} (for {name}{}), token {}, config {}",
+                "CA {}, certificate {} (for {name}{}), admin credential {} + {}, config {}\n\
+                 join token {} (cloud {}, roles {}, {}, {} s) in {}",
                 files.ca_cert.display(),
                 files.cert.display(),
                 ips.iter().map(|i| format!(", {i}")).collect::<String>(),
+                files.admin_cert.display(),
+                files.admin_key.display(),
+                cfg.display(),
+                t.id,
+                t.cloud,
+                t.role,
+                t.uses_left
+                    .map_or("unlimited uses".into(), |n| format!("{n} uses")),
+                token_ttl,
                 files.token.display(),
-                cfg.display()
             );
             Ok(())
         }
@@ -88,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 println!("{}: ok", config.display());
                 return Ok(());
             }
-            pon_cu::server::run(cfg)
+            pon_cu::server::run(cfg, config)
         }
     }
 }

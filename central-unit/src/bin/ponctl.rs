@@ -1,21 +1,25 @@
-//! ponctl: asks the CU for its registry, and with `--routes` every online
-//! proxy for its routes.
+//! ponctl: the PON administrator's tool. It presents the admin credential
+//! `pon-cu init` wrote (no agent holds it) and asks the CU for its registry
+//! (with `--routes`, every online proxy for its routes), makes scoped join
+//! tokens, and revokes agents.
 //!
 //! Routes come from each proxy's own status endpoint (`GET /status`), not
 //! through the CU: they change with every probe, the CU has no use for them,
 //! and the proxy's own answer is live. The CU supplies the list of proxies.
 
 use anyhow::{bail, Context};
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use pon_cu::config::parse_duration_s;
 use pon_proto::control::{
-    self, AgentMsg, AgentRecord, CuMsg, Endpoints, FrameDecoder, MAX_CU_FRAME, PROTOCOL_VERSION,
+    AdminRequest, AgentMsg, AgentRecord, CuMsg, Endpoints, TokenInfo, PROTOCOL_VERSION,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-/// Lists the agents the PON Central Unit knows: by cloud and role, with
-/// their ids, addresses, state and last-seen time.
+/// Administers the PON Central Unit: lists the agents it knows (by cloud
+/// and role, with their ids, addresses, state and last-seen time), makes
+/// join tokens, revokes agents.
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -25,14 +29,17 @@ struct Args {
     /// CA certificate (PEM) that signed the CU's certificate.
     #[arg(long)]
     ca: PathBuf,
-    /// File holding the join token.
+    /// The admin certificate (admin.pem, made by pon-cu init).
     #[arg(long)]
-    token_file: PathBuf,
+    cert: PathBuf,
+    /// Its key (admin.key).
+    #[arg(long)]
+    key: PathBuf,
     /// Name in the CU's certificate.
     #[arg(long, default_value = "pon-cu")]
     server_name: String,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
     /// Also show, per online proxy, each destination's current path, its
     /// metric, the candidates and the probe budget used (asks the proxies).
@@ -41,51 +48,153 @@ struct Args {
     /// Port of the proxies' status endpoint, on their agent-side address.
     #[arg(long, default_value_t = pon_telemetry::metrics_port::FORWARDER)]
     status_port: u16,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The registry (the default).
+    List,
+    /// Join tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Remove an agent (CLOUD/NAME): every peer is told it is gone at once,
+    /// its key is refused from then on, its connection is closed.
+    Revoke {
+        /// CLOUD/NAME, as `list` shows them.
+        agent: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Make a token and print it (it is shown once; the CU keeps a hash).
+    Create {
+        /// The cloud whose agents it may enrol ("*": any).
+        #[arg(long)]
+        cloud: String,
+        /// The roles it may enrol: PROXY covers PROXY and PROXY.* (also
+        /// written PROXY*), APP app VMs, "*" any.
+        #[arg(long)]
+        role: String,
+        /// How many agents it may enrol, or "unlimited".
+        #[arg(long, default_value = "1", value_parser = parse_uses)]
+        uses: Uses,
+        /// How long it is valid: 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_duration_s)]
+        ttl: u64,
+    },
+    /// The tokens the CU knows (not their secrets).
+    List,
+}
+
+#[derive(Clone, Copy)]
+struct Uses(Option<u32>);
+
+fn parse_uses(s: &str) -> Result<Uses, String> {
+    if s == "unlimited" {
+        return Ok(Uses(None));
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n > 0 => Ok(Uses(Some(n))),
+        _ => Err(format!(
+            "{s:?}: a number of uses (1 or more) or \"unlimited\""
+        )),
+    }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading token file {}", args.token_file.display()))?
-        .trim()
-        .to_string();
-    let cfg = pon_cu::tls::client_config(&args.ca, Duration::from_secs(5))?;
-    let mut ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
-    ep.set_default_client_config(cfg);
-    let conn = tokio::time::timeout(
-        Duration::from_secs(10),
-        ep.connect(args.cu, &args.server_name)?,
+    let request = match &args.cmd {
+        None | Some(Cmd::List) => AdminRequest::List,
+        Some(Cmd::Token(TokenCmd::List)) => AdminRequest::ListTokens,
+        Some(Cmd::Token(TokenCmd::Create {
+            cloud,
+            role,
+            uses,
+            ttl,
+        })) => AdminRequest::CreateToken {
+            cloud: cloud.clone(),
+            role: role.clone(),
+            uses: uses.0,
+            ttl_s: *ttl,
+        },
+        Some(Cmd::Revoke { agent }) => {
+            let Some((cloud, name)) = agent.split_once('/') else {
+                bail!("revoke {agent:?}: name the agent as CLOUD/NAME");
+            };
+            AdminRequest::Revoke {
+                cloud: cloud.into(),
+                name: name.into(),
+            }
+        }
+    };
+    let cert = pon_cu::tls::ClientCert::from_files(&args.cert, &args.key)?;
+    let cfg = pon_cu::tls::client_config(&args.ca, Duration::from_secs(5), Some(cert))?;
+    let ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    let conn = match pon_cu::enrolment::connect(&ep, cfg, args.cu, &args.server_name).await {
+        Ok(c) => c,
+        Err(pon_cu::enrolment::Attempt::Fatal(why) | pon_cu::enrolment::Attempt::Retry(why)) => {
+            bail!("{why}")
+        }
+    };
+    let msg = pon_cu::enrolment::request(
+        &conn,
+        &AgentMsg::Admin {
+            version: PROTOCOL_VERSION,
+            request,
+        },
     )
     .await
-    .with_context(|| format!("timed out connecting to the CU at {}", args.cu))?
-    .with_context(|| format!("connecting to the CU at {}", args.cu))?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send.write_all(&control::encode(&AgentMsg::List {
-        version: PROTOCOL_VERSION,
-        token,
-    }))
-    .await?;
-    let mut dec = FrameDecoder::new(MAX_CU_FRAME);
-    let msg = loop {
-        if let Some(m) = dec.next_msg::<CuMsg>()? {
-            break m;
-        }
-        match tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(1 << 20, true)).await {
-            Ok(Ok(Some(c))) => dec.push(&c.bytes)?,
-            Ok(Ok(None)) => bail!("the CU closed the stream without answering"),
-            Ok(Err(e)) => bail!("reading from the CU: {e}"),
-            Err(_) => bail!("the CU did not answer within 10 s"),
-        }
-    };
+    .map_err(|e| anyhow::anyhow!(e))
+    .with_context(|| format!("asking the CU at {}", args.cu))?;
     conn.close(0u32.into(), b"done");
-    let records = match msg {
-        CuMsg::Registry(r) => r,
+    ep.wait_idle().await;
+    match msg {
+        CuMsg::Registry(records) => show_registry(&args, &records)?,
+        CuMsg::Token { token, info } if args.json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"token": token, "info": info}))?
+        ),
+        CuMsg::Token { token, info } => {
+            eprintln!("{}", describe(&info));
+            println!("{token}");
+        }
+        CuMsg::Tokens(t) if args.json => println!("{}", serde_json::to_string_pretty(&t)?),
+        CuMsg::Tokens(t) => t.iter().for_each(|t| println!("{}", describe(t))),
+        CuMsg::Revoked { id } => match id {
+            Some(id) => println!("revoked (id {id}; its peers were told it is gone)"),
+            None => println!("revoked (it had not registered)"),
+        },
         CuMsg::Refused(why) => bail!("the CU refused: {why}"),
         other => bail!("unexpected answer from the CU: {other:?}"),
+    }
+    Ok(())
+}
+
+fn describe(t: &TokenInfo) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let life = if now >= t.expires_ms {
+        "expired".to_string()
+    } else {
+        format!("expires in {} s", (t.expires_ms - now) / 1000)
     };
+    let uses = t
+        .uses_left
+        .map_or("unlimited uses".into(), |n| format!("{n} uses left"));
+    format!(
+        "token {}: cloud {}, roles {}, {uses}, {life}",
+        t.id, t.cloud, t.role
+    )
+}
+
+fn show_registry(args: &Args, records: &[AgentRecord]) -> anyhow::Result<()> {
     let routes = if args.routes {
-        proxy_routes(&records, args.status_port)
+        proxy_routes(records, args.status_port)
     } else {
         Vec::new()
     };
@@ -97,18 +206,17 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"agents": json(&records), "routes": r})
+                &serde_json::json!({"agents": json(records), "routes": r})
             )?
         );
     } else if args.json {
-        println!("{}", serde_json::to_string_pretty(&json(&records))?);
+        println!("{}", serde_json::to_string_pretty(&json(records))?);
     } else {
-        table(&records);
+        table(records);
         for (rec, st) in &routes {
             print_routes(rec, st);
         }
     }
-    ep.wait_idle().await;
     Ok(())
 }
 
@@ -142,6 +250,8 @@ fn json(records: &[AgentRecord]) -> serde_json::Value {
                     "last_seen_ms": r.last_seen_ms,
                     "addresses": addresses(&r.info.endpoints),
                     "endpoints": r.info.endpoints,
+                    "noise_key": r.info.noise_key,
+                    "allowed": r.info.allowed,
                 })
             })
             .collect(),

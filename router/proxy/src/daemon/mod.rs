@@ -91,9 +91,8 @@ pub fn steering_socket(cfg: &ForwarderConfig, port: u16) -> anyhow::Result<Optio
 /// The proxy's static key, from its state directory (made there, mode
 /// 0600, on first start).
 pub fn private_key(cfg: &ForwarderConfig) -> anyhow::Result<[u8; 32]> {
-    let id = pon_identity::Identity::load_or_create(&cfg.state_dir)
-        .with_context(|| format!("loading the keys in {}", cfg.state_dir.display()))?;
-    tracing::info!(public_key = %id.noise_public(), state_dir = %cfg.state_dir.display(), "identity");
+    let id = cfg.identity()?;
+    tracing::info!(public_key = %id.noise_public(), state_dir = %id.dir().display(), "identity");
     Ok(id.noise_secret())
 }
 
@@ -114,8 +113,12 @@ pub fn start_cu(
     cfg: &ForwarderConfig,
     mailbox: &Mailbox,
 ) -> anyhow::Result<Option<Arc<ClientStatus>>> {
+    if cfg.cu.is_none() {
+        return Ok(None);
+    }
+    let identity = Arc::new(cfg.identity()?);
     let mb = mailbox.clone();
-    crate::forwarder::cu::start_with(cfg, Box::new(move |v| mb.post_view(v.clone())))
+    crate::forwarder::cu::start_with(cfg, identity, Box::new(move |v| mb.post_view(v.clone())))
 }
 
 /// How a core's status is published, and how often.

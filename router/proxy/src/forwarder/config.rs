@@ -22,6 +22,10 @@ pub struct ForwarderConfig {
     /// destinations from it.
     #[serde(default)]
     pub cu: Option<pon_cu::client::CuClientConfig>,
+    /// Where this proxy keeps its keys and the CU's certificate for them
+    /// (default /var/lib/pon/proxy; relative to this file).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// UDP address for PON packets from peer proxies.
     pub listen: SocketAddr,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
@@ -50,16 +54,9 @@ pub struct ForwarderConfig {
     /// pon-router) and talk to this forwarder over UDP.
     #[serde(default)]
     pub local: Option<LocalConfig>,
-    /// Where this proxy keeps its keys (made on first start, mode 0600).
-    #[serde(default = "default_state_dir")]
-    pub state_dir: PathBuf,
     /// Session lifetimes of the tunnels between proxies.
     #[serde(default)]
     pub tunnel: TunnelConfig,
-}
-
-fn default_state_dir() -> PathBuf {
-    pon_identity::default_state_dir("proxy")
 }
 
 /// When the sessions between proxies are replaced (defaults: WireGuard's).
@@ -159,10 +156,18 @@ impl ForwarderConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut cfg = pon_telemetry::load_config(path, "forwarder", Self::parse)?;
         cfg.cu = cfg.cu.map(|c| c.relative_to(path));
-        if let Some(dir) = path.parent().filter(|_| cfg.state_dir.is_relative()) {
-            cfg.state_dir = dir.join(&cfg.state_dir);
-        }
+        cfg.state_dir = cfg.state_dir.map(|d| pon_identity::relative_to(d, path));
         Ok(cfg)
+    }
+
+    /// The directory of this proxy's identity.
+    pub fn state_dir(&self) -> PathBuf {
+        pon_identity::state_dir_or_default(self.state_dir.as_deref(), "proxy")
+    }
+
+    /// This proxy's identity, made on first start.
+    pub fn identity(&self) -> anyhow::Result<pon_identity::Identity> {
+        pon_identity::Identity::load_or_create(&self.state_dir()).context("state_dir")
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {

@@ -4,10 +4,13 @@
 //! the last table while the CU is away.
 
 use super::ForwarderConfig;
+use ipnet::IpNet;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
 use pon_forwarder::{Agent, ForwardingTable};
+use pon_identity::Identity;
 use pon_proto::control::Endpoints;
+use pon_proto::control::PublicKey;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -59,11 +62,37 @@ pub fn table_from_view(
     ForwardingTable::build(me, &peers, &agents, &destinations, &relays)
 }
 
+/// What the data plane needs to trust a peer proxy: the static Noise key the
+/// CU vouches for (bound to the proxy's enrolment), and the inner sources
+/// its cloud may send (the cloud's address grant: allowed-IPs at egress).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTrust {
+    pub id: u32,
+    pub pon: std::net::SocketAddr,
+    pub noise_key: PublicKey,
+    pub allowed: Vec<IpNet>,
+}
+
+/// Every peer proxy of the view, with its key and grant.
+pub fn peer_trust(view: &View) -> Vec<PeerTrust> {
+    view.proxies()
+        .map(|(info, p)| PeerTrust {
+            id: p.id,
+            pon: p.pon,
+            noise_key: info.noise_key,
+            allowed: info.allowed.clone(),
+        })
+        .collect()
+}
+
 /// Starts the CU client if the config has a `[cu]` section, handing every
 /// new view to `on_view` (on the client's thread) instead of building the
-/// table: for daemons that compose the table from more than the view.
+/// table: for daemons that compose the table from more than the view. The
+/// proxy registers with `identity`'s Noise key, enrolling first if it has
+/// no certificate yet.
 pub fn start_with(
     cfg: &ForwarderConfig,
+    identity: Arc<Identity>,
     on_view: client::ViewCallback,
 ) -> anyhow::Result<Option<Arc<ClientStatus>>> {
     let Some(cu) = cfg.cu.clone() else {
@@ -75,14 +104,22 @@ pub fn start_with(
         agent_udp_port: cfg.agent_udp_port,
     };
     let register = cu
-        .register("PROXY", &cfg.local_addr.to_string(), endpoints, cfg.id)
+        .register(
+            "PROXY",
+            &cfg.local_addr.to_string(),
+            endpoints,
+            cfg.id,
+            identity.noise_public(),
+        )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let on_fatal = Box::new(|why: String| {
         tracing::error!("{why}");
         eprintln!("pon-forwarder: {why}");
         std::process::exit(2);
     });
-    Ok(Some(client::spawn(&cu, register, on_view, on_fatal, true)?))
+    Ok(Some(client::spawn(
+        &cu, identity, register, on_view, on_fatal, true,
+    )?))
 }
 
 #[cfg(test)]
@@ -99,6 +136,8 @@ mod tests {
                 role: "X".into(),
                 name: format!("n{id}"),
                 endpoints,
+                noise_key: pon_proto::control::PublicKey([id as u8; 32]),
+                allowed: vec![],
             },
             optimise: false,
         }
@@ -160,5 +199,30 @@ mod tests {
         v.apply_changes(vec![Change::Down(2)]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn peers_come_with_the_key_and_grant_the_cu_vouches_for() {
+        let mut tokyo = proxy(2, "tokyo");
+        tokyo.info.allowed = vec!["198.18.2.0/24".parse().unwrap()];
+        let mut v = View::default();
+        v.apply_config(Config {
+            id: 1,
+            heartbeat_ms: 500,
+            dead_after_ms: 2000,
+            peers: vec![tokyo, app(10, "paris", [198, 18, 1, 11])],
+        });
+        assert_eq!(
+            peer_trust(&v),
+            vec![PeerTrust {
+                id: 2,
+                pon: "198.18.2.1:7300".parse().unwrap(),
+                noise_key: PublicKey([2; 32]),
+                allowed: vec!["198.18.2.0/24".parse().unwrap()],
+            }]
+        );
+        // A revoked (or departed) peer leaves the view, and with it its key.
+        v.apply_changes(vec![Change::Down(2)]);
+        assert!(peer_trust(&v).is_empty());
     }
 }

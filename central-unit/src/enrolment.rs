@@ -1,0 +1,182 @@
+//! An agent's credentials towards the CU: the certificate kept in its state
+//! directory, or, on its first start, an enrolment with the join token
+//! that earns one. Also the one-request exchange that enrolment and
+//! `ponctl` share.
+
+use crate::client::{is_fatal, seed, ClientError, ClientStatus, CuClientConfig, CU_IDLE_TIMEOUT};
+use crate::session::Backoff;
+use crate::tls::{self, ClientCert};
+use pon_identity::Identity;
+use pon_proto::control::{
+    self, AgentMsg, CuMsg, Enrol, FrameDecoder, Register, MAX_CU_FRAME, PROTOCOL_VERSION,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long the CU has to answer one request.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Credentials {
+    ca: PathBuf,
+    identity: Arc<Identity>,
+    /// Enrolled already: the configuration with the certificate.
+    ready: Option<quinn::ClientConfig>,
+    /// Not enrolled: what to ask the CU.
+    enrol: Option<Enrol>,
+}
+
+impl Credentials {
+    /// Checks what can be checked before the first connection: the CA file,
+    /// the certificate if there is one, else the token to enrol with.
+    pub fn new(
+        cfg: &CuClientConfig,
+        identity: Arc<Identity>,
+        register: &Register,
+    ) -> Result<Self, ClientError> {
+        tls::client_config(&cfg.ca, CU_IDLE_TIMEOUT, None)?;
+        let mut c = Credentials {
+            ca: cfg.ca.clone(),
+            identity,
+            ready: None,
+            enrol: None,
+        };
+        match c.identity.certificate()? {
+            Some(pem) => c.ready = Some(c.with_certificate(&pem)?),
+            None => {
+                let token = cfg.token()?.ok_or_else(|| ClientError::NoToken {
+                    state_dir: c.identity.dir().display().to_string(),
+                })?;
+                c.enrol = Some(Enrol {
+                    version: PROTOCOL_VERSION,
+                    token,
+                    cloud: register.cloud.clone(),
+                    role: register.role.clone(),
+                    name: register.name.clone(),
+                    noise_key: register.noise_key,
+                    csr: c
+                        .identity
+                        .certificate_request(&register.cloud, &register.name)?,
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    fn with_certificate(&self, pem: &str) -> Result<quinn::ClientConfig, ClientError> {
+        let chain = tls::certs_from_pem(pem).map_err(|why| ClientError::Certificate {
+            path: self.identity.certificate_path().display().to_string(),
+            why,
+        })?;
+        let cert = ClientCert::new(chain, self.identity.tls_key_der());
+        Ok(tls::client_config(&self.ca, CU_IDLE_TIMEOUT, Some(cert))?)
+    }
+
+    /// The QUIC configuration with this agent's certificate, enrolling
+    /// first if it has none: retried with backoff while the CU cannot be
+    /// reached, final when the CU refuses (a first start with a bad token
+    /// is a configuration error). `Err` says why the agent cannot go on.
+    pub async fn client_config(
+        self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        server_name: &str,
+        status: &ClientStatus,
+    ) -> Result<quinn::ClientConfig, String> {
+        if let Some(q) = self.ready {
+            return Ok(q);
+        }
+        let msg = AgentMsg::Enrol(self.enrol.clone().expect("no certificate: enrol"));
+        let anon =
+            tls::client_config(&self.ca, CU_IDLE_TIMEOUT, None).map_err(|e| e.to_string())?;
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), seed());
+        loop {
+            let answer = match connect(endpoint, anon.clone(), addr, server_name).await {
+                Ok(conn) => {
+                    let a = request(&conn, &msg).await.map_err(Attempt::Retry);
+                    conn.close(0u32.into(), b"done");
+                    a
+                }
+                Err(e) => Err(e),
+            };
+            let why = match answer {
+                Ok(CuMsg::Enrolled { certificate }) => {
+                    self.identity
+                        .save_certificate(&certificate)
+                        .map_err(|e| format!("keeping the certificate: {e}"))?;
+                    status.counters.enrolments.inc();
+                    tracing::info!(cert = %self.identity.certificate_path().display(), "enrolled with the CU");
+                    return self
+                        .with_certificate(&certificate)
+                        .map_err(|e| e.to_string());
+                }
+                Ok(CuMsg::Refused(why)) => {
+                    return Err(format!("the CU refused to enrol this agent: {why}"))
+                }
+                Ok(other) => format!("unexpected answer to an enrolment: {other:?}"),
+                Err(Attempt::Fatal(why)) => return Err(why),
+                Err(Attempt::Retry(why)) => why,
+            };
+            status.counters.connect_failures.inc();
+            let d = backoff.next_delay();
+            tracing::warn!(retry_in_ms = d.as_millis() as u64, "enrolment: {why}");
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
+pub enum Attempt {
+    /// Retrying cannot help (certificate problems).
+    Fatal(String),
+    Retry(String),
+}
+
+/// A connection to the CU with `cfg`.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, Attempt> {
+    let connecting = endpoint
+        .connect_with(cfg, addr, server_name)
+        .map_err(|e| Attempt::Fatal(format!("connecting to the CU at {addr}: {e}")))?;
+    match tokio::time::timeout(ANSWER_TIMEOUT, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) if is_fatal(&e) => Err(Attempt::Fatal(format!(
+            "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
+        ))),
+        Ok(Err(e)) => Err(Attempt::Retry(format!("cannot reach the CU at {addr}: {e}"))),
+        Err(_) => Err(Attempt::Retry(format!("the CU at {addr} did not answer"))),
+    }
+}
+
+/// Sends `msg` on a new stream of `conn` and returns the CU's one answer.
+pub async fn request(conn: &quinn::Connection, msg: &AgentMsg) -> Result<CuMsg, String> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("opening a stream to the CU: {e}"))?;
+    send.write_all(&control::encode(msg))
+        .await
+        .map_err(|e| format!("sending to the CU: {e}"))?;
+    let _ = send.finish();
+    let mut dec = FrameDecoder::new(MAX_CU_FRAME);
+    loop {
+        if let Some(m) = dec.next_msg::<CuMsg>().map_err(|e| e.to_string())? {
+            return Ok(m);
+        }
+        match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_chunk(1 << 20, true)).await {
+            Ok(Ok(Some(c))) => dec.push(&c.bytes).map_err(|e| e.to_string())?,
+            Ok(Ok(None)) => return Err("the CU closed the stream without answering".into()),
+            Ok(Err(e)) => return Err(format!("reading from the CU: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "the CU did not answer within {} s",
+                    ANSWER_TIMEOUT.as_secs()
+                ))
+            }
+        }
+    }
+}
