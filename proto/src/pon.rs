@@ -656,11 +656,18 @@ mod tests {
     fn the_seal_covers_fixed_fields_only() {
         let mut v = packet(Kind::Data, &[3, 2], 0, 4);
         let mut aad = [0u8; MAX_SEAL_AAD_LEN];
-        let before = Packet::new_checked(&v[..]).unwrap().seal_aad(&mut aad).to_vec();
+        let before = Packet::new_checked(&v[..])
+            .unwrap()
+            .seal_aad(&mut aad)
+            .to_vec();
         let mut p = Packet::new_checked(&mut v[..]).unwrap();
         p.advance().unwrap();
         p.set_link(1, 2);
-        assert_eq!(p.seal_aad(&mut aad), &before[..], "relays' changes are outside it");
+        assert_eq!(
+            p.seal_aad(&mut aad),
+            &before[..],
+            "relays' changes are outside it"
+        );
         p.set_flow_id(8);
         assert_ne!(p.seal_aad(&mut aad), &before[..]);
     }

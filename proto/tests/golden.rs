@@ -83,7 +83,11 @@ fn pon_header_per_kind() {
         (pon::Kind::HandshakeInit, 1, 0),
         (pon::Kind::HandshakeResponse, 3, 16),
     ] {
-        assert_eq!(pon::trailer_len(kind, hops), trailer, "{kind:?} over {hops} hops");
+        assert_eq!(
+            pon::trailer_len(kind, hops),
+            trailer,
+            "{kind:?} over {hops} hops"
+        );
     }
     let mut v = relayed.to_vec();
     v.extend([0; 32]);
@@ -103,7 +107,11 @@ fn pon_header_per_kind() {
 fn handshake_bodies() {
     let init = pon_proto::handshake::init(0x0a0b_0c0d);
     assert_eq!(&init[..4], &[0x0a, 0x0b, 0x0c, 0x0d]);
-    assert_eq!(init.len(), 4 + 32 + 8 + 16, "index, ephemeral key, timestamp, tag");
+    assert_eq!(
+        init.len(),
+        4 + 32 + 8 + 16,
+        "index, ephemeral key, timestamp, tag"
+    );
     let r = pon_proto::handshake::response(1, 2);
     assert_eq!(&r[..8], &[0, 0, 0, 1, 0, 0, 0, 2]);
     assert_eq!(r.len(), 8 + 32 + 16, "indices, ephemeral key, tag");

@@ -115,19 +115,34 @@ fn main() {
         for _ in 0..batches {
             t_in += per_packet(BATCH, |i| {
                 let w = &mut wires[i];
-                w[HEADROOM..HEADROOM + outer_len].copy_from_slice(&template[HEADROOM..HEADROOM + outer_len]);
+                w[HEADROOM..HEADROOM + outer_len]
+                    .copy_from_slice(&template[HEADROOM..HEADROOM + outer_len]);
                 let d = ingress.from_agent_ipip(&tab_i, &ses_i, black_box(w), HEADROOM, outer_len);
                 debug_assert!(matches!(d.output, Output::Peer(_)));
                 lens[i] = d.range.len();
                 w.copy_within(d.range, HEADROOM);
             });
             t_tr += per_packet(BATCH, |i| {
-                let d = relay.from_peer(&tab_r, &ses_r, black_box(&mut wires[i]), HEADROOM, lens[i], peer(1));
+                let d = relay.from_peer(
+                    &tab_r,
+                    &ses_r,
+                    black_box(&mut wires[i]),
+                    HEADROOM,
+                    lens[i],
+                    peer(1),
+                );
                 debug_assert!(matches!(d.output, Output::Peer(_)));
                 black_box(&d);
             });
             t_eg += per_packet(BATCH, |i| {
-                let d = egress.from_peer(&tab_e, &ses_e, black_box(&mut wires[i]), HEADROOM, lens[i], peer(3));
+                let d = egress.from_peer(
+                    &tab_e,
+                    &ses_e,
+                    black_box(&mut wires[i]),
+                    HEADROOM,
+                    lens[i],
+                    peer(3),
+                );
                 debug_assert!(matches!(d.output, Output::AgentIpip(_)));
                 black_box(&d);
             });

@@ -22,7 +22,8 @@ pub struct Sockets {
     pub agent_udp: Option<UdpIo>,
     /// Largest UDP payload that fits the underlay in one datagram.
     pub max_datagram: usize,
-    /// Where probes that end here (`Output::Core`) go; `None` drops them.
+    /// Where packets for the proxy core (`Output::Core`: probes, handshake
+    /// messages) go; `None` drops them.
     pub monitor: Option<MonitorSink>,
 }
 

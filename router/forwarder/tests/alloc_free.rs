@@ -120,18 +120,44 @@ fn per_packet_paths_do_not_allocate() {
         for _ in 0..rounds {
             // Ingress, then transit at the relay, then egress.
             let len = load_from_ta(&mut buf, 1000);
-            let d = ingress.from_agent_ipip(&ingress.table.load(), &ingress.sessions.load(), &mut buf, HEADROOM, len);
+            let d = ingress.from_agent_ipip(
+                &ingress.table.load(),
+                &ingress.sessions.load(),
+                &mut buf,
+                HEADROOM,
+                len,
+            );
             assert_eq!(d.output, Output::Peer(peer(3)));
             let pon_len = d.range.len();
             wire[HEADROOM..HEADROOM + pon_len].copy_from_slice(&buf[d.range]);
-            let d = relay.from_peer(&relay.table.load(), &relay.sessions.load(), &mut wire, HEADROOM, pon_len, peer(1));
+            let d = relay.from_peer(
+                &relay.table.load(),
+                &relay.sessions.load(),
+                &mut wire,
+                HEADROOM,
+                pon_len,
+                peer(1),
+            );
             assert_eq!(d.output, Output::Peer(peer(2)));
-            let d = egress.from_peer(&egress.table.load(), &egress.sessions.load(), &mut wire, HEADROOM, pon_len, peer(3));
+            let d = egress.from_peer(
+                &egress.table.load(),
+                &egress.sessions.load(),
+                &mut wire,
+                HEADROOM,
+                pon_len,
+                peer(3),
+            );
             assert_eq!(d.output, Output::AgentIpip(APP_B));
 
             // Too big with DF: ICMP back to the sender.
             let len = load_from_ta(&mut buf, 1460);
-            let d = ingress.from_agent_ipip(&ingress.table.load(), &ingress.sessions.load(), &mut buf, HEADROOM, len);
+            let d = ingress.from_agent_ipip(
+                &ingress.table.load(),
+                &ingress.sessions.load(),
+                &mut buf,
+                HEADROOM,
+                len,
+            );
             assert_eq!(d.output, Output::AgentIpip(APP_A));
 
             // Garbage and strangers.

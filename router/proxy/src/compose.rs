@@ -69,9 +69,17 @@ impl Composer {
     /// configuration, or as the CU vouches for them.
     pub fn peer_keys(&self) -> Vec<(u32, [u8; 32])> {
         match (&self.cloud, &self.view) {
-            (Some(_), Some(v)) => v.proxies().map(|(info, p)| (p.id, info.noise_key.0)).collect(),
+            (Some(_), Some(v)) => v
+                .proxies()
+                .map(|(info, p)| (p.id, info.noise_key.0))
+                .collect(),
             (Some(_), None) => vec![],
-            (None, _) => self.fcfg.peers.iter().map(|p| (p.id, p.public_key.0)).collect(),
+            (None, _) => self
+                .fcfg
+                .peers
+                .iter()
+                .map(|p| (p.id, p.public_key.0))
+                .collect(),
         }
     }
 

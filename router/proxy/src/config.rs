@@ -94,7 +94,11 @@ impl ProxyConfig {
     }
 
     /// The forwarder's part of the core under this configuration.
-    pub fn forwarder_part(&self, epoch: u64, private_key: [u8; 32]) -> crate::core::ForwarderPartConfig {
+    pub fn forwarder_part(
+        &self,
+        epoch: u64,
+        private_key: [u8; 32],
+    ) -> crate::core::ForwarderPartConfig {
         crate::core::ForwarderPartConfig {
             forwarder: self.forwarder.clone(),
             epoch,

@@ -299,7 +299,9 @@ impl Tunnels {
         for id in ids {
             self.expire(id, now);
             let t = self.timers;
-            let Some(p) = self.peers.get(&id) else { continue };
+            let Some(p) = self.peers.get(&id) else {
+                continue;
+            };
             if p.wants_handshake(now, &t) {
                 if !p.sessions.is_empty() && p.pending.is_none() {
                     self.counters.rekeys.inc();
@@ -311,7 +313,9 @@ impl Tunnels {
 
     fn expire(&mut self, id: u32, now: Duration) {
         let reject = self.timers.reject_after;
-        let Some(p) = self.peers.get_mut(&id) else { return };
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
         let before = p.sessions.len();
         let (keep, old): (Vec<_>, Vec<_>) = p
             .sessions
@@ -376,8 +380,7 @@ impl Tunnels {
     fn answer(&mut self, now: Duration, from: u32, body: &[u8]) -> Result<(), Refused> {
         let init = Init::new_checked(body).map_err(|_| Refused::Malformed)?;
         let p = self.peers.get(&from).ok_or(Refused::UnknownPeer)?;
-        if p
-            .last_answer
+        if p.last_answer
             .is_some_and(|t| now < t + self.timers.min_answer_interval)
         {
             return Err(Refused::RateLimited);
@@ -390,9 +393,15 @@ impl Tunnels {
         let mut reply = handshake::response(0, init.sender_index());
         let noise_out: &mut [u8; handshake::RESPONSE_NOISE_LEN] =
             (&mut reply[8..]).try_into().expect("response body layout");
-        let (timestamp, keys) =
-            noise::respond(&self.private, &p.key, self.me, from, init.noise(), noise_out)
-                .map_err(|_| Refused::Forged)?;
+        let (timestamp, keys) = noise::respond(
+            &self.private,
+            &p.key,
+            self.me,
+            from,
+            init.noise(),
+            noise_out,
+        )
+        .map_err(|_| Refused::Forged)?;
         if timestamp <= p.last_timestamp {
             return Err(Refused::Replayed);
         }
@@ -469,7 +478,9 @@ impl Tunnels {
     }
 
     fn add_session(&mut self, peer: u32, s: Session) {
-        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
         p.sessions.insert(0, Arc::new(s));
         if p.sessions.len() > SESSIONS_PER_PEER {
             for old in p.sessions.split_off(SESSIONS_PER_PEER) {
@@ -504,7 +515,10 @@ impl Tunnels {
                     (None, Some(s)) => s.created() + t.rekey_after,
                 };
                 let expiry = p.sessions.last().map(|s| s.created() + t.reject_after);
-                [Some(due.max(p.next_attempt)), expiry].into_iter().flatten().min()
+                [Some(due.max(p.next_attempt)), expiry]
+                    .into_iter()
+                    .flatten()
+                    .min()
             })
             .min()
     }
@@ -592,7 +606,9 @@ pub fn local_mesh(ids: &[u32]) -> HashMap<u32, Arc<SessionTable>> {
                     let _ = nodes.get_mut(&to).map(|t| t.handle_init(now, from, &body));
                 }
                 Transmit::Response { to, body } => {
-                    let _ = nodes.get_mut(&to).map(|t| t.handle_response(now, from, &body));
+                    let _ = nodes
+                        .get_mut(&to)
+                        .map(|t| t.handle_response(now, from, &body));
                 }
                 Transmit::Keepalive { .. } => {}
             }

@@ -131,7 +131,9 @@ pub fn respond(
     let n = hs
         .read_message(msg, &mut payload)
         .map_err(|_| HandshakeError::Forged)?;
-    let timestamp: [u8; 8] = payload[..n].try_into().map_err(|_| HandshakeError::Forged)?;
+    let timestamp: [u8; 8] = payload[..n]
+        .try_into()
+        .map_err(|_| HandshakeError::Forged)?;
     hs.write_message(&[], out)
         .map_err(|_| HandshakeError::BadKey)?;
     let (i_to_r, r_to_i) = hs.dangerously_get_raw_split();

@@ -94,7 +94,10 @@ fn a_handshake_gives_both_sides_one_working_session() {
     assert_eq!(b.table.peers().collect::<Vec<_>>(), vec![1]);
     send(&a, &b, 2).unwrap();
     send(&b, &a, 1).unwrap();
-    assert_eq!(a.t.counters.completed.get() + b.t.counters.completed.get(), 1);
+    assert_eq!(
+        a.t.counters.completed.get() + b.t.counters.completed.get(),
+        1
+    );
     assert_eq!(
         a.t.counters.drop_collision.get() + b.t.counters.drop_collision.get(),
         1,
@@ -107,10 +110,16 @@ fn the_responder_waits_for_proof_before_sending() {
     let (mut a, mut b) = pair();
     a.t.handle_timeout(Duration::ZERO, wall(Duration::ZERO));
     deliver(&mut a, &mut b, Duration::ZERO); // init
-    assert!(b.table.sender(1).is_none(), "unconfirmed until the initiator speaks");
+    assert!(
+        b.table.sender(1).is_none(),
+        "unconfirmed until the initiator speaks"
+    );
     let sent = deliver(&mut b, &mut a, Duration::ZERO); // response
     assert!(matches!(sent[..], [Transmit::Response { .. }]));
-    assert!(matches!(a.t.poll_transmit(), Some(Transmit::Keepalive { to: 2 })));
+    assert!(matches!(
+        a.t.poll_transmit(),
+        Some(Transmit::Keepalive { to: 2 })
+    ));
     send(&a, &b, 2).unwrap(); // the keepalive, as the data path seals it
     send(&b, &a, 1).unwrap();
 }
@@ -124,13 +133,24 @@ fn replayed_forged_and_unknown_handshakes_are_refused() {
     };
     assert_eq!(receive(&mut b, 1, &init, Duration::ZERO), Some(Ok(())));
     let later = Duration::from_secs(1);
-    assert_eq!(receive(&mut b, 1, &init, later), Some(Err(Refused::Replayed)));
-    assert_eq!(receive(&mut b, 3, &init, later), Some(Err(Refused::UnknownPeer)));
-    let Transmit::Init { body, .. } = &init else { unreachable!() };
+    assert_eq!(
+        receive(&mut b, 1, &init, later),
+        Some(Err(Refused::Replayed))
+    );
+    assert_eq!(
+        receive(&mut b, 3, &init, later),
+        Some(Err(Refused::UnknownPeer))
+    );
+    let Transmit::Init { body, .. } = &init else {
+        unreachable!()
+    };
     let mut forged = *body;
     forged[20] ^= 1;
     assert_eq!(b.t.handle_init(later, 1, &forged), Err(Refused::Forged));
-    assert_eq!(b.t.handle_init(later, 1, &body[..10]), Err(Refused::Malformed));
+    assert_eq!(
+        b.t.handle_init(later, 1, &body[..10]),
+        Err(Refused::Malformed)
+    );
 
     // A response nobody asked for, and a forged one.
     let Some(Transmit::Response { body: resp, .. }) = b.t.poll_transmit() else {
@@ -139,7 +159,10 @@ fn replayed_forged_and_unknown_handshakes_are_refused() {
     let mut bad = resp;
     bad[30] ^= 1;
     assert_eq!(a.t.handle_response(later, 2, &bad), Err(Refused::Forged));
-    assert_eq!(a.t.handle_response(later, 2, &resp), Err(Refused::NoPending));
+    assert_eq!(
+        a.t.handle_response(later, 2, &resp),
+        Err(Refused::NoPending)
+    );
     assert_eq!(b.t.counters.drop_replayed.get(), 1);
     assert_eq!(a.t.counters.drop_forged.get(), 1);
 }
@@ -149,7 +172,9 @@ fn an_outsider_with_its_own_key_gets_nothing() {
     let (mut a, _b) = pair();
     let mut mallory = node(2); // claims b's id with another key
     mallory.t.set_peers(Duration::ZERO, &[(1, a.public)]);
-    mallory.t.handle_timeout(Duration::ZERO, wall(Duration::ZERO));
+    mallory
+        .t
+        .handle_timeout(Duration::ZERO, wall(Duration::ZERO));
     deliver(&mut mallory, &mut a, Duration::ZERO);
     assert_eq!(a.t.counters.drop_forged.get(), 1);
     assert!(a.table.peers().next().is_none());
@@ -208,7 +233,10 @@ fn a_removed_peer_loses_its_sessions_at_once() {
     let index = s.remote_index();
     a.t.set_peers(MS, &[]);
     refresh(&mut a);
-    assert!(a.table.session(index).is_none(), "revoked: its packets name no session");
+    assert!(
+        a.table.session(index).is_none(),
+        "revoked: its packets name no session"
+    );
     assert!(a.table.sender(2).is_none());
 }
 

@@ -82,7 +82,14 @@ fn received(bytes: &[u8]) -> Vec<u8> {
 }
 
 fn step(e: &Engine, buf: &mut [u8], len: usize, from: SocketAddr) -> Decision {
-    e.from_peer(&e.table.load(), &e.sessions.load(), buf, HEADROOM, len, from)
+    e.from_peer(
+        &e.table.load(),
+        &e.sessions.load(),
+        buf,
+        HEADROOM,
+        len,
+        from,
+    )
 }
 
 /// What `e` does with `wire`, received from `from`.
@@ -125,7 +132,13 @@ fn relayed_packet_arrives_intact_and_the_relay_cannot_read_it() {
     let (p1, p2, p3) = (engine(1), engine(2), engine(3));
     let inner = inner_packet(APP_A, APP_B, 100, true);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert_eq!(
         d.output,
         Output::Peer(proxy_addr(3)),
@@ -133,13 +146,19 @@ fn relayed_packet_arrives_intact_and_the_relay_cannot_read_it() {
     );
     let wire = buf[d.range].to_vec();
     assert_eq!(pon::Packet::new_checked(&wire[..]).unwrap().source(), 1);
-    assert!(!contains(&wire, &inner[IPV4_HEADER_LEN..]), "payload is encrypted");
+    assert!(
+        !contains(&wire, &inner[IPV4_HEADER_LEN..]),
+        "payload is encrypted"
+    );
 
     let mut buf = received(&wire);
     let d = step(&p3, &mut buf, wire.len(), proxy_addr(1));
     assert_eq!(d.output, Output::Peer(proxy_addr(2)));
     let wire = buf[d.range].to_vec();
-    assert!(!contains(&wire, &inner[IPV4_HEADER_LEN..]), "still encrypted after the relay");
+    assert!(
+        !contains(&wire, &inner[IPV4_HEADER_LEN..]),
+        "still encrypted after the relay"
+    );
 
     let mut buf = received(&wire);
     let d = step(&p2, &mut buf, wire.len(), proxy_addr(3));
@@ -157,7 +176,14 @@ fn udp_agent_leg_and_direct_route() {
     let inner = inner_packet(APP_B, APP_A, 10, false);
     let mut buf = received(&inner);
     let from = SocketAddr::from((APP_B, 40000));
-    let d = p2.from_agent_udp(&p2.table.load(), &p2.sessions.load(), &mut buf, HEADROOM, inner.len(), from);
+    let d = p2.from_agent_udp(
+        &p2.table.load(),
+        &p2.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        inner.len(),
+        from,
+    );
     assert_eq!(
         d.output,
         Output::Peer(proxy_addr(1)),
@@ -184,12 +210,22 @@ fn altered_replayed_and_unauthenticated_packets_are_dropped_and_counted() {
     for at in [1usize, 9, 14, 16, 25, wire.len() - 20, wire.len() - 1] {
         let mut bad = wire.clone();
         bad[at] ^= 0x40;
-        assert_eq!(output_from_peer(&p2, &bad, proxy_addr(1)), Output::Drop, "byte {at}");
+        assert_eq!(
+            output_from_peer(&p2, &bad, proxy_addr(1)),
+            Output::Drop,
+            "byte {at}"
+        );
     }
-    assert!(p2.counters.drop_bad_tag.get() >= 3, "payload, counter and tag bytes");
+    assert!(
+        p2.counters.drop_bad_tag.get() >= 3,
+        "payload, counter and tag bytes"
+    );
     assert_eq!(p2.counters.egress.get(), 0);
     // The original, once; the replay, never.
-    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(1)), Output::AgentIpip(APP_B));
+    assert_eq!(
+        output_from_peer(&p2, &wire, proxy_addr(1)),
+        Output::AgentIpip(APP_B)
+    );
     assert_eq!(output_from_peer(&p2, &wire, proxy_addr(1)), Output::Drop);
     assert_eq!(p2.counters.drop_replayed.get(), 1);
 
@@ -201,7 +237,10 @@ fn altered_replayed_and_unauthenticated_packets_are_dropped_and_counted() {
     bad[n - TAG_LEN - 3] ^= 1; // in the seal tag: the relay's link tag catches it
     assert_eq!(output_from_peer(&p3, &bad, proxy_addr(1)), Output::Drop);
     assert_eq!(p3.counters.drop_bad_tag.get(), 1);
-    assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Peer(proxy_addr(2)));
+    assert_eq!(
+        output_from_peer(&p3, &wire, proxy_addr(1)),
+        Output::Peer(proxy_addr(2))
+    );
     assert_eq!(output_from_peer(&p3, &wire, proxy_addr(1)), Output::Drop);
     assert_eq!(p3.counters.drop_replayed.get(), 1);
     assert_eq!(p3.counters.transit.get(), 1);
@@ -214,9 +253,14 @@ fn a_peer_cannot_speak_for_another_or_for_another_cloud() {
     // belongs to 3, not to the claimed source.
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let mut forged = data(3, &[2], 4, &inner);
-    pon::Packet::new_checked(&mut forged[..]).unwrap().set_source(1);
+    pon::Packet::new_checked(&mut forged[..])
+        .unwrap()
+        .set_source(1);
     assert_eq!(output_from_peer(&p2, &forged, proxy_addr(3)), Output::Drop);
-    assert_eq!(p2.counters.drop_wrong_peer.get() + p2.counters.drop_bad_tag.get(), 1);
+    assert_eq!(
+        p2.counters.drop_wrong_peer.get() + p2.counters.drop_bad_tag.get(),
+        1
+    );
 
     // 3, honestly itself, sends an inner packet whose source is in 1's
     // cloud: allowed IPs say no.
@@ -225,7 +269,10 @@ fn a_peer_cannot_speak_for_another_or_for_another_cloud() {
     assert_eq!(p2.counters.drop_foreign_source.get(), 1);
     let own = inner_packet(Ipv4Addr::new(198, 18, 3, 11), APP_B, 10, false);
     let wire = data(3, &[2], 4, &own);
-    assert_eq!(output_from_peer(&p2, &wire, proxy_addr(3)), Output::AgentIpip(APP_B));
+    assert_eq!(
+        output_from_peer(&p2, &wire, proxy_addr(3)),
+        Output::AgentIpip(APP_B)
+    );
 
     // Sessions from outside the overlay (another mesh's keys) name no
     // session here.
@@ -253,7 +300,13 @@ fn without_a_session_nothing_is_sent() {
     p1.sessions.store(Arc::default());
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert_eq!(d.output, Output::Drop);
     assert_eq!(p1.counters.drop_no_session.get(), 1);
 }
@@ -269,13 +322,15 @@ fn forged_and_malformed_are_dropped_and_counted() {
     // Unknown sender address, or a known peer IP from another port.
     let mut buf = received(&inner);
     assert_eq!(
-        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, stranger).output,
+        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, stranger)
+            .output,
         Output::Drop
     );
     let mut buf = received(&inner);
     let other_port = SocketAddr::from(([198, 18, 2, 1], 7301));
     assert_eq!(
-        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, other_port).output,
+        p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, other_port)
+            .output,
         Output::Drop
     );
     assert_eq!(p1.counters.drop_unknown_peer.get(), 2);
@@ -313,7 +368,12 @@ fn forged_and_malformed_are_dropped_and_counted() {
     assert_eq!(p1.counters.drop_not_for_me.get(), 1);
 
     // Egress to an address that is not one of our agents: no open relay.
-    let elsewhere = inner_packet(Ipv4Addr::new(198, 18, 2, 11), Ipv4Addr::new(10, 0, 0, 1), 10, false);
+    let elsewhere = inner_packet(
+        Ipv4Addr::new(198, 18, 2, 11),
+        Ipv4Addr::new(10, 0, 0, 1),
+        10,
+        false,
+    );
     let wire = data(2, &[1], 4, &elsewhere);
     assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.drop_no_destination.get(), 1);
@@ -384,7 +444,13 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
     let relay_overhead = pon::proxy_leg_overhead(2);
     let fits = inner_packet(APP_A, APP_B, 1500 - relay_overhead - IPV4_HEADER_LEN, true);
     let (mut buf, len) = from_ta(&fits, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert!(matches!(d.output, Output::Peer(_)));
     assert_eq!(
         d.range.len() + UDP_OVERHEAD,
@@ -399,7 +465,13 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
         true,
     );
     let (mut buf, len) = from_ta(&too_big, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert_eq!(
         d.output,
         Output::AgentIpip(APP_A),
@@ -424,7 +496,13 @@ fn oversized_df_packet_gets_frag_needed_back_to_sender() {
     // Without DF the packet goes on; the kernel fragments the outer packet.
     let no_df = inner_packet(APP_A, APP_B, 1600, false);
     let (mut buf, len) = from_ta(&no_df, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert!(matches!(d.output, Output::Peer(_)));
 }
 
@@ -446,7 +524,13 @@ fn local_destination_is_delivered_without_the_overlay() {
     p1.table.store(Arc::new(table));
     let inner = inner_packet(APP_A, neighbour, 10, false);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
-    let d = p1.from_agent_ipip(&p1.table.load(), &p1.sessions.load(), &mut buf, HEADROOM, len);
+    let d = p1.from_agent_ipip(
+        &p1.table.load(),
+        &p1.sessions.load(),
+        &mut buf,
+        HEADROOM,
+        len,
+    );
     assert_eq!(
         d.output,
         Output::AgentUdp(SocketAddrV4::new(neighbour, 7302))
@@ -484,8 +568,14 @@ fn probes_transit_and_end_opened_at_the_monitor() {
 fn handshakes_reach_the_core_and_keepalives_end_here() {
     let p2 = engine(2);
     let init = sealed(Kind::HandshakeInit, 1, &[2], 4, &[0; 60]);
-    assert_eq!(output_from_peer(&p2, &init, proxy_addr(1)), Output::Core(Kind::HandshakeInit));
+    assert_eq!(
+        output_from_peer(&p2, &init, proxy_addr(1)),
+        Output::Core(Kind::HandshakeInit)
+    );
     let keepalive = sealed(Kind::Keepalive, 1, &[2], 4, &[]);
-    assert_eq!(output_from_peer(&p2, &keepalive, proxy_addr(1)), Output::Drop);
+    assert_eq!(
+        output_from_peer(&p2, &keepalive, proxy_addr(1)),
+        Output::Drop
+    );
     assert_eq!(p2.counters.keepalives.get(), 1);
 }

@@ -54,7 +54,10 @@ impl Node {
         match shape {
             Shape::Joined => Node::Joined(Box::new(ProxyCore::new(cfg, session, 1, private))),
             Shape::Split { local_delay_us } => Node::Split {
-                fwd: Box::new(ForwarderPart::new(cfg.forwarder_part(1, private), Arc::default())),
+                fwd: Box::new(ForwarderPart::new(
+                    cfg.forwarder_part(1, private),
+                    Arc::default(),
+                )),
                 mon: Box::new(MonitorPart::new(
                     session,
                     cfg.monitor.clone(),
@@ -136,8 +139,8 @@ fn config(id: u32, policy: &str) -> ProxyConfig {
 /// Proxy `id`'s static key pair (made once per test run).
 fn keys(id: u32) -> ([u8; 32], pon_proto::control::PublicKey) {
     static KEYS: std::sync::OnceLock<Vec<([u8; 32], [u8; 32])>> = std::sync::OnceLock::new();
-    let (private, public) = KEYS.get_or_init(|| (0..4).map(|_| pon_tunnel::generate_keypair()).collect())
-        [id as usize];
+    let (private, public) =
+        KEYS.get_or_init(|| (0..4).map(|_| pon_tunnel::generate_keypair()).collect())[id as usize];
     (private, pon_proto::control::PublicKey(public))
 }
 

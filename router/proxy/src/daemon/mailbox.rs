@@ -98,9 +98,7 @@ impl Mailbox {
         }
         match kind {
             // Answers to what we sent: our measurements and our sessions.
-            Kind::ProbeReply | Kind::HandshakeResponse => {
-                self.post(Input::Packet(packet.to_vec()))
-            }
+            Kind::ProbeReply | Kind::HandshakeResponse => self.post(Input::Packet(packet.to_vec())),
             // Others' requests, answered in bounded rounds.
             Kind::Probe | Kind::HandshakeInit => {
                 if let Err(TrySendError::Full(_)) = self.bulk.try_send(packet.to_vec()) {

@@ -49,7 +49,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The forwarder's sockets: peers, agents (IP-in-IP and the UDP variant);
-/// probes that end here go to `monitor` (`None`: dropped and counted).
+/// packets for the core (probes, handshake messages) go to `monitor`
+/// (`None`: dropped and counted).
 pub fn open_sockets(
     cfg: &ForwarderConfig,
     monitor: Option<MonitorSink>,
@@ -258,7 +259,9 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     } else {
         engine
     });
-    let sockets = Arc::new(open_sockets(cfg, has_monitor.then(|| mailbox.sink()))?);
+    // Handshake messages always go to the control loop; probes only when
+    // there is a monitor (the engine drops them otherwise).
+    let sockets = Arc::new(open_sockets(cfg, Some(mailbox.sink()))?);
     // CU mode: views go to the control loop, the one writer of the table.
     let cu = start_cu(cfg, &mailbox)?;
     let extra: Renderer = {

@@ -5,10 +5,10 @@
 use anyhow::Context;
 use ipnet::IpNet;
 use pon_forwarder::{Agent, ForwardingTable};
+use pon_proto::control::PublicKey;
 use pon_proto::EncapKind;
 use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
-use pon_proto::control::PublicKey;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,7 +182,9 @@ impl ForwarderConfig {
             anyhow::bail!("hop_limit must be at least 1");
         }
         if cfg.tunnel.rekey_after_ms < 100 || cfg.tunnel.rekey_after_messages == 0 {
-            anyhow::bail!("[tunnel] rekey_after_ms must be at least 100 and rekey_after_messages at least 1");
+            anyhow::bail!(
+                "[tunnel] rekey_after_ms must be at least 100 and rekey_after_messages at least 1"
+            );
         }
         match (&cfg.cu, cfg.id) {
             (None, None) => anyhow::bail!("id is required (or a [cu] section to get one)"),
