@@ -1335,4 +1335,189 @@ mod tests {
         }
         assert!(changes_to(&a, 2).is_empty(), "nothing changed for b itself");
     }
+
+    mod hostile {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One thing a client may do, from a small domain so that clashes
+        /// are frequent: which connection, which name, which key, which
+        /// address.
+        #[derive(Debug, Clone)]
+        enum Op {
+            Enrol {
+                cloud: u8,
+                name: u8,
+                role: u8,
+                key: u8,
+                token: u8,
+            },
+            /// `honest`: as one of the identities enrolled so far (picked by
+            /// `name`), else with the fields as drawn.
+            Register {
+                conn: u8,
+                cloud: u8,
+                name: u8,
+                role: u8,
+                key: u8,
+                last: u8,
+                proxy: bool,
+                honest: bool,
+            },
+            Heartbeat {
+                conn: u8,
+            },
+            Close {
+                conn: u8,
+                goodbye: bool,
+            },
+            Revoke {
+                admin: bool,
+                cloud: u8,
+                name: u8,
+            },
+            Tick {
+                ms: u16,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                (0..3u8, 0..3u8, 0..2u8, 0..4u8, 0..3u8).prop_map(
+                    |(cloud, name, role, key, token)| Op::Enrol {
+                        cloud,
+                        name,
+                        role,
+                        key,
+                        token
+                    }
+                ),
+                (
+                    0..6u8,
+                    0..3u8,
+                    0..3u8,
+                    0..2u8,
+                    0..4u8,
+                    0..4u8,
+                    any::<bool>(),
+                    any::<bool>()
+                )
+                    .prop_map(
+                        |(conn, cloud, name, role, key, last, proxy, honest)| Op::Register {
+                            conn,
+                            cloud,
+                            name,
+                            role,
+                            key,
+                            last,
+                            proxy,
+                            honest
+                        }
+                    ),
+                (0..6u8).prop_map(|conn| Op::Heartbeat { conn }),
+                (0..6u8, any::<bool>()).prop_map(|(conn, goodbye)| Op::Close { conn, goodbye }),
+                (any::<bool>(), 0..3u8, 0..3u8).prop_map(|(admin, cloud, name)| Op::Revoke {
+                    admin,
+                    cloud,
+                    name
+                }),
+                (0..3000u16).prop_map(|ms| Op::Tick { ms }),
+            ]
+        }
+
+        const CLOUDS: [&str; 3] = ["paris", "tokyo", "nowhere"];
+        const ROLES: [&str; 2] = ["PROXY", "APP"];
+
+        proptest! {
+            /// Whatever clients do, in any order: no panic, every present
+            /// agent is enrolled as what it registered as, under its key,
+            /// with addresses in its cloud's grant and held by nobody else.
+            #[test]
+            fn registry_invariants_hold_under_hostile_clients(ops in prop::collection::vec(op(), 1..60)) {
+                let g = |p: &str| Grant { prefixes: vec![p.parse().unwrap()], endpoints: vec![] };
+                let mut r = Registry::new(
+                    Settings {
+                        grants: Grants([("paris".to_string(), g("198.18.1.0/24")), ("tokyo".to_string(), g("198.18.2.0/24"))].into()),
+                        admins: vec![ADMIN],
+                        ..Settings::default()
+                    },
+                    Policy::default(),
+                );
+                let tokens = [token(&mut r, "paris", "*", None), token(&mut r, "*", "APP", Some(2)), "forged".to_string()];
+                let mut now = Duration::ZERO;
+                let mut conn_keys: HashMap<ConnId, KeyId> = HashMap::new();
+                let mut enrolled: Vec<(u8, u8, u8, u8)> = Vec::new();
+                let mut next_conn = 1000;
+                for o in ops {
+                    match o {
+                        Op::Enrol { cloud, name, role, key, token } => {
+                            next_conn += 1;
+                            let e = Enrol {
+                                version: PROTOCOL_VERSION,
+                                token: tokens[token as usize].clone(),
+                                cloud: CLOUDS[cloud as usize].into(),
+                                role: ROLES[role as usize].into(),
+                                name: format!("n{name}"),
+                                noise_key: PublicKey([key; 32]),
+                                csr: format!("key{key}").into_bytes(),
+                            };
+                            if r.enrol(next_conn, e, 10, &FakeCa).1.is_ok() {
+                                enrolled.push((cloud, name, role, key));
+                            }
+                        }
+                        Op::Register { conn, mut cloud, mut name, mut role, mut key, last, proxy, honest } => {
+                            if honest && !enrolled.is_empty() {
+                                (cloud, name, role, key) = enrolled[usize::from(name) % enrolled.len()];
+                            }
+                            let conn = u64::from(conn);
+                            let k = KeyId::of_public_key(format!("key{key}").as_bytes());
+                            let a = Ipv4Addr::new(198, 18, 1 + cloud % 2, last);
+                            let reg = Register {
+                                version: PROTOCOL_VERSION,
+                                cloud: CLOUDS[cloud as usize].into(),
+                                role: ROLES[role as usize].into(),
+                                name: format!("n{name}"),
+                                endpoints: if proxy { Endpoints::proxy(a) } else { Endpoints::App { addr: a, encap: Encap::Ipip } },
+                                id_hint: Some(u32::from(last)),
+                                noise_key: PublicKey([key; 32]),
+                            };
+                            if r.register(conn, Some(k), reg, now, 1).1.is_none() {
+                                conn_keys.insert(conn, k);
+                            }
+                        }
+                        Op::Heartbeat { conn } => r.heartbeat(u64::from(conn), now, 1),
+                        Op::Close { conn, goodbye } => { r.disconnected(u64::from(conn), goodbye, 1); }
+                        Op::Revoke { admin, cloud, name } => {
+                            let who = if admin { Some(ADMIN) } else { Some(KeyId([1; 32])) };
+                            let req = AdminRequest::Revoke { cloud: CLOUDS[cloud as usize].into(), name: format!("n{name}") };
+                            let (_, done) = r.admin(999, who, req, PROTOCOL_VERSION, 1, &mut || None);
+                            prop_assert!(admin || done == Err(Refusal::NotAdmin));
+                        }
+                        Op::Tick { ms } => {
+                            now += Duration::from_millis(u64::from(ms));
+                            r.tick(now);
+                        }
+                    }
+                    // The invariants, after every step.
+                    let present: Vec<&Entry> = r.agents.values().filter(|e| e.present()).collect();
+                    for e in &present {
+                        let conn = e.conn.expect("present without a restart: connected");
+                        let key = conn_keys[&conn];
+                        let en = r.trust.enrolment(&key).expect("enrolled");
+                        prop_assert!(!en.revoked, "a revoked agent stays present");
+                        prop_assert_eq!((&en.cloud, &en.name, &en.role), (&e.info.cloud, &e.info.name, &e.info.role));
+                        prop_assert!(r.settings.grants.check(&e.info.cloud, &e.info.endpoints).is_ok());
+                        for o in &present {
+                            if o.info.id != e.info.id {
+                                for c in claims(&e.info.endpoints) {
+                                    prop_assert!(!claims(&o.info.endpoints).iter().any(|d| c.clashes(*d)),
+                                        "{} and {} share {}", e.info.id, o.info.id, c.addr());
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -36,6 +36,7 @@ pub fn bin_dir() -> PathBuf {
         "pon-ra",
         "pon-linkemu",
         "pon-cu",
+        "ponctl",
     ] {
         assert!(
             dir.join(bin).exists(),

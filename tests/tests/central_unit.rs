@@ -336,7 +336,21 @@ fn intruders_are_refused_with_a_clear_error() {
             .collect();
         format!("agent_udp_port = 0\n{c}")
     };
+    // Beside tokyo's running forwarder first (the address it holds), then
+    // in its place (its ports, its name) while it is stopped.
     let cases = [
+        (
+            "held-address",
+            beside(&cfg, "thief"),
+            "address 198.18.2.1 is held by tokyo/198.18.2.1",
+        ),
+        (
+            "outside-grant",
+            beside(&cfg, "thief2")
+                .replace("cloud = \"tokyo\"", "cloud = \"paris\"")
+                .replace(&token, &s(&cu.join("tokens/paris-proxy"))),
+            "198.18.2.1 is outside cloud paris's grant (198.18.1.0/24)",
+        ),
         (
             "bad-token",
             cfg.replace(&token, &s(&dir.join("bad-token"))),
@@ -357,26 +371,13 @@ fn intruders_are_refused_with_a_clear_error() {
             cfg.clone(),
             "tokyo/198.18.2.1 is bound to another key",
         ),
-        (
-            "held-address",
-            beside(&cfg, "thief"),
-            "address 198.18.2.1 is held by tokyo/198.18.2.1",
-        ),
-        (
-            "outside-grant",
-            beside(&cfg, "thief2")
-                .replace("cloud = \"tokyo\"", "cloud = \"paris\"")
-                .replace(&token, &s(&cu.join("tokens/paris-proxy"))),
-            "198.18.2.1 is outside cloud paris's grant (198.18.1.0/24)",
-        ),
     ];
     let fwd = bin_dir().join("pon-forwarder");
     for (name, bad, expect) in cases {
         let fresh = s(&dir.join(format!("state-{name}")));
         let path = dir.join(format!("{name}.toml"));
         std::fs::write(&path, bad.replace(&state, &fresh)).unwrap();
-        if name == "stolen-name" {
-            // The name is tokyo's: its own forwarder must be away.
+        if name == "bad-token" {
             lab.ctl("stop", &["tokyo/proxy"]);
         }
         let out = lab.exec(
@@ -389,14 +390,11 @@ fn intruders_are_refused_with_a_clear_error() {
                 path.to_str().unwrap(),
             ],
         );
-        if name == "stolen-name" {
-            lab.ctl("start", &["tokyo/proxy"]);
-            wait_overlay_up(&lab);
-        }
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(expect), "{name}: {err}");
     }
+    lab.ctl("start", &["tokyo/proxy"]);
     for reason in [
         "bad_token",
         "token_scope",
