@@ -77,6 +77,8 @@ pub fn start_with(
     let register = cu
         .register("PROXY", &cfg.local_addr.to_string(), endpoints, cfg.id)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Only a first-start misconfiguration gets here (pon_cu::session): once
+    // the agent has a view, no CU trouble stops it.
     let on_fatal = Box::new(|why: String| {
         tracing::error!("{why}");
         eprintln!("pon-forwarder: {why}");
