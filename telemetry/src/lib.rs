@@ -424,6 +424,14 @@ mod tests {
     }
 
     #[test]
+    fn metrics_listen_on_loopback_unless_configured() {
+        let d = metrics_addr(None, metrics_port::TA);
+        assert!(d.ip().is_loopback() && d.port() == 9101, "{d}");
+        let mine: SocketAddr = "198.18.1.11:9101".parse().unwrap();
+        assert_eq!(metrics_addr(Some(mine), metrics_port::TA), mine);
+    }
+
+    #[test]
     fn endpoint_serves_metrics_and_404() {
         let s = Arc::new(Sample::default());
         s.b.inc();
