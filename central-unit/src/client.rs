@@ -371,7 +371,9 @@ async fn run(
                 match conn {
                     Ok(conn) => {
                         status.counters.connects.inc();
-                        tracing::info!(cu = %addr, "connected to the CU");
+                        // Debug only: a refused agent connects every few
+                        // seconds; "registered" is the news worth a line.
+                        tracing::debug!(cu = %addr, "connected to the CU");
                         let ended =
                             serve(&conn, start, &mut session, &mut on_view, &status, &mut signals)
                                 .await;
