@@ -13,7 +13,10 @@ ROLE_RE = re.compile(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$")
 MAX_SITES = 50
 MAX_APPS = 50
 ENCAPS = ("ipip", "udp")
-DEFAULT_ENCAP = "ipip"   # agent legs when the topology names none
+# Agent legs when the topology names none: UDP, the fast one (GSO sends and
+# GRO receives carry a batch per system call; raw IP-in-IP sockets go packet
+# by packet, see BENCHMARKS.md). Tests that need IP-in-IP say so.
+DEFAULT_ENCAP = "udp"
 LINK_FIELDS = {          # [[link]] settings: (maximum, help); all >= 0
     "delay_ms": (60000, "one-way delay, each direction (ms)"),
     "jitter_ms": (60000, "jitter: uniform +- this around the delay (ms)"),
