@@ -42,6 +42,7 @@ pub struct TaConfig {
     /// Destinations whose traffic goes through the overlay.
     #[serde(default)]
     pub intercept: Vec<IpNet>,
+    /// Prometheus endpoint (default 127.0.0.1:9101, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     /// The RA's UDP port on this VM, told to the CU for the UDP encapsulation.
@@ -80,6 +81,7 @@ pub struct RaConfig {
     /// UDP port of the UDP encapsulation (0 disables it).
     #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub udp_port: u16,
+    /// Prometheus endpoint (default 127.0.0.1:9102, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
 }

@@ -138,6 +138,8 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
             tracing::error!(error = %format!("{e:#}"), "updating interception routes");
         }
     });
+    // Only a first-start misconfiguration gets here (pon_cu::session): once
+    // the agent has a view, no CU trouble stops it.
     let on_fatal = Box::new(|why: String| {
         tracing::error!("{why}");
         eprintln!("pon-ta: {why}");

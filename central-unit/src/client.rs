@@ -1,9 +1,11 @@
 //! The CU client every PON daemon embeds: a thread with its own small tokio
 //! runtime that connects (retrying with backoff), registers, sends
 //! heartbeats, reconnects after losing the CU, and hands each new view to
-//! the daemon. The daemon's data path never waits on it.
+//! the daemon. The daemon's data path never waits on it. It only does the
+//! I/O: what a failure means (retry, report, or give up at a first start)
+//! is the session's policy.
 
-use crate::session::{Session, SessionAction};
+use crate::session::{Failure, Session, SessionAction, Verdict};
 use crate::tls;
 use crate::view::View;
 use pon_identity::Identity;
@@ -14,7 +16,7 @@ use pon_telemetry::PromWriter;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,7 +148,12 @@ impl CuClientConfig {
 pon_telemetry::counters! {
     pub struct ClientCounters {
         connects => ("pon_cu_client_connects_total", "", "Connections established with the CU."),
-        connect_failures => ("pon_cu_client_connect_failures_total", "", "Attempts to reach the CU that failed."),
+        refused => ("pon_cu_client_connect_failures_total", "reason=\"refused\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        tls => ("pon_cu_client_connect_failures_total", "reason=\"tls\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        timeout => ("pon_cu_client_connect_failures_total", "reason=\"timeout\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        closed => ("pon_cu_client_connect_failures_total", "reason=\"closed\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        bad_message => ("pon_cu_client_connect_failures_total", "reason=\"bad_message\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        config => ("pon_cu_client_connect_failures_total", "reason=\"config\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
         configs => ("pon_cu_client_messages_total", "kind=\"config\"", "Messages received from the CU."),
         updates => ("pon_cu_client_messages_total", "kind=\"update\"", "Messages received from the CU."),
         bad_messages => ("pon_cu_client_bad_messages_total", "", "Malformed or oversized messages from the CU (the connection is dropped)."),
@@ -154,17 +161,64 @@ pon_telemetry::counters! {
     }
 }
 
+impl ClientCounters {
+    /// The counter of failures for `why`.
+    pub fn failures(&self, why: Failure) -> &pon_telemetry::Counter {
+        match why {
+            Failure::Refused => &self.refused,
+            Failure::Tls => &self.tls,
+            Failure::Timeout => &self.timeout,
+            Failure::Closed => &self.closed,
+            Failure::BadMessage => &self.bad_message,
+            Failure::Config => &self.config,
+        }
+    }
+}
+
 /// What the daemon can read about its CU client.
-#[derive(Default)]
 pub struct ClientStatus {
     pub counters: ClientCounters,
-    /// The CU-assigned id (0 until registered).
+    /// The CU-assigned id (0 until registered; kept, with the view, after).
     pub id: AtomicU32,
     /// 1 while registered.
     pub registered: AtomicU32,
+    /// When the client started ...
+    started: Instant,
+    /// ... and when it was last registered, in ms after that (0: never).
+    lost_at_ms: AtomicU64,
+}
+
+impl Default for ClientStatus {
+    fn default() -> Self {
+        ClientStatus {
+            counters: ClientCounters::default(),
+            id: AtomicU32::new(0),
+            registered: AtomicU32::new(0),
+            started: Instant::now(),
+            lost_at_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ClientStatus {
+    /// The registration ended now.
+    fn lost(&self) {
+        if self.registered.swap(0, Ordering::Relaxed) == 1 {
+            let ms = self.started.elapsed().as_millis() as u64;
+            self.lost_at_ms.store(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// How long since this agent was last registered with the CU: zero
+    /// while it is, the time since start if it never was.
+    pub fn since_contact(&self) -> Duration {
+        if self.registered.load(Ordering::Relaxed) == 1 {
+            return Duration::ZERO;
+        }
+        let lost = Duration::from_millis(self.lost_at_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(lost)
+    }
+
     pub fn render(&self, w: &mut PromWriter) {
         self.counters.render(w);
         w.gauge(
@@ -172,6 +226,12 @@ impl ClientStatus {
             "",
             "1 while registered with the CU.",
             f64::from(self.registered.load(Ordering::Relaxed)),
+        );
+        w.gauge(
+            "pon_cu_client_seconds_since_contact",
+            "",
+            "Seconds since the agent was last registered with the CU (0 while registered, since start if never); with pon_cu_client_id > 0 it forwards on its last view meanwhile.",
+            self.since_contact().as_secs_f64(),
         );
         w.gauge(
             "pon_cu_client_id",
@@ -194,10 +254,13 @@ pub type FatalCallback = Box<dyn FnOnce(String) + Send>;
 /// directory first enrols with the join token (retrying while the CU is
 /// unreachable) and keeps the certificate; from then on it connects with
 /// mutual TLS. `on_view` runs on that thread after every change (batched:
-/// once per burst of messages); `on_fatal` runs if the CU refuses this
-/// agent or its certificate is not signed by our CA, which retrying cannot
-/// fix. With `goodbye_on_signal`, SIGTERM/SIGINT send a goodbye (so others
-/// hear at once) and then exit the process.
+/// once per burst of messages); `on_fatal` runs only on a first-start
+/// misconfiguration (no view yet, and the CU refuses this agent or its TLS
+/// handshake fails: see [`crate::session`]), or if the client cannot start
+/// at all. Anything else is retried for as long as the process runs,
+/// reported in the log and the metrics. With `goodbye_on_signal`,
+/// SIGTERM/SIGINT send a goodbye (so others hear at once) and then exit the
+/// process.
 pub fn spawn(
     cfg: &CuClientConfig,
     identity: Arc<Identity>,
@@ -241,24 +304,40 @@ pub(crate) fn seed() -> u64 {
     (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
 }
 
-/// Certificate problems are configuration errors: retrying cannot help.
+/// Certificate problems are configuration errors: retrying cannot help
+/// (enrolment's rule; a registered agent's is the session's policy).
 pub(crate) fn is_fatal(e: &quinn::ConnectionError) -> bool {
+    failure_of(e) == Failure::Tls
+}
+
+/// What a connection error means: QUIC carries TLS alerts as the error
+/// codes 0x100-0x1ff (RFC 9001), whichever side found the problem.
+fn failure_of(e: &quinn::ConnectionError) -> Failure {
+    let tls = |code: u64| (0x100..0x200).contains(&code);
     match e {
-        quinn::ConnectionError::TransportError(t) => {
-            let code = u64::from(t.code);
-            (0x100..0x200).contains(&code)
-        }
-        quinn::ConnectionError::ConnectionClosed(c) => {
-            let code = u64::from(c.error_code);
-            (0x100..0x200).contains(&code)
-        }
-        _ => false,
+        quinn::ConnectionError::TransportError(t) if tls(u64::from(t.code)) => Failure::Tls,
+        quinn::ConnectionError::ConnectionClosed(c) if tls(u64::from(c.error_code)) => Failure::Tls,
+        quinn::ConnectionError::TimedOut => Failure::Timeout,
+        _ => Failure::Closed,
+    }
+}
+
+fn failure_of_read(e: &quinn::ReadError) -> Failure {
+    match e {
+        quinn::ReadError::ConnectionLost(c) => failure_of(c),
+        _ => Failure::Closed,
+    }
+}
+
+fn failure_of_write(e: &quinn::WriteError) -> Failure {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => failure_of(c),
+        _ => Failure::Closed,
     }
 }
 
 enum Ended {
-    Lost(String),
-    Fatal(String),
+    Failed(Failure, String),
     Exit,
 }
 
@@ -307,46 +386,75 @@ async fn run(
                 continue;
             }
         }
-        let connecting = match endpoint.connect(addr, &server_name) {
-            Ok(c) => c,
-            Err(e) => return format!("connecting to the CU at {addr}: {e}"),
-        };
-        let conn = tokio::select! {
-            c = connecting => c,
-            _ = Signals::wait(&mut signals) => std::process::exit(0),
-        };
-        let ended = match conn {
-            Ok(conn) => {
-                status.counters.connects.inc();
-                tracing::info!(cu = %addr, "connected to the CU");
-                let ended =
-                    serve(&conn, start, &mut session, &mut on_view, &status, &mut signals).await;
-                status.registered.store(0, Ordering::Relaxed);
-                conn.close(0u32.into(), b"bye");
-                ended
-            }
-            Err(e) if is_fatal(&e) => Ended::Fatal(format!(
-                "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
-            )),
+        let ended = match endpoint.connect(addr, &server_name) {
             Err(e) => {
-                status.counters.connect_failures.inc();
-                Ended::Lost(format!("cannot reach the CU at {addr}: {e}"))
+                use quinn::ConnectError as E;
+                let why = match e {
+                    E::InvalidServerName(_)
+                    | E::InvalidRemoteAddress(_)
+                    | E::UnsupportedVersion
+                    | E::NoDefaultClientConfig => Failure::Config,
+                    _ => Failure::Closed,
+                };
+                Ended::Failed(why, format!("connecting to the CU at {addr}: {e}"))
+            }
+            Ok(connecting) => {
+                let conn = tokio::select! {
+                    c = connecting => c,
+                    _ = Signals::wait(&mut signals) => std::process::exit(0),
+                };
+                match conn {
+                    Ok(conn) => {
+                        status.counters.connects.inc();
+                        // Debug only: a refused agent connects every few
+                        // seconds; "registered" is the news worth a line.
+                        tracing::debug!(cu = %addr, "connected to the CU");
+                        let ended =
+                            serve(&conn, start, &mut session, &mut on_view, &status, &mut signals)
+                                .await;
+                        status.lost();
+                        conn.close(0u32.into(), b"bye");
+                        ended
+                    }
+                    Err(e) => match failure_of(&e) {
+                        Failure::Tls => Ended::Failed(Failure::Tls, format!(
+                            "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
+                        )),
+                        why => Ended::Failed(why, format!("cannot reach the CU at {addr}: {e}")),
+                    },
+                }
             }
         };
-        match ended {
+        let (why, detail) = match ended {
             Ended::Exit => {
                 endpoint.wait_idle().await;
                 std::process::exit(0);
             }
-            Ended::Fatal(why) => return why,
-            Ended::Lost(why) => {
-                let d = session.disconnected(start.elapsed());
-                if status.counters.connect_failures.get() <= 1
-                    || status.counters.connect_failures.get().is_power_of_two()
-                {
-                    tracing::warn!(retry_in_ms = d.as_millis() as u64, "{why}");
+            Ended::Failed(why, detail) => (why, detail),
+        };
+        status.counters.failures(why).inc();
+        match session.failed(start.elapsed(), why) {
+            Verdict::GiveUp => return detail,
+            Verdict::Retry { after, alert } => {
+                let retry_in_ms = after.as_millis() as u64;
+                let failures = session.outage().map_or(0, |o| o.failures);
+                if !alert {
+                    tracing::debug!(reason = why.label(), retry_in_ms, failures, "{detail}");
+                } else if session.had_view() {
+                    let peers = session.view().peers().count();
+                    tracing::warn!(
+                        reason = why.label(),
+                        retry_in_ms,
+                        failures,
+                        "{detail}; forwarding on the last view ({peers} peers) meanwhile"
+                    );
                 } else {
-                    tracing::debug!(retry_in_ms = d.as_millis() as u64, "{why}");
+                    tracing::warn!(
+                        reason = why.label(),
+                        retry_in_ms,
+                        failures,
+                        "{detail}; nothing to forward on until the CU answers"
+                    );
                 }
             }
         }
@@ -363,13 +471,16 @@ async fn serve(
 ) -> Ended {
     let (mut send, mut recv) = match conn.open_bi().await {
         Ok(s) => s,
-        Err(e) => return Ended::Lost(format!("opening the control stream: {e}")),
+        Err(e) => return Ended::Failed(failure_of(&e), format!("opening the control stream: {e}")),
     };
     let SessionAction::Send(reg) = session.connected() else {
         unreachable!("connected() always registers")
     };
     if let Err(e) = send.write_all(&pon_proto::control::encode(&reg)).await {
-        return Ended::Lost(format!("sending the registration: {e}"));
+        return Ended::Failed(
+            failure_of_write(&e),
+            format!("sending the registration: {e}"),
+        );
     }
     let mut decoder = FrameDecoder::new(MAX_CU_FRAME);
     let register_by = start.elapsed() + REGISTER_TIMEOUT;
@@ -377,16 +488,19 @@ async fn serve(
         let now = start.elapsed();
         while let Some(SessionAction::Send(m)) = session.poll(now) {
             if let Err(e) = send.write_all(&pon_proto::control::encode(&m)).await {
-                return Ended::Lost(format!("sending to the CU: {e}"));
+                return Ended::Failed(failure_of_write(&e), format!("sending to the CU: {e}"));
             }
         }
         let wake = match session.next_deadline() {
             Some(t) => t,
             None if now >= register_by => {
-                return Ended::Lost(format!(
-                    "no configuration from the CU within {} s",
-                    REGISTER_TIMEOUT.as_secs()
-                ))
+                return Ended::Failed(
+                    Failure::Timeout,
+                    format!(
+                        "no configuration from the CU within {} s",
+                        REGISTER_TIMEOUT.as_secs()
+                    ),
+                )
             }
             None => register_by,
         };
@@ -406,19 +520,19 @@ async fn serve(
         };
         let chunk = match chunk {
             Ok(Some(c)) => c,
-            Ok(None) => return Ended::Lost("the CU closed the control stream".into()),
+            Ok(None) => {
+                return Ended::Failed(Failure::Closed, "the CU closed the control stream".into())
+            }
             Err(e) => {
-                if let quinn::ReadError::ConnectionLost(ce) = &e {
-                    if is_fatal(ce) {
-                        return Ended::Fatal(format!("the CU connection failed: {ce}"));
-                    }
-                }
-                return Ended::Lost(format!("connection to the CU lost: {e}"));
+                return Ended::Failed(
+                    failure_of_read(&e),
+                    format!("connection to the CU lost: {e}"),
+                )
             }
         };
         if let Err(e) = decoder.push(&chunk.bytes) {
             status.counters.bad_messages.inc();
-            return Ended::Lost(format!("bad message from the CU: {e}"));
+            return Ended::Failed(Failure::BadMessage, format!("bad message from the CU: {e}"));
         }
         let mut changed = false;
         loop {
@@ -427,7 +541,10 @@ async fn serve(
                 Ok(None) => break,
                 Err(e) => {
                     status.counters.bad_messages.inc();
-                    return Ended::Lost(format!("bad message from the CU: {e}"));
+                    return Ended::Failed(
+                        Failure::BadMessage,
+                        format!("bad message from the CU: {e}"),
+                    );
                 }
             };
             match &msg {
@@ -444,8 +561,20 @@ async fn serve(
                 _ => {}
             }
             match session.received(msg, start.elapsed()) {
-                Ok(actions) => changed |= actions.contains(&SessionAction::ViewChanged),
-                Err(refused) => return Ended::Fatal(refused.to_string()),
+                Ok(actions) => {
+                    for a in actions {
+                        match a {
+                            SessionAction::ViewChanged => changed = true,
+                            SessionAction::Recovered { outage, failures } => tracing::info!(
+                                outage_s = outage.as_secs_f64(),
+                                failures,
+                                "registered with the CU again after an outage"
+                            ),
+                            _ => {}
+                        }
+                    }
+                }
+                Err(refused) => return Ended::Failed(Failure::Refused, refused.to_string()),
             }
         }
         if changed {

@@ -33,6 +33,7 @@ pub struct CuConfig {
     /// The registry store (redb).
     #[serde(default = "default_store")]
     pub store: PathBuf,
+    /// Prometheus endpoint (default 127.0.0.1:9200, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     #[serde(default = "default_heartbeat_ms")]

@@ -205,7 +205,13 @@ enum Event {
 
 /// Runs the CU until the process is stopped; SIGHUP re-reads the address
 /// grants from `path`.
-pub fn run(cfg: CuConfig, path: PathBuf) -> anyhow::Result<()> {
+pub fn run(mut cfg: CuConfig, path: PathBuf) -> anyhow::Result<()> {
+    // The daemon always serves metrics, on loopback unless told; `serve`
+    // alone (tests, benchmarks in-process) serves them only when told.
+    cfg.metrics = Some(pon_telemetry::metrics_addr(
+        cfg.metrics,
+        pon_telemetry::metrics_port::CU,
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

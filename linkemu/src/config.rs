@@ -58,7 +58,8 @@ pub struct Config {
     pub mtu: u16,
     /// Unix socket for run-time changes (`lab impair`).
     pub control: Option<PathBuf>,
-    /// Address of the Prometheus endpoint.
+    /// Address of the Prometheus endpoint (default 127.0.0.1:9110,
+    /// loopback only).
     pub metrics: Option<SocketAddr>,
     /// Bound on packets held over all links (memory: one buffer each).
     #[serde(default = "default_max_in_flight")]

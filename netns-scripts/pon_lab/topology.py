@@ -13,6 +13,10 @@ ROLE_RE = re.compile(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$")
 MAX_SITES = 50
 MAX_APPS = 50
 ENCAPS = ("ipip", "udp")
+# Agent legs when the topology names none: UDP, the fast one (GSO sends and
+# GRO receives carry a batch per system call; raw IP-in-IP sockets go packet
+# by packet, see BENCHMARKS.md). Tests that need IP-in-IP say so.
+DEFAULT_ENCAP = "udp"
 LINK_FIELDS = {          # [[link]] settings: (maximum, help); all >= 0
     "delay_ms": (60000, "one-way delay, each direction (ms)"),
     "jitter_ms": (60000, "jitter: uniform +- this around the delay (ms)"),
@@ -90,7 +94,7 @@ def load_topology(path):
     ta_mtu = raw.get("ta_mtu")
     if ta_mtu is not None and (type(ta_mtu) is not int or not 576 <= ta_mtu <= 9000):
         fail("ta_mtu", f"must be an integer in 576..9000, got {ta_mtu!r}")
-    encap = raw.get("encap", "ipip")
+    encap = raw.get("encap", DEFAULT_ENCAP)
     if encap not in ENCAPS:
         fail("encap", f"must be one of {', '.join(map(repr, ENCAPS))}, got {encap!r}")
 

@@ -11,8 +11,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 /// Conventional ports of each daemon's Prometheus endpoint (`metrics = ...`
-/// in its configuration; the daemons serve none unless told). The lab and
-/// `ponctl` use them, so one host can run several daemons.
+/// in its configuration; on loopback unless told, see [`metrics_addr`]).
+/// The lab and `ponctl` use them, so one host can run several daemons.
 pub mod metrics_port {
     pub const FORWARDER: u16 = 9100;
     pub const TA: u16 = 9101;
@@ -21,6 +21,14 @@ pub mod metrics_port {
     pub const ROUTER: u16 = 9104;
     pub const LINKEMU: u16 = 9110;
     pub const CU: u16 = 9200;
+}
+
+/// Where a daemon serves `/metrics` (and `/status`): the configured
+/// address, or loopback on its conventional `port`. Both pages tell
+/// whoever reads them about the overlay (peers, routes, failures), so
+/// nothing beyond the host sees them unless the operator says so.
+pub fn metrics_addr(configured: Option<SocketAddr>, port: u16) -> SocketAddr {
+    configured.unwrap_or(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)))
 }
 
 /// What every daemon takes on its command line.
@@ -413,6 +421,14 @@ mod tests {
         assert_eq!(text.matches("# HELP pon_test_total").count(), 1);
         assert!(text.contains("pon_test_total{k=\"a\"} 3\n"));
         assert!(text.contains("pon_test_total{k=\"b\"} 0\n"));
+    }
+
+    #[test]
+    fn metrics_listen_on_loopback_unless_configured() {
+        let d = metrics_addr(None, metrics_port::TA);
+        assert!(d.ip().is_loopback() && d.port() == 9101, "{d}");
+        let mine: SocketAddr = "198.18.1.11:9101".parse().unwrap();
+        assert_eq!(metrics_addr(Some(mine), metrics_port::TA), mine);
     }
 
     #[test]

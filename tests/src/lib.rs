@@ -372,7 +372,7 @@ mod tests {
 
 /// Real clients run inside lab hosts, shared by the end-to-end tests.
 pub mod clients {
-    use super::{parse_ping, wait_until, Lab};
+    use super::{parse_ping, wait_until, Lab, PingStats};
     use std::sync::atomic::{AtomicU16, Ordering};
     use std::time::Duration;
 
@@ -381,6 +381,34 @@ pub mod clients {
     pub fn wait_reachable(lab: &Lab, host: &str, dst: &str) {
         let ok = wait_until(Duration::from_secs(15), || lab.ping_ok(host, dst));
         assert!(ok, "{host} never reached {dst}");
+    }
+
+    /// Pings `dst` from `host` without a break until `stop` is set, in
+    /// back-to-back runs of `ping -c 100 -i 0.05` (the gap between runs is
+    /// a process start), and returns what all runs sent and received. For
+    /// "traffic flows throughout" while a test changes things around it:
+    /// run it on a scoped thread. Bounded: at most `limit` in all.
+    pub fn ping_while(
+        lab: &Lab,
+        host: &str,
+        dst: &str,
+        stop: &std::sync::atomic::AtomicBool,
+        limit: Duration,
+    ) -> PingStats {
+        let end = std::time::Instant::now() + limit;
+        let mut sum = PingStats {
+            transmitted: 0,
+            received: 0,
+            avg_ms: f64::NAN,
+        };
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+            let out = lab.exec(host, &["ping", "-c", "100", "-i", "0.05", "-W", "2", dst]);
+            let s = parse_ping(&String::from_utf8_lossy(&out.stdout))
+                .unwrap_or_else(|| panic!("no ping summary:\n{}", super::text(&out)));
+            sum.transmitted += s.transmitted;
+            sum.received += s.received;
+        }
+        sum
     }
 
     /// Asserts that a ping run's summary shows `count` sent and received.

@@ -3,8 +3,10 @@
 //! crashing, intruders (wrong token or CA, a token of the wrong scope,
 //! another key for an enrolled name, addresses not theirs), and revocation.
 
+use pon_e2e::clients::ping_while;
 use pon_e2e::{bin_dir, metric_value, ping_stats, require_root, sites, text, wait_until, Lab};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const THREE_SITES: [&str; 3] = ["paris", "tokyo", "london"];
@@ -13,6 +15,16 @@ const PARIS_APP: &str = "198.18.1.11";
 const TOKYO_APP: &str = "198.18.2.11";
 const PARIS_FWD: &str = "198.18.1.1:9100";
 const TOKYO_FWD: &str = "198.18.2.1:9100";
+const PARIS_TA: &str = "198.18.1.11:9101";
+const TOKYO_TA: &str = "198.18.2.11:9101";
+/// The CU clients of a two-site lab: (host, metrics address).
+const AGENTS: [(&str, &str); 4] = [
+    ("paris/proxy", PARIS_FWD),
+    ("paris/app1", PARIS_TA),
+    ("tokyo/proxy", TOKYO_FWD),
+    ("tokyo/app1", TOKYO_TA),
+];
+const EGRESS: &str = "pon_forwarder_packets_total{stage=\"egress\"}";
 const CU_METRICS: &str = "198.18.250.1:9200";
 /// The lab's CU declares an agent gone after 2 s without a heartbeat; the
 /// update then has to reach the others. Generous for a loaded machine.
@@ -45,6 +57,89 @@ fn metric(lab: &Lab, host: &str, addr: &str, sample: &str) -> u64 {
         &["curl", "-sf", "-m", "2", &format!("http://{addr}/metrics")],
     );
     metric_value(&String::from_utf8_lossy(&out.stdout), sample)
+}
+
+/// How often an agent's CU client failed for `reason`.
+fn failures(lab: &Lab, host: &str, addr: &str, reason: &str) -> u64 {
+    let sample = format!("pon_cu_client_connect_failures_total{{reason=\"{reason}\"}}");
+    metric(lab, host, addr, &sample)
+}
+
+/// Waits (bounded) until every agent of a two-site lab counts a CU failure
+/// for `reason`; returns how long that took.
+fn wait_failures(lab: &Lab, reason: &str, within: Duration) -> Duration {
+    let t = Instant::now();
+    assert!(
+        wait_until(within, || AGENTS
+            .iter()
+            .all(|(h, a)| failures(lab, h, a, reason) >= 1)),
+        "not every agent counted a {reason} failure within {within:?}"
+    );
+    t.elapsed()
+}
+
+/// Every daemon's host and pid, in the lab's order.
+fn pids(lab: &Lab) -> Vec<(String, u64)> {
+    let mut all = vec![];
+    for h in lab.status_json()["hosts"].as_array().unwrap() {
+        for d in h["daemons"].as_array().unwrap() {
+            let host = h["name"].as_str().unwrap().to_string();
+            all.push((host, d["pid"].as_u64().unwrap_or(0)));
+        }
+    }
+    all
+}
+
+/// The agents' pids (every daemon but the CU's).
+fn agent_pids(lab: &Lab) -> Vec<(String, u64)> {
+    pids(lab).into_iter().filter(|(h, _)| h != "cu").collect()
+}
+
+/// Sets the flag when dropped: stops a `ping_while` also when a test panics.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs `phases` while paris/app1 pings tokyo's app without a break, and
+/// asserts that no ping was lost and that all of them took the overlay.
+fn while_pinging(lab: &Lab, phases: impl FnOnce()) {
+    let delivered = metric(lab, "tokyo/proxy", TOKYO_FWD, EGRESS);
+    let stop = AtomicBool::new(false);
+    let pinged = std::thread::scope(|s| {
+        let pinger = s.spawn(|| {
+            ping_while(
+                lab,
+                "paris/app1",
+                TOKYO_APP,
+                &stop,
+                Duration::from_secs(300),
+            )
+        });
+        let _stop = StopOnDrop(&stop);
+        phases();
+        drop(_stop);
+        pinger.join().expect("pinger")
+    });
+    eprintln!(
+        "pings while the CU was in trouble: {} sent, {} received",
+        pinged.transmitted, pinged.received
+    );
+    assert!(pinged.transmitted > 0);
+    assert_eq!(pinged.transmitted, pinged.received, "pings were lost");
+    // No lab link impairs anything, so the overlay has nothing to lose; and
+    // the pings did take it (tokyo's egress delivered every request), rather
+    // than the plain IP path.
+    let through = metric(lab, "tokyo/proxy", TOKYO_FWD, EGRESS) - delivered;
+    assert!(
+        through >= pinged.received,
+        "only {through} of {} pings went through the overlay",
+        pinged.received
+    );
+    assert!(intercepts(lab, "paris/app1", TOKYO_APP));
 }
 
 fn peers(lab: &Lab, host: &str, addr: &str) -> u64 {
@@ -143,15 +238,6 @@ fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
     require_root();
     let lab = three_sites();
     wait_overlay_up(&lab);
-    let pids = |lab: &Lab| -> Vec<u64> {
-        lab.status_json()["hosts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|h| h["daemons"].as_array().unwrap().clone())
-            .map(|d| d["pid"].as_u64().unwrap_or(0))
-            .collect()
-    };
     let before = pids(&lab);
     let pinger = lab.spawn(
         "paris/app1",
@@ -418,6 +504,114 @@ fn intruders_are_refused_with_a_clear_error() {
     assert_eq!(
         metric(&lab, "cu", CU_METRICS, "pon_cu_agents{state=\"online\"}"),
         4
+    );
+
+    // A running agent is another matter: it forwards on its view, so a
+    // refusal (here the CU's token rotated under it) is retried with
+    // backoff and reported, never a reason to stop.
+    let before = agent_pids(&lab);
+    let token = cu.join("token");
+    let kept = std::fs::read_to_string(&token).unwrap();
+    while_pinging(&lab, || {
+        std::fs::write(&token, "a-rotated-join-token-0123456789\n").unwrap();
+        lab.ctl("stop", &["cu"]);
+        lab.ctl("start", &["cu"]);
+        let took = wait_failures(&lab, "refused", Duration::from_secs(30));
+        eprintln!(
+            "every agent refused {:.1} s after the CU's restart",
+            took.as_secs_f64()
+        );
+        std::fs::write(&token, &kept).unwrap();
+        lab.ctl("stop", &["cu"]);
+        lab.ctl("start", &["cu"]);
+        wait_registered(&lab, 4, Duration::from_secs(30));
+    });
+    assert_eq!(agent_pids(&lab), before, "an agent restarted");
+}
+
+#[test]
+fn a_running_proxy_and_ta_keep_forwarding_while_their_cu_is_gone_or_an_impostor() {
+    require_root();
+    // pon-proxy (the router's topology), so the whole proxy is covered;
+    // the test above covers pon-forwarder.
+    let lab = Lab::up(&format!("routing = true\n{}", sites(&THREE_SITES[..2])));
+    wait_registered(&lab, 4, Duration::from_secs(20));
+    wait_overlay_up(&lab);
+    let before = agent_pids(&lab);
+    // An impostor's CU: the same name and address in its certificate, but
+    // signed by another CA (a path attacker, or a CA rotation the agents
+    // have not had).
+    let dir = lab.state_dir();
+    let (cu, impostor) = (dir.join("cu"), dir.join("impostor"));
+    let init = std::process::Command::new(bin_dir().join("pon-cu"))
+        .args(["init", "--ip", "198.18.250.1", "--dir"])
+        .arg(&impostor)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", text(&init));
+    let use_cert = |from: &std::path::Path| {
+        for f in ["cu.pem", "cu.key"] {
+            std::fs::copy(from.join(f), cu.join(f)).unwrap();
+        }
+    };
+    let kept = dir.join("kept");
+    std::fs::create_dir_all(&kept).unwrap();
+    for f in ["cu.pem", "cu.key"] {
+        std::fs::copy(cu.join(f), kept.join(f)).unwrap();
+    }
+
+    while_pinging(&lab, || {
+        // The CU stops: every agent notices (QUIC idle timeout) and retries.
+        lab.ctl("stop", &["cu"]);
+        let took = wait_failures(&lab, "timeout", Duration::from_secs(15));
+        eprintln!(
+            "every agent noticed the CU gone after {:.1} s",
+            took.as_secs_f64()
+        );
+        assert_eq!(
+            metric(&lab, "paris/proxy", PARIS_FWD, "pon_cu_client_registered"),
+            0
+        );
+        assert!(
+            metric(
+                &lab,
+                "paris/app1",
+                PARIS_TA,
+                "pon_cu_client_seconds_since_contact"
+            ) >= 1
+        );
+        // The impostor answers: every handshake fails, and nobody stops.
+        use_cert(&impostor);
+        lab.ctl("start", &["cu"]);
+        let took = wait_failures(&lab, "tls", Duration::from_secs(20));
+        eprintln!(
+            "every agent failed the impostor's handshake {:.1} s after it started",
+            took.as_secs_f64()
+        );
+        assert_eq!(agent_pids(&lab), before, "an agent stopped");
+        // The real CU is back: everyone registers again.
+        lab.ctl("stop", &["cu"]);
+        use_cert(&kept);
+        lab.ctl("start", &["cu"]);
+        let t = Instant::now();
+        wait_registered(&lab, 4, Duration::from_secs(30));
+        assert!(wait_until(Duration::from_secs(10), || AGENTS.iter().all(
+            |(h, a)| metric(&lab, h, a, "pon_cu_client_registered") == 1
+        )));
+        eprintln!(
+            "every agent registered again {:.1} s after the real CU started",
+            t.elapsed().as_secs_f64()
+        );
+    });
+    assert_eq!(agent_pids(&lab), before, "an agent restarted");
+    assert_eq!(
+        metric(
+            &lab,
+            "paris/proxy",
+            PARIS_FWD,
+            "pon_cu_client_seconds_since_contact"
+        ),
+        0
     );
 }
 

@@ -148,7 +148,10 @@ fn oversized_packets_fit_or_get_frag_needed() {
 
     // TUN MTU larger than the path: the forwarder answers with ICMP.
     // The agent leg (IP-in-IP, 20 bytes) still fits 1480; the relay leg does not.
-    let lab = Lab::up(&format!("ta_mtu = 1480\n{}{RELAY}", three_sites()));
+    let lab = Lab::up(&format!(
+        "encap = \"ipip\"\nta_mtu = 1480\n{}{RELAY}",
+        three_sites()
+    ));
     ping(&lab, "paris/app1", TOKYO_APP, 1, &[]);
     let out = lab.exec(
         "paris/app1",
@@ -411,9 +414,10 @@ fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
 }
 
 #[test]
-fn udp_encapsulation_variant_works() {
+fn ipip_encapsulation_variant_works() {
     require_root();
-    let lab = Lab::up(&format!("encap = \"udp\"\n{}{RELAY}", three_sites()));
+    // The lab's default agent legs are UDP; the others here run on them.
+    let lab = Lab::up(&format!("encap = \"ipip\"\n{}{RELAY}", three_sites()));
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 10, &[]), 10);
     check_ping(&ping(&lab, "tokyo/app1", PARIS_APP, 10, &[]), 10);
     let report = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-t", "1"]);

@@ -35,7 +35,8 @@ fn main() -> anyhow::Result<()> {
         local: cfg.local_addr,
     });
 
-    if let Some(addr) = cfg.metrics {
+    {
+        let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::RA);
         let c = counters.clone();
         pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| c.render(w)))
             .with_context(|| format!("serving metrics on {addr}"))?;

@@ -35,7 +35,8 @@ fn main() -> anyhow::Result<()> {
     // the CU's view; the forwarder is known once the CU has named it.
     let mut cu = pon_agents::cu::start(&cfg, interception.clone())?;
 
-    if let Some(addr) = cfg.metrics {
+    {
+        let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::TA);
         let c = counters.clone();
         let (interception, cu_status) = (interception.clone(), cu.status.clone());
         let steering = steering.clone();

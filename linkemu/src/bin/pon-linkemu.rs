@@ -65,7 +65,8 @@ fn main() -> anyhow::Result<()> {
     }
     // Metrics last: the lab takes a serving endpoint to mean "ready", and
     // routes traffic into the TUN only then.
-    if let Some(addr) = cfg.metrics {
+    {
+        let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::LINKEMU);
         let r = registry.clone();
         pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| r.render(w)))
             .with_context(|| format!("serving metrics on {addr}"))?;

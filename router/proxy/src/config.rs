@@ -169,7 +169,8 @@ pub struct MonitorDaemonConfig {
     pub forwarder: SocketAddr,
     /// The router's local-link address.
     pub router: SocketAddr,
-    /// Prometheus endpoint; `GET /status` answers per-path estimates.
+    /// Prometheus endpoint; `GET /status` answers per-path estimates
+    /// (default 127.0.0.1:9103, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     #[serde(default)]
@@ -192,7 +193,8 @@ pub struct RouterDaemonConfig {
     pub listen: SocketAddr,
     pub forwarder: SocketAddr,
     pub monitor: SocketAddr,
-    /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy).
+    /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy;
+    /// default 127.0.0.1:9104, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     /// Keepalive period of every current route (see pon-proxy's [proxy]).

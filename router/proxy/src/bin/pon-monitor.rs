@@ -28,5 +28,6 @@ fn main() -> anyhow::Result<()> {
         monitor,
         router,
     };
-    daemon::run_part(&args, Part::Monitor, addrs, cfg.metrics, part, status)
+    let metrics = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::MONITOR);
+    daemon::run_part(&args, Part::Monitor, addrs, metrics, part, status)
 }

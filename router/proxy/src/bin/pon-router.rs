@@ -24,5 +24,6 @@ fn main() -> anyhow::Result<()> {
         build: RouterPart::status,
     };
     let part = RouterPart::new(cfg.part(), Arc::default());
-    daemon::run_part(&args, Part::Router, addrs, cfg.metrics, part, status)
+    let metrics = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::ROUTER);
+    daemon::run_part(&args, Part::Router, addrs, metrics, part, status)
 }

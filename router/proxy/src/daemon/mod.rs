@@ -132,7 +132,7 @@ pub struct StatusOf<C, S> {
 /// latest published status (`GET /status`) on `addr`, and returns how the
 /// control loop publishes that status.
 fn serve<C: Core + 'static, S: StatusPage>(
-    addr: Option<SocketAddr>,
+    addr: SocketAddr,
     core: &C,
     counters: &Arc<DaemonCounters>,
     extra: Renderer,
@@ -140,19 +140,17 @@ fn serve<C: Core + 'static, S: StatusPage>(
     now: Duration,
 ) -> anyhow::Result<Publish<C>> {
     let page = Arc::new(ArcSwap::from_pointee((status.build)(core, now)));
-    if let Some(addr) = addr {
-        let (metrics, counters, st) = (core.metrics(), counters.clone(), page.clone());
-        let render = Arc::new(move |w: &mut PromWriter| {
-            metrics(w);
-            counters.render(w);
-            extra(w);
-            st.load().render(w);
-        });
-        let st = page.clone();
-        let json = Arc::new(move || serde_json::to_string_pretty(&**st.load()).unwrap_or_default());
-        pon_telemetry::serve_http(addr, render, Some(json))
-            .with_context(|| format!("serving metrics on {addr}"))?;
-    }
+    let (metrics, counters, st) = (core.metrics(), counters.clone(), page.clone());
+    let render = Arc::new(move |w: &mut PromWriter| {
+        metrics(w);
+        counters.render(w);
+        extra(w);
+        st.load().render(w);
+    });
+    let st = page.clone();
+    let json = Arc::new(move || serde_json::to_string_pretty(&**st.load()).unwrap_or_default());
+    pon_telemetry::serve_http(addr, render, Some(json))
+        .with_context(|| format!("serving metrics on {addr}"))?;
     let build = status.build;
     Ok(Box::new(move |c: &C, now| {
         page.store(Arc::new(build(c, now)))
@@ -189,12 +187,13 @@ impl LocalAddrs {
 
 /// Runs a split proxy's monitor or router (`me`): its part, over the local
 /// link to the other two, until the process ends (`--check`: returns once
-/// the configuration, already loaded, proved valid).
+/// the configuration, already loaded, proved valid). Metrics and status on
+/// `metrics` (see [`pon_telemetry::metrics_addr`]).
 pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
     args: &pon_telemetry::DaemonArgs,
     me: Part,
     addrs: LocalAddrs,
-    metrics: Option<SocketAddr>,
+    metrics: SocketAddr,
     core: C,
     status: StatusOf<C, S>,
 ) -> anyhow::Result<()> {
@@ -276,7 +275,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     };
     let every = status.every;
     let publish = serve(
-        cfg.metrics,
+        pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::FORWARDER),
         &core,
         &mailbox.counters,
         extra,

@@ -39,7 +39,8 @@ pub struct ForwarderConfig {
     /// Hop limit written into new PON headers.
     #[serde(default = "default_hop_limit")]
     pub hop_limit: u8,
-    /// Prometheus endpoint (`GET /metrics`).
+    /// Prometheus endpoint (`GET /metrics`, and `/status`; default
+    /// 127.0.0.1:9100, loopback only).
     #[serde(default)]
     pub metrics: Option<SocketAddr>,
     #[serde(default, rename = "peer")]

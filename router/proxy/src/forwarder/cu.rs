@@ -112,6 +112,8 @@ pub fn start_with(
             identity.noise_public(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Only a first-start misconfiguration gets here (pon_cu::session): once
+    // the agent has a view, no CU trouble stops it.
     let on_fatal = Box::new(|why: String| {
         tracing::error!("{why}");
         eprintln!("pon-forwarder: {why}");
