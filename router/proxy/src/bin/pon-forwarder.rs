@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     let part = ForwarderPart::new(part_cfg, Arc::default());
     let status = StatusOf {
         every: Duration::from_secs(1),
-        build: |f: &ForwarderPart, _| f.status(),
+        build: |f: &ForwarderPart, now| f.status(now),
     };
     daemon::run_data_plane(&cfg, part, link, 4096, steering_port, status)
 }

@@ -87,7 +87,7 @@ impl ForwarderPart {
     }
 
     /// pon-forwarder's status page.
-    pub fn status(&self) -> super::status::ForwarderStatus {
+    pub fn status(&self, now: Duration) -> super::status::ForwarderStatus {
         let t = self.table.as_deref();
         super::status::ForwarderStatus {
             id: self.my_id(),
@@ -97,6 +97,7 @@ impl ForwarderPart {
             peers: t.map_or(0, |t| t.peer_count()),
             destinations: t.map_or(0, |t| t.destinations().len()),
             agents: t.map_or(0, |t| t.agents().count()),
+            tunnels: self.tunnels.status(now),
         }
     }
 

@@ -240,6 +240,7 @@ impl ProxyCore {
             None => Status::default(),
         };
         s.id = self.forwarder.my_id();
+        s.tunnels = self.forwarder.tunnels(now);
         self.monitor.fill(now, &mut s);
         s
     }

@@ -388,6 +388,8 @@ impl RouterPart {
             routing: true,
             destinations,
             budget: self.budget(),
+            // The forwarder's part holds the sessions; pon-proxy adds them.
+            tunnels: Vec::new(),
         }
     }
 

@@ -22,6 +22,8 @@ pub struct Status {
     pub routing: bool,
     pub destinations: Vec<DestinationStatus>,
     pub budget: BudgetStatus,
+    /// The sessions with each peer proxy.
+    pub tunnels: Vec<pon_tunnel::PeerStatus>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -154,6 +156,8 @@ pub struct ForwarderStatus {
     pub peers: usize,
     pub destinations: usize,
     pub agents: usize,
+    /// The sessions with each peer proxy.
+    pub tunnels: Vec<pon_tunnel::PeerStatus>,
 }
 
 /// pon-monitor's status page: every path's estimates and probe rate.
