@@ -344,6 +344,61 @@ fn a_wiretapper_reads_nothing_and_its_replays_and_forgeries_are_not_delivered() 
     );
 }
 
+/// The crypto drop reasons: a rekey that lost packets would show in one.
+const SESSION_DROPS: [&str; 5] = [
+    "no_session",
+    "unknown_session",
+    "wrong_peer",
+    "bad_tag",
+    "replayed",
+];
+
+fn session_drops(lab: &Lab, host: &str, addr: &str) -> u64 {
+    let page = lab.metrics(host, addr);
+    SESSION_DROPS
+        .iter()
+        .map(|r| metric_value(&page, &drops(r)))
+        .sum()
+}
+
+#[test]
+fn sessions_rekey_under_ping_and_iperf3_without_losing_a_packet() {
+    require_root();
+    // Sessions replaced every second (the default is two minutes).
+    let lab = Lab::up(&format!(
+        "[tunnel]\nrekey_after_ms = 1000\n{}",
+        three_sites()
+    ));
+    ping(&lab, "paris/app1", TOKYO_APP, 1, &[]);
+    let rekeys = |host: &str, addr: &str| lab.metric(host, addr, "pon_tunnel_rekeys_total");
+    let before = (
+        rekeys("paris/proxy", PARIS_FWD) + rekeys("tokyo/proxy", TOKYO_FWD),
+        session_drops(&lab, "paris/proxy", PARIS_FWD),
+        session_drops(&lab, "tokyo/proxy", TOKYO_FWD),
+    );
+    let pinger = lab.spawn(
+        "paris/app1",
+        &["ping", "-c", "600", "-i", "0.01", "-W", "2", TOKYO_APP],
+    );
+    let tcp = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-t", "4"]);
+    let out = pinger.wait_with_output().expect("ping");
+    check_ping(&String::from_utf8_lossy(&out.stdout), 600);
+    assert!(
+        tcp_mbps(&tcp) > 10.0,
+        "iperf3 across rekeys: {} Mbit/s",
+        tcp_mbps(&tcp)
+    );
+    let after = rekeys("paris/proxy", PARIS_FWD) + rekeys("tokyo/proxy", TOKYO_FWD);
+    assert!(
+        after >= before.0 + 4,
+        "only {} rekeys in 6 s",
+        after - before.0
+    );
+    // Not one packet of either stream fell between two sessions.
+    assert_eq!(session_drops(&lab, "paris/proxy", PARIS_FWD), before.1);
+    assert_eq!(session_drops(&lab, "tokyo/proxy", TOKYO_FWD), before.2);
+}
+
 #[test]
 fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
     require_root();
