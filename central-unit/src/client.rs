@@ -304,15 +304,9 @@ pub(crate) fn seed() -> u64 {
     (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
 }
 
-/// Certificate problems are configuration errors: retrying cannot help
-/// (enrolment's rule; a registered agent's is the session's policy).
-pub(crate) fn is_fatal(e: &quinn::ConnectionError) -> bool {
-    failure_of(e) == Failure::Tls
-}
-
 /// What a connection error means: QUIC carries TLS alerts as the error
 /// codes 0x100-0x1ff (RFC 9001), whichever side found the problem.
-fn failure_of(e: &quinn::ConnectionError) -> Failure {
+pub(crate) fn failure_of(e: &quinn::ConnectionError) -> Failure {
     let tls = |code: u64| (0x100..0x200).contains(&code);
     match e {
         quinn::ConnectionError::TransportError(t) if tls(u64::from(t.code)) => Failure::Tls,

@@ -3,8 +3,8 @@
 //! that earns one. Also the one-request exchange that enrolment and
 //! `ponctl` share.
 
-use crate::client::{is_fatal, seed, ClientError, ClientStatus, CuClientConfig, CU_IDLE_TIMEOUT};
-use crate::session::Backoff;
+use crate::client::{failure_of, seed, ClientError, ClientStatus, CuClientConfig, CU_IDLE_TIMEOUT};
+use crate::session::{Backoff, Failure};
 use crate::tls::{self, ClientCert};
 use pon_identity::Identity;
 use pon_proto::control::{
@@ -75,8 +75,11 @@ impl Credentials {
 
     /// The QUIC configuration with this agent's certificate, enrolling
     /// first if it has none: retried with backoff while the CU cannot be
-    /// reached, final when the CU refuses (a first start with a bad token
-    /// is a configuration error). `Err` says why the agent cannot go on.
+    /// reached, final when the CU refuses or the TLS handshake fails (a
+    /// first start with a bad token or CA is a configuration error: the
+    /// session's policy for an agent without a view). Every failure is
+    /// counted by reason, as the session's are. `Err` says why the agent
+    /// cannot go on.
     pub async fn client_config(
         self,
         endpoint: &quinn::Endpoint,
@@ -94,13 +97,18 @@ impl Credentials {
         loop {
             let answer = match connect(endpoint, anon.clone(), addr, server_name).await {
                 Ok(conn) => {
-                    let a = request(&conn, &msg).await.map_err(Attempt::Retry);
+                    let a = request(&conn, &msg).await.map_err(|why| {
+                        let lost = conn
+                            .close_reason()
+                            .map_or(Failure::Closed, |e| failure_of(&e));
+                        Attempt::Retry(lost, why)
+                    });
                     conn.close(0u32.into(), b"done");
                     a
                 }
                 Err(e) => Err(e),
             };
-            let why = match answer {
+            let (failed, why) = match answer {
                 Ok(CuMsg::Enrolled { certificate }) => {
                     self.identity
                         .save_certificate(&certificate)
@@ -112,28 +120,47 @@ impl Credentials {
                         .map_err(|e| e.to_string());
                 }
                 Ok(CuMsg::Refused(why)) => {
-                    return Err(format!("the CU refused to enrol this agent: {why}"))
+                    status.counters.failures(Failure::Refused).inc();
+                    return Err(format!("the CU refused to enrol this agent: {why}"));
                 }
-                Ok(other) => format!("unexpected answer to an enrolment: {other:?}"),
-                Err(Attempt::Fatal(why)) => return Err(why),
-                Err(Attempt::Retry(why)) => why,
+                Ok(other) => (
+                    Failure::BadMessage,
+                    format!("unexpected answer to an enrolment: {other:?}"),
+                ),
+                Err(Attempt::Fatal(failed, why)) => {
+                    status.counters.failures(failed).inc();
+                    return Err(why);
+                }
+                Err(Attempt::Retry(failed, why)) => (failed, why),
             };
             // Enrolment retries only what is worth retrying: the CU was away.
-            status
-                .counters
-                .failures(crate::session::Failure::Timeout)
-                .inc();
+            status.counters.failures(failed).inc();
             let d = backoff.next_delay();
-            tracing::warn!(retry_in_ms = d.as_millis() as u64, "enrolment: {why}");
+            tracing::warn!(
+                reason = failed.label(),
+                retry_in_ms = d.as_millis() as u64,
+                "enrolment: {why}"
+            );
             tokio::time::sleep(d).await;
         }
     }
 }
 
+/// A failed request to the CU, with the reason it is counted under.
 pub enum Attempt {
-    /// Retrying cannot help (certificate problems).
-    Fatal(String),
-    Retry(String),
+    /// Retrying cannot help (certificate problems, a `[cu]` section that
+    /// cannot make a connection).
+    Fatal(Failure, String),
+    Retry(Failure, String),
+}
+
+impl Attempt {
+    /// What to tell the operator.
+    pub fn message(self) -> String {
+        match self {
+            Attempt::Fatal(_, why) | Attempt::Retry(_, why) => why,
+        }
+    }
 }
 
 /// A connection to the CU with `cfg`.
@@ -143,16 +170,24 @@ pub async fn connect(
     addr: SocketAddr,
     server_name: &str,
 ) -> Result<quinn::Connection, Attempt> {
-    let connecting = endpoint
-        .connect_with(cfg, addr, server_name)
-        .map_err(|e| Attempt::Fatal(format!("connecting to the CU at {addr}: {e}")))?;
+    let connecting = endpoint.connect_with(cfg, addr, server_name).map_err(|e| {
+        Attempt::Fatal(
+            Failure::Config,
+            format!("connecting to the CU at {addr}: {e}"),
+        )
+    })?;
     match tokio::time::timeout(ANSWER_TIMEOUT, connecting).await {
         Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) if is_fatal(&e) => Err(Attempt::Fatal(format!(
-            "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
-        ))),
-        Ok(Err(e)) => Err(Attempt::Retry(format!("cannot reach the CU at {addr}: {e}"))),
-        Err(_) => Err(Attempt::Retry(format!("the CU at {addr} did not answer"))),
+        Ok(Err(e)) => match failure_of(&e) {
+            Failure::Tls => Err(Attempt::Fatal(Failure::Tls, format!(
+                "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
+            ))),
+            failed => Err(Attempt::Retry(failed, format!("cannot reach the CU at {addr}: {e}"))),
+        },
+        Err(_) => Err(Attempt::Retry(
+            Failure::Timeout,
+            format!("the CU at {addr} did not answer"),
+        )),
     }
 }
 

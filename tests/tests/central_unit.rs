@@ -15,6 +15,7 @@ const PARIS_APP: &str = "198.18.1.11";
 const TOKYO_APP: &str = "198.18.2.11";
 const PARIS_FWD: &str = "198.18.1.1:9100";
 const TOKYO_FWD: &str = "198.18.2.1:9100";
+const LONDON_FWD: &str = "198.18.3.1:9100";
 const PARIS_TA: &str = "198.18.1.11:9101";
 const TOKYO_TA: &str = "198.18.2.11:9101";
 /// The CU clients of a two-site lab: (host, metrics address).
@@ -507,13 +508,22 @@ fn intruders_are_refused_with_a_clear_error() {
     );
 
     // A running agent is another matter: it forwards on its view, so a
-    // refusal (here the CU's token rotated under it) is retried with
-    // backoff and reported, never a reason to stop.
+    // refusal is retried with backoff and reported, never a reason to stop.
+    // Here the CU comes back with its grants narrowed by mistake, so that
+    // no agent's address is in them any more (a join token plays no part
+    // once an agent has enrolled), then with the right ones again.
     let before = agent_pids(&lab);
-    let token = cu.join("token");
-    let kept = std::fs::read_to_string(&token).unwrap();
+    let cu_toml = dir.join("configs/cu-pon-cu.toml");
+    let kept = std::fs::read_to_string(&cu_toml).unwrap();
+    let narrowed = kept
+        .replace("198.18.1.0/24", "198.18.201.0/24")
+        .replace("198.18.2.0/24", "198.18.202.0/24");
+    assert!(
+        !narrowed.contains("198.18.1.0/24") && !narrowed.contains("198.18.2.0/24"),
+        "{narrowed}"
+    );
     while_pinging(&lab, || {
-        std::fs::write(&token, "a-rotated-join-token-0123456789\n").unwrap();
+        std::fs::write(&cu_toml, &narrowed).unwrap();
         lab.ctl("stop", &["cu"]);
         lab.ctl("start", &["cu"]);
         let took = wait_failures(&lab, "refused", Duration::from_secs(30));
@@ -521,7 +531,7 @@ fn intruders_are_refused_with_a_clear_error() {
             "every agent refused {:.1} s after the CU's restart",
             took.as_secs_f64()
         );
-        std::fs::write(&token, &kept).unwrap();
+        std::fs::write(&cu_toml, &kept).unwrap();
         lab.ctl("stop", &["cu"]);
         lab.ctl("start", &["cu"]);
         wait_registered(&lab, 4, Duration::from_secs(30));
@@ -622,6 +632,13 @@ fn a_revoked_proxy_is_gone_from_every_peer_at_once_and_stays_out() {
     assert!(wait_until(Duration::from_secs(20), || {
         peers(&lab, "paris/proxy", PARIS_FWD) == 2 && peers(&lab, "tokyo/proxy", TOKYO_FWD) == 2
     }));
+    let london_pids = || {
+        pids(&lab)
+            .into_iter()
+            .filter(|(h, _)| h == "london/proxy")
+            .collect::<Vec<_>>()
+    };
+    let london = london_pids();
     let revoked = Instant::now();
     let out = lab.ponctl(&["revoke", "london/198.18.3.1"]);
     assert!(out.status.success(), "ponctl revoke: {}", text(&out));
@@ -658,6 +675,16 @@ fn a_revoked_proxy_is_gone_from_every_peer_at_once_and_stays_out() {
         1
     );
     assert_eq!(peers(&lab, "paris/proxy", PARIS_FWD), 1);
+    // The revoked forwarder itself keeps running (nothing the CU says stops
+    // a running agent), refused at every attempt: its peers dropping it is
+    // what keeps it out.
+    assert!(wait_until(Duration::from_secs(10), || failures(
+        &lab,
+        "london/proxy",
+        LONDON_FWD,
+        "refused"
+    ) >= 1));
+    assert_eq!(london_pids(), london, "the revoked forwarder stopped");
 }
 
 /// A process started in a lab host, killed (and reaped) when the test ends,

@@ -177,7 +177,7 @@ async fn enrol(
         pon_cu::tls::client_config(ca, Duration::from_secs(30), None).map_err(|e| e.to_string())?;
     let conn = connect(ep, anon, cu, "pon-cu")
         .await
-        .map_err(|(Attempt::Fatal(e) | Attempt::Retry(e))| e)?;
+        .map_err(Attempt::message)?;
     let answer = request(
         &conn,
         &AgentMsg::Enrol(Enrol {

@@ -136,9 +136,7 @@ async fn main() -> anyhow::Result<()> {
     let ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
     let conn = match pon_cu::enrolment::connect(&ep, cfg, args.cu, &args.server_name).await {
         Ok(c) => c,
-        Err(pon_cu::enrolment::Attempt::Fatal(why) | pon_cu::enrolment::Attempt::Retry(why)) => {
-            bail!("{why}")
-        }
+        Err(failed) => bail!("{}", failed.message()),
     };
     let msg = pon_cu::enrolment::request(
         &conn,
