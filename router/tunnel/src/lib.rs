@@ -15,6 +15,7 @@
 //! proves the initiator has it; the old session keeps receiving until it
 //! expires.
 
+pub mod lan;
 mod noise;
 mod replay;
 mod session;
