@@ -19,6 +19,12 @@ pub struct TaConfig {
     /// The local proxy's forwarder (in CU mode: learnt from the CU).
     #[serde(default)]
     pub forwarder: Option<Ipv4Addr>,
+    /// The static key of the forwarder's proxy (static mode; in CU mode
+    /// the CU vouches for it): steering and the agent legs are
+    /// authenticated with the key this TA shares with it, so without it
+    /// no steering is taken and nothing is sent.
+    #[serde(default)]
+    pub forwarder_key: Option<pon_proto::control::PublicKey>,
     /// How both agent legs are encapsulated; with `udp`, the RA listens
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
@@ -73,6 +79,16 @@ pub struct RaConfig {
     pub tun_addr: Ipv4Addr,
     /// The only proxy the RA accepts packets from.
     pub proxy: Ipv4Addr,
+    /// The proxy's static key: packets on the UDP leg must be sealed with
+    /// the key this VM shares with it (without it, the UDP leg accepts
+    /// nothing).
+    #[serde(default)]
+    pub proxy_key: Option<pon_proto::control::PublicKey>,
+    /// This VM's identity: the TA's state directory (default
+    /// /var/lib/pon/ta; relative to this file). The RA reads the key the
+    /// TA made there and never makes one.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// This VM's address: packets for other addresses are refused.
     pub local_addr: Ipv4Addr,
     /// TUN offloads: deliver batches coalesced into super-packets (GRO).
@@ -179,11 +195,17 @@ impl TaConfig {
 
 impl RaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        pon_telemetry::load_toml(path, "RA").and_then(|c: Self| {
+        pon_telemetry::load_toml(path, "RA").and_then(|mut c: Self| {
             check_tun_name(&c.tun_name)
                 .with_context(|| format!("in RA config {}", path.display()))?;
+            c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
             Ok(c)
         })
+    }
+
+    /// The directory of this VM's identity (the TA's).
+    pub fn state_dir(&self) -> PathBuf {
+        pon_identity::state_dir_or_default(self.state_dir.as_deref(), "ta")
     }
 }
 

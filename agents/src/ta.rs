@@ -2,11 +2,13 @@
 //! read from the TUN and wrap it for the local forwarder.
 
 use crate::HEADROOM;
+use pon_proto::control::PublicKey;
 use pon_proto::ip::{InnerPacket, Ipv4Repr, IPV4_HEADER_LEN};
 use pon_proto::EncapKind;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 pon_telemetry::counters! {
     pub struct TaCounters {
@@ -19,12 +21,18 @@ pon_telemetry::counters! {
     }
 }
 
-/// The forwarder the TA sends to (agent-leg address, UDP port), shared
-/// between the CU client, which follows the forwarder the CU names, and the
-/// data path and steering thread, which read it once per batch or message.
-/// One atomic word, so following costs the data path no lock.
+/// The forwarder the TA sends to (agent-leg address, UDP port) and its
+/// proxy's static key, shared between the CU client, which follows the
+/// forwarder the CU names, and the data path and steering thread, which
+/// read it once per batch or message. The address is one atomic word and
+/// `version` another, so following costs the data path no lock: it reads
+/// the key (behind a lock) only when `version` moved.
 #[derive(Debug, Default)]
-pub struct CurrentForwarder(AtomicU64);
+pub struct CurrentForwarder {
+    addr: AtomicU64,
+    key: Mutex<Option<PublicKey>>,
+    version: AtomicU64,
+}
 
 /// Marks a named forwarder (0 means none yet).
 const NAMED: u64 = 1 << 48;
@@ -33,20 +41,44 @@ fn pack((ip, port): (Ipv4Addr, u16)) -> u64 {
     NAMED | u64::from(u32::from(ip)) << 16 | u64::from(port)
 }
 
+fn unpack(v: u64) -> Option<(Ipv4Addr, u16)> {
+    (v & NAMED != 0).then(|| (Ipv4Addr::from((v >> 16) as u32), v as u16))
+}
+
 impl CurrentForwarder {
-    pub fn new(f: (Ipv4Addr, u16)) -> Self {
-        CurrentForwarder(AtomicU64::new(pack(f)))
+    pub fn new(f: (Ipv4Addr, u16), key: Option<PublicKey>) -> Self {
+        CurrentForwarder {
+            addr: AtomicU64::new(pack(f)),
+            key: Mutex::new(key),
+            version: AtomicU64::new(1),
+        }
     }
 
     pub fn get(&self) -> Option<(Ipv4Addr, u16)> {
-        let v = self.0.load(Ordering::Acquire);
-        (v & NAMED != 0).then(|| (Ipv4Addr::from((v >> 16) as u32), v as u16))
+        unpack(self.addr.load(Ordering::Acquire))
     }
 
-    /// Names `f`; returns the forwarder named before.
-    pub fn swap(&self, f: (Ipv4Addr, u16)) -> Option<(Ipv4Addr, u16)> {
-        let old = CurrentForwarder(AtomicU64::new(self.0.swap(pack(f), Ordering::AcqRel)));
-        old.get()
+    /// The static key of the forwarder's proxy, if known.
+    pub fn key(&self) -> Option<PublicKey> {
+        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves whenever the forwarder or its key changes.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Names `f` with its proxy's key; returns the forwarder named before.
+    pub fn swap(&self, f: (Ipv4Addr, u16), key: Option<PublicKey>) -> Option<(Ipv4Addr, u16)> {
+        let changed = {
+            let mut k = self.key.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::replace(&mut *k, key) != key
+        };
+        let old = unpack(self.addr.swap(pack(f), Ordering::AcqRel));
+        if changed || old != Some(f) {
+            self.version.fetch_add(1, Ordering::AcqRel);
+        }
+        old
     }
 }
 
@@ -147,8 +179,14 @@ mod tests {
         assert_eq!(f.get(), None);
         let a = (Ipv4Addr::new(198, 18, 1, 1), 7301);
         let b = (Ipv4Addr::new(255, 255, 255, 254), 65535);
-        assert_eq!(f.swap(a), None);
-        assert_eq!(f.swap(b), Some(a));
+        assert_eq!(f.swap(a, None), None);
+        let v = f.version();
+        assert_eq!(f.swap(a, None), Some(a));
+        assert_eq!(f.version(), v, "nothing changed");
+        assert_eq!(f.swap(a, Some(PublicKey([1; 32]))), Some(a));
+        assert_eq!(f.key(), Some(PublicKey([1; 32])));
+        assert!(f.version() > v, "the key changed");
+        assert_eq!(f.swap(b, Some(PublicKey([1; 32]))), Some(a));
         assert_eq!(f.get(), Some(b));
     }
 }

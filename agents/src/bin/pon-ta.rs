@@ -33,7 +33,11 @@ fn main() -> anyhow::Result<()> {
         .apply(&cfg.intercept)?;
     // CU mode: the client thread keeps the interception routes in step with
     // the CU's view; the forwarder is known once the CU has named it.
-    let mut cu = pon_agents::cu::start(&cfg, interception.clone())?;
+    let identity = Arc::new(
+        pon_identity::Identity::load_or_create(&cfg.state_dir())
+            .map_err(|e| anyhow::anyhow!("state_dir: {e}"))?,
+    );
+    let mut cu = pon_agents::cu::start(&cfg, identity.clone(), interception.clone())?;
 
     {
         let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::TA);
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
         pon_agents::steering::start(
             bind,
+            identity.noise_secret(),
             forwarder.clone(),
             interception.clone(),
             steering,

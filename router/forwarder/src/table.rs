@@ -20,6 +20,10 @@ pub use pon_proto::Encap;
 pub struct Agent {
     pub addr: Ipv4Addr,
     pub encap: Encap,
+    /// The agent's static X25519 key (the CU vouches for it, or the static
+    /// configuration names it): its site-LAN legs and steering are
+    /// authenticated with the key it shares with this proxy.
+    pub key: Option<pon_proto::control::PublicKey>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

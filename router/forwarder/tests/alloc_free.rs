@@ -63,6 +63,7 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
     let agents = [Agent {
         addr: Ipv4Addr::new(198, 18, id, 11),
         encap: Encap::Ipip,
+        key: None,
     }];
     let dests = [
         ("198.18.2.0/24".parse().unwrap(), 2),

@@ -26,6 +26,7 @@ fn engine(id: u32) -> Engine {
     let agents = [Agent {
         addr: Ipv4Addr::new(198, 18, id as u8, 11),
         encap: Encap::Ipip,
+        key: None,
     }];
     let dests: Vec<_> = (1..=3u32)
         .filter(|p| *p != id)
@@ -514,10 +515,12 @@ fn local_destination_is_delivered_without_the_overlay() {
         Agent {
             addr: APP_A,
             encap: Encap::Ipip,
+            key: None,
         },
         Agent {
             addr: neighbour,
             encap: Encap::Udp { ra_port: 7302 },
+            key: None,
         },
     ];
     let table = ForwardingTable::build(1, &[(2, proxy_addr(2))], &agents, &[], &[]).unwrap();

@@ -57,7 +57,7 @@ impl ForwarderPart {
         let mut f = ForwarderPart {
             tunnels,
             epoch: cfg.epoch,
-            steerer: Steerer::new(cfg.epoch, cfg.steering_refresh),
+            steerer: Steerer::new(cfg.epoch, cfg.steering_refresh, cfg.private_key),
             steering_port: cfg.steering_port,
             relays: Vec::new(),
             unreachable: BTreeSet::new(),
@@ -308,13 +308,14 @@ impl ForwarderPart {
             return;
         };
         self.counters.steering_sent.inc();
-        for a in msg.agents {
+        if msg.unkeyed > 0 {
+            tracing::debug!(agents = msg.unkeyed, "agents without a key are not steered");
+        }
+        for (a, datagrams) in msg.to {
             let to = SocketAddrV4::new(a, self.steering_port);
-            for bytes in &msg.datagrams {
-                self.out.push_back(Output::Transmit(Transmit::Steering {
-                    to,
-                    bytes: bytes.clone(),
-                }));
+            for bytes in datagrams {
+                self.out
+                    .push_back(Output::Transmit(Transmit::Steering { to, bytes }));
             }
         }
     }

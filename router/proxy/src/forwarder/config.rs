@@ -132,6 +132,12 @@ pub struct AgentConfig {
     /// The RA's UDP port, used with `encap = "udp"`.
     #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub ra_port: u16,
+    /// The agent's static key (`pon-lab-config identity` prints the key of
+    /// a state directory): its UDP legs and steering are authenticated with
+    /// the key it shares with this proxy. Without it, the proxy neither
+    /// accepts its UDP packets nor steers it.
+    #[serde(default)]
+    pub public_key: Option<PublicKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,6 +218,7 @@ impl ForwarderConfig {
             .map(|a| Agent {
                 addr: a.addr,
                 encap: a.encap.with_port(a.ra_port),
+                key: a.public_key,
             })
             .collect();
         let dests: Vec<_> = self
