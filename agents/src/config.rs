@@ -25,6 +25,10 @@ pub struct TaConfig {
     /// no steering is taken and nothing is sent.
     #[serde(default)]
     pub forwarder_key: Option<pon_proto::control::PublicKey>,
+    /// Encrypt what the TA sends to the forwarder on the UDP leg (always
+    /// authenticated; encryption on the site LAN is an option).
+    #[serde(default)]
+    pub encrypt_lan: bool,
     /// How both agent legs are encapsulated; with `udp`, the RA listens
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
@@ -156,7 +160,7 @@ impl TaConfig {
         let mtu = self.tun_mtu();
         let agent_leg = match self.encap {
             EncapKind::Ipip => pon_proto::ip::IPIP_OVERHEAD,
-            EncapKind::Udp => pon_proto::ip::UDP_OVERHEAD,
+            EncapKind::Udp => pon_proto::ip::UDP_OVERHEAD + pon_proto::lan::OVERHEAD,
         };
         let agent_leg_max = usize::from(self.underlay_mtu).saturating_sub(agent_leg);
         if usize::from(mtu) > agent_leg_max {
@@ -232,6 +236,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 1480"));
+        let udp = TaConfig {
+            encap: EncapKind::Udp,
+            ..c
+        };
+        assert!(udp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 1436"));
     }
 
     #[test]

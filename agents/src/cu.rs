@@ -275,7 +275,7 @@ mod tests {
         .unwrap();
         let (fwd, _) = current.get().unwrap();
         let r = enc
-            .encapsulate(&mut buf, 28, fwd, &TaCounters::default())
+            .encapsulate(&mut buf, 28, fwd, None, &TaCounters::default())
             .unwrap();
         assert_eq!(IpipPacket::new_checked(&buf[r]).unwrap().outer().dst(), new);
     }

@@ -5,6 +5,7 @@ use crate::HEADROOM;
 use pon_proto::control::PublicKey;
 use pon_proto::ip::{InnerPacket, Ipv4Repr, IPV4_HEADER_LEN};
 use pon_proto::EncapKind;
+use pon_tunnel::lan::LanSender;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +17,8 @@ pon_telemetry::counters! {
         sent => ("pon_ta_packets_total", "stage=\"sent\"", "Packets the kernel took to send to the forwarder; those it refused are in pon_ta_socket_errors_total{op=\"send\"}."),
         drop_malformed => ("pon_ta_drops_total", "reason=\"malformed\"", "Packets dropped, by reason."),
         drop_foreign_source => ("pon_ta_drops_total", "reason=\"foreign_source\"", "Packets dropped, by reason."),
+        drop_no_key => ("pon_ta_drops_total", "reason=\"no_key\"", "Packets dropped, by reason."),
+        drop_no_room => ("pon_ta_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
         rx_errors => ("pon_ta_socket_errors_total", "op=\"recv\"", "TUN or socket errors."),
         tx_errors => ("pon_ta_socket_errors_total", "op=\"send\"", "TUN or socket errors."),
     }
@@ -91,13 +94,15 @@ pub struct Encapsulator {
 impl Encapsulator {
     /// `buf[HEADROOM..HEADROOM + len]` holds a packet read from the TUN.
     /// Returns the bytes to send: the whole IP-in-IP packet (to
-    /// `forwarder`), or the inner packet for the UDP encapsulation. `None`
-    /// means drop (counted).
+    /// `forwarder`), or for the UDP encapsulation the inner packet sealed
+    /// with `lan` (the key this VM shares with the forwarder's proxy:
+    /// header in front, tag after). `None` means drop (counted).
     pub fn encapsulate(
         &self,
         buf: &mut [u8],
         len: usize,
         forwarder: Ipv4Addr,
+        lan: Option<&LanSender>,
         c: &TaCounters,
     ) -> Option<Range<usize>> {
         let end = HEADROOM + len;
@@ -116,7 +121,21 @@ impl Encapsulator {
         }
         c.captured.inc();
         match self.encap {
-            EncapKind::Udp => Some(HEADROOM..end),
+            EncapKind::Udp => {
+                let Some(lan) = lan else {
+                    c.drop_no_key.inc();
+                    return None;
+                };
+                let start = HEADROOM - pon_proto::lan::HEADER_LEN;
+                let total = buf
+                    .get_mut(start..end + pon_proto::lan::TAG_LEN)
+                    .and_then(|b| lan.seal(b, len));
+                let Some(total) = total else {
+                    c.drop_no_room.inc();
+                    return None;
+                };
+                Some(start..start + total)
+            }
             EncapKind::Ipip => {
                 Ipv4Repr::ipip(self.local, forwarder, len)
                     .emit(&mut buf[HEADROOM - IPV4_HEADER_LEN..HEADROOM])
@@ -156,13 +175,13 @@ mod tests {
         let fwd = Ipv4Addr::new(198, 18, 1, 1);
         let c = TaCounters::default();
         let mut buf = packet_from(e.local);
-        let r = e.encapsulate(&mut buf, 28, fwd, &c).unwrap();
+        let r = e.encapsulate(&mut buf, 28, fwd, None, &c).unwrap();
         let p = IpipPacket::new_checked(&buf[r]).unwrap();
         assert_eq!(p.outer().dst(), fwd);
         assert_eq!(p.inner().len(), 28);
         let mut buf = packet_from(Ipv4Addr::new(10, 0, 0, 1));
-        assert!(e.encapsulate(&mut buf, 28, fwd, &c).is_none());
-        assert!(e.encapsulate(&mut buf, 3, fwd, &c).is_none());
+        assert!(e.encapsulate(&mut buf, 28, fwd, None, &c).is_none());
+        assert!(e.encapsulate(&mut buf, 3, fwd, None, &c).is_none());
         assert_eq!(
             (
                 c.captured.get(),
@@ -171,6 +190,42 @@ mod tests {
             ),
             (1, 1, 1)
         );
+    }
+
+    #[test]
+    fn udp_packets_are_sealed_for_the_forwarder_only() {
+        use pon_tunnel::lan::{public_key, Channel, LanError, PairKey};
+        let e = Encapsulator {
+            local: Ipv4Addr::new(198, 18, 1, 11),
+            encap: EncapKind::Udp,
+        };
+        let (ta, proxy) = ([5u8; 32], [7u8; 32]);
+        let c = TaCounters::default();
+        let mut buf = packet_from(e.local);
+        let fwd = Ipv4Addr::new(198, 18, 1, 1);
+        assert!(e.encapsulate(&mut buf, 28, fwd, None, &c).is_none());
+        assert_eq!(c.drop_no_key.get(), 1);
+        for encrypt in [false, true] {
+            let tx = PairKey::for_agent(&ta, &public_key(&proxy))
+                .unwrap()
+                .sender(Channel::Uplink, 1, encrypt);
+            let mut buf = packet_from(e.local);
+            let r = e.encapsulate(&mut buf, 28, fwd, Some(&tx), &c).unwrap();
+            assert_eq!(r.len(), 28 + pon_proto::lan::OVERHEAD);
+            let rx = PairKey::for_proxy(&proxy, &public_key(&ta))
+                .unwrap()
+                .receiver(Channel::Uplink);
+            let mut d = buf[r].to_vec();
+            let inner = rx.open(&mut d.clone()).unwrap();
+            assert_eq!(inner.len(), 28);
+            let mut opened = d.clone();
+            rx.open(&mut opened).unwrap_err();
+            d[30] ^= 1;
+            let fresh = PairKey::for_proxy(&proxy, &public_key(&ta))
+                .unwrap()
+                .receiver(Channel::Uplink);
+            assert_eq!(fresh.open(&mut d), Err(LanError::BadTag));
+        }
     }
 
     #[test]

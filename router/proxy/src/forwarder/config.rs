@@ -58,6 +58,10 @@ pub struct ForwarderConfig {
     /// Session lifetimes of the tunnels between proxies.
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Encrypt what this proxy sends to its agents' RAs on the UDP leg
+    /// (always authenticated; encryption on the site LAN is an option).
+    #[serde(default)]
+    pub encrypt_lan: bool,
 }
 
 /// When the sessions between proxies are replaced (defaults: WireGuard's).
