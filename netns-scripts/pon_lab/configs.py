@@ -138,6 +138,9 @@ def proxy_key(lab, site):
 
 
 def ra(lab, host):
+    # The VM's identity (the TA's) is made now, so the RA, which reads it, need not
+    # wait for the TA to start.
+    renderer.identities([state_dir(lab, host, "pon-ta")], lab.state["bin_dir"])
     return agent_options(lab) | {"proxy": proxy_addr(host["site_index"]),
                                  "proxy_key": proxy_key(lab, host["site"]),
                                  "state_dir": state_dir(lab, host, "pon-ta"),

@@ -47,6 +47,13 @@ fn main() -> anyhow::Result<()> {
     // and needs the TUN to have an address (`tun_addr`).
     pon_netio::write_sysctl(&format!("net/ipv4/conf/{}/rp_filter", cfg.tun_name), "2")?;
     let counters = Arc::new(RaCounters::default());
+    {
+        let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::RA);
+        let c = counters.clone();
+        pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| c.render(w)))
+            .with_context(|| format!("serving metrics on {addr}"))?;
+    }
+
     // The UDP leg is sealed with the key this VM shares with its proxy:
     // the VM's identity is the TA's (one key per app VM, the one the CU
     // vouches for), read from the TA's state directory.
@@ -73,14 +80,6 @@ fn main() -> anyhow::Result<()> {
         local: cfg.local_addr,
         link,
     });
-
-    {
-        let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::RA);
-        let c = counters.clone();
-        pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| c.render(w)))
-            .with_context(|| format!("serving metrics on {addr}"))?;
-    }
-
     let ipip = pon_netio::IpipReceiver::open()
         .context("opening raw IP-in-IP socket (needs CAP_NET_RAW)")?;
     if cfg.udp_port != 0 {

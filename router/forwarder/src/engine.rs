@@ -73,6 +73,7 @@ pon_telemetry::counters! {
         keepalives => ("pon_forwarder_packets_total", "stage=\"keepalive\"", "Packets forwarded, by role of this proxy on their path."),
         drop_no_room => ("pon_forwarder_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
         drop_agent_no_key => ("pon_forwarder_drops_total", "reason=\"agent_no_key\"", "Packets dropped, by reason."),
+        drop_agent_unsealed => ("pon_forwarder_drops_total", "reason=\"agent_unsealed\"", "Packets dropped, by reason."),
         drop_agent_bad_tag => ("pon_forwarder_drops_total", "reason=\"agent_bad_tag\"", "Packets dropped, by reason."),
         drop_agent_replayed => ("pon_forwarder_drops_total", "reason=\"agent_replayed\"", "Packets dropped, by reason."),
         drop_agent_stale_epoch => ("pon_forwarder_drops_total", "reason=\"agent_stale_epoch\"", "Packets dropped, by reason."),
@@ -297,7 +298,8 @@ impl Engine {
     fn lan_failed(&self, e: LanError) -> Decision {
         let c = &self.counters;
         match e {
-            LanError::Malformed(e) => self.malformed(e),
+            // Not a site-LAN datagram at all (too short, another version).
+            LanError::Malformed(_) => drop(&c.drop_agent_unsealed),
             LanError::BadTag => drop(&c.drop_agent_bad_tag),
             LanError::Replayed => drop(&c.drop_agent_replayed),
             LanError::StaleEpoch => drop(&c.drop_agent_stale_epoch),

@@ -182,7 +182,10 @@ fn per_packet_paths_do_not_allocate() {
                 pon_len,
                 peer(3),
             );
-            assert_eq!(d.output, Output::AgentUdp(std::net::SocketAddrV4::new(APP_B, 7302)));
+            assert_eq!(
+                d.output,
+                Output::AgentUdp(std::net::SocketAddrV4::new(APP_B, 7302))
+            );
 
             // The UDP leg from the TA: opened, then sealed onwards.
             let inner = load_from_ta(&mut buf, 1000) - IPV4_HEADER_LEN;
