@@ -75,6 +75,8 @@ def forwarder(lab, host, daemon="pon-forwarder"):
            "state_dir": state_dir(lab, host, daemon)}
     if topo.get("tunnel"):
         cfg["tunnel"] = dict(topo["tunnel"])
+    if topo.get("encrypt_lan"):
+        cfg["encrypt_lan"] = True
     if topo.get("split") and topo.get("routing") is not None:
         cfg["local"] = {"listen": local_addr(lab, "pon-forwarder"),
                         "monitor": local_addr(lab, "pon-monitor"),
@@ -154,6 +156,8 @@ def ta(lab, host):
         "local_addr": host["address"], "encap": topo["encap"], "underlay_mtu": MTU,
         "metrics": metrics(lab, host, "pon-ta")}
     cfg["state_dir"] = state_dir(lab, host, "pon-ta")
+    if topo.get("encrypt_lan"):
+        cfg["encrypt_lan"] = True
     if topo.get("cu"):
         return cfg | {"cu": cu_client(lab, host, "APP")}
     return cfg | {"forwarder": proxy_addr(host["site_index"]),

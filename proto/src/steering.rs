@@ -234,6 +234,13 @@ mod tests {
             ..a.clone()
         }
         .newer_than(&a));
+        // Strictly monotonic: an older run is not newer, whatever its sequence.
+        assert!(!Steering {
+            epoch: 0,
+            seq: 99,
+            ..a.clone()
+        }
+        .newer_than(&a));
     }
 
     proptest! {

@@ -35,8 +35,8 @@ fn spoofed_site_lan_packets_are_dropped_by_reason_while_ping_loses_nothing() {
 }
 
 #[test]
-fn the_same_with_static_configs_naming_the_keys() {
-    spoofed_packets_are_dropped("cu = false\n");
+fn the_same_with_static_configs_naming_the_keys_and_the_lan_encrypted() {
+    spoofed_packets_are_dropped("cu = false\nencrypt_lan = true\n");
 }
 
 fn spoofed_packets_are_dropped(options: &str) {
