@@ -19,6 +19,16 @@ pub struct TaConfig {
     /// The local proxy's forwarder (in CU mode: learnt from the CU).
     #[serde(default)]
     pub forwarder: Option<Ipv4Addr>,
+    /// The static key of the forwarder's proxy (static mode; in CU mode
+    /// the CU vouches for it): steering and the agent legs are
+    /// authenticated with the key this TA shares with it, so without it
+    /// no steering is taken and nothing is sent.
+    #[serde(default)]
+    pub forwarder_key: Option<pon_proto::control::PublicKey>,
+    /// Encrypt what the TA sends to the forwarder on the UDP leg (always
+    /// authenticated; encryption on the site LAN is an option).
+    #[serde(default)]
+    pub encrypt_lan: bool,
     /// How both agent legs are encapsulated; with `udp`, the RA listens
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
@@ -73,6 +83,16 @@ pub struct RaConfig {
     pub tun_addr: Ipv4Addr,
     /// The only proxy the RA accepts packets from.
     pub proxy: Ipv4Addr,
+    /// The proxy's static key: packets on the UDP leg must be sealed with
+    /// the key this VM shares with it (without it, the UDP leg accepts
+    /// nothing).
+    #[serde(default)]
+    pub proxy_key: Option<pon_proto::control::PublicKey>,
+    /// This VM's identity: the TA's state directory (default
+    /// /var/lib/pon/ta; relative to this file). The RA reads the key the
+    /// TA made there and never makes one.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// This VM's address: packets for other addresses are refused.
     pub local_addr: Ipv4Addr,
     /// TUN offloads: deliver batches coalesced into super-packets (GRO).
@@ -140,7 +160,7 @@ impl TaConfig {
         let mtu = self.tun_mtu();
         let agent_leg = match self.encap {
             EncapKind::Ipip => pon_proto::ip::IPIP_OVERHEAD,
-            EncapKind::Udp => pon_proto::ip::UDP_OVERHEAD,
+            EncapKind::Udp => pon_proto::ip::UDP_OVERHEAD + pon_proto::lan::OVERHEAD,
         };
         let agent_leg_max = usize::from(self.underlay_mtu).saturating_sub(agent_leg);
         if usize::from(mtu) > agent_leg_max {
@@ -179,11 +199,17 @@ impl TaConfig {
 
 impl RaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        pon_telemetry::load_toml(path, "RA").and_then(|c: Self| {
+        pon_telemetry::load_toml(path, "RA").and_then(|mut c: Self| {
             check_tun_name(&c.tun_name)
                 .with_context(|| format!("in RA config {}", path.display()))?;
+            c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
             Ok(c)
         })
+    }
+
+    /// The directory of this VM's identity (the TA's).
+    pub fn state_dir(&self) -> PathBuf {
+        pon_identity::state_dir_or_default(self.state_dir.as_deref(), "ta")
     }
 }
 
@@ -210,6 +236,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 1480"));
+        let udp = TaConfig {
+            encap: EncapKind::Udp,
+            ..c
+        };
+        assert!(udp
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at most 1436"));
     }
 
     #[test]

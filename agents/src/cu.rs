@@ -8,7 +8,7 @@ use crate::ta::CurrentForwarder;
 use ipnet::IpNet;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
-use pon_proto::control::Endpoints;
+use pon_proto::control::{Endpoints, PublicKey};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
@@ -29,14 +29,18 @@ pub fn wanted(view: &View, my_cloud: &str, configured: &[IpNet]) -> Vec<IpNet> {
 
 /// The forwarder the CU names for this VM: the proxy serving its cloud,
 /// at its agent-leg address and UDP port.
-pub fn forwarder_in(view: &View, my_cloud: &str, default_port: u16) -> Option<(Ipv4Addr, u16)> {
+pub fn forwarder_in(
+    view: &View,
+    my_cloud: &str,
+    default_port: u16,
+) -> Option<((Ipv4Addr, u16), PublicKey)> {
     let p = view.proxy_of(my_cloud)?;
     let port = if p.agent_udp_port != 0 {
         p.agent_udp_port
     } else {
         default_port
     };
-    Some((p.agent_addr, port))
+    Some(((p.agent_addr, port), p.noise_key))
 }
 
 /// What following a view did to the TA's forwarder.
@@ -60,10 +64,10 @@ pub fn follow(
     my_cloud: &str,
     default_port: u16,
 ) -> Followed {
-    let Some(new) = forwarder_in(view, my_cloud, default_port) else {
+    let Some((new, key)) = forwarder_in(view, my_cloud, default_port) else {
         return Followed::Unchanged;
     };
-    match current.swap(new) {
+    match current.swap(new, Some(key)) {
         None => Followed::First(new),
         Some(old) if old != new => Followed::Moved { old, new },
         Some(_) => Followed::Unchanged,
@@ -89,12 +93,19 @@ impl TaCu {
     }
 }
 
-pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::Result<TaCu> {
+pub fn start(
+    cfg: &TaConfig,
+    identity: Arc<pon_identity::Identity>,
+    interception: Arc<Mutex<Interception>>,
+) -> anyhow::Result<TaCu> {
     let Some(cu) = cfg.cu.clone() else {
         let fwd = cfg.forwarder.expect("validated: forwarder or [cu]");
         return Ok(TaCu {
             status: None,
-            forwarder: Arc::new(CurrentForwarder::new((fwd, cfg.forwarder_udp_port))),
+            forwarder: Arc::new(CurrentForwarder::new(
+                (fwd, cfg.forwarder_udp_port),
+                cfg.forwarder_key,
+            )),
             named: None,
         });
     };
@@ -102,10 +113,6 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
         addr: cfg.local_addr,
         encap: cfg.encap(),
     };
-    let identity = Arc::new(
-        pon_identity::Identity::load_or_create(&cfg.state_dir())
-            .map_err(|e| anyhow::anyhow!("state_dir: {e}"))?,
-    );
     let register = cu
         .register(
             "APP",
@@ -157,7 +164,7 @@ pub fn start(cfg: &TaConfig, interception: Arc<Mutex<Interception>>) -> anyhow::
 mod tests {
     use super::*;
     use pon_cu::view::testing;
-    use pon_proto::control::{Change, Config};
+    use pon_proto::control::{Change, Config, PublicKey};
 
     fn empty_view() -> View {
         let mut v = View::default();
@@ -211,13 +218,19 @@ mod tests {
             follow(&current, &v, "paris", 7301),
             Followed::First((old, 7301))
         );
-        let mut steering = SteeringState::default();
+        use crate::steering::tests::{proxy_key, TA_SECRET};
+        let mut steering = SteeringState::new(TA_SECRET);
         let c = SteeringCounters::default();
-        assert_eq!(steering.follow(current.get().unwrap().0), None);
+        assert_eq!(current.key(), Some(PublicKey([1; 32])));
+        // (Both test proxies seal with the same secret.)
+        assert_eq!(
+            steering.follow(current.get().unwrap().0, Some(proxy_key())),
+            None
+        );
         let msg = |epoch, seq| datagram(epoch, seq, vec![(Ipv4Addr::new(198, 18, 2, 11), 32)]);
         let t = Duration::from_secs(1);
         assert!(steering
-            .on_datagram(&msg(5, 9), (old, 1).into(), t, &c)
+            .on_datagram(&mut msg(5, 9), (old, 1).into(), t, &c)
             .is_some());
 
         // The old proxy leaves; the CU names the other proxy of the cloud.
@@ -231,14 +244,15 @@ mod tests {
         );
         assert_eq!(current.get(), Some((new, 7301)));
         // What the old proxy said is dropped...
-        assert_eq!(steering.follow(new), Some(vec![]));
+        assert_eq!(current.key(), Some(PublicKey([2; 32])));
+        assert_eq!(steering.follow(new, Some(proxy_key())), Some(vec![]));
         // ... and it is no longer listened to, while the new one is, with
         // its own epoch and sequence.
         assert!(steering
-            .on_datagram(&msg(5, 10), (old, 1).into(), t, &c)
+            .on_datagram(&mut msg(5, 10), (old, 1).into(), t, &c)
             .is_none());
         assert!(steering
-            .on_datagram(&msg(1, 1), (new, 1).into(), t, &c)
+            .on_datagram(&mut msg(1, 1), (new, 1).into(), t, &c)
             .is_some());
         assert_eq!((c.accepted.get(), c.foreign.get()), (2, 1));
 
@@ -261,7 +275,7 @@ mod tests {
         .unwrap();
         let (fwd, _) = current.get().unwrap();
         let r = enc
-            .encapsulate(&mut buf, 28, fwd, &TaCounters::default())
+            .encapsulate(&mut buf, 28, fwd, None, &TaCounters::default())
             .unwrap();
         assert_eq!(IpipPacket::new_checked(&buf[r]).unwrap().outer().dst(), new);
     }

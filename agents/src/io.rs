@@ -13,11 +13,29 @@
 
 use crate::ra::{Decapsulator, RaCounters};
 use crate::ta::{CurrentForwarder, Encapsulator, TaCounters};
-use crate::HEADROOM;
+use crate::{HEADROOM, TAILROOM};
 use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
+use pon_proto::control::PublicKey;
+use pon_tunnel::lan::{Channel, LanSender, PairKey};
 use std::net::SocketAddr;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+/// This VM's static secret and this run's epoch: what the agent legs'
+/// keys are made from.
+pub struct TaKeys {
+    pub secret: [u8; 32],
+    pub epoch: u64,
+    pub encrypt: bool,
+}
+
+impl TaKeys {
+    /// The uplink's sender towards the proxy whose key is `proxy`.
+    pub fn uplink(&self, proxy: &PublicKey) -> Option<LanSender> {
+        PairKey::for_agent(&self.secret, &proxy.0)
+            .map(|p| p.sender(Channel::Uplink, self.epoch, self.encrypt))
+    }
+}
 
 /// How the TA reaches its forwarder.
 pub enum TaUplink {
@@ -34,14 +52,20 @@ pub fn run_ta(
     enc: &Encapsulator,
     uplink: &TaUplink,
     forwarder: &CurrentForwarder,
+    keys: &TaKeys,
     counters: &TaCounters,
 ) -> ! {
     let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
-        .map(|_| vec![0u8; HEADROOM + usize::from(mtu).max(1500)])
+        .map(|_| vec![0u8; HEADROOM + usize::from(mtu).max(1500) + TAILROOM])
         .collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let mut gso = GsoBatch::new(usize::from(mtu));
+    let mut gso = GsoBatch::new(usize::from(mtu) + pon_proto::lan::OVERHEAD);
+    // The uplink's keys with the current forwarder's proxy (rebuilt only
+    // when the forwarder's key changes, so the counter never restarts
+    // under the same key).
+    let mut version = 0;
+    let mut lan: Option<(PublicKey, LanSender)> = None;
     loop {
         let n = match tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, HEADROOM) {
             Ok(n) => n,
@@ -55,8 +79,16 @@ pub fn run_ta(
             continue;
         };
         let fwd_udp = SocketAddr::from((fwd_ip, fwd_port));
+        if forwarder.version() != version {
+            version = forwarder.version();
+            let key = forwarder.key();
+            if lan.as_ref().map(|l| l.0) != key {
+                lan = key.and_then(|k| keys.uplink(&k).map(|s| (k, s)));
+            }
+        }
+        let sender = lan.as_ref().map(|l| &l.1);
         for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
-            let Some(range) = enc.encapsulate(buf, size, fwd_ip, counters) else {
+            let Some(range) = enc.encapsulate(buf, size, fwd_ip, sender, counters) else {
                 continue;
             };
             match uplink {
@@ -189,9 +221,9 @@ pub fn run_ra_udp(rx: &UdpIo, tun: &SyncDevice, dec: &Decapsulator, counters: &R
         };
         for i in 0..n {
             let src = rb.source(i).ip();
-            for datagram in rb.datagrams(i) {
-                if dec.from_udp(src, datagram, counters) {
-                    out.push(tun, datagram, counters);
+            for datagram in rb.datagrams_mut(i) {
+                if let Some(inner) = dec.from_udp(src, datagram, counters) {
+                    out.push(tun, &datagram[inner], counters);
                 }
             }
         }

@@ -15,7 +15,14 @@ pub mod steering;
 pub mod ta;
 pub mod tun;
 
-/// Free bytes before a packet read from the TUN, for the outer header.
-pub const HEADROOM: usize = pon_proto::ip::IPV4_HEADER_LEN;
-/// One packet buffer: headroom plus the largest IPv4 packet.
-pub const BUFFER_LEN: usize = HEADROOM + 65535;
+/// Free bytes before a packet read from the TUN, for the outer header
+/// (IP-in-IP) or the site-LAN header (UDP).
+pub const HEADROOM: usize = if pon_proto::ip::IPV4_HEADER_LEN > pon_proto::lan::HEADER_LEN {
+    pon_proto::ip::IPV4_HEADER_LEN
+} else {
+    pon_proto::lan::HEADER_LEN
+};
+/// Free bytes after a packet, for the site-LAN tag.
+pub const TAILROOM: usize = pon_proto::lan::TAG_LEN;
+/// One packet buffer: headroom plus the largest IPv4 packet plus tailroom.
+pub const BUFFER_LEN: usize = HEADROOM + 65535 + TAILROOM;

@@ -133,7 +133,6 @@ impl Credentials {
                 }
                 Err(Attempt::Retry(failed, why)) => (failed, why),
             };
-            // Enrolment retries only what is worth retrying: the CU was away.
             status.counters.failures(failed).inc();
             let d = backoff.next_delay();
             tracing::warn!(

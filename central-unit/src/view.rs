@@ -2,7 +2,7 @@
 //! kept up to date by applying configurations (replace) and updates
 //! (change). Sans-I/O; the daemons turn it into their tables.
 
-use pon_proto::control::{AgentInfo, Change, Config, Endpoints, Peer};
+use pon_proto::control::{AgentInfo, Change, Config, Endpoints, Peer, PublicKey};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -20,6 +20,8 @@ pub struct ProxyRef {
     pub agent_addr: Ipv4Addr,
     pub agent_udp_port: u16,
     pub optimise: bool,
+    /// The static key the CU vouches for.
+    pub noise_key: PublicKey,
 }
 
 /// An app VM as the data path needs it.
@@ -29,6 +31,8 @@ pub struct AppRef {
     pub cloud: String,
     pub addr: Ipv4Addr,
     pub encap: pon_proto::Encap,
+    /// The static key the CU vouches for.
+    pub noise_key: PublicKey,
 }
 
 impl View {
@@ -82,6 +86,7 @@ impl View {
                     agent_addr,
                     agent_udp_port,
                     optimise: p.optimise,
+                    noise_key: p.info.noise_key,
                 },
             )),
             _ => None,
@@ -95,6 +100,7 @@ impl View {
                 cloud: p.info.cloud.clone(),
                 addr,
                 encap,
+                noise_key: p.info.noise_key,
             }),
             _ => None,
         })
@@ -115,7 +121,6 @@ impl View {
 #[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::*;
-    use pon_proto::control::PublicKey;
 
     /// Proxy `id` of `cloud` at `addr` on the well-known ports; routers
     /// optimise paths towards it.

@@ -300,6 +300,12 @@ impl RecvBatch {
         self.bufs[i][..m.len].chunks(stride)
     }
 
+    /// The datagrams of message `i`, writable (for in-place decryption).
+    pub fn datagrams_mut(&mut self, i: usize) -> impl Iterator<Item = &mut [u8]> {
+        let (buf, len, stride) = self.message_mut(i);
+        buf[..len].chunks_mut(stride)
+    }
+
     /// Mutable access to message `i`'s buffer and its GRO layout, for
     /// in-place processing: `(buffer, len, stride)`.
     pub fn message_mut(&mut self, i: usize) -> (&mut [u8], usize, usize) {

@@ -4,7 +4,7 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 
 from . import cu, linkemu, renderer
-from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY
+from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
 from .topology import CU_ADDR, MTU, app_addr, proxy_addr, relay_route
 
 LINKEMU_TUN = "wan0"
@@ -75,6 +75,8 @@ def forwarder(lab, host, daemon="pon-forwarder"):
            "state_dir": state_dir(lab, host, daemon)}
     if topo.get("tunnel"):
         cfg["tunnel"] = dict(topo["tunnel"])
+    if topo.get("encrypt_lan"):
+        cfg["encrypt_lan"] = True
     if topo.get("split") and topo.get("routing") is not None:
         cfg["local"] = {"listen": local_addr(lab, "pon-forwarder"),
                         "monitor": local_addr(lab, "pon-monitor"),
@@ -92,7 +94,11 @@ def forwarder(lab, host, daemon="pon-forwarder"):
     cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}",
                     "public_key": keys[dirs[s["name"]]]}
                    for s in others]
-    cfg["agent"] = [{"addr": app_addr(i, j), "encap": topo["encap"]}
+    # ... and each agent's key (the TA's identity, which the RA shares).
+    apps = [app_dir(lab, host["site"], j) for j in range(1, me["apps"] + 1)]
+    app_keys = renderer.identities(apps, lab.state["bin_dir"])
+    cfg["agent"] = [{"addr": app_addr(i, j), "encap": topo["encap"],
+                     "public_key": app_keys[apps[j - 1]]}
                     for j in range(1, me["apps"] + 1)]
     cfg["destination"] = [{"prefix": f"{app_addr(s['index'], j)}/32", "proxy": s["index"]}
                           for s in others for j in range(1, s["apps"] + 1)]
@@ -121,8 +127,25 @@ def agent_options(lab):
     return {} if lab.state["topology"].get("offload", True) else {"offload": False}
 
 
+def app_dir(lab, site, j):
+    """The state directory of app VM j's TA, which its RA shares (one identity per VM)."""
+    return state_dir(lab, {"site": site, "host": f"app{j}"}, "pon-ta")
+
+
+def proxy_key(lab, site):
+    """The static key of `site`'s proxy (made now in its state directory if new)."""
+    proxy = next(h for h in lab.state["hosts"] if h["site"] == site and h["role"] == "proxy")
+    d = state_dir(lab, proxy, daemon_names(lab.state["topology"], "proxy")[0])
+    return renderer.identities([d], lab.state["bin_dir"])[d]
+
+
 def ra(lab, host):
+    # The VM's identity (the TA's) is made now, so the RA, which reads it, need not
+    # wait for the TA to start.
+    renderer.identities([state_dir(lab, host, "pon-ta")], lab.state["bin_dir"])
     return agent_options(lab) | {"proxy": proxy_addr(host["site_index"]),
+                                 "proxy_key": proxy_key(lab, host["site"]),
+                                 "state_dir": state_dir(lab, host, "pon-ta"),
                                  "local_addr": host["address"],
                                  "metrics": metrics(lab, host, "pon-ra")}
 
@@ -132,9 +155,13 @@ def ta(lab, host):
     cfg = ({"mtu": topo["ta_mtu"]} if topo.get("ta_mtu") else {}) | agent_options(lab) | {
         "local_addr": host["address"], "encap": topo["encap"], "underlay_mtu": MTU,
         "metrics": metrics(lab, host, "pon-ta")}
+    cfg["state_dir"] = state_dir(lab, host, "pon-ta")
+    if topo.get("encrypt_lan"):
+        cfg["encrypt_lan"] = True
     if topo.get("cu"):
-        return cfg | {"cu": cu_client(lab, host, "APP"), "state_dir": state_dir(lab, host, "pon-ta")}
+        return cfg | {"cu": cu_client(lab, host, "APP")}
     return cfg | {"forwarder": proxy_addr(host["site_index"]),
+                  "forwarder_key": proxy_key(lab, host["site"]),
                   "intercept": [f"{app_addr(s['index'], j)}/32" for s in topo["sites"]
                                 if s["index"] != host["site_index"]
                                 for j in range(1, s["apps"] + 1)]}

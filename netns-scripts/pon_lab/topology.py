@@ -62,7 +62,10 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split", "tunnel"), "top level")
+                     "routing", "split", "tunnel", "encrypt_lan"), "top level")
+    encrypt_lan = raw.get("encrypt_lan", False)
+    if not isinstance(encrypt_lan, bool):
+        fail("encrypt_lan", f"must be true or false, got {encrypt_lan!r}")
     split = raw.get("split", False)
     if not isinstance(split, bool):
         fail("split", f"must be true or false, got {split!r}")
@@ -185,7 +188,7 @@ def load_topology(path):
 
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
-            "routing": routing, "split": split, "tunnel": tunnel}
+            "routing": routing, "split": split, "tunnel": tunnel, "encrypt_lan": encrypt_lan}
 
 
 def check_link_value(key, value):

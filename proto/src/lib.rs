@@ -13,6 +13,7 @@ pub mod control;
 pub mod error;
 pub mod handshake;
 pub mod ip;
+pub mod lan;
 pub mod local;
 pub mod measurement;
 pub mod pon;

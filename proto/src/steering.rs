@@ -118,9 +118,11 @@ impl Steering {
             .collect())
     }
 
-    /// Whether `self` supersedes `old` (same sender run and newer, or a new run).
+    /// Whether `self` supersedes `old`: strictly monotonic in (epoch,
+    /// sequence), so neither an older run nor an older message of this
+    /// one is taken again.
     pub fn newer_than(&self, old: &Steering) -> bool {
-        self.epoch != old.epoch || self.seq > old.seq
+        (self.epoch, self.seq) > (old.epoch, old.seq)
     }
 
     /// Whether `self` belongs to the same message as `other`.
@@ -229,6 +231,13 @@ mod tests {
         assert!(Steering {
             epoch: 2,
             seq: 0,
+            ..a.clone()
+        }
+        .newer_than(&a));
+        // Strictly monotonic: an older run is not newer, whatever its sequence.
+        assert!(!Steering {
+            epoch: 0,
+            seq: 99,
             ..a.clone()
         }
         .newer_than(&a));

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use pon_agents::config::TaConfig;
 use pon_agents::interception::Interception;
-use pon_agents::io::{run_ta, TaUplink};
+use pon_agents::io::{run_ta, TaKeys, TaUplink};
 use pon_agents::ta::{Encapsulator, TaCounters};
 use pon_proto::EncapKind;
 use pon_telemetry::PromWriter;
@@ -33,7 +33,11 @@ fn main() -> anyhow::Result<()> {
         .apply(&cfg.intercept)?;
     // CU mode: the client thread keeps the interception routes in step with
     // the CU's view; the forwarder is known once the CU has named it.
-    let mut cu = pon_agents::cu::start(&cfg, interception.clone())?;
+    let identity = Arc::new(
+        pon_identity::Identity::load_or_create(&cfg.state_dir())
+            .map_err(|e| anyhow::anyhow!("state_dir: {e}"))?,
+    );
+    let mut cu = pon_agents::cu::start(&cfg, identity.clone(), interception.clone())?;
 
     {
         let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::TA);
@@ -81,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
         pon_agents::steering::start(
             bind,
+            identity.noise_secret(),
             forwarder.clone(),
             interception.clone(),
             steering,
@@ -102,6 +107,17 @@ fn main() -> anyhow::Result<()> {
     let (fwd, _) = forwarder
         .get()
         .expect("cu.forwarder() returns once one is named");
-    tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %fwd, encap = ?cfg.encap, "TA running");
-    run_ta(&tun, mtu, &enc, &uplink, &forwarder, &counters)
+    // This run's epoch: it names the uplink's keys, and grows across restarts.
+    let keys = TaKeys {
+        secret: identity.noise_secret(),
+        epoch: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
+        encrypt: cfg.encrypt_lan,
+    };
+    if cfg.encap == EncapKind::Udp && forwarder.key().is_none() {
+        tracing::warn!("the forwarder's key is not known (forwarder_key): nothing is sent on the UDP leg until it is");
+    }
+    tracing::info!(tun = %cfg.tun_name, mtu, forwarder = %fwd, encap = ?cfg.encap, encrypt_lan = cfg.encrypt_lan, "TA running");
+    run_ta(&tun, mtu, &enc, &uplink, &forwarder, &keys, &counters)
 }

@@ -20,6 +20,14 @@ fuzz_target!(|data: &[u8]| {
         let mut m = pon::Packet::new_checked(&mut copy[..]).unwrap();
         let _ = m.advance();
     }
+    if let Ok(p) = pon_proto::lan::Packet::new_checked(data) {
+        let repr = pon_proto::lan::Repr::parse(&p);
+        let range = p.payload_range();
+        assert!(range.start <= range.end && range.end <= data.len());
+        let mut out = [0u8; pon_proto::lan::HEADER_LEN];
+        repr.emit(&mut out).expect("parsed headers emit");
+        assert_eq!(&out[4..], &data[4..pon_proto::lan::HEADER_LEN]);
+    }
     if let Ok(i) = pon_proto::handshake::Init::new_checked(data) {
         let _ = (i.sender_index(), i.noise());
     }

@@ -25,6 +25,7 @@ fn engine(id: u32, n: u32) -> Engine {
     let agents = [Agent {
         addr: Ipv4Addr::new(198, 18, id as u8, 11),
         encap: Encap::Ipip,
+        key: None,
     }];
     let dests: Vec<_> = (1..=n)
         .filter(|p| *p != id)

@@ -14,8 +14,10 @@ use super::table::{Agent, Encap, ForwardingTable, SharedTable};
 use pon_proto::ip::{
     self, InnerPacket, IpipPacket, Ipv4Repr, FRAG_NEEDED_MAX_LEN, IPV4_HEADER_LEN, UDP_OVERHEAD,
 };
+use pon_proto::lan;
 use pon_proto::pon::{self, Kind, MAX_HEADER_LEN, MAX_SEAL_AAD_LEN, MAX_TRAILER_LEN, TAG_LEN};
 use pon_proto::Error;
+use pon_tunnel::lan::LanError;
 use pon_tunnel::{OpenError, Session, SessionTable};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::ops::Range;
@@ -26,11 +28,13 @@ use std::sync::Arc;
 pub const HEADROOM: usize = MAX_HEADER_LEN;
 /// Free bytes kept after a received packet for an ICMP error about it, or
 /// for the tags sealing adds.
-pub const TAILROOM: usize = if IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN > MAX_TRAILER_LEN {
-    IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN
-} else {
-    MAX_TRAILER_LEN
-};
+/// (The site-LAN tag of a packet to an RA comes after either.)
+pub const TAILROOM: usize = lan::TAG_LEN
+    + if IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN > MAX_TRAILER_LEN {
+        IPV4_HEADER_LEN + FRAG_NEEDED_MAX_LEN
+    } else {
+        MAX_TRAILER_LEN
+    };
 /// Largest packet a socket read may return.
 pub const MAX_PACKET: usize = 65535;
 /// Size of one receive buffer.
@@ -68,6 +72,11 @@ pon_telemetry::counters! {
         handshakes_local => ("pon_forwarder_packets_total", "stage=\"handshake\"", "Packets forwarded, by role of this proxy on their path."),
         keepalives => ("pon_forwarder_packets_total", "stage=\"keepalive\"", "Packets forwarded, by role of this proxy on their path."),
         drop_no_room => ("pon_forwarder_drops_total", "reason=\"no_room\"", "Packets dropped, by reason."),
+        drop_agent_no_key => ("pon_forwarder_drops_total", "reason=\"agent_no_key\"", "Packets dropped, by reason."),
+        drop_agent_unsealed => ("pon_forwarder_drops_total", "reason=\"agent_unsealed\"", "Packets dropped, by reason."),
+        drop_agent_bad_tag => ("pon_forwarder_drops_total", "reason=\"agent_bad_tag\"", "Packets dropped, by reason."),
+        drop_agent_replayed => ("pon_forwarder_drops_total", "reason=\"agent_replayed\"", "Packets dropped, by reason."),
+        drop_agent_stale_epoch => ("pon_forwarder_drops_total", "reason=\"agent_stale_epoch\"", "Packets dropped, by reason."),
         rx_errors => ("pon_forwarder_socket_errors_total", "op=\"recv\"", "Socket errors."),
         tx_errors => ("pon_forwarder_socket_errors_total", "op=\"send\"", "Socket errors."),
         tx_packets => ("pon_forwarder_tx_packets_total", "", "Packets the kernel took to send; those it refused are in pon_forwarder_socket_errors_total{op=\"send\"}."),
@@ -286,6 +295,17 @@ impl Engine {
         }
     }
 
+    fn lan_failed(&self, e: LanError) -> Decision {
+        let c = &self.counters;
+        match e {
+            // Not a site-LAN datagram at all (too short, another version).
+            LanError::Malformed(_) => drop(&c.drop_agent_unsealed),
+            LanError::BadTag => drop(&c.drop_agent_bad_tag),
+            LanError::Replayed => drop(&c.drop_agent_replayed),
+            LanError::StaleEpoch => drop(&c.drop_agent_stale_epoch),
+        }
+    }
+
     fn open_failed(&self, e: OpenError) -> Decision {
         match e {
             OpenError::Forged => drop(&self.counters.drop_bad_tag),
@@ -319,10 +339,12 @@ impl Engine {
         let is = start + outer.outer().header_len();
         let ie = is + inner.len();
         let plan = self.plan_ingress(t, inner, agent, tail, end);
-        self.ingress(s, buf, is, ie, plan)
+        self.ingress(t, s, buf, is, ie, plan)
     }
 
-    /// An inner packet from a local TA using the UDP encapsulation.
+    /// A datagram from a local TA using the UDP encapsulation: the inner
+    /// packet sealed with the key the agent shares with this proxy
+    /// (`pon_proto::lan`), authenticated before anything else is read.
     pub fn from_agent_udp(
         &self,
         t: &ForwardingTable,
@@ -340,6 +362,20 @@ impl Engine {
         if t.agent(src.ip()).is_none() {
             return drop(&c.drop_unknown_agent);
         }
+        let Some(link) = t.link(src_ip) else {
+            return drop(&c.drop_agent_no_key);
+        };
+        let Some(end) = start.checked_add(len).filter(|e| *e <= buf.len()) else {
+            return self.malformed(Error::Truncated {
+                needed: start.saturating_add(len),
+                have: buf.len(),
+            });
+        };
+        let payload = match link.uplink.open(&mut buf[start..end]) {
+            Ok(r) => r,
+            Err(e) => return self.lan_failed(e),
+        };
+        let (start, len) = (start + payload.start, payload.len());
         let checked = split_packet(buf, start, len)
             .and_then(|(pkt, tail, end)| Ok((InnerPacket::new_checked(pkt)?, tail, end)));
         let (inner, tail, end) = match checked {
@@ -347,7 +383,7 @@ impl Engine {
             Err(e) => return self.malformed(e),
         };
         let plan = self.plan_ingress(t, inner, src_ip, tail, end);
-        self.ingress(s, buf, start, end, plan)
+        self.ingress(t, s, buf, start, end, plan)
     }
 
     /// Entry into the overlay, first half: decides from the checked inner
@@ -403,6 +439,7 @@ impl Engine {
     /// sealing it.
     fn ingress(
         &self,
+        t: &ForwardingTable,
         s: &SessionTable,
         buf: &mut [u8],
         is: usize,
@@ -412,8 +449,8 @@ impl Engine {
         let c = &self.counters;
         let (header, first) = match plan {
             Ingress::Drop(counter) => return drop(counter),
-            Ingress::Local(agent) => return self.to_agent(agent, buf, is, ie),
-            Ingress::Icmp(sender, s, e) => return self.to_agent(sender, buf, s, e),
+            Ingress::Local(agent) => return self.to_agent(t, agent, buf, is, ie),
+            Ingress::Icmp(sender, s, e) => return self.to_agent(t, sender, buf, s, e),
             Ingress::Peer(header, first) => (header, first),
         };
         let hlen = header.header_len();
@@ -588,7 +625,7 @@ impl Engine {
             return drop(&c.drop_no_destination);
         };
         c.egress.inc();
-        self.to_agent(agent, buf, is, ie)
+        self.to_agent(t, agent, buf, is, ie)
     }
 
     /// Opens the seal of a packet that ends here: it must come from its
@@ -626,13 +663,35 @@ impl Engine {
         }
     }
 
-    /// Sends `buf[s..e]` (an inner packet) to an agent's RA.
-    fn to_agent(&self, agent: Agent, buf: &mut [u8], s: usize, e: usize) -> Decision {
+    /// Sends `buf[s..e]` (an inner packet) to an agent's RA; on the UDP
+    /// leg sealed with the key the agent shares with this proxy (header
+    /// written in front, tag after).
+    fn to_agent(
+        &self,
+        t: &ForwardingTable,
+        agent: Agent,
+        buf: &mut [u8],
+        s: usize,
+        e: usize,
+    ) -> Decision {
         match agent.encap {
-            Encap::Udp { ra_port } => Decision {
-                output: Output::AgentUdp(SocketAddrV4::new(agent.addr, ra_port)),
-                range: s..e,
-            },
+            Encap::Udp { ra_port } => {
+                let Some(link) = t.link(agent.addr) else {
+                    return drop(&self.counters.drop_agent_no_key);
+                };
+                let end = e + lan::TAG_LEN;
+                if s < lan::HEADER_LEN || end > buf.len() {
+                    return drop(&self.counters.drop_no_room);
+                }
+                let start = s - lan::HEADER_LEN;
+                if link.downlink.seal(&mut buf[start..end], e - s).is_none() {
+                    return drop(&self.counters.drop_no_room);
+                }
+                Decision {
+                    output: Output::AgentUdp(SocketAddrV4::new(agent.addr, ra_port)),
+                    range: start..end,
+                }
+            }
             Encap::Ipip => {
                 if s < IPV4_HEADER_LEN {
                     return drop(&self.counters.drop_no_room);

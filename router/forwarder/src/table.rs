@@ -20,6 +20,10 @@ pub use pon_proto::Encap;
 pub struct Agent {
     pub addr: Ipv4Addr,
     pub encap: Encap,
+    /// The agent's static X25519 key (the CU vouches for it, or the static
+    /// configuration names it): its site-LAN legs and steering are
+    /// authenticated with the key it shares with this proxy.
+    pub key: Option<pon_proto::control::PublicKey>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,12 +99,31 @@ impl PrefixTable {
     }
 }
 
+/// The site-LAN keys of one agent (`pon_tunnel::lan`): what checks the
+/// datagrams its TA sends on the UDP leg, and what seals those to its RA.
+/// Kept by the control side across table rebuilds (its replay window and
+/// counter must not restart), shared by every table that names the agent.
+pub struct AgentLink {
+    pub uplink: pon_tunnel::lan::LanReceiver,
+    pub downlink: pon_tunnel::lan::LanSender,
+}
+
+impl std::fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentLink")
+            .field("epoch", &self.downlink.epoch())
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ForwardingTable {
     my_id: u32,
     peers_by_id: HashMap<u32, SocketAddr>,
     peers_by_addr: HashMap<SocketAddr, u32>,
     agents: HashMap<Ipv4Addr, Agent>,
+    /// Keys of the agents' UDP legs; an agent without one gets none of them.
+    links: HashMap<Ipv4Addr, Arc<AgentLink>>,
     destinations: PrefixTable,
     routes: HashMap<u32, Hops>,
 }
@@ -123,6 +146,7 @@ impl ForwardingTable {
             peers_by_id: HashMap::default(),
             peers_by_addr: HashMap::default(),
             agents: HashMap::default(),
+            links: HashMap::default(),
             destinations: PrefixTable::default(),
             routes: HashMap::default(),
         };
@@ -208,6 +232,17 @@ impl ForwardingTable {
     }
     pub fn agents(&self) -> impl Iterator<Item = &Agent> {
         self.agents.values()
+    }
+    /// Gives agent `addr` (one of the table's) the keys of its UDP legs.
+    pub fn set_link(&mut self, addr: Ipv4Addr, link: Arc<AgentLink>) {
+        if self.agents.contains_key(&addr) {
+            self.links.insert(addr, link);
+        }
+    }
+    /// The keys of agent `addr`'s UDP legs.
+    #[inline]
+    pub fn link(&self, addr: Ipv4Addr) -> Option<&AgentLink> {
+        self.links.get(&addr).map(|l| &**l)
     }
     pub fn peer_count(&self) -> usize {
         self.peers_by_id.len()

@@ -5,8 +5,10 @@
 
 use arc_swap::ArcSwap;
 use pon_forwarder::engine::{BUFFER_LEN, HEADROOM};
-use pon_forwarder::{Agent, Encap, Engine, ForwardingTable, Output};
+use pon_forwarder::{Agent, AgentLink, Encap, Engine, ForwardingTable, Output};
 use pon_proto::ip::{IpProtocol, Ipv4Repr, IPV4_HEADER_LEN};
+use pon_proto::lan;
+use pon_tunnel::lan::{Channel, PairKey};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -60,9 +62,19 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
         .filter(|p| *p != id)
         .map(|p| (u32::from(p), peer(p)))
         .collect();
+    // Proxy 2's app VM takes the UDP leg (sealed), the others IP-in-IP;
+    // every one has its key, so proxy 1's also sends sealed UDP.
+    let addr = Ipv4Addr::new(198, 18, id, 11);
+    let encap = if id == 2 {
+        Encap::Udp { ra_port: 7302 }
+    } else {
+        Encap::Ipip
+    };
+    let app_public = pon_tunnel::lan::public_key(&app_secret(addr));
     let agents = [Agent {
-        addr: Ipv4Addr::new(198, 18, id, 11),
-        encap: Encap::Ipip,
+        addr,
+        encap,
+        key: Some(pon_proto::control::PublicKey(app_public)),
     }];
     let dests = [
         ("198.18.2.0/24".parse().unwrap(), 2),
@@ -72,7 +84,15 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
         .into_iter()
         .filter(|(_, p)| *p != u32::from(id))
         .collect();
-    let t = ForwardingTable::build(u32::from(id), &peers, &agents, &dests, &relays).unwrap();
+    let mut t = ForwardingTable::build(u32::from(id), &peers, &agents, &dests, &relays).unwrap();
+    let pair = PairKey::for_proxy(&proxy_secret(id), &app_public).unwrap();
+    t.set_link(
+        addr,
+        Arc::new(AgentLink {
+            uplink: pair.receiver(Channel::Uplink),
+            downlink: pair.sender(Channel::Downlink, 1, true),
+        }),
+    );
     let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id, 1),
@@ -81,6 +101,13 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
     );
     e.sessions.store(mesh()[&u32::from(id)].clone());
     e
+}
+
+fn proxy_secret(id: u8) -> [u8; 32] {
+    [20 + id; 32]
+}
+fn app_secret(addr: Ipv4Addr) -> [u8; 32] {
+    [addr.octets()[2] + 100; 32]
 }
 
 /// Real sessions between the three proxies, made once.
@@ -115,6 +142,14 @@ fn per_packet_paths_do_not_allocate() {
     let mut buf = vec![0u8; BUFFER_LEN];
     let mut wire = vec![0u8; BUFFER_LEN];
     let garbage = [1u8, 1, 0, 4, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 9];
+    // APP_A's TA, sealing (and encrypting) its UDP leg.
+    let ta = PairKey::for_agent(
+        &app_secret(APP_A),
+        &pon_tunnel::lan::public_key(&proxy_secret(1)),
+    )
+    .unwrap()
+    .sender(Channel::Uplink, 1, true);
+    let app_a = SocketAddr::from((APP_A, 40000));
 
     let mut run = |rounds: usize| {
         for _ in 0..rounds {
@@ -147,7 +182,27 @@ fn per_packet_paths_do_not_allocate() {
                 pon_len,
                 peer(3),
             );
-            assert_eq!(d.output, Output::AgentIpip(APP_B));
+            assert_eq!(
+                d.output,
+                Output::AgentUdp(std::net::SocketAddrV4::new(APP_B, 7302))
+            );
+
+            // The UDP leg from the TA: opened, then sealed onwards.
+            let inner = load_from_ta(&mut buf, 1000) - IPV4_HEADER_LEN;
+            buf.copy_within(
+                HEADROOM + IPV4_HEADER_LEN..HEADROOM + IPV4_HEADER_LEN + inner,
+                HEADROOM + lan::HEADER_LEN,
+            );
+            let len = ta.seal(&mut buf[HEADROOM..], inner).unwrap();
+            let d = ingress.from_agent_udp(
+                &ingress.table.load(),
+                &ingress.sessions.load(),
+                &mut buf,
+                HEADROOM,
+                len,
+                app_a,
+            );
+            assert_eq!(d.output, Output::Peer(peer(3)));
 
             // Too big with DF: ICMP back to the sender.
             let len = load_from_ta(&mut buf, 1460);

@@ -7,8 +7,11 @@ use crate::forwarder::config::RouteConfig;
 use crate::forwarder::cu::table_from_view;
 use crate::forwarder::{ForwarderConfig, ForwardingTable, TableError};
 use pon_cu::view::View;
+use pon_proto::control::PublicKey;
+use pon_proto::lan;
 use pon_proto::steering::Steering;
-use std::collections::BTreeSet;
+use pon_tunnel::lan::{Channel, LanSender, PairKey};
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
@@ -102,30 +105,39 @@ impl Composer {
     }
 }
 
-/// A steering message: its datagrams, and the TAs to send them to.
+/// A steering message, sealed for each TA: `(agent, datagrams)`.
 pub struct SteeringOut {
-    pub datagrams: Vec<Vec<u8>>,
-    pub agents: Vec<Ipv4Addr>,
+    pub to: Vec<(Ipv4Addr, Vec<Vec<u8>>)>,
+    /// Agents not steered: no key known for them.
+    pub unkeyed: usize,
 }
 
 /// Builds the steering messages: the prefixes served by destinations the
 /// overlay cannot reach, sent when they change and refreshed periodically.
+/// Each datagram is sealed with the key this proxy shares with the TA it
+/// goes to (`pon_tunnel::lan`, channel `Steering`, this run's epoch), so a
+/// TA takes steering only from its proxy.
 pub struct Steerer {
     epoch: u64,
     seq: u64,
     last: Vec<(Ipv4Addr, u8)>,
     due: Option<Duration>,
     refresh: Duration,
+    private_key: [u8; 32],
+    /// One sender per TA (address and key), kept while the TA is in the table.
+    senders: HashMap<(Ipv4Addr, PublicKey), LanSender>,
 }
 
 impl Steerer {
-    pub fn new(epoch: u64, refresh: Duration) -> Self {
+    pub fn new(epoch: u64, refresh: Duration, private_key: [u8; 32]) -> Self {
         Steerer {
             epoch,
             seq: 0,
             last: Vec::new(),
             due: None,
             refresh,
+            private_key,
+            senders: HashMap::new(),
         }
     }
 
@@ -165,17 +177,42 @@ impl Steerer {
         }
         self.seq += 1;
         // Any size: several datagrams when one does not hold the set.
-        let datagrams = match Steering::split(self.epoch, self.seq, &bypass) {
+        let plain: Vec<Vec<u8>> = match Steering::split(self.epoch, self.seq, &bypass) {
             Ok(parts) => parts.iter().filter_map(|p| p.encode().ok()).collect(),
             Err(e) => {
                 tracing::error!(error = %e, "the bypass set is too large to send");
                 return None;
             }
         };
-        Some(SteeringOut {
-            datagrams,
-            agents: table.agents().map(|a| a.addr).collect(),
-        })
+        let keyed: Vec<(Ipv4Addr, PublicKey)> = table
+            .agents()
+            .filter_map(|a| a.key.map(|k| (a.addr, k)))
+            .collect();
+        let unkeyed = table.agents().count() - keyed.len();
+        self.senders.retain(|k, _| keyed.contains(k));
+        let mut to = Vec::with_capacity(keyed.len());
+        for (addr, key) in keyed {
+            let sender = match self.senders.entry((addr, key)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let Some(pair) = PairKey::for_proxy(&self.private_key, &key.0) else {
+                        tracing::warn!(agent = %addr, "agent key shares no secret: not steered");
+                        continue;
+                    };
+                    v.insert(pair.sender(Channel::Steering, self.epoch, false))
+                }
+            };
+            let sealed = plain
+                .iter()
+                .filter_map(|p| {
+                    let mut d = vec![0u8; lan::OVERHEAD + p.len()];
+                    d[lan::HEADER_LEN..lan::HEADER_LEN + p.len()].copy_from_slice(p);
+                    sender.seal(&mut d, p.len()).map(|_| d)
+                })
+                .collect();
+            to.push((addr, sealed));
+        }
+        Some(SteeringOut { to, unkeyed })
     }
 }
 
@@ -205,25 +242,35 @@ mod tests {
             &[Agent {
                 addr: Ipv4Addr::new(198, 18, 1, 11),
                 encap: Encap::Ipip,
+                key: Some(PublicKey(pon_tunnel::lan::public_key(&[5; 32]))),
             }],
             &destinations,
             &[],
         )
         .unwrap();
-        let mut s = Steerer::new(42, Duration::from_secs(1));
+        let proxy_secret = [7; 32];
+        let mut s = Steerer::new(42, Duration::from_secs(1), proxy_secret);
         s.wake(Duration::ZERO);
         let out = s
             .message(Duration::ZERO, &table, &BTreeSet::from([2]))
             .unwrap();
-        assert_eq!(out.datagrams.len(), 3);
+        assert_eq!(out.to.len(), 1);
+        let (agent, datagrams) = &out.to[0];
+        assert_eq!(*agent, Ipv4Addr::new(198, 18, 1, 11));
+        assert_eq!(datagrams.len(), 3);
+        // The TA (secret [5; 32]) opens them with the key it shares with the proxy.
+        let rx = PairKey::for_agent(&[5; 32], &pon_tunnel::lan::public_key(&proxy_secret))
+            .unwrap()
+            .receiver(Channel::Steering);
         let mut got = BTreeSet::new();
-        for d in &out.datagrams {
-            let m = Steering::decode(d).unwrap();
+        for d in datagrams {
+            let mut d = d.clone();
+            let r = rx.open(&mut d).unwrap();
+            let m = Steering::decode(&d[r]).unwrap();
             assert_eq!((m.epoch, m.seq, m.parts), (42, 1, 3));
             got.extend(m.bypass);
         }
         assert_eq!(got.len(), 600);
         assert!(!got.contains(&(Ipv4Addr::new(198, 18, 3, 11), 32)));
-        assert_eq!(out.agents, vec![Ipv4Addr::new(198, 18, 1, 11)]);
     }
 }

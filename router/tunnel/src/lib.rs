@@ -15,6 +15,7 @@
 //! proves the initiator has it; the old session keeps receiving until it
 //! expires.
 
+pub mod lan;
 mod noise;
 mod replay;
 mod session;
@@ -170,6 +171,10 @@ impl Peer {
         }
         match self.sessions.first() {
             None => true,
+            // A session we answered that the initiator never confirmed (its
+            // keepalive lost, and it sends us nothing): we cannot send with
+            // it, so we make our own, which is ours to use at once.
+            Some(s) if !s.is_confirmed() => now >= s.created() + t.retry,
             Some(s) => now >= s.created() + t.rekey_after || s.sent() >= t.rekey_after_messages,
         }
     }

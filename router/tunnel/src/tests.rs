@@ -125,6 +125,26 @@ fn the_responder_waits_for_proof_before_sending() {
 }
 
 #[test]
+fn a_responder_whose_keepalive_was_lost_makes_its_own_session() {
+    let (mut a, mut b) = pair();
+    a.t.handle_timeout(Duration::ZERO, wall(Duration::ZERO));
+    deliver(&mut a, &mut b, Duration::ZERO); // init
+    deliver(&mut b, &mut a, Duration::ZERO); // response
+    assert!(matches!(
+        a.t.poll_transmit(),
+        Some(Transmit::Keepalive { .. })
+    ));
+    // The keepalive is lost and a sends nothing: b cannot send yet.
+    assert!(b.table.sender(1).is_none());
+    let later = Timers::default().retry;
+    b.t.handle_timeout(later, wall(later));
+    deliver(&mut b, &mut a, later); // b's own init
+    deliver(&mut a, &mut b, later); // a's response
+    refresh(&mut b);
+    send(&b, &a, 1).expect("b sends with the session it initiated");
+}
+
+#[test]
 fn replayed_forged_and_unknown_handshakes_are_refused() {
     let (mut a, mut b) = pair();
     a.t.handle_timeout(Duration::ZERO, wall(Duration::ZERO));

@@ -1,7 +1,8 @@
 use super::*;
-use crate::table::ForwardingTable;
+use crate::table::{AgentLink, ForwardingTable};
 use arc_swap::ArcSwap;
 use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet};
+use pon_tunnel::lan::{Channel, PairKey};
 use std::sync::OnceLock;
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
@@ -17,22 +18,113 @@ fn mesh() -> &'static rustc_hash::FxHashMap<u32, Arc<SessionTable>> {
     MESH.get_or_init(|| pon_tunnel::local_mesh(&[1, 2, 3]))
 }
 
+/// Static secrets of proxy `id` and of its app VM (198.18.id.x).
+fn proxy_secret(id: u32) -> [u8; 32] {
+    [20 + id as u8; 32]
+}
+fn app_secret(addr: Ipv4Addr) -> [u8; 32] {
+    [addr.octets()[2] * 16 + addr.octets()[3]; 32]
+}
+
+/// Agent `addr` of proxy `id`, with its key, and the site-LAN keys the
+/// proxy keeps for it.
+fn keyed_agent(id: u32, addr: Ipv4Addr, encap: Encap) -> (Agent, Arc<AgentLink>) {
+    let public = pon_tunnel::lan::public_key(&app_secret(addr));
+    let pair = PairKey::for_proxy(&proxy_secret(id), &public).unwrap();
+    (
+        Agent {
+            addr,
+            encap,
+            key: Some(pon_proto::control::PublicKey(public)),
+        },
+        Arc::new(AgentLink {
+            uplink: pair.receiver(Channel::Uplink),
+            downlink: pair.sender(Channel::Downlink, 1, false),
+        }),
+    )
+}
+
+fn table_with_links(
+    id: u32,
+    peers: &[(u32, SocketAddr)],
+    agents: &[(Agent, Arc<AgentLink>)],
+    dests: &[(ipnet::IpNet, u32)],
+    relays: &[(u32, Vec<u32>)],
+) -> ForwardingTable {
+    let plain: Vec<Agent> = agents.iter().map(|a| a.0).collect();
+    let mut t = ForwardingTable::build(id, peers, &plain, dests, relays).unwrap();
+    for (a, l) in agents {
+        t.set_link(a.addr, l.clone());
+    }
+    t
+}
+
+/// `inner` as the TA of `inner`'s source sends it to proxy `id` on the UDP
+/// leg, in a receive buffer; returns the buffer and the datagram's length.
+/// Each call is a new run of the TA (a newer epoch), so none is a replay.
+fn from_ta_udp(id: u32, inner: &[u8]) -> (Vec<u8>, usize) {
+    static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let src = Ipv4Addr::from(<[u8; 4]>::try_from(&inner[12..16]).unwrap());
+    let tx = PairKey::for_agent(
+        &app_secret(src),
+        &pon_tunnel::lan::public_key(&proxy_secret(id)),
+    )
+    .unwrap()
+    .sender(
+        Channel::Uplink,
+        EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        true,
+    );
+    let mut d = vec![0u8; inner.len() + lan::OVERHEAD];
+    d[lan::HEADER_LEN..lan::HEADER_LEN + inner.len()].copy_from_slice(inner);
+    tx.seal(&mut d, inner.len()).unwrap();
+    (received(&d), d.len())
+}
+
+/// `inner` sealed with the key of agent `as_agent` (whatever its source).
+fn from_ta_udp_as(id: u32, as_agent: Ipv4Addr, epoch: u64, inner: &[u8]) -> (Vec<u8>, usize) {
+    let tx = PairKey::for_agent(
+        &app_secret(as_agent),
+        &pon_tunnel::lan::public_key(&proxy_secret(id)),
+    )
+    .unwrap()
+    .sender(Channel::Uplink, epoch, false);
+    let mut d = vec![0u8; inner.len() + lan::OVERHEAD];
+    d[lan::HEADER_LEN..lan::HEADER_LEN + inner.len()].copy_from_slice(inner);
+    tx.seal(&mut d, inner.len()).unwrap();
+    (received(&d), d.len())
+}
+
+/// Opens what proxy `id` sent to the RA of `addr` on the UDP leg.
+fn at_ra(id: u32, addr: Ipv4Addr, datagram: &[u8]) -> Result<Vec<u8>, LanError> {
+    let rx = PairKey::for_agent(
+        &app_secret(addr),
+        &pon_tunnel::lan::public_key(&proxy_secret(id)),
+    )
+    .unwrap()
+    .receiver(Channel::Downlink);
+    let mut d = datagram.to_vec();
+    let r = rx.open(&mut d)?;
+    Ok(d[r].to_vec())
+}
+
 /// Proxy `id` of a three-site overlay where 1 reaches 2 through 3.
 fn engine(id: u32) -> Engine {
     let peers: Vec<_> = (1..=3)
         .filter(|p| *p != id)
         .map(|p| (p, proxy_addr(p)))
         .collect();
-    let agents = [Agent {
-        addr: Ipv4Addr::new(198, 18, id as u8, 11),
-        encap: Encap::Ipip,
-    }];
+    let agents = [keyed_agent(
+        id,
+        Ipv4Addr::new(198, 18, id as u8, 11),
+        Encap::Ipip,
+    )];
     let dests: Vec<_> = (1..=3u32)
         .filter(|p| *p != id)
         .map(|p| (format!("198.18.{p}.0/24").parse().unwrap(), p))
         .collect();
     let relays = if id == 1 { vec![(2, vec![3])] } else { vec![] };
-    let t = ForwardingTable::build(id, &peers, &agents, &dests, &relays).unwrap();
+    let t = table_with_links(id, &peers, &agents, &dests, &relays);
     let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id as u8, 1),
@@ -174,14 +266,14 @@ fn relayed_packet_arrives_intact_and_the_relay_cannot_read_it() {
 fn udp_agent_leg_and_direct_route() {
     let (p1, p2) = (engine(1), engine(2));
     let inner = inner_packet(APP_B, APP_A, 10, false);
-    let mut buf = received(&inner);
+    let (mut buf, len) = from_ta_udp(2, &inner);
     let from = SocketAddr::from((APP_B, 40000));
     let d = p2.from_agent_udp(
         &p2.table.load(),
         &p2.sessions.load(),
         &mut buf,
         HEADROOM,
-        inner.len(),
+        len,
         from,
     );
     assert_eq!(
@@ -391,11 +483,39 @@ fn forged_and_malformed_are_dropped_and_counted() {
         Output::Drop
     );
     assert_eq!(p1.counters.drop_unknown_agent.get(), 1);
-    let mut buf = received(&foreign);
+    // Over UDP: sealed by the agent, but for another source address.
+    let (mut buf, len) = from_ta_udp(1, &inner_packet(APP_A, APP_B, 10, false));
+    let spoofing = inner_packet(Ipv4Addr::new(198, 18, 1, 99), APP_B, 10, false);
     let from = SocketAddr::from((APP_A, 1));
-    let d = p1.from_agent_udp(&t, &s, &mut buf, HEADROOM, foreign.len(), from);
+    let (mut spoofed, slen) = from_ta_udp_as(1, APP_A, 0, &spoofing);
+    let d = p1.from_agent_udp(&t, &s, &mut spoofed, HEADROOM, slen, from);
     assert_eq!(d.output, Output::Drop);
     assert_eq!(p1.counters.drop_spoofed_source.get(), 1);
+    // A site-LAN neighbour with the agent's address: unsealed, forged,
+    // replayed, or another key's seal.
+    let plain = received(&foreign);
+    let d = p1.from_agent_udp(&t, &s, &mut plain.clone(), HEADROOM, foreign.len(), from);
+    assert_eq!(d.output, Output::Drop);
+    let good = buf.clone();
+    let mut forged = buf.clone();
+    forged[HEADROOM + lan::HEADER_LEN + 3] ^= 1;
+    let d = p1.from_agent_udp(&t, &s, &mut forged, HEADROOM, len, from);
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(p1.counters.drop_agent_bad_tag.get(), 1);
+    let d = p1.from_agent_udp(&t, &s, &mut buf, HEADROOM, len, from);
+    assert!(matches!(d.output, Output::Peer(_)));
+    let d = p1.from_agent_udp(&t, &s, &mut good.clone(), HEADROOM, len, from);
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(p1.counters.drop_agent_replayed.get(), 1);
+    let (mut other, olen) = from_ta_udp_as(
+        1,
+        Ipv4Addr::new(198, 18, 1, 99),
+        u64::MAX - 1,
+        &inner_packet(APP_A, APP_B, 10, false),
+    );
+    let d = p1.from_agent_udp(&t, &s, &mut other, HEADROOM, olen, from);
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(p1.counters.drop_agent_bad_tag.get(), 2);
 }
 
 #[test]
@@ -511,16 +631,10 @@ fn local_destination_is_delivered_without_the_overlay() {
     let p1 = engine(1);
     let neighbour = Ipv4Addr::new(198, 18, 1, 12);
     let agents = [
-        Agent {
-            addr: APP_A,
-            encap: Encap::Ipip,
-        },
-        Agent {
-            addr: neighbour,
-            encap: Encap::Udp { ra_port: 7302 },
-        },
+        keyed_agent(1, APP_A, Encap::Ipip),
+        keyed_agent(1, neighbour, Encap::Udp { ra_port: 7302 }),
     ];
-    let table = ForwardingTable::build(1, &[(2, proxy_addr(2))], &agents, &[], &[]).unwrap();
+    let table = table_with_links(1, &[(2, proxy_addr(2))], &agents, &[], &[]);
     p1.table.store(Arc::new(table));
     let inner = inner_packet(APP_A, neighbour, 10, false);
     let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
@@ -535,7 +649,9 @@ fn local_destination_is_delivered_without_the_overlay() {
         d.output,
         Output::AgentUdp(SocketAddrV4::new(neighbour, 7302))
     );
-    assert_eq!(&buf[d.range], &inner[..]);
+    // Sealed for the neighbour's RA: it opens there and nowhere else.
+    assert_eq!(at_ra(1, neighbour, &buf[d.range.clone()]).unwrap(), inner);
+    assert_eq!(at_ra(1, APP_A, &buf[d.range]), Err(LanError::BadTag));
 }
 
 #[test]

@@ -6,11 +6,14 @@ use super::{CoreCounters, Output, Outputs, Part, Transmit};
 use crate::compose::{Composer, Steerer};
 use crate::forwarder::{ForwarderConfig, ForwardingTable};
 use pon_cu::view::View;
+use pon_forwarder::AgentLink;
+use pon_proto::control::PublicKey;
 use pon_proto::local::LocalMsg;
 use pon_proto::pon::{self, Hops, Kind};
+use pon_tunnel::lan::{Channel, PairKey};
 use pon_tunnel::{Timers, Tunnels};
-use std::collections::{BTreeSet, VecDeque};
-use std::net::SocketAddrV4;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +42,11 @@ pub struct ForwarderPart {
     epoch: u64,
     steerer: Steerer,
     steering_port: u16,
+    /// This run's site-LAN keys with each agent (by address and key),
+    /// kept across table rebuilds so counters and replay windows go on.
+    links: HashMap<(Ipv4Addr, PublicKey), Arc<AgentLink>>,
+    private_key: [u8; 32],
+    encrypt_lan: bool,
     /// The router's latest routes (`(to, relays)`) laid over the base.
     relays: Vec<(u32, Vec<u32>)>,
     unreachable: BTreeSet<u32>,
@@ -52,13 +60,17 @@ pub struct ForwarderPart {
 
 impl ForwarderPart {
     pub fn new(cfg: ForwarderPartConfig, counters: Arc<CoreCounters>) -> Self {
+        let encrypt_lan = cfg.forwarder.encrypt_lan;
         let composer = Composer::new(cfg.forwarder);
         let tunnels = Tunnels::new(composer.my_id(), cfg.private_key, cfg.timers);
         let mut f = ForwarderPart {
             tunnels,
             epoch: cfg.epoch,
-            steerer: Steerer::new(cfg.epoch, cfg.steering_refresh),
+            steerer: Steerer::new(cfg.epoch, cfg.steering_refresh, cfg.private_key),
             steering_port: cfg.steering_port,
+            links: HashMap::new(),
+            private_key: cfg.private_key,
+            encrypt_lan,
             relays: Vec::new(),
             unreachable: BTreeSet::new(),
             heard_router: false,
@@ -138,6 +150,11 @@ impl ForwarderPart {
 
     /// What the tunnels want sent, and their new keys for the data path.
     fn flush_tunnels(&mut self, now: Duration) {
+        // Keys first: a keepalive must be sealed with the session that was
+        // just made, so the data path has to hold it before it is sent.
+        if let Some(sessions) = self.tunnels.poll_table() {
+            self.out.push_back(Output::Sessions(sessions));
+        }
         while let Some(t) = self.tunnels.poll_transmit() {
             let (to, kind, body): (u32, Kind, &[u8]) = match &t {
                 pon_tunnel::Transmit::Init { to, body } => (*to, Kind::HandshakeInit, body),
@@ -145,9 +162,6 @@ impl ForwarderPart {
                 pon_tunnel::Transmit::Keepalive { to } => (*to, Kind::Keepalive, &[]),
             };
             self.send_to_peer(to, kind, body);
-        }
-        if let Some(sessions) = self.tunnels.poll_table() {
-            self.out.push_back(Output::Sessions(sessions));
         }
         let _ = now;
     }
@@ -265,7 +279,8 @@ impl ForwarderPart {
 
     fn recompose(&mut self, now: Duration) {
         match self.composer.compose(&self.relays) {
-            Ok(t) => {
+            Ok(mut t) => {
+                self.attach_links(&mut t);
                 tracing::info!(
                     id = t.my_id(),
                     peers = t.peer_count(),
@@ -292,6 +307,34 @@ impl ForwarderPart {
         }
     }
 
+    /// Gives each agent of `t` with a key its site-LAN keys: the ones it
+    /// had, or new ones for this run.
+    fn attach_links(&mut self, t: &mut ForwardingTable) {
+        let agents: Vec<(Ipv4Addr, PublicKey)> = t
+            .agents()
+            .filter_map(|a| a.key.map(|k| (a.addr, k)))
+            .collect();
+        self.links.retain(|k, _| agents.contains(k));
+        for (addr, key) in agents {
+            let link = match self.links.get(&(addr, key)) {
+                Some(l) => l.clone(),
+                None => {
+                    let Some(pair) = PairKey::for_proxy(&self.private_key, &key.0) else {
+                        tracing::warn!(agent = %addr, "agent key shares no secret: its UDP legs are refused");
+                        continue;
+                    };
+                    let link = Arc::new(AgentLink {
+                        uplink: pair.receiver(Channel::Uplink),
+                        downlink: pair.sender(Channel::Downlink, self.epoch, self.encrypt_lan),
+                    });
+                    self.links.insert((addr, key), link.clone());
+                    link
+                }
+            };
+            t.set_link(addr, link);
+        }
+    }
+
     /// Steering starts once the router has spoken: until then, the TAs
     /// intercept as configured.
     fn steers(&self) -> bool {
@@ -309,13 +352,14 @@ impl ForwarderPart {
             return;
         };
         self.counters.steering_sent.inc();
-        for a in msg.agents {
+        if msg.unkeyed > 0 {
+            tracing::debug!(agents = msg.unkeyed, "agents without a key are not steered");
+        }
+        for (a, datagrams) in msg.to {
             let to = SocketAddrV4::new(a, self.steering_port);
-            for bytes in &msg.datagrams {
-                self.out.push_back(Output::Transmit(Transmit::Steering {
-                    to,
-                    bytes: bytes.clone(),
-                }));
+            for bytes in datagrams {
+                self.out
+                    .push_back(Output::Transmit(Transmit::Steering { to, bytes }));
             }
         }
     }

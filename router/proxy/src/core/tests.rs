@@ -146,7 +146,8 @@ fn keys(id: u32) -> ([u8; 32], pon_proto::control::PublicKey) {
 
 fn config_with(id: u32, policy: &str, proxy: &str) -> ProxyConfig {
     let mut t = format!(
-        "id = {id}\nlisten = \"198.18.{id}.1:7300\"\nlocal_addr = \"198.18.{id}.1\"\n[[agent]]\naddr = \"198.18.{id}.11\"\n"
+        "id = {id}\nlisten = \"198.18.{id}.1:7300\"\nlocal_addr = \"198.18.{id}.1\"\n[[agent]]\naddr = \"198.18.{id}.11\"\npublic_key = \"{agent}\"\n",
+        agent = pon_proto::control::PublicKey(pon_tunnel::lan::public_key(&[100 + id as u8; 32]))
     );
     for p in (1..=3).filter(|p| *p != id) {
         let key = keys(p).1;
@@ -295,7 +296,11 @@ impl Net {
                     self.send(id, first, bytes);
                 }
                 Output::Transmit(Transmit::Steering { to, bytes }) => {
-                    let bypass = Steering::decode(&bytes).unwrap().bypass;
+                    // Sealed for the TA (the compose tests open the seal);
+                    // steering is sent in the clear on the LAN.
+                    let payload =
+                        &bytes[pon_proto::lan::HEADER_LEN..bytes.len() - pon_proto::lan::TAG_LEN];
+                    let bypass = Steering::decode(payload).unwrap().bypass;
                     let e = self.steering.entry(id).or_default();
                     if e.0 != bypass {
                         e.1.clear();

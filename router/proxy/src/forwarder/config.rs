@@ -58,6 +58,10 @@ pub struct ForwarderConfig {
     /// Session lifetimes of the tunnels between proxies.
     #[serde(default)]
     pub tunnel: TunnelConfig,
+    /// Encrypt what this proxy sends to its agents' RAs on the UDP leg
+    /// (always authenticated; encryption on the site LAN is an option).
+    #[serde(default)]
+    pub encrypt_lan: bool,
 }
 
 /// When the sessions between proxies are replaced (defaults: WireGuard's).
@@ -132,6 +136,12 @@ pub struct AgentConfig {
     /// The RA's UDP port, used with `encap = "udp"`.
     #[serde(default = "pon_proto::ports::defaults::ra_udp")]
     pub ra_port: u16,
+    /// The agent's static key (`pon-lab-config identity` prints the key of
+    /// a state directory): its UDP legs and steering are authenticated with
+    /// the key it shares with this proxy. Without it, the proxy neither
+    /// accepts its UDP packets nor steers it.
+    #[serde(default)]
+    pub public_key: Option<PublicKey>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -212,6 +222,7 @@ impl ForwarderConfig {
             .map(|a| Agent {
                 addr: a.addr,
                 encap: a.encap.with_port(a.ra_port),
+                key: a.public_key,
             })
             .collect();
         let dests: Vec<_> = self

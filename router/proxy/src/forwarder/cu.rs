@@ -41,6 +41,7 @@ pub fn table_from_view(
                 agents.push(Agent {
                     addr: app.addr,
                     encap: app.encap,
+                    key: Some(app.noise_key),
                 });
             }
         } else if let Some(p) = view.proxy_of(&app.cloud).filter(|p| known.contains(&p.id)) {
