@@ -119,7 +119,10 @@ impl Credentials {
                 Err(Attempt::Retry(why)) => why,
             };
             // Enrolment retries only what is worth retrying: the CU was away.
-            status.counters.failures(crate::session::Failure::Timeout).inc();
+            status
+                .counters
+                .failures(crate::session::Failure::Timeout)
+                .inc();
             let d = backoff.next_delay();
             tracing::warn!(retry_in_ms = d.as_millis() as u64, "enrolment: {why}");
             tokio::time::sleep(d).await;

@@ -118,9 +118,11 @@ impl Steering {
             .collect())
     }
 
-    /// Whether `self` supersedes `old` (same sender run and newer, or a new run).
+    /// Whether `self` supersedes `old`: strictly later in (epoch, seq). The
+    /// epoch is the sender's start time, so a restarted proxy's messages
+    /// are newer, and a message of an earlier run (replayed) is not.
     pub fn newer_than(&self, old: &Steering) -> bool {
-        self.epoch != old.epoch || self.seq > old.seq
+        (self.epoch, self.seq) > (old.epoch, old.seq)
     }
 
     /// Whether `self` belongs to the same message as `other`.
@@ -232,6 +234,14 @@ mod tests {
             ..a.clone()
         }
         .newer_than(&a));
+        assert!(
+            !a.newer_than(&Steering {
+                epoch: 2,
+                seq: 0,
+                ..a.clone()
+            }),
+            "an earlier run's message, however late its seq, is older"
+        );
     }
 
     proptest! {

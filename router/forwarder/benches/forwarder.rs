@@ -51,7 +51,7 @@ fn engine(id: u32, n: u32) -> Engine {
 
 /// Times `f` over every packet of `batch` (copies of `wire`, as made fresh
 /// by the ingress so their counters are new), `rounds` packets in all.
-fn per_packet(rounds: usize, mut f: impl FnMut(usize) -> ()) -> f64 {
+fn per_packet(rounds: usize, mut f: impl FnMut(usize)) -> f64 {
     let start = Instant::now();
     for i in 0..rounds {
         f(i);

@@ -219,9 +219,11 @@ pub enum SealError {
 
 /// Seals `buf[start..end]`, a PON packet whose trailer room (zeroed or
 /// not) is included in the range: the payload with the egress's session,
-/// then, on a relayed route, the whole datagram with the first hop's.
+/// then, on a relayed route, the whole datagram with the first hop's. Each
+/// call takes fresh counters. The path every packet a proxy originates
+/// takes; public so that load generators and fuzzers seal as a proxy does.
 #[inline]
-fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
+pub fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
     let mut p = pon::Packet::new_checked(&mut buf[start..end]).map_err(|_| SealError::Malformed)?;
     if p.kind().is_sealed() {
         let e2e = s.sender(p.egress()).ok_or(SealError::NoSession)?;
