@@ -127,6 +127,7 @@ impl Initiator {
 
 /// Answers message 1: returns its timestamp and the session keys, and
 /// writes message 2 into `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn respond(
     private: &[u8; 32],
     remote: &[u8; 32],
