@@ -372,7 +372,6 @@ impl Engine {
         }
         let dst = inner.dst();
         if let Some(local) = t.agent(dst) {
-            c.local.inc();
             return Ingress::Local(local);
         }
         let Some(proxy) = t.egress_for(dst) else {
@@ -414,8 +413,8 @@ impl Engine {
         let c = &self.counters;
         let (header, first) = match plan {
             Ingress::Drop(counter) => return drop(counter),
-            Ingress::Local(agent) => return self.to_agent(agent, buf, is, ie),
-            Ingress::Icmp(sender, s, e) => return self.to_agent(sender, buf, s, e),
+            Ingress::Local(agent) => return self.to_agent(agent, buf, is, ie, &c.local),
+            Ingress::Icmp(sender, s, e) => return self.to_agent(sender, buf, s, e, &c.frag_needed),
             Ingress::Peer(header, first) => (header, first),
         };
         let hlen = header.header_len();
@@ -485,7 +484,6 @@ impl Engine {
         // Room for the outer header to the sender's RA is kept in front.
         match ip::emit_frag_needed(original, mtu, self.local_addr, &mut tail[IPV4_HEADER_LEN..]) {
             Ok(n) => {
-                c.frag_needed.inc();
                 let s = tail_at + IPV4_HEADER_LEN;
                 Ingress::Icmp(sender, s, s + n)
             }
@@ -589,8 +587,7 @@ impl Engine {
         let Some(agent) = t.agent(inner.dst()) else {
             return drop(&c.drop_no_destination);
         };
-        c.egress.inc();
-        self.to_agent(agent, buf, is, ie)
+        self.to_agent(agent, buf, is, ie, &c.egress)
     }
 
     /// Opens the seal of a packet that ends here: it must come from its
@@ -628,9 +625,18 @@ impl Engine {
         }
     }
 
-    /// Sends `buf[s..e]` (an inner packet) to an agent's RA.
-    fn to_agent(&self, agent: Agent, buf: &mut [u8], s: usize, e: usize) -> Decision {
-        match agent.encap {
+    /// Sends `buf[s..e]` (an inner packet) to an agent's RA, counted in
+    /// `stage` once it can go (a packet that cannot is counted as a drop
+    /// only: one counter per packet).
+    fn to_agent(
+        &self,
+        agent: Agent,
+        buf: &mut [u8],
+        s: usize,
+        e: usize,
+        stage: &pon_telemetry::Counter,
+    ) -> Decision {
+        let d = match agent.encap {
             Encap::Udp { ra_port } => Decision {
                 output: Output::AgentUdp(SocketAddrV4::new(agent.addr, ra_port)),
                 range: s..e,
@@ -648,7 +654,9 @@ impl Engine {
                     range: s - IPV4_HEADER_LEN..e,
                 }
             }
-        }
+        };
+        stage.inc();
+        d
     }
 }
 
