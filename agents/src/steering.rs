@@ -173,7 +173,10 @@ impl SteeringState {
             c.epoch_mismatch.inc();
             return None;
         }
-        if self.last.as_ref().is_some_and(|old| !m.newer_than(old)) {
+        // Strictly newer only, so a replayed message of an earlier run
+        // cannot roll the set back; once the proxy has been silent for the
+        // lease, a restarted one whose clock went back is heard again.
+        if !self.expired && self.last.as_ref().is_some_and(|old| !m.newer_than(old)) {
             c.stale.inc();
             return None;
         }

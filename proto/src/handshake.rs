@@ -14,8 +14,10 @@ use crate::Result;
 /// Noise message 1 of KK with a 25519 key and an 8-byte payload:
 /// ephemeral key, then the encrypted timestamp and its tag.
 pub const INIT_NOISE_LEN: usize = 32 + 8 + 16;
-/// Noise message 2 of KK with an empty payload.
-pub const RESPONSE_NOISE_LEN: usize = 32 + 16;
+/// Noise message 2 of KK with a 4-byte payload: ephemeral key, then the
+/// responder's index (encrypted, so that an altered clear copy is caught)
+/// and its tag.
+pub const RESPONSE_NOISE_LEN: usize = 32 + 4 + 16;
 pub const INIT_LEN: usize = 4 + INIT_NOISE_LEN;
 pub const RESPONSE_LEN: usize = 8 + RESPONSE_NOISE_LEN;
 

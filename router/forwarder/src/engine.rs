@@ -228,9 +228,11 @@ pub enum SealError {
 
 /// Seals `buf[start..end]`, a PON packet whose trailer room (zeroed or
 /// not) is included in the range: the payload with the egress's session,
-/// then, on a relayed route, the whole datagram with the first hop's.
+/// then, on a relayed route, the whole datagram with the first hop's. Each
+/// call takes fresh counters. The path every packet a proxy originates
+/// takes; public so that load generators and fuzzers seal as a proxy does.
 #[inline]
-fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
+pub fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
     let mut p = pon::Packet::new_checked(&mut buf[start..end]).map_err(|_| SealError::Malformed)?;
     if p.kind().is_sealed() {
         let e2e = s.sender(p.egress()).ok_or(SealError::NoSession)?;
@@ -406,7 +408,6 @@ impl Engine {
         }
         let dst = inner.dst();
         if let Some(local) = t.agent(dst) {
-            c.local.inc();
             return Ingress::Local(local);
         }
         let Some(proxy) = t.egress_for(dst) else {
@@ -449,8 +450,10 @@ impl Engine {
         let c = &self.counters;
         let (header, first) = match plan {
             Ingress::Drop(counter) => return drop(counter),
-            Ingress::Local(agent) => return self.to_agent(t, agent, buf, is, ie),
-            Ingress::Icmp(sender, s, e) => return self.to_agent(t, sender, buf, s, e),
+            Ingress::Local(agent) => return self.to_agent(t, agent, buf, is, ie, &c.local),
+            Ingress::Icmp(sender, s, e) => {
+                return self.to_agent(t, sender, buf, s, e, &c.frag_needed)
+            }
             Ingress::Peer(header, first) => (header, first),
         };
         let hlen = header.header_len();
@@ -520,7 +523,6 @@ impl Engine {
         // Room for the outer header to the sender's RA is kept in front.
         match ip::emit_frag_needed(original, mtu, self.local_addr, &mut tail[IPV4_HEADER_LEN..]) {
             Ok(n) => {
-                c.frag_needed.inc();
                 let s = tail_at + IPV4_HEADER_LEN;
                 Ingress::Icmp(sender, s, s + n)
             }
@@ -624,8 +626,7 @@ impl Engine {
         let Some(agent) = t.agent(inner.dst()) else {
             return drop(&c.drop_no_destination);
         };
-        c.egress.inc();
-        self.to_agent(t, agent, buf, is, ie)
+        self.to_agent(t, agent, buf, is, ie, &c.egress)
     }
 
     /// Opens the seal of a packet that ends here: it must come from its
@@ -665,7 +666,8 @@ impl Engine {
 
     /// Sends `buf[s..e]` (an inner packet) to an agent's RA; on the UDP
     /// leg sealed with the key the agent shares with this proxy (header
-    /// written in front, tag after).
+    /// written in front, tag after). Counted in `stage` once it can go (a
+    /// packet that cannot is counted as a drop only: one counter per packet).
     fn to_agent(
         &self,
         t: &ForwardingTable,
@@ -673,8 +675,9 @@ impl Engine {
         buf: &mut [u8],
         s: usize,
         e: usize,
+        stage: &pon_telemetry::Counter,
     ) -> Decision {
-        match agent.encap {
+        let d = match agent.encap {
             Encap::Udp { ra_port } => {
                 let Some(link) = t.link(agent.addr) else {
                     return drop(&self.counters.drop_agent_no_key);
@@ -705,7 +708,9 @@ impl Engine {
                     range: s - IPV4_HEADER_LEN..e,
                 }
             }
-        }
+        };
+        stage.inc();
+        d
     }
 }
 

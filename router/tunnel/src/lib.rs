@@ -211,6 +211,10 @@ pub struct Tunnels {
     out: VecDeque<Transmit>,
     table: Arc<SessionTable>,
     changed: bool,
+    /// The greatest initiation timestamp answered per peer id and key, kept
+    /// when a peer is removed: a peer removed and added again (a revocation
+    /// undone, a view flapping) must not accept its old initiations again.
+    floors: HashMap<(u32, [u8; 32]), u64>,
     pub counters: Arc<TunnelCounters>,
 }
 
@@ -231,6 +235,7 @@ impl Tunnels {
             out: VecDeque::new(),
             table: Arc::default(),
             changed: false,
+            floors: HashMap::default(),
             counters: Arc::default(),
         }
     }
@@ -267,11 +272,18 @@ impl Tunnels {
             .collect();
         for id in gone {
             if let Some(p) = self.peers.remove(&id) {
+                if p.last_timestamp > 0 {
+                    self.floors.insert((id, p.key), p.last_timestamp);
+                }
                 self.forget(&p);
             }
         }
         for (id, key) in wanted {
-            self.peers.entry(id).or_insert_with(|| Peer::new(key, now));
+            let floor = self.floors.get(&(id, key)).copied().unwrap_or(0);
+            self.peers.entry(id).or_insert_with(|| Peer {
+                last_timestamp: floor,
+                ..Peer::new(key, now)
+            });
         }
     }
 
@@ -348,6 +360,7 @@ impl Tunnels {
             &p.key,
             self.me,
             to,
+            index,
             self.last_timestamp,
             noise_out,
         );
@@ -395,23 +408,36 @@ impl Tunnels {
         if p.pending.is_some() && self.me < from {
             return Err(Refused::Collision);
         }
-        let mut reply = handshake::response(0, init.sender_index());
+        let key = p.key;
+        let index = self.alloc_index(from);
+        let mut reply = handshake::response(index, init.sender_index());
         let noise_out: &mut [u8; handshake::RESPONSE_NOISE_LEN] =
             (&mut reply[8..]).try_into().expect("response body layout");
-        let (timestamp, keys) = noise::respond(
+        let answered = noise::respond(
             &self.private,
-            &p.key,
+            &key,
             self.me,
             from,
+            init.sender_index(),
+            index,
             init.noise(),
             noise_out,
         )
-        .map_err(|_| Refused::Forged)?;
-        if timestamp <= p.last_timestamp {
-            return Err(Refused::Replayed);
-        }
-        let index = self.alloc_index(from);
-        reply[..4].copy_from_slice(&index.to_be_bytes());
+        .map_err(|_| Refused::Forged)
+        .and_then(|(timestamp, keys)| {
+            let floor = self.peers.get(&from).map_or(u64::MAX, |p| p.last_timestamp);
+            if timestamp <= floor {
+                return Err(Refused::Replayed);
+            }
+            Ok((timestamp, keys))
+        });
+        let (timestamp, keys) = match answered {
+            Ok(v) => v,
+            Err(e) => {
+                self.indices.remove(&index);
+                return Err(e);
+            }
+        };
         let session = Session::new(
             from,
             index,
@@ -457,7 +483,7 @@ impl Tunnels {
             return Err(Refused::NoPending);
         }
         let pending = p.pending.take().expect("checked above");
-        let keys = match pending.state.finish(resp.noise()) {
+        let keys = match pending.state.finish(resp.noise(), resp.sender_index()) {
             Ok(k) => k,
             Err(_) => {
                 // The state is spent; a new initiation goes out at the

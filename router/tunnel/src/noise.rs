@@ -51,11 +51,15 @@ pub fn public_key(private: &[u8; 32]) -> [u8; 32] {
 
 /// Binds a handshake to the two proxy ids, initiator first, so a message
 /// cannot be replayed as coming from another id with the same keys.
-fn prologue(initiator: u32, responder: u32) -> [u8; 20] {
-    let mut p = [0u8; 20];
+/// What both sides must agree on before the first message: the ids, and
+/// the initiator's index (sent in clear in front of the Noise message, so
+/// an altered copy fails to authenticate).
+fn prologue(initiator: u32, responder: u32, index: u32) -> [u8; 24] {
+    let mut p = [0u8; 24];
     p[..12].copy_from_slice(b"PON tunnel 1");
     p[12..16].copy_from_slice(&initiator.to_be_bytes());
-    p[16..].copy_from_slice(&responder.to_be_bytes());
+    p[16..20].copy_from_slice(&responder.to_be_bytes());
+    p[20..].copy_from_slice(&index.to_be_bytes());
     p
 }
 
@@ -64,9 +68,10 @@ fn state(
     remote: &[u8; 32],
     initiator: u32,
     responder: u32,
+    index: u32,
     as_initiator: bool,
 ) -> Result<HandshakeState, HandshakeError> {
-    let prologue = prologue(initiator, responder);
+    let prologue = prologue(initiator, responder, index);
     let b = builder()
         .local_private_key(private)
         .and_then(|b| b.remote_public_key(remote))
@@ -90,22 +95,26 @@ impl Initiator {
         remote: &[u8; 32],
         me: u32,
         peer: u32,
+        index: u32,
         timestamp: u64,
         out: &mut [u8; INIT_NOISE_LEN],
     ) -> Result<Self, HandshakeError> {
-        let mut hs = state(private, remote, me, peer, true)?;
+        let mut hs = state(private, remote, me, peer, index, true)?;
         hs.write_message(&timestamp.to_be_bytes(), out)
             .map_err(|_| HandshakeError::BadKey)?;
         Ok(Initiator(hs))
     }
 
     /// Reads message 2; on success the session keys.
-    pub fn finish(mut self, msg: &[u8]) -> Result<Keys, HandshakeError> {
+    /// The keys, once the response authenticates and names
+    /// `responder_index` (its clear copy) as the index it chose.
+    pub fn finish(mut self, msg: &[u8], responder_index: u32) -> Result<Keys, HandshakeError> {
         let mut payload = [0u8; RESPONSE_NOISE_LEN];
-        self.0
+        let n = self
+            .0
             .read_message(msg, &mut payload)
             .map_err(|_| HandshakeError::Forged)?;
-        if !self.0.is_handshake_finished() {
+        if !self.0.is_handshake_finished() || payload[..n] != responder_index.to_be_bytes() {
             return Err(HandshakeError::Forged);
         }
         let (i_to_r, r_to_i) = self.0.dangerously_get_raw_split();
@@ -118,15 +127,18 @@ impl Initiator {
 
 /// Answers message 1: returns its timestamp and the session keys, and
 /// writes message 2 into `out`.
+#[allow(clippy::too_many_arguments)]
 pub fn respond(
     private: &[u8; 32],
     remote: &[u8; 32],
     me: u32,
     peer: u32,
+    init_index: u32,
+    my_index: u32,
     msg: &[u8],
     out: &mut [u8; RESPONSE_NOISE_LEN],
 ) -> Result<(u64, Keys), HandshakeError> {
-    let mut hs = state(private, remote, peer, me, false)?;
+    let mut hs = state(private, remote, peer, me, init_index, false)?;
     let mut payload = [0u8; INIT_NOISE_LEN];
     let n = hs
         .read_message(msg, &mut payload)
@@ -134,7 +146,7 @@ pub fn respond(
     let timestamp: [u8; 8] = payload[..n]
         .try_into()
         .map_err(|_| HandshakeError::Forged)?;
-    hs.write_message(&[], out)
+    hs.write_message(&my_index.to_be_bytes(), out)
         .map_err(|_| HandshakeError::BadKey)?;
     let (i_to_r, r_to_i) = hs.dangerously_get_raw_split();
     Ok((
@@ -156,19 +168,19 @@ mod tests {
         let (b_priv, b_pub) = generate_keypair();
         assert_eq!(public_key(&a_priv), a_pub);
         let mut m1 = [0u8; INIT_NOISE_LEN];
-        let i = Initiator::start(&a_priv, &b_pub, 1, 2, 42, &mut m1).unwrap();
+        let i = Initiator::start(&a_priv, &b_pub, 1, 2, 7, 42, &mut m1).unwrap();
         let mut m2 = [0u8; RESPONSE_NOISE_LEN];
-        let (ts, bk) = respond(&b_priv, &a_pub, 2, 1, &m1, &mut m2).unwrap();
+        let (ts, bk) = respond(&b_priv, &a_pub, 2, 1, 7, 9, &m1, &mut m2).unwrap();
         assert_eq!(ts, 42);
-        let ak = i.finish(&m2).unwrap();
+        let ak = i.finish(&m2, 9).unwrap();
         assert_eq!((ak.send, ak.recv), (bk.recv, bk.send));
 
         // A third key pair, or the right keys under other ids, fail.
         let (c_priv, _) = generate_keypair();
-        assert!(respond(&c_priv, &a_pub, 2, 1, &m1, &mut m2).is_err());
-        assert!(respond(&b_priv, &a_pub, 2, 3, &m1, &mut m2).is_err());
+        assert!(respond(&c_priv, &a_pub, 2, 1, 7, 9, &m1, &mut m2).is_err());
+        assert!(respond(&b_priv, &a_pub, 2, 3, 7, 9, &m1, &mut m2).is_err());
         let mut bad = m1;
         bad[40] ^= 1;
-        assert!(respond(&b_priv, &a_pub, 2, 1, &bad, &mut m2).is_err());
+        assert!(respond(&b_priv, &a_pub, 2, 1, 7, 9, &bad, &mut m2).is_err());
     }
 }

@@ -1,0 +1,7 @@
+//! The harness of `router/forwarder/tests/stateful.rs`, under libFuzzer.
+#![no_main]
+
+#[path = "../../router/forwarder/tests/stateful.rs"]
+mod harness;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| harness::run(data));
