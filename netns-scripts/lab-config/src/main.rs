@@ -286,7 +286,7 @@ mod tests {
         let text = render(
             "pon-forwarder",
             &json!({"id": 1, "listen": "198.18.1.1:7300", "local_addr": "198.18.1.1",
-                    "peer": [{"id": 2, "addr": "198.18.2.1:7300"}],
+                    "peer": [{"id": 2, "addr": "198.18.2.1:7300", "public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}],
                     "agent": [{"addr": "198.18.1.11", "encap": "udp"}],
                     "destination": [{"prefix": "198.18.2.11/32", "proxy": 2}]}),
             false,
