@@ -114,7 +114,11 @@ fn handshake_bodies() {
     );
     let r = pon_proto::handshake::response(1, 2);
     assert_eq!(&r[..8], &[0, 0, 0, 1, 0, 0, 0, 2]);
-    assert_eq!(r.len(), 8 + 32 + 16, "indices, ephemeral key, tag");
+    assert_eq!(
+        r.len(),
+        8 + 32 + 4 + 16,
+        "indices, ephemeral key, the responder's index sealed in the payload, tag"
+    );
 }
 
 #[test]
