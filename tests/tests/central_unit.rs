@@ -106,7 +106,7 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// Runs `phases` while paris/app1 pings tokyo's app without a break, and
-/// asserts that no ping was lost and that all of them took the overlay.
+/// asserts that no ping was lost and that (nearly) all took the overlay.
 fn while_pinging(lab: &Lab, phases: impl FnOnce()) {
     let delivered = metric(lab, "tokyo/proxy", TOKYO_FWD, EGRESS);
     let stop = AtomicBool::new(false);
