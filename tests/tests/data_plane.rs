@@ -284,31 +284,21 @@ fn a_wiretapper_reads_nothing_and_its_replays_and_forgeries_are_not_delivered() 
         lab.metric("london/proxy", LONDON_FWD, &stage("egress")),
     );
     let file = inet_file.to_str().unwrap();
-    let replay = lab.exec_ok(
-        "inet",
-        &[
+    let tool = tool.to_str().unwrap();
+    let resend = |extra: &[&str]| {
+        let mut args = vec![
             "python3",
-            tool.to_str().unwrap(),
+            tool,
             "replay",
             "--in",
             file,
             "--to",
             "198.18.3.1",
-        ],
-    );
-    let alter = lab.exec_ok(
-        "inet",
-        &[
-            "python3",
-            tool.to_str().unwrap(),
-            "replay",
-            "--in",
-            file,
-            "--to",
-            "198.18.3.1",
-            "--alter",
-        ],
-    );
+        ];
+        args.extend_from_slice(extra);
+        lab.exec_ok("inet", &args)
+    };
+    let (replay, alter) = (resend(&[]), resend(&["--alter"]));
     let sent = |out: &str| -> u64 {
         serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["sent"]
             .as_u64()

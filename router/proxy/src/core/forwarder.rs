@@ -145,11 +145,11 @@ impl ForwarderPart {
         if let Err(e) = result {
             tracing::debug!(peer = from, ?kind, error = %e, "handshake message dropped");
         }
-        self.flush_tunnels(now);
+        self.flush_tunnels();
     }
 
     /// What the tunnels want sent, and their new keys for the data path.
-    fn flush_tunnels(&mut self, now: Duration) {
+    fn flush_tunnels(&mut self) {
         // Keys first: a keepalive must be sealed with the session that was
         // just made, so the data path has to hold it before it is sent.
         if let Some(sessions) = self.tunnels.poll_table() {
@@ -163,7 +163,6 @@ impl ForwarderPart {
             };
             self.send_to_peer(to, kind, body);
         }
-        let _ = now;
     }
 
     /// A packet of this proxy's own to `to`, along the current route (a
@@ -248,7 +247,7 @@ impl ForwarderPart {
         if self.table.is_some() {
             let wall = self.epoch.saturating_add(now.as_nanos() as u64);
             self.tunnels.handle_timeout(now, wall);
-            self.flush_tunnels(now);
+            self.flush_tunnels();
         }
         self.steer(now);
     }
@@ -297,7 +296,7 @@ impl ForwarderPart {
                 // table: a peer gone from it (revoked) loses them at once.
                 self.tunnels.set_my_id(now, self.composer.my_id());
                 self.tunnels.set_peers(now, &self.composer.peer_keys());
-                self.flush_tunnels(now);
+                self.flush_tunnels();
                 self.steerer.wake(now);
             }
             Err(e) => {
