@@ -149,13 +149,24 @@ impl Session {
     /// any crypto is spent on it.
     #[inline]
     pub fn open(&self, counter: u64, aad: &[u8], data: &mut [u8]) -> Result<(), OpenError> {
-        if !self.may_accept(counter) {
+        // One lock per packet, held across the check: only the receiving
+        // thread takes it, so holding it costs no one a wait.
+        let mut window = self.window();
+        if !window.may_accept(counter) {
             return Err(OpenError::Replayed);
         }
         self.recv
             .open_in_place(nonce(counter), Aad::from(aad), data)
             .map_err(|_| OpenError::Forged)?;
-        self.accept(counter)
+        if !window.accept(counter) {
+            return Err(OpenError::Replayed);
+        }
+        drop(window);
+        // The peer used these keys: it has them, so we may send with them.
+        if !self.confirmed.load(Ordering::Relaxed) {
+            self.confirmed.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Checks a tag made by [`Session::tag`] over `aad`, then records the
@@ -169,21 +180,6 @@ impl Session {
     /// Marks the session usable for sending (the peer proved it has it).
     pub(crate) fn confirm(&self) {
         self.confirmed.store(true, Ordering::Relaxed);
-    }
-
-    fn may_accept(&self, counter: u64) -> bool {
-        self.window().may_accept(counter)
-    }
-
-    fn accept(&self, counter: u64) -> Result<(), OpenError> {
-        if !self.window().accept(counter) {
-            return Err(OpenError::Replayed);
-        }
-        // The peer used these keys: it has them, so we may send with them.
-        if !self.confirmed.load(Ordering::Relaxed) {
-            self.confirmed.store(true, Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     fn window(&self) -> std::sync::MutexGuard<'_, ReplayWindow> {
