@@ -495,6 +495,18 @@ impl Registry {
         let token = self
             .trust
             .check_enrol(&e.token, &e.cloud, &e.name, &e.role, key, wall_ms)?;
+        if let Some(before) = self.trust.enrolment(&key) {
+            if before.noise_key != e.noise_key {
+                return Err((
+                    Refusal::KeyTaken,
+                    format!(
+                        "this key is enrolled with Noise key {}, not {}; \
+                         `ponctl revoke {}/{}` and enrol with new keys to change it",
+                        before.noise_key, e.noise_key, before.cloud, before.name
+                    ),
+                ));
+            }
+        }
         let enrolment = Enrolment {
             key,
             cloud: e.cloud,

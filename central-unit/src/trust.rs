@@ -425,6 +425,19 @@ impl Trust {
                     ),
                 ))
             }
+            // Re-enrolling renews a certificate; it never changes what the
+            // key is: a role or Noise key changed under a live agent would
+            // let the certificate say one thing and the registry another.
+            Some(e) if e.role != role => {
+                return Err((
+                    Refusal::KeyTaken,
+                    format!(
+                        "this key is enrolled as {}/{} with role {}, not {role}; \
+                         `ponctl revoke {}/{}` and enrol with new keys to change it",
+                        e.cloud, e.name, e.role, e.cloud, e.name
+                    ),
+                ))
+            }
             _ => {}
         }
         match self.bound.get(&(cloud.to_string(), name.to_string())) {
@@ -633,6 +646,12 @@ mod tests {
         assert!(t
             .check_enrol("s3cret", "paris", "p", "PROXY", key(1), 0)
             .is_ok());
+        // ... but not as another role.
+        let (why, msg) = t
+            .check_enrol("s3cret", "paris", "p", "APP", key(1), 0)
+            .unwrap_err();
+        assert_eq!(why, Refusal::KeyTaken);
+        assert!(msg.contains("role PROXY, not APP"), "{msg}");
         // The admin key is nobody's agent key.
         let (why, _) = t
             .check_enrol("s3cret", "paris", "z", "APP", key(99), 0)
