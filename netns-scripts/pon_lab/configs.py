@@ -78,9 +78,12 @@ def forwarder(lab, host, daemon="pon-forwarder"):
     if topo.get("encrypt_lan"):
         cfg["encrypt_lan"] = True
     if topo.get("split") and topo.get("routing") is not None:
+        keys = local_keys(lab, host)
         cfg["local"] = {"listen": local_addr(lab, "pon-forwarder"),
                         "monitor": local_addr(lab, "pon-monitor"),
-                        "router": local_addr(lab, "pon-router")}
+                        "monitor_key": keys["pon-monitor"],
+                        "router": local_addr(lab, "pon-router"),
+                        "router_key": keys["pon-router"]}
     if topo.get("cu"):
         # The CU hands out peers, agents and destinations; we ask for id i so that
         # relay routes (by id) and the tests' expectations hold.
@@ -110,15 +113,37 @@ def proxy(lab, host):
     return forwarder(lab, host, PROXY_BINARY) | {"routing": dict(lab.state["topology"]["routing"])}
 
 
+SPLIT_PARTS = ("pon-forwarder", "pon-monitor", "pon-router")
+
+
+def local_keys(lab, host):
+    """The public keys of a split proxy's three processes (each its own identity,
+    made now in its state directory): the local link between them is authenticated."""
+    dirs = {d: state_dir(lab, host, d) for d in SPLIT_PARTS}
+    keys = renderer.identities(dirs.values(), lab.state["bin_dir"])
+    return {d: keys[dirs[d]] for d in SPLIT_PARTS}
+
+
+def split_part(lab, host, daemon):
+    """pon-monitor's or pon-router's local link: its own address and state
+    directory, the other two parts' addresses and keys."""
+    keys = local_keys(lab, host)
+    cfg = {"listen": local_addr(lab, daemon), "state_dir": state_dir(lab, host, daemon),
+           "metrics": metrics(lab, host, daemon)}
+    for other in SPLIT_PARTS:
+        if other != daemon:
+            name = other.removeprefix("pon-")
+            cfg[name] = local_addr(lab, other)
+            cfg[f"{name}_key"] = keys[other]
+    return cfg
+
+
 def monitor(lab, host):
-    return {"listen": local_addr(lab, "pon-monitor"), "forwarder": local_addr(lab, "pon-forwarder"),
-            "router": local_addr(lab, "pon-router"), "metrics": metrics(lab, host, "pon-monitor")}
+    return split_part(lab, host, "pon-monitor")
 
 
 def router(lab, host):
-    return {"listen": local_addr(lab, "pon-router"), "forwarder": local_addr(lab, "pon-forwarder"),
-            "monitor": local_addr(lab, "pon-monitor"), "metrics": metrics(lab, host, "pon-router"),
-            "routing": dict(lab.state["topology"]["routing"])}
+    return split_part(lab, host, "pon-router") | {"routing": dict(lab.state["topology"]["routing"])}
 
 
 def agent_options(lab):

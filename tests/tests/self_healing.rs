@@ -2,7 +2,9 @@
 //! router in one process) on every site, emulated WAN links, real pings
 //! between app VMs. Each test prints what it measured.
 
-use pon_e2e::{link, parse_ping, ping_stats, require_root, sites, text, wait_until, Lab};
+use pon_e2e::{
+    link, parse_ping, ping_stats, repo_root, require_root, sites, text, wait_until, Lab,
+};
 use std::time::{Duration, Instant};
 
 const PARIS_APP: &str = "paris/app1";
@@ -490,6 +492,7 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
         status(&lab, paris_router)
     );
     let settled = start.elapsed();
+    spoof_the_local_link(&lab);
     let monitor = status(&lab, ("paris/proxy", "198.18.1.1:9103"));
     assert_eq!(
         monitor["id"], 1,
@@ -513,6 +516,53 @@ fn forwarder_monitor_and_router_as_separate_processes_route_and_fail_over() {
         s.transmitted
     );
     assert!(lost * 20 < 1000, "{lost} pings lost");
+}
+
+/// On paris' proxy host, datagrams to the forwarder's local-link port
+/// that claim to come from the router (its address and port, spoofed
+/// through a raw socket) are dropped and counted: unsealed ones as
+/// malformed, sealed without the key as bad tags. The routes stay.
+fn spoof_the_local_link(lab: &Lab) {
+    use pon_proto::ports::{LOCAL_FORWARDER, LOCAL_ROUTER};
+    let forwarder = ("paris/proxy", "198.18.1.1:9100");
+    let drops = |reason: &str| {
+        lab.metric(
+            forwarder.0,
+            forwarder.1,
+            &format!("pon_local_drops_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    let before = (drops("malformed"), drops("bad_tag"));
+    let tool = repo_root().join("tests/tests/tools/lan_spoof.py");
+    lab.exec_ok(
+        forwarder.0,
+        &[
+            "python3",
+            tool.to_str().unwrap(),
+            "--src=127.0.0.1",
+            "--dst=127.0.0.1",
+            &format!("--port={LOCAL_FORWARDER}"),
+            &format!("--sport={LOCAL_ROUTER}"),
+            "--plain=50",
+            "--sealed=50",
+        ],
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || (
+            drops("malformed"),
+            drops("bad_tag")
+        ) == (
+            before.0 + 50,
+            before.1 + 50
+        )),
+        "spoofed local-link datagrams not all dropped by reason: {}",
+        lab.metrics(forwarder.0, forwarder.1)
+    );
+    assert_eq!(
+        route(lab, ("paris/proxy", "198.18.1.1:9104"), 2),
+        vec![3, 2],
+        "the spoofed routes were not taken"
+    );
 }
 
 #[test]

@@ -324,6 +324,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
+        const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
         for (daemon, cfg, field) in [
             (
                 "pon-forwarder",
@@ -358,12 +359,12 @@ mod tests {
             ("pon-linkemu", json!({"mtu": 100}), "mtu"),
             (
                 "pon-router",
-                json!({"listen": "127.0.0.1:7312", "forwarder": "127.0.0.1:7310", "monitor": "127.0.0.1:7311", "keepalive_ms": 0}),
+                json!({"listen": "127.0.0.1:7312", "forwarder": "127.0.0.1:7310", "forwarder_key": KEY, "monitor": "127.0.0.1:7311", "monitor_key": KEY, "keepalive_ms": 0}),
                 "keepalive_ms",
             ),
             (
                 "pon-monitor",
-                json!({"listen": "127.0.0.1:7311", "forwarder": "127.0.0.1:7310", "router": "127.0.0.1:7312", "monitor": {"min_timeout_ms": 0}}),
+                json!({"listen": "127.0.0.1:7311", "forwarder": "127.0.0.1:7310", "forwarder_key": KEY, "router": "127.0.0.1:7312", "router_key": KEY, "monitor": {"min_timeout_ms": 0}}),
                 "min_timeout_ms",
             ),
         ] {

@@ -2,15 +2,19 @@
 //! (same fields, same checks) plus `[routing]` (path selection; without it
 //! the proxy only forwards and answers other monitors' probes), `[monitor]`
 //! and `[proxy]`. pon-monitor's and pon-router's: their local-link
-//! addresses and the same `[monitor]` / `[routing]` sections.
+//! addresses and keys, their state directory (their own key) and the same
+//! `[monitor]` / `[routing]` sections.
 
+use crate::core::Part;
+use crate::daemon::{LinkSetup, Partner};
 use crate::forwarder::ForwarderConfig;
 use anyhow::Context;
 use pon_monitor::MonitorConfig;
+use pon_proto::control::PublicKey;
 use pon_routing::RoutingConfig;
 use serde::{Deserialize, Serialize, Serializer};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
@@ -165,10 +169,16 @@ impl ProxyConfig {
 pub struct MonitorDaemonConfig {
     /// UDP address for the forwarder's and the router's messages.
     pub listen: SocketAddr,
-    /// The forwarder's local-link address.
+    /// The forwarder's local-link address and public key.
     pub forwarder: SocketAddr,
-    /// The router's local-link address.
+    pub forwarder_key: PublicKey,
+    /// The router's local-link address and public key.
     pub router: SocketAddr,
+    pub router_key: PublicKey,
+    /// This monitor's own key lives here (made on first start, mode 0600;
+    /// default /var/lib/pon/monitor).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers per-path estimates
     /// (default 127.0.0.1:9103, loopback only).
     #[serde(default)]
@@ -179,9 +189,25 @@ pub struct MonitorDaemonConfig {
 
 impl MonitorDaemonConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let c: Self = pon_telemetry::load_toml(path, "monitor")?;
+        let mut c: Self = pon_telemetry::load_toml(path, "monitor")?;
         c.monitor.validate().map_err(anyhow::Error::msg)?;
+        c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
         Ok(c)
+    }
+
+    /// Its end of the local link for this run (`epoch`), with its key (made
+    /// on first start).
+    pub fn link(&self, epoch: u64) -> anyhow::Result<LinkSetup> {
+        link_setup(
+            self.state_dir.as_deref(),
+            "monitor",
+            self.listen,
+            epoch,
+            [
+                (Part::Forwarder, self.forwarder, self.forwarder_key),
+                (Part::Router, self.router, self.router_key),
+            ],
+        )
     }
 }
 
@@ -191,8 +217,15 @@ impl MonitorDaemonConfig {
 pub struct RouterDaemonConfig {
     /// UDP address for the forwarder's and the monitor's messages.
     pub listen: SocketAddr,
+    /// The forwarder's and the monitor's local-link addresses and keys.
     pub forwarder: SocketAddr,
+    pub forwarder_key: PublicKey,
     pub monitor: SocketAddr,
+    pub monitor_key: PublicKey,
+    /// This router's own key lives here (made on first start, mode 0600;
+    /// default /var/lib/pon/router).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy;
     /// default 127.0.0.1:9104, loopback only).
     #[serde(default)]
@@ -218,12 +251,28 @@ fn default_bandwidth_every() -> u64 {
 
 impl RouterDaemonConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let c: Self = pon_telemetry::load_toml(path, "router")?;
+        let mut c: Self = pon_telemetry::load_toml(path, "router")?;
         c.routing.validate()?;
         if c.keepalive_ms == 0 {
             anyhow::bail!("keepalive_ms must be positive");
         }
+        c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
         Ok(c)
+    }
+
+    /// Its end of the local link for this run (`epoch`), with its key (made
+    /// on first start).
+    pub fn link(&self, epoch: u64) -> anyhow::Result<LinkSetup> {
+        link_setup(
+            self.state_dir.as_deref(),
+            "router",
+            self.listen,
+            epoch,
+            [
+                (Part::Forwarder, self.forwarder, self.forwarder_key),
+                (Part::Monitor, self.monitor, self.monitor_key),
+            ],
+        )
     }
 
     pub fn part(&self) -> crate::core::RouterPartConfig {
@@ -234,6 +283,29 @@ impl RouterDaemonConfig {
                 .then(|| Duration::from_millis(self.bandwidth_every_ms)),
         }
     }
+}
+
+/// A split monitor's or router's end of the local link: its identity
+/// (from `state_dir`, default /var/lib/pon/`daemon`) and its two partners.
+fn link_setup(
+    state_dir: Option<&Path>,
+    daemon: &str,
+    listen: SocketAddr,
+    epoch: u64,
+    partners: [(Part, SocketAddr, PublicKey); 2],
+) -> anyhow::Result<LinkSetup> {
+    let dir = pon_identity::state_dir_or_default(state_dir, daemon);
+    let id = pon_identity::Identity::load_or_create(&dir).context("state_dir")?;
+    tracing::info!(public_key = %id.noise_public(), state_dir = %dir.display(), "identity");
+    Ok(LinkSetup {
+        listen,
+        secret: id.noise_secret(),
+        epoch,
+        partners: partners
+            .into_iter()
+            .map(|(part, addr, key)| Partner { part, addr, key })
+            .collect(),
+    })
 }
 
 #[cfg(test)]

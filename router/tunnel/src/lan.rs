@@ -1,5 +1,5 @@
 //! Keys of the site LAN: between a proxy and each agent of its site (TA,
-//! RA), from the two static X25519 keys the CU vouches for (or a static
+//! RA), and between the processes of a split proxy (its local link), from the two static X25519 keys the CU vouches for (or a static
 //! configuration names, as WireGuard peers are named). No handshake: the
 //! LAN is one hop, both ends know each other's static key, and a restart
 //! must not wait for a round trip.
@@ -33,6 +33,11 @@ pub enum Channel {
     Downlink,
     /// Proxy → TA steering messages.
     Steering,
+    /// A split proxy's local link, from the lower part (forwarder before
+    /// monitor before router: the `for_proxy` side) to the higher one.
+    LocalDown,
+    /// A split proxy's local link, from the higher part to the lower one.
+    LocalUp,
 }
 
 impl Channel {
@@ -41,6 +46,8 @@ impl Channel {
             Channel::Uplink => b"pon-lan-v1 uplink",
             Channel::Downlink => b"pon-lan-v1 downlink",
             Channel::Steering => b"pon-lan-v1 steering",
+            Channel::LocalDown => b"pon-local-v1 down",
+            Channel::LocalUp => b"pon-local-v1 up",
         }
     }
 }

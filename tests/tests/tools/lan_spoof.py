@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sends a bounded burst of spoofed UDP datagrams on a site LAN, as a
 neighbour VM would: from another host's address (--src) to a port of the
-proxy or of an agent (--dst:--port). Run inside the neighbour's namespace
+proxy or of an agent (--dst:--port), or on a split proxy's local link. Run inside the neighbour's namespace
 (raw socket, so the source address is whatever we say). Counts are fixed
 so the test can check every datagram was dropped and counted:
 
@@ -20,6 +20,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--src", required=True)
 p.add_argument("--dst", required=True)
 p.add_argument("--port", type=int, required=True)
+p.add_argument("--sport", type=int, help="source port (default: --port)")
 p.add_argument("--inner-dst", default="198.18.2.11")
 p.add_argument("--plain", type=int, default=0)
 p.add_argument("--sealed", type=int, default=0)
@@ -59,8 +60,9 @@ raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 # Paced a little, so that the receiver's socket buffer (the TA reads its
 # steering port one datagram at a time) does not overflow: the test counts
 # what the daemon dropped, not what the kernel did.
-burst = [udp(a.port, a.port, plain()) for _ in range(a.plain)]
-burst += [udp(a.port, a.port, sealed()) for _ in range(a.sealed)]
+sport = a.sport or a.port
+burst = [udp(sport, a.port, plain()) for _ in range(a.plain)]
+burst += [udp(sport, a.port, sealed()) for _ in range(a.sealed)]
 for k, d in enumerate(burst):
     raw.sendto(d, (a.dst, 0))
     if k % 20 == 19:

@@ -1,7 +1,7 @@
 //! pon-forwarder: the PON data path of one proxy.
 
 use pon_proxy::core::{ForwarderPart, ForwarderPartConfig, Part};
-use pon_proxy::daemon::{self, LocalAddrs, StatusOf};
+use pon_proxy::daemon::{self, LinkSetup, Partner, StatusOf};
 use pon_proxy::forwarder::ForwarderConfig;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,22 +23,32 @@ fn main() -> anyhow::Result<()> {
         println!("{path}: ok ({peers} peers)");
         return Ok(());
     }
-    let link = cfg.local.as_ref().map(|l| {
-        let addrs = LocalAddrs {
-            forwarder: l.listen,
-            monitor: l.monitor,
-            router: l.router,
-        };
-        (l.listen, addrs.partners(Part::Forwarder))
-    });
     let steering_port = cfg.local.as_ref().map_or(0, |l| l.steering_port);
     let (epoch, _) = daemon::run_ids();
+    let private_key = daemon::private_key(&cfg)?;
+    let link = cfg.local.as_ref().map(|l| LinkSetup {
+        listen: l.listen,
+        secret: private_key,
+        epoch,
+        partners: vec![
+            Partner {
+                part: Part::Monitor,
+                addr: l.monitor,
+                key: l.monitor_key,
+            },
+            Partner {
+                part: Part::Router,
+                addr: l.router,
+                key: l.router_key,
+            },
+        ],
+    });
     let part_cfg = ForwarderPartConfig {
         forwarder: cfg.clone(),
         epoch,
         steering_port,
         steering_refresh: STEERING_REFRESH,
-        private_key: daemon::private_key(&cfg)?,
+        private_key,
         timers: cfg.tunnel.timers(),
     };
     let part = ForwarderPart::new(part_cfg, Arc::default());

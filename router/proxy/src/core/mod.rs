@@ -64,8 +64,10 @@ pon_telemetry::counters! {
     }
 }
 
-/// The three parts of a proxy: the addressees of local messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The three parts of a proxy: the addressees of local messages. Ordered:
+/// of two parts, the lower takes the `for_proxy` side of their local-link
+/// key (`pon_tunnel::lan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Part {
     Forwarder,
     Monitor,

@@ -23,6 +23,9 @@ pon_telemetry::counters! {
         local_sent => ("pon_local_messages_total", "dir=\"tx\"", "Local-link messages between the proxy's processes."),
         local_foreign => ("pon_local_drops_total", "reason=\"foreign_source\"", "Local-link datagrams dropped, by reason."),
         local_malformed => ("pon_local_drops_total", "reason=\"malformed\"", "Local-link datagrams dropped, by reason."),
+        local_bad_tag => ("pon_local_drops_total", "reason=\"bad_tag\"", "Local-link datagrams dropped, by reason."),
+        local_replayed => ("pon_local_drops_total", "reason=\"replayed\"", "Local-link datagrams dropped, by reason."),
+        local_stale_epoch => ("pon_local_drops_total", "reason=\"stale_epoch\"", "Local-link datagrams dropped, by reason."),
         local_send_errors => ("pon_local_drops_total", "reason=\"send_error\"", "Local-link datagrams dropped, by reason."),
         local_no_partner => ("pon_local_drops_total", "reason=\"no_partner\"", "Local-link datagrams dropped, by reason."),
     }
@@ -33,7 +36,7 @@ pub mod link;
 pub mod mailbox;
 
 pub use event_loop::{EventLoop, Io};
-pub use link::Link;
+pub use link::{Link, Partner};
 pub use mailbox::{mailbox, Inbox, Input, Mailbox};
 
 use crate::core::{Core, Part, StatusPage};
@@ -157,55 +160,47 @@ fn serve<C: Core + 'static, S: StatusPage>(
     }))
 }
 
-/// Where the three parts of a split proxy listen on their local link.
-#[derive(Debug, Clone, Copy)]
-pub struct LocalAddrs {
-    pub forwarder: SocketAddr,
-    pub monitor: SocketAddr,
-    pub router: SocketAddr,
+/// One end of a split proxy's local link: where this part listens, its
+/// static secret, this run's epoch and the other parts.
+#[derive(Debug, Clone)]
+pub struct LinkSetup {
+    pub listen: SocketAddr,
+    pub secret: [u8; 32],
+    pub epoch: u64,
+    pub partners: Vec<Partner>,
 }
 
-impl LocalAddrs {
-    /// Where `part` listens.
-    pub fn of(&self, part: Part) -> SocketAddr {
-        match part {
-            Part::Forwarder => self.forwarder,
-            Part::Monitor => self.monitor,
-            Part::Router => self.router,
-        }
-    }
-
-    /// The other two parts, seen from `me`.
-    pub fn partners(&self, me: Part) -> Vec<(Part, SocketAddr)> {
-        [Part::Forwarder, Part::Monitor, Part::Router]
-            .into_iter()
-            .filter(|p| *p != me)
-            .map(|p| (p, self.of(p)))
-            .collect()
+impl LinkSetup {
+    /// Binds it for part `me`; messages go to `mailbox`.
+    fn start(&self, me: Part, mailbox: &Mailbox) -> anyhow::Result<Link> {
+        let listen = self.listen;
+        let link = Link::bind(
+            listen,
+            me,
+            &self.secret,
+            self.epoch,
+            &self.partners,
+            mailbox.counters.clone(),
+        )
+        .with_context(|| format!("binding the local link {listen}"))?;
+        link.spawn_reader(mailbox.clone())?;
+        Ok(link)
     }
 }
 
 /// Runs a split proxy's monitor or router (`me`): its part, over the local
-/// link to the other two, until the process ends (`--check`: returns once
-/// the configuration, already loaded, proved valid). Metrics and status on
+/// link to the other two, until the process ends. Metrics and status on
 /// `metrics` (see [`pon_telemetry::metrics_addr`]).
 pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
-    args: &pon_telemetry::DaemonArgs,
     me: Part,
-    addrs: LocalAddrs,
+    link: LinkSetup,
     metrics: SocketAddr,
     core: C,
     status: StatusOf<C, S>,
 ) -> anyhow::Result<()> {
-    if args.check {
-        println!("{}: ok", args.config.display());
-        return Ok(());
-    }
-    let (listen, partners) = (addrs.of(me), addrs.partners(me));
     let (mailbox, inbox) = mailbox(4096, 1);
-    let link = Link::bind(listen, partners, mailbox.counters.clone())
-        .with_context(|| format!("binding the local link {listen}"))?;
-    link.spawn_reader(mailbox.clone())?;
+    let listen = link.listen;
+    let link = link.start(me, &mailbox)?;
     let every = status.every;
     let none: Renderer = Arc::new(|_: &mut PromWriter| {});
     let publish = serve(
@@ -228,7 +223,7 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
 pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     cfg: &ForwarderConfig,
     core: C,
-    link: Option<(SocketAddr, Vec<(Part, SocketAddr)>)>,
+    link: Option<LinkSetup>,
     queue: usize,
     steering_port: u16,
     status: StatusOf<C, S>,
@@ -236,12 +231,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     let table = Arc::new(ArcSwap::from_pointee(cfg.table()?));
     let (mailbox, inbox) = mailbox(queue, queue);
     let link = match link {
-        Some((listen, partners)) => {
-            let l = Link::bind(listen, partners, mailbox.counters.clone())
-                .with_context(|| format!("binding the local link {listen}"))?;
-            l.spawn_reader(mailbox.clone())?;
-            Some(l)
-        }
+        Some(l) => Some(l.start(Part::Forwarder, &mailbox)?),
         None => None,
     };
     // Probes that end here go to the control loop when there is a monitor

@@ -109,10 +109,13 @@ impl TunnelConfig {
 pub struct LocalConfig {
     /// UDP address for the monitor's and the router's messages.
     pub listen: SocketAddr,
-    /// Where pon-monitor listens (probes that end here go there).
+    /// Where pon-monitor listens (probes that end here go there), and its
+    /// public key (the local link is authenticated: see `daemon::link`).
     pub monitor: SocketAddr,
-    /// Where pon-router listens (the topology goes there).
+    pub monitor_key: PublicKey,
+    /// Where pon-router listens (the topology goes there), and its key.
     pub router: SocketAddr,
+    pub router_key: PublicKey,
     /// UDP port of the local TAs' steering listeners (0: do not steer).
     #[serde(default = "pon_proto::ports::defaults::steering")]
     pub steering_port: u16,
@@ -123,7 +126,8 @@ pub struct LocalConfig {
 pub struct PeerConfig {
     pub id: u32,
     pub addr: SocketAddr,
-    /// The peer's static key (`pon-proxy --public-key` prints a proxy's).
+    /// The peer's static key (a proxy logs its own at start; `pon-lab-config
+    /// identity DIR` prints the key kept in a state directory).
     pub public_key: PublicKey,
 }
 
