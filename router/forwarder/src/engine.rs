@@ -233,9 +233,23 @@ pub enum SealError {
 /// takes; public so that load generators and fuzzers seal as a proxy does.
 #[inline]
 pub fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Result<(), SealError> {
+    seal_with(s, s, buf, start, end)
+}
+
+/// [`seal`] with the end-to-end session taken from `e2e` and the first
+/// leg's from `legs`: for a load generator that must pass a real relay's
+/// check but whose sink never opens the seal.
+#[inline]
+pub fn seal_with(
+    e2e: &SessionTable,
+    legs: &SessionTable,
+    buf: &mut [u8],
+    start: usize,
+    end: usize,
+) -> Result<(), SealError> {
     let mut p = pon::Packet::new_checked(&mut buf[start..end]).map_err(|_| SealError::Malformed)?;
     if p.kind().is_sealed() {
-        let e2e = s.sender(p.egress()).ok_or(SealError::NoSession)?;
+        let e2e = e2e.sender(p.egress()).ok_or(SealError::NoSession)?;
         let counter = e2e.next_counter().ok_or(SealError::NoSession)?;
         p.set_seal(e2e.remote_index(), counter);
         let mut aad = [0u8; MAX_SEAL_AAD_LEN];
@@ -245,7 +259,7 @@ pub fn seal(s: &SessionTable, buf: &mut [u8], start: usize, end: usize) -> Resul
         tag.copy_from_slice(&e2e.seal(counter, aad, data));
     }
     let first = p.current_hop();
-    link(s, &mut p, first)
+    link(legs, &mut p, first)
 }
 
 /// Authenticates the datagram for the leg to `next` (relayed routes only).
