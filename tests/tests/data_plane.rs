@@ -458,6 +458,82 @@ fn malformed_and_forged_burst_is_counted_while_ping_loses_nothing() {
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 5, &[]), 5);
 }
 
+/// The public key kept in a state directory, as `pon-lab-config identity`
+/// prints it.
+fn public_key(dir: &std::path::Path) -> String {
+    let out = std::process::Command::new(pon_e2e::bin_dir().join("pon-lab-config"))
+        .arg("identity")
+        .arg(dir)
+        .output()
+        .expect("pon-lab-config identity");
+    assert!(out.status.success(), "{}", text(&out));
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    keys[dir.to_str().unwrap()]
+        .as_str()
+        .expect("a key")
+        .to_string()
+}
+
+#[test]
+fn a_proxy_with_valid_keys_cannot_speak_for_another_cloud() {
+    require_root();
+    // Static configs, so that paris stays tokyo's peer while its forwarder
+    // is stopped and an attacker holding paris's keys takes its place.
+    let lab = Lab::up(&("cu = false\n".to_string() + &three_sites()));
+    wait_reachable(&lab, "paris/app1", TOKYO_APP);
+    lab.ctl("stop", &["paris/proxy"]);
+    let stolen = lab.agent_state("paris/proxy", "pon-forwarder");
+    let tokyo_key = public_key(&lab.agent_state("tokyo/proxy", "pon-forwarder"));
+    let page = || lab.metrics("tokyo/proxy", TOKYO_FWD);
+    let send = |inner_src: &str| {
+        lab.exec_ok(
+            "paris/proxy",
+            &[
+                pon_e2e::bin_dir().join("pon-loadgen").to_str().unwrap(),
+                "send",
+                "--bind=198.18.1.1:7300",
+                "--to=198.18.2.1:7300",
+                "--hops=2",
+                &format!("--state-dir={}", stolen.display()),
+                "--id=1",
+                "--peer-id=2",
+                &format!("--peer-key={tokyo_key}"),
+                &format!("--inner-src={inner_src}"),
+                &format!("--inner-dst={TOKYO_APP}"),
+                "--count=100",
+                "--rate=2000",
+                "--seconds=10",
+            ],
+        )
+    };
+    // Packets that claim london's app as their source: a Noise session
+    // with tokyo, sealed with it, opened by tokyo's egress, and dropped
+    // there because london's addresses are not paris's to speak for.
+    let before = page();
+    let sent = send("198.18.3.11");
+    assert!(sent.contains("\"sent\":100"), "{sent}");
+    let foreign = |p: &str| metric_value(p, &drops("foreign_source"));
+    let egress = |p: &str| metric_value(p, &stage("egress"));
+    assert!(
+        wait_until(Duration::from_secs(5), || foreign(&page())
+            == foreign(&before) + 100),
+        "tokyo did not drop the 100 foreign sources: {}",
+        page()
+    );
+    assert_eq!(egress(&page()), egress(&before), "none was delivered");
+    // The same attacker with paris's own addresses gets through: the
+    // check is allowed IPs, not a refusal of everything from the key.
+    let before = page();
+    send(PARIS_APP);
+    assert!(
+        wait_until(Duration::from_secs(5), || egress(&page())
+            >= egress(&before) + 100),
+        "paris's own sources were not delivered: {}",
+        page()
+    );
+    assert_eq!(foreign(&page()), foreign(&before));
+}
+
 #[test]
 fn ipip_encapsulation_variant_works() {
     require_root();
