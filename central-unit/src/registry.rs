@@ -223,6 +223,13 @@ pub struct Registry {
     by_key: HashMap<(String, String), u32>,
     by_conn: HashMap<ConnId, u32>,
     next_id: u32,
+    /// Whether any agent has registered since the store was restored.
+    /// Until one has, restored agents are not given up: a CU no agent can
+    /// register with (a bad certificate, grants narrowed by mistake) must
+    /// not declare the whole overlay gone, or the first agents back after
+    /// the fix would get views without the others and leave their traffic
+    /// to the IP path until everyone is back.
+    heard_since_restore: bool,
 }
 
 impl Registry {
@@ -235,13 +242,18 @@ impl Registry {
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             next_id: 1,
+            heard_since_restore: true,
         }
     }
 
     /// Loads what the store kept. Agents that were online are kept in
     /// everyone's view for `dead_after + restart_grace`, waiting to reconnect.
+    /// The grace runs from the first registration after the restore: until
+    /// then nobody can tell restored agents that are gone from a CU that
+    /// cannot be reached.
     pub fn restore(&mut self, records: impl IntoIterator<Item = AgentRecord>, now: Duration) {
         let deadline = now + self.settings.dead_after + self.settings.restart_grace;
+        self.heard_since_restore = false;
         for r in records {
             let id = r.info.id;
             if id == 0 || self.agents.contains_key(&id) {
@@ -660,6 +672,17 @@ impl Registry {
         out.push(Action::Persist(Record::Agent(entry.record())));
         self.agents.insert(id, entry);
         self.by_conn.insert(conn, id);
+        if !self.heard_since_restore {
+            // The CU is reachable again: from now on, the others have the
+            // whole grace to come back.
+            self.heard_since_restore = true;
+            let deadline = now + self.settings.dead_after + self.settings.restart_grace;
+            for e in self.agents.values_mut() {
+                if let Presence::Pending { deadline: d } = &mut e.presence {
+                    *d = deadline;
+                }
+            }
+        }
         out.push(Action::Send {
             conn,
             msg: Outgoing::Config(self.config_for(id)),
@@ -791,7 +814,7 @@ impl Registry {
                 Presence::Online { last_heard } if now.saturating_sub(last_heard) > dead_after => {
                     Some((*id, LeaveReason::MissedHeartbeats))
                 }
-                Presence::Pending { deadline } if now >= deadline => {
+                Presence::Pending { deadline } if self.heard_since_restore && now >= deadline => {
                     Some((*id, LeaveReason::NotBack))
                 }
                 _ => None,
@@ -1092,6 +1115,28 @@ mod tests {
         // b's id stays reserved for b.
         let (a, _) = join(&mut r2, 11, reg("b", "p", "PROXY", 2), end, 4);
         assert_eq!(config_of(&a, 11).id, 2);
+    }
+
+    #[test]
+    fn restored_agents_are_not_given_up_while_nobody_can_register() {
+        let (r, t) = with_proxies(&["a", "b"]);
+        let saved = r.records();
+        let mut r2 = cu();
+        r2.restore(saved, t);
+        // Nobody registers for a minute (every agent refused, or failing
+        // the CU's TLS): nobody is declared gone.
+        let later = t + Duration::from_secs(60);
+        let (_, gone) = r2.tick(later);
+        assert!(gone.is_empty(), "{gone:?}");
+        // a comes back: its view still has b, and b has the whole grace
+        // from now on.
+        let (a, _) = join(&mut r2, 10, reg("a", "p", "PROXY", 1), later, 2);
+        assert_eq!(config_of(&a, 10).peers[0].info.id, 2);
+        r2.heartbeat(10, later + Duration::from_secs(9), 3);
+        assert!(r2.tick(later + Duration::from_secs(9)).1.is_empty());
+        let end = later + Duration::from_secs(13);
+        r2.heartbeat(10, end, 4);
+        assert_eq!(r2.tick(end).1, vec![(2, LeaveReason::NotBack)]);
     }
 
     /// The CA, faked: a request's "key" is its bytes.
