@@ -376,8 +376,32 @@ fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
         direct["loss"]
     );
     assert!(s.avg_ms > 55.0, "pings took the 40 ms direct path: {out}");
-    assert!(s.received >= 98, "the clean path loses nothing: {out}");
+    assert!(
+        s.received >= 98,
+        "the clean path loses nothing: {out}\ndrops: {}",
+        drops_everywhere(&lab)
+    );
     assert_eq!(route_changes(&lab), (p0, t0), "stayed off the lossy path");
+}
+
+/// Every non-zero drop counter of the three forwarders and the link
+/// emulator, for a failure message: where did a packet go?
+fn drops_everywhere(lab: &Lab) -> String {
+    let mut out = String::new();
+    for (host, addr) in [
+        PARIS_PROXY,
+        TOKYO_PROXY,
+        LONDON_FORWARDER,
+        ("inet", "198.18.1.254:9110"),
+    ] {
+        for l in lab.metrics(host, addr).lines() {
+            let counted = l.rsplit(' ').next().is_some_and(|v| v != "0");
+            if !l.starts_with('#') && (l.contains("drop") || l.contains("lost")) && counted {
+                out.push_str(&format!("\n  {host}: {l}"));
+            }
+        }
+    }
+    out
 }
 
 fn nft(lab: &Lab, host: &str, args: &[&str]) {

@@ -59,6 +59,11 @@ impl Default for Timers {
     }
 }
 
+/// An initiation of ours older than this, refused by the peer's in a
+/// collision, is sent again at once (younger, it is probably still in
+/// flight and will be answered).
+const COLLISION_RESEND: Duration = Duration::from_millis(50);
+
 /// Sessions kept per peer: a new one not yet confirmed, the current one and
 /// the previous one (still receiving packets sent before the switch).
 const SESSIONS_PER_PEER: usize = 3;
@@ -135,6 +140,19 @@ struct Pending {
     state: noise::Initiator,
     index: u32,
     sent_at: Duration,
+    /// The peer showed it is up since this left: send again now.
+    resend: bool,
+}
+
+impl Pending {
+    /// When it is sent again unless answered.
+    fn due(&self, t: &Timers) -> Duration {
+        if self.resend {
+            self.sent_at
+        } else {
+            self.sent_at + t.retry
+        }
+    }
 }
 
 struct Peer {
@@ -167,7 +185,7 @@ impl Peer {
             return false;
         }
         if let Some(p) = &self.pending {
-            return now >= p.sent_at + t.retry;
+            return now >= p.due(t);
         }
         match self.sessions.first() {
             None => true,
@@ -378,6 +396,7 @@ impl Tunnels {
             state,
             index,
             sent_at: now,
+            resend: false,
         }) {
             self.indices.remove(&old.index);
         }
@@ -404,10 +423,18 @@ impl Tunnels {
             return Err(Refused::RateLimited);
         }
         // Both sides initiated at once: the lower id's initiation wins, so
-        // exactly one session results.
-        if p.pending.is_some() && self.me < from {
-            return Err(Refused::Collision);
+        // exactly one session results. But the peer's initiation proves it
+        // is up and knows us now, which it may not have when ours left (it
+        // started later, or learnt of us later): ours, if not just sent, is
+        // sent again at once rather than after the retry interval.
+        if self.me < from {
+            let p = self.peers.get_mut(&from).expect("looked up above");
+            if let Some(ours) = &mut p.pending {
+                ours.resend |= now >= ours.sent_at + COLLISION_RESEND;
+                return Err(Refused::Collision);
+            }
         }
+        let p = self.peers.get(&from).expect("looked up above");
         let key = p.key;
         let index = self.alloc_index(from);
         let mut reply = handshake::response(index, init.sender_index());
@@ -541,7 +568,7 @@ impl Tunnels {
             .values()
             .filter_map(|p| {
                 let due = match (&p.pending, p.sessions.first()) {
-                    (Some(x), _) => x.sent_at + t.retry,
+                    (Some(x), _) => x.due(t),
                     (None, None) => p.next_attempt,
                     (None, Some(s)) => s.created() + t.rekey_after,
                 };

@@ -320,3 +320,34 @@ proptest! {
         prop_assert!(send(&b, &a, 1).is_ok());
     }
 }
+
+#[test]
+fn a_lost_initiation_is_resent_at_once_when_the_peers_collides_with_it() {
+    // b does not know a yet when a's initiation arrives (it started later,
+    // or learnt of a later): a's is lost.
+    let (mut a, mut b) = (node(1), node(2));
+    a.t.set_peers(Duration::ZERO, &[(2, b.public)]);
+    a.t.handle_timeout(Duration::ZERO, wall(Duration::ZERO));
+    let lost = a.t.poll_transmit().expect("a initiates");
+    assert_eq!(
+        receive(&mut b, 1, &lost, Duration::ZERO),
+        Some(Err(Refused::UnknownPeer))
+    );
+    // 200 ms later b knows a and initiates; a, the lower id, refuses it
+    // (collision) but sends its own again at once, not after the retry.
+    let now = 200 * MS;
+    b.t.set_peers(now, &[(1, a.public)]);
+    b.t.handle_timeout(now, wall(now));
+    let theirs = b.t.poll_transmit().expect("b initiates");
+    assert_eq!(
+        receive(&mut a, 2, &theirs, now),
+        Some(Err(Refused::Collision))
+    );
+    assert!(a.t.poll_timeout().is_some_and(|t| t <= now), "due now");
+    a.t.handle_timeout(now, wall(now));
+    for _ in 0..3 {
+        deliver(&mut a, &mut b, now);
+        deliver(&mut b, &mut a, now);
+    }
+    assert!(send(&a, &b, 2).is_ok() && send(&b, &a, 1).is_ok());
+}
