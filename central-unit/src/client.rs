@@ -6,6 +6,7 @@
 //! is the session's policy.
 
 use crate::session::{Failure, Session, SessionAction, Verdict};
+use crate::targets::CuAddrs;
 use crate::tls;
 use crate::view::View;
 use pon_identity::Identity;
@@ -24,8 +25,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CuClientConfig {
-    /// The CU's QUIC address.
-    pub addr: SocketAddr,
+    /// The CU's QUIC address: `host:port` (a DNS name, resolved at every
+    /// connection attempt, or an address), or a list of them tried in turn
+    /// after failures.
+    pub addr: CuAddrs,
     /// Name in the CU's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
@@ -154,6 +157,7 @@ pon_telemetry::counters! {
         closed => ("pon_cu_client_connect_failures_total", "reason=\"closed\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
         bad_message => ("pon_cu_client_connect_failures_total", "reason=\"bad_message\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
         config => ("pon_cu_client_connect_failures_total", "reason=\"config\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
+        resolve => ("pon_cu_client_connect_failures_total", "reason=\"resolve\"", "Attempts to reach the CU that failed and connections to it that ended, by reason."),
         configs => ("pon_cu_client_messages_total", "kind=\"config\"", "Messages received from the CU."),
         updates => ("pon_cu_client_messages_total", "kind=\"update\"", "Messages received from the CU."),
         bad_messages => ("pon_cu_client_bad_messages_total", "", "Malformed or oversized messages from the CU (the connection is dropped)."),
@@ -171,6 +175,7 @@ impl ClientCounters {
             Failure::Closed => &self.closed,
             Failure::BadMessage => &self.bad_message,
             Failure::Config => &self.config,
+            Failure::Resolve => &self.resolve,
         }
     }
 }
@@ -272,7 +277,7 @@ pub fn spawn(
     let credentials = crate::enrolment::Credentials::new(cfg, identity, &register)?;
     let status = Arc::new(ClientStatus::default());
     let st = status.clone();
-    let (addr, server_name) = (cfg.addr, cfg.server_name.clone());
+    let (addrs, server_name) = (cfg.addr.clone(), cfg.server_name.clone());
     std::thread::Builder::new()
         .name("cu-client".into())
         .spawn(move || {
@@ -284,7 +289,7 @@ pub fn spawn(
                 Err(e) => return on_fatal(format!("starting the CU client runtime: {e}")),
             };
             let fatal = rt.block_on(run(
-                addr,
+                addrs,
                 server_name,
                 credentials,
                 register,
@@ -336,7 +341,7 @@ enum Ended {
 }
 
 async fn run(
-    addr: SocketAddr,
+    addrs: CuAddrs,
     server_name: String,
     credentials: crate::enrolment::Credentials,
     register: Register,
@@ -344,18 +349,13 @@ async fn run(
     status: Arc<ClientStatus>,
     goodbye_on_signal: bool,
 ) -> String {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0".parse().expect("literal")
-    } else {
-        "[::]:0".parse().expect("literal")
-    };
-    let mut endpoint = match quinn::Endpoint::client(bind) {
+    let mut endpoint = match CuAddrs::endpoint() {
         Ok(e) => e,
         Err(e) => return format!("opening the CU client socket: {e}"),
     };
     let mut signals = goodbye_on_signal.then(Signals::new).flatten();
     let enrolled = tokio::select! {
-        q = credentials.client_config(&endpoint, addr, &server_name, &status) => q,
+        q = credentials.client_config(&endpoint, &addrs, &server_name, &status) => q,
         _ = Signals::wait(&mut signals) => std::process::exit(0),
     };
     match enrolled {
@@ -365,6 +365,8 @@ async fn run(
     // The session's clock: time since this start, picked once.
     let start = Instant::now();
     let mut session = Session::new(register, start.elapsed(), seed());
+    // Failed attempts so far: which of the CU's addresses is tried next.
+    let mut attempt = 0usize;
     loop {
         let now = start.elapsed();
         match session.poll(now) {
@@ -380,43 +382,23 @@ async fn run(
                 continue;
             }
         }
-        let ended = match endpoint.connect(addr, &server_name) {
-            Err(e) => {
-                use quinn::ConnectError as E;
-                let why = match e {
-                    E::InvalidServerName(_)
-                    | E::InvalidRemoteAddress(_)
-                    | E::UnsupportedVersion
-                    | E::NoDefaultClientConfig => Failure::Config,
-                    _ => Failure::Closed,
-                };
-                Ended::Failed(why, format!("connecting to the CU at {addr}: {e}"))
-            }
-            Ok(connecting) => {
-                let conn = tokio::select! {
-                    c = connecting => c,
-                    _ = Signals::wait(&mut signals) => std::process::exit(0),
-                };
-                match conn {
-                    Ok(conn) => {
-                        status.counters.connects.inc();
-                        // Debug only: a refused agent connects every few
-                        // seconds; "registered" is the news worth a line.
-                        tracing::debug!(cu = %addr, "connected to the CU");
-                        let ended =
-                            serve(&conn, start, &mut session, &mut on_view, &status, &mut signals)
-                                .await;
-                        status.lost();
-                        conn.close(0u32.into(), b"bye");
-                        ended
-                    }
-                    Err(e) => match failure_of(&e) {
-                        Failure::Tls => Ended::Failed(Failure::Tls, format!(
-                            "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
-                        )),
-                        why => Ended::Failed(why, format!("cannot reach the CU at {addr}: {e}")),
-                    },
-                }
+        let picked = addrs
+            .pick(attempt, |a| CuAddrs::reachable(&endpoint, a))
+            .await;
+        let ended = match picked {
+            Err(why) => Ended::Failed(Failure::Resolve, why),
+            Ok(addr) => {
+                connect_and_serve(
+                    &endpoint,
+                    addr,
+                    &server_name,
+                    start,
+                    &mut session,
+                    &mut on_view,
+                    &status,
+                    &mut signals,
+                )
+                .await
             }
         };
         let (why, detail) = match ended {
@@ -427,6 +409,7 @@ async fn run(
             Ended::Failed(why, detail) => (why, detail),
         };
         status.counters.failures(why).inc();
+        attempt = attempt.wrapping_add(1);
         match session.failed(start.elapsed(), why) {
             Verdict::GiveUp => return detail,
             Verdict::Retry { after, alert } => {
@@ -450,6 +433,59 @@ async fn run(
                         "{detail}; nothing to forward on until the CU answers"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// One connection to the CU at `addr`, served until it ends.
+#[allow(clippy::too_many_arguments)]
+async fn connect_and_serve(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    server_name: &str,
+    start: Instant,
+    session: &mut Session,
+    on_view: &mut ViewCallback,
+    status: &ClientStatus,
+    signals: &mut Option<Signals>,
+) -> Ended {
+    match endpoint.connect(addr, server_name) {
+        Err(e) => {
+            use quinn::ConnectError as E;
+            let why = match e {
+                E::InvalidServerName(_)
+                | E::InvalidRemoteAddress(_)
+                | E::UnsupportedVersion
+                | E::NoDefaultClientConfig => Failure::Config,
+                _ => Failure::Closed,
+            };
+            Ended::Failed(why, format!("connecting to the CU at {addr}: {e}"))
+        }
+        Ok(connecting) => {
+            let conn = tokio::select! {
+                c = connecting => c,
+                _ = Signals::wait(signals) => std::process::exit(0),
+            };
+            match conn {
+                Ok(conn) => {
+                    status.counters.connects.inc();
+                    // Debug only: a refused agent connects every few
+                    // seconds; "registered" is the news worth a line.
+                    tracing::debug!(cu = %addr, "connected to the CU");
+                    let ended =
+                        serve(&conn, start, session, on_view, status, signals)
+                            .await;
+                    status.lost();
+                    conn.close(0u32.into(), b"bye");
+                    ended
+                }
+                Err(e) => match failure_of(&e) {
+                    Failure::Tls => Ended::Failed(Failure::Tls, format!(
+                        "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
+                    )),
+                    why => Ended::Failed(why, format!("cannot reach the CU at {addr}: {e}")),
+                },
             }
         }
     }

@@ -5,6 +5,7 @@
 
 use crate::client::{failure_of, seed, ClientError, ClientStatus, CuClientConfig, CU_IDLE_TIMEOUT};
 use crate::session::{Backoff, Failure};
+use crate::targets::CuAddrs;
 use crate::tls::{self, ClientCert};
 use pon_identity::Identity;
 use pon_proto::control::{
@@ -83,7 +84,7 @@ impl Credentials {
     pub async fn client_config(
         self,
         endpoint: &quinn::Endpoint,
-        addr: SocketAddr,
+        addrs: &CuAddrs,
         server_name: &str,
         status: &ClientStatus,
     ) -> Result<quinn::ClientConfig, String> {
@@ -94,8 +95,16 @@ impl Credentials {
         let anon =
             tls::client_config(&self.ca, CU_IDLE_TIMEOUT, None).map_err(|e| e.to_string())?;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), seed());
-        loop {
-            let answer = match connect(endpoint, anon.clone(), addr, server_name).await {
+        for attempt in 0usize.. {
+            let picked = addrs
+                .pick(attempt, |a| CuAddrs::reachable(endpoint, a))
+                .await
+                .map_err(|why| Attempt::Retry(Failure::Resolve, why));
+            let connected = match picked {
+                Ok(addr) => connect(endpoint, anon.clone(), addr, server_name).await,
+                Err(e) => Err(e),
+            };
+            let answer = match connected {
                 Ok(conn) => {
                     let a = request(&conn, &msg).await.map_err(|why| {
                         let lost = conn
@@ -142,6 +151,7 @@ impl Credentials {
             );
             tokio::time::sleep(d).await;
         }
+        unreachable!("the attempts never run out")
     }
 }
 

@@ -6,7 +6,8 @@
 //!   `now` in, actions out), unit-tested; `trust` is who may be an agent
 //!   (tokens, enrolments, revocations, address grants).
 //! - `view`, `session`: the agent's side, sans-I/O.
-//! - `client`: the thread every PON daemon embeds to talk to the CU.
+//! - `client`: the thread every PON daemon embeds to talk to the CU;
+//!   `targets`: where it finds the CU (names resolved at each attempt).
 //! - `server`, `store`, `config`, `pki` (feature `server`): the CU daemon:
 //!   QUIC server, redb store, configuration file, the CA (init, signing
 //!   agents' certificates).
@@ -16,6 +17,7 @@ pub mod enrolment;
 pub mod policy;
 pub mod registry;
 pub mod session;
+pub mod targets;
 pub mod tls;
 pub mod trust;
 pub mod view;

@@ -102,16 +102,20 @@ pub enum Failure {
     /// The `[cu]` section cannot make a connection at all (e.g. a server
     /// name that is not a valid name).
     Config,
+    /// The CU's name did not resolve (DNS may be down for a while, or the
+    /// record is being moved: retried like a CU that does not answer).
+    Resolve,
 }
 
 impl Failure {
-    pub const ALL: [Failure; 6] = [
+    pub const ALL: [Failure; 7] = [
         Failure::Refused,
         Failure::Tls,
         Failure::Timeout,
         Failure::Closed,
         Failure::BadMessage,
         Failure::Config,
+        Failure::Resolve,
     ];
 
     /// The `reason` label of the failure metrics.
@@ -123,6 +127,7 @@ impl Failure {
             Failure::Closed => "closed",
             Failure::BadMessage => "bad_message",
             Failure::Config => "config",
+            Failure::Resolve => "resolve",
         }
     }
 

@@ -5,7 +5,7 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 from . import cu, linkemu, renderer
 from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
-from .topology import CU_ADDR, MTU, app_addr, proxy_addr, relay_route
+from .topology import CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, relay_route
 
 LINKEMU_TUN = "wan0"
 LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kernel threads
@@ -42,7 +42,10 @@ def local_addr(lab, daemon):
 def cu_client(lab, host, role):
     """The [cu] section: the site's token for the role's family (the agent needs it only to
     enrol, on its first start)."""
-    return {"addr": f"{CU_ADDR}:{ports(lab)['cu']}", "ca": str(cu.directory(lab) / "ca.pem"),
+    port = ports(lab)['cu']
+    names = lab.state["topology"].get("cu_names", [CU_NAME])
+    addr = [f"{n}:{port}" for n in names] if len(names) > 1 else f"{names[0]}:{port}"
+    return {"addr": addr, "ca": str(cu.directory(lab) / "ca.pem"),
             "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
             "role": role}
 

@@ -3,11 +3,12 @@ the link emulator. Both ends of every veth are created in their target namespace
 is ever created in, or changed in, the root namespace."""
 
 import json
+import shutil
 from pathlib import Path
 
 from . import linkemu
 from .configs import LINKEMU_TUN
-from .topology import CU_GATEWAY, MTU, bridge_name, gateway_addr
+from .topology import CU_ADDR, CU_GATEWAY, CU_NAME, MTU, bridge_name, gateway_addr
 from .util import run
 
 
@@ -43,11 +44,16 @@ def pids(netns):
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
+ETC_NETNS = Path("/etc/netns")
+
+
 def delete(names):
     # -force: keep going past namespaces that vanished meanwhile.
     if names:
         run(["ip", "-force", "-batch", "-"],
             input="".join(f"netns del {ns}\n" for ns in names), check=False)
+    for ns in names:
+        shutil.rmtree(ETC_NETNS / ns, ignore_errors=True)
 
 
 def create(lab, names):
@@ -56,6 +62,15 @@ def create(lab, names):
     lab.save()
     for ns in names:
         run(["ip", "netns", "add", ns])
+        # Processes started with `ip netns exec` see this as their /etc/hosts:
+        # the CU by name, as agents are configured to reach it.
+        (ETC_NETNS / ns).mkdir(parents=True, exist_ok=True)
+        (ETC_NETNS / ns / "hosts").write_text(
+            f"127.0.0.1\tlocalhost\n{CU_ADDR}\t{CU_NAME}\n")
+        # No DNS server is reachable from the lab: a name not in hosts fails at
+        # once (nothing listens on the namespace's own port 53) instead of
+        # waiting for the host's resolvers to time out.
+        (ETC_NETNS / ns / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
 
 def bridge_cmds(index):

@@ -27,6 +27,9 @@ LINK_FIELDS = {          # [[link]] settings: (maximum, help); all >= 0
 # Addressing (fixed: tests depend on it). Site i is 198.18.i.0/24; the CU has its own network.
 MTU = 1500               # every veth and bridge; the daemons' underlay_mtu
 CU_ADDR = "198.18.250.1"
+# The name agents reach the CU by, as operators name services: each namespace's
+# /etc/hosts (ip netns exec mounts /etc/netns/NS/hosts over it) maps it to CU_ADDR.
+CU_NAME = "cu.pon.lab"
 CU_GATEWAY = "198.18.250.254"
 
 
@@ -62,8 +65,14 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split", "tunnel", "encrypt_lan"), "top level")
+                     "routing", "split", "tunnel", "encrypt_lan", "cu_names"), "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
+    # The names agents try for the CU, in order (default: just CU_NAME); only
+    # CU_NAME resolves in the lab, so others exercise falling over to the next.
+    cu_names = raw.get("cu_names", [CU_NAME])
+    if (not isinstance(cu_names, list) or not cu_names
+            or not all(isinstance(n, str) and n for n in cu_names)):
+        fail("cu_names", f"must be a non-empty list of host names, got {cu_names!r}")
     if not isinstance(encrypt_lan, bool):
         fail("encrypt_lan", f"must be true or false, got {encrypt_lan!r}")
     split = raw.get("split", False)
@@ -188,7 +197,8 @@ def load_topology(path):
 
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
-            "routing": routing, "split": split, "tunnel": tunnel, "encrypt_lan": encrypt_lan}
+            "routing": routing, "split": split, "tunnel": tunnel, "encrypt_lan": encrypt_lan,
+            "cu_names": cu_names}
 
 
 def check_link_value(key, value):

@@ -779,3 +779,43 @@ fn a_ta_follows_the_forwarder_the_cu_names() {
         followed.as_secs_f64()
     );
 }
+
+#[test]
+fn agents_reach_the_cu_by_name_and_try_the_next_name_when_one_does_not_resolve() {
+    require_root();
+    // Every agent's [cu] addr lists a name nobody resolves, then the CU's.
+    let lab = Lab::up(&format!(
+        "cu_names = [\"gone.pon.lab\", \"cu.pon.lab\"]\n{}",
+        sites(&THREE_SITES[..2])
+    ));
+    wait_registered(&lab, 4, Duration::from_secs(30));
+    wait_overlay_up(&lab);
+    for (host, addr) in AGENTS {
+        assert_eq!(
+            metric(&lab, host, addr, "pon_cu_client_registered"),
+            1,
+            "{host}"
+        );
+        assert!(
+            metric(
+                &lab,
+                host,
+                addr,
+                "pon_cu_client_connect_failures_total{reason=\"resolve\"}"
+            ) >= 1,
+            "{host} never tried the name that does not resolve"
+        );
+    }
+    // The agents were given names, not the CU's address.
+    let cfg = std::fs::read_to_string(
+        lab.state_dir()
+            .join("configs/paris-proxy-pon-forwarder.toml"),
+    )
+    .unwrap();
+    assert!(
+        cfg.contains("\"gone.pon.lab:7400\"")
+            && cfg.contains("\"cu.pon.lab:7400\"")
+            && !cfg.contains("198.18.250.1"),
+        "{cfg}"
+    );
+}

@@ -288,7 +288,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     }
     .spawn("control")?;
     drop(mailbox);
-    tracing::info!(id = ?cfg.id, cu = ?cfg.cu.as_ref().map(|c| c.addr), listen = %cfg.listen, local = %cfg.local_addr, "forwarding");
+    tracing::info!(id = ?cfg.id, cu = ?cfg.cu.as_ref().map(|c| c.addr.to_string()), listen = %cfg.listen, local = %cfg.local_addr, "forwarding");
     for t in pon_forwarder::io::spawn(engine, sockets)? {
         let _ = t.join();
     }
