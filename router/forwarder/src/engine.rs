@@ -184,6 +184,15 @@ pub struct Engine {
 /// The session table the data path reads, as the forwarding table.
 pub type SharedSessions = Arc<arc_swap::ArcSwap<SessionTable>>;
 
+/// `neighbour` authenticated a datagram from `src`: if the table has it
+/// elsewhere (or not at all, when a route names it), say so.
+#[inline]
+fn note_sender(t: &ForwardingTable, neighbour: u32, src: SocketAddr, moved: &mut Option<u32>) {
+    if t.peer_addr(neighbour) != Some(src) {
+        *moved = Some(neighbour);
+    }
+}
+
 fn drop(counter: &pon_telemetry::Counter) -> Decision {
     counter.inc();
     Decision::DROP
@@ -555,13 +564,28 @@ impl Engine {
         len: usize,
         src: SocketAddr,
     ) -> Decision {
+        self.from_peer_at(t, s, buf, start, len, src, &mut None)
+    }
+
+    /// [`Engine::from_peer`], which also sets `moved` to the neighbour that
+    /// sent the datagram when it authenticated from an address other than
+    /// the table's for that neighbour: the peer roamed (NAT rebinding, a
+    /// new address), and the control side follows it. Peers are known by
+    /// their keys, not by their addresses: any address may send, only
+    /// what authenticates is taken.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_peer_at(
+        &self,
+        t: &ForwardingTable,
+        s: &SessionTable,
+        buf: &mut [u8],
+        start: usize,
+        len: usize,
+        src: SocketAddr,
+        moved: &mut Option<u32>,
+    ) -> Decision {
         let c = &self.counters;
         c.rx_peer.inc();
-        // A cheap filter before any crypto: only peers' addresses. Trust
-        // rests on the tags below, not on this.
-        if t.peer_id(&src).is_none() {
-            return drop(&c.drop_unknown_peer);
-        }
         let end = match end_of(buf, start, len) {
             Ok(e) => e,
             Err(e) => return self.malformed(e),
@@ -596,6 +620,7 @@ impl Engine {
             if let Err(e) = session.verify(counter, body, tag) {
                 return self.open_failed(e);
             }
+            note_sender(t, p.previous_hop(), src, moved);
         }
         if let Some(next) = p.next_hop() {
             let Some(addr) = t.peer_addr(next) else {
@@ -622,6 +647,10 @@ impl Engine {
             return e;
         }
         let source = p.source();
+        if !p.has_link() {
+            // A direct route: the seal was the sender's authentication.
+            note_sender(t, source, src, moved);
+        }
         let is = start + p.header_len();
         let ie = end - p.trailer_len();
         match kind {

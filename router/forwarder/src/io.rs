@@ -7,7 +7,9 @@
 use super::engine::{Decision, Engine, Output, BUFFER_LEN, HEADROOM, TAILROOM};
 use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
+use pon_proto::pon::Kind;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -23,13 +25,22 @@ pub struct Sockets {
     /// Largest UDP payload that fits the underlay in one datagram.
     pub max_datagram: usize,
     /// Where packets for the proxy core (`Output::Core`: probes, handshake
-    /// messages) go; `None` drops them.
-    pub monitor: Option<MonitorSink>,
+    /// messages) and news of roaming peers go; `None` drops them.
+    pub core: Option<CoreSink>,
 }
 
-/// Takes a probe or probe reply for the local monitor. Runs on a forwarding
-/// thread, so it must never block: queue (bounded) and count what does not fit.
-pub type MonitorSink = Arc<dyn Fn(pon_proto::pon::Kind, &[u8]) + Send + Sync>;
+/// What the forwarding threads hand to the proxy core. Runs on a
+/// forwarding thread, so it must never block: queue (bounded) and count
+/// what does not fit.
+pub trait ToCore: Send + Sync {
+    /// A probe, reply or handshake message that ended here, from `from`.
+    fn packet(&self, kind: Kind, packet: &[u8], from: SocketAddr);
+    /// Peer `peer` authenticated a datagram from `from`, which is not where
+    /// the table has it: it roamed.
+    fn peer_moved(&self, peer: u32, from: SocketAddr);
+}
+
+pub type CoreSink = Arc<dyn ToCore>;
 
 /// Per-thread send state: a GSO batch per UDP socket.
 struct Tx {
@@ -53,12 +64,8 @@ impl Sockets {
         let pkt = &buf[d.range.clone()];
         let sent = match d.output {
             Output::Drop => return,
-            Output::Core(kind) => {
-                if let Some(m) = &self.monitor {
-                    m(kind, pkt);
-                }
-                return;
-            }
+            // Only peers' packets end at the core (see `peer_loop`).
+            Output::Core(_) => return,
             Output::Peer(addr) => tx.peer.push(&self.peer, addr, pkt),
             Output::AgentIpip(ip) => {
                 self.raw_tx
@@ -126,7 +133,16 @@ fn peer_loop(e: &Engine, s: &Sockets) {
             let mut off = 0;
             while off < len {
                 let seg = stride.min(len - off);
-                let d = e.from_peer(&table, &sessions, buf, off, seg, src);
+                let mut moved = None;
+                let d = e.from_peer_at(&table, &sessions, buf, off, seg, src, &mut moved);
+                if let Some(core) = &s.core {
+                    if let Some(peer) = moved {
+                        core.peer_moved(peer, src);
+                    }
+                    if let Output::Core(kind) = d.output {
+                        core.packet(kind, &buf[d.range.clone()], src);
+                    }
+                }
                 s.transmit(e, &d, buf, &mut tx);
                 off += seg;
             }

@@ -207,6 +207,24 @@ impl ForwardingTable {
     pub fn peer_id(&self, addr: &SocketAddr) -> Option<u32> {
         self.peers_by_addr.get(addr).copied()
     }
+    /// Peer `id` is now at `addr` (it roamed: its authenticated packets
+    /// come from there). False if `id` is no peer or `addr` is another's.
+    pub fn set_peer_addr(&mut self, id: u32, addr: SocketAddr) -> bool {
+        let Some(old) = self.peers_by_id.get(&id).copied() else {
+            return false;
+        };
+        if self
+            .peers_by_addr
+            .get(&addr)
+            .is_some_and(|other| *other != id)
+        {
+            return false;
+        }
+        self.peers_by_addr.remove(&old);
+        self.peers_by_addr.insert(addr, id);
+        self.peers_by_id.insert(id, addr);
+        true
+    }
     #[inline]
     pub fn agent(&self, addr: IpAddr) -> Option<Agent> {
         match addr {

@@ -12,7 +12,7 @@ use pon_proto::lan;
 use pon_proto::steering::Steering;
 use pon_tunnel::lan::{Channel, LanSender, PairKey};
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 /// The base of the table (static configuration, or the CU's latest view)
@@ -21,6 +21,11 @@ pub struct Composer {
     fcfg: ForwarderConfig,
     cloud: Option<String>,
     view: Option<View>,
+    /// Peers followed to where their authenticated packets come from:
+    /// (the address the configuration or the CU gave when they moved, where
+    /// they are now). Dropped once the given address changes: the CU knows
+    /// better by then.
+    moved: HashMap<u32, (SocketAddr, SocketAddr)>,
 }
 
 impl Composer {
@@ -29,7 +34,32 @@ impl Composer {
             cloud: fcfg.cu.as_ref().map(|c| c.cloud.clone()),
             fcfg,
             view: None,
+            moved: HashMap::new(),
         }
+    }
+
+    /// Where the configuration or the CU says peer `id` is.
+    fn given_addr(&self, id: u32) -> Option<SocketAddr> {
+        match (&self.cloud, &self.view) {
+            (Some(_), Some(v)) => v.proxies().find(|(_, p)| p.id == id).map(|(_, p)| p.pon),
+            (Some(_), None) => None,
+            (None, _) => self.fcfg.peers.iter().find(|p| p.id == id).map(|p| p.addr),
+        }
+    }
+
+    /// Peer `id` authenticated from `at`: follow it there. Returns whether
+    /// that changes the table.
+    pub fn peer_moved(&mut self, id: u32, at: SocketAddr) -> bool {
+        let Some(given) = self.given_addr(id) else {
+            return false;
+        };
+        let before = self.moved.get(&id).map_or(given, |m| m.1);
+        if at == given {
+            self.moved.remove(&id);
+        } else {
+            self.moved.insert(id, (given, at));
+        }
+        before != at
     }
 
     pub fn cu_mode(&self) -> bool {
@@ -88,6 +118,16 @@ impl Composer {
 
     /// The table with `chosen` routes (`(to, relays)`) in place of static ones.
     pub fn compose(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
+        let mut t = self.compose_given(chosen)?;
+        for (id, (given, at)) in &self.moved {
+            if t.peer_addr(*id) == Some(*given) {
+                t.set_peer_addr(*id, *at);
+            }
+        }
+        Ok(t)
+    }
+
+    fn compose_given(&self, chosen: &[(u32, Vec<u32>)]) -> Result<ForwardingTable, TableError> {
         match (&self.cloud, &self.view) {
             (Some(cloud), Some(view)) => table_from_view(&self.fcfg, cloud, view, chosen),
             (Some(_), None) => self.fcfg.table(),

@@ -411,7 +411,9 @@ fn forged_and_malformed_are_dropped_and_counted() {
     let inner = inner_packet(APP_A, APP_B, 10, false);
     let stranger = SocketAddr::from(([198, 18, 9, 9], 7300));
 
-    // Unknown sender address, or a known peer IP from another port.
+    // Not PON at all, from a stranger or a known peer IP's other port:
+    // peers are known by their keys, so the address decides nothing and
+    // the parser refuses it.
     let mut buf = received(&inner);
     assert_eq!(
         p1.from_peer(&t, &s, &mut buf, HEADROOM, 30, stranger)
@@ -425,7 +427,7 @@ fn forged_and_malformed_are_dropped_and_counted() {
             .output,
         Output::Drop
     );
-    assert_eq!(p1.counters.drop_unknown_peer.get(), 2);
+    assert_eq!(p1.counters.parse.get(Error::BadVersion(0x45)), 2);
 
     // Garbage from a real peer.
     assert_eq!(
@@ -440,7 +442,11 @@ fn forged_and_malformed_are_dropped_and_counted() {
     bad[1] = 9;
     assert_eq!(output_from_peer(&p1, &bad, proxy_addr(2)), Output::Drop);
     assert_eq!(p1.counters.parse.get(Error::UnknownKind(0)), 1);
-    assert_eq!(p1.counters.parse.total(), 2);
+    assert_eq!(
+        p1.counters.parse.total(),
+        4,
+        "two not PON, one truncated, one unknown kind"
+    );
     let mut w = pon_telemetry::PromWriter::new();
     p1.counters.render(&mut w);
     let page = w.finish();
@@ -694,4 +700,46 @@ fn handshakes_reach_the_core_and_keepalives_end_here() {
         Output::Drop
     );
     assert_eq!(p2.counters.keepalives.get(), 1);
+}
+
+#[test]
+fn a_peer_is_known_by_its_keys_and_followed_to_a_new_address() {
+    let (p2, p3) = (engine(2), engine(3));
+    let inner = inner_packet(APP_A, APP_B, 40, false);
+    let elsewhere = SocketAddr::from(([203, 0, 113, 7], 40001));
+    let at = |e: &Engine, wire: &[u8], from: SocketAddr| {
+        let mut buf = received(wire);
+        let mut moved = None;
+        let (t, s) = (e.table.load(), e.sessions.load());
+        let d = e.from_peer_at(&t, &s, &mut buf, HEADROOM, wire.len(), from, &mut moved);
+        (d.output, moved)
+    };
+    // Direct 1 -> 2 from 1's usual address: delivered, nobody moved.
+    assert_eq!(
+        at(&p2, &data(1, &[2], 4, &inner), proxy_addr(1)),
+        (Output::AgentIpip(APP_B), None)
+    );
+    // From another address, authenticated by its seal: delivered, and 1
+    // is reported there.
+    assert_eq!(
+        at(&p2, &data(1, &[2], 4, &inner), elsewhere),
+        (Output::AgentIpip(APP_B), Some(1))
+    );
+    // A forgery or a replay from there moves nobody.
+    let mut forged = data(1, &[2], 4, &inner);
+    let n = forged.len();
+    forged[n - 1] ^= 1;
+    assert_eq!(at(&p2, &forged, elsewhere), (Output::Drop, None));
+    let once = data(1, &[2], 4, &inner);
+    assert_eq!(at(&p2, &once, proxy_addr(1)).1, None);
+    assert_eq!(at(&p2, &once, elsewhere), (Output::Drop, None));
+    // Relayed 1 -> 3 -> 2: the relay knows 1 by its link tag.
+    assert_eq!(
+        at(&p3, &data(1, &[3, 2], 4, &inner), elsewhere),
+        (Output::Peer(proxy_addr(2)), Some(1))
+    );
+    // A handshake message is not authenticated here: the core decides,
+    // once the Noise handshake has.
+    let init = sealed(Kind::HandshakeInit, 1, &[2], 4, &[0; 100]);
+    assert_eq!(at(&p2, &init, elsewhere).1, None);
 }

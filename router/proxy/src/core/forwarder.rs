@@ -13,7 +13,7 @@ use pon_proto::pon::{self, Hops, Kind};
 use pon_tunnel::lan::{Channel, PairKey};
 use pon_tunnel::{Timers, Tunnels};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -123,7 +123,7 @@ impl ForwarderPart {
     /// A packet that ended here, already authenticated by the engine if
     /// sealed: a handshake message is the tunnels', a probe or reply the
     /// monitor's.
-    pub fn handle_arrived(&mut self, now: Duration, packet: Vec<u8>) {
+    pub fn handle_arrived(&mut self, now: Duration, packet: Vec<u8>, at: SocketAddr) {
         let Ok(p) = pon::Packet::new_checked(&packet[..]) else {
             self.counters.unexpected_forwarder.inc();
             return;
@@ -142,10 +142,33 @@ impl ForwarderPart {
                 return;
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(peer = from, ?kind, error = %e, "handshake message dropped");
+        match result {
+            // The handshake authenticated the peer: a direct one came from
+            // where it now is (our answer must go there: a peer whose
+            // address changed while it had no session is found this way).
+            Ok(()) if p.hop_count() == 1 => self.handle_peer_moved(now, from, at),
+            Ok(()) => {}
+            Err(e) => tracing::debug!(peer = from, ?kind, error = %e, "handshake message dropped"),
         }
         self.flush_tunnels();
+    }
+
+    /// Peer `peer` authenticated a datagram from `at`: if that is not where
+    /// the table has it, follow it (as WireGuard follows a roaming peer).
+    pub fn handle_peer_moved(&mut self, now: Duration, peer: u32, at: SocketAddr) {
+        let t = self.table.as_ref();
+        let before = t.and_then(|t| t.peer_addr(peer));
+        // Another peer's address is that peer's: two peers behind one NAT
+        // address and port cannot both be reached, the first keeps it.
+        let taken = t
+            .and_then(|t| t.peer_id(&at))
+            .is_some_and(|other| other != peer);
+        if before == Some(at) || taken || !self.composer.peer_moved(peer, at) {
+            return;
+        }
+        self.counters.peer_moves.inc();
+        tracing::info!(peer, from = ?before, to = %at, "peer moved: following it");
+        self.recompose(now);
     }
 
     /// What the tunnels want sent, and their new keys for the data path.

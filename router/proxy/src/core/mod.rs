@@ -51,6 +51,7 @@ pon_telemetry::counters! {
     /// three parts in pon-proxy; a split daemon renders its part's).
     pub struct CoreCounters {
         route_changes => ("pon_router_route_changes_total", "", "Routes written into the forwarding table."),
+        peer_moves => ("pon_proxy_peer_moves_total", "", "Peers followed to a new address (their authenticated packets came from there: NAT rebinding, a new address)."),
         failovers => ("pon_router_failovers_total", "", "Moves off a route that stopped answering."),
         unreachable => ("pon_router_unreachable_total", "", "Destinations found unreachable over the overlay (traffic left to the IP path)."),
         reachable => ("pon_router_reachable_total", "", "Destinations reachable over the overlay again."),
@@ -137,9 +138,16 @@ impl ProxyCore {
         core
     }
 
-    /// A probe or probe reply that ended at this proxy (the whole PON packet).
-    pub fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
-        self.forwarder.handle_arrived(now, packet);
+    /// A probe, reply or handshake message that ended at this proxy (the
+    /// whole PON packet), from `from`.
+    pub fn handle_packet(&mut self, now: Duration, packet: Vec<u8>, from: SocketAddr) {
+        self.forwarder.handle_arrived(now, packet, from);
+        self.deliver(now);
+    }
+
+    /// Peer `peer` authenticated from `at`, where the table does not have it.
+    pub fn handle_peer_moved(&mut self, now: Duration, peer: u32, at: SocketAddr) {
+        self.forwarder.handle_peer_moved(now, peer, at);
         self.deliver(now);
     }
 
@@ -257,8 +265,12 @@ pub trait Outputs {
 /// in each split daemon. Inputs a core does not take are counted by it and
 /// dropped.
 pub trait Core: Outputs {
-    /// A probe or reply that ended at this proxy (from the forwarding threads).
-    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>);
+    /// A probe, reply or handshake message that ended at this proxy, from
+    /// `from` (from the forwarding threads).
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>, from: SocketAddr);
+    /// A peer authenticated from an address the table does not have for it
+    /// (parts without the table ignore it).
+    fn handle_peer_moved(&mut self, _now: Duration, _peer: u32, _at: SocketAddr) {}
     /// The CU's latest view.
     fn handle_view(&mut self, now: Duration, view: View);
     /// A message from another part, over the local link.
@@ -291,8 +303,11 @@ impl Outputs for ProxyCore {
 }
 
 impl Core for ProxyCore {
-    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
-        ProxyCore::handle_packet(self, now, packet)
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>, from: SocketAddr) {
+        ProxyCore::handle_packet(self, now, packet, from)
+    }
+    fn handle_peer_moved(&mut self, now: Duration, peer: u32, at: SocketAddr) {
+        ProxyCore::handle_peer_moved(self, now, peer, at)
     }
     fn handle_view(&mut self, now: Duration, view: View) {
         ProxyCore::handle_view(self, now, view)
@@ -318,8 +333,11 @@ impl Core for ProxyCore {
 }
 
 impl Core for ForwarderPart {
-    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>) {
-        self.handle_arrived(now, packet)
+    fn handle_packet(&mut self, now: Duration, packet: Vec<u8>, from: SocketAddr) {
+        self.handle_arrived(now, packet, from)
+    }
+    fn handle_peer_moved(&mut self, now: Duration, peer: u32, at: SocketAddr) {
+        ForwarderPart::handle_peer_moved(self, now, peer, at)
     }
     fn handle_view(&mut self, now: Duration, view: View) {
         ForwarderPart::handle_view(self, now, view)
@@ -354,7 +372,7 @@ impl Outputs for NoOutputs {
 macro_rules! local_only_core {
     ($part:ty) => {
         impl Core for $part {
-            fn handle_packet(&mut self, _now: Duration, _packet: Vec<u8>) {
+            fn handle_packet(&mut self, _now: Duration, _packet: Vec<u8>, _from: SocketAddr) {
                 self.unexpected()
             }
             fn handle_view(&mut self, _now: Duration, _view: View) {

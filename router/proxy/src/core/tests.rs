@@ -330,9 +330,12 @@ impl Net {
                     self.send(at, next, bytes);
                     return;
                 }
+                // It comes from the previous hop's address, as on the wire.
+                let prev = p.previous_hop();
+                let from: SocketAddr = format!("198.18.{prev}.1:7300").parse().unwrap();
                 match &mut self.nodes[at as usize - 1] {
-                    Node::Joined(c) => c.handle_packet(now, bytes),
-                    Node::Split { fwd, .. } => fwd.handle_arrived(now, bytes),
+                    Node::Joined(c) => c.handle_packet(now, bytes, from),
+                    Node::Split { fwd, .. } => fwd.handle_arrived(now, bytes, from),
                 }
                 self.collect(at);
             }
@@ -635,4 +638,39 @@ fn a_lost_local_message_costs_at_most_a_refresh() {
         .collect();
     rates.sort();
     assert_eq!(rates, vec![vec![3], vec![3, 2]]);
+}
+
+#[test]
+fn a_peer_that_moved_is_followed_and_a_new_given_address_wins() {
+    let cfg = config(1, "latency");
+    let counters: Arc<CoreCounters> = Arc::default();
+    let mut f = ForwarderPart::new(cfg.forwarder_part(1, keys(1).0), counters.clone());
+    let addr = |f: &ForwarderPart, id| f.table().unwrap().peer_addr(id);
+    let given: SocketAddr = "198.18.2.1:7300".parse().unwrap();
+    let nat: SocketAddr = "203.0.113.2:40000".parse().unwrap();
+    assert_eq!(addr(&f, 2), Some(given));
+    // Seen elsewhere (authenticated, as the engine or a handshake says):
+    // the table follows, once.
+    f.handle_peer_moved(ms(10), 2, nat);
+    f.handle_peer_moved(ms(20), 2, nat);
+    assert_eq!(addr(&f, 2), Some(nat));
+    assert_eq!(counters.peer_moves.get(), 1);
+    // The router's routes are laid over it as before.
+    f.handle_message(
+        ms(30),
+        Part::Router,
+        LocalMsg::Routes {
+            relays: vec![(2, vec![3])],
+            unreachable: vec![],
+        },
+    );
+    assert_eq!(addr(&f, 2), Some(nat));
+    // An unknown peer, or an address another peer has, moves nothing.
+    f.handle_peer_moved(ms(40), 9, nat);
+    f.handle_peer_moved(ms(40), 3, nat);
+    assert_eq!(addr(&f, 3), Some("198.18.3.1:7300".parse().unwrap()));
+    // Back at its given address: no override left.
+    f.handle_peer_moved(ms(50), 2, given);
+    assert_eq!(addr(&f, 2), Some(given));
+    assert_eq!(counters.peer_moves.get(), 2);
 }

@@ -157,7 +157,8 @@ impl<C: Core + Send + 'static> EventLoop<C> {
                 taken += 1;
                 let now = self.start.elapsed();
                 match input {
-                    Input::Packet(p) => self.core.handle_packet(now, p),
+                    Input::Packet(p, from) => self.core.handle_packet(now, p, from),
+                    Input::PeerMoved(peer, at) => self.core.handle_peer_moved(now, peer, at),
                     Input::Local(from, msg) => self.core.handle_local(now, from, msg),
                     Input::Wake => {}
                 }
@@ -171,11 +172,11 @@ impl<C: Core + Send + 'static> EventLoop<C> {
             self.inbox.start_bulk_round();
             bulk_more = true;
             for _ in 0..BULK_PER_ROUND {
-                let Some(p) = self.inbox.take_bulk() else {
+                let Some((p, from)) = self.inbox.take_bulk() else {
                     bulk_more = false;
                     break;
                 };
-                self.core.handle_packet(self.start.elapsed(), p);
+                self.core.handle_packet(self.start.elapsed(), p, from);
                 self.flush();
             }
             let now = self.start.elapsed();

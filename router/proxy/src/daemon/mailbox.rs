@@ -14,9 +14,11 @@
 //! copied: a queue of 64 KiB datagrams would cost hundreds of MiB.
 
 use pon_cu::view::View;
-use pon_forwarder::io::MonitorSink;
+use pon_forwarder::io::{CoreSink, ToCore};
 use pon_proto::local::LocalMsg;
 use pon_proto::pon::{self, Kind};
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -33,8 +35,11 @@ pub const MAX_PROBE_LEN: usize = pon::MAX_HEADER_LEN + pon_monitor::MAX_BODY_LEN
 pub const BULK_PER_ROUND: usize = 256;
 
 pub enum Input {
-    /// A probe or reply that ended at this proxy.
-    Packet(Vec<u8>),
+    /// A probe, reply or handshake message that ended at this proxy, and
+    /// the address it came from.
+    Packet(Vec<u8>, SocketAddr),
+    /// A peer authenticated from an address the table does not have for it.
+    PeerMoved(u32, SocketAddr),
     /// A message from another part over the local link.
     Local(Part, LocalMsg),
     /// Something is waiting in the bulk queue or the view slot.
@@ -45,16 +50,20 @@ pub enum Input {
 #[derive(Clone)]
 pub struct Mailbox {
     urgent: SyncSender<Input>,
-    bulk: SyncSender<Vec<u8>>,
+    bulk: SyncSender<(Vec<u8>, SocketAddr)>,
     bulk_pending: Arc<AtomicBool>,
     view: Arc<Mutex<Option<View>>>,
+    /// The address each roaming peer was last reported at: every packet
+    /// of a peer that moved says so until the table follows, and one
+    /// report is enough.
+    moved: Arc<Mutex<HashMap<u32, SocketAddr>>>,
     pub counters: Arc<DaemonCounters>,
 }
 
 /// The loop's side.
 pub struct Inbox {
     pub urgent: Receiver<Input>,
-    bulk: Receiver<Vec<u8>>,
+    bulk: Receiver<(Vec<u8>, SocketAddr)>,
     bulk_pending: Arc<AtomicBool>,
     view: Arc<Mutex<Option<View>>>,
 }
@@ -70,6 +79,7 @@ pub fn mailbox(urgent: usize, bulk: usize) -> (Mailbox, Inbox) {
             bulk: btx,
             bulk_pending: pending.clone(),
             view: view.clone(),
+            moved: Arc::default(),
             counters: Default::default(),
         },
         Inbox {
@@ -89,19 +99,22 @@ impl Mailbox {
         }
     }
 
-    /// A probe or reply from a forwarding thread, whose kind the engine
-    /// already read: replies to ours are urgent, others' probes are bulk.
-    pub fn post_packet(&self, kind: Kind, packet: &[u8]) {
+    /// A probe, reply or handshake message from a forwarding thread, whose
+    /// kind the engine already read: answers to ours are urgent, others'
+    /// requests are bulk.
+    pub fn post_packet(&self, kind: Kind, packet: &[u8], from: SocketAddr) {
         if packet.len() > MAX_PROBE_LEN {
             self.counters.too_long.inc();
             return;
         }
         match kind {
             // Answers to what we sent: our measurements and our sessions.
-            Kind::ProbeReply | Kind::HandshakeResponse => self.post(Input::Packet(packet.to_vec())),
+            Kind::ProbeReply | Kind::HandshakeResponse => {
+                self.post(Input::Packet(packet.to_vec(), from))
+            }
             // Others' requests, answered in bounded rounds.
             Kind::Probe | Kind::HandshakeInit => {
-                if let Err(TrySendError::Full(_)) = self.bulk.try_send(packet.to_vec()) {
+                if let Err(TrySendError::Full(_)) = self.bulk.try_send((packet.to_vec(), from)) {
                     self.counters.bulk_full.inc();
                     return;
                 }
@@ -115,10 +128,18 @@ impl Mailbox {
         }
     }
 
+    /// A peer seen at a new address: reported once per address.
+    pub fn post_moved(&self, peer: u32, from: SocketAddr) {
+        let mut m = self.moved.lock().unwrap_or_else(|p| p.into_inner());
+        if m.insert(peer, from) != Some(from) {
+            drop(m);
+            self.post(Input::PeerMoved(peer, from));
+        }
+    }
+
     /// The forwarding threads' hand-off.
-    pub fn sink(&self) -> MonitorSink {
-        let m = self.clone();
-        Arc::new(move |kind, packet: &[u8]| m.post_packet(kind, packet))
+    pub fn sink(&self) -> CoreSink {
+        Arc::new(self.clone())
     }
 
     /// A new view from the CU: replaces any not yet taken.
@@ -135,7 +156,7 @@ impl Inbox {
     }
 
     /// Another of others' probes, if one is queued.
-    pub fn take_bulk(&self) -> Option<Vec<u8>> {
+    pub fn take_bulk(&self) -> Option<(Vec<u8>, SocketAddr)> {
         self.bulk.try_recv().ok()
     }
 
@@ -151,10 +172,44 @@ impl Inbox {
     }
 }
 
+impl ToCore for Mailbox {
+    fn packet(&self, kind: Kind, packet: &[u8], from: SocketAddr) {
+        self.post_packet(kind, packet, from)
+    }
+    fn peer_moved(&self, peer: u32, from: SocketAddr) {
+        self.post_moved(peer, from)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use pon_proto::pon::{Hops, Repr};
+
+    const FROM: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(198, 18, 2, 1),
+        7300,
+    ));
+
+    #[test]
+    fn a_roaming_peer_is_reported_once_per_address() {
+        let (mb, inbox) = mailbox(8, 8);
+        let other: SocketAddr = "203.0.113.9:7300".parse().unwrap();
+        for _ in 0..100 {
+            mb.post_moved(2, FROM);
+        }
+        mb.post_moved(2, other);
+        mb.post_moved(2, other);
+        let got: Vec<(u32, SocketAddr)> = inbox
+            .urgent
+            .try_iter()
+            .filter_map(|i| match i {
+                Input::PeerMoved(p, a) => Some((p, a)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![(2, FROM), (2, other)]);
+    }
 
     fn packet(kind: Kind, body: usize) -> Vec<u8> {
         let r = Repr {
@@ -174,10 +229,10 @@ mod tests {
     fn a_flood_of_foreign_probes_never_pushes_out_our_replies() {
         let (mb, inbox) = mailbox(8, 4);
         for _ in 0..1000 {
-            mb.post_packet(Kind::Probe, &packet(Kind::Probe, 40));
+            mb.post_packet(Kind::Probe, &packet(Kind::Probe, 40), FROM);
         }
         for _ in 0..3 {
-            mb.post_packet(Kind::ProbeReply, &packet(Kind::ProbeReply, 40));
+            mb.post_packet(Kind::ProbeReply, &packet(Kind::ProbeReply, 40), FROM);
         }
         assert_eq!(mb.counters.bulk_full.get(), 996);
         assert_eq!(mb.counters.urgent_full.get(), 0);
@@ -185,7 +240,9 @@ mod tests {
         let urgent: Vec<Input> = inbox.urgent.try_iter().collect();
         assert_eq!(urgent.len(), 4);
         assert!(matches!(urgent[0], Input::Wake));
-        assert!(urgent[1..].iter().all(|i| matches!(i, Input::Packet(_))));
+        assert!(urgent[1..]
+            .iter()
+            .all(|i| matches!(i, Input::Packet(_, FROM))));
         inbox.start_bulk_round();
         assert_eq!(std::iter::from_fn(|| inbox.take_bulk()).count(), 4);
     }
@@ -193,9 +250,9 @@ mod tests {
     #[test]
     fn oversized_and_data_packets_are_not_copied() {
         let (mb, inbox) = mailbox(8, 8);
-        mb.post_packet(Kind::Probe, &packet(Kind::Probe, 60_000));
-        mb.post_packet(Kind::Data, &packet(Kind::Data, 40));
-        mb.post_packet(Kind::Data, &packet(Kind::Data, 0));
+        mb.post_packet(Kind::Probe, &packet(Kind::Probe, 60_000), FROM);
+        mb.post_packet(Kind::Data, &packet(Kind::Data, 40), FROM);
+        mb.post_packet(Kind::Data, &packet(Kind::Data, 0), FROM);
         assert_eq!(mb.counters.too_long.get(), 1);
         assert_eq!(mb.counters.not_probe.get(), 2);
         assert!(inbox.urgent.try_recv().is_err());

@@ -45,19 +45,16 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 use event_loop::Publish;
 use pon_cu::client::ClientStatus;
-use pon_forwarder::io::MonitorSink;
+use pon_forwarder::io::CoreSink;
 use pon_telemetry::{PromWriter, Renderer};
 use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// The forwarder's sockets: peers, agents (IP-in-IP and the UDP variant);
-/// packets for the core (probes, handshake messages) go to `monitor`
-/// (`None`: dropped and counted).
-pub fn open_sockets(
-    cfg: &ForwarderConfig,
-    monitor: Option<MonitorSink>,
-) -> anyhow::Result<Sockets> {
+/// packets for the core (probes, handshake messages) and news of roaming
+/// peers go to `core` (`None`: dropped).
+pub fn open_sockets(cfg: &ForwarderConfig, core: Option<CoreSink>) -> anyhow::Result<Sockets> {
     let agent_udp = match cfg.agent_udp_port {
         0 => None,
         port => {
@@ -77,7 +74,7 @@ pub fn open_sockets(
             .context("opening raw send socket (needs CAP_NET_RAW)")?,
         agent_udp,
         max_datagram: usize::from(cfg.underlay_mtu) - pon_proto::ip::UDP_OVERHEAD,
-        monitor,
+        core,
     })
 }
 
