@@ -12,6 +12,7 @@ use pon_proto::control::{
     Peer, Register, TokenInfo, PROTOCOL_VERSION,
 };
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::Duration;
 
 /// Identifies one connection in the I/O layer.
@@ -213,6 +214,23 @@ fn check_identity(cloud: &str, name: &str, role: &str) -> Result<(), Refused> {
         ));
     }
     Ok(())
+}
+
+/// A proxy that does not know the address its peers reach it at (behind a
+/// 1:1 NAT, with no `public` address configured) registers its PON port
+/// with the unspecified address: the CU fills in the address it sees the
+/// proxy's connection come from, as STUN would. Anything else is kept.
+pub fn with_observed_address(mut endpoints: Endpoints, seen: IpAddr) -> Endpoints {
+    if let Endpoints::Proxy { pon, .. } = &mut endpoints {
+        if pon.ip().is_unspecified() {
+            let seen = match seen {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(seen, IpAddr::V4),
+                v4 => v4,
+            };
+            pon.set_ip(seen);
+        }
+    }
+    endpoints
 }
 
 pub struct Registry {
@@ -573,6 +591,16 @@ impl Registry {
         if let Endpoints::Other { addrs } = &r.endpoints {
             if addrs.len() > 16 {
                 return Err((Refusal::Invalid, "more than 16 addresses".into()));
+            }
+        }
+        if let Endpoints::Proxy { pon, .. } = &r.endpoints {
+            if pon.ip().is_unspecified() || pon.port() == 0 {
+                return Err((
+                    Refusal::Invalid,
+                    format!(
+                        "{pon} is no address peers can reach (set the proxy's `public` address)"
+                    ),
+                ));
             }
         }
         self.settings.grants.check(&r.cloud, &r.endpoints)?;
@@ -1391,6 +1419,47 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(changes_to(&a, 2).is_empty(), "nothing changed for b itself");
+    }
+
+    #[test]
+    fn a_proxy_behind_nat_gets_the_address_its_connection_comes_from() {
+        let inside: Endpoints = Endpoints::Proxy {
+            pon: "0.0.0.0:7300".parse().unwrap(),
+            agent_addr: "10.0.0.5".parse().unwrap(),
+            agent_udp_port: 7301,
+        };
+        let seen: IpAddr = "203.0.113.5".parse().unwrap();
+        let Endpoints::Proxy {
+            pon, agent_addr, ..
+        } = with_observed_address(inside.clone(), seen)
+        else {
+            panic!()
+        };
+        assert_eq!(pon, "203.0.113.5:7300".parse().unwrap());
+        assert_eq!(
+            agent_addr,
+            "10.0.0.5".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        // Seen over IPv6 as a mapped IPv4 address: the IPv4 address.
+        let mapped: IpAddr = "::ffff:203.0.113.5".parse().unwrap();
+        assert_eq!(
+            with_observed_address(inside.clone(), mapped),
+            with_observed_address(inside, seen)
+        );
+        // A configured address is the operator's word.
+        let public = Endpoints::proxy(Ipv4Addr::new(198, 51, 100, 1));
+        assert_eq!(with_observed_address(public.clone(), seen), public);
+        // And an unspecified one that is left is refused, with the fix.
+        let mut r = cu();
+        let mut reg = reg("paris", "p", "PROXY", 1);
+        reg.endpoints = Endpoints::Proxy {
+            pon: "0.0.0.0:7300".parse().unwrap(),
+            agent_addr: Ipv4Addr::new(198, 18, 1, 1),
+            agent_udp_port: 7301,
+        };
+        let (a, why) = join(&mut r, 1, reg, Duration::ZERO, 1);
+        assert_eq!(why, Some(Refusal::Invalid));
+        assert!(refusal_text(&a, 1).contains("set the proxy's `public` address"));
     }
 
     mod hostile {

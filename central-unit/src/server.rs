@@ -663,12 +663,15 @@ async fn connection(
         conn: conn.clone(),
     };
     let ev = match first {
-        AgentMsg::Register(reg) => Event::Register {
-            conn: id,
-            key,
-            reg,
-            handle,
-        },
+        AgentMsg::Register(mut reg) => {
+            reg.endpoints = crate::registry::with_observed_address(reg.endpoints, remote.ip());
+            Event::Register {
+                conn: id,
+                key,
+                reg,
+                handle,
+            }
+        }
         AgentMsg::Enrol(enrol) => Event::Enrol {
             conn: id,
             enrol,

@@ -26,8 +26,14 @@ pub struct ForwarderConfig {
     /// (default /var/lib/pon/proxy; relative to this file).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
-    /// UDP address for PON packets from peer proxies.
+    /// UDP address for PON packets from peer proxies (may be 0.0.0.0:port).
     pub listen: SocketAddr,
+    /// Where peers reach this proxy, when that is not `listen` (a cloud's
+    /// 1:1 NAT: the public address and port). CU mode without it: the
+    /// address the CU sees this proxy's connection come from, with
+    /// `listen`'s port.
+    #[serde(default)]
+    pub public: Option<SocketAddr>,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
     pub local_addr: Ipv4Addr,
     /// UDP port for agents using the UDP encapsulation (0: disabled).

@@ -26,6 +26,9 @@ pub fn table_from_view(
 ) -> Result<ForwardingTable, pon_forwarder::TableError> {
     let mut seen = HashSet::new();
     seen.insert(cfg.listen);
+    if let Some(p) = cfg.public {
+        seen.insert(p);
+    }
     let peers: Vec<_> = view
         .proxies()
         .filter(|(_, p)| seen.insert(p.pon))
@@ -99,8 +102,13 @@ pub fn start_with(
     let Some(cu) = cfg.cu.clone() else {
         return Ok(None);
     };
+    // Without a configured public address, the CU fills in the one it sees
+    // us connect from (the unspecified address says so).
+    let pon = cfg.public.unwrap_or_else(|| {
+        std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), cfg.listen.port())
+    });
     let endpoints = Endpoints::Proxy {
-        pon: cfg.listen,
+        pon,
         agent_addr: cfg.local_addr,
         agent_udp_port: cfg.agent_udp_port,
     };
