@@ -5,7 +5,7 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 from . import cu, linkemu, renderer
 from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
-from .topology import CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, relay_route
+from .topology import CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, public_addr, relay_route
 
 LINKEMU_TUN = "wan0"
 LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kernel threads
@@ -97,7 +97,9 @@ def forwarder(lab, host, daemon="pon-forwarder"):
     dirs = {s["name"]: state_dir(lab, {"site": s["name"], "host": host["host"]}, daemon)
             for s in others}
     keys = renderer.identities(dirs.values(), lab.state["bin_dir"])
-    cfg["peer"] = [{"id": s["index"], "addr": f"{proxy_addr(s['index'])}:{pon_port}",
+    # A peer behind NAT is reached at its public address.
+    cfg["peer"] = [{"id": s["index"],
+                    "addr": f"{(public_addr if s.get('nat') else proxy_addr)(s['index'])}:{pon_port}",
                     "public_key": keys[dirs[s["name"]]]}
                    for s in others]
     # ... and each agent's key (the TA's identity, which the RA shares).

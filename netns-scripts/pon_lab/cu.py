@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import renderer
 from .plan import CU_BINARY
-from .topology import CU_ADDR, site_prefix
+from .topology import CU_ADDR, public_addr, site_prefix
 from .util import LabError, progress, run
 
 PONCTL = "ponctl"
@@ -78,9 +78,16 @@ def make_tokens(lab, sites):
 
 
 def grants(lab):
-    """[clouds]: each site may use its own /24."""
-    return {s["name"]: {"prefixes": [site_prefix(s["index"])]}
-            for s in lab.state["topology"]["sites"]}
+    """[clouds]: each site may use its own /24; a NAT site's proxy is reached at its
+    public address."""
+    def grant(s):
+        g = {"prefixes": [site_prefix(s["index"])]}
+        if s.get("nat"):
+            # Its elastic address, and the one a test rebinds it to.
+            g["endpoints"] = [f"{public_addr(s['index'])}/32",
+                              f"{public_addr(100 + s['index'])}/32"]
+        return g
+    return {s["name"]: grant(s) for s in lab.state["topology"]["sites"]}
 
 
 def reloads(lab):

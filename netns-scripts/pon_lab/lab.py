@@ -111,6 +111,7 @@ class Lab:
             netns.build_cu(self)
             for site in topology["sites"]:
                 netns.build_site(self, site)
+            netns.build_nat(self)
             self.state["phase"] = "plumbed"
             self.save()
             if with_daemons or topology.get("link_emulator"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from . import linkemu
 from .configs import LINKEMU_TUN
-from .topology import CU_ADDR, CU_GATEWAY, CU_NAME, MTU, bridge_name, gateway_addr
+from .topology import (CU_ADDR, CU_GATEWAY, CU_NAME, MTU, bridge_name, gateway_addr,
+                       proxy_addr, public_addr)
 from .util import run
 
 
@@ -135,6 +136,34 @@ def build_cu(lab):
     ip_batch(lab.inet_netns, [f"addr add {CU_GATEWAY}/24 dev {h['inet_port']}",
                               f"link set {h['inet_port']} up"])
     _host_side(h)
+
+
+def nat_rules(lab):
+    """A 1:1 NAT in front of each NAT site's proxy, in inet (its gateway), as a cloud's
+    elastic address works: packets to the public address reach the proxy's private one,
+    and what the proxy sends to any other site or the CU leaves with the public address.
+    Stateless (the emulator sends each packet through inet twice, which conntrack would
+    take for one flow): the destination is rewritten before inet routes it (so the
+    emulator sees the site's own address), the source once it leaves for another site."""
+    lines = ["table ip ponlab_nat {",
+             "  chain pre { type filter hook prerouting priority -300; policy accept;"]
+    nat_sites = [s for s in lab.state["topology"]["sites"] if s.get("nat")]
+    for s in nat_sites:
+        lines.append(f"    ip daddr {public_addr(s['index'])} ip daddr set {proxy_addr(s['index'])}")
+    lines += ["  }", "  chain post { type filter hook postrouting priority 100; policy accept;"]
+    for s in nat_sites:
+        mine = bridge_name(s["index"])
+        lines.append(f'    oifname != {{ "{mine}", "{LINKEMU_TUN}" }} ip saddr {proxy_addr(s["index"])} '
+                     f"ip saddr set {public_addr(s['index'])}")
+    lines += ["  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def build_nat(lab):
+    """Installs the NAT sites' 1:1 NAT in inet (nothing if no site is behind NAT)."""
+    if not any(s.get("nat") for s in lab.state["topology"]["sites"]):
+        return
+    run(["ip", "netns", "exec", lab.inet_netns, "nft", "-f", "-"], input=nat_rules(lab))
 
 
 def build_site(lab, site):

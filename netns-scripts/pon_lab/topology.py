@@ -119,7 +119,7 @@ def load_topology(path):
     sites = []
     for i, s in enumerate(raw_sites, start=1):
         field = f"site[{i}]"
-        check_keys(s, ("name", "apps", "role"), field)
+        check_keys(s, ("name", "apps", "role", "nat"), field)
         name = s.get("name")
         if not isinstance(name, str) or not SITE_NAME_RE.match(name):
             fail(f"{field}.name", f"must match [a-z][a-z0-9]{{0,9}}, got {name!r}")
@@ -131,7 +131,10 @@ def load_topology(path):
         role = s.get("role", "PROXY")
         if not check_role(role):
             fail(f"{field}.role", f"must be a dotted PROXY role such as PROXY.SRC, got {role!r}")
-        sites.append({"name": name, "index": i, "apps": apps, "role": role})
+        nat = s.get("nat", False)
+        if not isinstance(nat, bool):
+            fail(f"{field}.nat", f"must be true or false, got {nat!r}")
+        sites.append({"name": name, "index": i, "apps": apps, "role": role, "nat": nat})
     names = {s["name"] for s in sites}
 
     paths = []
@@ -240,6 +243,11 @@ def proxy_addr(index):
 
 def app_addr(index, j):
     return f"{site_net(index)}.{10 + j}"
+
+
+def public_addr(index):
+    """A NAT site's proxy as the rest of the world sees it (TEST-NET-3)."""
+    return f"203.0.113.{index}"
 
 
 def site_prefix(index):
