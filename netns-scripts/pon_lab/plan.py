@@ -13,8 +13,9 @@ IFNAMSIZ = 15  # usable characters in a Linux interface name
 
 CU_BINARY = "pon-cu"
 LINKEMU_BINARY = "pon-linkemu"
-# With a [routing] table (or `routing = true`) proxies run pon-proxy: forwarder, monitor and
-# router in one process, choosing paths at run time; without, pon-forwarder with static routes.
+# Proxies run pon-proxy by default: forwarder, monitor and router in one process, choosing
+# paths at run time (a [routing] table tunes it); `routing = false`: pon-forwarder with static
+# routes, for experiments.
 PROXY_BINARY = "pon-proxy"
 DAEMON_BINARIES = ("pon-forwarder", "pon-ra", "pon-ta")
 # `split = true` (with routing): the three parts as separate processes instead, talking over

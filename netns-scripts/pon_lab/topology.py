@@ -80,7 +80,7 @@ def load_topology(path):
         fail("split", f"must be true or false, got {split!r}")
     # routing: true, or a table of pon-proxy [routing] settings (policy, interval_ms, ...),
     # passed through as they are (pon-proxy checks them and names the field).
-    routing = raw.get("routing", False)
+    routing = raw.get("routing", True)
     if routing is True:
         routing = {}
     elif routing is False:

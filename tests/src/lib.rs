@@ -75,7 +75,23 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab from the given topology (TOML text). Panics, after
     /// cleaning up, if it does not come up.
+    ///
+    /// The lab runs the self-optimising proxy by default; a test topology
+    /// that says nothing about `routing` gets static forwarders instead
+    /// (`routing = false`): those tests exercise the data plane and the CU
+    /// with routes they set, and a router measuring paths meanwhile would
+    /// leave traffic to the IP path until it has. Tests of the router say
+    /// `routing = ...`.
     pub fn up(topology: &str) -> Lab {
+        let says_routing = topology
+            .lines()
+            .any(|l| l.trim_start().starts_with("routing"));
+        let topology = if says_routing {
+            topology.to_string()
+        } else {
+            format!("routing = false\n{topology}")
+        };
+        let topology = topology.as_str();
         let name = unique_name();
         let dir = std::env::temp_dir().join(format!("pon-e2e-{name}"));
         std::fs::create_dir_all(&dir).expect("temp dir");
