@@ -123,7 +123,8 @@ pub fn ra(cfg: &RaConfig) -> anyhow::Result<Infallible> {
 /// identity, their counters on one page. Returns only when a part stops.
 pub fn agent(cfg: &AgentConfig) -> anyhow::Result<Infallible> {
     let (vital, watch) = vital();
-    // The RA is ready before the TA diverts anything, as when pon-ra is
+    // The RA's TUN and sockets exist (its sockets queue what arrives until
+    // its loops run) before the TA diverts anything, as when pon-ra is
     // started before pon-ta: replies never meet a VM that cannot take them.
     let identity = TaDaemon::identity(&cfg.ta)?;
     let ra = RaDaemon::start(&cfg.ra)?;
