@@ -62,13 +62,17 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split", "tunnel", "encrypt_lan"), "top level")
+                     "routing", "split", "split_agents", "tunnel", "encrypt_lan"), "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
     if not isinstance(encrypt_lan, bool):
         fail("encrypt_lan", f"must be true or false, got {encrypt_lan!r}")
     split = raw.get("split", False)
     if not isinstance(split, bool):
         fail("split", f"must be true or false, got {split!r}")
+    # split_agents = true runs pon-ra and pon-ta on app VMs instead of pon-agent.
+    split_agents = raw.get("split_agents", False)
+    if not isinstance(split_agents, bool):
+        fail("split_agents", f"must be true or false, got {split_agents!r}")
     # routing: true, or a table of pon-proxy [routing] settings (policy, interval_ms, ...),
     # passed through as they are (pon-proxy checks them and names the field).
     routing = raw.get("routing", False)
@@ -188,7 +192,8 @@ def load_topology(path):
 
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
-            "routing": routing, "split": split, "tunnel": tunnel, "encrypt_lan": encrypt_lan}
+            "routing": routing, "split": split, "split_agents": split_agents, "tunnel": tunnel,
+            "encrypt_lan": encrypt_lan}
 
 
 def check_link_value(key, value):
