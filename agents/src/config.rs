@@ -131,13 +131,18 @@ fn check_tun_name(name: &str) -> anyhow::Result<()> {
 
 impl TaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        pon_telemetry::load_toml(path, "TA").and_then(|mut c: Self| {
+        pon_telemetry::load_toml(path, "TA").and_then(|c: Self| {
             c.validate()
                 .with_context(|| format!("in TA config {}", path.display()))?;
-            c.cu = c.cu.map(|cu| cu.relative_to(path));
-            c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
-            Ok(c)
+            Ok(c.relative_to(path))
         })
+    }
+
+    /// Paths as written in `file`: relative to its directory.
+    fn relative_to(mut self, file: &Path) -> Self {
+        self.cu = self.cu.map(|cu| cu.relative_to(file));
+        self.state_dir = self.state_dir.map(|d| pon_identity::relative_to(d, file));
+        self
     }
 
     /// The directory of this agent's identity.
@@ -199,17 +204,108 @@ impl TaConfig {
 
 impl RaConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        pon_telemetry::load_toml(path, "RA").and_then(|mut c: Self| {
-            check_tun_name(&c.tun_name)
+        pon_telemetry::load_toml(path, "RA").and_then(|c: Self| {
+            c.validate()
                 .with_context(|| format!("in RA config {}", path.display()))?;
-            c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
-            Ok(c)
+            Ok(c.relative_to(path))
         })
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_tun_name(&self.tun_name)
+    }
+
+    /// Paths as written in `file`: relative to its directory.
+    fn relative_to(mut self, file: &Path) -> Self {
+        self.state_dir = self.state_dir.map(|d| pon_identity::relative_to(d, file));
+        self
     }
 
     /// The directory of this VM's identity (the TA's).
     pub fn state_dir(&self) -> PathBuf {
         pon_identity::state_dir_or_default(self.state_dir.as_deref(), "ta")
+    }
+}
+
+/// pon-agent's configuration: one app VM's TA and RA in one process, each
+/// in its own table with the fields and checks of pon-ta's and pon-ra's
+/// files, plus the endpoint serving both parts' metrics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Prometheus endpoint serving the TA's and the RA's counters (default
+    /// 127.0.0.1:9105, loopback only). `[ta] metrics` and `[ra] metrics`,
+    /// when set, also serve each part's own page there, as pon-ta and
+    /// pon-ra do (for scrapers set up for the two daemons); unset, they
+    /// serve nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<SocketAddr>,
+    pub ta: TaConfig,
+    pub ra: RaConfig,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        pon_telemetry::load_config(path, "agent", Self::parse).map(|c| AgentConfig {
+            ta: c.ta.relative_to(path),
+            ra: c.ra.relative_to(path),
+            ..c
+        })
+    }
+
+    /// The file's text, with every check pon-agent makes when it starts
+    /// (paths are left as written).
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let c: Self = toml::from_str(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Each part's own checks, then what one process running both needs.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let (ta, ra) = (&self.ta, &self.ra);
+        ta.validate().context("[ta]")?;
+        ra.validate().context("[ra]")?;
+        if ra.local_addr != ta.local_addr {
+            anyhow::bail!(
+                "[ra] local_addr = {} differs from [ta] local_addr = {}: both parts serve one VM",
+                ra.local_addr,
+                ta.local_addr
+            );
+        }
+        if ra.tun_name == ta.tun_name {
+            anyhow::bail!(
+                "[ra] tun_name = {:?} is also [ta] tun_name: each part needs its own TUN device",
+                ra.tun_name
+            );
+        }
+        // The RA takes the VM's identity from the TA in this process: a
+        // second directory would name keys nobody uses.
+        if ra.state_dir.is_some() && ra.state_dir() != ta.state_dir() {
+            anyhow::bail!(
+                "[ra] state_dir: the agent's RA uses the TA's identity ([ta] state_dir); leave it out"
+            );
+        }
+        let mut endpoints: Vec<(&str, SocketAddr)> = vec![];
+        for (name, addr) in [
+            ("metrics", Some(self.metrics_addr())),
+            ("[ta] metrics", ta.metrics),
+            ("[ra] metrics", ra.metrics),
+        ] {
+            let Some(addr) = addr else { continue };
+            if let Some((other, _)) = endpoints.iter().find(|(_, a)| *a == addr) {
+                anyhow::bail!(
+                    "{name} = {addr} is also {other}: each endpoint needs its own address"
+                );
+            }
+            endpoints.push((name, addr));
+        }
+        Ok(())
+    }
+
+    /// Where both parts' metrics are served.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        pon_telemetry::metrics_addr(self.metrics, pon_telemetry::metrics_port::AGENT)
     }
 }
 
@@ -245,6 +341,123 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("at most 1436"));
+    }
+
+    const AGENT: &str = r#"
+metrics = "198.18.1.11:9105"
+[ta]
+local_addr = "198.18.1.11"
+forwarder = "198.18.1.1"
+state_dir = "state"
+[ra]
+proxy = "198.18.1.1"
+local_addr = "198.18.1.11"
+"#;
+
+    /// `AGENT` with `from` replaced by `to`, parsed: the error's whole chain.
+    fn agent_error(from: &str, to: &str) -> String {
+        assert!(AGENT.contains(from), "{from}");
+        format!(
+            "{:#}",
+            AgentConfig::parse(&AGENT.replacen(from, to, 1)).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn agent_config_is_the_two_parts_with_their_defaults() {
+        let c = AgentConfig::parse(AGENT).unwrap();
+        assert_eq!(c.metrics_addr().to_string(), "198.18.1.11:9105");
+        assert_eq!(
+            (c.ta.tun_name.as_str(), c.ra.tun_name.as_str()),
+            ("ponta0", "ponra0")
+        );
+        assert_eq!(c.ta.tun_mtu(), 1384);
+        assert_eq!(c.ra.udp_port, pon_proto::ports::RA_UDP);
+        let c =
+            AgentConfig::parse(&AGENT.replacen("metrics = \"198.18.1.11:9105\"", "", 1)).unwrap();
+        assert_eq!(
+            c.metrics_addr(),
+            SocketAddr::from(([127, 0, 0, 1], pon_telemetry::metrics_port::AGENT)),
+            "loopback unless told"
+        );
+    }
+
+    #[test]
+    fn agent_config_errors_name_the_table_and_field() {
+        for (from, to, want) in [
+            // Each part's own checks, under its table's name.
+            ("[ra]\n", "[ra]\nudp = 1\n", "unknown field `udp`"),
+            ("[ta]\n", "[ta]\nmax_hops = 9\n", "[ta]: max_hops = 9"),
+            (
+                "[ra]\n",
+                "[ra]\ntun_name = \"a/b\"\n",
+                "[ra]: tun_name \"a/b\"",
+            ),
+            (
+                "forwarder = \"198.18.1.1\"\n",
+                "",
+                "[ta]: forwarder is required",
+            ),
+            (
+                "[ra]\nproxy = \"198.18.1.1\"\n",
+                "[ra]\n",
+                "missing field `proxy`",
+            ),
+            ("metrics", "metric", "unknown field `metric`"),
+            // What one process running both needs.
+            (
+                "proxy = \"198.18.1.1\"\nlocal_addr = \"198.18.1.11\"",
+                "proxy = \"198.18.1.1\"\nlocal_addr = \"198.18.1.12\"",
+                "[ra] local_addr = 198.18.1.12 differs from [ta] local_addr",
+            ),
+            (
+                "[ra]\n",
+                "[ra]\ntun_name = \"ponta0\"\n",
+                "[ra] tun_name = \"ponta0\" is also [ta] tun_name",
+            ),
+            ("[ra]\n", "[ra]\nstate_dir = \"other\"\n", "[ra] state_dir"),
+            (
+                "[ra]\n",
+                "[ra]\nmetrics = \"198.18.1.11:9105\"\n",
+                "[ra] metrics = 198.18.1.11:9105 is also metrics",
+            ),
+        ] {
+            let e = agent_error(from, to);
+            assert!(e.contains(want), "{from:?} -> {to:?}: {e}");
+        }
+        let e = format!(
+            "{:#}",
+            AgentConfig::parse("[ta]\nlocal_addr = \"198.18.1.11\"\nforwarder = \"198.18.1.1\"\n")
+                .unwrap_err()
+        );
+        assert!(e.contains("missing field `ra`"), "{e}");
+        // The RA may name the TA's directory: one identity all the same.
+        AgentConfig::parse(&AGENT.replacen("[ra]\n", "[ra]\nstate_dir = \"state\"\n", 1)).unwrap();
+    }
+
+    #[test]
+    fn agent_config_file_errors_name_the_file_and_paths_are_relative_to_it() {
+        let dir = std::env::temp_dir().join(format!("pon-agent-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, AGENT).unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        assert_eq!(c.ta.state_dir(), dir.join("state"));
+        assert_eq!(c.ra.state_dir, None, "the RA uses the TA's identity");
+        std::fs::write(&path, AGENT.replacen("[ra]\n", "[ra]\nudp = 1\n", 1)).unwrap();
+        let e = format!("{:#}", AgentConfig::load(&path).unwrap_err());
+        assert!(
+            e.contains(&format!("in agent config {}", path.display())),
+            "{e}"
+        );
+        assert!(e.contains("udp"), "{e}");
+        let missing = dir.join("none.toml");
+        let e = format!("{:#}", AgentConfig::load(&missing).unwrap_err());
+        assert!(
+            e.contains(&format!("reading agent config {}", missing.display())),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

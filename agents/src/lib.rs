@@ -4,10 +4,12 @@
 //! the forwarder and delivers them to the VM's stack through its own TUN.
 //!
 //! Both speak IPv4 IP-in-IP (protocol 4) to the proxy, or UDP where protocol
-//! 4 is filtered.
+//! 4 is filtered. They run as one process, `pon-agent` (one service per VM),
+//! or as two, `pon-ta` and `pon-ra`; [`daemon`] is what all three run.
 
 pub mod config;
 pub mod cu;
+pub mod daemon;
 pub mod interception;
 pub mod io;
 pub mod ra;

@@ -235,8 +235,9 @@ impl SteeringState {
 }
 
 /// Listens on `bind` for the steering messages of the forwarder the TA
-/// currently sends to and applies them to `interception`, on a thread of
-/// its own.
+/// currently sends to and applies them to `interception`, on a vital
+/// thread of its own (a TA that stopped hearing its router would keep
+/// intercepting what the overlay cannot reach).
 pub fn start(
     bind: SocketAddr,
     secret: [u8; 32],
@@ -244,58 +245,54 @@ pub fn start(
     interception: Arc<Mutex<Interception>>,
     counters: Arc<SteeringCounters>,
     started: Instant,
+    vital: &crate::daemon::Vital,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding steering socket {bind}"))?;
-    std::thread::Builder::new()
-        .name("ta-steering".into())
-        .spawn(move || {
-            let mut state = SteeringState::new(secret);
-            let mut buf = vec![0u8; MAX_STEERING_LEN + pon_proto::lan::OVERHEAD + 1];
-            // Wake up now and then to notice a silent proxy.
-            let _ = sock.set_read_timeout(Some(LEASE / 6));
-            loop {
-                let got = sock.recv_from(&mut buf);
-                // Which forwarder counts is decided before looking at the
-                // datagram, so the first one from a new forwarder counts.
-                let moved = forwarder
-                    .get()
-                    .and_then(|(f, _)| state.follow(f, forwarder.key()));
-                if let Some(set) = moved {
-                    tracing::info!(
-                        "following a new forwarder: its steering only, from a clean slate"
-                    );
-                    apply(&interception, &set, &counters);
-                }
-                let set = match got {
-                    Ok((n, from)) => {
-                        state.on_datagram(&mut buf[..n], from, started.elapsed(), &counters)
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        let gone = state.on_silence(started.elapsed(), &counters);
-                        if gone.is_some() {
-                            tracing::warn!(
-                                "the local proxy fell silent: every destination takes the IP path"
-                            );
-                        }
-                        gone
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "steering socket");
-                        None
-                    }
-                };
-                if let Some(set) = set {
-                    apply(&interception, &set, &counters);
-                }
+    vital.spawn("ta-steering", move || {
+        let mut state = SteeringState::new(secret);
+        let mut buf = vec![0u8; MAX_STEERING_LEN + pon_proto::lan::OVERHEAD + 1];
+        // Wake up now and then to notice a silent proxy.
+        let _ = sock.set_read_timeout(Some(LEASE / 6));
+        loop {
+            let got = sock.recv_from(&mut buf);
+            // Which forwarder counts is decided before looking at the
+            // datagram, so the first one from a new forwarder counts.
+            let moved = forwarder
+                .get()
+                .and_then(|(f, _)| state.follow(f, forwarder.key()));
+            if let Some(set) = moved {
+                tracing::info!("following a new forwarder: its steering only, from a clean slate");
+                apply(&interception, &set, &counters);
             }
-        })?;
-    Ok(())
+            let set = match got {
+                Ok((n, from)) => {
+                    state.on_datagram(&mut buf[..n], from, started.elapsed(), &counters)
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let gone = state.on_silence(started.elapsed(), &counters);
+                    if gone.is_some() {
+                        tracing::warn!(
+                            "the local proxy fell silent: every destination takes the IP path"
+                        );
+                    }
+                    gone
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "steering socket");
+                    None
+                }
+            };
+            if let Some(set) = set {
+                apply(&interception, &set, &counters);
+            }
+        }
+    })
 }
 
 fn apply(interception: &Mutex<Interception>, set: &[IpNet], counters: &SteeringCounters) {

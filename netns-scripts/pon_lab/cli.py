@@ -155,7 +155,8 @@ def parse_args(argv):
     p = add_command(sub, "up", cmd_up, "create namespaces and start daemons", lab=False)
     p.add_argument("topology", help="topology TOML file")
     p.add_argument("--name", required=True, help="lab name, [a-z0-9]{1,8}")
-    p.add_argument("--bin-dir", help="directory with pon-forwarder, pon-ra, pon-ta")
+    p.add_argument("--bin-dir", help="directory with the PON binaries (pon-forwarder, "
+                   "pon-agent, ...)")
     p.add_argument("--no-daemons", action="store_true", help="build only the namespaces")
 
     p = add_command(sub, "status", cmd_status, "show hosts, addresses and daemons")

@@ -4,7 +4,7 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 
 from . import cu, linkemu, renderer
-from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
+from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
 from .topology import CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, public_addr, relay_route
 
 LINKEMU_TUN = "wan0"
@@ -14,8 +14,8 @@ LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kern
 def write(lab, hosts):
     """Writes the configs of `hosts`' daemons (pon-cu init first, when a CU is among them)."""
     makers = {"pon-forwarder": forwarder, PROXY_BINARY: proxy, "pon-monitor": monitor,
-              "pon-router": router, "pon-ra": ra, "pon-ta": ta, LINKEMU_BINARY: linkemu_config,
-              CU_BINARY: cu_config}
+              "pon-router": router, "pon-ra": ra, "pon-ta": ta, AGENT_BINARY: agent,
+              LINKEMU_BINARY: linkemu_config, CU_BINARY: cu_config}
     jobs = []
     for h in hosts:
         for d in h["daemons"]:
@@ -195,6 +195,13 @@ def ta(lab, host):
                   "intercept": [f"{app_addr(s['index'], j)}/32" for s in topo["sites"]
                                 if s["index"] != host["site_index"]
                                 for j in range(1, s["apps"] + 1)]}
+
+
+def agent(lab, host):
+    """pon-agent: the TA's and the RA's configurations as its [ta] and [ra] tables. Besides
+    its own page (both parts' counters), it serves each part's page where pon-ta and pon-ra
+    serve theirs, so whoever scrapes an app VM finds the same pages whichever runs."""
+    return {"metrics": metrics(lab, host, AGENT_BINARY), "ta": ta(lab, host), "ra": ra(lab, host)}
 
 
 def linkemu_config(lab, host):

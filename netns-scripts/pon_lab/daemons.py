@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import netns
-from .plan import CU_BINARY, LINKEMU_BINARY, PROXY_BINARY
+from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY
 from .util import LabError, log_tail, progress
 
 READY_TIMEOUT = 20.0     # per start stage
@@ -17,11 +17,12 @@ POLL_INTERVAL = 0.1
 TERM_GRACE = 3.0
 MAX_PARALLEL_PROBES = 64
 # Forwarders must exist before agents point at them, and each RA must be up before its
-# TA starts diverting traffic; the stages are started (and awaited) in this order.
+# TA starts diverting traffic (pon-agent starts its RA first); the stages are started (and
+# awaited) in this order.
 # The link emulator goes first: the network is what it should be before PON starts using it.
 START_STAGES = (("internet", LINKEMU_BINARY), ("cu", CU_BINARY), ("proxy", "pon-forwarder"),
                 ("proxy", PROXY_BINARY), ("proxy", "pon-monitor"), ("proxy", "pon-router"),
-                ("app", "pon-ra"), ("app", "pon-ta"))
+                ("app", "pon-ra"), ("app", "pon-ta"), ("app", AGENT_BINARY))
 
 
 def proc_starttime(pid):

@@ -17,7 +17,11 @@ LINKEMU_BINARY = "pon-linkemu"
 # paths at run time (a [routing] table tunes it); `routing = false`: pon-forwarder with static
 # routes, for experiments.
 PROXY_BINARY = "pon-proxy"
-DAEMON_BINARIES = ("pon-forwarder", "pon-ra", "pon-ta")
+# App VMs run pon-agent: the TA and the RA in one process, as a VM's one service would.
+# `split_agents = true`: pon-ra and pon-ta as two processes instead (experiments).
+AGENT_BINARY = "pon-agent"
+SPLIT_AGENT_BINARIES = ("pon-ra", "pon-ta")
+DAEMON_BINARIES = ("pon-forwarder", AGENT_BINARY)
 # `split = true` (with routing): the three parts as separate processes instead, talking over
 # loopback UDP (pon-forwarder [local], pon-monitor, pon-router).
 SPLIT_BINARIES = ("pon-monitor", "pon-router")
@@ -84,14 +88,19 @@ def daemon_names(topology, role):
         if topology.get("routing") is None:
             return ["pon-forwarder"]
         return ["pon-forwarder", *SPLIT_BINARIES] if topology.get("split") else [PROXY_BINARY]
-    return {"app": ["pon-ra", "pon-ta"], "internet": [LINKEMU_BINARY],
+    return {"app": list(agent_binaries(topology)), "internet": [LINKEMU_BINARY],
             "cu": [CU_BINARY]}.get(role, [])
+
+
+def agent_binaries(topology):
+    """What runs on an app VM, in start order (the RA before the TA when they are apart)."""
+    return SPLIT_AGENT_BINARIES if topology.get("split_agents") else (AGENT_BINARY,)
 
 
 def needed_binaries(topology, with_daemons):
     need = []
     if with_daemons:
-        need += DAEMON_BINARIES
+        need += ("pon-forwarder", *agent_binaries(topology))
         if topology.get("routing") is not None:
             need += SPLIT_BINARIES if topology.get("split") else (PROXY_BINARY,)
         if topology["cu"]:

@@ -65,7 +65,8 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split", "tunnel", "encrypt_lan", "cu_names"), "top level")
+                     "routing", "split", "split_agents", "tunnel", "encrypt_lan", "cu_names"),
+               "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
     # The names agents try for the CU, in order (default: just CU_NAME); only
     # CU_NAME resolves in the lab, so others exercise falling over to the next.
@@ -78,6 +79,10 @@ def load_topology(path):
     split = raw.get("split", False)
     if not isinstance(split, bool):
         fail("split", f"must be true or false, got {split!r}")
+    # split_agents = true runs pon-ra and pon-ta on app VMs instead of pon-agent.
+    split_agents = raw.get("split_agents", False)
+    if not isinstance(split_agents, bool):
+        fail("split_agents", f"must be true or false, got {split_agents!r}")
     # routing: true, or a table of pon-proxy [routing] settings (policy, interval_ms, ...),
     # passed through as they are (pon-proxy checks them and names the field).
     routing = raw.get("routing", True)
@@ -200,8 +205,8 @@ def load_topology(path):
 
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
-            "routing": routing, "split": split, "tunnel": tunnel, "encrypt_lan": encrypt_lan,
-            "cu_names": cu_names}
+            "routing": routing, "split": split, "split_agents": split_agents, "tunnel": tunnel,
+            "encrypt_lan": encrypt_lan, "cu_names": cu_names}
 
 
 def check_link_value(key, value):

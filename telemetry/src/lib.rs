@@ -19,6 +19,8 @@ pub mod metrics_port {
     pub const RA: u16 = 9102;
     pub const MONITOR: u16 = 9103;
     pub const ROUTER: u16 = 9104;
+    /// pon-agent: the TA's and the RA's counters on one page.
+    pub const AGENT: u16 = 9105;
     pub const LINKEMU: u16 = 9110;
     pub const CU: u16 = 9200;
 }

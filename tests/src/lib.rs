@@ -32,6 +32,7 @@ pub fn bin_dir() -> PathBuf {
     for bin in [
         "pon-forwarder",
         "pon-proxy",
+        "pon-agent",
         "pon-ta",
         "pon-ra",
         "pon-linkemu",
@@ -129,6 +130,16 @@ impl Lab {
             text(&out)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `daemon` (a binary of [`bin_dir`]) inside `host` with `--config
+    /// config`, for a daemon expected to exit by itself: one still running
+    /// after `seconds` is stopped (by `timeout`, whose status then shows).
+    pub fn run_daemon(&self, host: &str, daemon: &str, config: &str, seconds: u32) -> Output {
+        let bin = bin_dir().join(daemon);
+        let limit = seconds.to_string();
+        let bin = bin.to_str().expect("UTF-8 path");
+        self.exec(host, &["timeout", &limit, bin, "--config", config])
     }
 
     /// Starts `args` inside `host` in the background.

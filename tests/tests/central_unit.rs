@@ -470,7 +470,6 @@ fn intruders_are_refused_with_a_clear_error() {
             "tokyo/198.18.2.1 is bound to another key",
         ),
     ];
-    let fwd = bin_dir().join("pon-forwarder");
     for (name, bad, expect) in cases {
         let fresh = s(&dir.join(format!("state-{name}")));
         let path = dir.join(format!("{name}.toml"));
@@ -478,16 +477,7 @@ fn intruders_are_refused_with_a_clear_error() {
         if name == "bad-token" {
             lab.ctl("stop", &["tokyo/proxy"]);
         }
-        let out = lab.exec(
-            "tokyo/proxy",
-            &[
-                "timeout",
-                "30",
-                fwd.to_str().unwrap(),
-                "--config",
-                path.to_str().unwrap(),
-            ],
-        );
+        let out = lab.run_daemon("tokyo/proxy", "pon-forwarder", path.to_str().unwrap(), 30);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {err}");
         assert!(err.contains(expect), "{name}: {err}");

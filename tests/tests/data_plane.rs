@@ -531,7 +531,11 @@ fn a_proxy_with_valid_keys_cannot_speak_for_another_cloud() {
 fn ipip_encapsulation_variant_works() {
     require_root();
     // The lab's default agent legs are UDP; the others here run on them.
-    let lab = Lab::up(&format!("encap = \"ipip\"\n{}{RELAY}", three_sites()));
+    // The agents run as two processes here (pon-ra, pon-ta), as one elsewhere.
+    let lab = Lab::up(&format!(
+        "encap = \"ipip\"\nsplit_agents = true\n{}{RELAY}",
+        three_sites()
+    ));
     check_ping(&ping(&lab, "paris/app1", TOKYO_APP, 10, &[]), 10);
     check_ping(&ping(&lab, "tokyo/app1", PARIS_APP, 10, &[]), 10);
     let report = iperf3(&lab, "tokyo/app1", TOKYO_APP, "paris/app1", &["-t", "1"]);

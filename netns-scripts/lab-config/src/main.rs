@@ -40,7 +40,8 @@ enum Cmd {
     Ports,
     /// Read one configuration as JSON on stdin, print it as TOML.
     Render {
-        /// pon-forwarder, pon-proxy, pon-monitor, pon-router, pon-ta, pon-ra, pon-cu or pon-linkemu.
+        /// pon-forwarder, pon-proxy, pon-monitor, pon-router, pon-agent, pon-ta, pon-ra, pon-cu
+        /// or pon-linkemu.
         daemon: String,
         /// Write every field, defaults included.
         #[arg(long)]
@@ -58,11 +59,12 @@ enum Cmd {
     Identity { dirs: Vec<PathBuf> },
 }
 
-pub const DAEMONS: [&str; 8] = [
+pub const DAEMONS: [&str; 9] = [
     "pon-forwarder",
     "pon-proxy",
     "pon-monitor",
     "pon-router",
+    "pon-agent",
     "pon-ta",
     "pon-ra",
     "pon-cu",
@@ -102,6 +104,7 @@ fn ports() -> Ports {
             ("pon-proxy", m::FORWARDER),
             ("pon-monitor", m::MONITOR),
             ("pon-router", m::ROUTER),
+            ("pon-agent", m::AGENT),
             ("pon-ta", m::TA),
             ("pon-ra", m::RA),
             ("pon-cu", m::CU),
@@ -210,7 +213,7 @@ fn without_nulls(v: &serde_json::Value) -> serde_json::Value {
 /// Parses `text` as `daemon` does at start-up. Returns the parsed
 /// configuration as a TOML table.
 fn check(daemon: &str, text: &str) -> anyhow::Result<toml::Table> {
-    use pon_agents::config::{RaConfig, TaConfig};
+    use pon_agents::config::{AgentConfig, RaConfig, TaConfig};
     use pon_proxy::config::{MonitorDaemonConfig, RouterDaemonConfig};
     use pon_proxy::forwarder::ForwarderConfig;
     use pon_proxy::ProxyConfig;
@@ -226,6 +229,7 @@ fn check(daemon: &str, text: &str) -> anyhow::Result<toml::Table> {
             table(cfg)
         }
         "pon-ra" => table(via_file(text, RaConfig::load)?),
+        "pon-agent" => table(AgentConfig::parse(text)?),
         "pon-cu" => table(pon_cu::config::CuConfig::parse(text)?),
         "pon-linkemu" => table(pon_linkemu::config::Config::parse(
             text,
@@ -323,6 +327,30 @@ mod tests {
     }
 
     #[test]
+    fn agent_renders_its_two_tables_as_given() {
+        let text = render(
+            "pon-agent",
+            &json!({"metrics": "198.18.1.11:9105",
+                    "ta": {"local_addr": "198.18.1.11", "forwarder": "198.18.1.1", "metrics": "198.18.1.11:9101"},
+                    "ra": {"proxy": "198.18.1.1", "local_addr": "198.18.1.11", "metrics": "198.18.1.11:9102"}}),
+            false,
+        )
+        .unwrap();
+        let cfg = pon_agents::config::AgentConfig::parse(&text).unwrap();
+        assert_eq!(cfg.ta.metrics.unwrap().port(), 9101);
+        assert_eq!(cfg.ra.metrics.unwrap().port(), 9102);
+        let doc: toml::Table = toml::from_str(&text).unwrap();
+        assert!(
+            doc["ta"].get("tun_name").is_none(),
+            "defaults stay the daemon's: {text}"
+        );
+        assert_eq!(
+            ports().metrics["pon-agent"],
+            pon_telemetry::metrics_port::AGENT
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
         for (daemon, cfg, field) in [
@@ -350,6 +378,12 @@ mod tests {
                 "pon-ra",
                 json!({"proxy": "198.18.1.1", "local_addr": "198.18.1.11", "udp": 1}),
                 "udp",
+            ),
+            (
+                "pon-agent",
+                json!({"ta": {"local_addr": "198.18.1.11", "forwarder": "198.18.1.1"},
+                       "ra": {"proxy": "198.18.1.1", "local_addr": "198.18.1.12"}}),
+                "[ra] local_addr",
             ),
             (
                 "pon-cu",
