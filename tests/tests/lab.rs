@@ -4,7 +4,10 @@
 use pon_e2e::{bin_dir, lab_command, require_root, Lab};
 use std::process::Command;
 
-const TWO_SITES: &str = "[[site]]\nname = \"a\"\napps = 1\n[[site]]\nname = \"b\"\napps = 1\n";
+/// Static forwarders (`routing = false`): the failure test below fakes
+/// pon-forwarder.
+const TWO_SITES: &str =
+    "routing = false\n[[site]]\nname = \"a\"\napps = 1\n[[site]]\nname = \"b\"\napps = 1\n";
 
 fn namespaces_of(name: &str) -> Vec<String> {
     let out = Command::new("ip")
