@@ -52,7 +52,6 @@ pon_telemetry::counters! {
         frag_needed => ("pon_forwarder_icmp_frag_needed_total", "", "ICMP fragmentation-needed errors returned to senders."),
         drop_unknown_agent => ("pon_forwarder_drops_total", "reason=\"unknown_agent\"", "Packets dropped, by reason."),
         drop_spoofed_source => ("pon_forwarder_drops_total", "reason=\"spoofed_source\"", "Packets dropped, by reason."),
-        drop_unknown_peer => ("pon_forwarder_drops_total", "reason=\"unknown_peer\"", "Packets dropped, by reason."),
         drop_not_for_me => ("pon_forwarder_drops_total", "reason=\"not_for_me\"", "Packets dropped, by reason."),
         probes_local => ("pon_forwarder_packets_total", "stage=\"probe_local\"", "Packets forwarded, by role of this proxy on their path."),
         drop_no_monitor => ("pon_forwarder_drops_total", "reason=\"no_monitor\"", "Packets dropped, by reason."),

@@ -94,7 +94,6 @@ fn outcomes(e: &Engine) -> u64 {
         &c.keepalives,
         &c.drop_unknown_agent,
         &c.drop_spoofed_source,
-        &c.drop_unknown_peer,
         &c.drop_not_for_me,
         &c.drop_no_monitor,
         &c.drop_hop_limit,
