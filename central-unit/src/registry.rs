@@ -603,9 +603,20 @@ impl Registry {
                 ));
             }
         }
-        self.settings.grants.check(&r.cloud, &r.endpoints)?;
+        self.check_addresses(&r.cloud, &r.endpoints, id)
+    }
+
+    /// `endpoints` for an agent of `cloud` (id `id`, if it has one): in the
+    /// cloud's grant, and held by no other present agent.
+    fn check_addresses(
+        &self,
+        cloud: &str,
+        endpoints: &Endpoints,
+        id: Option<u32>,
+    ) -> Result<(), Refused> {
+        self.settings.grants.check(cloud, endpoints)?;
         // An address another present agent holds would take its traffic.
-        let mine = claims(&r.endpoints);
+        let mine = claims(endpoints);
         for e in self.agents.values() {
             if !e.present() || Some(e.info.id) == id {
                 continue;
@@ -770,6 +781,51 @@ impl Registry {
                 msg: Outgoing::Changes(vec![change]),
             });
         }
+    }
+
+    /// The proxy on `conn`, whose address peers use was what the CU saw
+    /// (it registered the unspecified address), now connects from `seen`
+    /// (its NAT mapped it elsewhere; QUIC followed it): its peers are told
+    /// the new address, as for a new registration, if the grant allows it
+    /// and nobody else holds it. Returns what to do and whether it moved.
+    pub fn proxy_moved(
+        &mut self,
+        conn: ConnId,
+        seen: IpAddr,
+    ) -> (Vec<Action>, Result<(), Refused>) {
+        let mut out = Vec::new();
+        let Some(e) = self.by_conn.get(&conn).and_then(|id| self.agents.get(id)) else {
+            return (out, Err((Refusal::Invalid, "not registered".into())));
+        };
+        let Endpoints::Proxy {
+            pon,
+            agent_addr,
+            agent_udp_port,
+        } = e.info.endpoints
+        else {
+            return (out, Err((Refusal::Invalid, "not a proxy".into())));
+        };
+        let unspecified = Endpoints::Proxy {
+            pon: std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), pon.port()),
+            agent_addr,
+            agent_udp_port,
+        };
+        let new = with_observed_address(unspecified, seen);
+        if new == e.info.endpoints {
+            return (out, Ok(()));
+        }
+        if let Err(refused) = self.check_addresses(&e.info.cloud, &new, Some(e.info.id)) {
+            return (out, Err(refused));
+        }
+        let before = e.info.clone();
+        let mut after = before.clone();
+        after.allowed = self.allowed_for(&after.cloud, &new);
+        after.endpoints = new;
+        self.announce(Some(&before), Some(&after), &mut out);
+        let e = self.agents.get_mut(&before.id).expect("looked up above");
+        e.info = after;
+        out.push(Action::Persist(Record::Agent(e.record())));
+        (out, Ok(()))
     }
 
     pub fn heartbeat(&mut self, conn: ConnId, now: Duration, wall_ms: u64) {
@@ -1460,6 +1516,62 @@ mod tests {
         let (a, why) = join(&mut r, 1, reg, Duration::ZERO, 1);
         assert_eq!(why, Some(Refusal::Invalid));
         assert!(refusal_text(&a, 1).contains("set the proxy's `public` address"));
+    }
+
+    #[test]
+    fn a_proxy_whose_nat_moved_it_is_announced_at_its_new_address() {
+        let g = |p: &str, e: &str| Grant {
+            prefixes: vec![p.parse().unwrap()],
+            endpoints: vec![e.parse().unwrap()],
+        };
+        let mut r = Registry::new(
+            Settings {
+                grants: Grants(
+                    [
+                        ("paris".to_string(), g("198.18.1.0/24", "203.0.113.0/24")),
+                        ("tokyo".to_string(), g("198.18.2.0/24", "192.0.2.0/24")),
+                    ]
+                    .into(),
+                ),
+                ..Settings::default()
+            },
+            Policy::default(),
+        );
+        let t = Duration::ZERO;
+        let mut paris = reg("paris", "p", "PROXY", 1);
+        paris.endpoints = with_observed_address(
+            Endpoints::Proxy {
+                pon: "0.0.0.0:7300".parse().unwrap(),
+                agent_addr: Ipv4Addr::new(198, 18, 1, 1),
+                agent_udp_port: 7301,
+            },
+            "203.0.113.1".parse().unwrap(),
+        );
+        join(&mut r, 1, paris, t, 1);
+        let mut tokyo = reg("tokyo", "p", "PROXY", 1);
+        tokyo.endpoints = Endpoints::proxy(Ipv4Addr::new(198, 18, 2, 1));
+        join(&mut r, 2, tokyo, t, 2);
+        // Paris's connection now comes from .101: tokyo hears of it.
+        let (a, moved) = r.proxy_moved(1, "203.0.113.101".parse().unwrap());
+        assert!(moved.is_ok());
+        match &changes_to(&a, 2)[..] {
+            [Change::Up(p)] => match p.info.endpoints {
+                Endpoints::Proxy { pon, .. } => {
+                    assert_eq!(pon, "203.0.113.101:7300".parse().unwrap())
+                }
+                _ => panic!(),
+            },
+            other => panic!("{other:?}"),
+        }
+        // The same address again: nothing to say.
+        assert!(r
+            .proxy_moved(1, "203.0.113.101".parse().unwrap())
+            .0
+            .is_empty());
+        // Outside the grant, or tokyo's: refused, nothing announced.
+        let (a, moved) = r.proxy_moved(1, "100.64.0.1".parse().unwrap());
+        assert_eq!(moved.unwrap_err().0, Refusal::OutsideGrant);
+        assert!(a.is_empty());
     }
 
     mod hostile {

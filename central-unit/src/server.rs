@@ -16,7 +16,8 @@ use crate::store::{Backend, PendingWrites, Store};
 use crate::trust::{Grants, KeyId};
 use anyhow::Context;
 use pon_proto::control::{
-    self, AdminRequest, AgentMsg, ControlError, CuMsg, FrameDecoder, MAX_AGENT_FRAME, MAX_CU_FRAME,
+    self, AdminRequest, AgentMsg, ControlError, CuMsg, Endpoints, FrameDecoder, MAX_AGENT_FRAME,
+    MAX_CU_FRAME,
 };
 use pon_telemetry::{Counter, PromWriter};
 use std::collections::HashMap;
@@ -196,6 +197,11 @@ enum Event {
     /// cu.toml's grants, re-read.
     Reload(Grants),
     Heartbeat(ConnId),
+    /// A proxy whose address the CU observed connects from another one now.
+    Moved {
+        conn: ConnId,
+        seen: std::net::IpAddr,
+    },
     Gone {
         conn: ConnId,
         goodbye: bool,
@@ -485,6 +491,19 @@ fn handle_event(
             registry.heartbeat(conn, now, wall_ms());
             vec![]
         }
+        Event::Moved { conn, seen } => {
+            let (actions, moved) = registry.proxy_moved(conn, seen);
+            match moved {
+                Ok(()) if !actions.is_empty() => {
+                    tracing::info!(conn, %seen, "a proxy's NAT moved it: its peers are told")
+                }
+                Ok(()) => {}
+                Err((why, text)) => {
+                    tracing::warn!(conn, %seen, reason = why.label(), "a proxy moved to an address it may not use: {text}")
+                }
+            }
+            actions
+        }
         Event::Gone { conn, goodbye } => {
             handles.remove(&conn);
             let (actions, left) = registry.disconnected(conn, goodbye, wall_ms());
@@ -662,8 +681,13 @@ async fn connection(
         resync: resync.clone(),
         conn: conn.clone(),
     };
+    // A proxy that left its address to us: its connection's address is its
+    // address, also when its NAT maps it elsewhere later (QUIC follows).
+    let mut observed = false;
     let ev = match first {
         AgentMsg::Register(mut reg) => {
+            observed =
+                matches!(reg.endpoints, Endpoints::Proxy { pon, .. } if pon.ip().is_unspecified());
             reg.endpoints = crate::registry::with_observed_address(reg.endpoints, remote.ip());
             Event::Register {
                 conn: id,
@@ -704,11 +728,23 @@ async fn connection(
         return;
     }
     let mut goodbye = false;
+    let mut seen_at = remote.ip();
     loop {
         match read_msg(&mut recv, &mut dec).await {
             Ok(Some(AgentMsg::Heartbeat)) => {
                 if events.send(Event::Heartbeat(id)).await.is_err() {
                     return;
+                }
+                let now_at = conn.remote_address().ip();
+                if observed && now_at != seen_at {
+                    seen_at = now_at;
+                    let moved = Event::Moved {
+                        conn: id,
+                        seen: now_at,
+                    };
+                    if events.send(moved).await.is_err() {
+                        return;
+                    }
                 }
             }
             Ok(Some(AgentMsg::Goodbye)) => {

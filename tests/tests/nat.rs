@@ -4,7 +4,8 @@
 //! It registers without knowing its public address; the CU fills in the one
 //! its connection comes from, peers reach it there, and when the NAT maps it
 //! to another address mid-traffic, its peers follow its authenticated
-//! packets there.
+//! packets there, and the CU, which sees its connection move, tells
+//! everyone the new address.
 
 use pon_e2e::clients::wait_reachable;
 use pon_e2e::{parse_ping, require_root, text, wait_until, Lab};
@@ -89,16 +90,24 @@ fn a_proxy_behind_nat_is_reached_at_its_public_address_and_followed_when_it_chan
     let at = Instant::now();
     rebind(&lab, "203.0.113.101");
     assert!(
-        wait_until(Duration::from_secs(5), || moves() > moved_before),
+        wait_until(Duration::from_secs(10), || moves() > moved_before),
         "tokyo did not follow paris to its new address: {}",
         lab.metrics("tokyo/proxy", TOKYO_FWD)
     );
     let followed = at.elapsed();
+    // The proxy's connection to the CU followed the NAT too (QUIC
+    // migrates): the CU announces the new address to everyone.
+    assert!(
+        wait_until(Duration::from_secs(10), || registered_pon(&lab).as_deref()
+            == Some("203.0.113.101:7300")),
+        "the CU still has paris at {:?}",
+        registered_pon(&lab)
+    );
     let out = ping.wait_with_output().expect("ping");
     let s = parse_ping(&String::from_utf8_lossy(&out.stdout)).expect("ping summary");
     let lost = s.transmitted - s.received;
     eprintln!(
-        "NAT rebinding: tokyo followed paris within {:.0} ms; {lost} of {} pings at 20 ms lost",
+        "NAT rebinding: tokyo's metrics showed it following paris {:.0} ms later; {lost} of {} pings at 20 ms lost",
         followed.as_secs_f64() * 1000.0,
         s.transmitted
     );
