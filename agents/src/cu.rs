@@ -93,10 +93,26 @@ impl TaCu {
     }
 }
 
+/// Told the proxies of this VM's site (agent-side address, static key) with
+/// every view: pon-agent's RA takes packets from any of them.
+pub type SiteProxies = Box<dyn Fn(&[(Ipv4Addr, PublicKey)]) + Send>;
+
+/// The proxies of `my_cloud` in `view`, lowest id first.
+pub fn site_proxies(view: &View, my_cloud: &str) -> Vec<(Ipv4Addr, PublicKey)> {
+    let mut v: Vec<(u32, Ipv4Addr, PublicKey)> = view
+        .proxies()
+        .filter(|(info, _)| info.cloud == my_cloud)
+        .map(|(info, p)| (p.id, p.agent_addr, info.noise_key))
+        .collect();
+    v.sort_by_key(|p| p.0);
+    v.into_iter().map(|(_, a, k)| (a, k)).collect()
+}
+
 pub fn start(
     cfg: &TaConfig,
     identity: Arc<pon_identity::Identity>,
     interception: Arc<Mutex<Interception>>,
+    on_site_proxies: Option<SiteProxies>,
 ) -> anyhow::Result<TaCu> {
     let Some(cu) = cfg.cu.clone() else {
         let fwd = cfg.forwarder.expect("validated: forwarder or [cu]");
@@ -138,6 +154,12 @@ pub fn start(
                 tracing::warn!(old = %old.0, new = %new.0, "the CU names another forwarder: following it");
             }
             Followed::Unchanged => {}
+        }
+        if let Some(tell) = &on_site_proxies {
+            let here = site_proxies(view, &cloud);
+            if !here.is_empty() {
+                tell(&here);
+            }
         }
         let want = wanted(view, &cloud, &configured);
         let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());

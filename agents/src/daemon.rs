@@ -19,10 +19,11 @@ use crate::steering::SteeringCounters;
 use crate::ta::{Encapsulator, TaCounters};
 use anyhow::{anyhow, Context};
 use pon_identity::Identity;
+use pon_proto::control::PublicKey;
 use pon_proto::EncapKind;
 use pon_telemetry::{PromWriter, Renderer};
 use std::convert::Infallible;
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
@@ -100,7 +101,7 @@ pub fn serve_metrics(addr: SocketAddr, render: Renderer) -> anyhow::Result<()> {
 /// pon-ta: the TA alone. Returns only when it stops.
 pub fn ta(cfg: &TaConfig) -> anyhow::Result<Infallible> {
     let (vital, watch) = vital();
-    let ta = TaDaemon::start(cfg, TaDaemon::identity(cfg)?)?;
+    let ta = TaDaemon::start(cfg, TaDaemon::identity(cfg)?, None)?;
     let addr = pon_telemetry::metrics_addr(cfg.metrics, pon_telemetry::metrics_port::TA);
     serve_metrics(addr, ta.metrics())?;
     ta.run(&vital)?;
@@ -128,7 +129,23 @@ pub fn agent(cfg: &AgentConfig) -> anyhow::Result<Infallible> {
     // started before pon-ta: replies never meet a VM that cannot take them.
     let identity = TaDaemon::identity(&cfg.ta)?;
     let ra = RaDaemon::start(&cfg.ra)?;
-    let ta = TaDaemon::start(&cfg.ta, identity.clone())?;
+    // In CU mode the RA takes packets from every proxy the CU names for the
+    // site (the TA's view), not only the one its configuration names.
+    let follow = {
+        let (dec, secret) = (ra.decapsulator.clone(), identity.noise_secret());
+        Box::new(move |proxies: &[(Ipv4Addr, PublicKey)]| {
+            let wanted: Vec<_> = proxies.iter().map(|&(a, k)| (a, Some(k))).collect();
+            let now = dec.senders();
+            if now.addrs().eq(wanted.iter().map(|w| w.0))
+                && now.keys().eq(wanted.iter().map(|w| w.1))
+            {
+                return;
+            }
+            tracing::info!(proxies = ?wanted.iter().map(|w| w.0).collect::<Vec<_>>(), "the RA takes packets from the site's proxies");
+            dec.set_senders(now.with(&wanted, &secret));
+        }) as crate::cu::SiteProxies
+    };
+    let ta = TaDaemon::start(&cfg.ta, identity.clone(), Some(follow))?;
     let (ta_page, ra_page) = (ta.metrics(), ra.metrics());
     let both = {
         let (ta_page, ra_page) = (ta_page.clone(), ra_page.clone());
@@ -176,7 +193,12 @@ impl TaDaemon {
         Ok(Arc::new(id))
     }
 
-    pub fn start(cfg: &TaConfig, identity: Arc<Identity>) -> anyhow::Result<Self> {
+    /// `site_proxies`: told the site's proxies with every CU view.
+    pub fn start(
+        cfg: &TaConfig,
+        identity: Arc<Identity>,
+        site_proxies: Option<crate::cu::SiteProxies>,
+    ) -> anyhow::Result<Self> {
         let started = Instant::now();
         let mtu = cfg.tun_mtu();
         let tun = crate::tun::open(&cfg.tun_name, mtu, None, cfg.offload)?;
@@ -187,7 +209,7 @@ impl TaDaemon {
             .apply(&cfg.intercept)?;
         // CU mode: the client thread keeps the interception routes in step
         // with the CU's view; the forwarder is known once the CU has named it.
-        let cu = crate::cu::start(cfg, identity.clone(), interception.clone())?;
+        let cu = crate::cu::start(cfg, identity.clone(), interception.clone(), site_proxies)?;
         let uplink = match cfg.encap {
             EncapKind::Ipip => TaUplink::Ipip(
                 pon_netio::RawSender::open().context("opening raw socket (needs CAP_NET_RAW)")?,
@@ -307,6 +329,9 @@ pub struct RaDaemon {
     counters: Arc<RaCounters>,
     ipip: pon_netio::IpipReceiver,
     udp: Option<pon_netio::udp::UdpIo>,
+    /// Which proxies it takes packets from; pon-agent's TA updates it from
+    /// the CU's view.
+    pub decapsulator: Arc<Decapsulator>,
 }
 
 impl RaDaemon {
@@ -339,6 +364,7 @@ impl RaDaemon {
             counters: Arc::new(RaCounters::default()),
             ipip,
             udp,
+            decapsulator: Arc::new(Decapsulator::new(cfg.local_addr)),
         })
     }
 
@@ -360,28 +386,26 @@ impl RaDaemon {
         // The UDP leg is sealed with the key this VM shares with its proxy:
         // the VM's identity is the TA's (one key per app VM, the one the CU
         // vouches for).
-        let link = match cfg.proxy_key {
-            Some(proxy_key) if self.udp.is_some() => {
-                let link = pon_tunnel::lan::PairKey::for_agent(&vm_secret()?, &proxy_key.0)
-                    .map(|p| p.receiver(pon_tunnel::lan::Channel::Downlink));
-                if link.is_none() {
-                    anyhow::bail!("proxy_key shares no secret with this VM's key");
-                }
-                link
-            }
-            Some(_) => None,
-            None => {
-                if self.udp.is_some() {
-                    tracing::warn!("no proxy_key: the UDP leg accepts nothing");
-                }
-                None
-            }
+        if self.udp.is_some() && cfg.proxy_key.is_none() {
+            tracing::warn!(
+                "no proxy_key: the UDP leg accepts nothing until the CU names the site's proxies"
+            );
+        }
+        let secret = match (cfg.proxy_key, &self.udp) {
+            (Some(_), Some(_)) => vm_secret()?,
+            _ => [0; 32],
         };
-        let dec = Arc::new(Decapsulator {
-            proxy: cfg.proxy,
-            local: cfg.local_addr,
-            link,
-        });
+        if let Some(k) = cfg.proxy_key {
+            if pon_tunnel::lan::PairKey::for_agent(&secret, &k.0).is_none() && self.udp.is_some() {
+                anyhow::bail!("proxy_key shares no secret with this VM's key");
+            }
+        }
+        // The configured proxy, unless the CU already named the site's (in
+        // pon-agent, the TA's view may have come first).
+        let dec = self.decapsulator.clone();
+        if dec.senders().addrs().next().is_none() {
+            dec.set_senders(dec.senders().with(&[(cfg.proxy, cfg.proxy_key)], &secret));
+        }
         tracing::info!(tun = %cfg.tun_name, proxy = %cfg.proxy, udp_port = cfg.udp_port, "RA running");
         if let Some(udp) = self.udp {
             let (tun, dec, c) = (self.tun.clone(), dec.clone(), self.counters.clone());

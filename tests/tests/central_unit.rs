@@ -747,8 +747,7 @@ fn a_ta_follows_the_forwarder_the_cu_names() {
     let named = Instant::now();
 
     // Paris's TA now sends to the new forwarder, which carries its packets
-    // to tokyo. (Only that way: paris's RA still takes packets from the
-    // address it was configured with, so the replies do not arrive.)
+    // to tokyo.
     let ingress = "pon_forwarder_packets_total{stage=\"ingress\"}";
     let egress = "pon_forwarder_packets_total{stage=\"egress\"}";
     let tokyo_before = metric(&lab, "tokyo/proxy", TOKYO_FWD, egress);
@@ -767,6 +766,17 @@ fn a_ta_follows_the_forwarder_the_cu_names() {
     eprintln!(
         "paris's TA sent through the new forwarder {:.1} s after it started",
         followed.as_secs_f64()
+    );
+    // And the replies come back through it: paris's RA takes packets from
+    // the proxies the CU names for its site (pon-agent gives its RA the
+    // TA's view), not only from the address it was configured with.
+    let back = || metric(&lab, "paris/proxy", "198.18.1.2:9100", egress);
+    let before = back();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .ping_ok("paris/app1", TOKYO_APP)
+            && back() > before),
+        "no reply came back through the new forwarder"
     );
 }
 
