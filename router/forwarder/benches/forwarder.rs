@@ -164,7 +164,10 @@ fn main() {
             let c = s.next_counter().unwrap();
             black_box(s.tag(c, black_box(&data)));
         });
-        report("  of which: link tag (GMAC) over the datagram", ns);
+        report(
+            "  of which: link tag over the datagram (AES-GCM of a copy)",
+            ns,
+        );
     }
 
     let t = egress.table.load();
@@ -175,7 +178,7 @@ fn main() {
         let d = egress.from_peer(&t, &ses, black_box(&mut buf), HEADROOM, len, stranger);
         black_box(&d);
     });
-    report("drop (unknown peer address)", ns);
+    report("drop (not a PON datagram, from any address)", ns);
     // A datagram from a peer's address with a forged link tag: the cost
     // of refusing an attacker's packet.
     let (tab_i, ses_i) = (ingress.table.load(), ingress.sessions.load());

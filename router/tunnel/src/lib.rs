@@ -16,6 +16,7 @@
 //! expires.
 
 pub mod lan;
+pub mod mac;
 mod noise;
 mod replay;
 mod session;
