@@ -244,24 +244,15 @@ impl RouterPart {
         let Some(r) = &self.router else {
             return;
         };
-        let fresh = r.config().fresh();
         for d in r.destinations() {
-            let weighs = match r.policy(d) {
-                Some(Policy::Bandwidth) => true,
-                Some(Policy::Weighted(w)) => w.bandwidth > 0.0,
-                _ => false,
-            };
-            let Some(paths) = r.paths(d).filter(|_| weighs) else {
+            if !r.policy(d).is_some_and(|p| p.weighs_bandwidth()) {
                 continue;
-            };
-            for (i, (hops, m)) in paths.enumerate() {
-                if m.last_reply().is_none_or(|t| now.saturating_sub(t) > fresh) {
-                    continue;
-                }
+            }
+            for (i, hops) in r.fresh_paths(now, d) {
                 self.out.push_back(Output::Local {
                     to: Part::Monitor,
                     msg: LocalMsg::Bandwidth {
-                        tag: ProbeTag::bandwidth(d, i as u32),
+                        tag: ProbeTag::bandwidth(d, i),
                         path: hops,
                     },
                 });
