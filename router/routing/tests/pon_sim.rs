@@ -150,6 +150,10 @@ fn bad_arguments_are_refused_with_a_message() {
         (&["--nodes", "2"], &["--nodes 2", "expected 3..=1000"]),
         (&["--keepalive-ms", "0"], &["--keepalive-ms", "positive"]),
         (
+            &["--nodes", "30", "--sources", "3", "--trace", "1,2"],
+            &["--trace 1,2", "simulated sites (3 of 30"],
+        ),
+        (
             &["--csv", "/nonexistent/pon-sim.csv"],
             &[
                 "opening /nonexistent/pon-sim.csv",

@@ -216,6 +216,16 @@ fn main() -> anyhow::Result<()> {
             })
             .max(1),
     );
+    if let Some((src, dst)) = args.trace {
+        if dst >= scenario.nodes || !sources.contains(&src) {
+            bail!(
+                "--trace {src},{dst}: the source must be one of the simulated sites ({} of {}, see --sources) and the destination below {}",
+                sources.len(),
+                scenario.nodes,
+                scenario.nodes
+            );
+        }
+    }
     let oracle = sim::oracle_for(
         &scenario,
         &routing.policy,
