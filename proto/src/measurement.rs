@@ -5,6 +5,11 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+/// Packets in an available-bandwidth train, by default: the monitor's
+/// `train_len` default, here so that pon-sim counts what a monitor sends
+/// without depending on it.
+pub const DEFAULT_TRAIN_LEN: u16 = 16;
+
 /// Why a probe was sent, so that its result finds its way back to the
 /// router's bookkeeping. The monitor stores it and hands it back untouched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -84,7 +84,7 @@ impl Default for MonitorConfig {
             loss_window: 100,
             histogram_period_ms: 60_000,
             probe_len: probe::BODY_LEN,
-            train_len: 16,
+            train_len: pon_proto::measurement::DEFAULT_TRAIN_LEN,
             train_probe_len: 1200,
             max_outstanding: 4096,
         }

@@ -51,12 +51,12 @@ pub struct ControlConfig {
 impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
-            keepalive_ms: 50,
+            keepalive_ms: pon_routing::config::DEFAULT_KEEPALIVE_MS,
             steering_port: pon_proto::ports::STEERING,
             steering_refresh_ms: 1000,
             status_every_ms: 250,
             queue: 4096,
-            bandwidth_every_ms: 30_000,
+            bandwidth_every_ms: pon_routing::config::DEFAULT_BANDWIDTH_EVERY_MS,
         }
     }
 }

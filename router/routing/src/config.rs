@@ -9,6 +9,16 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 
+/// How often the proxy probes each current route besides the learning
+/// budget (`[proxy] keepalive_ms`): 20 probes/s, so that `failover_losses`
+/// consecutive losses are seen within a few hundred milliseconds. The
+/// proxy's default, kept here so that pon-sim counts what a proxy pays.
+pub const DEFAULT_KEEPALIVE_MS: u64 = 50;
+/// How often the proxy measures, with packet trains, the bandwidth of the
+/// recently answering candidates of destinations whose policy weighs
+/// bandwidth (`[proxy] bandwidth_every_ms`).
+pub const DEFAULT_BANDWIDTH_EVERY_MS: u64 = 30_000;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {

@@ -99,6 +99,16 @@ impl Policy {
 impl Policy {
     /// `f` such that cost ≥ f · RTT for every path, if there is one: a path
     /// whose RTT is known to be at least x cannot cost less than f · x.
+    /// Whether available bandwidth enters the cost: only then is it worth
+    /// measuring with packet trains (the proxy core and pon-sim both ask).
+    pub fn weighs_bandwidth(&self) -> bool {
+        match self {
+            Policy::Bandwidth => true,
+            Policy::Weighted(w) => w.bandwidth > 0.0,
+            Policy::Latency | Policy::Loss => false,
+        }
+    }
+
     pub fn rtt_floor_factor(&self) -> Option<f64> {
         match self {
             Policy::Latency | Policy::Loss => Some(1.0),

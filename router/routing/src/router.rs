@@ -586,6 +586,30 @@ impl Router {
         self.index.get(&dst).map(|&i| self.dests[i].stats)
     }
 
+    /// The candidates to `dst` that answered within `fresh` (index, path),
+    /// in index order: what the proxy measures with packet trains. Read
+    /// from the short list route decisions keep, not from every candidate.
+    pub fn fresh_paths(&self, now: Duration, dst: u32) -> Vec<(u32, Hops)> {
+        let Some(&di) = self.index.get(&dst) else {
+            return Vec::new();
+        };
+        let d = &self.dests[di];
+        let fresh = self.cfg.fresh();
+        let mut v: Vec<(u32, Hops)> = d
+            .answered
+            .iter()
+            .filter(|a| {
+                d.paths[a.path as usize]
+                    .m
+                    .last_reply()
+                    .is_some_and(|t| now.saturating_sub(t) <= fresh)
+            })
+            .map(|a| (a.path, d.paths[a.path as usize].hops))
+            .collect();
+        v.sort_unstable_by_key(|(i, _)| *i);
+        v
+    }
+
     /// Every candidate path to `dst` with what is known about it.
     pub fn paths(&self, dst: u32) -> Option<impl Iterator<Item = (Hops, &Measurement)> + '_> {
         let d = &self.dests[*self.index.get(&dst)?];

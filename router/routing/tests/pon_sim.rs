@@ -17,10 +17,11 @@ fn sim(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
-/// The selector rows of the table, without the timing column.
+/// The selector rows of the quality table, without the timing column.
 fn rows(report: &str) -> Vec<String> {
     report
         .lines()
+        .take_while(|l| !l.starts_with("probe cost"))
         .filter(|l| {
             ["direct-ip ", "rnn ", "bandit ", "random ", "fullmesh "]
                 .iter()
@@ -59,7 +60,70 @@ fn generated_and_csv_series_give_the_same_report() {
     assert!(vs_mesh > 0.0 && vs_mesh <= 3.0 / 9.0 + 1e-9, "{vs_mesh}");
     let from_csv = sim(&["--csv", csv_s, "--intervals", "60", "--seed", "3"]);
     assert_eq!(rows(&from_csv), r);
+    assert_eq!(cost_rows(&from_csv), cost_rows(&generated));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The probe cost table's rows: selector, then the figures.
+fn cost_rows(report: &str) -> Vec<(String, Vec<f64>)> {
+    report
+        .lines()
+        .skip_while(|l| !l.starts_with("probe cost"))
+        .skip(2)
+        .take_while(|l| !l.starts_with("dst:"))
+        .map(|l| {
+            let mut f = l.split_whitespace().filter(|x| *x != "|");
+            let name = f.next().unwrap().to_string();
+            (name, f.map(|x| x.parse().unwrap_or(f64::NAN)).collect())
+        })
+        .collect()
+}
+
+#[test]
+fn probe_cost_counts_keepalives_at_the_configured_rate() {
+    let args = ["--nodes", "8", "--intervals", "40", "--selector", "rnn"];
+    let default = cost_rows(&sim(&args));
+    let slower = cost_rows(&sim(&[&args[..], &["--keepalive-ms", "100"]].concat()));
+    assert_eq!(default.len(), 1);
+    let (name, d) = &default[0];
+    assert_eq!(name, "rnn");
+    // Per destination: learning at most k, keepalives 20/s on the route
+    // (never more, less only while unreachable), no trains for latency,
+    // sent their sum; per proxy: 7 destinations' worth.
+    let (learn, keep, bw, sent) = (d[0], d[1], d[2], d[3]);
+    assert!(learn > 0.0 && learn <= 3.0, "{d:?}");
+    assert!(keep > 19.0 && keep <= 20.0, "{d:?}");
+    assert_eq!(bw, 0.0);
+    assert!((sent - (learn + keep + bw)).abs() < 0.02, "{d:?}");
+    assert!((d[7] - 7.0 * sent).abs() < 0.1, "{d:?}");
+    // Every site runs a router: answers are known per proxy, and on
+    // average a proxy answers about what it sends.
+    assert!(d[8] > 0.9 * d[7] && d[8] <= d[7] + 1e-9, "{d:?}");
+    let s = &slower[0].1;
+    assert!((s[1] - keep / 2.0).abs() < 0.2, "{s:?} vs {d:?}");
+    assert_eq!(s[0], learn, "the routers decide the same");
+}
+
+#[test]
+fn large_overlays_simulate_a_sample_of_sources() {
+    let out = sim(&[
+        "--nodes",
+        "30",
+        "--intervals",
+        "30",
+        "--selector",
+        "rnn",
+        "--sources",
+        "5",
+    ]);
+    assert!(
+        out.contains("routers simulated at 5 of the 30 sites"),
+        "{out}"
+    );
+    let c = cost_rows(&out);
+    // The busiest proxy's answers need every site simulated.
+    assert!(c[0].1[12].is_nan(), "{out}");
+    assert!(c[0].1[1] > 19.0, "{out}");
 }
 
 #[test]
@@ -83,7 +147,12 @@ fn bad_arguments_are_refused_with_a_message() {
                 "expected latency, loss or bandwidth",
             ],
         ),
-        (&["--nodes", "2"], &["--nodes 2", "expected 3..=500"]),
+        (&["--nodes", "2"], &["--nodes 2", "expected 3..=1000"]),
+        (&["--keepalive-ms", "0"], &["--keepalive-ms", "positive"]),
+        (
+            &["--nodes", "30", "--sources", "3", "--trace", "1,2"],
+            &["--trace 1,2", "simulated sites (3 of 30"],
+        ),
         (
             &["--csv", "/nonexistent/pon-sim.csv"],
             &[

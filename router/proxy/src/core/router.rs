@@ -244,24 +244,15 @@ impl RouterPart {
         let Some(r) = &self.router else {
             return;
         };
-        let fresh = r.config().fresh();
         for d in r.destinations() {
-            let weighs = match r.policy(d) {
-                Some(Policy::Bandwidth) => true,
-                Some(Policy::Weighted(w)) => w.bandwidth > 0.0,
-                _ => false,
-            };
-            let Some(paths) = r.paths(d).filter(|_| weighs) else {
+            if !r.policy(d).is_some_and(|p| p.weighs_bandwidth()) {
                 continue;
-            };
-            for (i, (hops, m)) in paths.enumerate() {
-                if m.last_reply().is_none_or(|t| now.saturating_sub(t) > fresh) {
-                    continue;
-                }
+            }
+            for (i, hops) in r.fresh_paths(now, d) {
                 self.out.push_back(Output::Local {
                     to: Part::Monitor,
                     msg: LocalMsg::Bandwidth {
-                        tag: ProbeTag::bandwidth(d, i as u32),
+                        tag: ProbeTag::bandwidth(d, i),
                         path: hops,
                     },
                 });
@@ -275,11 +266,11 @@ impl RouterPart {
         let Some(r) = &mut self.router else {
             return;
         };
-        let mut changed = false;
+        let mut changed = Vec::new();
         while let Some(ev) = r.poll_event() {
-            changed = true;
             match ev {
                 RouterEvent::RouteChanged { dst, path, reason } => {
+                    changed.push(dst);
                     self.counters.route_changes.inc();
                     if reason == ChangeReason::Failover {
                         self.counters.failovers.inc();
@@ -287,48 +278,68 @@ impl RouterPart {
                     tracing::info!(dst, path = ?path.as_slice(), ?reason, "route changed");
                 }
                 RouterEvent::Unreachable { dst } => {
+                    changed.push(dst);
                     self.counters.unreachable.inc();
                     tracing::warn!(dst, "no overlay path works: traffic takes the IP path");
                 }
                 RouterEvent::Reachable { dst } => {
+                    changed.push(dst);
                     self.counters.reachable.inc();
                     tracing::info!(dst, "reachable over the overlay");
                 }
             }
         }
-        if changed {
+        if !changed.is_empty() {
             // Routes first: a new route is in the table before its
             // keepalives go out.
             self.send_routes(now);
-            self.rewatch(now);
+            self.rewatch_some(&changed);
         }
     }
 
-    /// Keepalives on exactly the current routes.
+    /// Keepalives follow the current routes of `dsts`, the destinations
+    /// an event touched (only events move a route): per event, not a pass
+    /// over every destination, which with a thousand of them would cost
+    /// more than the event.
+    fn rewatch_some(&mut self, dsts: &[u32]) {
+        let Some(r) = &self.router else {
+            return;
+        };
+        let every = self.keepalive_ms();
+        let mut rates = Vec::new();
+        for &d in dsts {
+            let want = r.current_path(d);
+            let had = self.watched.get(&d).copied();
+            if had == want {
+                continue;
+            }
+            if let Some(p) = had {
+                self.watched.remove(&d);
+                rates.push((d, p, 0));
+            }
+            if let Some(p) = want {
+                self.watched.insert(d, p);
+                rates.push((d, p, every));
+            }
+        }
+        for (d, p, every_ms) in rates {
+            self.rate(d, p, every_ms);
+        }
+    }
+
+    /// Keepalives on exactly the current routes (after a topology change,
+    /// which can add or remove any destination).
     fn rewatch(&mut self, now: Duration) {
         let Some(r) = &self.router else {
             return self.unwatch_all(now);
         };
-        let want: HashMap<u32, Hops> = r
+        let mut all: Vec<u32> = r
             .destinations()
-            .filter_map(|d| r.current_path(d).map(|p| (d, p)))
+            .chain(self.watched.keys().copied())
             .collect();
-        let stale: Vec<(u32, Hops)> = self
-            .watched
-            .iter()
-            .filter(|(d, p)| want.get(d) != Some(p))
-            .map(|(d, p)| (*d, *p))
-            .collect();
-        for (d, p) in stale {
-            self.watched.remove(&d);
-            self.rate(d, p, 0);
-        }
-        let every = self.keepalive_ms();
-        for (d, p) in want {
-            if self.watched.insert(d, p) != Some(p) {
-                self.rate(d, p, every);
-            }
-        }
+        all.sort_unstable();
+        all.dedup();
+        self.rewatch_some(&all);
     }
 
     fn unwatch_all(&mut self, _now: Duration) {

@@ -4,7 +4,8 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use pon_routing::sim::{self, GenParams, Report, RunConfig, Scenario};
+use pon_routing::config::{DEFAULT_BANDWIDTH_EVERY_MS, DEFAULT_KEEPALIVE_MS};
+use pon_routing::sim::{self, CostConfig, Counts, GenParams, Report, RunConfig, Scenario};
 use pon_routing::{Policy, RoutingConfig, SelectorKind};
 use std::io::BufReader;
 use std::path::PathBuf;
@@ -83,7 +84,28 @@ struct Args {
     /// Worker threads (selectors run side by side).
     #[arg(long)]
     threads: Option<usize>,
+    /// Simulate the routers of this many sites only, spread evenly over
+    /// all of them (each still routes to every site, over every relay).
+    /// Default: every site up to 200 sites, 16 beyond (a router over a
+    /// thousand sites keeps a million candidate paths).
+    #[arg(long)]
+    sources: Option<usize>,
+    /// Keepalive period of every current route, as the proxy's [proxy]
+    /// keepalive_ms: counted in the probe cost.
+    #[arg(long, default_value_t = DEFAULT_KEEPALIVE_MS)]
+    keepalive_ms: u64,
+    /// Bandwidth trains (for policies that weigh bandwidth) this often, as
+    /// the proxy's [proxy] bandwidth_every_ms; 0: never.
+    #[arg(long, default_value_t = DEFAULT_BANDWIDTH_EVERY_MS)]
+    bandwidth_every_ms: u64,
+    /// Packets per bandwidth train, as the monitor's train_len.
+    #[arg(long, default_value_t = pon_proto::measurement::DEFAULT_TRAIN_LEN)]
+    train_len: u16,
 }
+
+/// Above this many sites, only a sample of them runs a router by default.
+const ALL_SOURCES_UP_TO: usize = 200;
+const DEFAULT_SAMPLED_SOURCES: usize = 16;
 
 fn parse_pair(s: &str) -> Result<(usize, usize), String> {
     let (a, b) = s.split_once(',').ok_or("expected SRC,DST")?;
@@ -153,8 +175,8 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("reading {}", path.display()))?
         }
         None => {
-            if !(3..=500).contains(&args.nodes) {
-                bail!("--nodes {}: expected 3..=500", args.nodes);
+            if !(3..=1000).contains(&args.nodes) {
+                bail!("--nodes {}: expected 3..=1000", args.nodes);
             }
             sim::generate(&GenParams {
                 inflated_share: args.inflated,
@@ -181,7 +203,36 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let warmup = args.warmup.unwrap_or(scenario.intervals / 10);
-    let oracle = sim::oracle(&scenario, &routing.policy, routing.max_relays, threads);
+    if args.keepalive_ms == 0 {
+        bail!("--keepalive-ms must be positive (the proxy requires it)");
+    }
+    let sources = sim::spread_sources(
+        scenario.nodes,
+        args.sources
+            .unwrap_or(if scenario.nodes <= ALL_SOURCES_UP_TO {
+                scenario.nodes
+            } else {
+                DEFAULT_SAMPLED_SOURCES
+            })
+            .max(1),
+    );
+    if let Some((src, dst)) = args.trace {
+        if dst >= scenario.nodes || !sources.contains(&src) {
+            bail!(
+                "--trace {src},{dst}: the source must be one of the simulated sites ({} of {}, see --sources) and the destination below {}",
+                sources.len(),
+                scenario.nodes,
+                scenario.nodes
+            );
+        }
+    }
+    let oracle = sim::oracle_for(
+        &scenario,
+        &routing.policy,
+        routing.max_relays,
+        threads,
+        &sources,
+    );
     let prep = t0.elapsed();
 
     let base = RunConfig {
@@ -191,6 +242,12 @@ fn main() -> anyhow::Result<()> {
         probe_timeout: Duration::from_millis(routing.interval_ms.min(2000)),
         seed: args.seed,
         trace: args.trace,
+        cost: CostConfig {
+            keepalive: Duration::from_millis(args.keepalive_ms),
+            bandwidth_every: (args.bandwidth_every_ms > 0)
+                .then(|| Duration::from_millis(args.bandwidth_every_ms)),
+            train_len: args.train_len,
+        },
     };
     let next = AtomicUsize::new(0);
     let reports: Mutex<Vec<(usize, Report)>> = Mutex::new(Vec::new());
@@ -233,6 +290,14 @@ fn main() -> anyhow::Result<()> {
         oracle.candidates,
         prep.as_secs_f64()
     );
+    if sources.len() < scenario.nodes {
+        println!(
+            "routers simulated at {} of the {} sites (--sources), each routing to all the others: {} pairs scored",
+            sources.len(),
+            scenario.nodes,
+            sources.len() * (scenario.nodes - 1)
+        );
+    }
     println!();
     println!(
         "{:<10} {:>9} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>10} {:>9} {:>6}",
@@ -284,6 +349,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!();
+    print_cost(&rows, &base.cost);
+    println!();
     let worst: Vec<String> = rows
         .iter()
         .map(|r| format!("{} {}→{}", r.selector, r.worst_pair.0, r.worst_pair.1))
@@ -296,4 +363,72 @@ fn main() -> anyhow::Result<()> {
     println!("dead%: share of pair-intervals (with some path up) spent on a dead route; unreach%: ...spent declared unreachable (traffic on the IP path).");
     println!("chg/100i, fail/100i: route changes and failovers per pair per 100 intervals. probes/dst: per destination per interval; vs mesh: that / full mesh.");
     Ok(())
+}
+
+/// The probe cost table: probes/s per destination and per proxy, by kind.
+fn print_cost(rows: &[Report], cfg: &CostConfig) {
+    println!(
+        "probe cost, probes/s (keepalive every {} ms on each current route; bandwidth trains of {} every {}):",
+        cfg.keepalive.as_millis(),
+        cfg.train_len,
+        cfg.bandwidth_every
+            .map_or("never".to_string(), |d| format!("{} ms", d.as_millis())),
+    );
+    println!(
+        "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+        "selector",
+        "dst:lrn",
+        "keepal",
+        "bw",
+        "sent",
+        "prx:lrn",
+        "keepal",
+        "bw",
+        "sent",
+        "answers",
+        "relayed",
+        "wire",
+        "max:sent",
+        "answers",
+        "wire"
+    );
+    let f = |x: f64| {
+        if x.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{x:.2}")
+        }
+    };
+    let mut estimated = false;
+    for r in rows {
+        let Some(c) = &r.cost else {
+            continue;
+        };
+        estimated |= !c.all_sources;
+        let (d, m, x): (&Counts, &Counts, &Counts) =
+            (&c.per_destination, &c.per_proxy_mean, &c.per_proxy_max);
+        println!(
+            "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+            r.selector,
+            f(d.learning()),
+            f(d.keepalive()),
+            f(d.bandwidth()),
+            f(d.sent()),
+            f(m.learning()),
+            f(m.keepalive()),
+            f(m.bandwidth()),
+            f(m.sent()),
+            f(m.answers()),
+            f(m.relayed()),
+            f(m.wire()),
+            f(c.max_sent),
+            f(x.answers()),
+            f(c.max_wire),
+        );
+    }
+    println!("dst:…: per destination (mean over pairs), probes it originates: learning (the router's budget), keepalive (current route), bandwidth (train packets), sent = their sum.");
+    println!("prx:…: per proxy (mean over proxies): what it originates, the answers it sends to others' probes, the probes and answers it forwards as a relay (twice per answered probe per relay), wire = all of them. max:…: the busiest proxy.");
+    if estimated {
+        println!("sampled sources: answers and relayed per proxy are what a simulated source's probes cause (every probe is answered by one proxy, so the mean is the same); their max needs every site simulated (-).");
+    }
 }

@@ -487,3 +487,38 @@ proptest! {
         }
     }
 }
+
+/// `fresh_paths` reads the short list, yet names exactly the candidates a
+/// scan of all of them finds answered within `fresh`, in index order.
+#[test]
+fn fresh_paths_are_the_recently_answered_candidates() {
+    let mut r = router(
+        RoutingConfig {
+            selector: SelectorKind::Random,
+            ..cfg()
+        },
+        12,
+    );
+    let fresh = r.config().fresh();
+    // Paths answer or not by their index; random probing spreads the
+    // answers over time, so some go stale while others are fresh.
+    let world =
+        |h: &Hops| (!h.as_slice()[0].is_multiple_of(3)).then_some(20 + u64::from(h.as_slice()[0]));
+    for t in 0..40 {
+        step(&mut r, t, &world);
+        let now = secs(t) + ms(500);
+        let scan: Vec<(u32, Hops)> = r
+            .paths(2)
+            .unwrap()
+            .enumerate()
+            .filter(|(_, (_, m))| {
+                m.last_reply()
+                    .is_some_and(|x| now.saturating_sub(x) <= fresh)
+            })
+            .map(|(i, (h, _))| (i as u32, h))
+            .collect();
+        assert_eq!(r.fresh_paths(now, 2), scan, "t = {t}");
+    }
+    assert!(r.fresh_paths(secs(1000), 2).is_empty());
+    assert!(r.fresh_paths(secs(1), 99).is_empty());
+}

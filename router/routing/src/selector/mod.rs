@@ -126,8 +126,9 @@ pub(crate) fn argmax_available(scores: &[f64], avail: &[bool], rng: &mut Rng) ->
     }
     let start = rng.below(n);
     let mut best: Option<usize> = None;
-    for off in 0..n {
-        let i = (start + off) % n;
+    // From `start` round to just before it, as two ranges: a modulo per
+    // candidate costs more than the comparison it guards.
+    for i in (start..n).chain(0..start) {
         if avail[i] && best.is_none_or(|b| scores[i] > scores[b]) {
             best = Some(i);
         }

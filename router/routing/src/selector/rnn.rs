@@ -181,16 +181,25 @@ impl RnnSelector {
             (&mut self.wm, &mut self.wp)
         };
         mine[i] += reward;
-        for (k, w) in others.iter_mut().enumerate() {
+        // One pass adds the share and sums both vectors (two independent
+        // chains of additions, each in index order as a separate sum would
+        // do it, so the totals are the same to the bit), one pass rescales:
+        // this runs for every probe result, over every candidate.
+        let (mut sum_mine, mut sum_others) = (-0.0f64, -0.0f64);
+        for (k, (m, o)) in mine.iter().zip(others.iter_mut()).enumerate() {
             if k != i {
-                *w += share;
+                *o += share;
             }
+            sum_mine += *m;
+            sum_others += *o;
         }
-        let new_total: f64 = self.wp.iter().sum::<f64>() + self.wm.iter().sum::<f64>();
+        let new_total = sum_mine + sum_others;
         if new_total > 0.0 {
             let f = self.total / new_total;
-            self.wp.iter_mut().for_each(|w| *w *= f);
-            self.wm.iter_mut().for_each(|w| *w *= f);
+            for (p, m) in self.wp.iter_mut().zip(self.wm.iter_mut()) {
+                *p *= f;
+                *m *= f;
+            }
         }
         self.q_dirty = true;
     }

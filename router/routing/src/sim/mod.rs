@@ -8,8 +8,10 @@
 //! its probes are answered in RTT order (losses at the probe timeout), and
 //! the route it holds afterwards is scored against matrix `t`.
 
+pub mod cost;
 pub mod scenario;
 
+pub use cost::{CostConfig, CostMeter, CostReport, Counts, Source};
 pub use scenario::{from_csv, generate, CsvError, GenParams, PathTruth, Scenario};
 
 use super::policy::{PathMetrics, Policy};
@@ -22,15 +24,37 @@ use std::time::{Duration, Instant};
 /// full knowledge; infinite when no candidate path is alive.
 pub struct Oracle {
     nodes: usize,
+    /// The sites whose routers are simulated (all of them unless sampled),
+    /// ascending, and each site's position among them (`NOT_SOURCE`).
+    sources: Vec<usize>,
+    slot: Vec<u32>,
     best_rtt: Vec<f32>,
     /// Candidate paths per destination (what a full mesh probes).
     pub candidates: usize,
 }
 
 impl Oracle {
+    /// `src` must be one of `sources()`.
     pub fn best_rtt(&self, t: usize, src: usize, dst: usize) -> f64 {
-        f64::from(self.best_rtt[(t * self.nodes + src) * self.nodes + dst])
+        let slot = self.slot[src] as usize;
+        debug_assert!(slot != NOT_SOURCE as usize, "{src} is not simulated");
+        f64::from(self.best_rtt[(t * self.sources.len() + slot) * self.nodes + dst])
     }
+
+    pub fn sources(&self) -> &[usize] {
+        &self.sources
+    }
+}
+
+const NOT_SOURCE: u32 = u32::MAX;
+
+/// `count` sites spread evenly over `nodes` (all of them if `count` is
+/// not smaller): the sources a sampled run simulates.
+pub fn spread_sources(nodes: usize, count: usize) -> Vec<usize> {
+    if count >= nodes {
+        return (0..nodes).collect();
+    }
+    (0..count).map(|i| i * nodes / count.max(1)).collect()
 }
 
 fn truth_cost(policy: &Policy, p: PathTruth) -> f64 {
@@ -41,18 +65,38 @@ fn truth_cost(policy: &Policy, p: PathTruth) -> f64 {
     })
 }
 
-/// Computes the oracle (parallel over intervals, `threads` at most).
+/// Computes the oracle for every source (parallel over intervals,
+/// `threads` at most).
 pub fn oracle(s: &Scenario, policy: &Policy, max_relays: u8, threads: usize) -> Oracle {
+    oracle_for(
+        s,
+        policy,
+        max_relays,
+        threads,
+        &spread_sources(s.nodes, s.nodes),
+    )
+}
+
+/// Computes the oracle for the routers at `sources` only (ascending site
+/// indices): what a sampled run scores.
+pub fn oracle_for(
+    s: &Scenario,
+    policy: &Policy,
+    max_relays: u8,
+    threads: usize,
+    sources: &[usize],
+) -> Oracle {
     let n = s.nodes;
-    let mut best_rtt = vec![f32::INFINITY; s.intervals * n * n];
+    let m = sources.len();
+    let mut best_rtt = vec![f32::INFINITY; s.intervals * m * n];
     let threads = threads.max(1);
     let chunk_t = s.intervals.div_ceil(threads).max(1);
     std::thread::scope(|scope| {
-        for (c, chunk) in best_rtt.chunks_mut(chunk_t * n * n).enumerate() {
+        for (c, chunk) in best_rtt.chunks_mut((chunk_t * m * n).max(1)).enumerate() {
             scope.spawn(move || {
-                for (dt, slab) in chunk.chunks_mut(n * n).enumerate() {
+                for (dt, slab) in chunk.chunks_mut((m * n).max(1)).enumerate() {
                     let t = c * chunk_t + dt;
-                    for src in 0..n {
+                    for (slot, &src) in sources.iter().enumerate() {
                         for dst in 0..n {
                             if src == dst {
                                 continue;
@@ -78,7 +122,7 @@ pub fn oracle(s: &Scenario, policy: &Policy, max_relays: u8, threads: usize) -> 
                                     }
                                 }
                             }
-                            slab[src * n + dst] = best.1 as f32;
+                            slab[slot * n + dst] = best.1 as f32;
                         }
                     }
                 }
@@ -93,8 +137,14 @@ pub fn oracle(s: &Scenario, policy: &Policy, max_relays: u8, threads: usize) -> 
         } else {
             0
         };
+    let mut slot = vec![NOT_SOURCE; n];
+    for (i, &src) in sources.iter().enumerate() {
+        slot[src] = i as u32;
+    }
     Oracle {
         nodes: n,
+        sources: sources.to_vec(),
+        slot,
         best_rtt,
         candidates,
     }
@@ -114,6 +164,8 @@ pub struct RunConfig {
     /// Print every interval of this (source, destination) pair to stderr:
     /// the route, its RTT, the oracle's, and the paths probed.
     pub trace: Option<(usize, usize)>,
+    /// The proxy's probing besides the router's (keepalives, trains).
+    pub cost: CostConfig,
 }
 
 /// What one selector achieved.
@@ -144,6 +196,9 @@ pub struct Report {
     pub probes_per_dst_interval: f64,
     /// What the full mesh sends per destination per interval.
     pub full_mesh_probes: usize,
+    /// Every probe the proxies send and answer, by kind (`None` for the
+    /// direct baseline: no overlay, no probes).
+    pub cost: Option<CostReport>,
     pub elapsed: Duration,
 }
 
@@ -172,6 +227,7 @@ impl Report {
             failovers_per_pair_per_100: 0.0,
             probes_per_dst_interval: 0.0,
             full_mesh_probes: oracle.candidates,
+            cost: None,
             elapsed: started.elapsed(),
         }
     }
@@ -274,8 +330,10 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
     let n = s.nodes;
     let interval = rc.routing.interval();
     let all: Vec<u32> = (0..n).map(id).collect();
-    let mut routers: Vec<Router> = (0..n)
-        .map(|i| {
+    let sources = oracle.sources();
+    let mut routers: Vec<Router> = sources
+        .iter()
+        .map(|&i| {
             let mut r = Router::new(id(i), rc.routing.clone()).expect("valid routing config");
             r.set_peers(Duration::ZERO, &all);
             for &d in &all {
@@ -290,13 +348,37 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
     let mut results: Vec<(Duration, usize, ProbeOutcome)> = Vec::new();
     let mut hop_idx: Vec<usize> = Vec::with_capacity(8);
     let (mut total_probes, mut changes, mut failovers) = (0u64, 0u64, 0u64);
+    let mut cost = CostMeter::new(rc.cost, n, sources.len());
     for t in 0..s.intervals {
         let now = interval * t as u32;
         let scored = t >= rc.warmup;
-        for (src, router) in routers.iter_mut().enumerate() {
+        for (slot, router) in routers.iter_mut().enumerate() {
+            let src = sources[slot];
+            let at = Source {
+                s,
+                t,
+                scored,
+                slot,
+                src,
+            };
             probes.clear();
             results.clear();
             router.on_tick(now, &mut probes);
+            // Events are drained as they happen (not once per interval), so
+            // that the keepalives follow each route change at its time.
+            let mut drain = |router: &mut Router, cost: &mut CostMeter, when: Duration| {
+                while let Some(e) = router.poll_event() {
+                    cost.event(&at, router, when, &e);
+                    if let RouterEvent::RouteChanged { reason, .. } = e {
+                        if scored && reason != ChangeReason::Initial {
+                            changes += 1;
+                            failovers += u64::from(reason == ChangeReason::Failover);
+                        }
+                    }
+                }
+            };
+            drain(router, &mut cost, now);
+            cost.bandwidth(&at, router, now);
             if scored {
                 total_probes += probes.len() as u64;
             }
@@ -326,17 +408,14 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 results[start..end].sort_unstable_by_key(|(at, pi, _)| (*at, *pi));
                 start = end;
             }
-            for &(at, pi, outcome) in &results {
-                router.on_probe_result(at, &probes[pi], outcome);
+            for &(when, pi, outcome) in &results {
+                let p = &probes[pi];
+                router.on_probe_result(when, p, outcome);
+                let answered = matches!(outcome, ProbeOutcome::Reply { .. });
+                cost.learning(&at, &p.path, answered);
+                drain(router, &mut cost, when);
             }
-            while let Some(e) = router.poll_event() {
-                if let RouterEvent::RouteChanged { reason, .. } = e {
-                    if scored && reason != ChangeReason::Initial {
-                        changes += 1;
-                        failovers += u64::from(reason == ChangeReason::Failover);
-                    }
-                }
-            }
+            cost.end_interval(&at, now + interval);
             if !scored {
                 continue;
             }
@@ -379,9 +458,11 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
             }
         }
     }
-    let pairs = (n * (n - 1)) as f64;
+    let pairs = (sources.len() * (n - 1)) as f64;
     let scored_intervals = s.intervals.saturating_sub(rc.warmup).max(1) as f64;
+    let seconds = scored_intervals * interval.as_secs_f64();
     Report {
+        cost: Some(cost.report(sources, seconds, pairs)),
         changes_per_pair_per_100: changes as f64 / pairs / scored_intervals * 100.0,
         failovers_per_pair_per_100: failovers as f64 / pairs / scored_intervals * 100.0,
         probes_per_dst_interval: total_probes as f64 / pairs / scored_intervals,
@@ -401,7 +482,7 @@ pub fn direct_baseline(s: &Scenario, oracle: &Oracle, warmup: usize) -> Report {
     let n = s.nodes;
     let mut acc = vec![PairAcc::default(); n * n];
     for t in warmup..s.intervals {
-        for src in 0..n {
+        for &src in oracle.sources() {
             for dst in 0..n {
                 let best = oracle.best_rtt(t, src, dst);
                 if src == dst || !best.is_finite() {
@@ -441,6 +522,7 @@ mod tests {
             probe_timeout: Duration::from_secs(2),
             seed: 1,
             trace: None,
+            cost: CostConfig::default(),
         }
     }
 
