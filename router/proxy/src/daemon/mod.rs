@@ -159,12 +159,24 @@ fn serve<C: Core + 'static, S: StatusPage>(
 
 /// One end of a split proxy's local link: where this part listens, its
 /// static secret, this run's epoch and the other parts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkSetup {
     pub listen: SocketAddr,
     pub secret: [u8; 32],
     pub epoch: u64,
     pub partners: Vec<Partner>,
+}
+
+/// Never prints the secret (a configuration dump or an error's context
+/// must not leak the part's key).
+impl std::fmt::Debug for LinkSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkSetup")
+            .field("listen", &self.listen)
+            .field("epoch", &self.epoch)
+            .field("partners", &self.partners)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LinkSetup {
