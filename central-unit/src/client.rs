@@ -387,19 +387,27 @@ async fn run(
             .await;
         let ended = match picked {
             Err(why) => Ended::Failed(Failure::Resolve, why),
-            Ok(addr) => {
-                connect_and_serve(
-                    &endpoint,
-                    addr,
-                    &server_name,
-                    start,
-                    &mut session,
-                    &mut on_view,
-                    &status,
-                    &mut signals,
-                )
-                .await
-            }
+            Ok(addr) => match connect(&endpoint, addr, &server_name, &mut signals).await {
+                Err(ended) => ended,
+                Ok(conn) => {
+                    status.counters.connects.inc();
+                    // Debug only: a refused agent connects every few
+                    // seconds; "registered" is the news worth a line.
+                    tracing::debug!(cu = %addr, "connected to the CU");
+                    let ended = serve(
+                        &conn,
+                        start,
+                        &mut session,
+                        &mut on_view,
+                        &status,
+                        &mut signals,
+                    )
+                    .await;
+                    status.lost();
+                    conn.close(0u32.into(), b"bye");
+                    ended
+                }
+            },
         };
         let (why, detail) = match ended {
             Ended::Exit => {
@@ -438,57 +446,34 @@ async fn run(
     }
 }
 
-/// One connection to the CU at `addr`, served until it ends.
-#[allow(clippy::too_many_arguments)]
-async fn connect_and_serve(
+/// A connection to the CU at `addr`, or how trying ended.
+async fn connect(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     server_name: &str,
-    start: Instant,
-    session: &mut Session,
-    on_view: &mut ViewCallback,
-    status: &ClientStatus,
     signals: &mut Option<Signals>,
-) -> Ended {
-    match endpoint.connect(addr, server_name) {
-        Err(e) => {
-            use quinn::ConnectError as E;
-            let why = match e {
-                E::InvalidServerName(_)
-                | E::InvalidRemoteAddress(_)
-                | E::UnsupportedVersion
-                | E::NoDefaultClientConfig => Failure::Config,
-                _ => Failure::Closed,
-            };
-            Ended::Failed(why, format!("connecting to the CU at {addr}: {e}"))
-        }
-        Ok(connecting) => {
-            let conn = tokio::select! {
-                c = connecting => c,
-                _ = Signals::wait(signals) => std::process::exit(0),
-            };
-            match conn {
-                Ok(conn) => {
-                    status.counters.connects.inc();
-                    // Debug only: a refused agent connects every few
-                    // seconds; "registered" is the news worth a line.
-                    tracing::debug!(cu = %addr, "connected to the CU");
-                    let ended =
-                        serve(&conn, start, session, on_view, status, signals)
-                            .await;
-                    status.lost();
-                    conn.close(0u32.into(), b"bye");
-                    ended
-                }
-                Err(e) => match failure_of(&e) {
-                    Failure::Tls => Ended::Failed(Failure::Tls, format!(
-                        "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
-                    )),
-                    why => Ended::Failed(why, format!("cannot reach the CU at {addr}: {e}")),
-                },
-            }
-        }
-    }
+) -> Result<quinn::Connection, Ended> {
+    let connecting = endpoint.connect(addr, server_name).map_err(|e| {
+        use quinn::ConnectError as E;
+        let why = match e {
+            E::InvalidServerName(_)
+            | E::InvalidRemoteAddress(_)
+            | E::UnsupportedVersion
+            | E::NoDefaultClientConfig => Failure::Config,
+            _ => Failure::Closed,
+        };
+        Ended::Failed(why, format!("connecting to the CU at {addr}: {e}"))
+    })?;
+    let conn = tokio::select! {
+        c = connecting => c,
+        _ = Signals::wait(signals) => std::process::exit(0),
+    };
+    conn.map_err(|e| match failure_of(&e) {
+        Failure::Tls => Ended::Failed(Failure::Tls, format!(
+            "TLS handshake with the CU at {addr} failed: {e} (is [cu] ca the CA that made the CU's certificate, and server_name = {server_name:?} in it?)"
+        )),
+        why => Ended::Failed(why, format!("cannot reach the CU at {addr}: {e}")),
+    })
 }
 
 async fn serve(
