@@ -4,7 +4,7 @@
 
 use crate::config::TaConfig;
 use crate::interception::Interception;
-use crate::ta::CurrentForwarder;
+use crate::ta::{Forwarder, SiteForwarders};
 use ipnet::IpNet;
 use pon_cu::client::{self, ClientStatus};
 use pon_cu::view::View;
@@ -27,69 +27,76 @@ pub fn wanted(view: &View, my_cloud: &str, configured: &[IpNet]) -> Vec<IpNet> {
     set.into_iter().collect()
 }
 
-/// The forwarder the CU names for this VM: the proxy serving its cloud,
-/// at its agent-leg address and UDP port.
-pub fn forwarder_in(
-    view: &View,
-    my_cloud: &str,
-    default_port: u16,
-) -> Option<((Ipv4Addr, u16), PublicKey)> {
-    let p = view.proxy_of(my_cloud)?;
-    let port = if p.agent_udp_port != 0 {
-        p.agent_udp_port
-    } else {
-        default_port
-    };
-    Some(((p.agent_addr, port), p.noise_key))
+/// The forwarders the CU names for this VM: every proxy serving its
+/// cloud, at its agent-leg address and UDP port, with its static key.
+pub fn forwarders_in(view: &View, my_cloud: &str, default_port: u16) -> Vec<Forwarder> {
+    view.proxies_of(my_cloud)
+        .map(|p| Forwarder {
+            id: p.id,
+            addr: (
+                p.agent_addr,
+                if p.agent_udp_port != 0 {
+                    p.agent_udp_port
+                } else {
+                    default_port
+                },
+            ),
+            key: Some(p.noise_key),
+        })
+        .collect()
 }
 
-/// What following a view did to the TA's forwarder.
+/// What following a view did to the TA's forwarders.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Followed {
     Unchanged,
-    First((Ipv4Addr, u16)),
-    Moved {
-        old: (Ipv4Addr, u16),
-        new: (Ipv4Addr, u16),
+    First(Vec<(Ipv4Addr, u16)>),
+    Changed {
+        old: Vec<(Ipv4Addr, u16)>,
+        new: Vec<(Ipv4Addr, u16)>,
     },
 }
 
-/// Points `current` at the forwarder `view` names, if it names one: the
-/// data path and the steering thread follow from their next packet. A view
-/// naming none (the cloud's proxies all gone) keeps the last one, since
-/// there is nothing better to send to.
+/// Points `forwarders` at the proxies `view` names for the site, if it
+/// names any: the data path and the steering thread follow from their next
+/// packet. A view naming none (the cloud's proxies all gone) keeps the last
+/// ones, since there is nothing better to send to.
 pub fn follow(
-    current: &CurrentForwarder,
+    forwarders: &SiteForwarders,
     view: &View,
     my_cloud: &str,
     default_port: u16,
 ) -> Followed {
-    let Some((new, key)) = forwarder_in(view, my_cloud, default_port) else {
-        return Followed::Unchanged;
-    };
-    match current.swap(new, Some(key)) {
-        None => Followed::First(new),
-        Some(old) if old != new => Followed::Moved { old, new },
-        Some(_) => Followed::Unchanged,
+    let named = forwarders_in(view, my_cloud, default_port);
+    let addrs = |v: &[Forwarder]| v.iter().map(|f| f.addr).collect::<Vec<_>>();
+    let new = addrs(&named);
+    match forwarders.name(named) {
+        None => Followed::Unchanged,
+        Some(old) if old.is_empty() => Followed::First(new),
+        Some(old) => Followed::Changed {
+            old: addrs(&old),
+            new,
+        },
     }
 }
 
 pub struct TaCu {
     pub status: Option<Arc<ClientStatus>>,
-    forwarder: Arc<CurrentForwarder>,
+    forwarders: Arc<SiteForwarders>,
     named: Option<mpsc::Receiver<()>>,
 }
 
 impl TaCu {
-    /// The forwarder to send to: the configured one, or in CU mode the one
-    /// the CU names, which may change later (blocks until the first).
-    pub fn forwarder(&mut self) -> anyhow::Result<Arc<CurrentForwarder>> {
+    /// The forwarders to send to: the configured one, or in CU mode the
+    /// proxies the CU names for the site, which may change later (blocks
+    /// until the first are named).
+    pub fn forwarders(&mut self) -> anyhow::Result<Arc<SiteForwarders>> {
         if let Some(rx) = self.named.take() {
-            tracing::info!("waiting for the CU to name this VM's forwarder");
+            tracing::info!("waiting for the CU to name this VM's forwarders");
             rx.recv()
                 .map_err(|_| anyhow::anyhow!("the CU client stopped before naming a forwarder"))?;
         }
-        Ok(self.forwarder.clone())
+        Ok(self.forwarders.clone())
     }
 }
 
@@ -118,7 +125,7 @@ pub fn start(
         let fwd = cfg.forwarder.expect("validated: forwarder or [cu]");
         return Ok(TaCu {
             status: None,
-            forwarder: Arc::new(CurrentForwarder::new(
+            forwarders: Arc::new(SiteForwarders::new(
                 (fwd, cfg.forwarder_udp_port),
                 cfg.forwarder_key,
             )),
@@ -142,16 +149,20 @@ pub fn start(
     let cloud = cu.cloud.clone();
     let configured = cfg.intercept.clone();
     let default_port = cfg.forwarder_udp_port;
-    let current = Arc::new(CurrentForwarder::default());
-    let cur = current.clone();
+    let forwarders = Arc::new(SiteForwarders::default());
+    let named = forwarders.clone();
     let on_view = Box::new(move |view: &View| {
-        match follow(&cur, view, &cloud, default_port) {
+        match follow(&named, view, &cloud, default_port) {
             Followed::First(f) => {
-                tracing::info!(forwarder = %f.0, "forwarder from the CU");
+                tracing::info!(forwarders = ?f, "forwarders from the CU");
                 let _ = tx.send(());
             }
-            Followed::Moved { old, new } => {
-                tracing::warn!(old = %old.0, new = %new.0, "the CU names another forwarder: following it");
+            Followed::Changed { old, new } => {
+                tracing::warn!(
+                    ?old,
+                    ?new,
+                    "the CU names other forwarders for this site: following them"
+                );
             }
             Followed::Unchanged => {}
         }
@@ -177,7 +188,7 @@ pub fn start(
     let status = client::spawn(&cu, identity, register, on_view, on_fatal, true)?;
     Ok(TaCu {
         status: Some(status),
-        forwarder: current,
+        forwarders,
         named: Some(rx),
     })
 }
@@ -186,7 +197,7 @@ pub fn start(
 mod tests {
     use super::*;
     use pon_cu::view::testing;
-    use pon_proto::control::{Change, Config, PublicKey};
+    use pon_proto::control::{Change, Config};
 
     fn empty_view() -> View {
         let mut v = View::default();
@@ -220,65 +231,67 @@ mod tests {
         assert!(wanted(&v, "paris", &[]).is_empty());
     }
 
+    /// Proxy `id` of paris, sealing steering as the test proxy does.
     fn proxy(id: u32, last: u8) -> Change {
-        Change::Up(testing::proxy(id, "paris", Ipv4Addr::new(198, 18, 1, last)))
+        let mut p = testing::proxy(id, "paris", Ipv4Addr::new(198, 18, 1, last));
+        p.info.noise_key = crate::steering::tests::proxy_key();
+        Change::Up(p)
     }
 
     #[test]
-    fn the_ta_follows_a_new_forwarder_and_its_steering_only() {
+    fn the_ta_follows_the_sites_proxies_and_their_steering_only() {
         use crate::steering::tests::datagram;
-        use crate::steering::{SteeringCounters, SteeringState};
-        use crate::ta::{Encapsulator, TaCounters};
+        use crate::steering::{SiteSteering, SteeringCounters};
+        use crate::ta::{choose, Encapsulator, TaCounters};
         use pon_proto::ip::{IpProtocol, IpipPacket, Ipv4Repr};
         use std::time::Duration;
 
-        let (old, new) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
+        let (p1, p2) = (Ipv4Addr::new(198, 18, 1, 1), Ipv4Addr::new(198, 18, 1, 2));
         let mut v = empty_view();
         v.apply_changes(vec![proxy(1, 1)]);
-        let current = CurrentForwarder::default();
+        let fwds = SiteForwarders::default();
         assert_eq!(
-            follow(&current, &v, "paris", 7301),
-            Followed::First((old, 7301))
+            follow(&fwds, &v, "paris", 7301),
+            Followed::First(vec![(p1, 7301)])
         );
-        use crate::steering::tests::{proxy_key, TA_SECRET};
-        let mut steering = SteeringState::new(TA_SECRET);
+        use crate::steering::tests::TA_SECRET;
+        let mut steering = SiteSteering::new(TA_SECRET);
+        steering.follow(&fwds.load());
         let c = SteeringCounters::default();
-        assert_eq!(current.key(), Some(PublicKey([1; 32])));
-        // (Both test proxies seal with the same secret.)
-        assert_eq!(
-            steering.follow(current.get().unwrap().0, Some(proxy_key())),
-            None
-        );
         let msg = |epoch, seq| datagram(epoch, seq, vec![(Ipv4Addr::new(198, 18, 2, 11), 32)]);
         let t = Duration::from_secs(1);
-        assert!(steering
-            .on_datagram(&mut msg(5, 9), (old, 1).into(), t, &c)
-            .is_some());
+        steering.on_datagram(&mut msg(5, 9), (p1, 1).into(), t, &c);
+        assert_eq!(steering.bypass(), vec!["198.18.2.11/32".parse().unwrap()]);
 
-        // The old proxy leaves; the CU names the other proxy of the cloud.
-        v.apply_changes(vec![Change::Down(1), proxy(2, 2)]);
+        // A second proxy joins the site: both are named, and the bypass set
+        // is what neither reaches (the new one has no verdict yet).
+        v.apply_changes(vec![proxy(2, 2)]);
         assert_eq!(
-            follow(&current, &v, "paris", 7301),
-            Followed::Moved {
-                old: (old, 7301),
-                new: (new, 7301)
+            follow(&fwds, &v, "paris", 7301),
+            Followed::Changed {
+                old: vec![(p1, 7301)],
+                new: vec![(p1, 7301), (p2, 7301)]
             }
         );
-        assert_eq!(current.get(), Some((new, 7301)));
-        // What the old proxy said is dropped...
-        assert_eq!(current.key(), Some(PublicKey([2; 32])));
-        assert_eq!(steering.follow(new, Some(proxy_key())), Some(vec![]));
-        // ... and it is no longer listened to, while the new one is, with
-        // its own epoch and sequence.
-        assert!(steering
-            .on_datagram(&mut msg(5, 10), (old, 1).into(), t, &c)
-            .is_none());
-        assert!(steering
-            .on_datagram(&mut msg(1, 1), (new, 1).into(), t, &c)
-            .is_some());
+        steering.follow(&fwds.load());
+        assert_eq!(steering.bypass(), vec![]);
+        // (Both test proxies seal with the same secret.)
+        steering.on_datagram(&mut msg(1, 1), (p2, 1).into(), t, &c);
+        assert_eq!(steering.bypass(), vec!["198.18.2.11/32".parse().unwrap()]);
+        // Someone else on the LAN is nobody's forwarder.
+        steering.on_datagram(&mut msg(5, 10), ([198, 18, 1, 99], 1).into(), t, &c);
         assert_eq!((c.accepted.get(), c.foreign.get()), (2, 1));
 
-        // The data path sends to the new forwarder.
+        // The first proxy falls silent: it is dead for the data path, and
+        // every flow goes to the second.
+        let later = t + crate::steering::LEASE + Duration::from_millis(100);
+        steering.on_datagram(&mut msg(1, 2), (p2, 1).into(), later, &c);
+        assert_eq!(steering.on_tick(later, &c), vec![p1]);
+        assert_eq!(steering.live_mask(), 0b10);
+        let set = fwds.load();
+        assert!((0..100).all(|f| choose(&set, steering.live_mask(), f) == Some(1)));
+
+        // The data path sends to the chosen forwarder.
         let local = Ipv4Addr::new(198, 18, 1, 11);
         let enc = Encapsulator {
             local,
@@ -295,10 +308,26 @@ mod tests {
         }
         .emit(&mut buf[crate::HEADROOM..])
         .unwrap();
-        let (fwd, _) = current.get().unwrap();
+        let i = choose(&set, steering.live_mask(), enc.flow(&buf, 28)).unwrap();
         let r = enc
-            .encapsulate(&mut buf, 28, fwd, None, &TaCounters::default())
+            .encapsulate(
+                &mut buf,
+                28,
+                set.members[i].addr.0,
+                None,
+                &TaCounters::default(),
+            )
             .unwrap();
-        assert_eq!(IpipPacket::new_checked(&buf[r]).unwrap().outer().dst(), new);
+        assert_eq!(IpipPacket::new_checked(&buf[r]).unwrap().outer().dst(), p2);
+
+        // Both silent: everything takes the IP path.
+        let much_later = later + crate::steering::LEASE + Duration::from_millis(100);
+        assert_eq!(steering.on_tick(much_later, &c), vec![p2]);
+        assert_eq!(steering.bypass(), vec!["0.0.0.0/0".parse().unwrap()]);
+        assert_eq!(
+            steering.take_change(),
+            Some(vec!["0.0.0.0/0".parse().unwrap()])
+        );
+        assert_eq!(steering.take_change(), None, "applied once");
     }
 }

@@ -277,14 +277,15 @@ impl TaDaemon {
 
     fn forward(mut self, vital: &Vital) -> anyhow::Result<Infallible> {
         let cfg = &self.cfg;
-        let forwarder = self.cu.forwarder()?;
+        let forwarders = self.cu.forwarders()?;
         if cfg.steering_port != 0 {
-            // The router's reachability verdicts, from the forwarder we send to.
+            // The routers' reachability verdicts and the proxies' leases,
+            // from the site's forwarders.
             let bind = SocketAddr::V4(SocketAddrV4::new(cfg.local_addr, cfg.steering_port));
             crate::steering::start(
                 bind,
                 self.identity.noise_secret(),
-                forwarder.clone(),
+                forwarders.clone(),
                 self.interception.clone(),
                 self.steering.clone(),
                 self.started,
@@ -295,9 +296,7 @@ impl TaDaemon {
             local: cfg.local_addr,
             encap: cfg.encap,
         };
-        let (fwd, _) = forwarder
-            .get()
-            .expect("cu.forwarder() returns once one is named");
+        let named: Vec<_> = forwarders.load().members.iter().map(|f| f.addr.0).collect();
         // This run's epoch: it names the uplink's keys, and grows across restarts.
         let keys = TaKeys {
             secret: self.identity.noise_secret(),
@@ -306,16 +305,17 @@ impl TaDaemon {
                 .map_or(1, |d| d.as_nanos() as u64),
             encrypt: cfg.encrypt_lan,
         };
-        if cfg.encap == EncapKind::Udp && forwarder.key().is_none() {
+        if cfg.encap == EncapKind::Udp && forwarders.load().members.iter().any(|f| f.key.is_none())
+        {
             tracing::warn!("the forwarder's key is not known (forwarder_key): nothing is sent on the UDP leg until it is");
         }
-        tracing::info!(tun = %cfg.tun_name, mtu = self.mtu, forwarder = %fwd, encap = ?cfg.encap, encrypt_lan = cfg.encrypt_lan, "TA running");
+        tracing::info!(tun = %cfg.tun_name, mtu = self.mtu, forwarders = ?named, encap = ?cfg.encap, encrypt_lan = cfg.encrypt_lan, "TA running");
         run_ta(
             &self.tun,
             self.mtu,
             &enc,
             &self.uplink,
-            &forwarder,
+            &forwarders,
             &keys,
             &self.counters,
         )

@@ -12,13 +12,15 @@
 //! no GSO).
 
 use crate::ra::{Decapsulator, RaCounters};
-use crate::ta::{CurrentForwarder, Encapsulator, TaCounters};
+use crate::ta::{choose, Encapsulator, SiteForwarders, TaCounters};
 use crate::{HEADROOM, TAILROOM};
 use pon_netio::udp::{GsoBatch, RecvBatch, SendError, UdpIo};
 use pon_netio::{IpipReceiver, RawSender};
 use pon_proto::control::PublicKey;
 use pon_tunnel::lan::{Channel, LanSender, PairKey};
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// This VM's static secret and this run's epoch: what the agent legs'
@@ -44,14 +46,16 @@ pub enum TaUplink {
 }
 
 /// The TA's loop: TUN → encapsulate → forwarder. Runs until the process
-/// exits. The forwarder is read once per batch, so the TA follows a new one
-/// the CU names from the next batch on.
+/// exits. The site's forwarders and which of them live are read once per
+/// batch, so the TA follows what the CU names and what steering says from
+/// the next batch on; each packet goes to the live forwarder its flow
+/// hashes to.
 pub fn run_ta(
     tun: &SyncDevice,
     mtu: u16,
     enc: &Encapsulator,
     uplink: &TaUplink,
-    forwarder: &CurrentForwarder,
+    forwarders: &SiteForwarders,
     keys: &TaKeys,
     counters: &TaCounters,
 ) -> ! {
@@ -61,11 +65,12 @@ pub fn run_ta(
         .collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut gso = GsoBatch::new(usize::from(mtu) + pon_proto::lan::OVERHEAD);
-    // The uplink's keys with the current forwarder's proxy (rebuilt only
-    // when the forwarder's key changes, so the counter never restarts
-    // under the same key).
-    let mut version = 0;
-    let mut lan: Option<(PublicKey, LanSender)> = None;
+    // The uplink's keys with each forwarder's proxy, by position in the
+    // set; kept across renamings by key, so a counter never restarts under
+    // the same key.
+    let mut version = u64::MAX;
+    let mut senders: Vec<Option<Arc<LanSender>>> = Vec::new();
+    let mut by_key: HashMap<PublicKey, Arc<LanSender>> = HashMap::new();
     loop {
         let n = match tun.recv_multiple(&mut raw, &mut bufs, &mut sizes, HEADROOM) {
             Ok(n) => n,
@@ -74,20 +79,36 @@ pub fn run_ta(
                 continue;
             }
         };
-        // Named before the loop starts (the TA waits for it), never unnamed.
-        let Some((fwd_ip, fwd_port)) = forwarder.get() else {
+        let set = forwarders.load();
+        if set.members.is_empty() {
+            // Named before the loop starts (the TA waits for it), never unnamed.
             continue;
-        };
-        let fwd_udp = SocketAddr::from((fwd_ip, fwd_port));
-        if forwarder.version() != version {
-            version = forwarder.version();
-            let key = forwarder.key();
-            if lan.as_ref().map(|l| l.0) != key {
-                lan = key.and_then(|k| keys.uplink(&k).map(|s| (k, s)));
-            }
         }
-        let sender = lan.as_ref().map(|l| &l.1);
+        if set.version != version {
+            version = set.version;
+            by_key.retain(|k, _| set.members.iter().any(|m| m.key == Some(*k)));
+            senders = set
+                .members
+                .iter()
+                .map(|m| {
+                    let k = m.key?;
+                    if let Some(s) = by_key.get(&k) {
+                        return Some(s.clone());
+                    }
+                    let s = Arc::new(keys.uplink(&k)?);
+                    by_key.insert(k, s.clone());
+                    Some(s)
+                })
+                .collect();
+        }
+        let live = forwarders.live_mask();
         for (buf, &size) in bufs.iter_mut().zip(&sizes).take(n) {
+            let flow = enc.flow(buf, size);
+            let Some(i) = choose(&set, live, flow) else {
+                continue;
+            };
+            let (fwd_ip, fwd_port) = set.members[i].addr;
+            let sender = senders.get(i).and_then(|s| s.as_deref());
             let Some(range) = enc.encapsulate(buf, size, fwd_ip, sender, counters) else {
                 continue;
             };
@@ -99,7 +120,8 @@ pub fn run_ta(
                         .add_and_warn(1, "send to forwarder failed", &e),
                 },
                 TaUplink::Udp(io) => {
-                    if let Err(e) = gso.push(io, fwd_udp, &buf[range]) {
+                    let to = SocketAddr::from((fwd_ip, fwd_port));
+                    if let Err(e) = gso.push(io, to, &buf[range]) {
                         lost(counters, &e);
                     }
                 }

@@ -24,7 +24,7 @@
 //! configured.
 
 use crate::interception::Interception;
-use crate::ta::CurrentForwarder;
+use crate::ta::{Forwarder, ForwarderSet, SiteForwarders};
 use ipnet::{IpNet, Ipv4Net};
 use pon_proto::control::PublicKey;
 use pon_proto::steering::{Steering, MAX_STEERING_LEN};
@@ -34,12 +34,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Silence after which a proxy that used to steer counts as gone (three
-/// missed refreshes).
-pub const LEASE: Duration = Duration::from_secs(3);
-/// Bypass sets applied at once at most; then [`APPLY_PER_SEC`] a second
-/// (the proxy sends one a second, and one when something changes).
-pub const APPLY_BURST: f64 = 5.0;
-pub const APPLY_PER_SEC: f64 = 5.0;
+/// missed refreshes of the proxy's default 250 ms): its flows move to the
+/// site's other proxies, or with none left to the IP path, within a second.
+pub const LEASE: Duration = Duration::from_millis(750);
+/// Bypass sets applied at once at most per proxy; then [`APPLY_PER_SEC`] a
+/// second (the proxy sends four a second, and one when something changes).
+pub const APPLY_BURST: f64 = 10.0;
+pub const APPLY_PER_SEC: f64 = 10.0;
 
 pon_telemetry::counters! {
     pub struct SteeringCounters {
@@ -116,6 +117,17 @@ impl SteeringState {
             ..SteeringState::default()
         };
         (!first).then(Vec::new)
+    }
+
+    /// Whether the proxy counts as alive: it has not spoken yet (a proxy
+    /// without a router never does), or spoke within the lease.
+    pub fn is_live(&self) -> bool {
+        !(self.heard.is_some() && self.expired)
+    }
+
+    /// Whether the proxy has spoken (and so has a say in the bypass set).
+    pub fn has_spoken(&self) -> bool {
+        self.heard.is_some()
     }
 
     /// Everything, once the proxy that used to steer has been silent for
@@ -234,14 +246,145 @@ impl SteeringState {
     }
 }
 
-/// Listens on `bind` for the steering messages of the forwarder the TA
-/// currently sends to and applies them to `interception`, on a vital
-/// thread of its own (a TA that stopped hearing its router would keep
-/// intercepting what the overlay cannot reach).
+/// One forwarder of the site as steering sees it.
+struct Member {
+    forwarder: Forwarder,
+    state: SteeringState,
+    /// Its last complete bypass set.
+    set: Vec<IpNet>,
+}
+
+/// The steering of every proxy of the site, without I/O: each proxy's
+/// messages go through its own [`SteeringState`] (its key, sequence,
+/// lease); what the TA applies is what no live proxy can reach (the
+/// intersection of their sets: with one proxy left that reaches a
+/// destination, ingress sends its flows there), or everything once every
+/// proxy that spoke has fallen silent.
+pub struct SiteSteering {
+    secret: [u8; 32],
+    version: Option<u64>,
+    members: Vec<Member>,
+    applied: Option<Vec<IpNet>>,
+}
+
+impl SiteSteering {
+    pub fn new(secret: [u8; 32]) -> Self {
+        SiteSteering {
+            secret,
+            version: None,
+            members: Vec::new(),
+            applied: None,
+        }
+    }
+
+    /// Takes the forwarders of `set` (a member still named keeps its state;
+    /// a new one starts from a clean slate).
+    pub fn follow(&mut self, set: &ForwarderSet) {
+        if self.version == Some(set.version) {
+            return;
+        }
+        self.version = Some(set.version);
+        let mut old = std::mem::take(&mut self.members);
+        self.members = set
+            .members
+            .iter()
+            .map(|f| match old.iter().position(|m| m.forwarder == *f) {
+                Some(i) => old.swap_remove(i),
+                None => {
+                    let mut state = SteeringState::new(self.secret);
+                    state.follow(f.addr.0, f.key);
+                    Member {
+                        forwarder: *f,
+                        state,
+                        set: Vec::new(),
+                    }
+                }
+            })
+            .collect();
+    }
+
+    /// A datagram from `from`: handed to the state of the forwarder at
+    /// that address (none: counted as foreign).
+    pub fn on_datagram(
+        &mut self,
+        bytes: &mut [u8],
+        from: SocketAddr,
+        now: Duration,
+        c: &SteeringCounters,
+    ) {
+        let Some(m) = self
+            .members
+            .iter_mut()
+            .find(|m| IpAddr::V4(m.forwarder.addr.0) == from.ip())
+        else {
+            c.foreign.inc();
+            return;
+        };
+        if let Some(set) = m.state.on_datagram(bytes, from, now, c) {
+            m.set = set;
+        }
+    }
+
+    /// Notices proxies silent for the lease; returns those that just fell
+    /// silent.
+    pub fn on_tick(&mut self, now: Duration, c: &SteeringCounters) -> Vec<Ipv4Addr> {
+        self.members
+            .iter_mut()
+            .filter_map(|m| m.state.on_silence(now, c).map(|_| m.forwarder.addr.0))
+            .collect()
+    }
+
+    /// Bit i: forwarder i of the set followed is alive.
+    pub fn live_mask(&self) -> u64 {
+        self.members
+            .iter()
+            .take(crate::ta::MAX_FORWARDERS)
+            .enumerate()
+            .filter(|(_, m)| m.state.is_live())
+            .fold(0, |mask, (i, _)| mask | 1 << i)
+    }
+
+    /// The destinations left to the IP path now.
+    pub fn bypass(&self) -> Vec<IpNet> {
+        let live: Vec<&Member> = self.members.iter().filter(|m| m.state.is_live()).collect();
+        if live.is_empty() && !self.members.is_empty() {
+            return vec!["0.0.0.0/0".parse().expect("literal")];
+        }
+        if live.iter().any(|m| !m.state.has_spoken()) {
+            // A proxy with no verdict (yet) is assumed to reach everything.
+            return Vec::new();
+        }
+        let mut spoken = live.iter().map(|m| &m.set);
+        let Some(first) = spoken.next() else {
+            return Vec::new();
+        };
+        let mut out: Vec<IpNet> = first.clone();
+        for set in spoken {
+            out.retain(|n| set.contains(n));
+        }
+        out
+    }
+
+    /// The bypass set to apply, when it differs from the last one applied.
+    pub fn take_change(&mut self) -> Option<Vec<IpNet>> {
+        let now = self.bypass();
+        if self.applied.as_ref() == Some(&now) {
+            return None;
+        }
+        self.applied = Some(now.clone());
+        Some(now)
+    }
+}
+
+/// Listens on `bind` for the steering messages of the site's forwarders,
+/// marks which of them are alive for the data path, and applies what none
+/// of them can reach to `interception`, on a vital thread of its own (a TA
+/// that stopped hearing its routers would keep intercepting what the
+/// overlay cannot reach, and sending to a dead proxy).
 pub fn start(
     bind: SocketAddr,
     secret: [u8; 32],
-    forwarder: Arc<CurrentForwarder>,
+    forwarders: Arc<SiteForwarders>,
     interception: Arc<Mutex<Interception>>,
     counters: Arc<SteeringCounters>,
     started: Instant,
@@ -250,22 +393,16 @@ pub fn start(
     use anyhow::Context;
     let sock = UdpSocket::bind(bind).with_context(|| format!("binding steering socket {bind}"))?;
     vital.spawn("ta-steering", move || {
-        let mut state = SteeringState::new(secret);
+        let mut state = SiteSteering::new(secret);
         let mut buf = vec![0u8; MAX_STEERING_LEN + pon_proto::lan::OVERHEAD + 1];
         // Wake up now and then to notice a silent proxy.
         let _ = sock.set_read_timeout(Some(LEASE / 6));
         loop {
             let got = sock.recv_from(&mut buf);
-            // Which forwarder counts is decided before looking at the
+            // Which forwarders count is decided before looking at the
             // datagram, so the first one from a new forwarder counts.
-            let moved = forwarder
-                .get()
-                .and_then(|(f, _)| state.follow(f, forwarder.key()));
-            if let Some(set) = moved {
-                tracing::info!("following a new forwarder: its steering only, from a clean slate");
-                apply(&interception, &set, &counters);
-            }
-            let set = match got {
+            state.follow(&forwarders.load());
+            match got {
                 Ok((n, from)) => {
                     state.on_datagram(&mut buf[..n], from, started.elapsed(), &counters)
                 }
@@ -273,37 +410,35 @@ pub fn start(
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    let gone = state.on_silence(started.elapsed(), &counters);
-                    if gone.is_some() {
-                        tracing::warn!(
-                            "the local proxy fell silent: every destination takes the IP path"
-                        );
-                    }
-                    gone
+                    ) => {}
+                Err(e) => tracing::warn!(error = %e, "steering socket"),
+            }
+            for gone in state.on_tick(started.elapsed(), &counters) {
+                tracing::warn!(proxy = %gone, "a proxy of this site fell silent: its flows move to the others (to the IP path if none is left)");
+            }
+            forwarders.set_live(state.live_mask());
+            if let Some(set) = state.take_change() {
+                if !apply(&interception, &set, &counters) {
+                    // Try again at the next wake-up.
+                    state.applied = None;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "steering socket");
-                    None
-                }
-            };
-            if let Some(set) = set {
-                apply(&interception, &set, &counters);
             }
         }
     })
 }
 
-fn apply(interception: &Mutex<Interception>, set: &[IpNet], counters: &SteeringCounters) {
+/// Applies the bypass set; false if the routing table refused it.
+fn apply(interception: &Mutex<Interception>, set: &[IpNet], counters: &SteeringCounters) -> bool {
     let mut i = interception.lock().unwrap_or_else(|p| p.into_inner());
     if !i.bypass().iter().eq(set.iter()) {
-        tracing::info!(bypass = ?set, "the proxy's router changed the destinations left to the IP path");
+        tracing::info!(bypass = ?set, "the site's routers changed the destinations left to the IP path");
     }
     if let Err(e) = i.set_bypass(set) {
         counters.apply_errors.inc();
         tracing::error!(error = %format!("{e:#}"), "applying the bypass set");
+        return false;
     }
+    true
 }
 
 #[cfg(test)]
@@ -469,9 +604,15 @@ pub(crate) mod tests {
         // Heard at 100 s (the TA's clock, not the wall's).
         s.on_datagram(&mut seal(1, &m.encode().unwrap()), from, secs(100.0), &c)
             .unwrap();
-        assert!(s.on_silence(secs(101.0), &c).is_none());
-        assert!(s.on_silence(secs(102.999), &c).is_none(), "just inside");
-        let all = s.on_silence(secs(103.0), &c).unwrap();
+        let ms = Duration::from_millis;
+        assert!(s.on_silence(secs(100.0) + LEASE / 2, &c).is_none());
+        assert!(s.is_live());
+        assert!(
+            s.on_silence(secs(100.0) + LEASE - ms(1), &c).is_none(),
+            "just inside"
+        );
+        let all = s.on_silence(secs(100.0) + LEASE, &c).unwrap();
+        assert!(!s.is_live());
         assert_eq!(all, vec!["0.0.0.0/0".parse::<IpNet>().unwrap()]);
         assert!(s.on_silence(secs(110.0), &c).is_none(), "once per silence");
         // The proxy is back at 111 s: its set applies again, and the lease
@@ -484,8 +625,12 @@ pub(crate) mod tests {
             s.on_datagram(&mut seal(1, &back.encode().unwrap()), from, secs(111.0), &c),
             Some(vec![])
         );
-        assert!(s.on_silence(secs(113.5), &c).is_none());
-        assert!(s.on_silence(secs(114.0), &c).is_some(), "a second silence");
+        assert!(s.is_live());
+        assert!(s.on_silence(secs(111.0) + LEASE - ms(1), &c).is_none());
+        assert!(
+            s.on_silence(secs(111.0) + LEASE, &c).is_some(),
+            "a second silence"
+        );
         assert_eq!(c.lease_expired.get(), 2);
     }
 
@@ -556,6 +701,113 @@ pub(crate) mod tests {
             let set = applied.unwrap();
             proptest::prop_assert_eq!(set.len(), n as usize);
             proptest::prop_assert!(set.iter().enumerate().all(|(i, p)| *p == IpNet::V4(Ipv4Net::new(Ipv4Addr::from(0x0a00_0000 + i as u32), 32).unwrap())));
+        }
+    }
+
+    /// Two proxies of a site steering one TA, each sending its set every
+    /// few hundred milliseconds or falling silent for a while, and a third
+    /// host on the LAN sending what it likes: the data path's live mask is
+    /// exactly the proxies heard within the lease (or never heard), and the
+    /// bypass set is what no live proxy reaches (everything once both that
+    /// spoke are silent); the stranger changes nothing.
+    mod site {
+        use super::*;
+        use crate::ta::{Forwarder, ForwarderSet};
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Ev {
+            /// Proxy 0 or 1 sends its set (a subset of four prefixes).
+            Send(usize, u8),
+            /// A stranger sends a genuine-looking datagram.
+            Stranger(u8),
+            /// Time passes (ms).
+            Wait(u16),
+        }
+
+        fn ev() -> impl Strategy<Value = Ev> {
+            prop_oneof![
+                (0usize..2, 0u8..16).prop_map(|(p, s)| Ev::Send(p, s)),
+                (0u8..16).prop_map(Ev::Stranger),
+                (1u16..1200).prop_map(Ev::Wait),
+            ]
+        }
+
+        fn prefixes(bits: u8) -> Vec<(Ipv4Addr, u8)> {
+            (0..4u8)
+                .filter(|i| bits & (1 << i) != 0)
+                .map(|i| (Ipv4Addr::new(198, 18, 2 + i, 0), 24))
+                .collect()
+        }
+
+        fn nets(bits: u8) -> Vec<IpNet> {
+            prefixes(bits)
+                .into_iter()
+                .map(|(a, l)| IpNet::V4(Ipv4Net::new(a, l).unwrap()))
+                .collect()
+        }
+
+        proptest! {
+            #[test]
+            fn live_proxies_and_their_common_bypass(evs in proptest::collection::vec(ev(), 1..60)) {
+                let addr = |i: u8| Ipv4Addr::new(198, 18, 1, i);
+                let set = ForwarderSet {
+                    version: 1,
+                    members: (1..=2)
+                        .map(|i| Forwarder { id: u32::from(i), addr: (addr(i), 7301), key: Some(proxy_key()) })
+                        .collect(),
+                };
+                let mut site = SiteSteering::new(TA_SECRET);
+                site.follow(&set);
+                let c = SteeringCounters::default();
+                let mut now = Duration::from_secs(1);
+                // Model: when each proxy was last heard, and its set.
+                let mut heard: [Option<(Duration, u8)>; 2] = [None, None];
+                let mut seq = [0u64; 2];
+                // Each proxy's rate limit, as the TA keeps it.
+                let mut tokens = [APPLY_BURST; 2];
+                let mut refilled = [Duration::ZERO; 2];
+                for e in evs {
+                    match e {
+                        Ev::Send(p, bits) => {
+                            seq[p] += 1;
+                            // Each proxy its own run (epoch): both seal with the test key.
+                            let mut d = datagram(10 + p as u64, seq[p], prefixes(bits));
+                            site.on_datagram(&mut d, (addr(p as u8 + 1), 1).into(), now, &c);
+                            tokens[p] = (tokens[p] + (now - refilled[p]).as_secs_f64() * APPLY_PER_SEC)
+                                .min(APPLY_BURST);
+                            refilled[p] = now;
+                            // Heard either way; its set counts only within the rate limit.
+                            let kept = heard[p].map_or(0, |h| h.1);
+                            heard[p] = Some((now, if tokens[p] >= 1.0 { bits } else { kept }));
+                            if tokens[p] >= 1.0 {
+                                tokens[p] -= 1.0;
+                            }
+                        }
+                        Ev::Stranger(bits) => {
+                            let mut d = datagram(99, 1, prefixes(bits));
+                            site.on_datagram(&mut d, (addr(77), 1).into(), now, &c);
+                        }
+                        Ev::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
+                    }
+                    site.on_tick(now, &c);
+                    let live = |h: &Option<(Duration, u8)>| h.is_none_or(|(t, _)| now - t < LEASE);
+                    let mask = (0..2).filter(|&i| live(&heard[i])).fold(0u64, |m, i| m | 1 << i);
+                    prop_assert_eq!(site.live_mask(), mask);
+                    let want = if mask == 0 {
+                        vec!["0.0.0.0/0".parse().unwrap()]
+                    } else if (0..2).any(|i| mask & (1 << i) != 0 && heard[i].is_none()) {
+                        vec![]
+                    } else {
+                        let bits = (0..2)
+                            .filter(|&i| mask & (1 << i) != 0)
+                            .map(|i| heard[i].unwrap().1)
+                            .fold(0xf, |a, b| a & b);
+                        nets(bits)
+                    };
+                    prop_assert_eq!(site.bypass(), want);
+                }
+            }
         }
     }
 }

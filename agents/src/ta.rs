@@ -2,6 +2,7 @@
 //! read from the TUN and wrap it for the local forwarder.
 
 use crate::HEADROOM;
+use arc_swap::ArcSwap;
 use pon_proto::control::PublicKey;
 use pon_proto::ip::{InnerPacket, Ipv4Repr, IPV4_HEADER_LEN};
 use pon_proto::EncapKind;
@@ -9,7 +10,7 @@ use pon_tunnel::lan::LanSender;
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 pon_telemetry::counters! {
     pub struct TaCounters {
@@ -24,65 +25,106 @@ pon_telemetry::counters! {
     }
 }
 
-/// The forwarder the TA sends to (agent-leg address, UDP port) and its
-/// proxy's static key, shared between the CU client, which follows the
-/// forwarder the CU names, and the data path and steering thread, which
-/// read it once per batch or message. The address is one atomic word and
-/// `version` another, so following costs the data path no lock: it reads
-/// the key (behind a lock) only when `version` moved.
+/// One forwarder of the VM's site: its proxy's id (0 for a configured
+/// forwarder), agent-leg address and UDP port, and static key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarder {
+    pub id: u32,
+    pub addr: (Ipv4Addr, u16),
+    pub key: Option<PublicKey>,
+}
+
+/// The forwarders of this VM's site as last named.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ForwarderSet {
+    /// Moves whenever the members change.
+    pub version: u64,
+    /// At most [`MAX_FORWARDERS`], lowest id first.
+    pub members: Vec<Forwarder>,
+}
+
+/// Forwarders of a site a TA spreads its flows over (the live mask is one
+/// machine word).
+pub const MAX_FORWARDERS: usize = 64;
+
+/// The forwarders the TA sends to, shared between the CU client, which
+/// names them, the steering thread, which marks which are alive (a proxy
+/// whose steering lease ran out is dead), and the data path, which reads
+/// both once per batch and spreads flows over the live ones by hash
+/// (`pon_proto::flow`: a flow stays on its forwarder while that lives, and
+/// a dead one's flows move to the survivors). No lock on the data path:
+/// the members are swapped whole, the live mask is one atomic word.
 #[derive(Debug, Default)]
-pub struct CurrentForwarder {
-    addr: AtomicU64,
-    key: Mutex<Option<PublicKey>>,
-    version: AtomicU64,
+pub struct SiteForwarders {
+    set: ArcSwap<ForwarderSet>,
+    /// Bit i: member i is alive. Starts all ones: a forwarder is alive
+    /// until its proxy's silence says otherwise.
+    live: AtomicU64,
 }
 
-/// Marks a named forwarder (0 means none yet).
-const NAMED: u64 = 1 << 48;
-
-fn pack((ip, port): (Ipv4Addr, u16)) -> u64 {
-    NAMED | u64::from(u32::from(ip)) << 16 | u64::from(port)
-}
-
-fn unpack(v: u64) -> Option<(Ipv4Addr, u16)> {
-    (v & NAMED != 0).then(|| (Ipv4Addr::from((v >> 16) as u32), v as u16))
-}
-
-impl CurrentForwarder {
+impl SiteForwarders {
+    /// A fixed forwarder from the configuration.
     pub fn new(f: (Ipv4Addr, u16), key: Option<PublicKey>) -> Self {
-        CurrentForwarder {
-            addr: AtomicU64::new(pack(f)),
-            key: Mutex::new(key),
-            version: AtomicU64::new(1),
+        let s = SiteForwarders::default();
+        s.name(vec![Forwarder {
+            id: 0,
+            addr: f,
+            key,
+        }]);
+        s
+    }
+
+    /// The members, for a batch or a steering message.
+    pub fn load(&self) -> arc_swap::Guard<Arc<ForwarderSet>> {
+        self.set.load()
+    }
+
+    pub fn is_named(&self) -> bool {
+        !self.set.load().members.is_empty()
+    }
+
+    /// Names the site's forwarders (an empty list keeps the last ones: with
+    /// none named there is nothing better to send to). Returns the members
+    /// named before when the list changed.
+    pub fn name(&self, mut members: Vec<Forwarder>) -> Option<Vec<Forwarder>> {
+        members.sort_by_key(|f| f.id);
+        members.dedup_by_key(|f| f.id);
+        members.truncate(MAX_FORWARDERS);
+        let old = self.set.load();
+        if members.is_empty() || old.members == members {
+            return None;
         }
+        let before = old.members.clone();
+        self.set.store(Arc::new(ForwarderSet {
+            version: old.version + 1,
+            members,
+        }));
+        self.live.store(u64::MAX, Ordering::Release);
+        Some(before)
     }
 
-    pub fn get(&self) -> Option<(Ipv4Addr, u16)> {
-        unpack(self.addr.load(Ordering::Acquire))
+    /// Marks which members (by position) are alive.
+    pub fn set_live(&self, mask: u64) {
+        self.live.store(mask, Ordering::Release);
     }
 
-    /// The static key of the forwarder's proxy, if known.
-    pub fn key(&self) -> Option<PublicKey> {
-        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    pub fn live_mask(&self) -> u64 {
+        self.live.load(Ordering::Acquire)
     }
+}
 
-    /// Moves whenever the forwarder or its key changes.
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
-    }
-
-    /// Names `f` with its proxy's key; returns the forwarder named before.
-    pub fn swap(&self, f: (Ipv4Addr, u16), key: Option<PublicKey>) -> Option<(Ipv4Addr, u16)> {
-        let changed = {
-            let mut k = self.key.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *k, key) != key
-        };
-        let old = unpack(self.addr.swap(pack(f), Ordering::AcqRel));
-        if changed || old != Some(f) {
-            self.version.fetch_add(1, Ordering::AcqRel);
-        }
-        old
-    }
+/// Which member of `set` carries a packet of `flow`, given the live mask:
+/// the live member with the highest weight for it, or when none is alive
+/// any member (the IP path then takes over through steering; sending on
+/// costs nothing meanwhile).
+#[inline]
+pub fn choose(set: &ForwarderSet, live: u64, flow: u32) -> Option<usize> {
+    let n = set.members.len().min(MAX_FORWARDERS);
+    let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+    let mask = if live & all == 0 { all } else { live & all };
+    (0..n)
+        .filter(|i| mask & (1 << i) != 0)
+        .max_by_key(|&i| (pon_proto::flow::weight(flow, set.members[i].id), i))
 }
 
 pub struct Encapsulator {
@@ -92,6 +134,14 @@ pub struct Encapsulator {
 }
 
 impl Encapsulator {
+    /// The flow of the packet at `buf[HEADROOM..HEADROOM + len]` (0 for
+    /// one `encapsulate` will drop).
+    pub fn flow(&self, buf: &[u8], len: usize) -> u32 {
+        buf.get(HEADROOM..HEADROOM + len)
+            .and_then(|b| InnerPacket::new_checked(b).ok())
+            .map_or(0, |p| pon_proto::flow::flow_hash(&p))
+    }
+
     /// `buf[HEADROOM..HEADROOM + len]` holds a packet read from the TUN.
     /// Returns the bytes to send: the whole IP-in-IP packet (to
     /// `forwarder`), or for the UDP encapsulation the inner packet sealed
@@ -228,20 +278,57 @@ mod tests {
         }
     }
 
+    fn fwd(id: u32, last: u8) -> Forwarder {
+        Forwarder {
+            id,
+            addr: (Ipv4Addr::new(198, 18, 1, last), 7301),
+            key: Some(PublicKey([id as u8; 32])),
+        }
+    }
+
     #[test]
-    fn current_forwarder_round_trips() {
-        let f = CurrentForwarder::default();
-        assert_eq!(f.get(), None);
-        let a = (Ipv4Addr::new(198, 18, 1, 1), 7301);
-        let b = (Ipv4Addr::new(255, 255, 255, 254), 65535);
-        assert_eq!(f.swap(a, None), None);
-        let v = f.version();
-        assert_eq!(f.swap(a, None), Some(a));
-        assert_eq!(f.version(), v, "nothing changed");
-        assert_eq!(f.swap(a, Some(PublicKey([1; 32]))), Some(a));
-        assert_eq!(f.key(), Some(PublicKey([1; 32])));
-        assert!(f.version() > v, "the key changed");
-        assert_eq!(f.swap(b, Some(PublicKey([1; 32]))), Some(a));
-        assert_eq!(f.get(), Some(b));
+    fn naming_forwarders_moves_the_version_only_on_change() {
+        let f = SiteForwarders::default();
+        assert!(!f.is_named());
+        assert_eq!(f.name(vec![fwd(2, 2), fwd(1, 1)]), Some(vec![]));
+        let v = f.load().version;
+        assert_eq!(
+            f.load().members,
+            vec![fwd(1, 1), fwd(2, 2)],
+            "lowest id first"
+        );
+        assert_eq!(f.name(vec![fwd(1, 1), fwd(2, 2)]), None);
+        assert_eq!(f.load().version, v, "nothing changed");
+        // None named: the last ones stay.
+        assert_eq!(f.name(vec![]), None);
+        f.set_live(0b01);
+        assert_eq!(f.name(vec![fwd(1, 1)]), Some(vec![fwd(1, 1), fwd(2, 2)]));
+        assert!(f.load().version > v);
+        assert_eq!(f.live_mask(), u64::MAX, "new members start alive");
+    }
+
+    #[test]
+    fn flows_spread_over_live_forwarders_and_leave_dead_ones_only() {
+        let set = ForwarderSet {
+            version: 1,
+            members: vec![fwd(1, 1), fwd(2, 2)],
+        };
+        let both: Vec<usize> = (0..200)
+            .map(|f| choose(&set, u64::MAX, f).unwrap())
+            .collect();
+        let on_first = both.iter().filter(|i| **i == 0).count();
+        assert!((60..=140).contains(&on_first), "{on_first} of 200");
+        // Member 1 dies: its flows move to member 0, member 0's stay.
+        for (flow, was) in both.iter().enumerate() {
+            assert_eq!(choose(&set, 0b01, flow as u32), Some(0));
+            if *was == 1 {
+                assert_eq!(choose(&set, 0b10, flow as u32), Some(1));
+            }
+        }
+        // None alive: offered to every member rather than dropped.
+        let none: Vec<usize> = (0..200).map(|f| choose(&set, 0, f).unwrap()).collect();
+        assert_eq!(none, both);
+        let empty = ForwarderSet::default();
+        assert_eq!(choose(&empty, u64::MAX, 7), None);
     }
 }

@@ -24,6 +24,26 @@ pub struct ProxyRef {
     pub noise_key: PublicKey,
 }
 
+/// The roles seed 000 gives the proxies of a site (`PROXY.MASTER`,
+/// `PROXY.SLAVE`). Every proxy of a site forwards; the master is the one
+/// named where one must be (a static TA that takes a single forwarder, the
+/// status pages), and the survivor with the lowest id becomes master when
+/// it leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteRole {
+    Master,
+    Slave,
+}
+
+impl SiteRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SiteRole::Master => "PROXY.MASTER",
+            SiteRole::Slave => "PROXY.SLAVE",
+        }
+    }
+}
+
 /// An app VM as the data path needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppRef {
@@ -106,13 +126,20 @@ impl View {
         })
     }
 
-    /// The proxy serving `cloud`: the one with the lowest id, so that every
-    /// agent picks the same without further coordination.
-    pub fn proxy_of(&self, cloud: &str) -> Option<ProxyRef> {
+    /// The proxies serving `cloud`, lowest id first. All of them carry the
+    /// site's traffic (flows are spread over them by hash); the first is
+    /// the site's master ([`SiteRole`]).
+    pub fn proxies_of<'a>(&'a self, cloud: &'a str) -> impl Iterator<Item = ProxyRef> + 'a {
+        // `peers` is ordered by id.
         self.proxies()
-            .filter(|(i, _)| i.cloud == cloud)
+            .filter(move |(i, _)| i.cloud == cloud)
             .map(|(_, p)| p)
-            .min_by_key(|p| p.id)
+    }
+
+    /// The master proxy of `cloud`: the one with the lowest id, so that
+    /// every agent names the same without further coordination.
+    pub fn proxy_of(&self, cloud: &str) -> Option<ProxyRef> {
+        self.proxies_of(cloud).next()
     }
 }
 
@@ -206,5 +233,10 @@ mod tests {
         ]);
         assert_eq!(v.proxy_of("a").unwrap().id, 4);
         assert!(v.proxy_of("c").is_none());
+        let ids: Vec<u32> = v.proxies_of("a").map(|p| p.id).collect();
+        assert_eq!(ids, vec![4, 9]);
+        // The master leaves: the survivor takes over.
+        v.apply_changes(vec![Change::Down(4)]);
+        assert_eq!(v.proxy_of("a").unwrap().id, 9);
     }
 }

@@ -5,7 +5,8 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 from . import cu, linkemu, renderer
 from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
-from .topology import CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, public_addr, relay_route
+from .topology import (CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, proxy_id, proxy_number,
+                       public_addr, relay_route)
 
 LINKEMU_TUN = "wan0"
 LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kernel threads
@@ -73,7 +74,8 @@ def forwarder(lab, host, daemon="pon-forwarder"):
     pon_port = ports(lab)["pon"]
     routes = [{"to": s["index"], "via": [ids[r] for r in via]}
               for s in others if (via := relay_route(topo, me["name"], s["name"]))]
-    cfg = {"id": i, "listen": f"{host['address']}:{pon_port}", "local_addr": host["address"],
+    cfg = {"id": proxy_id(i, proxy_number(host["host"])),
+           "listen": f"{host['address']}:{pon_port}", "local_addr": host["address"],
            "underlay_mtu": MTU, "metrics": metrics(lab, host, daemon), "route": routes,
            "state_dir": state_dir(lab, host, daemon)}
     if topo.get("tunnel"):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from . import configs, cu, linkemu, netns
 from .daemons import Processes, kill_all_in
-from .plan import CU_BINARY, LINKEMU_BINARY, plan, plan_daemons, plan_host
-from .topology import (MAX_APPS, MAX_SITES, SITE_NAME_RE, app_addr, check_role,
-                       gateway_addr, proxy_addr, validate_lab_name)
+from .plan import CU_BINARY, LINKEMU_BINARY, plan, plan_daemons, site_hosts
+from .topology import (MAX_APPS, MAX_SITES, SITE_NAME_RE, check_role, gateway_addr,
+                       validate_lab_name)
 from .util import LabError, print_table, progress
 
 STATE_ROOT = Path("/run/pon-lab")
@@ -188,10 +188,9 @@ class Lab:
             index = max(s["index"] for s in topo["sites"]) + 1
             if index > MAX_SITES:
                 raise LabError(f"at most {MAX_SITES} sites")
-            site = {"name": name, "index": index, "apps": apps, "role": role}
-            new = [plan_host(self, site, "proxy", 0, proxy_addr(index), "proxy")]
-            new += [plan_host(self, site, f"app{j}", j, app_addr(index, j), "app")
-                    for j in range(1, apps + 1)]
+            site = {"name": name, "index": index, "apps": apps, "role": role, "nat": False,
+                    "proxies": 1}
+            new = site_hosts(self, site)
             topo["sites"].append(site)
             for h in new:
                 h["daemons"] = plan_daemons(self, topo, h, self.state["bin_dir"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import renderer
 from .topology import (CU_ADDR, CU_GATEWAY, app_addr, bridge_name, gateway_addr,
-                       inet_port_name, proxy_addr)
+                       inet_port_name, proxy_addr, proxy_host, proxy_port_index)
 
 STATE_VERSION = 1
 IFNAMSIZ = 15  # usable characters in a Linux interface name
@@ -32,9 +32,7 @@ def plan(lab, topology, bin_dir, with_daemons):
     hosts = []
     for site in topology["sites"]:
         i = site["index"]
-        hosts.append(plan_host(lab, site, "proxy", 0, proxy_addr(i), "proxy"))
-        for j in range(1, site["apps"] + 1):
-            hosts.append(plan_host(lab, site, f"app{j}", j, app_addr(i, j), "app"))
+        hosts += site_hosts(lab, site)
     hosts.append({
         "name": "inet", "site": None, "host": "inet", "netns": lab.inet_netns,
         "role": "internet", "site_index": None,
@@ -67,6 +65,15 @@ def plan(lab, topology, bin_dir, with_daemons):
         # Current link settings (topology's [[link]] plus `impair` changes).
         "links": [dict(lk) for lk in topology.get("links", [])],
     }
+
+
+def site_hosts(lab, site):
+    """A site's hosts: its proxies, then its app VMs."""
+    i = site["index"]
+    hosts = [plan_host(lab, site, proxy_host(n), proxy_port_index(n), proxy_addr(i, n), "proxy")
+             for n in range(1, site.get("proxies", 1) + 1)]
+    return hosts + [plan_host(lab, site, f"app{j}", j, app_addr(i, j), "app")
+                    for j in range(1, site["apps"] + 1)]
 
 
 def plan_host(lab, site, host, k, addr, role):

@@ -12,6 +12,8 @@ SITE_NAME_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 ROLE_RE = re.compile(r"^[A-Z0-9_]+(\.[A-Z0-9_]+)*$")
 MAX_SITES = 50
 MAX_APPS = 50
+# Proxies per site: hosts proxy, proxy2, ... at .1, .2, ... (app VMs start at .11).
+MAX_PROXIES = 4
 ENCAPS = ("ipip", "udp")
 # Agent legs when the topology names none: UDP, the fast one (GSO sends and
 # GRO receives carry a batch per system call; raw IP-in-IP sockets go packet
@@ -124,7 +126,7 @@ def load_topology(path):
     sites = []
     for i, s in enumerate(raw_sites, start=1):
         field = f"site[{i}]"
-        check_keys(s, ("name", "apps", "role", "nat"), field)
+        check_keys(s, ("name", "apps", "role", "nat", "proxies"), field)
         name = s.get("name")
         if not isinstance(name, str) or not SITE_NAME_RE.match(name):
             fail(f"{field}.name", f"must match [a-z][a-z0-9]{{0,9}}, got {name!r}")
@@ -139,7 +141,15 @@ def load_topology(path):
         nat = s.get("nat", False)
         if not isinstance(nat, bool):
             fail(f"{field}.nat", f"must be true or false, got {nat!r}")
-        sites.append({"name": name, "index": i, "apps": apps, "role": role, "nat": nat})
+        proxies = s.get("proxies", 1)
+        if type(proxies) is not int or not 1 <= proxies <= MAX_PROXIES:
+            fail(f"{field}.proxies", f"must be an integer in 1..{MAX_PROXIES}, got {proxies!r}")
+        if proxies > 1 and nat:
+            fail(f"{field}.proxies", "a NAT site has one public address: one proxy")
+        if proxies > 1 and raw.get("cu", True) is False:
+            fail(f"{field}.proxies", "several proxies per site need the CU (it names them to the agents)")
+        sites.append({"name": name, "index": i, "apps": apps, "role": role, "nat": nat,
+                      "proxies": proxies})
     names = {s["name"] for s in sites}
 
     paths = []
@@ -242,8 +252,30 @@ def gateway_addr(index):
     return f"{site_net(index)}.254"
 
 
-def proxy_addr(index):
-    return f"{site_net(index)}.1"
+def proxy_addr(index, n=1):
+    """The address of proxy n (1, 2, ...) of site `index`."""
+    return f"{site_net(index)}.{n}"
+
+
+def proxy_host(n):
+    """The host name of a site's proxy n: proxy, proxy2, proxy3, ..."""
+    return "proxy" if n == 1 else f"proxy{n}"
+
+
+def proxy_number(host):
+    """The n of a proxy host name (proxy -> 1, proxy2 -> 2)."""
+    return int(host.removeprefix("proxy") or 1)
+
+
+def proxy_id(index, n=1):
+    """The id a site's proxy n asks the CU for: the site index for the first (relay routes
+    and tests name proxies by site), 100 (n - 1) + index for the others."""
+    return index if n == 1 else 100 * (n - 1) + index
+
+
+def proxy_port_index(n):
+    """The k of inet_port_name for proxy n (0 for the first; app VMs use 1..MAX_APPS)."""
+    return 0 if n == 1 else MAX_APPS + n
 
 
 def app_addr(index, j):

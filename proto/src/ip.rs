@@ -372,6 +372,12 @@ impl<T: AsRef<[u8]>> Ipv6Packet<T> {
         let a: [u8; 16] = self.b()[field6::DST_ADDR].try_into().unwrap_or_default();
         Ipv6Addr::from(a)
     }
+    /// What follows the fixed header (extension headers included), up to
+    /// the payload length the checks accepted.
+    pub fn payload(&self) -> &[u8] {
+        let end = IPV6_HEADER_LEN + usize::from(self.payload_len());
+        self.b().get(IPV6_HEADER_LEN..end).unwrap_or_default()
+    }
     pub fn into_inner(self) -> T {
         self.buffer
     }

@@ -11,6 +11,7 @@
 pub mod codec;
 pub mod control;
 pub mod error;
+pub mod flow;
 pub mod handshake;
 pub mod ip;
 pub mod lan;

@@ -626,7 +626,8 @@ fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
     );
     let back = restart.elapsed();
     eprintln!(
-        "crashed proxy: its site's pings on the IP path {:.1} s later (lease 3 s); \
+        "crashed proxy: its site's pings on the IP path {:.1} s later (the TA's lease is \
+         0.75 s; the replies also wait for tokyo's router to find paris unreachable); \
          back on the overlay {:.1} s after the restart",
         fallback.as_secs_f64(),
         back.as_secs_f64()

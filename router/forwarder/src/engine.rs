@@ -432,7 +432,8 @@ impl Engine {
         if let Some(local) = t.agent(dst) {
             return Ingress::Local(local);
         }
-        let Some(proxy) = t.egress_for(dst) else {
+        let flow_id = pon_proto::flow::flow_hash(&inner);
+        let Some(proxy) = t.egress_for(dst, flow_id) else {
             return Ingress::Drop(&c.drop_no_destination);
         };
         let Some(hops) = t.route(proxy) else {
@@ -445,7 +446,7 @@ impl Engine {
             kind: Kind::Data,
             hop_limit: self.hop_limit,
             hop_index: 0,
-            flow_id: flow_hash(&inner),
+            flow_id,
             source: t.my_id(),
             hops,
         };
@@ -662,7 +663,7 @@ impl Engine {
             Err(e) => return self.malformed(e),
         };
         // Allowed IPs: a proxy speaks only for the sources it serves.
-        if t.egress_for(inner.src()) != Some(source) {
+        if !t.serves(inner.src(), source) {
             return drop(&c.drop_foreign_source);
         }
         let Some(agent) = t.agent(inner.dst()) else {
@@ -754,14 +755,6 @@ impl Engine {
         stage.inc();
         d
     }
-}
-
-/// A flow id from the inner addresses and protocol (FNV-1a), so that later
-/// stages (per-flow queues, multipath) can keep a flow's packets together.
-fn flow_hash(inner: &InnerPacket<&[u8]>) -> u32 {
-    inner.flow_key().iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
 }
 
 /// What ingress decided about an inner packet while its view was held.

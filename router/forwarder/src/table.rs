@@ -48,6 +48,60 @@ pub enum TableError {
     RouteThroughSelf(u32),
     #[error("route to {to} passes through proxy {hop} twice")]
     RepeatedHop { to: u32, hop: u32 },
+    #[error("destination {0} is served by more than {MAX_SITE_PROXIES} proxies")]
+    TooManyProxies(IpNet),
+}
+
+/// Proxies that may serve one destination (the proxies of one site).
+pub const MAX_SITE_PROXIES: usize = 8;
+
+/// The proxies serving a set of destinations (the proxies of their site):
+/// all of them, for allowed IPs, and those to send to, for ingress (the
+/// ones the router can reach; all of them when it reaches none, so traffic
+/// is still offered rather than dropped here). Fixed arrays: the data path
+/// reads them per packet without following a pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressGroup {
+    all: [u32; MAX_SITE_PROXIES],
+    all_len: u8,
+    live: [u32; MAX_SITE_PROXIES],
+    live_len: u8,
+}
+
+impl EgressGroup {
+    fn new(members: &[u32]) -> Self {
+        let mut all = [0; MAX_SITE_PROXIES];
+        all[..members.len()].copy_from_slice(members);
+        EgressGroup {
+            all,
+            all_len: members.len() as u8,
+            live: all,
+            live_len: members.len() as u8,
+        }
+    }
+    /// Every proxy of the group.
+    pub fn all(&self) -> &[u32] {
+        &self.all[..usize::from(self.all_len)]
+    }
+    /// The proxies ingress sends to.
+    pub fn live(&self) -> &[u32] {
+        &self.live[..usize::from(self.live_len)]
+    }
+    fn set_unreachable(&mut self, unreachable: &std::collections::BTreeSet<u32>) {
+        let mut n = 0;
+        for i in 0..usize::from(self.all_len) {
+            let p = self.all[i];
+            if !unreachable.contains(&p) {
+                self.live[n] = p;
+                n += 1;
+            }
+        }
+        if n == 0 {
+            self.live = self.all;
+            n = self.all().len();
+        }
+        self.live_len = n as u8;
+    }
 }
 
 // The maps are keyed by addresses and ids and hashed with FxHash: a lookup
@@ -124,13 +178,18 @@ pub struct ForwardingTable {
     agents: HashMap<Ipv4Addr, Agent>,
     /// Keys of the agents' UDP legs; an agent without one gets none of them.
     links: HashMap<Ipv4Addr, Arc<AgentLink>>,
+    /// Destination prefix → index into `groups`.
     destinations: PrefixTable,
+    groups: Vec<EgressGroup>,
     routes: HashMap<u32, Hops>,
 }
 
 impl ForwardingTable {
-    /// Builds and validates a table. `routes` maps a destination proxy to the
-    /// relays in front of it; proxies without an entry are reached directly.
+    /// Builds and validates a table. `destinations` maps prefixes to the
+    /// proxies serving them (a prefix listed with several proxies is served
+    /// by each: the proxies of one site). `routes` maps a destination proxy
+    /// to the relays in front of it; proxies without an entry are reached
+    /// directly.
     pub fn build(
         my_id: u32,
         peers: &[(u32, SocketAddr)],
@@ -148,6 +207,7 @@ impl ForwardingTable {
             agents: HashMap::default(),
             links: HashMap::default(),
             destinations: PrefixTable::default(),
+            groups: Vec::new(),
             routes: HashMap::default(),
         };
         for &(id, addr) in peers {
@@ -170,11 +230,27 @@ impl ForwardingTable {
                 return Err(TableError::DuplicateAgent(a.addr));
             }
         }
+        let mut serving: std::collections::BTreeMap<IpNet, Vec<u32>> = Default::default();
         for &(prefix, proxy) in destinations {
             if !t.peers_by_id.contains_key(&proxy) {
                 return Err(TableError::UnknownDestinationProxy { prefix, proxy });
             }
-            t.destinations.insert(prefix, proxy);
+            serving.entry(prefix.trunc()).or_default().push(proxy);
+        }
+        // One group per distinct set of proxies: a site's prefixes share it.
+        let mut group_of: std::collections::HashMap<Vec<u32>, u32> = Default::default();
+        for (prefix, mut proxies) in serving {
+            proxies.sort_unstable();
+            proxies.dedup();
+            if proxies.len() > MAX_SITE_PROXIES {
+                return Err(TableError::TooManyProxies(prefix));
+            }
+            let next = t.groups.len() as u32;
+            let g = *group_of.entry(proxies.clone()).or_insert(next);
+            if g == next {
+                t.groups.push(EgressGroup::new(&proxies));
+            }
+            t.destinations.insert(prefix, g);
         }
         for (to, via) in relays {
             let mut hops: Vec<u32> = via.clone();
@@ -232,10 +308,40 @@ impl ForwardingTable {
             IpAddr::V6(_) => None,
         }
     }
-    /// The egress proxy serving `dst`.
+    /// The proxies serving `dst`.
     #[inline]
-    pub fn egress_for(&self, dst: IpAddr) -> Option<u32> {
-        self.destinations.lookup(dst)
+    pub fn group_for(&self, dst: IpAddr) -> Option<&EgressGroup> {
+        let g = self.destinations.lookup(dst)?;
+        self.groups.get(g as usize)
+    }
+    /// The egress proxy for `dst` and a packet of `flow`: one of the
+    /// proxies serving `dst` that the router can reach, the same for every
+    /// packet of the flow while that proxy stays reachable
+    /// (`pon_proto::flow`).
+    #[inline]
+    pub fn egress_for(&self, dst: IpAddr, flow: u32) -> Option<u32> {
+        pon_proto::flow::pick(flow, self.group_for(dst)?.live().iter().copied())
+    }
+    /// Whether `proxy` serves `addr` (allowed IPs at egress: a proxy speaks
+    /// only for the sources its site has).
+    #[inline]
+    pub fn serves(&self, addr: IpAddr, proxy: u32) -> bool {
+        self.group_for(addr)
+            .is_some_and(|g| g.all().contains(&proxy))
+    }
+    /// Ingress stops sending to the proxies in `unreachable` where another
+    /// proxy serves the same destinations (the router's verdicts: a dead
+    /// proxy's flows move to the survivors of its site).
+    pub fn set_unreachable(&mut self, unreachable: &std::collections::BTreeSet<u32>) {
+        for g in &mut self.groups {
+            g.set_unreachable(unreachable);
+        }
+    }
+    /// Every destination prefix with the proxies serving it.
+    pub fn destination_groups(&self) -> impl Iterator<Item = (IpNet, &EgressGroup)> + '_ {
+        self.destinations
+            .iter()
+            .filter_map(|(net, g)| Some((net, self.groups.get(g as usize)?)))
     }
     /// The source route to proxy `to` (hops after us, ending at `to`).
     #[inline]
@@ -245,8 +351,9 @@ impl ForwardingTable {
     pub fn routes(&self) -> impl Iterator<Item = (u32, Hops)> + '_ {
         self.routes.iter().map(|(k, v)| (*k, *v))
     }
-    pub fn destinations(&self) -> &PrefixTable {
-        &self.destinations
+    /// How many destination prefixes the table has.
+    pub fn destination_count(&self) -> usize {
+        self.destinations.len()
     }
     pub fn agents(&self) -> impl Iterator<Item = &Agent> {
         self.agents.values()
@@ -357,6 +464,55 @@ mod tests {
         assert_eq!(
             ForwardingTable::build(1, &[(1, sa("198.18.1.1:7300"))], &[], &[], &[]).unwrap_err(),
             TableError::PeerIsSelf(1)
+        );
+    }
+
+    #[test]
+    fn a_site_with_two_proxies_gets_flows_on_both_and_loses_only_the_dead_ones() {
+        let peers = [
+            (2, sa("198.18.2.1:7300")),
+            (3, sa("198.18.2.2:7300")),
+            (4, sa("198.18.4.1:7300")),
+        ];
+        let site2: IpNet = "198.18.2.0/24".parse().unwrap();
+        let mut t = ForwardingTable::build(
+            1,
+            &peers,
+            &[],
+            &[
+                (site2, 3),
+                (site2, 2),
+                ("198.18.4.0/24".parse().unwrap(), 4),
+            ],
+            &[],
+        )
+        .unwrap();
+        let dst: IpAddr = "198.18.2.11".parse().unwrap();
+        let before: Vec<u32> = (0..64).map(|f| t.egress_for(dst, f).unwrap()).collect();
+        assert!(before.contains(&2) && before.contains(&3), "{before:?}");
+        // Both may send from the site's addresses; nobody else may.
+        assert!(t.serves(dst, 2) && t.serves(dst, 3) && !t.serves(dst, 4));
+        // 3 dies: its flows move to 2, 2's stay.
+        t.set_unreachable(&[3].into());
+        assert!((0..64).all(|f| t.egress_for(dst, f) == Some(2)));
+        assert!(
+            t.serves(dst, 3),
+            "allowed IPs do not depend on reachability"
+        );
+        // Both unreachable: offered to all rather than dropped here.
+        t.set_unreachable(&[2, 3].into());
+        let all: Vec<u32> = (0..64).map(|f| t.egress_for(dst, f).unwrap()).collect();
+        assert_eq!(all, before);
+        t.set_unreachable(&Default::default());
+        let back: Vec<u32> = (0..64).map(|f| t.egress_for(dst, f).unwrap()).collect();
+        assert_eq!(back, before);
+        let many: Vec<(IpNet, u32)> = (2..=10).map(|p| (site2, p)).collect();
+        let peers: Vec<(u32, SocketAddr)> = (2..=10)
+            .map(|p| (p, SocketAddr::from(([198, 18, 2, p as u8], 7300))))
+            .collect();
+        assert_eq!(
+            ForwardingTable::build(1, &peers, &[], &many, &[]).unwrap_err(),
+            TableError::TooManyProxies(site2)
         );
     }
 }

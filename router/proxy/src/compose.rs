@@ -62,6 +62,19 @@ impl Composer {
         before != at
     }
 
+    /// This proxy's role among its site's proxies, as the CU's view has it.
+    pub fn site_role(&self) -> Option<pon_cu::view::SiteRole> {
+        let v = self.view.as_ref()?;
+        let cloud = self.cloud.as_ref()?;
+        // The view holds peers only: this proxy is master unless a peer of
+        // its site has a lower id.
+        let me = v.id();
+        Some(match v.proxy_of(cloud) {
+            Some(p) if p.id < me => pon_cu::view::SiteRole::Slave,
+            _ => pon_cu::view::SiteRole::Master,
+        })
+    }
+
     pub fn cu_mode(&self) -> bool {
         self.cloud.is_some()
     }
@@ -201,10 +214,11 @@ impl Steerer {
             return None;
         }
         self.due = Some(now + self.refresh);
+        // A destination takes the IP path when no proxy serving it can be
+        // reached (with one left, ingress sends its flows there).
         let mut bypass: Vec<(Ipv4Addr, u8)> = table
-            .destinations()
-            .iter()
-            .filter(|(_, proxy)| unreachable.contains(proxy))
+            .destination_groups()
+            .filter(|(_, g)| g.all().iter().all(|p| unreachable.contains(p)))
             .filter_map(|(net, _)| match net.addr() {
                 IpAddr::V4(a) => Some((a, net.prefix_len())),
                 IpAddr::V6(_) => None,

@@ -25,6 +25,14 @@ pub struct ProxyConfig {
     pub control: ControlConfig,
 }
 
+/// The longest steering refresh that keeps a live proxy's lease with its
+/// TAs (750 ms) over a lost datagram or two.
+pub const MAX_STEERING_REFRESH_MS: u64 = 300;
+
+/// The steering refresh by default, and of a pon-forwarder whose router
+/// runs apart.
+pub const STEERING_REFRESH_MS: u64 = 250;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
@@ -35,7 +43,10 @@ pub struct ControlConfig {
     /// UDP port of the local TAs' steering listeners (0: do not steer).
     pub steering_port: u16,
     /// The bypass set is re-sent this often even when unchanged, so a TA
-    /// that restarted or lost a datagram catches up.
+    /// that restarted or lost a datagram catches up. It is also the
+    /// proxy's lease with its TAs: three refreshes missed (the TA's
+    /// `LEASE`, 750 ms) and a TA moves its flows to the site's other
+    /// proxies, so it must stay well under 250 ms × 3.
     pub steering_refresh_ms: u64,
     /// How often the status page and the routing metrics are refreshed.
     pub status_every_ms: u64,
@@ -53,7 +64,7 @@ impl Default for ControlConfig {
         ControlConfig {
             keepalive_ms: pon_routing::config::DEFAULT_KEEPALIVE_MS,
             steering_port: pon_proto::ports::STEERING,
-            steering_refresh_ms: 1000,
+            steering_refresh_ms: STEERING_REFRESH_MS,
             status_every_ms: 250,
             queue: 4096,
             bandwidth_every_ms: pon_routing::config::DEFAULT_BANDWIDTH_EVERY_MS,
@@ -149,6 +160,9 @@ impl ProxyConfig {
         };
         if control.keepalive_ms == 0 || control.status_every_ms == 0 || control.queue == 0 {
             anyhow::bail!("[proxy] keepalive_ms, status_every_ms and queue must be positive");
+        }
+        if !(1..=MAX_STEERING_REFRESH_MS).contains(&control.steering_refresh_ms) {
+            anyhow::bail!("[proxy] steering_refresh_ms must be between 1 and {MAX_STEERING_REFRESH_MS}: the TAs take a proxy that missed three refreshes in 750 ms for dead");
         }
         let forwarder = ForwarderConfig::parse(&toml::to_string(&doc)?)?;
         if forwarder.local.is_some() {

@@ -11,8 +11,8 @@ transmission agents into the overlay (ingress), between proxies along the source
 PON header (transit), and out to the destination's reception agent (egress). With a [local] \
 section, pon-monitor and pon-router run as separate processes and talk to it over a local link.";
 
-/// The steering refresh when the router runs apart.
-const STEERING_REFRESH: Duration = Duration::from_secs(1);
+/// The steering refresh when the router runs apart (the TAs' lease).
+const STEERING_REFRESH: Duration = Duration::from_millis(pon_proxy::config::STEERING_REFRESH_MS);
 
 fn main() -> anyhow::Result<()> {
     let args = pon_telemetry::daemon_args!(ABOUT);

@@ -98,16 +98,22 @@ impl ForwarderPart {
         self.table.as_ref()
     }
 
+    /// This proxy's role among its site's proxies (CU mode).
+    pub fn site_role(&self) -> Option<&'static str> {
+        self.composer.site_role().map(|r| r.as_str())
+    }
+
     /// pon-forwarder's status page.
     pub fn status(&self, now: Duration) -> super::status::ForwarderStatus {
         let t = self.table.as_deref();
         super::status::ForwarderStatus {
             id: self.my_id(),
+            site_role: self.site_role(),
             routes: self.relays.clone(),
             unreachable: self.unreachable.iter().copied().collect(),
             routed: self.heard_router,
             peers: t.map_or(0, |t| t.peer_count()),
-            destinations: t.map_or(0, |t| t.destinations().len()),
+            destinations: t.map_or(0, |t| t.destination_count()),
             agents: t.map_or(0, |t| t.agents().count()),
             tunnels: self.tunnels.status(now),
         }
@@ -248,13 +254,20 @@ impl ForwarderPart {
             ) => {
                 let unreachable: BTreeSet<u32> = unreachable.into_iter().collect();
                 let first = !std::mem::replace(&mut self.heard_router, true);
+                let mut changed = false;
                 if unreachable != self.unreachable || first {
+                    // Ingress moves flows off unreachable proxies of a
+                    // site with several (the table's egress groups).
+                    changed = unreachable != self.unreachable;
                     self.unreachable = unreachable;
                     self.steerer.wake(now);
                 }
                 if relays != self.relays {
                     tracing::info!(routes = ?relays, "routes from the router");
                     self.relays = relays;
+                    changed = true;
+                }
+                if changed {
                     self.recompose(now);
                 }
                 self.steer(now);
@@ -303,10 +316,11 @@ impl ForwarderPart {
         match self.composer.compose(&self.relays) {
             Ok(mut t) => {
                 self.attach_links(&mut t);
+                t.set_unreachable(&self.unreachable);
                 tracing::info!(
                     id = t.my_id(),
                     peers = t.peer_count(),
-                    destinations = t.destinations().len(),
+                    destinations = t.destination_count(),
                     agents = t.agents().count(),
                     routes = ?self.relays,
                     "table updated"

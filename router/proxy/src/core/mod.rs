@@ -250,6 +250,7 @@ impl ProxyCore {
             None => Status::default(),
         };
         s.id = self.forwarder.my_id();
+        s.site_role = self.forwarder.site_role();
         s.tunnels = self.forwarder.tunnels(now);
         self.monitor.fill(now, &mut s);
         s

@@ -396,6 +396,8 @@ impl RouterPart {
             .collect();
         Status {
             id: r.my_id(),
+            // The forwarder's part knows the site; pon-proxy adds it.
+            site_role: None,
             routing: true,
             destinations,
             budget: self.budget(),

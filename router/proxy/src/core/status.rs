@@ -19,6 +19,9 @@ pub fn policy_name(p: &Policy) -> String {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Status {
     pub id: u32,
+    /// This proxy's role among its site's proxies (`PROXY.MASTER`: the
+    /// lowest id; every proxy of a site forwards); none in static mode.
+    pub site_role: Option<&'static str>,
     pub routing: bool,
     pub destinations: Vec<DestinationStatus>,
     pub budget: BudgetStatus,
@@ -147,6 +150,9 @@ impl StatusPage for ForwarderStatus {}
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ForwarderStatus {
     pub id: u32,
+    /// This proxy's role among its site's proxies (`PROXY.MASTER`: the
+    /// lowest id; every proxy of a site forwards); none in static mode.
+    pub site_role: Option<&'static str>,
     /// The router's routes laid over the base: (to, relays).
     pub routes: Vec<(u32, Vec<u32>)>,
     /// Destinations left to the IP path (their TAs are steered).

@@ -47,8 +47,16 @@ pub fn table_from_view(
                     key: Some(app.noise_key),
                 });
             }
-        } else if let Some(p) = view.proxy_of(&app.cloud).filter(|p| known.contains(&p.id)) {
-            destinations.push((ipnet::IpNet::from(std::net::IpAddr::V4(app.addr)), p.id));
+        } else {
+            // Every proxy of the app's site serves it (ingress spreads
+            // flows over them).
+            let net = ipnet::IpNet::from(std::net::IpAddr::V4(app.addr));
+            for p in view
+                .proxies_of(&app.cloud)
+                .filter(|p| known.contains(&p.id))
+            {
+                destinations.push((net, p.id));
+            }
         }
     }
     let me = view.id();
@@ -200,16 +208,24 @@ mod tests {
         assert_eq!(t.my_id(), 1);
         assert_eq!(t.peer_count(), 2 - 1);
         assert!(t.agent("198.18.1.11".parse().unwrap()).is_some());
-        assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), Some(2));
+        assert_eq!(t.egress_for("198.18.2.11".parse().unwrap(), 0), Some(2));
         // No proxy serves "nowhere"; the relay via 3 waits for 3.
-        assert_eq!(t.egress_for("198.18.9.11".parse().unwrap()), None);
+        assert_eq!(t.egress_for("198.18.9.11".parse().unwrap(), 0), None);
         assert_eq!(t.route(2).unwrap().as_slice(), &[2]);
         v.apply_changes(vec![Change::Up(proxy(3, "london"))]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.route(2).unwrap().as_slice(), &[3, 2]);
+        // A second proxy in tokyo serves tokyo's apps too.
+        v.apply_changes(vec![Change::Up(proxy(4, "tokyo"))]);
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
+        let tokyo_app = "198.18.2.11".parse().unwrap();
+        assert!(t.serves(tokyo_app, 2) && t.serves(tokyo_app, 4));
         v.apply_changes(vec![Change::Down(2)]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
-        assert_eq!(t.egress_for("198.18.2.11".parse().unwrap()), None);
+        assert_eq!(t.egress_for(tokyo_app, 0), Some(4));
+        v.apply_changes(vec![Change::Down(4)]);
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
+        assert_eq!(t.egress_for(tokyo_app, 0), None);
     }
 
     #[test]
