@@ -14,11 +14,17 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-/// What to intercept: the configured prefixes, plus every app VM of another
-/// cloud that has a proxy (without one, the overlay cannot deliver and the
-/// plain IP path is the better choice).
+/// What to intercept: the configured prefixes, plus the prefixes of every
+/// other cloud that has a proxy (its grant, which its proxies carry; without
+/// a proxy, the overlay cannot deliver and the plain IP path is the better
+/// choice), plus any app VM of another cloud the view names one by one.
 pub fn wanted(view: &View, my_cloud: &str, configured: &[IpNet]) -> Vec<IpNet> {
     let mut set: BTreeSet<IpNet> = configured.iter().copied().collect();
+    for (info, _) in view.proxies() {
+        if info.cloud != my_cloud {
+            set.extend(info.allowed.iter().map(|n| n.trunc()));
+        }
+    }
     for app in view.apps() {
         if app.cloud != my_cloud && view.proxy_of(&app.cloud).is_some() {
             set.insert(IpNet::from(IpAddr::V4(app.addr)));
@@ -229,6 +235,24 @@ mod tests {
         assert_eq!(wanted(&v, "tokyo", &[]), Vec::<IpNet>::new());
         v.apply_changes(vec![Change::Down(3)]);
         assert!(wanted(&v, "paris", &[]).is_empty());
+        // A proxy carries its cloud's grant: the cloud is intercepted by
+        // its prefixes, whatever app VMs the view names one by one.
+        let mut tokyo = testing::proxy(3, "tokyo", Ipv4Addr::new(198, 18, 2, 1));
+        tokyo.info.allowed = vec!["198.18.2.0/24".parse().unwrap()];
+        let mut paris = testing::proxy(4, "paris", Ipv4Addr::new(198, 18, 1, 1));
+        paris.info.allowed = vec!["198.18.1.0/24".parse().unwrap()];
+        v.apply_changes(vec![Change::Up(tokyo), Change::Up(paris)]);
+        assert_eq!(
+            wanted(&v, "paris", &[]),
+            vec![
+                "198.18.2.0/24".parse::<IpNet>().unwrap(),
+                "198.18.2.11/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            wanted(&v, "tokyo", &[]),
+            vec!["198.18.1.0/24".parse::<IpNet>().unwrap()]
+        );
     }
 
     /// Proxy `id` of paris, sealing steering as the test proxy does.

@@ -160,22 +160,24 @@ impl Entry {
 }
 
 /// Whether `receiver` needs to know `subject`, and if so whether it must
-/// optimise towards it. Routers (and proxy components) see every proxy and
-/// every app VM (their own as local agents, others as destinations); an
-/// app's TA sees the proxies (its own cloud's is its forwarder; the others
-/// tell which remote clouds the overlay can reach) and the app VMs of other
-/// clouds (what to intercept).
+/// optimise towards it. Every agent sees every proxy: a proxy carries its
+/// cloud's grant (`allowed`), the prefixes TAs intercept towards that cloud
+/// and ingress proxies map to it, so a remote cloud is one entry per
+/// proxy, not one per app VM. App VMs concern only the proxies of their own
+/// cloud (they deliver to them: their local agents) and components that
+/// are neither proxies nor app VMs (monitoring); an app VM joining or
+/// leaving is news to a handful of agents, not to the whole overlay.
 pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> Option<bool> {
     if receiver.id == subject.id {
         return None;
     }
     match (&receiver.endpoints, &subject.endpoints) {
         (Endpoints::App { .. }, Endpoints::Proxy { .. }) => Some(false),
-        (Endpoints::App { .. }, Endpoints::App { .. }) => {
-            (receiver.cloud != subject.cloud).then_some(false)
-        }
-        (Endpoints::App { .. }, Endpoints::Other { .. }) => None,
+        (Endpoints::App { .. }, _) => None,
         (_, Endpoints::Proxy { .. }) => Some(policy.optimises(&receiver.role, &subject.role)),
+        (Endpoints::Proxy { .. }, Endpoints::App { .. }) => {
+            (receiver.cloud == subject.cloud).then_some(false)
+        }
         (_, Endpoints::App { .. }) => Some(false),
         (_, Endpoints::Other { .. }) => None,
     }
@@ -1058,7 +1060,9 @@ mod tests {
             [Change::Up(p)] => assert!(p.optimise && p.info.id == 2),
             other => panic!("{other:?}"),
         }
-        // An app in paris: its TA gets the proxies, and both proxies learn of it.
+        // An app in paris: its TA gets the proxies; only its own cloud's
+        // proxy learns of it (it delivers to it; tokyo reaches paris by
+        // paris's prefixes).
         let (a, _) = join(&mut r, 3, reg("paris", "app1", "APP", 11), t, 1);
         let cfg = config_of(&a, 3);
         assert_eq!(
@@ -1066,19 +1070,32 @@ mod tests {
             vec![1, 2]
         );
         assert_eq!(changes_to(&a, 1).len(), 1);
-        assert_eq!(changes_to(&a, 2).len(), 1);
-        // An app in tokyo: it learns of the paris app and the paris app of it.
+        assert!(changes_to(&a, 2).is_empty());
+        // An app in tokyo: the proxies, and no app VM of any cloud.
         let (a, _) = join(&mut r, 4, reg("tokyo", "app1", "APP", 12), t, 1);
         let cfg = config_of(&a, 4);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
-            vec![1, 2, 3]
+            vec![1, 2]
         );
-        assert_eq!(changes_to(&a, 3).len(), 1);
-        // A second app in tokyo is not news to the first one.
+        assert!(changes_to(&a, 3).is_empty());
+        assert!(changes_to(&a, 1).is_empty());
+        assert_eq!(changes_to(&a, 2).len(), 1);
+        // A second app in tokyo is news to tokyo's proxy only.
         let (a, _) = join(&mut r, 5, reg("tokyo", "app2", "APP", 13), t, 1);
         assert!(changes_to(&a, 4).is_empty());
-        assert_eq!(changes_to(&a, 3).len(), 1);
+        assert!(changes_to(&a, 3).is_empty());
+        assert_eq!(changes_to(&a, 2).len(), 1);
+        // The proxies' configurations: their own cloud's app VMs only.
+        let apps = |id| {
+            r.config_for(id)
+                .peers
+                .iter()
+                .filter(|p| p.info.is_app())
+                .map(|p| p.info.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!((apps(1), apps(2)), (vec![3], vec![4, 5]));
     }
 
     #[test]
@@ -1456,7 +1473,7 @@ mod tests {
         );
         let (_, _) = join(&mut r, 3, reg("a", "app", "APP", 11), Duration::ZERO, 1);
         assert!(r
-            .config_for(2)
+            .config_for(1)
             .peers
             .iter()
             .find(|p| p.info.is_app())

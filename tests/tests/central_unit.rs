@@ -147,8 +147,10 @@ fn peers(lab: &Lab, host: &str, addr: &str) -> u64 {
     metric(lab, host, addr, "pon_forwarder_peers")
 }
 
+/// Whether `host` routes `dst` into its TA (by whatever prefix: the CU
+/// names remote clouds by their prefixes).
 fn intercepts(lab: &Lab, host: &str, dst: &str) -> bool {
-    let out = lab.exec(host, &["ip", "route", "show", dst]);
+    let out = lab.exec(host, &["ip", "route", "get", dst]);
     String::from_utf8_lossy(&out.stdout).contains("ponta0")
 }
 

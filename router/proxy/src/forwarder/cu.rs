@@ -38,6 +38,14 @@ pub fn table_from_view(
     let mut agents = Vec::new();
     let mut destinations = Vec::new();
     let mut agent_addrs = HashSet::new();
+    // Other clouds by their prefixes: every proxy of a cloud serves its
+    // grant (ingress spreads flows over them). The own cloud's are left
+    // out: its app VMs are this proxy's agents.
+    for (info, p) in view.proxies() {
+        if info.cloud != my_cloud && known.contains(&p.id) {
+            destinations.extend(info.allowed.iter().map(|n| (n.trunc(), p.id)));
+        }
+    }
     for app in view.apps() {
         if app.cloud == my_cloud {
             if agent_addrs.insert(app.addr) {
@@ -223,6 +231,15 @@ mod tests {
         v.apply_changes(vec![Change::Down(2)]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.egress_for(tokyo_app, 0), Some(4));
+        // Clouds by their prefixes: tokyo's grant reaches its app VMs the
+        // view does not name.
+        let mut granted = proxy(4, "tokyo");
+        granted.info.allowed = vec!["198.18.2.0/24".parse().unwrap()];
+        v.apply_changes(vec![Change::Up(granted)]);
+        let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
+        let unnamed = "198.18.2.77".parse().unwrap();
+        assert_eq!(t.egress_for(unnamed, 0), Some(4));
+        assert!(t.serves(unnamed, 4));
         v.apply_changes(vec![Change::Down(4)]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.egress_for(tokyo_app, 0), None);
