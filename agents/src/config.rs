@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaConfig {
     /// Name of the TUN device the TA creates.
@@ -33,9 +33,11 @@ pub struct TaConfig {
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
     pub encap: EncapKind,
+    /// The forwarder's UDP port for the UDP encapsulation.
     #[serde(default = "pon_proto::ports::defaults::agent_udp")]
     pub forwarder_udp_port: u16,
     /// MTU of the underlay; the TUN MTU is derived from it.
+    #[schemars(extend("x-unit" = "bytes"))]
     #[serde(default = "pon_proto::ports::defaults::underlay_mtu")]
     pub underlay_mtu: u16,
     /// Longest source route the overlay may use; sizes the TUN MTU.
@@ -44,6 +46,7 @@ pub struct TaConfig {
     /// Overrides the derived TUN MTU (larger values make the forwarder send
     /// ICMP "fragmentation needed" instead of the local stack refusing).
     #[serde(default)]
+    #[schemars(extend("x-unit" = "bytes"))]
     pub mtu: Option<u16>,
     /// TUN offloads (TSO/GSO via virtio-net headers): TCP super-packets are
     /// read whole and cut into MTU-sized packets in one pass.
@@ -72,9 +75,10 @@ pub struct TaConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RaConfig {
+    /// Name of the TUN device the RA creates.
     #[serde(default = "default_ra_tun")]
     pub tun_name: String,
     /// Address of the RA's TUN itself; link-local by default so that it is
@@ -230,7 +234,7 @@ impl RaConfig {
 /// pon-agent's configuration: one app VM's TA and RA in one process, each
 /// in its own table with the fields and checks of pon-ta's and pon-ra's
 /// files, plus the endpoint serving both parts' metrics.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Prometheus endpoint serving the TA's and the RA's counters (default
@@ -240,7 +244,9 @@ pub struct AgentConfig {
     /// serve nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<SocketAddr>,
+    /// The transmission agent: pon-ta's fields.
     pub ta: TaConfig,
+    /// The reception agent: pon-ra's fields.
     pub ra: RaConfig,
 }
 
