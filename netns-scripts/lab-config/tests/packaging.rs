@@ -1,7 +1,10 @@
 //! The systemd units and example configurations under `packaging/`: each
 //! unit's daemon reads its example with its own loader, at the path and
 //! with the state directory the unit gives it, so that neither drifts from
-//! the daemons unnoticed.
+//! the daemons unnoticed. Then the .deb packages made of them: built with
+//! `cargo deb --no-build` from the release binaries, unpacked into a
+//! scratch root, their contents and units checked, and every installed
+//! daemon run with `--check` on its installed configuration.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
