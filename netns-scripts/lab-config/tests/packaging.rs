@@ -400,6 +400,15 @@ fn packages_install_into_a_scratch_root_and_their_daemons_check_their_configs() 
         }
     }
 
+    // What the postinsts do first, in the scratch root: the three sysusers
+    // files make one pon user, the one the units run as.
+    run(Command::new("systemd-sysusers").arg(format!("--root={}", root.display())));
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap();
+    assert!(
+        passwd.lines().filter(|l| l.starts_with("pon:")).count() == 1,
+        "{passwd}"
+    );
+
     // The installed units, with their binaries where the scratch root has
     // them (verify checks that ExecStart's file exists).
     let units = scratch.0.join("units");
