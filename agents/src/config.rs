@@ -57,6 +57,7 @@ pub struct TaConfig {
     pub intercept: Vec<IpNet>,
     /// Prometheus endpoint (default 127.0.0.1:9101, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// The RA's UDP port on this VM, told to the CU for the UDP encapsulation.
     #[serde(default = "pon_proto::ports::defaults::ra_udp")]
@@ -68,6 +69,7 @@ pub struct TaConfig {
     /// Where this agent keeps its keys and the CU's certificate for them
     /// (default /var/lib/pon/ta; relative to this file).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// UDP port on which the local proxy's router says which destinations
     /// the overlay cannot reach (left to the IP path meanwhile); 0: off.
@@ -96,6 +98,7 @@ pub struct RaConfig {
     /// /var/lib/pon/ta; relative to this file). The RA reads the key the
     /// TA made there and never makes one.
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// This VM's address: packets for other addresses are refused.
     pub local_addr: Ipv4Addr,
@@ -107,6 +110,7 @@ pub struct RaConfig {
     pub udp_port: u16,
     /// Prometheus endpoint (default 127.0.0.1:9102, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
 }
 
@@ -243,6 +247,7 @@ pub struct AgentConfig {
     /// pon-ra do (for scrapers set up for the two daemons); unset, they
     /// serve nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// The transmission agent: pon-ta's fields.
     pub ta: TaConfig,

@@ -34,6 +34,7 @@ pub struct CuClientConfig {
     pub server_name: String,
     /// The CA certificate (PEM) made by `pon-cu init` (relative to this
     /// file).
+    #[schemars(extend("format" = "path"))]
     pub ca: PathBuf,
     /// The join token (`ponctl token create`), inline; or give
     /// `token_file`. Needed only until the agent has enrolled: from then on
@@ -43,6 +44,7 @@ pub struct CuClientConfig {
     /// The join token in a file (relative to this file), instead of
     /// `token`.
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub token_file: Option<PathBuf>,
     /// This agent's cloud (site) id.
     pub cloud: String,

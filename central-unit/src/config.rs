@@ -14,30 +14,38 @@ use std::time::Duration;
 #[serde(deny_unknown_fields)]
 pub struct CuConfig {
     /// QUIC address agents connect to.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// The CU's certificate (PEM), as made by `pon-cu init`. This and the
     /// other files are relative to this file's directory.
     #[serde(default = "default_cert")]
+    #[schemars(extend("format" = "path"))]
     pub cert: PathBuf,
     /// The CU's private key (PEM), as made by `pon-cu init`.
     #[serde(default = "default_key")]
+    #[schemars(extend("format" = "path"))]
     pub key: PathBuf,
     /// The CA certificate that signs agents' certificates; agents and the
     /// admin present certificates it signed.
     #[serde(default = "default_ca")]
+    #[schemars(extend("format" = "path"))]
     pub ca: PathBuf,
     /// The CA's private key.
     #[serde(default = "default_ca_key")]
+    #[schemars(extend("format" = "path"))]
     pub ca_key: PathBuf,
     /// The admin credential's certificate: `ponctl` presenting it (with its
     /// key) may list the registry, make tokens and revoke agents.
     #[serde(default = "default_admin_cert")]
+    #[schemars(extend("format" = "path"))]
     pub admin_cert: PathBuf,
     /// The registry store (redb).
     #[serde(default = "default_store")]
+    #[schemars(extend("format" = "path"))]
     pub store: PathBuf,
     /// Prometheus endpoint (default 127.0.0.1:9200, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// How often agents send a heartbeat (told to them at registration;
     /// at least 50).

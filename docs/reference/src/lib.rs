@@ -278,8 +278,8 @@ fn type_name(schema: &Value) -> String {
         (Some("string"), Some("ipv4")) => "IPv4 address".into(),
         (Some("string"), Some("public-key")) => "public key (base64)".into(),
         (Some("string"), Some("host-port")) => "host:port".into(),
-        (Some("string"), Some("ip")) => "IP address".into(),
-        (Some("string"), _) if schema.get("pattern").is_some() => "string".into(),
+        // Marked on the fields: std's SocketAddr and PathBuf are bare strings.
+        (Some("string"), Some(f @ ("address:port" | "path"))) => f.into(),
         (Some("string"), _) => "string".into(),
         (Some("boolean"), _) => "bool".into(),
         (Some("integer"), Some(f)) => integer(f),

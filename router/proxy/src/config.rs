@@ -185,22 +185,27 @@ impl ProxyConfig {
 #[serde(deny_unknown_fields)]
 pub struct MonitorDaemonConfig {
     /// UDP address for the forwarder's and the router's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// The forwarder's local-link address (its `[local] listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub forwarder: SocketAddr,
     /// The forwarder's public key (pon-forwarder logs it at start).
     pub forwarder_key: PublicKey,
     /// The router's local-link address (its `listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub router: SocketAddr,
     /// The router's public key (pon-router logs it at start).
     pub router_key: PublicKey,
     /// This monitor's own key lives here (made on first start, mode 0600;
     /// default /var/lib/pon/monitor).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers per-path estimates
     /// (default 127.0.0.1:9103, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// Probing, as pon-proxy's `[monitor]`.
     #[serde(default)]
@@ -236,22 +241,27 @@ impl MonitorDaemonConfig {
 #[serde(deny_unknown_fields)]
 pub struct RouterDaemonConfig {
     /// UDP address for the forwarder's and the monitor's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// The forwarder's local-link address (its `[local] listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub forwarder: SocketAddr,
     /// The forwarder's public key (pon-forwarder logs it at start).
     pub forwarder_key: PublicKey,
     /// The monitor's local-link address (its `listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub monitor: SocketAddr,
     /// The monitor's public key (pon-monitor logs it at start).
     pub monitor_key: PublicKey,
     /// This router's own key lives here (made on first start, mode 0600;
     /// default /var/lib/pon/router).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy;
     /// default 127.0.0.1:9104, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// Keepalive period of every current route (see pon-proxy's [proxy]).
     #[serde(default = "default_keepalive")]

@@ -25,14 +25,17 @@ pub struct ForwarderConfig {
     /// Where this proxy keeps its keys and the CU's certificate for them
     /// (default /var/lib/pon/proxy; relative to this file).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// UDP address for PON packets from peer proxies (may be 0.0.0.0:port).
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// Where peers reach this proxy, when that is not `listen` (a cloud's
     /// 1:1 NAT: the public address and port). CU mode without it: the
     /// address the CU sees this proxy's connection come from, with
     /// `listen`'s port.
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub public: Option<SocketAddr>,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
     pub local_addr: Ipv4Addr,
@@ -49,6 +52,7 @@ pub struct ForwarderConfig {
     /// Prometheus endpoint (`GET /metrics`, and `/status`; default
     /// 127.0.0.1:9100, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// Static mode: the other proxies (from the CU in CU mode).
     #[serde(default, rename = "peer")]
@@ -126,13 +130,16 @@ impl TunnelConfig {
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// UDP address for the monitor's and the router's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// Where pon-monitor listens (probes that end here go there).
+    #[schemars(extend("format" = "address:port"))]
     pub monitor: SocketAddr,
     /// pon-monitor's public key (the local link is authenticated: see
     /// `daemon::link`; pon-monitor logs it at start).
     pub monitor_key: PublicKey,
     /// Where pon-router listens (the topology goes there).
+    #[schemars(extend("format" = "address:port"))]
     pub router: SocketAddr,
     /// pon-router's public key.
     pub router_key: PublicKey,
@@ -147,6 +154,7 @@ pub struct PeerConfig {
     /// The peer proxy's id.
     pub id: u32,
     /// Where it receives PON packets (its `listen`, or its `public`).
+    #[schemars(extend("format" = "address:port"))]
     pub addr: SocketAddr,
     /// The peer's static key (a proxy logs its own at start; `pon-lab-config
     /// identity DIR` prints the key kept in a state directory).
