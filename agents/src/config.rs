@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaConfig {
     /// Name of the TUN device the TA creates.
@@ -33,9 +33,11 @@ pub struct TaConfig {
     /// on `ra_port` (see [`TaConfig::encap`]).
     #[serde(default)]
     pub encap: EncapKind,
+    /// The forwarder's UDP port for the UDP encapsulation.
     #[serde(default = "pon_proto::ports::defaults::agent_udp")]
     pub forwarder_udp_port: u16,
     /// MTU of the underlay; the TUN MTU is derived from it.
+    #[schemars(extend("x-unit" = "bytes"))]
     #[serde(default = "pon_proto::ports::defaults::underlay_mtu")]
     pub underlay_mtu: u16,
     /// Longest source route the overlay may use; sizes the TUN MTU.
@@ -44,6 +46,7 @@ pub struct TaConfig {
     /// Overrides the derived TUN MTU (larger values make the forwarder send
     /// ICMP "fragmentation needed" instead of the local stack refusing).
     #[serde(default)]
+    #[schemars(extend("x-unit" = "bytes"))]
     pub mtu: Option<u16>,
     /// TUN offloads (TSO/GSO via virtio-net headers): TCP super-packets are
     /// read whole and cut into MTU-sized packets in one pass.
@@ -54,6 +57,7 @@ pub struct TaConfig {
     pub intercept: Vec<IpNet>,
     /// Prometheus endpoint (default 127.0.0.1:9101, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// The RA's UDP port on this VM, told to the CU for the UDP encapsulation.
     #[serde(default = "pon_proto::ports::defaults::ra_udp")]
@@ -65,6 +69,7 @@ pub struct TaConfig {
     /// Where this agent keeps its keys and the CU's certificate for them
     /// (default /var/lib/pon/ta; relative to this file).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// UDP port on which the local proxy's router says which destinations
     /// the overlay cannot reach (left to the IP path meanwhile); 0: off.
@@ -72,9 +77,10 @@ pub struct TaConfig {
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RaConfig {
+    /// Name of the TUN device the RA creates.
     #[serde(default = "default_ra_tun")]
     pub tun_name: String,
     /// Address of the RA's TUN itself; link-local by default so that it is
@@ -92,6 +98,7 @@ pub struct RaConfig {
     /// /var/lib/pon/ta; relative to this file). The RA reads the key the
     /// TA made there and never makes one.
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// This VM's address: packets for other addresses are refused.
     pub local_addr: Ipv4Addr,
@@ -103,6 +110,7 @@ pub struct RaConfig {
     pub udp_port: u16,
     /// Prometheus endpoint (default 127.0.0.1:9102, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
 }
 
@@ -230,7 +238,7 @@ impl RaConfig {
 /// pon-agent's configuration: one app VM's TA and RA in one process, each
 /// in its own table with the fields and checks of pon-ta's and pon-ra's
 /// files, plus the endpoint serving both parts' metrics.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Prometheus endpoint serving the TA's and the RA's counters (default
@@ -239,8 +247,11 @@ pub struct AgentConfig {
     /// pon-ra do (for scrapers set up for the two daemons); unset, they
     /// serve nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
+    /// The transmission agent: pon-ta's fields.
     pub ta: TaConfig,
+    /// The reception agent: pon-ra's fields.
     pub ra: RaConfig,
 }
 

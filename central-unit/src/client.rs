@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The `[cu]` section of an agent's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CuClientConfig {
     /// The CU's QUIC address: `host:port` (a DNS name, resolved at every
@@ -32,18 +32,24 @@ pub struct CuClientConfig {
     /// Name in the CU's certificate.
     #[serde(default = "default_server_name")]
     pub server_name: String,
-    /// The CA certificate (PEM) made by `pon-cu init`.
+    /// The CA certificate (PEM) made by `pon-cu init` (relative to this
+    /// file).
+    #[schemars(extend("format" = "path"))]
     pub ca: PathBuf,
-    /// The join token, inline ... (needed only until the agent has enrolled:
-    /// from then on its certificate in its state directory authenticates it)
+    /// The join token (`ponctl token create`), inline; or give
+    /// `token_file`. Needed only until the agent has enrolled: from then on
+    /// its certificate in its state directory authenticates it.
     #[serde(default)]
     pub token: Option<String>,
-    /// ... or in a file.
+    /// The join token in a file (relative to this file), instead of
+    /// `token`.
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub token_file: Option<PathBuf>,
     /// This agent's cloud (site) id.
     pub cloud: String,
-    /// Dotted role, e.g. `PROXY.SRC` or `APP`.
+    /// Dotted role, e.g. `PROXY.SRC` or `APP` (default: `PROXY` for a
+    /// proxy, `APP` for an agent).
     pub role: Option<String>,
     /// Stable name within the cloud (default: the agent's address).
     #[serde(default)]

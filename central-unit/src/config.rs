@@ -10,36 +10,53 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CuConfig {
     /// QUIC address agents connect to.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
-    /// The CU's certificate and key (PEM), as made by `pon-cu init`.
+    /// The CU's certificate (PEM), as made by `pon-cu init`. This and the
+    /// other files are relative to this file's directory.
     #[serde(default = "default_cert")]
+    #[schemars(extend("format" = "path"))]
     pub cert: PathBuf,
+    /// The CU's private key (PEM), as made by `pon-cu init`.
     #[serde(default = "default_key")]
+    #[schemars(extend("format" = "path"))]
     pub key: PathBuf,
-    /// The CA (certificate and key) that signs agents' certificates; agents
-    /// and the admin present certificates it signed.
+    /// The CA certificate that signs agents' certificates; agents and the
+    /// admin present certificates it signed.
     #[serde(default = "default_ca")]
+    #[schemars(extend("format" = "path"))]
     pub ca: PathBuf,
+    /// The CA's private key.
     #[serde(default = "default_ca_key")]
+    #[schemars(extend("format" = "path"))]
     pub ca_key: PathBuf,
     /// The admin credential's certificate: `ponctl` presenting it (with its
     /// key) may list the registry, make tokens and revoke agents.
     #[serde(default = "default_admin_cert")]
+    #[schemars(extend("format" = "path"))]
     pub admin_cert: PathBuf,
     /// The registry store (redb).
     #[serde(default = "default_store")]
+    #[schemars(extend("format" = "path"))]
     pub store: PathBuf,
     /// Prometheus endpoint (default 127.0.0.1:9200, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
+    /// How often agents send a heartbeat (told to them at registration;
+    /// at least 50).
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// An agent silent this long is declared gone and its peers told (at
+    /// least twice `heartbeat_ms`).
     #[serde(default = "default_dead_after_ms")]
     pub dead_after_ms: u64,
+    /// After the CU restarts, agents known from its store stay in everyone's
+    /// view for `dead_after_ms` plus this long while they reconnect.
     #[serde(default = "default_restart_grace_ms")]
     pub restart_grace_ms: u64,
     /// Role policy: role pattern -> role patterns it optimises towards.

@@ -177,6 +177,21 @@ impl<'de> Deserialize<'de> for CuAddrs {
     }
 }
 
+/// In configuration files: one `host:port` or a list of them.
+impl schemars::JsonSchema for CuAddrs {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "CuAddrs".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [
+                {"type": "string", "format": "host-port"},
+                {"type": "array", "items": {"type": "string", "format": "host-port"}}
+            ]
+        })
+    }
+}
+
 impl Serialize for CuAddrs {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         if self.0.len() == 1 {

@@ -131,7 +131,7 @@ impl Refusal {
 pub type Refused = (Refusal, String);
 
 /// The prefixes one cloud may use.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// The cloud's own addresses: its app VMs', its proxies' agent-side

@@ -70,6 +70,16 @@ impl std::fmt::Debug for PublicKey {
     }
 }
 
+/// In configuration files: the base64 text.
+impl schemars::JsonSchema for PublicKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PublicKey".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "string", "format": "public-key"})
+    }
+}
+
 impl std::str::FromStr for PublicKey {
     type Err = BadPublicKey;
     fn from_str(s: &str) -> Result<Self, BadPublicKey> {

@@ -39,11 +39,24 @@ pub enum Encap {
 
 /// The `encap = "ipip" | "udp"` setting of configuration files, where the
 /// RA port is a separate field; [`EncapKind::with_port`] makes the [`Encap`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum EncapKind {
+    /// IPv4 protocol 4 (IP-in-IP).
     #[default]
     Ipip,
+    /// UDP, for networks that filter protocol 4; authenticated, and
+    /// batched with GSO/GRO.
     Udp,
 }
 

@@ -50,7 +50,7 @@ pon_telemetry::counters! {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct MonitorConfig {
     /// Ceiling on probe packets this monitor sends per second (replies to
@@ -58,19 +58,26 @@ pub struct MonitorConfig {
     pub max_probes_per_sec: u32,
     /// Timeout of the first probe on a path, before its RTT is known.
     pub initial_timeout_ms: u64,
-    /// Bounds of the RTT-derived timeout.
+    /// Lower bound of the RTT-derived probe timeout.
     pub min_timeout_ms: u64,
+    /// Upper bound of the RTT-derived probe timeout.
     pub max_timeout_ms: u64,
     /// Probes the per-path loss rate is computed over.
+    #[schemars(extend("x-unit" = "probes"))]
     pub loss_window: usize,
     /// Percentiles cover the samples of this period and the previous one.
     pub histogram_period_ms: u64,
-    /// Probe body length (bytes after the PON header, padding included).
+    /// Probe body length (after the PON header, padding included).
+    #[schemars(extend("x-unit" = "bytes"))]
     pub probe_len: usize,
-    /// Packet trains for available bandwidth: packets and their body length.
+    /// Packet trains for available bandwidth: packets per train.
+    #[schemars(extend("x-unit" = "packets"))]
     pub train_len: u16,
+    /// Packet trains: body length of each packet.
+    #[schemars(extend("x-unit" = "bytes"))]
     pub train_probe_len: usize,
     /// Most probes waiting for an answer at once.
+    #[schemars(extend("x-unit" = "probes"))]
     pub max_outstanding: usize,
 }
 

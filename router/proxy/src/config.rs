@@ -33,7 +33,7 @@ pub const MAX_STEERING_REFRESH_MS: u64 = 300;
 /// runs apart.
 pub const STEERING_REFRESH_MS: u64 = 250;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
     /// Every current route is probed this often, whatever the learning
@@ -52,6 +52,7 @@ pub struct ControlConfig {
     pub status_every_ms: u64,
     /// Bounded queue between the forwarding threads and the control thread
     /// (probes and replies); packets beyond it are dropped and counted.
+    #[schemars(extend("x-unit" = "packets"))]
     pub queue: usize,
     /// Destinations whose policy weighs bandwidth get their recently
     /// answering candidates measured with a packet train this often
@@ -78,20 +79,36 @@ impl ControlConfig {
     }
 }
 
-/// Written as it is read: the forwarder's fields at the top level, then
-/// `[routing]` (when routing), `[monitor]` and `[proxy]`.
+/// pon-proxy's file as it is read and written: the forwarder's fields at
+/// the top level, then `[routing]` (when routing), `[monitor]` and
+/// `[proxy]`. Its schema is the config reference's (docs/CONFIG.md).
+#[derive(Serialize, schemars::JsonSchema)]
+struct ProxyFile<'a> {
+    #[serde(flatten)]
+    forwarder: &'a ForwarderConfig,
+    /// Path selection: the router part. Without it the proxy forwards on
+    /// direct paths (or static `[[route]]`s) and answers other monitors'
+    /// probes, and measures nothing itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    routing: Option<&'a RoutingConfig>,
+    /// The monitor part: probing other proxies' paths.
+    monitor: &'a MonitorConfig,
+    /// The proxy core: keepalives, steering of the TAs, status.
+    proxy: &'a ControlConfig,
+}
+
+impl schemars::JsonSchema for ProxyConfig {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ProxyConfig".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        ProxyFile::json_schema(g)
+    }
+}
+
 impl Serialize for ProxyConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Doc<'a> {
-            #[serde(flatten)]
-            forwarder: &'a ForwarderConfig,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            routing: Option<&'a RoutingConfig>,
-            monitor: &'a MonitorConfig,
-            proxy: &'a ControlConfig,
-        }
-        Doc {
+        ProxyFile {
             forwarder: &self.forwarder,
             routing: self.routing.as_ref(),
             monitor: &self.monitor,
@@ -178,25 +195,33 @@ impl ProxyConfig {
 }
 
 /// pon-monitor's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MonitorDaemonConfig {
     /// UDP address for the forwarder's and the router's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
-    /// The forwarder's local-link address and public key.
+    /// The forwarder's local-link address (its `[local] listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub forwarder: SocketAddr,
+    /// The forwarder's public key (pon-forwarder logs it at start).
     pub forwarder_key: PublicKey,
-    /// The router's local-link address and public key.
+    /// The router's local-link address (its `listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub router: SocketAddr,
+    /// The router's public key (pon-router logs it at start).
     pub router_key: PublicKey,
     /// This monitor's own key lives here (made on first start, mode 0600;
     /// default /var/lib/pon/monitor).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers per-path estimates
     /// (default 127.0.0.1:9103, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
+    /// Probing, as pon-proxy's `[monitor]`.
     #[serde(default)]
     pub monitor: MonitorConfig,
 }
@@ -226,23 +251,31 @@ impl MonitorDaemonConfig {
 }
 
 /// pon-router's configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouterDaemonConfig {
     /// UDP address for the forwarder's and the monitor's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
-    /// The forwarder's and the monitor's local-link addresses and keys.
+    /// The forwarder's local-link address (its `[local] listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub forwarder: SocketAddr,
+    /// The forwarder's public key (pon-forwarder logs it at start).
     pub forwarder_key: PublicKey,
+    /// The monitor's local-link address (its `listen`).
+    #[schemars(extend("format" = "address:port"))]
     pub monitor: SocketAddr,
+    /// The monitor's public key (pon-monitor logs it at start).
     pub monitor_key: PublicKey,
     /// This router's own key lives here (made on first start, mode 0600;
     /// default /var/lib/pon/router).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// Prometheus endpoint; `GET /status` answers the routes (as pon-proxy;
     /// default 127.0.0.1:9104, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
     /// Keepalive period of every current route (see pon-proxy's [proxy]).
     #[serde(default = "default_keepalive")]
@@ -251,6 +284,7 @@ pub struct RouterDaemonConfig {
     /// (see pon-proxy's [proxy]; 0: never).
     #[serde(default = "default_bandwidth_every")]
     pub bandwidth_every_ms: u64,
+    /// Path selection, as pon-proxy's `[routing]`.
     #[serde(default)]
     pub routing: RoutingConfig,
 }

@@ -19,10 +19,11 @@ pub const DEFAULT_KEEPALIVE_MS: u64 = 50;
 /// bandwidth (`[proxy] bandwidth_every_ms`).
 pub const DEFAULT_BANDWIDTH_EVERY_MS: u64 = 30_000;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// k: paths probed per destination per interval (the monitoring budget).
+    #[schemars(extend("x-unit" = "probes"))]
     pub probes_per_interval: usize,
     /// Probe interval.
     pub interval_ms: u64,
@@ -43,8 +44,9 @@ pub struct RoutingConfig {
     /// beat the current route by the margin.
     pub prune_by_first_leg: bool,
     /// Switch only to a path whose cost is lower by this fraction...
+    #[schemars(extend("x-unit" = "fraction"))]
     pub switch_margin: f64,
-    /// ...and by at least this much (ms-equivalent), so that microsecond
+    /// ...and by at least this much (ms-equivalent of the policy's cost), so that microsecond
     /// differences between LAN paths do not count as 10 %.
     pub switch_min_gain_ms: f64,
     /// ...for this long (the challenger is probed every interval meanwhile).
@@ -54,20 +56,23 @@ pub struct RoutingConfig {
     /// How long a measurement counts: only paths answered within this time
     /// are candidates (and older estimators restart on their next sample).
     pub fresh_ms: u64,
-    /// Weight of a new RTT sample in the smoothed RTT.
+    /// Weight of a new RTT sample in the smoothed RTT (0..=1).
     pub rtt_alpha: f64,
     /// Probes the loss rate is computed over (1..=64).
+    #[schemars(extend("x-unit" = "probes"))]
     pub loss_window: u8,
     /// Seed of the learners' random choices (reproducible runs).
     pub seed: u64,
+    /// The `rnn` learner's settings.
     pub rnn: RnnConfig,
+    /// The `bandit` learner's settings.
     pub bandit: BanditConfig,
     /// Destinations to optimise from the start (the CU may add more).
     #[serde(rename = "destination")]
     pub destinations: Vec<DestinationConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
     /// Destination proxy id.

@@ -25,7 +25,7 @@ const MSS_BITS: f64 = 1448.0 * 8.0;
 /// window is not infinitely fast, only "better than 0.1 %".
 const MIN_LOSS_FOR_THROUGHPUT: f64 = 0.001;
 
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum Policy {
     /// Lowest expected delivery delay: RTT plus, per lost packet, the
@@ -37,7 +37,9 @@ pub enum Policy {
     /// Highest throughput: the measured available bandwidth, or without a
     /// measurement what TCP can reach over the path's RTT and loss.
     Bandwidth,
-    /// A weighted sum of the three terms (see [`Weights`]).
+    /// A weighted sum of the three terms: `rtt` × RTT in
+    /// ms + `loss` × loss in % × 100 + `bandwidth` × 1000 / Mbit/s; the
+    /// weights default to 1, 1 and 0.
     Weighted(Weights),
 }
 
@@ -45,11 +47,14 @@ pub enum Policy {
 /// `rtt · rtt_ms + loss · (loss_percent · 100) + bandwidth · (1000 / Mbps)`,
 /// so with all weights 1, one percent of loss is worth 100 ms and going from
 /// 100 to 10 Mbit/s is worth 90 ms.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct Weights {
+    /// Weight of the RTT in ms.
     pub rtt: f64,
+    /// Weight of the loss in percent, times 100.
     pub loss: f64,
+    /// Weight of 1000 / available Mbit/s.
     pub bandwidth: f64,
 }
 

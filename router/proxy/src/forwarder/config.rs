@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ForwarderConfig {
     /// This proxy's id (nonzero, unique in the overlay). In CU mode the CU
@@ -25,36 +25,48 @@ pub struct ForwarderConfig {
     /// Where this proxy keeps its keys and the CU's certificate for them
     /// (default /var/lib/pon/proxy; relative to this file).
     #[serde(default)]
+    #[schemars(extend("format" = "path"))]
     pub state_dir: Option<PathBuf>,
     /// UDP address for PON packets from peer proxies (may be 0.0.0.0:port).
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
     /// Where peers reach this proxy, when that is not `listen` (a cloud's
     /// 1:1 NAT: the public address and port). CU mode without it: the
     /// address the CU sees this proxy's connection come from, with
     /// `listen`'s port.
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub public: Option<SocketAddr>,
     /// Address agents send IP-in-IP to, and the source of packets to agents.
     pub local_addr: Ipv4Addr,
     /// UDP port for agents using the UDP encapsulation (0: disabled).
     #[serde(default = "pon_proto::ports::defaults::agent_udp")]
     pub agent_udp_port: u16,
-    /// MTU of the underlay between proxies.
+    /// MTU of the underlay between proxies (at least 576).
+    #[schemars(extend("x-unit" = "bytes"))]
     #[serde(default = "pon_proto::ports::defaults::underlay_mtu")]
     pub underlay_mtu: u16,
-    /// Hop limit written into new PON headers.
+    /// Hop limit written into new PON headers (at least 1).
     #[serde(default = "default_hop_limit")]
     pub hop_limit: u8,
     /// Prometheus endpoint (`GET /metrics`, and `/status`; default
     /// 127.0.0.1:9100, loopback only).
     #[serde(default)]
+    #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
+    /// Static mode: the other proxies (from the CU in CU mode).
     #[serde(default, rename = "peer")]
     pub peers: Vec<PeerConfig>,
+    /// Static mode: this site's app VMs, whose RAs get the packets for
+    /// them (from the CU in CU mode).
     #[serde(default, rename = "agent")]
     pub agents: Vec<AgentConfig>,
+    /// Static mode: which proxy serves which inner prefix (from the CU in
+    /// CU mode).
     #[serde(default, rename = "destination")]
     pub destinations: Vec<DestinationConfig>,
+    /// Static source routes towards destination proxies (default: direct;
+    /// the router's routes replace them when it runs).
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
     /// The monitor and the router run as separate processes (pon-monitor,
@@ -71,11 +83,15 @@ pub struct ForwarderConfig {
 }
 
 /// When the sessions between proxies are replaced (defaults: WireGuard's).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TunnelConfig {
+    /// A session is replaced after this long (and given up half as long
+    /// again later; at least 100).
     #[serde(default = "default_rekey_after_ms")]
     pub rekey_after_ms: u64,
+    /// ... or after this many messages sent in it.
+    #[schemars(extend("x-unit" = "messages"))]
     #[serde(default = "default_rekey_after_messages")]
     pub rekey_after_messages: u64,
 }
@@ -110,37 +126,47 @@ impl TunnelConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     /// UDP address for the monitor's and the router's messages.
+    #[schemars(extend("format" = "address:port"))]
     pub listen: SocketAddr,
-    /// Where pon-monitor listens (probes that end here go there), and its
-    /// public key (the local link is authenticated: see `daemon::link`).
+    /// Where pon-monitor listens (probes that end here go there).
+    #[schemars(extend("format" = "address:port"))]
     pub monitor: SocketAddr,
+    /// pon-monitor's public key (the local link is authenticated: see
+    /// `daemon::link`; pon-monitor logs it at start).
     pub monitor_key: PublicKey,
-    /// Where pon-router listens (the topology goes there), and its key.
+    /// Where pon-router listens (the topology goes there).
+    #[schemars(extend("format" = "address:port"))]
     pub router: SocketAddr,
+    /// pon-router's public key.
     pub router_key: PublicKey,
     /// UDP port of the local TAs' steering listeners (0: do not steer).
     #[serde(default = "pon_proto::ports::defaults::steering")]
     pub steering_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PeerConfig {
+    /// The peer proxy's id.
     pub id: u32,
+    /// Where it receives PON packets (its `listen`, or its `public`).
+    #[schemars(extend("format" = "address:port"))]
     pub addr: SocketAddr,
     /// The peer's static key (a proxy logs its own at start; `pon-lab-config
     /// identity DIR` prints the key kept in a state directory).
     pub public_key: PublicKey,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
+    /// The app VM's address.
     pub addr: Ipv4Addr,
+    /// How its agent legs are encapsulated (its TA's `encap`).
     #[serde(default)]
     pub encap: EncapKind,
     /// The RA's UDP port, used with `encap = "udp"`.
@@ -154,17 +180,21 @@ pub struct AgentConfig {
     pub public_key: Option<PublicKey>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationConfig {
+    /// Inner destinations ...
     pub prefix: IpNet,
+    /// ... served by this proxy (its id).
     pub proxy: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
+    /// The destination proxy's id.
     pub to: u32,
+    /// The relays in between, in order (empty: direct).
     #[serde(default)]
     pub via: Vec<u32>,
 }

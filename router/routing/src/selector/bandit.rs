@@ -12,7 +12,7 @@ use super::{argmax_available, availability, ProbeSelector};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct BanditConfig {
     /// Weight of the confidence bonus `c·sqrt(ln N / n_i)`.

@@ -43,13 +43,20 @@ pub trait ProbeSelector: Send {
     fn observe(&mut self, path: usize, goal: Option<f64>);
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum SelectorKind {
+    /// The PANACEA/CPN random neural network with reinforcement learning.
     #[default]
     Rnn,
+    /// A discounted-UCB bandit.
     Bandit,
+    /// Uniform random choice.
     Random,
+    /// Every candidate, every interval (for comparison: its cost grows
+    /// with the overlay).
     FullMesh,
 }
 

@@ -43,7 +43,7 @@ use super::{argmax_available, availability, random_available, ProbeSelector};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct RnnConfig {
     /// `a` in `T ← a·T + (1−a)·R`: 0.8 remembers about the last five rewards.
