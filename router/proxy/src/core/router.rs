@@ -483,6 +483,7 @@ impl RouterPart {
                 ..Default::default()
             },
             keepalive_ms: self.cfg.keepalive.as_millis() as u64,
+            idle_keepalive_ms: self.cfg.idle_keepalive.as_millis() as u64,
             interval_ms: Some(self.cfg.routing.interval_ms),
             probes_per_interval: Some(self.cfg.routing.probes_per_interval),
         }
