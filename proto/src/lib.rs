@@ -20,6 +20,7 @@ pub mod measurement;
 pub mod pon;
 pub mod ports;
 pub mod probe;
+pub mod report;
 pub mod steering;
 
 pub use error::Error;

@@ -9,6 +9,7 @@
 //!  forwarder ───────────────────▶ monitor   forwarder ─────────▶ router
 //!            ◀─────────────────── (Send)              ◀───────── (Routes)
 //!  router ── Probe, Rate ──▶ monitor ── Result ──▶ router
+//!  forwarder ── Traffic ──▶ router
 //! ```
 //!
 //! Every message is idempotent or periodic (Topology and Routes carry whole
@@ -16,7 +17,7 @@
 //! probe or a second of staleness.
 
 use crate::codec::CodecError;
-use crate::measurement::{ProbeOutcome, ProbeTag};
+use crate::measurement::{ProbeOutcome, ProbeTag, TrafficSample};
 use crate::pon::Hops;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,10 @@ pub enum LocalMsg {
         packets: u16,
         mbps: Option<f64>,
     },
+    /// forwarder → router: the data counters of the peers whose counts
+    /// changed since the last message (none: no message), for the passive
+    /// watch of the current routes.
+    Traffic(Vec<TrafficSample>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +156,11 @@ mod tests {
                 packets: 16,
                 mbps: Some(93.5),
             },
+            LocalMsg::Traffic(vec![TrafficSample {
+                peer: 2,
+                sent: 1000,
+                confirmed: 990,
+            }]),
         ] {
             assert_eq!(LocalMsg::decode(&m.encode().unwrap()).unwrap(), m);
         }

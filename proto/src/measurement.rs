@@ -59,3 +59,15 @@ pub enum ProbeOutcome {
     /// Not answered within its timeout.
     Lost,
 }
+
+/// The data counters of one peer proxy, as the forwarder hands them to the
+/// router: data packets sealed for it as their egress, and the peer's
+/// latest report of what it received from us. Both count from their own
+/// process's start: only their changes mean something (traffic went out;
+/// the peer confirmed traffic), never their difference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficSample {
+    pub peer: u32,
+    pub sent: u64,
+    pub confirmed: u64,
+}

@@ -1,6 +1,6 @@
 //! The PON header, carried over UDP between proxies, in front of a sealed
 //! payload: the inner IP packet (data), a probe body (probe, probe reply),
-//! nothing (keepalive), or a Noise handshake message.
+//! a traffic report, nothing (keepalive), or a Noise handshake message.
 //!
 //! ```text
 //!  0       1       2       3       4       5       6       7
@@ -110,6 +110,9 @@ pub enum Kind {
     /// A sealed empty payload: the handshake's initiator shows it holds
     /// the new keys.
     Keepalive,
+    /// A traffic report (`crate::report`): the egress tells the ingress
+    /// what data it received from it.
+    Report,
 }
 
 impl Kind {
@@ -132,6 +135,7 @@ impl TryFrom<u8> for Kind {
             4 => Ok(Kind::HandshakeInit),
             5 => Ok(Kind::HandshakeResponse),
             6 => Ok(Kind::Keepalive),
+            7 => Ok(Kind::Report),
             other => Err(Error::UnknownKind(other)),
         }
     }
@@ -146,6 +150,7 @@ impl From<Kind> for u8 {
             Kind::HandshakeInit => 4,
             Kind::HandshakeResponse => 5,
             Kind::Keepalive => 6,
+            Kind::Report => 7,
         }
     }
 }

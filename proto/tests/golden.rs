@@ -6,10 +6,10 @@
 use pon_proto::control::{self, AgentMsg, Endpoints, FrameDecoder, Register};
 use pon_proto::ip::{self, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet, Ipv4Repr};
 use pon_proto::local::LocalMsg;
-use pon_proto::measurement::{ProbeOutcome, ProbeTag};
+use pon_proto::measurement::{ProbeOutcome, ProbeTag, TrafficSample};
 use pon_proto::pon::Hops;
 use pon_proto::steering::Steering;
-use pon_proto::{pon, probe, Encap};
+use pon_proto::{pon, probe, report, Encap};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -71,6 +71,7 @@ fn pon_header_per_kind() {
         (pon::Kind::HandshakeInit, 4),
         (pon::Kind::HandshakeResponse, 5),
         (pon::Kind::Keepalive, 6),
+        (pon::Kind::Report, 7),
     ] {
         let mut want = data.to_vec();
         want[1] = byte;
@@ -95,11 +96,11 @@ fn pon_header_per_kind() {
     assert_eq!(p.kind(), pon::Kind::Probe);
     assert_eq!(p.hops().as_slice(), &[3, 2]);
     let mut unknown = data.to_vec();
-    unknown[1] = 7;
+    unknown[1] = 8;
     unknown.extend([0; 16]);
     assert_eq!(
         pon::Packet::new_checked(&unknown[..]).unwrap_err(),
-        pon_proto::Error::UnknownKind(7)
+        pon_proto::Error::UnknownKind(8)
     );
 }
 
@@ -147,6 +148,28 @@ fn probe_and_probe_reply_bodies() {
     let mut reply = want;
     reply[20..28].copy_from_slice(&[0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
     golden("probe reply body", &v, &reply);
+}
+
+#[test]
+fn report_body() {
+    let r = report::Repr {
+        window_ms: 200,
+        received: 0x0102_0304_0506_0708,
+        highest_counter: 0x1112_1314_1516_1718,
+    };
+    let mut v = [0xee; report::BODY_LEN];
+    r.emit(&mut v).unwrap();
+    #[rustfmt::skip]
+    let want = [
+        1, 0, 0, 0, 0, 0, 0, 200, // version 1, reserved, window (ms)
+        1, 2, 3, 4, 5, 6, 7, 8, // data packets received
+        0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, // highest seal counter
+    ];
+    golden("report body", &v, &want);
+    assert_eq!(
+        report::Repr::parse(&report::Packet::new_checked(&v[..]).unwrap()),
+        r
+    );
 }
 
 fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: IpProtocol, df: bool, payload: &[u8]) -> Vec<u8> {
@@ -226,7 +249,7 @@ fn steering_message() {
 #[test]
 fn local_messages() {
     let h = |ids: &[u32]| Hops::new(ids).unwrap();
-    let cases: [(LocalMsg, &[u8]); 10] = [
+    let cases: [(LocalMsg, &[u8]); 11] = [
         (LocalMsg::Arrived(vec![1, 2, 3]), &[0, 3, 1, 2, 3]),
         (
             LocalMsg::Send {
@@ -304,6 +327,15 @@ fn local_messages() {
                 mbps: Some(93.5),
             },
             &[8, 2, 2, 0, 1, 2, 16, 1, 0, 0, 0, 0, 0, 0x60, 0x57, 0x40],
+        ),
+        (
+            // one sample: peer 2, 300 sent (varint 0xac 0x02), 299 confirmed
+            LocalMsg::Traffic(vec![TrafficSample {
+                peer: 2,
+                sent: 300,
+                confirmed: 299,
+            }]),
+            &[9, 1, 2, 0xac, 0x02, 0xab, 0x02],
         ),
     ];
     for (m, want) in cases {

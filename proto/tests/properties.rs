@@ -20,6 +20,7 @@ fn kind() -> impl Strategy<Value = pon::Kind> {
         Just(pon::Kind::HandshakeInit),
         Just(pon::Kind::HandshakeResponse),
         Just(pon::Kind::Keepalive),
+        Just(pon::Kind::Report),
     ]
 }
 

@@ -168,17 +168,18 @@ fn written_off(lab: &Lab, proxy: (&str, &str), dst: u64, path: &[u64]) -> bool {
 }
 
 /// The probe rate towards one destination that `status` (a proxy's
-/// `/status`) should report: a keepalive on the current route every
-/// `keepalive_ms`, plus up to `probes_per_interval` learning probes every
-/// `interval_ms`. Returns (least, most): keepalives only, and keepalives
-/// with the whole learning budget spent.
+/// `/status`) should report once its traffic is confirmed or idle: a
+/// keepalive on the current route every `idle_keepalive_ms`, plus up to
+/// `probes_per_interval` learning probes every `interval_ms`. Returns
+/// (least, most): keepalives only, and keepalives with the whole learning
+/// budget spent.
 fn expected_probe_rate(status: &serde_json::Value) -> (f64, f64) {
     let b = &status["budget"];
     let field = |k: &str| {
         b[k].as_f64()
             .unwrap_or_else(|| panic!("no budget.{k} in {status}"))
     };
-    let keepalives = 1000.0 / field("keepalive_ms");
+    let keepalives = 1000.0 / field("idle_keepalive_ms");
     let learning = field("probes_per_interval") * 1000.0 / field("interval_ms");
     (keepalives, keepalives + learning)
 }
@@ -316,8 +317,8 @@ fn a_dead_link_is_routed_around_in_under_a_second_and_the_return_does_not_flap()
     let back = up.elapsed();
     let s = ping_stats(&ping.wait_with_output().expect("ping"));
     // Stayed there, with one change each way: no flapping, over about 5 s
-    // of the routers' probing (100 probes at 20 keepalives/s and more).
-    let_routers_probe(&lab, 100);
+    // of the routers' probing (20 probes at 4/s per destination).
+    let_routers_probe(&lab, 20);
     let (p1, t1) = route_changes(&lab);
     let flaps = (p1 - p0, t1 - t0);
     let lost = s.transmitted - s.received;
@@ -631,5 +632,81 @@ fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
          back on the overlay {:.1} s after the restart",
         fallback.as_secs_f64(),
         back.as_secs_f64()
+    );
+}
+
+/// The value of an unlabelled gauge on a Prometheus page.
+fn gauge(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn an_idle_six_site_overlay_probes_at_most_five_times_a_second_per_destination() {
+    require_root();
+    let names = ["paris", "tokyo", "london", "berlin", "madrid", "rome"];
+    let lab = Lab::up(&format!(
+        "routing = {{ policy = \"latency\" }}\n{}{}",
+        sites(&names),
+        link("paris", "tokyo", "delay_ms = 75"),
+    ));
+    let proxies: Vec<(String, String)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("{n}/proxy"), format!("198.18.{}.1:9100", i + 1)))
+        .collect();
+    let at = |i: usize| (proxies[i].0.as_str(), proxies[i].1.as_str());
+    // Every proxy routes to the five others.
+    let routed = |i: usize| {
+        let st = status(&lab, at(i));
+        st["destinations"].as_array().is_some_and(|ds| {
+            ds.len() == names.len() - 1 && ds.iter().all(|d| d["current"].is_array())
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || (0..names.len()).all(routed)),
+        "not every proxy routes to every other: {}",
+        status(&lab, at(0))
+    );
+    // Idle (no application traffic): each proxy's probe rate, all kinds it
+    // sends, is at most 5 per destination. The rate meter looks back a few
+    // seconds, so a settled overlay shows in a few rounds; then it must
+    // hold for three more rounds in a row.
+    let rates = || -> Vec<(f64, usize)> {
+        (0..names.len())
+            .map(|i| {
+                let page = lab.metrics(at(i).0, at(i).1);
+                let rate = gauge(&page, "pon_monitor_probe_rate").unwrap_or(f64::NAN);
+                let dsts = status(&lab, at(i))["destinations"]
+                    .as_array()
+                    .map_or(0, |d| d.len());
+                (rate, dsts)
+            })
+            .collect()
+    };
+    let within = |r: &[(f64, usize)]| {
+        r.iter()
+            .all(|&(rate, dsts)| dsts == 5 && rate > 0.0 && rate <= 5.0 * dsts as f64)
+    };
+    let mut last = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            last = rates();
+            within(&last)
+        }),
+        "probe rates (per proxy, destinations) above 5 per destination: {last:?}"
+    );
+    for round in 0..3 {
+        last = rates();
+        eprintln!("round {round}: probes/s and destinations per proxy: {last:?}");
+        assert!(within(&last), "round {round}: {last:?}");
+    }
+    // What the router asks for: a keepalive a second per current route and
+    // up to k learning probes per destination and interval.
+    let st = status(&lab, at(0));
+    let (least, most) = expected_probe_rate(&st);
+    eprintln!(
+        "paris: {:.1} probes/s for 5 destinations (expected {least:.0}..{most:.0} each): {}",
+        last[0].0, st["budget"]
     );
 }

@@ -386,13 +386,14 @@ fn print_routes(rec: &AgentRecord, st: &serde_json::Value) {
     }
     let b = &st["budget"];
     println!(
-        "proxy {} ({}): probes {:.1}/s of a {}/s budget, {} sent; current routes probed every {} ms, \
-         {} paths per destination every {} ms",
+        "proxy {} ({}): probes {:.1}/s of a {}/s budget, {} sent; current routes probed every {} ms \
+         ({} ms while their traffic goes unconfirmed), {} paths per destination every {} ms",
         rec.info.id,
         rec.info.cloud,
         b["probes_per_sec"].as_f64().unwrap_or(0.0),
         b["max_probes_per_sec"],
         b["probes_sent"],
+        b["idle_keepalive_ms"],
         b["keepalive_ms"],
         b["probes_per_interval"],
         b["interval_ms"],

@@ -4,7 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use pon_proto::ip::{self, Icmpv4Packet, InnerPacket, IpipPacket, Ipv4Packet};
-use pon_proto::{pon, probe};
+use pon_proto::{pon, probe, report};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(p) = pon::Packet::new_checked(data) {
@@ -54,5 +54,10 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(p) = probe::Packet::new_checked(data) {
         let _ = probe::Repr::parse(&p);
+    }
+    if let Ok(p) = report::Packet::new_checked(data) {
+        let mut out = [0u8; report::BODY_LEN];
+        report::Repr::parse(&p).emit(&mut out).expect("parsed reports emit");
+        assert_eq!(&out[4..], &data[4..]);
     }
 });

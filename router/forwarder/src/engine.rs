@@ -490,6 +490,9 @@ impl Engine {
         if let Err(e) = seal(s, buf, is - hlen, end) {
             return self.seal_failed(e);
         }
+        if let Some(traffic) = t.traffic(header.hops.last()) {
+            traffic.on_sent();
+        }
         c.ingress.inc();
         Decision {
             output: Output::Peer(first),
@@ -646,7 +649,7 @@ impl Engine {
         if let Err(e) = self.open(s, &mut p) {
             return e;
         }
-        let source = p.source();
+        let (source, counter) = (p.source(), p.seal_counter());
         if !p.has_link() {
             // A direct route: the seal was the sender's authentication.
             note_sender(t, source, src, moved);
@@ -656,6 +659,7 @@ impl Engine {
         match kind {
             Kind::Data => {}
             Kind::Keepalive => return drop(&c.keepalives),
+            Kind::Report if !self.has_monitor => return drop(&c.drop_no_monitor),
             _ => return self.to_core(kind, start, end),
         }
         let inner = match InnerPacket::new_checked(&buf[is..ie]) {
@@ -665,6 +669,11 @@ impl Engine {
         // Allowed IPs: a proxy speaks only for the sources it serves.
         if !t.serves(inner.src(), source) {
             return drop(&c.drop_foreign_source);
+        }
+        // It came over the overlay from `source`: what the next report to
+        // it confirms (counted whether or not the RA then takes it).
+        if let Some(traffic) = t.traffic(source) {
+            traffic.on_received(counter);
         }
         let Some(agent) = t.agent(inner.dst()) else {
             return drop(&c.drop_no_destination);

@@ -12,4 +12,4 @@ pub mod io;
 pub mod table;
 
 pub use engine::{Decision, Engine, ForwarderCounters, Output};
-pub use table::{Agent, AgentLink, Encap, ForwardingTable, SharedTable, TableError};
+pub use table::{Agent, AgentLink, Encap, ForwardingTable, PeerTraffic, SharedTable, TableError};

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use pon_proto::pon::{Hops, MAX_HOPS};
 use rustc_hash::FxHashMap as HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The table the data path reads. `load()` per packet is wait-free and
@@ -170,6 +171,35 @@ impl std::fmt::Debug for AgentLink {
     }
 }
 
+/// Data packets exchanged with one peer proxy, counted by the data path
+/// (relaxed atomics: one add per packet, no lock) and read by the control
+/// side, which reports what arrived (egress) and watches what it confirms
+/// (ingress): the passive measurement that replaces keepalive probes on
+/// routes that carry traffic. Kept across table rebuilds like
+/// [`AgentLink`], so the counts never restart within a run.
+#[derive(Debug, Default)]
+pub struct PeerTraffic {
+    /// Data packets this proxy sealed for the peer as their egress.
+    pub sent: AtomicU64,
+    /// Data packets from the peer that ended here (seal opened, source
+    /// allowed).
+    pub received: AtomicU64,
+    /// The highest seal counter among them.
+    pub highest_counter: AtomicU64,
+}
+
+impl PeerTraffic {
+    #[inline]
+    pub fn on_sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+    }
+    #[inline]
+    pub fn on_received(&self, counter: u64) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.highest_counter.fetch_max(counter, Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ForwardingTable {
     my_id: u32,
@@ -178,6 +208,8 @@ pub struct ForwardingTable {
     agents: HashMap<Ipv4Addr, Agent>,
     /// Keys of the agents' UDP legs; an agent without one gets none of them.
     links: HashMap<Ipv4Addr, Arc<AgentLink>>,
+    /// Data counters per peer; a peer without one is not counted.
+    traffic: HashMap<u32, Arc<PeerTraffic>>,
     /// Destination prefix → index into `groups`.
     destinations: PrefixTable,
     groups: Vec<EgressGroup>,
@@ -206,6 +238,7 @@ impl ForwardingTable {
             peers_by_addr: HashMap::default(),
             agents: HashMap::default(),
             links: HashMap::default(),
+            traffic: HashMap::default(),
             destinations: PrefixTable::default(),
             groups: Vec::new(),
             routes: HashMap::default(),
@@ -368,6 +401,21 @@ impl ForwardingTable {
     #[inline]
     pub fn link(&self, addr: Ipv4Addr) -> Option<&AgentLink> {
         self.links.get(&addr).map(|l| &**l)
+    }
+    /// Gives peer `id` (one of the table's) its data counters.
+    pub fn set_traffic(&mut self, id: u32, traffic: Arc<PeerTraffic>) {
+        if self.peers_by_id.contains_key(&id) {
+            self.traffic.insert(id, traffic);
+        }
+    }
+    /// Peer `id`'s data counters.
+    #[inline]
+    pub fn traffic(&self, id: u32) -> Option<&PeerTraffic> {
+        self.traffic.get(&id).map(|t| &**t)
+    }
+    /// The peers' ids.
+    pub fn peer_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.peers_by_id.keys().copied()
     }
     pub fn peer_count(&self) -> usize {
         self.peers_by_id.len()

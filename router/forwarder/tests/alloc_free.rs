@@ -93,6 +93,12 @@ fn engine(id: u8, relays: Vec<(u32, Vec<u32>)>) -> Engine {
             downlink: pair.sender(Channel::Downlink, 1, true),
         }),
     );
+    // Data counters on every peer, as the proxy core attaches them: the
+    // passive measurement's counting is on the measured path.
+    let ids: Vec<u32> = t.peer_ids().collect();
+    for p in ids {
+        t.set_traffic(p, Arc::default());
+    }
     let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id, 1),

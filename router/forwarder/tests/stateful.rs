@@ -5,7 +5,10 @@
 //! or drop counter; an agent, or the proxy core for a sealed kind, gets
 //! only what the test sealed itself (or handed to an ingress as an agent),
 //! once per time it was sealed; a relay forwards only datagrams an
-//! authenticated neighbour sent.
+//! authenticated neighbour sent; the per-peer data counters the traffic
+//! reports are made of count exactly the data an ingress sealed and the
+//! authenticated data an egress took (never a forgery, a replay, a
+//! probe or a report).
 //!
 //! One harness, two drivers: the property test below (CI) and the fuzz
 //! target `engine` in `fuzz/` (which includes this file).
@@ -19,6 +22,7 @@ use pon_proto::pon::{self, Hops, Kind};
 use pon_tunnel::SessionTable;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 type Mesh = HashMap<u32, Arc<SessionTable>>;
@@ -68,7 +72,10 @@ fn engine(id: u32) -> Engine {
         .map(|p| (format!("198.18.{p}.0/24").parse().unwrap(), *p))
         .collect();
     let relays = if id == 1 { vec![(2, vec![3])] } else { vec![] };
-    let t = ForwardingTable::build(id, &peers, &agents, &dests, &relays).unwrap();
+    let mut t = ForwardingTable::build(id, &peers, &agents, &dests, &relays).unwrap();
+    for p in PROXIES.iter().filter(|p| **p != id) {
+        t.set_traffic(*p, Arc::default());
+    }
     let e = Engine::new(
         Arc::new(ArcSwap::from_pointee(t)),
         Ipv4Addr::new(198, 18, id as u8, 1),
@@ -78,6 +85,21 @@ fn engine(id: u32) -> Engine {
     let e = if id == 1 { e.with_monitor() } else { e };
     e.sessions.store(meshes().0[&id].clone());
     e
+}
+
+/// Data packets `e` sealed as an ingress and took as an egress, over its
+/// peers (what its traffic reports are made of).
+fn traffic(e: &Engine) -> (u64, u64) {
+    let t = e.table.load();
+    PROXIES
+        .iter()
+        .filter_map(|p| t.traffic(*p))
+        .fold((0, 0), |(s, r), c| {
+            (
+                s + c.sent.load(Ordering::Relaxed),
+                r + c.received.load(Ordering::Relaxed),
+            )
+        })
 }
 
 /// Sum of the stage and drop counters: each call must add exactly one.
@@ -218,7 +240,13 @@ impl World {
         let Some(hops) = Hops::new(&hops) else {
             return Ok(());
         };
-        let kind = *u.choose(&[Kind::Data, Kind::Probe, Kind::ProbeReply, Kind::Keepalive])?;
+        let kind = *u.choose(&[
+            Kind::Data,
+            Kind::Probe,
+            Kind::ProbeReply,
+            Kind::Keepalive,
+            Kind::Report,
+        ])?;
         let egress = hops.last();
         let payload = match kind {
             Kind::Data => {
@@ -273,6 +301,7 @@ impl World {
         let len = wire.len().min(self.buf.len() - HEADROOM);
         self.buf[HEADROOM..HEADROOM + len].copy_from_slice(&wire[..len]);
         let before = outcomes(e);
+        let counted = traffic(e);
         let d = e.from_peer(
             &e.table.load(),
             &e.sessions.load(),
@@ -282,6 +311,22 @@ impl World {
             from,
         );
         assert_eq!(outcomes(e), before + 1, "one outcome per packet: {d:?}");
+        let (sent, received) = traffic(e);
+        assert_eq!(
+            sent, counted.0,
+            "a packet from a peer is never counted as sent"
+        );
+        let took = received - counted.1;
+        match d.output {
+            Output::AgentIpip(_) | Output::AgentUdp(_) => {
+                assert_eq!(took, 1, "delivered, not counted")
+            }
+            Output::Drop => assert!(
+                took == 0 || self.datagrams.0.get(&wire[..len]).is_some_and(|n| *n > 0),
+                "counted a datagram the test did not seal"
+            ),
+            _ => assert_eq!(took, 0, "counted what is not data for an agent"),
+        }
         let out = &self.buf[d.range.clone()];
         match d.output {
             Output::Drop => {}
@@ -333,6 +378,7 @@ impl World {
         };
         let e = &self.engines[at as usize - 1];
         let before = outcomes(e);
+        let counted = traffic(e);
         let (t, s) = (e.table.load(), e.sessions.load());
         let d = if u.arbitrary()? {
             let n = inner.len().min(self.buf.len() - HEADROOM);
@@ -351,6 +397,12 @@ impl World {
         };
         assert_eq!(outcomes(e), before + 1, "one outcome per packet: {d:?}");
         assert!(d.range.end <= self.buf.len());
+        let sealed = u64::from(matches!(d.output, Output::Peer(_)));
+        assert_eq!(
+            traffic(e),
+            (counted.0 + sealed, counted.1),
+            "sent counts what went to a peer"
+        );
         if let Output::Peer(_) = d.output {
             // Sealed by an honest ingress for an agent's packet: ours.
             let wire = self.buf[d.range].to_vec();

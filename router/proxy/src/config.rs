@@ -36,10 +36,14 @@ pub const STEERING_REFRESH_MS: u64 = 250;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControlConfig {
-    /// Every current route is probed this often, whatever the learning
-    /// budget: with `routing.failover_losses` consecutive losses this bounds
-    /// how long traffic stays on a dead path.
+    /// A current route whose traffic the egress's reports stopped
+    /// confirming is probed this often, whatever the learning budget: with
+    /// `routing.failover_losses` consecutive losses this bounds how long
+    /// traffic stays on a dead path.
     pub keepalive_ms: u64,
+    /// Every other current route (idle, or its traffic confirmed) is
+    /// probed this often.
+    pub idle_keepalive_ms: u64,
     /// UDP port of the local TAs' steering listeners (0: do not steer).
     pub steering_port: u16,
     /// The bypass set is re-sent this often even when unchanged, so a TA
@@ -64,6 +68,7 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             keepalive_ms: pon_routing::config::DEFAULT_KEEPALIVE_MS,
+            idle_keepalive_ms: pon_routing::config::DEFAULT_IDLE_KEEPALIVE_MS,
             steering_port: pon_proto::ports::STEERING,
             steering_refresh_ms: STEERING_REFRESH_MS,
             status_every_ms: 250,
@@ -149,6 +154,7 @@ impl ProxyConfig {
             .map(|routing| crate::core::RouterPartConfig {
                 routing,
                 keepalive: c.keepalive(),
+                idle_keepalive: Duration::from_millis(c.idle_keepalive_ms),
                 bandwidth_every: (c.bandwidth_every_ms > 0)
                     .then(|| Duration::from_millis(c.bandwidth_every_ms)),
             })
@@ -175,8 +181,12 @@ impl ProxyConfig {
             Some(v) => v.try_into().context("in [proxy]")?,
             None => ControlConfig::default(),
         };
-        if control.keepalive_ms == 0 || control.status_every_ms == 0 || control.queue == 0 {
-            anyhow::bail!("[proxy] keepalive_ms, status_every_ms and queue must be positive");
+        if control.keepalive_ms == 0
+            || control.idle_keepalive_ms == 0
+            || control.status_every_ms == 0
+            || control.queue == 0
+        {
+            anyhow::bail!("[proxy] keepalive_ms, idle_keepalive_ms, status_every_ms and queue must be positive");
         }
         if !(1..=MAX_STEERING_REFRESH_MS).contains(&control.steering_refresh_ms) {
             anyhow::bail!("[proxy] steering_refresh_ms must be between 1 and {MAX_STEERING_REFRESH_MS}: the TAs take a proxy that missed three refreshes in 750 ms for dead");
@@ -277,9 +287,13 @@ pub struct RouterDaemonConfig {
     #[serde(default)]
     #[schemars(extend("format" = "address:port"))]
     pub metrics: Option<SocketAddr>,
-    /// Keepalive period of every current route (see pon-proxy's [proxy]).
+    /// Keepalive period of a current route whose traffic went unconfirmed
+    /// (see pon-proxy's [proxy]).
     #[serde(default = "default_keepalive")]
     pub keepalive_ms: u32,
+    /// Keepalive period of every other current route.
+    #[serde(default = "default_idle_keepalive")]
+    pub idle_keepalive_ms: u32,
     /// Bandwidth trains for the policies that weigh bandwidth, this often
     /// (see pon-proxy's [proxy]; 0: never).
     #[serde(default = "default_bandwidth_every")]
@@ -293,6 +307,10 @@ fn default_keepalive() -> u32 {
     ControlConfig::default().keepalive_ms as u32
 }
 
+fn default_idle_keepalive() -> u32 {
+    ControlConfig::default().idle_keepalive_ms as u32
+}
+
 fn default_bandwidth_every() -> u64 {
     ControlConfig::default().bandwidth_every_ms
 }
@@ -301,8 +319,8 @@ impl RouterDaemonConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut c: Self = pon_telemetry::load_toml(path, "router")?;
         c.routing.validate()?;
-        if c.keepalive_ms == 0 {
-            anyhow::bail!("keepalive_ms must be positive");
+        if c.keepalive_ms == 0 || c.idle_keepalive_ms == 0 {
+            anyhow::bail!("keepalive_ms and idle_keepalive_ms must be positive");
         }
         c.state_dir = c.state_dir.map(|d| pon_identity::relative_to(d, path));
         Ok(c)
@@ -327,6 +345,7 @@ impl RouterDaemonConfig {
         crate::core::RouterPartConfig {
             routing: self.routing.clone(),
             keepalive: Duration::from_millis(u64::from(self.keepalive_ms)),
+            idle_keepalive: Duration::from_millis(u64::from(self.idle_keepalive_ms)),
             bandwidth_every: (self.bandwidth_every_ms > 0)
                 .then(|| Duration::from_millis(self.bandwidth_every_ms)),
         }

@@ -9,11 +9,15 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Duration;
 
-/// How often the proxy probes each current route besides the learning
-/// budget (`[proxy] keepalive_ms`): 20 probes/s, so that `failover_losses`
-/// consecutive losses are seen within a few hundred milliseconds. The
-/// proxy's default, kept here so that pon-sim counts what a proxy pays.
+/// How often the proxy probes a current route besides the learning budget
+/// when its traffic went unconfirmed (`[proxy] keepalive_ms`, see
+/// [`crate::passive`]): 20 probes/s, so that `failover_losses` consecutive
+/// losses are seen within a few hundred milliseconds. The proxy's default,
+/// kept here so that pon-sim counts what a proxy pays.
 pub const DEFAULT_KEEPALIVE_MS: u64 = 50;
+/// How often the proxy probes a current route that is idle or whose
+/// traffic the egress's reports confirm (`[proxy] idle_keepalive_ms`).
+pub const DEFAULT_IDLE_KEEPALIVE_MS: u64 = 1000;
 /// How often the proxy measures, with packet trains, the bandwidth of the
 /// recently answering candidates of destinations whose policy weighs
 /// bandwidth (`[proxy] bandwidth_every_ms`).

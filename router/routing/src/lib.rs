@@ -13,11 +13,14 @@
 //! - [`ProbeSelector`]: the learners spending the budget (the CPN random
 //!   neural network of PANACEA, a bandit, random, and the full-mesh
 //!   reference).
+//! - [`passive`]: whether a current route needs fast keepalives, from the
+//!   proxy's own traffic and the egress's reports.
 //! - [`sim`]: the simulator behind `pon-sim`, driving many routers over a
 //!   time series of link matrices against a full-knowledge oracle.
 
 pub mod config;
 pub mod measurement;
+pub mod passive;
 pub mod policy;
 pub mod rng;
 pub mod router;

@@ -3,6 +3,7 @@ use crate::table::{AgentLink, ForwardingTable};
 use arc_swap::ArcSwap;
 use pon_proto::ip::{Icmpv4Message, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet};
 use pon_tunnel::lan::{Channel, PairKey};
+use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
 
 const APP_A: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 11);
@@ -742,4 +743,98 @@ fn a_peer_is_known_by_its_keys_and_followed_to_a_new_address() {
     // once the Noise handshake has.
     let init = sealed(Kind::HandshakeInit, 1, &[2], 4, &[0; 100]);
     assert_eq!(at(&p2, &init, elsewhere).1, None);
+}
+
+/// Gives every peer of `e`'s table data counters, as the proxy core does.
+fn with_traffic(e: &Engine) -> rustc_hash::FxHashMap<u32, Arc<crate::PeerTraffic>> {
+    let mut t = (**e.table.load()).clone();
+    let counters: rustc_hash::FxHashMap<u32, Arc<crate::PeerTraffic>> =
+        t.peer_ids().map(|p| (p, Arc::default())).collect();
+    for (p, c) in &counters {
+        t.set_traffic(*p, c.clone());
+    }
+    e.table.store(Arc::new(t));
+    counters
+}
+
+#[test]
+fn data_is_counted_per_peer_for_the_reports() {
+    let (p1, p2, p3) = (engine(1), engine(2), engine(3));
+    let (c1, c2) = (with_traffic(&p1), with_traffic(&p2));
+    with_traffic(&p3);
+    let inner = inner_packet(APP_A, APP_B, 40, false);
+    // Ingress 1 seals three packets for egress 2 (through relay 3).
+    let mut wires = Vec::new();
+    for _ in 0..3 {
+        let (mut buf, len) = from_ta(&inner, Ipv4Addr::new(198, 18, 1, 1));
+        let t = p1.table.load();
+        let d = p1.from_agent_ipip(&t, &p1.sessions.load(), &mut buf, HEADROOM, len);
+        assert_eq!(d.output, Output::Peer(proxy_addr(3)));
+        wires.push(buf[d.range].to_vec());
+    }
+    assert_eq!(c1[&2].sent.load(Ordering::Relaxed), 3);
+    assert_eq!(
+        c1[&3].sent.load(Ordering::Relaxed),
+        0,
+        "the relay is no egress"
+    );
+    // The relay forwards, the egress counts what it delivers, with the
+    // highest seal counter among them; the first is lost on the way.
+    for w in &wires[1..] {
+        let mut buf = received(w);
+        let d = step(&p3, &mut buf, w.len(), proxy_addr(1));
+        assert_eq!(d.output, Output::Peer(proxy_addr(2)));
+        let fwd = buf[d.range].to_vec();
+        assert_eq!(
+            output_from_peer(&p2, &fwd, proxy_addr(3)),
+            Output::AgentIpip(APP_B)
+        );
+    }
+    assert_eq!(c2[&1].received.load(Ordering::Relaxed), 2);
+    let highest = c2[&1].highest_counter.load(Ordering::Relaxed);
+    assert!(highest >= 2, "{highest}");
+    // A replayed packet is not counted again.
+    let mut buf = received(&wires[2]);
+    let d = step(&p3, &mut buf, wires[2].len(), proxy_addr(1));
+    assert_eq!(d.output, Output::Drop);
+    assert_eq!(c2[&1].received.load(Ordering::Relaxed), 2);
+}
+
+#[test]
+fn reports_reach_the_core_only_when_sealed_by_their_source() {
+    use pon_proto::report;
+    let p1 = engine(1).with_monitor();
+    let mut body = [0u8; report::BODY_LEN];
+    report::Repr {
+        window_ms: 200,
+        received: 1_000_000,
+        highest_counter: 1_000_000,
+    }
+    .emit(&mut body)
+    .unwrap();
+    // Genuine: 2 reports to 1 over the direct path.
+    let wire = sealed(Kind::Report, 2, &[1], 4, &body);
+    let mut buf = received(&wire);
+    let d = step(&p1, &mut buf, wire.len(), proxy_addr(2));
+    assert_eq!(d.output, Output::Core(Kind::Report));
+    let p = pon::Packet::new_checked(&buf[d.range]).unwrap();
+    assert_eq!(p.payload(), &body, "opened for the core");
+    // Forged: an attacker who saw it flips a byte of the count to keep a
+    // dead route "confirmed"; or replays it; or 3 seals one in 2's name.
+    let mut forged = sealed(Kind::Report, 2, &[1], 4, &body);
+    let hl = pon::header_len(1);
+    forged[hl + 15] ^= 1;
+    assert_eq!(output_from_peer(&p1, &forged, proxy_addr(2)), Output::Drop);
+    assert_eq!(p1.counters.drop_bad_tag.get(), 1);
+    assert_eq!(output_from_peer(&p1, &wire, proxy_addr(2)), Output::Drop);
+    assert_eq!(p1.counters.drop_replayed.get(), 1);
+    let mut posing = sealed(Kind::Report, 3, &[1], 4, &body);
+    posing[12..16].copy_from_slice(&2u32.to_be_bytes());
+    assert_eq!(output_from_peer(&p1, &posing, proxy_addr(2)), Output::Drop);
+    assert_eq!(p1.counters.drop_wrong_peer.get(), 1);
+    // Without a monitor there is no router to tell: dropped, counted.
+    let plain = engine(1);
+    let wire = sealed(Kind::Report, 2, &[1], 4, &body);
+    assert_eq!(output_from_peer(&plain, &wire, proxy_addr(2)), Output::Drop);
+    assert_eq!(plain.counters.drop_no_monitor.get(), 1);
 }

@@ -6,20 +6,46 @@ use super::{CoreCounters, Output, Outputs, Part, Transmit};
 use crate::compose::{Composer, Steerer};
 use crate::forwarder::{ForwarderConfig, ForwardingTable};
 use pon_cu::view::View;
-use pon_forwarder::AgentLink;
+use pon_forwarder::{AgentLink, PeerTraffic};
 use pon_proto::control::PublicKey;
 use pon_proto::local::LocalMsg;
+use pon_proto::measurement::TrafficSample;
 use pon_proto::pon::{self, Hops, Kind};
+use pon_proto::report;
 use pon_tunnel::lan::{Channel, PairKey};
 use pon_tunnel::{Timers, Tunnels};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// The topology is re-sent this often: over the local link a datagram may
 /// be lost, and a restarted monitor or router learns it within this time.
 pub const TOPOLOGY_EVERY: Duration = Duration::from_secs(1);
+
+/// The data counters are looked at this often: reports go out every
+/// [`report::REPORT_EVERY_MS`], the router hears of changes at this pace
+/// (a bound on how late it sees traffic start or a report arrive).
+pub const TRAFFIC_EVERY: Duration = Duration::from_millis(50);
+
+/// Samples per `Traffic` message, so that one fits a local datagram
+/// whatever the number of peers.
+const SAMPLES_PER_MESSAGE: usize = 64;
+
+/// What the passive measurement keeps per peer: the data path's counters
+/// and what was last reported and told.
+#[derive(Debug, Default)]
+struct PeerWatch {
+    counters: Arc<PeerTraffic>,
+    /// As egress: `received` when we last reported to the peer.
+    reported: u64,
+    reported_at: Duration,
+    /// As ingress: the peer's latest report of what it received from us.
+    confirmed: u64,
+    /// What the router was last told (`sent`, `confirmed`).
+    told: (u64, u64),
+}
 
 #[derive(Debug, Clone)]
 pub struct ForwarderPartConfig {
@@ -54,6 +80,10 @@ pub struct ForwarderPart {
     heard_router: bool,
     table: Option<Arc<ForwardingTable>>,
     next_topology: Duration,
+    /// Per peer in the table: data counters, reports sent and heard.
+    traffic: HashMap<u32, PeerWatch>,
+    next_traffic: Duration,
+    next_report: Duration,
     out: VecDeque<Output>,
     pub counters: Arc<CoreCounters>,
 }
@@ -76,6 +106,9 @@ impl ForwarderPart {
             heard_router: false,
             table: None,
             next_topology: Duration::ZERO,
+            traffic: HashMap::new(),
+            next_traffic: Duration::ZERO,
+            next_report: Duration::ZERO,
             out: VecDeque::new(),
             counters,
             composer,
@@ -143,6 +176,7 @@ impl ForwarderPart {
                 self.counters.unexpected_forwarder.inc();
                 return;
             }
+            Kind::Report => return self.handle_report(from, p.payload()),
             Kind::Probe | Kind::ProbeReply => {
                 self.local(Part::Monitor, LocalMsg::Arrived(packet));
                 return;
@@ -157,6 +191,70 @@ impl ForwarderPart {
             Err(e) => tracing::debug!(peer = from, ?kind, error = %e, "handshake message dropped"),
         }
         self.flush_tunnels();
+    }
+
+    /// A traffic report from `from`, whose seal the engine opened (so it
+    /// is `from`'s: a forged one never gets here): what it received from
+    /// us, the router's sign that our traffic gets through.
+    fn handle_report(&mut self, from: u32, body: &[u8]) {
+        let Ok(r) = report::Packet::new_checked(body) else {
+            self.counters.bad_reports.inc();
+            return;
+        };
+        let Some(w) = self.traffic.get_mut(&from) else {
+            self.counters.report_unknown_peer.inc();
+            return;
+        };
+        self.counters.reports_received.inc();
+        w.confirmed = report::Repr::parse(&r).received;
+    }
+
+    /// Reports to the peers whose data reached us since the last one
+    /// (egress), and the changed counters to the router (ingress).
+    fn passive(&mut self, now: Duration) {
+        if now >= self.next_report {
+            self.next_report = now + Duration::from_millis(report::REPORT_EVERY_MS);
+            let mut due = Vec::new();
+            for (&peer, w) in &mut self.traffic {
+                let received = w.counters.received.load(Ordering::Relaxed);
+                if received == w.reported {
+                    continue;
+                }
+                let window = now.saturating_sub(w.reported_at).as_millis();
+                let r = report::Repr {
+                    window_ms: window.min(u128::from(u32::MAX)) as u32,
+                    received,
+                    highest_counter: w.counters.highest_counter.load(Ordering::Relaxed),
+                };
+                (w.reported, w.reported_at) = (received, now);
+                due.push((peer, r));
+            }
+            let mut body = [0u8; report::BODY_LEN];
+            for (peer, r) in due {
+                if r.emit(&mut body).is_ok() {
+                    self.counters.reports_sent.inc();
+                    self.send_to_peer(peer, Kind::Report, &body);
+                }
+            }
+        }
+        if now >= self.next_traffic {
+            self.next_traffic = now + TRAFFIC_EVERY;
+            let mut samples = Vec::new();
+            for (&peer, w) in &mut self.traffic {
+                let now_counts = (w.counters.sent.load(Ordering::Relaxed), w.confirmed);
+                if now_counts != w.told {
+                    w.told = now_counts;
+                    samples.push(TrafficSample {
+                        peer,
+                        sent: now_counts.0,
+                        confirmed: now_counts.1,
+                    });
+                }
+            }
+            for chunk in samples.chunks(SAMPLES_PER_MESSAGE) {
+                self.local(Part::Router, LocalMsg::Traffic(chunk.to_vec()));
+            }
+        }
     }
 
     /// Peer `peer` authenticated a datagram from `at`: if that is not where
@@ -284,6 +382,7 @@ impl ForwarderPart {
             let wall = self.epoch.saturating_add(now.as_nanos() as u64);
             self.tunnels.handle_timeout(now, wall);
             self.flush_tunnels();
+            self.passive(now);
         }
         self.steer(now);
     }
@@ -292,7 +391,14 @@ impl ForwarderPart {
         let topology = (self.composer.my_id() != 0).then_some(self.next_topology);
         let steering = self.steerer.due().filter(|_| self.steers());
         let tunnels = self.table.as_ref().and(self.tunnels.poll_timeout());
-        [topology, steering, tunnels].into_iter().flatten().min()
+        let passive = self
+            .table
+            .as_ref()
+            .map(|_| self.next_traffic.min(self.next_report));
+        [topology, steering, tunnels, passive]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn local(&mut self, to: Part, msg: LocalMsg) {
@@ -316,6 +422,7 @@ impl ForwarderPart {
         match self.composer.compose(&self.relays) {
             Ok(mut t) => {
                 self.attach_links(&mut t);
+                self.attach_traffic(&mut t);
                 t.set_unreachable(&self.unreachable);
                 tracing::info!(
                     id = t.my_id(),
@@ -368,6 +475,17 @@ impl ForwarderPart {
                 }
             };
             t.set_link(addr, link);
+        }
+    }
+
+    /// Gives each peer of `t` its data counters: the ones it had (so the
+    /// counts go on across rebuilds), or new ones.
+    fn attach_traffic(&mut self, t: &mut ForwardingTable) {
+        let peers: BTreeSet<u32> = t.peer_ids().collect();
+        self.traffic.retain(|p, _| peers.contains(p));
+        for p in peers {
+            let w = self.traffic.entry(p).or_default();
+            t.set_traffic(p, w.counters.clone());
         }
     }
 

@@ -1,7 +1,10 @@
 //! The router's part of the core: the [`Router`] started on the topology
 //! the forwarder announces, its interval's probes and the keepalives of
 //! every current route asked of the monitor, the results filed, and the
-//! chosen routes sent to the forwarder.
+//! chosen routes sent to the forwarder. Keepalives are slow unless a
+//! route's traffic goes unconfirmed by the egress's reports
+//! ([`pon_routing::passive`]): then fast, until it fails over or the
+//! reports come back.
 
 use super::rate::RateMeter;
 use super::status::{BudgetStatus, CandidateStatus, DestinationStatus, Status};
@@ -9,6 +12,7 @@ use super::{CoreCounters, Output, Outputs, Part};
 use pon_proto::local::LocalMsg;
 use pon_proto::measurement::{ProbeTag, Purpose};
 use pon_proto::pon::Hops;
+use pon_routing::passive::{Keepalive, PassiveWatch};
 use pon_routing::{ChangeReason, Policy, ProbeRequest, Router, RouterEvent, RoutingConfig};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -21,10 +25,14 @@ pub const ROUTES_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct RouterPartConfig {
     pub routing: RoutingConfig,
-    /// Every current route is probed this often, whatever the learning
-    /// budget: with `routing.failover_losses` consecutive losses this bounds
-    /// how long traffic stays on a dead path.
+    /// A current route whose traffic the egress stopped confirming is
+    /// probed this often, whatever the learning budget: with
+    /// `routing.failover_losses` consecutive losses this bounds how long
+    /// traffic stays on a dead path.
     pub keepalive: Duration,
+    /// Every other current route (idle, or confirmed by reports) is probed
+    /// this often.
+    pub idle_keepalive: Duration,
     /// Destinations whose policy weighs bandwidth get their recently
     /// answering candidates measured with a packet train this often.
     pub bandwidth_every: Option<Duration>,
@@ -33,8 +41,13 @@ pub struct RouterPartConfig {
 pub struct RouterPart {
     cfg: RouterPartConfig,
     router: Option<Router>,
-    /// Paths watched with keepalive probes: each destination's current route.
-    watched: HashMap<u32, Hops>,
+    /// Paths watched with keepalive probes: each destination's current
+    /// route, and whether at the fast rate.
+    watched: HashMap<u32, (Hops, Keepalive)>,
+    /// Per destination: its traffic and the egress's reports.
+    passive: HashMap<u32, PassiveWatch>,
+    /// When a watched route's keepalive rate may change by itself.
+    next_passive: Option<Duration>,
     /// Probes spent per destination (every kind), counted as their
     /// results come back: each probe sent ends in exactly one result.
     probes: BTreeMap<u32, u64>,
@@ -52,6 +65,8 @@ impl RouterPart {
             cfg,
             router: None,
             watched: HashMap::new(),
+            passive: HashMap::new(),
+            next_passive: None,
             probes: BTreeMap::new(),
             rates: RateMeter::default(),
             next_bandwidth: Duration::ZERO,
@@ -113,9 +128,58 @@ impl RouterPart {
                     r.on_bandwidth(now, tag.dst, &path, m);
                 }
             }
+            (Part::Forwarder, LocalMsg::Traffic(samples)) => {
+                for t in samples {
+                    self.passive
+                        .entry(t.peer)
+                        .or_default()
+                        .on_sample(now, t.sent, t.confirmed);
+                }
+                self.retune(now);
+            }
             _ => self.unexpected(),
         }
         self.events(now);
+    }
+
+    /// The keepalive rate `dst`'s current route needs now.
+    fn mode(&self, now: Duration, dst: u32) -> Keepalive {
+        self.passive
+            .get(&dst)
+            .map_or(Keepalive::Slow, |p| p.keepalive(now))
+    }
+
+    fn every_ms(&self, mode: Keepalive) -> u32 {
+        let every = match mode {
+            Keepalive::Slow => self.cfg.idle_keepalive,
+            Keepalive::Fast => self.cfg.keepalive,
+        };
+        every.as_millis().clamp(1, u128::from(u32::MAX)) as u32
+    }
+
+    /// Moves the watched routes whose traffic became (un)confirmed to
+    /// their new keepalive rate.
+    fn retune(&mut self, now: Duration) {
+        let mut changed = Vec::new();
+        let mut next: Option<Duration> = None;
+        for (&d, &(path, mode)) in &self.watched {
+            let want = self.mode(now, d);
+            if want != mode {
+                changed.push((d, path, want));
+            }
+            if let Some(t) = self.passive.get(&d).and_then(|p| p.next_change(now)) {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        }
+        self.next_passive = next;
+        for (d, path, want) in changed {
+            if want == Keepalive::Fast {
+                self.counters.passive_suspects.inc();
+                tracing::info!(dst = d, path = ?path.as_slice(), "traffic on the route unconfirmed: fast keepalives");
+            }
+            self.watched.insert(d, (path, want));
+            self.rate(d, path, self.every_ms(want));
+        }
     }
 
     /// Starts the router once there is something to route to (so that its
@@ -181,6 +245,9 @@ impl RouterPart {
     }
 
     pub fn handle_timeout(&mut self, now: Duration) {
+        if self.next_passive.is_some_and(|t| t <= now) {
+            self.retune(now);
+        }
         if let Some(r) = &mut self.router {
             if r.poll_timeout().is_none_or(|t| t <= now) {
                 self.reqs.clear();
@@ -209,18 +276,15 @@ impl RouterPart {
             self.send_routes(now);
             // The keepalive rates too: a lost datagram or a restarted
             // monitor would otherwise leave a route unwatched.
-            let watched: Vec<(u32, Hops)> = self.watched.iter().map(|(d, p)| (*d, *p)).collect();
-            for (d, p) in watched {
-                self.rate(d, p, self.keepalive_ms());
+            let watched: Vec<(u32, Hops, Keepalive)> = self
+                .watched
+                .iter()
+                .map(|(d, (p, m))| (*d, *p, *m))
+                .collect();
+            for (d, p, m) in watched {
+                self.rate(d, p, self.every_ms(m));
             }
         }
-    }
-
-    fn keepalive_ms(&self) -> u32 {
-        self.cfg
-            .keepalive
-            .as_millis()
-            .clamp(1, u128::from(u32::MAX)) as u32
     }
 
     pub fn poll_timeout(&self) -> Option<Duration> {
@@ -232,6 +296,7 @@ impl RouterPart {
             bw,
             Some(self.next_routes),
             Some(self.rates.next_update()),
+            self.next_passive,
         ]
         .into_iter()
         .flatten()
@@ -293,7 +358,7 @@ impl RouterPart {
             // Routes first: a new route is in the table before its
             // keepalives go out.
             self.send_routes(now);
-            self.rewatch_some(&changed);
+            self.rewatch_some(now, &changed);
         }
     }
 
@@ -301,25 +366,29 @@ impl RouterPart {
     /// an event touched (only events move a route): per event, not a pass
     /// over every destination, which with a thousand of them would cost
     /// more than the event.
-    fn rewatch_some(&mut self, dsts: &[u32]) {
+    fn rewatch_some(&mut self, now: Duration, dsts: &[u32]) {
         let Some(r) = &self.router else {
             return;
         };
-        let every = self.keepalive_ms();
         let mut rates = Vec::new();
         for &d in dsts {
             let want = r.current_path(d);
             let had = self.watched.get(&d).copied();
-            if had == want {
+            if had.map(|(p, _)| p) == want {
                 continue;
             }
-            if let Some(p) = had {
+            if let Some((p, _)) = had {
                 self.watched.remove(&d);
                 rates.push((d, p, 0));
             }
             if let Some(p) = want {
-                self.watched.insert(d, p);
-                rates.push((d, p, every));
+                // A new route: its reports start now.
+                if let Some(w) = self.passive.get_mut(&d) {
+                    w.on_route_changed(now);
+                }
+                let mode = self.mode(now, d);
+                self.watched.insert(d, (p, mode));
+                rates.push((d, p, self.every_ms(mode)));
             }
         }
         for (d, p, every_ms) in rates {
@@ -339,11 +408,11 @@ impl RouterPart {
             .collect();
         all.sort_unstable();
         all.dedup();
-        self.rewatch_some(&all);
+        self.rewatch_some(now, &all);
     }
 
     fn unwatch_all(&mut self, _now: Duration) {
-        for (d, p) in std::mem::take(&mut self.watched) {
+        for (d, (p, _)) in std::mem::take(&mut self.watched) {
             self.rate(d, p, 0);
         }
     }
@@ -416,6 +485,7 @@ impl RouterPart {
                 ..Default::default()
             },
             keepalive_ms: self.cfg.keepalive.as_millis() as u64,
+            idle_keepalive_ms: self.cfg.idle_keepalive.as_millis() as u64,
             interval_ms: Some(self.cfg.routing.interval_ms),
             probes_per_interval: Some(self.cfg.routing.probes_per_interval),
         }

@@ -67,7 +67,10 @@ pub struct BudgetStatus {
     pub monitor: pon_monitor::Budget,
     /// Probes per second over the last few seconds.
     pub probes_per_sec: f64,
+    /// Keepalive period of a current route whose traffic went unconfirmed.
     pub keepalive_ms: u64,
+    /// Keepalive period of every other current route.
+    pub idle_keepalive_ms: u64,
     pub interval_ms: Option<u64>,
     pub probes_per_interval: Option<usize>,
 }

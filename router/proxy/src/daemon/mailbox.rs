@@ -108,8 +108,9 @@ impl Mailbox {
             return;
         }
         match kind {
-            // Answers to what we sent: our measurements and our sessions.
-            Kind::ProbeReply | Kind::HandshakeResponse => {
+            // Answers to what we sent: our measurements (a report answers
+            // our data) and our sessions.
+            Kind::ProbeReply | Kind::Report | Kind::HandshakeResponse => {
                 self.post(Input::Packet(packet.to_vec(), from))
             }
             // Others' requests, answered in bounded rounds.

@@ -4,7 +4,9 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use pon_routing::config::{DEFAULT_BANDWIDTH_EVERY_MS, DEFAULT_KEEPALIVE_MS};
+use pon_routing::config::{
+    DEFAULT_BANDWIDTH_EVERY_MS, DEFAULT_IDLE_KEEPALIVE_MS, DEFAULT_KEEPALIVE_MS,
+};
 use pon_routing::sim::{self, CostConfig, Counts, GenParams, Report, RunConfig, Scenario};
 use pon_routing::{Policy, RoutingConfig, SelectorKind};
 use std::io::BufReader;
@@ -90,10 +92,19 @@ struct Args {
     /// thousand sites keeps a million candidate paths).
     #[arg(long)]
     sources: Option<usize>,
-    /// Keepalive period of every current route, as the proxy's [proxy]
-    /// keepalive_ms: counted in the probe cost.
+    /// Keepalive period of a current route whose traffic the egress's
+    /// reports stopped confirming, as the proxy's [proxy] keepalive_ms:
+    /// counted in the probe cost of busy pairs' failovers.
     #[arg(long, default_value_t = DEFAULT_KEEPALIVE_MS)]
     keepalive_ms: u64,
+    /// Keepalive period of every other current route (idle, or traffic
+    /// confirmed), as the proxy's [proxy] idle_keepalive_ms.
+    #[arg(long, default_value_t = DEFAULT_IDLE_KEEPALIVE_MS)]
+    idle_keepalive_ms: u64,
+    /// Share of (source, destination) pairs that carry traffic: their
+    /// egress sends reports (passive measurement).
+    #[arg(long, default_value_t = 0.2)]
+    busy: f64,
     /// Bandwidth trains (for policies that weigh bandwidth) this often, as
     /// the proxy's [proxy] bandwidth_every_ms; 0: never.
     #[arg(long, default_value_t = DEFAULT_BANDWIDTH_EVERY_MS)]
@@ -203,8 +214,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let warmup = args.warmup.unwrap_or(scenario.intervals / 10);
-    if args.keepalive_ms == 0 {
-        bail!("--keepalive-ms must be positive (the proxy requires it)");
+    if args.keepalive_ms == 0 || args.idle_keepalive_ms == 0 {
+        bail!("--keepalive-ms and --idle-keepalive-ms must be positive (the proxy requires it)");
+    }
+    if !(0.0..=1.0).contains(&args.busy) {
+        bail!("--busy is a share of pairs, between 0 and 1");
     }
     let sources = sim::spread_sources(
         scenario.nodes,
@@ -244,6 +258,10 @@ fn main() -> anyhow::Result<()> {
         trace: args.trace,
         cost: CostConfig {
             keepalive: Duration::from_millis(args.keepalive_ms),
+            idle_keepalive: Duration::from_millis(args.idle_keepalive_ms),
+            busy: args.busy,
+            report_every: Duration::from_millis(pon_proto::report::REPORT_EVERY_MS),
+            failover_losses: routing.failover_losses,
             bandwidth_every: (args.bandwidth_every_ms > 0)
                 .then(|| Duration::from_millis(args.bandwidth_every_ms)),
             train_len: args.train_len,
@@ -368,14 +386,17 @@ fn main() -> anyhow::Result<()> {
 /// The probe cost table: probes/s per destination and per proxy, by kind.
 fn print_cost(rows: &[Report], cfg: &CostConfig) {
     println!(
-        "probe cost, probes/s (keepalive every {} ms on each current route; bandwidth trains of {} every {}):",
+        "probe cost, probes/s (keepalive every {} ms on each current route, every {} ms while its traffic goes unconfirmed; {:.0} % of pairs carry traffic, reported every {} ms; bandwidth trains of {} every {}):",
+        cfg.idle_keepalive.as_millis(),
         cfg.keepalive.as_millis(),
+        cfg.busy * 100.0,
+        cfg.report_every.as_millis(),
         cfg.train_len,
         cfg.bandwidth_every
             .map_or("never".to_string(), |d| format!("{} ms", d.as_millis())),
     );
     println!(
-        "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+        "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8}",
         "selector",
         "dst:lrn",
         "keepal",
@@ -390,7 +411,9 @@ fn print_cost(rows: &[Report], cfg: &CostConfig) {
         "wire",
         "max:sent",
         "answers",
-        "wire"
+        "wire",
+        "dst:rep",
+        "all"
     );
     let f = |x: f64| {
         if x.is_nan() {
@@ -408,7 +431,7 @@ fn print_cost(rows: &[Report], cfg: &CostConfig) {
         let (d, m, x): (&Counts, &Counts, &Counts) =
             (&c.per_destination, &c.per_proxy_mean, &c.per_proxy_max);
         println!(
-            "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8}",
+            "{:<10} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8} {:>8} {:>8} | {:>8} {:>8}",
             r.selector,
             f(d.learning()),
             f(d.keepalive()),
@@ -424,9 +447,12 @@ fn print_cost(rows: &[Report], cfg: &CostConfig) {
             f(c.max_sent),
             f(x.answers()),
             f(c.max_wire),
+            f(d.reports()),
+            f(d.spent()),
         );
     }
     println!("dst:…: per destination (mean over pairs), probes it originates: learning (the router's budget), keepalive (current route), bandwidth (train packets), sent = their sum.");
+    println!("dst:rep: reports per destination (the egress's, for busy pairs); all: per destination, everything an end of a pair spends on measurement = sent + the answers to it + reports.");
     println!("prx:…: per proxy (mean over proxies): what it originates, the answers it sends to others' probes, the probes and answers it forwards as a relay (twice per answered probe per relay), wire = all of them. max:…: the busiest proxy.");
     if estimated {
         println!("sampled sources: answers and relayed per proxy are what a simulated source's probes cause (every probe is answered by one proxy, so the mean is the same); their max needs every site simulated (-).");

@@ -6,12 +6,20 @@
 //! - **learning**: the probes the [`Router`](crate::Router) asks for in
 //!   `on_tick` (k per destination and interval, fewer when pruned).
 //! - **keepalive**: the core has its monitor probe every destination's
-//!   current route every `keepalive` while the destination is reachable,
-//!   on top of the learning budget (a learning probe on the current route
-//!   does not replace one). The monitor starts a path's schedule when the
-//!   route is set (first probe at once) and drops it when the route
-//!   changes or the destination becomes unreachable; an unchanged route
-//!   keeps its phase.
+//!   current route every `idle_keepalive` while the destination is
+//!   reachable, on top of the learning budget (a learning probe on the
+//!   current route does not replace one). The monitor starts a path's
+//!   schedule when the route is set (first probe at once) and drops it when
+//!   the route changes or the destination becomes unreachable; an
+//!   unchanged route keeps its phase. Fast keepalives (every `keepalive`)
+//!   run only on a route whose traffic the egress's reports stopped
+//!   confirming (`crate::passive`): counted as `failover_losses` lost
+//!   probes on the old route of every failover of a busy pair (a lower
+//!   bound: a probe or two more may leave before the third loss is seen).
+//! - **reports**: the share `busy` of (source, destination) pairs carries
+//!   traffic; their egress (the destination) sends the source a report
+//!   every `report_every` while the destination is reachable. Not probes,
+//!   but packets a proxy spends on measurement: in "on the wire".
 //! - **bandwidth**: every `bandwidth_every`, for destinations whose policy
 //!   weighs bandwidth, one train of `train_len` packets on each candidate
 //!   that answered within the router's `fresh` window (the core's rule,
@@ -44,18 +52,37 @@ use pon_proto::pon::Hops;
 use std::time::Duration;
 
 /// Probe kinds, in the order of [`Counts::by_kind`].
-pub const KINDS: [&str; 5] = ["learning", "keepalive", "bandwidth", "answers", "relayed"];
+pub const KINDS: [&str; 6] = [
+    "learning",
+    "keepalive",
+    "bandwidth",
+    "answers",
+    "relayed",
+    "reports",
+];
 const LEARNING: usize = 0;
 const KEEPALIVE: usize = 1;
 const BANDWIDTH: usize = 2;
 const ANSWERS: usize = 3;
 const RELAYED: usize = 4;
+const REPORTS: usize = 5;
 
 /// The proxy's extra probing, as pon-sim models it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CostConfig {
-    /// Keepalive period of every current route (`[proxy] keepalive_ms`).
+    /// Keepalive period of a route whose traffic went unconfirmed
+    /// (`[proxy] keepalive_ms`).
     pub keepalive: Duration,
+    /// Keepalive period of every other current route (`[proxy]
+    /// idle_keepalive_ms`).
+    pub idle_keepalive: Duration,
+    /// Share of (source, destination) pairs that carry traffic.
+    pub busy: f64,
+    /// Their egress reports this often.
+    pub report_every: Duration,
+    /// Fast keepalives lost before a busy pair's route fails over
+    /// (`failover_losses`).
+    pub failover_losses: u32,
     /// Bandwidth trains this often (`None`: never).
     pub bandwidth_every: Option<Duration>,
     /// Packets per train (the monitor's `train_len`).
@@ -66,6 +93,10 @@ impl Default for CostConfig {
     fn default() -> Self {
         CostConfig {
             keepalive: Duration::from_millis(crate::config::DEFAULT_KEEPALIVE_MS),
+            idle_keepalive: Duration::from_millis(crate::config::DEFAULT_IDLE_KEEPALIVE_MS),
+            busy: 0.2,
+            report_every: Duration::from_millis(pon_proto::report::REPORT_EVERY_MS),
+            failover_losses: 3,
             bandwidth_every: Some(Duration::from_millis(
                 crate::config::DEFAULT_BANDWIDTH_EVERY_MS,
             )),
@@ -77,7 +108,7 @@ impl Default for CostConfig {
 /// Probe packets per kind (expected values, hence floats).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Counts {
-    pub by_kind: [f64; 5],
+    pub by_kind: [f64; 6],
 }
 
 impl Counts {
@@ -96,13 +127,21 @@ impl Counts {
     pub fn relayed(&self) -> f64 {
         self.by_kind[RELAYED]
     }
+    pub fn reports(&self) -> f64 {
+        self.by_kind[REPORTS]
+    }
+    /// What a proxy spends on measurement as an end of a pair: what it
+    /// originates, its answers and its reports (relaying aside).
+    pub fn spent(&self) -> f64 {
+        self.sent() + self.answers() + self.reports()
+    }
     /// Probes originated: learning + keepalive + bandwidth.
     pub fn sent(&self) -> f64 {
         self.learning() + self.keepalive() + self.bandwidth()
     }
-    /// Everything put on the wire for probing.
+    /// Everything put on the wire for measurement.
     pub fn wire(&self) -> f64 {
-        self.sent() + self.answers() + self.relayed()
+        self.sent() + self.answers() + self.relayed() + self.reports()
     }
     fn scaled(&self, f: f64) -> Counts {
         Counts {
@@ -162,7 +201,19 @@ pub struct CostMeter {
     counts: Vec<Counts>,
     sources: usize,
     next_bandwidth: Vec<Duration>,
+    /// Per simulated source: the end of its last interval.
+    last_end: Vec<Duration>,
     hop_idx: Vec<usize>,
+}
+
+/// Whether (`src`, `dst`) is one of the `busy` share of pairs carrying
+/// traffic: a fixed hash, so every run picks the same pairs.
+pub fn is_busy(busy: f64, src: usize, dst: usize) -> bool {
+    let h = (src as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(dst as u64)
+        .wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    ((h >> 11) as f64 / (1u64 << 53) as f64) < busy
 }
 
 /// Proxy ids are node indices plus one.
@@ -180,6 +231,7 @@ impl CostMeter {
             counts: vec![Counts::default(); nodes],
             sources,
             next_bandwidth: vec![Duration::ZERO; sources],
+            last_end: vec![Duration::ZERO; sources],
             hop_idx: Vec::with_capacity(8),
         }
     }
@@ -239,7 +291,7 @@ impl CostMeter {
     /// interval `t`.
     fn keepalives_until(&mut self, at: &Source, dst: usize, until: Duration) {
         let (s, t, slot, src) = (at.s, at.t, at.slot, at.src);
-        let every = self.cfg.keepalive.max(Duration::from_micros(1));
+        let every = self.cfg.idle_keepalive.max(Duration::from_micros(1));
         let Some(w) = self.watch[slot * self.nodes + dst] else {
             return;
         };
@@ -259,13 +311,23 @@ impl CostMeter {
     /// A router event at `at`: the keepalives follow the destination's
     /// current route, as the core's `rewatch` does.
     pub fn event(&mut self, at: &Source, router: &Router, when: Duration, e: &RouterEvent) {
-        let dst = match *e {
-            RouterEvent::RouteChanged { dst, .. }
-            | RouterEvent::Unreachable { dst }
-            | RouterEvent::Reachable { dst } => dst,
+        let (dst, failover) = match *e {
+            RouterEvent::RouteChanged { dst, reason, .. } => {
+                (dst, reason == crate::ChangeReason::Failover)
+            }
+            RouterEvent::Unreachable { dst } => (dst, true),
+            RouterEvent::Reachable { dst } => (dst, false),
         };
         let d = node(dst);
         self.keepalives_until(at, d, when);
+        // A busy pair's route died: its reports stopped, and fast
+        // keepalives ran on it until they were lost `failover_losses` times.
+        if failover && at.scored && is_busy(self.cfg.busy, at.src, d) {
+            if let Some(w) = self.watch[at.slot * self.nodes + d] {
+                let n = f64::from(self.cfg.failover_losses);
+                self.sent(at.src, KEEPALIVE, &w.path, n, 0.0);
+            }
+        }
         let w = &mut self.watch[at.slot * self.nodes + d];
         match router.current_path(dst) {
             None => *w = None,
@@ -282,8 +344,15 @@ impl CostMeter {
     /// The end of interval `at.t` for source `at.slot`: its keepalives up
     /// to `end` are charged to it.
     pub fn end_interval(&mut self, at: &Source, end: Duration) {
+        let start = std::mem::replace(&mut self.last_end[at.slot], end);
+        let reports =
+            end.saturating_sub(start).as_secs_f64() / self.cfg.report_every.as_secs_f64().max(1e-6);
         for dst in 0..self.nodes {
             self.keepalives_until(at, dst, end);
+            let reachable = self.watch[at.slot * self.nodes + dst].is_some();
+            if at.scored && reachable && is_busy(self.cfg.busy, at.src, dst) {
+                self.counts[dst].by_kind[REPORTS] += reports;
+            }
         }
     }
 
@@ -399,7 +468,14 @@ mod tests {
     fn keepalives_follow_the_route_and_answers_the_path() {
         let s = scenario();
         let mut r = router(Policy::Latency);
-        let mut cost = CostMeter::new(CostConfig::default(), 3, 1);
+        // Keepalives every 50 ms on every route (the policy before passive
+        // measurement), no traffic: the arithmetic below.
+        let cfg = CostConfig {
+            idle_keepalive: 50 * MS,
+            busy: 0.0,
+            ..CostConfig::default()
+        };
+        let mut cost = CostMeter::new(cfg, 3, 1);
         let reply = ProbeOutcome::Reply { rtt: 10 * MS };
         // Interval 0: the direct path answers at 10 ms and becomes the
         // route; keepalives at 10, 60, ..., 960 ms: 20, all answered.
@@ -459,6 +535,41 @@ mod tests {
         // One of three sites simulated: the busiest answerer is unknown.
         assert!(!rep.all_sources);
         assert!(rep.per_proxy_max.answers().is_nan() && rep.max_wire.is_nan());
+    }
+
+    #[test]
+    fn busy_pairs_cost_reports_and_fast_keepalives_at_failover_only() {
+        let s = scenario();
+        let mut r = router(Policy::Latency);
+        let cfg = CostConfig {
+            busy: 1.0,
+            ..CostConfig::default()
+        };
+        let mut cost = CostMeter::new(cfg, 3, 1);
+        let reply = ProbeOutcome::Reply { rtt: 10 * MS };
+        // Interval 0: direct route from 10 ms; slow keepalives at 10 ms
+        // only (every second); reports all interval long.
+        feed(at(&s, 0), &mut r, &mut cost, &[3], 10 * MS, reply);
+        cost.end_interval(&at(&s, 0), 1000 * MS);
+        assert_eq!(cost.counts[0].keepalive(), 1.0);
+        assert!((cost.counts[2].reports() - 5.0).abs() < 1e-9);
+        // Interval 1: the direct route fails over to the relay: three fast
+        // keepalives lost on it, on top of the slow ones (1010 ms on the
+        // direct, 1500 ms on the relayed route).
+        feed(at(&s, 1), &mut r, &mut cost, &[2, 3], 1200 * MS, reply);
+        for _ in 0..3 {
+            let lost = ProbeOutcome::Lost;
+            feed(at(&s, 1), &mut r, &mut cost, &[3], 1500 * MS, lost);
+        }
+        cost.end_interval(&at(&s, 1), 2000 * MS);
+        assert_eq!(cost.counts[0].keepalive(), 1.0 + 1.0 + 3.0 + 1.0);
+        assert!((cost.counts[2].reports() - 10.0).abs() < 1e-9);
+        assert!(is_busy(1.0, 0, 2) && !is_busy(0.0, 0, 2));
+        let share = (0..100)
+            .flat_map(|a| (0..100).map(move |b| (a, b)))
+            .filter(|&(a, b)| is_busy(0.2, a, b))
+            .count();
+        assert!((1800..2200).contains(&share), "{share}");
     }
 
     #[test]
