@@ -712,7 +712,10 @@ mod tests {
                 dst: 2,
                 reachable: !route.is_empty(),
                 route: route.to_vec(),
-                rtt_us: Some(rtt_us),
+                figures: pon_proto::pmon::Figures {
+                    rtt_us: Some(rtt_us),
+                    ..Default::default()
+                },
                 ..Default::default()
             }],
         }

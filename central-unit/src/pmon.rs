@@ -213,8 +213,8 @@ impl Pmon {
         // Thresholds apply to what a working route measures.
         if d.reachable {
             for (metric, value, t, above) in [
-                (Metric::Rtt, d.rtt_us, rtt_t, &mut above_rtt),
-                (Metric::Loss, d.loss_ppm, loss_t, &mut above_loss),
+                (Metric::Rtt, d.figures.rtt_us, rtt_t, &mut above_rtt),
+                (Metric::Loss, d.figures.loss_ppm, loss_t, &mut above_loss),
             ] {
                 let Some(v) = value else { continue };
                 if !*above && v > t {
@@ -293,8 +293,7 @@ impl Pmon {
             c.reachable = r.reachable;
             c.route = r.route.clone();
             c.via = via(&r.route, dir);
-            (c.rtt_us, c.p50_us, c.p90_us, c.p99_us) = (r.rtt_us, r.p50_us, r.p90_us, r.p99_us);
-            (c.jitter_us, c.loss_ppm) = (r.jitter_us, r.loss_ppm);
+            c.figures = r.figures.clone();
             c.age_ms = now_ms.saturating_sub(e.at_ms);
         }
         c
@@ -370,6 +369,7 @@ fn via(route: &[u32], dir: &Directory) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pon_proto::pmon::Figures;
 
     fn dir() -> Directory {
         [(1, "paris"), (2, "tokyo"), (3, "london")]
@@ -392,12 +392,12 @@ mod tests {
             dst,
             reachable: !route.is_empty(),
             route: route.to_vec(),
-            rtt_us: Some(rtt_ms * 1000),
-            p50_us: None,
-            p90_us: None,
-            p99_us: None,
-            jitter_us: Some(100),
-            loss_ppm: Some(loss_ppm),
+            figures: Figures {
+                rtt_us: Some(rtt_ms * 1000),
+                jitter_us: Some(100),
+                loss_ppm: Some(loss_ppm),
+                ..Figures::default()
+            },
         }
     }
 
@@ -541,7 +541,7 @@ mod tests {
         assert_eq!(m.cells.len(), 1);
         let c = &m.cells[0];
         assert_eq!(
-            (c.via.clone(), c.rtt_us, c.age_ms),
+            (c.via.clone(), c.figures.rtt_us, c.age_ms),
             (vec!["london".to_string()], Some(60_000), 250)
         );
         assert_eq!(p.take_changed(&d, 250).len(), 1);

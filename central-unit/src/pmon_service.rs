@@ -183,7 +183,7 @@ impl Service {
                             .filter(|e| sub.matches(&e.from, &e.to))
                             .cloned()
                             .collect();
-                        (!mine.is_empty()).then(|| Out::Send(*c, CuMsg::Events(mine)))
+                        (!mine.is_empty()).then_some(Out::Send(*c, CuMsg::Events(mine)))
                     })
                     .collect()
             }

@@ -3,11 +3,11 @@
 
 use pon_proto::pmon::{Cell, Event, EventKind, Matrix, Metric};
 
-fn ms(us: Option<u32>) -> String {
+pub fn ms(us: Option<u32>) -> String {
     us.map_or("-".into(), |v| format!("{:.1}", f64::from(v) / 1000.0))
 }
 
-fn loss(ppm: Option<u32>) -> String {
+pub fn loss(ppm: Option<u32>) -> String {
     ppm.map_or("-".into(), |v| format!("{:.1}%", f64::from(v) / 10_000.0))
 }
 
@@ -41,11 +41,11 @@ pub fn matrix(m: &Matrix) -> String {
             c.from.clone(),
             c.to.clone(),
             route(c),
-            ms(c.rtt_us),
-            ms(c.p50_us),
-            ms(c.p99_us),
-            ms(c.jitter_us),
-            loss(c.loss_ppm),
+            ms(c.figures.rtt_us),
+            ms(c.figures.p50_us),
+            ms(c.figures.p99_us),
+            ms(c.figures.jitter_us),
+            loss(c.figures.loss_ppm),
             if c.reported {
                 format!("{:.1}", c.age_ms as f64 / 1000.0)
             } else {
@@ -160,8 +160,11 @@ mod tests {
                 reported: true,
                 reachable: true,
                 via: vec!["london".into()],
-                rtt_us: Some(61_234),
-                loss_ppm: Some(10_000),
+                figures: pon_proto::pmon::Figures {
+                    rtt_us: Some(61_234),
+                    loss_ppm: Some(10_000),
+                    ..Default::default()
+                },
                 ..Cell::default()
             }],
             ..Matrix::default()

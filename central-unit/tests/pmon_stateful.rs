@@ -125,12 +125,14 @@ fn arbitrary_report(u: &mut Unstructured) -> Result<Report> {
             dst,
             reachable: u.arbitrary()?,
             route,
-            rtt_us: val(u)?,
-            p50_us: val(u)?,
-            p90_us: val(u)?,
-            p99_us: val(u)?,
-            jitter_us: val(u)?,
-            loss_ppm: val(u)?,
+            figures: pon_proto::pmon::Figures {
+                rtt_us: val(u)?,
+                p50_us: val(u)?,
+                p90_us: val(u)?,
+                p99_us: val(u)?,
+                jitter_us: val(u)?,
+                loss_ppm: val(u)?,
+            },
         });
     }
     Ok(Report { destinations })

@@ -37,16 +37,39 @@ pub struct DestinationReport {
     /// The current route: hops after the reporter (relays, then `dst`);
     /// empty while unreachable.
     pub route: Vec<u32>,
-    /// Smoothed RTT of the current route, µs (integers on the wire: no
-    /// NaN to check, and messages compare exactly).
+    /// What the monitor measures on the current route.
+    pub figures: Figures,
+}
+
+/// A route's figures, as the proxy's monitor has them (integers on the
+/// wire: no NaN to check, and messages compare exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Figures {
+    /// Smoothed RTT, µs.
     pub rtt_us: Option<u32>,
     pub p50_us: Option<u32>,
     pub p90_us: Option<u32>,
     pub p99_us: Option<u32>,
-    /// RFC 3550 jitter of the current route, µs.
+    /// RFC 3550 jitter, µs.
     pub jitter_us: Option<u32>,
-    /// Probes lost on the current route, parts per million.
+    /// Probes lost, parts per million.
     pub loss_ppm: Option<u32>,
+}
+
+impl Figures {
+    fn check(&self) -> Result<(), ReportError> {
+        let us = [
+            self.rtt_us,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.jitter_us,
+        ];
+        if us.iter().flatten().any(|v| *v > MAX_US) || self.loss_ppm.is_some_and(|l| l > PPM) {
+            return Err(ReportError::BadValue);
+        }
+        Ok(())
+    }
 }
 
 /// Why a report was refused: a stable label each, for the CU's metrics.
@@ -134,18 +157,7 @@ impl DestinationReport {
         if self.reachable == self.route.is_empty() {
             return Err(ReportError::Inconsistent);
         }
-        let us = [
-            self.rtt_us,
-            self.p50_us,
-            self.p90_us,
-            self.p99_us,
-            self.jitter_us,
-        ];
-        let us_ok = us.iter().flatten().all(|v| *v <= MAX_US);
-        if !us_ok || self.loss_ppm.is_some_and(|l| l > PPM) {
-            return Err(ReportError::BadValue);
-        }
-        Ok(())
+        self.figures.check()
     }
 }
 
@@ -192,12 +204,7 @@ pub struct Cell {
     pub route: Vec<u32>,
     /// The relays' sites, in order (empty: direct).
     pub via: Vec<String>,
-    pub rtt_us: Option<u32>,
-    pub p50_us: Option<u32>,
-    pub p90_us: Option<u32>,
-    pub p99_us: Option<u32>,
-    pub jitter_us: Option<u32>,
-    pub loss_ppm: Option<u32>,
+    pub figures: Figures,
     /// How old the report is, ms.
     pub age_ms: u64,
 }
@@ -220,8 +227,10 @@ pub enum Metric {
     Loss,
 }
 
+/// Externally tagged (serde's default), as postcard needs: in JSON an
+/// event's `kind` is `"unreachable"`, or `{"route_changed": {...}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum EventKind {
     /// The source proxy moved the pair to another route.
     RouteChanged {
@@ -260,7 +269,6 @@ pub struct Event {
     pub to: String,
     pub from_proxy: u32,
     pub to_proxy: u32,
-    #[serde(flatten)]
     pub kind: EventKind,
 }
 
@@ -274,12 +282,14 @@ mod tests {
             dst: 2,
             reachable: true,
             route: vec![3, 2],
-            rtt_us: Some(61_000),
-            p50_us: Some(60_000),
-            p90_us: Some(62_000),
-            p99_us: Some(70_000),
-            jitter_us: Some(500),
-            loss_ppm: Some(0),
+            figures: Figures {
+                rtt_us: Some(61_000),
+                p50_us: Some(60_000),
+                p90_us: Some(62_000),
+                p99_us: Some(70_000),
+                jitter_us: Some(500),
+                loss_ppm: Some(0),
+            },
         }
     }
 
@@ -326,21 +336,30 @@ mod tests {
             ),
             (
                 DestinationReport {
-                    rtt_us: Some(MAX_US + 1),
+                    figures: Figures {
+                        rtt_us: Some(MAX_US + 1),
+                        ..ok().figures
+                    },
                     ..ok()
                 },
                 ReportError::BadValue,
             ),
             (
                 DestinationReport {
-                    loss_ppm: Some(PPM + 1),
+                    figures: Figures {
+                        loss_ppm: Some(PPM + 1),
+                        ..ok().figures
+                    },
                     ..ok()
                 },
                 ReportError::BadValue,
             ),
             (
                 DestinationReport {
-                    p99_us: Some(u32::MAX),
+                    figures: Figures {
+                        p99_us: Some(u32::MAX),
+                        ..ok().figures
+                    },
                     ..ok()
                 },
                 ReportError::BadValue,
@@ -381,6 +400,48 @@ mod tests {
     }
 
     #[test]
+    fn events_and_matrices_cross_the_wire() {
+        use crate::control::{decode, encode, CuMsg, FRAME_HEADER_LEN};
+        let ev = |kind| Event {
+            seq: 1,
+            at_ms: 2,
+            from: "paris".into(),
+            to: "tokyo".into(),
+            from_proxy: 1,
+            to_proxy: 2,
+            kind,
+        };
+        let msgs = [
+            CuMsg::Events(vec![
+                ev(EventKind::RouteChanged {
+                    before: vec![3, 2],
+                    after: vec![2],
+                    before_via: vec!["london".into()],
+                    after_via: vec![],
+                }),
+                ev(EventKind::Unreachable),
+                ev(EventKind::Above {
+                    metric: Metric::Loss,
+                    value: 60_000,
+                    threshold: 50_000,
+                }),
+            ]),
+            CuMsg::Matrix(Matrix {
+                cells: vec![Cell {
+                    reported: true,
+                    figures: ok().figures,
+                    ..Cell::default()
+                }],
+                ..Matrix::default()
+            }),
+        ];
+        for m in msgs {
+            let f = encode(&m);
+            assert_eq!(decode::<CuMsg>(&f[FRAME_HEADER_LEN..]).unwrap(), m);
+        }
+    }
+
+    #[test]
     fn subscriptions_filter_pairs() {
         let all = Subscription::default();
         assert!(all.matches("paris", "tokyo"));
@@ -418,12 +479,14 @@ mod tests {
                 dst,
                 reachable,
                 route,
-                rtt_us: v[0],
-                p50_us: v[1],
-                p90_us: v[2],
-                p99_us: v[3],
-                jitter_us: v[4],
-                loss_ppm: v[5],
+                figures: Figures {
+                    rtt_us: v[0],
+                    p50_us: v[1],
+                    p90_us: v[2],
+                    p99_us: v[3],
+                    jitter_us: v[4],
+                    loss_ppm: v[5],
+                },
             })
     }
 
@@ -437,8 +500,8 @@ mod tests {
                 for d in &r.destinations {
                     prop_assert!(d.route.len() <= MAX_ROUTE_HOPS);
                     prop_assert_eq!(d.reachable, d.route.last() == Some(&d.dst));
-                    prop_assert!(d.loss_ppm.is_none_or(|l| l <= PPM));
-                    prop_assert!(d.rtt_us.is_none_or(|v| v <= MAX_US));
+                    prop_assert!(d.figures.loss_ppm.is_none_or(|l| l <= PPM));
+                    prop_assert!(d.figures.rtt_us.is_none_or(|v| v <= MAX_US));
                 }
             }
             let bytes = crate::codec::encode(&r, usize::MAX).unwrap();

@@ -267,14 +267,8 @@ async fn pmon(args: &Args, pair: &Pair, stream: bool, values: bool) -> anyhow::R
                                 c.from,
                                 c.to,
                                 pmon_text::route(&c),
-                                c.rtt_us.map_or("-".into(), |v| format!(
-                                    "{:.1}",
-                                    f64::from(v) / 1000.0
-                                )),
-                                c.loss_ppm.map_or("-".into(), |v| format!(
-                                    "{:.1}%",
-                                    f64::from(v) / 10_000.0
-                                )),
+                                pmon_text::ms(c.figures.rtt_us),
+                                pmon_text::loss(c.figures.loss_ppm),
                             );
                         }
                     }

@@ -150,7 +150,7 @@ impl Status {
     /// reachability, current route and what the monitor measures on that
     /// route. Nothing is measured for it: these are the router's figures.
     pub fn pmon_report(&self) -> pon_proto::pmon::Report {
-        use pon_proto::pmon::{DestinationReport, Report, MAX_DESTINATIONS, MAX_US, PPM};
+        use pon_proto::pmon::{DestinationReport, Figures, Report, MAX_DESTINATIONS, MAX_US, PPM};
         let us = |v: u64| v.min(u64::from(MAX_US)) as u32;
         let ms = |v: f64| us((v.max(0.0) * 1000.0) as u64);
         let destinations = self
@@ -172,15 +172,17 @@ impl Status {
                     dst: d.id,
                     reachable: !route.is_empty(),
                     route,
-                    rtt_us: m
-                        .and_then(|m| m.srtt_us)
-                        .map(us)
-                        .or(c.and_then(|c| c.rtt_ms).map(ms)),
-                    p50_us: m.and_then(|m| m.p50_us).map(us),
-                    p90_us: m.and_then(|m| m.p90_us).map(us),
-                    p99_us: m.and_then(|m| m.p99_us).map(us),
-                    jitter_us: m.map(|m| us(m.jitter_us)),
-                    loss_ppm: c.map(|c| (c.loss.clamp(0.0, 1.0) * f64::from(PPM)) as u32),
+                    figures: Figures {
+                        rtt_us: m
+                            .and_then(|m| m.srtt_us)
+                            .map(us)
+                            .or(c.and_then(|c| c.rtt_ms).map(ms)),
+                        p50_us: m.and_then(|m| m.p50_us).map(us),
+                        p90_us: m.and_then(|m| m.p90_us).map(us),
+                        p99_us: m.and_then(|m| m.p99_us).map(us),
+                        jitter_us: m.map(|m| us(m.jitter_us)),
+                        loss_ppm: c.map(|c| (c.loss.clamp(0.0, 1.0) * f64::from(PPM)) as u32),
+                    },
                 }
             })
             .collect();
