@@ -716,7 +716,6 @@ mod tests {
                     rtt_us: Some(rtt_us),
                     ..Default::default()
                 },
-                ..Default::default()
             }],
         }
     }

@@ -229,12 +229,13 @@ async fn pmon(args: &Args, pair: &Pair, stream: bool, values: bool) -> anyhow::R
             .with_context(|| format!("asking the CU at {}", args.cu))?;
         conn.close(0u32.into(), b"done");
         ep.wait_idle().await;
-        return match answer {
-            CuMsg::Matrix(m) if args.json => Ok(println!("{}", serde_json::to_string_pretty(&m)?)),
-            CuMsg::Matrix(m) => Ok(print!("{}", pmon_text::matrix(&m))),
+        match answer {
+            CuMsg::Matrix(m) if args.json => println!("{}", serde_json::to_string_pretty(&m)?),
+            CuMsg::Matrix(m) => print!("{}", pmon_text::matrix(&m)),
             CuMsg::Refused(why) => bail!("the CU refused: {why}"),
             other => bail!("unexpected answer from the CU: {other:?}"),
-        };
+        }
+        return Ok(());
     }
     // The stream stays open both ways: the CU drops a watcher whose
     // stream ends.
