@@ -186,6 +186,47 @@ impl ClientCounters {
     }
 }
 
+/// Measurements the daemon offers the CU (PMon): the latest only; the
+/// client thread sends it when it is news (see [`ReportPacer`]).
+#[derive(Default)]
+pub struct Reports {
+    latest: std::sync::Mutex<Option<pon_proto::pmon::Report>>,
+    ready: tokio::sync::Notify,
+}
+
+/// A report goes to the CU at once when a route or a destination's
+/// reachability changed, and otherwise at most every [`REPORT_EVERY`], so
+/// events reach the CU within one status period of the router's decision
+/// while steady values cost one small message a second.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// When to send a report (sans-I/O: the client thread asks it with `now`).
+#[derive(Debug, Default)]
+pub struct ReportPacer {
+    last: Option<(pon_proto::pmon::Report, Duration)>,
+}
+
+impl ReportPacer {
+    /// Whether `r`, offered at `now`, should be sent; if so it is recorded
+    /// as sent.
+    pub fn due(&mut self, r: &pon_proto::pmon::Report, now: Duration) -> bool {
+        let shape = |r: &pon_proto::pmon::Report| {
+            r.destinations
+                .iter()
+                .map(|d| (d.dst, d.reachable, d.route.clone()))
+                .collect::<Vec<_>>()
+        };
+        let due = match &self.last {
+            None => true,
+            Some((last, at)) => shape(last) != shape(r) || now.saturating_sub(*at) >= REPORT_EVERY,
+        };
+        if due {
+            self.last = Some((r.clone(), now));
+        }
+        due
+    }
+}
+
 /// What the daemon can read about its CU client.
 pub struct ClientStatus {
     pub counters: ClientCounters,
@@ -197,6 +238,8 @@ pub struct ClientStatus {
     started: Instant,
     /// ... and when it was last registered, in ms after that (0: never).
     lost_at_ms: AtomicU64,
+    /// What the daemon measured, for the CU.
+    reports: Reports,
 }
 
 impl Default for ClientStatus {
@@ -207,6 +250,7 @@ impl Default for ClientStatus {
             registered: AtomicU32::new(0),
             started: Instant::now(),
             lost_at_ms: AtomicU64::new(0),
+            reports: Reports::default(),
         }
     }
 }
@@ -218,6 +262,19 @@ impl ClientStatus {
             let ms = self.started.elapsed().as_millis() as u64;
             self.lost_at_ms.store(ms, Ordering::Relaxed);
         }
+    }
+
+    /// Offers the CU the daemon's latest measurements; never waits. The
+    /// client thread sends them while registered, when they are news.
+    pub fn offer_report(&self, r: pon_proto::pmon::Report) {
+        if let Ok(mut l) = self.reports.latest.lock() {
+            *l = Some(r);
+        }
+        self.reports.ready.notify_one();
+    }
+
+    fn take_report(&self) -> Option<pon_proto::pmon::Report> {
+        self.reports.latest.lock().ok()?.take()
     }
 
     /// How long since this agent was last registered with the CU: zero
@@ -505,6 +562,8 @@ async fn serve(
     }
     let mut decoder = FrameDecoder::new(MAX_CU_FRAME);
     let register_by = start.elapsed() + REGISTER_TIMEOUT;
+    // A new connection starts afresh: the first report goes at once.
+    let mut pacer = ReportPacer::default();
     loop {
         let now = start.elapsed();
         while let Some(SessionAction::Send(m)) = session.poll(now) {
@@ -528,6 +587,17 @@ async fn serve(
         let chunk = tokio::select! {
             c = recv.read_chunk(64 * 1024, true) => c,
             _ = tokio::time::sleep_until((start + wake).into()) => continue,
+            _ = status.reports.ready.notified() => {
+                let Some(r) = status.take_report() else { continue };
+                let registered = status.registered.load(Ordering::Relaxed) == 1;
+                if registered && pacer.due(&r, start.elapsed()) {
+                    let msg = pon_proto::control::encode(&AgentMsg::Report(r));
+                    if let Err(e) = send.write_all(&msg).await {
+                        return Ended::Failed(failure_of_write(&e), format!("sending to the CU: {e}"));
+                    }
+                }
+                continue;
+            }
             _ = Signals::wait(signals) => {
                 if let Some(bye) = session.goodbye() {
                     let _ = send.write_all(&pon_proto::control::encode(&bye)).await;
@@ -635,4 +705,39 @@ impl Signals {
 /// Messages an agent sends; exposed for tests and the load generator.
 pub fn encode_agent(msg: &AgentMsg) -> Vec<u8> {
     pon_proto::control::encode(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pon_proto::pmon::{DestinationReport, Report};
+
+    fn report(route: &[u32], rtt_us: u32) -> Report {
+        Report {
+            destinations: vec![DestinationReport {
+                dst: 2,
+                reachable: !route.is_empty(),
+                route: route.to_vec(),
+                figures: pon_proto::pmon::Figures {
+                    rtt_us: Some(rtt_us),
+                    ..Default::default()
+                },
+            }],
+        }
+    }
+
+    #[test]
+    fn reports_go_on_change_at_once_and_otherwise_once_a_second() {
+        let mut p = ReportPacer::default();
+        let ms = Duration::from_millis;
+        assert!(p.due(&report(&[3, 2], 60_000), ms(0)));
+        // New values on the same route wait for the period ...
+        assert!(!p.due(&report(&[3, 2], 61_000), ms(250)));
+        assert!(!p.due(&report(&[3, 2], 62_000), ms(750)));
+        assert!(p.due(&report(&[3, 2], 62_000), ms(1000)));
+        // ... a new route or an outage does not.
+        assert!(p.due(&report(&[2], 150_000), ms(1100)));
+        assert!(p.due(&report(&[], 0), ms(1200)));
+        assert!(!p.due(&report(&[], 0), ms(1300)));
+    }
 }

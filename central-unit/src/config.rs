@@ -67,6 +67,9 @@ pub struct CuConfig {
     /// one cannot register agents. Re-read on SIGHUP.
     #[serde(default)]
     pub clouds: BTreeMap<String, Grant>,
+    /// Monitoring as a service: the thresholds of the matrix's events.
+    #[serde(default)]
+    pub pmon: crate::pmon::PmonSettings,
 }
 
 fn default_cert() -> PathBuf {

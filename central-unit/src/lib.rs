@@ -11,9 +11,13 @@
 //! - `server`, `store`, `config`, `pki` (feature `server`): the CU daemon:
 //!   QUIC server, redb store, configuration file, the CA (init, signing
 //!   agents' certificates).
+//! - `pmon` (sans-I/O) and `web` (feature `server`): monitoring as a
+//!   service: the proxies' reports as a site-by-site matrix and events,
+//!   for `ponctl matrix` / `ponctl watch` and the live web view.
 
 pub mod client;
 pub mod enrolment;
+pub mod pmon;
 pub mod policy;
 pub mod registry;
 pub mod session;
@@ -27,9 +31,15 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod pki;
 #[cfg(feature = "server")]
+pub mod pmon_service;
+#[cfg(feature = "server")]
+pub mod pmon_text;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
+pub mod web;
 
 pub use policy::Policy;
 pub use registry::Registry;

@@ -11,7 +11,7 @@ use pon_proto::control::{
     valid_name, valid_role, AdminRequest, AgentInfo, AgentRecord, Change, Config, Endpoints, Enrol,
     Peer, Register, TokenInfo, PROTOCOL_VERSION,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -366,6 +366,30 @@ impl Registry {
 
     pub fn id_of(&self, conn: ConnId) -> Option<u32> {
         self.by_conn.get(&conn).copied()
+    }
+
+    /// Proxies connected now, by id: who may report measurements (PMon)
+    /// and what the ids of a report name.
+    pub fn online_proxies(&self) -> BTreeMap<u32, pon_proto::pmon::ProxyRef> {
+        self.agents
+            .values()
+            .filter(|e| e.conn.is_some() && e.info.is_proxy())
+            .map(|e| {
+                let p = pon_proto::pmon::ProxyRef {
+                    id: e.info.id,
+                    site: e.info.cloud.clone(),
+                    name: e.info.name.clone(),
+                };
+                (e.info.id, p)
+            })
+            .collect()
+    }
+
+    /// Whether the holder of `key` may subscribe to PMon's matrix and
+    /// events: the admin, or an enrolled agent that is not revoked.
+    pub fn may_subscribe(&self, key: Option<KeyId>) -> bool {
+        self.trust.is_admin(key)
+            || key.is_some_and(|k| self.trust.enrolment(&k).is_some() && !self.trust.is_revoked(&k))
     }
 
     /// The registry for `ponctl`, sorted by id.

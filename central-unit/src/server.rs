@@ -11,6 +11,7 @@
 
 use crate::config::CuConfig;
 use crate::pki::Ca;
+use crate::pmon_service::{self, PmonStats};
 use crate::registry::{Action, AdminDone, ConnId, Outgoing, Record, Refusal, Registry};
 use crate::store::{Backend, PendingWrites, Store};
 use crate::trust::{Grants, KeyId};
@@ -166,6 +167,8 @@ fn wall_ms() -> u64 {
 
 enum WriterMsg {
     Out(Outgoing),
+    /// A message outside the registry's (PMon's).
+    Msg(CuMsg),
     Close(String),
 }
 
@@ -207,6 +210,19 @@ enum Event {
         goodbye: bool,
     },
     Resync(ConnId),
+    /// PMon: a proxy's measurements, on its registered connection.
+    Report {
+        conn: ConnId,
+        report: pon_proto::pmon::Report,
+    },
+    /// PMon: a consumer's subscription (the first message of its connection).
+    Subscribe {
+        conn: ConnId,
+        key: Option<KeyId>,
+        version: u16,
+        subscription: pon_proto::pmon::Subscription,
+        handle: ConnHandle,
+    },
 }
 
 /// Runs the CU until the process is stopped; SIGHUP re-reads the address
@@ -257,11 +273,19 @@ pub async fn serve(
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
+    let pmon_stats = Arc::new(PmonStats::default());
+    let picture = Arc::new(crate::web::Picture::default());
     if let Some(addr) = cfg.metrics {
-        let s = stats.clone();
-        pon_telemetry::serve_metrics(addr, Arc::new(move |w: &mut PromWriter| s.render(w)))
-            .with_context(|| format!("serving metrics on {addr}"))?;
+        let (s, p) = (stats.clone(), pmon_stats.clone());
+        let render = Arc::new(move |w: &mut PromWriter| {
+            s.render(w);
+            p.render(w);
+        });
+        crate::web::serve(addr, render, picture.clone())
+            .await
+            .with_context(|| format!("serving metrics and the web view on {addr}"))?;
     }
+    let pmon = pmon_service::Service::new(cfg.pmon, pmon_stats, picture);
     tracing::info!(listen = %local, restored, skipped = loaded.skipped, store = %cfg.store.display(), "CU running");
 
     let (store_tx, store_rx) = std::sync::mpsc::channel::<Record>();
@@ -276,6 +300,7 @@ pub async fn serve(
     }
     let actor = tokio::spawn(actor(
         registry,
+        pmon,
         ca,
         start,
         events_rx,
@@ -358,6 +383,7 @@ fn store_loop(mut store: impl Backend, rx: std::sync::mpsc::Receiver<Record>, st
 
 async fn actor(
     mut registry: Registry,
+    mut pmon: pmon_service::Service,
     ca: Ca,
     start: Instant,
     mut events: mpsc::Receiver<Event>,
@@ -371,6 +397,21 @@ async fn actor(
         let actions = tokio::select! {
             ev = events.recv() => {
                 let Some(ev) = ev else { return };
+                match ev {
+                    Event::Report { conn, report } => {
+                        let out = pmon.report(&registry, conn, &report, wall_ms());
+                        execute_pmon(out, &handles);
+                        continue;
+                    }
+                    Event::Subscribe { conn, key, version, subscription, handle } => {
+                        handles.insert(conn, handle);
+                        let out = pmon.subscribe(&registry, conn, key, version, subscription, wall_ms());
+                        execute_pmon(out, &handles);
+                        continue;
+                    }
+                    Event::Gone { conn, .. } => pmon.gone(conn, registry.id_of(conn)),
+                    _ => {}
+                }
                 handle_event(&mut registry, &ca, &mut handles, ev, start.elapsed(), &stats)
             }
             _ = tick.tick() => {
@@ -379,6 +420,7 @@ async fn actor(
                     count_leave(&stats, why);
                     tracing::info!(id, reason = why.label(), "agent gone");
                 }
+                execute_pmon(pmon.tick(&registry, start.elapsed(), wall_ms()), &handles);
                 actions
             }
         };
@@ -513,6 +555,8 @@ fn handle_event(
             }
             actions
         }
+        // PMon's events are the actor's own (see `actor`).
+        Event::Report { .. } | Event::Subscribe { .. } => vec![],
         Event::Resync(conn) => match registry.id_of(conn) {
             Some(id) => {
                 stats.counters.resyncs.inc();
@@ -572,6 +616,24 @@ fn execute(
         }
     }
     let _ = stats;
+}
+
+/// PMon's messages to its subscribers; a stream whose writer is behind
+/// loses messages (it asked for news, not a log) rather than block anyone.
+fn execute_pmon(out: Vec<pmon_service::Out>, handles: &HashMap<ConnId, ConnHandle>) {
+    for o in out {
+        let (conn, msg, last) = match o {
+            pmon_service::Out::Send(c, m) => (c, m, false),
+            pmon_service::Out::Last(c, m) => (c, m, true),
+        };
+        let Some(h) = handles.get(&conn) else {
+            continue;
+        };
+        let _ = h.tx.try_send(WriterMsg::Msg(msg));
+        if last && h.tx.try_send(WriterMsg::Close("done".into())).is_err() {
+            h.conn.close(close_code::BY_CU.into(), b"done");
+        }
+    }
 }
 
 /// Reads one message; `Ok(None)` at a clean end of stream.
@@ -708,6 +770,16 @@ async fn connection(
             request,
             handle,
         },
+        AgentMsg::Subscribe {
+            version,
+            subscription,
+        } => Event::Subscribe {
+            conn: id,
+            key,
+            version,
+            subscription,
+            handle,
+        },
         _ => {
             let e = ControlError::Malformed("the first message must be Register".into());
             stats.counters.bad_unexpected.inc();
@@ -750,6 +822,16 @@ async fn connection(
             Ok(Some(AgentMsg::Goodbye)) => {
                 goodbye = true;
                 break;
+            }
+            Ok(Some(AgentMsg::Report(report))) => {
+                // Whose it is, the actor decides from the registration.
+                if events
+                    .send(Event::Report { conn: id, report })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             Ok(Some(_)) => {
                 stats.counters.bad_unexpected.inc();
@@ -840,6 +922,10 @@ async fn writer(
         for m in batch.drain(..) {
             match m {
                 WriterMsg::Out(Outgoing::Changes(c)) => changes.extend(c),
+                WriterMsg::Msg(m) => {
+                    flush(&mut changes, &mut frames);
+                    frames.push(control::encode(&m));
+                }
                 WriterMsg::Out(o) => {
                     flush(&mut changes, &mut frames);
                     if matches!(o, Outgoing::Config(_)) {

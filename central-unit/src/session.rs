@@ -321,7 +321,10 @@ impl Session {
             | CuMsg::Enrolled { .. }
             | CuMsg::Token { .. }
             | CuMsg::Tokens(_)
-            | CuMsg::Revoked { .. } => Ok(vec![]),
+            | CuMsg::Revoked { .. }
+            | CuMsg::Matrix(_)
+            | CuMsg::Events(_)
+            | CuMsg::Cells(_) => Ok(vec![]),
             CuMsg::Refused(why) => Err(Refused(why)),
         }
     }

@@ -288,6 +288,16 @@ pub enum AgentMsg {
         version: u16,
         request: AdminRequest,
     },
+    /// A proxy's measurements (PMon), after its registration: periodically
+    /// and whenever a route or a destination's reachability changes.
+    Report(crate::pmon::Report),
+    /// The first message of a consumer's connection (the admin or an
+    /// enrolled agent's certificate): the matrix once, or as a stream of
+    /// events and changed cells.
+    Subscribe {
+        version: u16,
+        subscription: crate::pmon::Subscription,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +323,12 @@ pub enum CuMsg {
     Revoked {
         id: Option<u32>,
     },
+    /// PMon: the site-by-site matrix (the first answer to a subscription).
+    Matrix(crate::pmon::Matrix),
+    /// PMon: events, in order, for a streaming subscription.
+    Events(Vec<crate::pmon::Event>),
+    /// PMon: cells that changed, for a streaming subscription.
+    Cells(Vec<crate::pmon::Cell>),
 }
 
 /// Encodes one frame (length prefix + message).

@@ -17,6 +17,7 @@ pub mod ip;
 pub mod lan;
 pub mod local;
 pub mod measurement;
+pub mod pmon;
 pub mod pon;
 pub mod ports;
 pub mod probe;

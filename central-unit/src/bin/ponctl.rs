@@ -65,6 +65,33 @@ enum Cmd {
         /// CLOUD/NAME, as `list` shows them.
         agent: String,
     },
+    /// The site-by-site matrix the CU keeps from the proxies' reports:
+    /// every ordered pair of sites, its current route (relays), RTT,
+    /// percentiles, jitter and loss.
+    Matrix {
+        #[command(flatten)]
+        pair: Pair,
+    },
+    /// Streams events as they happen: route changed, destination
+    /// unreachable and reachable again, RTT or loss threshold crossed.
+    Watch {
+        #[command(flatten)]
+        pair: Pair,
+        /// Also print every changed cell (the values), not only events.
+        #[arg(long)]
+        values: bool,
+    },
+}
+
+/// Which pairs: one pair of sites, every pair from or to a site, or all.
+#[derive(clap::Args, Clone)]
+struct Pair {
+    /// Source site.
+    #[arg(long)]
+    from: Option<String>,
+    /// Destination site.
+    #[arg(long)]
+    to: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +135,8 @@ fn parse_uses(s: &str) -> Result<Uses, String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let request = match &args.cmd {
+        Some(Cmd::Matrix { pair }) => return pmon(&args, pair, false, false).await,
+        Some(Cmd::Watch { pair, values }) => return pmon(&args, pair, true, *values).await,
         None | Some(Cmd::List) => AdminRequest::List,
         Some(Cmd::Token(TokenCmd::List)) => AdminRequest::ListTokens,
         Some(Cmd::Token(TokenCmd::Create {
@@ -131,13 +160,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    let cert = pon_cu::tls::ClientCert::from_files(&args.cert, &args.key)?;
-    let cfg = pon_cu::tls::client_config(&args.ca, Duration::from_secs(5), Some(cert))?;
-    let ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
-    let conn = match pon_cu::enrolment::connect(&ep, cfg, args.cu, &args.server_name).await {
-        Ok(c) => c,
-        Err(failed) => bail!("{}", failed.message()),
-    };
+    let (ep, conn) = connect(&args).await?;
     let msg = pon_cu::enrolment::request(
         &conn,
         &AgentMsg::Admin {
@@ -170,6 +193,98 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("unexpected answer from the CU: {other:?}"),
     }
     Ok(())
+}
+
+/// A connection to the CU with the credential of the command line.
+async fn connect(args: &Args) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+    let cert = pon_cu::tls::ClientCert::from_files(&args.cert, &args.key)?;
+    let cfg = pon_cu::tls::client_config(&args.ca, Duration::from_secs(5), Some(cert))?;
+    let ep = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+    match pon_cu::enrolment::connect(&ep, cfg, args.cu, &args.server_name).await {
+        Ok(c) => Ok((ep, c)),
+        Err(failed) => bail!("{}", failed.message()),
+    }
+}
+
+/// `matrix` (the matrix once) and `watch` (then events, and with
+/// `values` changed cells, until the CU or the user ends it). One JSON
+/// document for `matrix --json`; JSON Lines for `watch --json`.
+async fn pmon(args: &Args, pair: &Pair, stream: bool, values: bool) -> anyhow::Result<()> {
+    use pon_cu::pmon_text;
+    use pon_proto::control::{FrameDecoder, MAX_CU_FRAME};
+    let (ep, conn) = connect(args).await?;
+    let subscription = pon_proto::pmon::Subscription {
+        from: pair.from.clone(),
+        to: pair.to.clone(),
+        stream,
+    };
+    let msg = AgentMsg::Subscribe {
+        version: PROTOCOL_VERSION,
+        subscription,
+    };
+    if !stream {
+        let answer = pon_cu::enrolment::request(&conn, &msg)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))
+            .with_context(|| format!("asking the CU at {}", args.cu))?;
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+        match answer {
+            CuMsg::Matrix(m) if args.json => println!("{}", serde_json::to_string_pretty(&m)?),
+            CuMsg::Matrix(m) => print!("{}", pmon_text::matrix(&m)),
+            CuMsg::Refused(why) => bail!("the CU refused: {why}"),
+            other => bail!("unexpected answer from the CU: {other:?}"),
+        }
+        return Ok(());
+    }
+    // The stream stays open both ways: the CU drops a watcher whose
+    // stream ends.
+    let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the CU")?;
+    send.write_all(&pon_proto::control::encode(&msg))
+        .await
+        .context("subscribing")?;
+    let mut dec = FrameDecoder::new(MAX_CU_FRAME);
+    loop {
+        while let Some(m) = dec.next_msg::<CuMsg>()? {
+            match m {
+                CuMsg::Matrix(m) if args.json => println!("{}", serde_json::json!({"matrix": m})),
+                CuMsg::Matrix(m) => eprint!("{}", pmon_text::matrix(&m)),
+                CuMsg::Events(evs) => {
+                    for e in evs {
+                        if args.json {
+                            println!("{}", serde_json::json!({"event": e}));
+                        } else {
+                            println!("{}", pmon_text::event(&e));
+                        }
+                    }
+                }
+                CuMsg::Cells(cells) if values => {
+                    for c in cells {
+                        if args.json {
+                            println!("{}", serde_json::json!({"cell": c}));
+                        } else {
+                            println!(
+                                "{} -> {}  {}  rtt {} ms  loss {}",
+                                c.from,
+                                c.to,
+                                pmon_text::route(&c),
+                                pmon_text::ms(c.figures.rtt_us),
+                                pmon_text::loss(c.figures.loss_ppm),
+                            );
+                        }
+                    }
+                }
+                CuMsg::Cells(_) => {}
+                CuMsg::Refused(why) => bail!("the CU refused: {why}"),
+                other => bail!("unexpected message from the CU: {other:?}"),
+            }
+        }
+        match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(c)) => dec.push(&c.bytes)?,
+            Ok(None) => bail!("the CU ended the stream"),
+            Err(e) => bail!("connection to the CU lost: {e}"),
+        }
+    }
 }
 
 fn describe(t: &TokenInfo) -> String {

@@ -133,15 +133,66 @@ impl Status {
     }
 }
 
-/// What a daemon's `GET /status` answers, and the gauges it adds to its
-/// metrics.
+/// What a daemon's `GET /status` answers, the gauges it adds to its
+/// metrics, and what it reports to the CU (PMon), if anything.
 pub trait StatusPage: Serialize + Send + Sync + 'static {
     fn render(&self, _w: &mut pon_telemetry::PromWriter) {}
+    fn report(&self) -> Option<pon_proto::pmon::Report> {
+        None
+    }
 }
 
 impl StatusPage for Status {
     fn render(&self, w: &mut pon_telemetry::PromWriter) {
         Status::render(self, w)
+    }
+    fn report(&self) -> Option<pon_proto::pmon::Report> {
+        self.routing.then(|| self.pmon_report())
+    }
+}
+
+impl Status {
+    /// What the CU's matrix wants from this proxy: per destination its
+    /// reachability, current route and what the monitor measures on that
+    /// route. Nothing is measured for it: these are the router's figures.
+    pub fn pmon_report(&self) -> pon_proto::pmon::Report {
+        use pon_proto::pmon::{DestinationReport, Figures, Report, MAX_DESTINATIONS, MAX_US, PPM};
+        let us = |v: u64| v.min(u64::from(MAX_US)) as u32;
+        let ms = |v: f64| us((v.max(0.0) * 1000.0) as u64);
+        let destinations = self
+            .destinations
+            .iter()
+            .take(MAX_DESTINATIONS)
+            .map(|d| {
+                let route = d
+                    .current
+                    .clone()
+                    .filter(|_| d.reachable)
+                    .unwrap_or_default();
+                let c = d
+                    .candidates
+                    .iter()
+                    .find(|c| !route.is_empty() && c.path == route);
+                let m = c.and_then(|c| c.monitor.as_ref());
+                DestinationReport {
+                    dst: d.id,
+                    reachable: !route.is_empty(),
+                    route,
+                    figures: Figures {
+                        rtt_us: m
+                            .and_then(|m| m.srtt_us)
+                            .map(us)
+                            .or(c.and_then(|c| c.rtt_ms).map(ms)),
+                        p50_us: m.and_then(|m| m.p50_us).map(us),
+                        p90_us: m.and_then(|m| m.p90_us).map(us),
+                        p99_us: m.and_then(|m| m.p99_us).map(us),
+                        jitter_us: m.map(|m| us(m.jitter_us)),
+                        loss_ppm: c.map(|c| (c.loss.clamp(0.0, 1.0) * f64::from(PPM)) as u32),
+                    },
+                }
+            })
+            .collect();
+        Report { destinations }
     }
 }
 

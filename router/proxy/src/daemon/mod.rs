@@ -131,6 +131,8 @@ pub struct StatusOf<C, S> {
 /// Serves the core's and the daemon's counters, `extra` metrics and the
 /// latest published status (`GET /status`) on `addr`, and returns how the
 /// control loop publishes that status.
+/// With `report_to`, each published status's measurements are also
+/// offered to the CU (PMon).
 fn serve<C: Core + 'static, S: StatusPage>(
     addr: SocketAddr,
     core: &C,
@@ -138,6 +140,7 @@ fn serve<C: Core + 'static, S: StatusPage>(
     extra: Renderer,
     status: StatusOf<C, S>,
     now: Duration,
+    report_to: Option<Arc<ClientStatus>>,
 ) -> anyhow::Result<Publish<C>> {
     let page = Arc::new(ArcSwap::from_pointee((status.build)(core, now)));
     let (metrics, counters, st) = (core.metrics(), counters.clone(), page.clone());
@@ -153,7 +156,13 @@ fn serve<C: Core + 'static, S: StatusPage>(
         .with_context(|| format!("serving metrics on {addr}"))?;
     let build = status.build;
     Ok(Box::new(move |c: &C, now| {
-        page.store(Arc::new(build(c, now)))
+        let p = Arc::new(build(c, now));
+        if let Some(cu) = &report_to {
+            if let Some(r) = p.report() {
+                cu.offer_report(r);
+            }
+        }
+        page.store(p)
     }))
 }
 
@@ -219,6 +228,7 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
         none,
         status,
         Duration::ZERO,
+        None,
     )?;
     tracing::info!(part = ?me, %listen, "running");
     EventLoop::over_link(core, inbox, link, publish, every).run();
@@ -262,6 +272,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     let sockets = Arc::new(open_sockets(cfg, Some(mailbox.sink()))?);
     // CU mode: views go to the control loop, the one writer of the table.
     let cu = start_cu(cfg, &mailbox)?;
+    let report_to = cu.clone();
     let extra: Renderer = {
         let (engine, table) = (engine.counters.clone(), table.clone());
         Arc::new(move |w: &mut PromWriter| {
@@ -280,6 +291,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
         extra,
         status,
         Duration::ZERO,
+        report_to,
     )?;
     EventLoop {
         core,

@@ -1,0 +1,518 @@
+//! Monitoring as a service (PMon): what proxies report to the CU about
+//! their destinations, and what the CU serves to consumers (`ponctl
+//! matrix`, `ponctl watch`, the web view): the site-by-site matrix and the
+//! events derived from it.
+//!
+//! A report carries no sender: the CU files it under the proxy whose
+//! authenticated connection it came on, so a proxy can only ever speak for
+//! its own site. Every report is checked with [`Report::check`] before the
+//! CU looks at it.
+
+use serde::{Deserialize, Serialize};
+
+/// Most destinations one report may name (a frame from an agent is at most
+/// [`crate::control::MAX_AGENT_FRAME`] bytes anyway).
+pub const MAX_DESTINATIONS: usize = 1024;
+/// Longest route a report may name: the PON header's hop limit.
+pub const MAX_ROUTE_HOPS: usize = crate::pon::MAX_HOPS;
+/// Largest RTT (or percentile, or jitter) a report may carry: a minute.
+pub const MAX_US: u32 = 60_000_000;
+/// Loss is in parts per million: this is all packets lost.
+pub const PPM: u32 = 1_000_000;
+
+/// A proxy's measurements of the destinations its router optimises, as
+/// its router and monitor last saw them.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub destinations: Vec<DestinationReport>,
+}
+
+/// One destination proxy, from the reporting proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DestinationReport {
+    /// The destination proxy's id.
+    pub dst: u32,
+    /// Whether any overlay path to it works (if not, traffic takes the IP path).
+    pub reachable: bool,
+    /// The current route: hops after the reporter (relays, then `dst`);
+    /// empty while unreachable.
+    pub route: Vec<u32>,
+    /// What the monitor measures on the current route.
+    pub figures: Figures,
+}
+
+/// A route's figures, as the proxy's monitor has them (integers on the
+/// wire: no NaN to check, and messages compare exactly).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Figures {
+    /// Smoothed RTT, µs.
+    pub rtt_us: Option<u32>,
+    pub p50_us: Option<u32>,
+    pub p90_us: Option<u32>,
+    pub p99_us: Option<u32>,
+    /// RFC 3550 jitter, µs.
+    pub jitter_us: Option<u32>,
+    /// Probes lost, parts per million.
+    pub loss_ppm: Option<u32>,
+}
+
+impl Figures {
+    fn check(&self) -> Result<(), ReportError> {
+        let us = [
+            self.rtt_us,
+            self.p50_us,
+            self.p90_us,
+            self.p99_us,
+            self.jitter_us,
+        ];
+        if us.iter().flatten().any(|v| *v > MAX_US) || self.loss_ppm.is_some_and(|l| l > PPM) {
+            return Err(ReportError::BadValue);
+        }
+        Ok(())
+    }
+}
+
+/// Why a report was refused: a stable label each, for the CU's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("more than {MAX_DESTINATIONS} destinations")]
+    TooManyDestinations,
+    #[error("destination {0} named twice")]
+    DuplicateDestination(u32),
+    #[error("a route of more than {MAX_ROUTE_HOPS} hops")]
+    RouteTooLong,
+    #[error("proxy id 0 is reserved")]
+    ZeroId,
+    #[error("a route that does not end at its destination, or passes a proxy twice")]
+    BadRoute,
+    #[error("a reachable destination without a route, or an unreachable one with one")]
+    Inconsistent,
+    #[error("a value out of range (a time over a minute, or loss over 100 %)")]
+    BadValue,
+}
+
+impl ReportError {
+    pub const LABELS: [&'static str; 7] = [
+        "too_many_destinations",
+        "duplicate_destination",
+        "route_too_long",
+        "zero_id",
+        "bad_route",
+        "inconsistent",
+        "bad_value",
+    ];
+
+    /// A short stable label for metrics (one of [`ReportError::LABELS`]).
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
+
+    pub fn index(&self) -> usize {
+        match self {
+            ReportError::TooManyDestinations => 0,
+            ReportError::DuplicateDestination(_) => 1,
+            ReportError::RouteTooLong => 2,
+            ReportError::ZeroId => 3,
+            ReportError::BadRoute => 4,
+            ReportError::Inconsistent => 5,
+            ReportError::BadValue => 6,
+        }
+    }
+}
+
+impl Report {
+    /// Checks everything a report says about itself; what it says about
+    /// others (whether its destinations exist) is the CU's to check.
+    pub fn check(&self) -> Result<(), ReportError> {
+        if self.destinations.len() > MAX_DESTINATIONS {
+            return Err(ReportError::TooManyDestinations);
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.destinations.len());
+        for d in &self.destinations {
+            if !seen.insert(d.dst) {
+                return Err(ReportError::DuplicateDestination(d.dst));
+            }
+            d.check()?;
+        }
+        Ok(())
+    }
+}
+
+impl DestinationReport {
+    fn check(&self) -> Result<(), ReportError> {
+        if self.dst == 0 || self.route.contains(&0) {
+            return Err(ReportError::ZeroId);
+        }
+        if self.route.len() > MAX_ROUTE_HOPS {
+            return Err(ReportError::RouteTooLong);
+        }
+        if !self.route.is_empty() {
+            let mut hops = self.route.clone();
+            hops.sort_unstable();
+            hops.dedup();
+            if self.route.last() != Some(&self.dst) || hops.len() != self.route.len() {
+                return Err(ReportError::BadRoute);
+            }
+        }
+        if self.reachable == self.route.is_empty() {
+            return Err(ReportError::Inconsistent);
+        }
+        self.figures.check()
+    }
+}
+
+/// What a consumer asks for: the cells of pairs matching the filter (a
+/// site pair, every pair from or to a site, or all), once or as a stream.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Subscription {
+    /// Source site; `None`: any.
+    pub from: Option<String>,
+    /// Destination site; `None`: any.
+    pub to: Option<String>,
+    /// `false`: the matrix once, then the CU closes. `true`: the matrix,
+    /// then every event and every changed cell as they come.
+    pub stream: bool,
+}
+
+impl Subscription {
+    pub fn matches(&self, from: &str, to: &str) -> bool {
+        self.from.as_deref().is_none_or(|f| f == from) && self.to.as_deref().is_none_or(|t| t == to)
+    }
+}
+
+/// A proxy as the matrix names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyRef {
+    pub id: u32,
+    pub site: String,
+    pub name: String,
+}
+
+/// One ordered pair of sites: what the source site's proxy last reported
+/// about the destination site's proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Cell {
+    pub from: String,
+    pub to: String,
+    pub from_proxy: u32,
+    pub to_proxy: u32,
+    /// Whether the source proxy has reported on this pair yet; until it
+    /// has, nothing below is known.
+    pub reported: bool,
+    pub reachable: bool,
+    /// Proxy ids after the source: relays, then the destination proxy.
+    pub route: Vec<u32>,
+    /// The relays' sites, in order (empty: direct).
+    pub via: Vec<String>,
+    pub figures: Figures,
+    /// How old the report is, ms.
+    pub age_ms: u64,
+}
+
+/// The site-by-site matrix: every ordered pair of sites that have an
+/// online proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Matrix {
+    pub proxies: Vec<ProxyRef>,
+    pub cells: Vec<Cell>,
+    /// Thresholds the CU's events use.
+    pub rtt_threshold_us: u32,
+    pub loss_threshold_ppm: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    Rtt,
+    Loss,
+}
+
+/// Externally tagged (serde's default), as postcard needs: in JSON an
+/// event's `kind` is `"unreachable"`, or `{"route_changed": {...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// The source proxy moved the pair to another route.
+    RouteChanged {
+        before: Vec<u32>,
+        after: Vec<u32>,
+        before_via: Vec<String>,
+        after_via: Vec<String>,
+    },
+    /// No overlay path works any more: traffic takes the IP path.
+    Unreachable,
+    /// An overlay path works again.
+    Reachable,
+    /// `metric` rose above the threshold (`value` and `threshold` in µs
+    /// for RTT, ppm for loss) ...
+    Above {
+        metric: Metric,
+        value: u32,
+        threshold: u32,
+    },
+    /// ... and fell back below it, less the hysteresis.
+    Below {
+        metric: Metric,
+        value: u32,
+        threshold: u32,
+    },
+}
+
+/// Something that happened to a pair of sites.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Increases by one per event of this CU run.
+    pub seq: u64,
+    /// When the CU learnt of it, Unix ms.
+    pub at_ms: u64,
+    pub from: String,
+    pub to: String,
+    pub from_proxy: u32,
+    pub to_proxy: u32,
+    pub kind: EventKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ok() -> DestinationReport {
+        DestinationReport {
+            dst: 2,
+            reachable: true,
+            route: vec![3, 2],
+            figures: Figures {
+                rtt_us: Some(61_000),
+                p50_us: Some(60_000),
+                p90_us: Some(62_000),
+                p99_us: Some(70_000),
+                jitter_us: Some(500),
+                loss_ppm: Some(0),
+            },
+        }
+    }
+
+    #[test]
+    fn good_reports_pass_and_bad_ones_say_why() {
+        let r = |d: DestinationReport| Report {
+            destinations: vec![d],
+        };
+        assert_eq!(r(ok()).check(), Ok(()));
+        let unreachable = DestinationReport {
+            reachable: false,
+            route: vec![],
+            ..ok()
+        };
+        assert_eq!(r(unreachable).check(), Ok(()));
+        let cases = [
+            (
+                DestinationReport {
+                    route: vec![2, 3],
+                    ..ok()
+                },
+                ReportError::BadRoute,
+            ),
+            (
+                DestinationReport {
+                    route: vec![2, 3, 2],
+                    ..ok()
+                },
+                ReportError::BadRoute,
+            ),
+            (
+                DestinationReport {
+                    route: (1..=9).chain([2]).collect(),
+                    ..ok()
+                },
+                ReportError::RouteTooLong,
+            ),
+            (
+                DestinationReport {
+                    reachable: false,
+                    ..ok()
+                },
+                ReportError::Inconsistent,
+            ),
+            (
+                DestinationReport {
+                    figures: Figures {
+                        rtt_us: Some(MAX_US + 1),
+                        ..ok().figures
+                    },
+                    ..ok()
+                },
+                ReportError::BadValue,
+            ),
+            (
+                DestinationReport {
+                    figures: Figures {
+                        loss_ppm: Some(PPM + 1),
+                        ..ok().figures
+                    },
+                    ..ok()
+                },
+                ReportError::BadValue,
+            ),
+            (
+                DestinationReport {
+                    figures: Figures {
+                        p99_us: Some(u32::MAX),
+                        ..ok().figures
+                    },
+                    ..ok()
+                },
+                ReportError::BadValue,
+            ),
+            (
+                DestinationReport {
+                    dst: 0,
+                    route: vec![0],
+                    ..ok()
+                },
+                ReportError::ZeroId,
+            ),
+        ];
+        for (d, why) in cases {
+            assert_eq!(r(d.clone()).check(), Err(why), "{d:?}");
+            assert!(ReportError::LABELS.contains(&why.label()));
+        }
+        assert_eq!(
+            Report {
+                destinations: vec![ok(), ok()]
+            }
+            .check(),
+            Err(ReportError::DuplicateDestination(2))
+        );
+        assert_eq!(
+            Report {
+                destinations: (1..=MAX_DESTINATIONS as u32 + 1)
+                    .map(|d| DestinationReport {
+                        dst: d,
+                        route: vec![d],
+                        ..ok()
+                    })
+                    .collect()
+            }
+            .check(),
+            Err(ReportError::TooManyDestinations)
+        );
+    }
+
+    #[test]
+    fn events_and_matrices_cross_the_wire() {
+        use crate::control::{decode, encode, CuMsg, FRAME_HEADER_LEN};
+        let ev = |kind| Event {
+            seq: 1,
+            at_ms: 2,
+            from: "paris".into(),
+            to: "tokyo".into(),
+            from_proxy: 1,
+            to_proxy: 2,
+            kind,
+        };
+        let msgs = [
+            CuMsg::Events(vec![
+                ev(EventKind::RouteChanged {
+                    before: vec![3, 2],
+                    after: vec![2],
+                    before_via: vec!["london".into()],
+                    after_via: vec![],
+                }),
+                ev(EventKind::Unreachable),
+                ev(EventKind::Above {
+                    metric: Metric::Loss,
+                    value: 60_000,
+                    threshold: 50_000,
+                }),
+            ]),
+            CuMsg::Matrix(Matrix {
+                cells: vec![Cell {
+                    reported: true,
+                    figures: ok().figures,
+                    ..Cell::default()
+                }],
+                ..Matrix::default()
+            }),
+        ];
+        for m in msgs {
+            let f = encode(&m);
+            assert_eq!(decode::<CuMsg>(&f[FRAME_HEADER_LEN..]).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn subscriptions_filter_pairs() {
+        let all = Subscription::default();
+        assert!(all.matches("paris", "tokyo"));
+        let pair = Subscription {
+            from: Some("paris".into()),
+            to: Some("tokyo".into()),
+            stream: true,
+        };
+        assert!(pair.matches("paris", "tokyo"));
+        assert!(!pair.matches("tokyo", "paris"));
+        let dst = Subscription {
+            to: Some("tokyo".into()),
+            ..Default::default()
+        };
+        assert!(dst.matches("london", "tokyo"));
+        assert!(!dst.matches("tokyo", "london"));
+    }
+
+    fn value() -> impl Strategy<Value = Option<u32>> {
+        prop_oneof![
+            Just(None),
+            any::<u32>().prop_map(Some),
+            (0..2 * PPM).prop_map(Some)
+        ]
+    }
+
+    fn destination() -> impl Strategy<Value = DestinationReport> {
+        (
+            any::<u32>(),
+            any::<bool>(),
+            proptest::collection::vec(0u32..12, 0..10),
+            [value(), value(), value(), value(), value(), value()],
+        )
+            .prop_map(|(dst, reachable, route, v)| DestinationReport {
+                dst,
+                reachable,
+                route,
+                figures: Figures {
+                    rtt_us: v[0],
+                    p50_us: v[1],
+                    p90_us: v[2],
+                    p99_us: v[3],
+                    jitter_us: v[4],
+                    loss_ppm: v[5],
+                },
+            })
+    }
+
+    proptest! {
+        /// Whatever a report holds, checking it never panics, a checked
+        /// report keeps its promises, and it survives the wire unchanged.
+        #[test]
+        fn checked_reports_keep_their_promises(ds in proptest::collection::vec(destination(), 0..6)) {
+            let r = Report { destinations: ds };
+            if r.check().is_ok() {
+                for d in &r.destinations {
+                    prop_assert!(d.route.len() <= MAX_ROUTE_HOPS);
+                    prop_assert_eq!(d.reachable, d.route.last() == Some(&d.dst));
+                    prop_assert!(d.figures.loss_ppm.is_none_or(|l| l <= PPM));
+                    prop_assert!(d.figures.rtt_us.is_none_or(|v| v <= MAX_US));
+                }
+            }
+            let bytes = crate::codec::encode(&r, usize::MAX).unwrap();
+            let back: Report = crate::codec::decode(&bytes, usize::MAX).unwrap();
+            prop_assert_eq!(back, r);
+        }
+
+        /// Arbitrary bytes never make the decoder panic.
+        #[test]
+        fn arbitrary_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = crate::codec::decode::<Report>(&bytes, usize::MAX).map(|r| r.check());
+        }
+    }
+}
