@@ -16,18 +16,21 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The `[pmon]` section of cu.toml.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct PmonSettings {
     /// A pair whose RTT rises above this is announced (`above`) ...
     pub rtt_threshold_ms: f64,
     /// ... and whose loss rises above this fraction.
+    #[schemars(extend("x-unit" = "fraction"))]
     pub loss_threshold: f64,
     /// A pair above a threshold is announced back below it only once it
     /// has fallen this fraction under it, so a value hovering around the
     /// threshold makes one event, not one per report.
+    #[schemars(extend("x-unit" = "fraction"))]
     pub hysteresis: f64,
     /// Events kept for the web view and new subscribers.
+    #[schemars(extend("x-unit" = "events"))]
     pub recent_events: usize,
 }
 
