@@ -34,11 +34,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Silence after which a proxy that used to steer counts as gone (three
-/// missed refreshes of the proxy's default 250 ms): its flows move to the
+/// missed refreshes of the proxy's default 150 ms): its flows move to the
 /// site's other proxies, or with none left to the IP path, within a second.
-pub const LEASE: Duration = Duration::from_millis(750);
+pub const LEASE: Duration = Duration::from_millis(500);
 /// Bypass sets applied at once at most per proxy; then [`APPLY_PER_SEC`] a
-/// second (the proxy sends four a second, and one when something changes).
+/// second (the proxy sends about seven a second, and one when something changes).
 pub const APPLY_BURST: f64 = 10.0;
 pub const APPLY_PER_SEC: f64 = 10.0;
 

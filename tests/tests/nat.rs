@@ -7,12 +7,14 @@
 //! packets there, and the CU, which sees its connection move, tells
 //! everyone the new address.
 
-use pon_e2e::clients::wait_reachable;
+use pon_e2e::clients::{iperf3, tcp_mbps, wait_reachable};
 use pon_e2e::{parse_ping, require_root, text, wait_until, Lab};
 use std::time::{Duration, Instant};
 
 const TOKYO_APP: &str = "198.18.2.11";
 const TOKYO_FWD: &str = "198.18.2.1:9100";
+const PARIS_APP: &str = "198.18.1.11";
+const PARIS_FWD: &str = "198.18.1.1:9100";
 const EGRESS: &str = "pon_forwarder_packets_total{stage=\"egress\"}";
 
 const TOPOLOGY: &str = r#"
@@ -77,6 +79,40 @@ fn a_proxy_behind_nat_is_reached_at_its_public_address_and_followed_when_it_chan
     let s = parse_ping(&out).expect("ping summary");
     assert_eq!(s.received, 20, "{out}");
     assert!(egress() >= before + 20, "the pings took the overlay");
+    // Both ways, ping and TCP, through the overlay: tokyo reaches the NAT
+    // site too (its proxy sends to the public address, the NAT maps it in).
+    let paris_egress = || lab.metric("paris/proxy", PARIS_FWD, EGRESS);
+    let before = paris_egress();
+    let out = lab.exec_ok(
+        "tokyo/app1",
+        &["ping", "-c", "20", "-i", "0.05", "-W", "2", PARIS_APP],
+    );
+    assert_eq!(
+        parse_ping(&out).expect("ping summary").received,
+        20,
+        "{out}"
+    );
+    assert!(
+        paris_egress() >= before + 20,
+        "tokyo's pings took the overlay"
+    );
+    for (server, addr, client) in [
+        ("tokyo/app1", TOKYO_APP, "paris/app1"),
+        ("paris/app1", PARIS_APP, "tokyo/app1"),
+    ] {
+        let (into_paris, into_tokyo) = (paris_egress(), egress());
+        let mbps = tcp_mbps(&iperf3(&lab, server, addr, client, &[]));
+        let delivered = if server.starts_with("paris") {
+            paris_egress() - into_paris
+        } else {
+            egress() - into_tokyo
+        };
+        eprintln!("iperf3 {client} -> {server} across the NAT: {mbps:.0} Mbit/s");
+        assert!(
+            mbps > 1.0 && delivered > 1000,
+            "{client} -> {server}: {mbps} Mbit/s, {delivered} packets through the overlay"
+        );
+    }
 
     // The NAT maps the proxy to another public address while a ping runs
     // every 20 ms: tokyo follows paris's authenticated packets there.

@@ -265,11 +265,23 @@ fn ping_takes_the_fast_relayed_path_within_seconds_of_start() {
         .find(|l| l.trim_start().starts_with("2 "))
         .unwrap_or_else(|| panic!("no destination 2:\n{paris}"));
     assert!(to_tokyo.contains(" 3>2 "), "{to_tokyo}");
-    // Both candidates with their costs (direct first; a probe lost while
-    // the proxies were still learning of each other may weigh on its cost).
+    // Both candidates with their costs (direct first). The costs are not
+    // pinned: a candidate has only a few samples while the learning budget
+    // is small, and one probe lost while the proxies were still learning of
+    // each other weighs on it.
     let cands = to_tokyo.split("  ").last().unwrap_or_default();
+    let cost_of = |c: &str| {
+        cands.split(", ").find_map(|e| {
+            e.strip_prefix(c)?
+                .trim()
+                .split(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+    };
     assert!(
-        cands.starts_with("2 ") && cands.contains(", 3>2 6"),
+        cands.starts_with("2 ") && cost_of("2 ").is_some() && cost_of("3>2 ").is_some(),
         "{to_tokyo}"
     );
 }
@@ -628,7 +640,7 @@ fn a_crashed_proxy_leaves_its_site_on_the_ip_path_until_it_returns() {
     let back = restart.elapsed();
     eprintln!(
         "crashed proxy: its site's pings on the IP path {:.1} s later (the TA's lease is \
-         0.75 s; the replies also wait for tokyo's router to find paris unreachable); \
+         0.5 s; the replies also wait for tokyo's router to find paris unreachable); \
          back on the overlay {:.1} s after the restart",
         fallback.as_secs_f64(),
         back.as_secs_f64()

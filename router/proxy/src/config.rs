@@ -26,12 +26,12 @@ pub struct ProxyConfig {
 }
 
 /// The longest steering refresh that keeps a live proxy's lease with its
-/// TAs (750 ms) over a lost datagram or two.
-pub const MAX_STEERING_REFRESH_MS: u64 = 300;
+/// TAs (500 ms) over a lost datagram or two.
+pub const MAX_STEERING_REFRESH_MS: u64 = 200;
 
 /// The steering refresh by default, and of a pon-forwarder whose router
 /// runs apart.
-pub const STEERING_REFRESH_MS: u64 = 250;
+pub const STEERING_REFRESH_MS: u64 = 150;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
@@ -49,8 +49,8 @@ pub struct ControlConfig {
     /// The bypass set is re-sent this often even when unchanged, so a TA
     /// that restarted or lost a datagram catches up. It is also the
     /// proxy's lease with its TAs: three refreshes missed (the TA's
-    /// `LEASE`, 750 ms) and a TA moves its flows to the site's other
-    /// proxies, so it must stay well under 250 ms × 3.
+    /// `LEASE`, 500 ms) and a TA moves its flows to the site's other
+    /// proxies, so it must stay well under a third of that.
     pub steering_refresh_ms: u64,
     /// How often the status page and the routing metrics are refreshed.
     pub status_every_ms: u64,
@@ -189,7 +189,7 @@ impl ProxyConfig {
             anyhow::bail!("[proxy] keepalive_ms, idle_keepalive_ms, status_every_ms and queue must be positive");
         }
         if !(1..=MAX_STEERING_REFRESH_MS).contains(&control.steering_refresh_ms) {
-            anyhow::bail!("[proxy] steering_refresh_ms must be between 1 and {MAX_STEERING_REFRESH_MS}: the TAs take a proxy that missed three refreshes in 750 ms for dead");
+            anyhow::bail!("[proxy] steering_refresh_ms must be between 1 and {MAX_STEERING_REFRESH_MS}: the TAs take a proxy that missed three refreshes in 500 ms for dead");
         }
         let forwarder = ForwarderConfig::parse(&toml::to_string(&doc)?)?;
         if forwarder.local.is_some() {

@@ -82,6 +82,17 @@ impl PassiveWatch {
         self.last_confirmed = self.last_confirmed.max(now);
     }
 
+    /// The route failed over at `now`: the new one has not shown that it
+    /// works, so while traffic flows it is suspect at once (fast
+    /// keepalives) rather than after a grace. When the destination itself
+    /// is gone, every route to it fails in turn, each as fast as the first,
+    /// and it is found unreachable (its site's other proxies take its
+    /// flows) within the failover bound.
+    pub fn on_failover(&mut self, now: Duration) {
+        let suspect = now.saturating_sub(SUSPECT_AFTER + Duration::from_millis(1));
+        self.last_confirmed = self.last_confirmed.min(suspect);
+    }
+
     /// Whether data went out within [`BUSY_WINDOW`] of `now`.
     pub fn busy(&self, now: Duration) -> bool {
         self.last_sent
@@ -150,6 +161,23 @@ mod tests {
             };
             assert_eq!(*k, want, "at {t} ms");
         }
+    }
+
+    #[test]
+    fn a_route_taken_in_a_failover_is_suspect_at_once_while_traffic_flows() {
+        let mut w = PassiveWatch::default();
+        w.on_sample(ms(1000), 0, 0);
+        w.on_sample(ms(1100), 10, 0);
+        w.on_sample(ms(1300), 20, 10);
+        assert_eq!(w.keepalive(ms(1300)), Keepalive::Slow);
+        w.on_failover(ms(1400));
+        assert_eq!(w.keepalive(ms(1400)), Keepalive::Fast);
+        // A report from the new route confirms it.
+        w.on_sample(ms(1500), 30, 25);
+        assert_eq!(w.keepalive(ms(1500)), Keepalive::Slow);
+        // A plain route change still gets its grace.
+        w.on_route_changed(ms(1600));
+        assert_eq!(w.keepalive(ms(1600)), Keepalive::Slow);
     }
 
     #[test]

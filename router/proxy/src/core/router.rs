@@ -332,6 +332,7 @@ impl RouterPart {
             return;
         };
         let mut changed = Vec::new();
+        let mut failed_over = Vec::new();
         while let Some(ev) = r.poll_event() {
             match ev {
                 RouterEvent::RouteChanged { dst, path, reason } => {
@@ -339,6 +340,7 @@ impl RouterPart {
                     self.counters.route_changes.inc();
                     if reason == ChangeReason::Failover {
                         self.counters.failovers.inc();
+                        failed_over.push(dst);
                     }
                     tracing::info!(dst, path = ?path.as_slice(), ?reason, "route changed");
                 }
@@ -358,7 +360,7 @@ impl RouterPart {
             // Routes first: a new route is in the table before its
             // keepalives go out.
             self.send_routes(now);
-            self.rewatch_some(now, &changed);
+            self.rewatch_some(now, &changed, &failed_over);
         }
     }
 
@@ -366,7 +368,7 @@ impl RouterPart {
     /// an event touched (only events move a route): per event, not a pass
     /// over every destination, which with a thousand of them would cost
     /// more than the event.
-    fn rewatch_some(&mut self, now: Duration, dsts: &[u32]) {
+    fn rewatch_some(&mut self, now: Duration, dsts: &[u32], failed_over: &[u32]) {
         let Some(r) = &self.router else {
             return;
         };
@@ -382,9 +384,14 @@ impl RouterPart {
                 rates.push((d, p, 0));
             }
             if let Some(p) = want {
-                // A new route: its reports start now.
+                // A new route: its reports start now; after a failover,
+                // it has yet to show that it works at all.
                 if let Some(w) = self.passive.get_mut(&d) {
-                    w.on_route_changed(now);
+                    if failed_over.contains(&d) {
+                        w.on_failover(now);
+                    } else {
+                        w.on_route_changed(now);
+                    }
                 }
                 let mode = self.mode(now, d);
                 self.watched.insert(d, (p, mode));
@@ -408,7 +415,7 @@ impl RouterPart {
             .collect();
         all.sort_unstable();
         all.dedup();
-        self.rewatch_some(now, &all);
+        self.rewatch_some(now, &all, &[]);
     }
 
     fn unwatch_all(&mut self, _now: Duration) {
