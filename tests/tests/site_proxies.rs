@@ -25,6 +25,11 @@ const TOKYO: [(&str, &str); 2] = [
 const INGRESS: &str = "pon_forwarder_packets_total{stage=\"ingress\"}";
 const EGRESS: &str = "pon_forwarder_packets_total{stage=\"egress\"}";
 
+/// The 4-stream run fills both cores; the kill tests measure a failover
+/// bound in milliseconds. They never overlap: the throughput test holds
+/// this exclusively, the kill tests share it.
+static CPU: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 fn topology(proxies: u32) -> String {
     format!(
         "routing = true\n\
@@ -55,6 +60,7 @@ fn wait_overlay(lab: &Lab) {
 #[test]
 fn four_streams_use_both_proxies_of_each_site() {
     require_root();
+    let _alone = CPU.write().unwrap_or_else(|p| p.into_inner());
     let two = Lab::up(&topology(2));
     wait_overlay(&two);
     // The roles seed 000 names: the lowest id is its site's master.
@@ -120,6 +126,7 @@ fn four_streams_use_both_proxies_of_each_site() {
 /// site's other proxy carries the flow on the overlay.
 fn kill_the_carrier(site: [(&str, &str); 2], counter: &str) {
     require_root();
+    let _shared = CPU.read().unwrap_or_else(|p| p.into_inner());
     let lab = Lab::up(&topology(2));
     wait_overlay(&lab);
     // Which proxy carries the ping's flow (it hashes to one).
