@@ -22,10 +22,12 @@
 use pon_proto::report::REPORT_EVERY_MS;
 use std::time::Duration;
 
-/// A route whose traffic no report confirmed for this long is suspect:
-/// two report periods and room for the reports' trip and the forwarder's
-/// sampling (50 ms).
-pub const SUSPECT_AFTER: Duration = Duration::from_millis(2 * REPORT_EVERY_MS + 50);
+/// A route whose traffic no report confirmed for this long is suspect: one
+/// report period, the forwarder's sampling (50 ms) and 50 ms for the
+/// reports' jitter. One missed report is enough: suspicion only costs fast
+/// keepalives until the next report, never a failover (the probes decide),
+/// and each period waited is time a dead route's traffic is lost.
+pub const SUSPECT_AFTER: Duration = Duration::from_millis(REPORT_EVERY_MS + 100);
 /// A route that sent no data for this long is idle.
 pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
 
@@ -153,7 +155,7 @@ mod tests {
         let mut w = PassiveWatch::default();
         let seen = run(&mut w, 0, 3000, |t| t < 2000);
         for (t, k) in &seen {
-            // The last report at 1800 ms: suspect after 2250 ms.
+            // The last report at 1800 ms: suspect after 2100 ms.
             let want = if *t > 1800 + SUSPECT_AFTER.as_millis() as u64 {
                 Keepalive::Fast
             } else {

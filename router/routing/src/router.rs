@@ -6,7 +6,8 @@
 //! 2. reports each answer or timeout with [`Router::on_probe_result`]
 //!    (passing back the request), and bandwidth figures with
 //!    [`Router::on_bandwidth`];
-//! 3. drains [`Router::poll_event`]: on `RouteChanged` it rebuilds the
+//! 3. drains [`Router::poll_check`] (probes to send at once, reported
+//!    like the others) and [`Router::poll_event`]: on `RouteChanged` it rebuilds the
 //!    forwarder table from [`Router::relays`] and swaps it in; on
 //!    `Unreachable` it tells the TAs to stop intercepting traffic for the
 //!    destination (packets take the plain IP path), on `Reachable` to start
@@ -19,6 +20,17 @@
 //! `RoutingConfig::always_probe_direct`) and a challenger that is waiting
 //! out the hysteresis hold, in that order of priority, and lets the
 //! destination's [`ProbeSelector`] fill the rest of the budget k.
+//!
+//! A failover is a moment of doubt: the answers that make the other paths
+//! look alive are from before the failure. The route still moves at once
+//! to the best of them (a cut link costs no extra wait), but the router
+//! also asks for one probe on every such alternative, outside the budget
+//! and the cadence ([`Router::poll_check`]), and the route taken has to answer once
+//! before it gets the usual `failover_losses` grace: until then, one loss
+//! moves it on. When the destination itself died, every alternative ends
+//! in it, so this finds it unreachable within about one probe timeout of
+//! the first failover instead of `failover_losses` keepalives per
+//! alternative, one after another.
 
 use super::config::{ConfigError, RoutingConfig};
 use super::measurement::{EstimatorConfig, Measurement};
@@ -78,6 +90,8 @@ pub struct DestinationStats {
     pub route_changes: u64,
     pub failovers: u64,
     pub unreachable_episodes: u64,
+    /// Probes asked for at failovers, one per alternative path.
+    pub failover_checks: u64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -162,6 +176,9 @@ struct Destination {
     /// has been doing so.
     challenger: Option<usize>,
     better_since: Option<Duration>,
+    /// The current route was taken in a failover and has not answered
+    /// since: one loss moves it on.
+    unconfirmed: bool,
     stats: DestinationStats,
 }
 
@@ -174,6 +191,8 @@ pub struct Router {
     index: HashMap<u32, usize>,
     events: VecDeque<RouterEvent>,
     next_tick: Option<Duration>,
+    /// Failover checks not yet handed out (`poll_check`).
+    checks: VecDeque<ProbeRequest>,
     factory: SelectorFactory,
     chosen: Vec<usize>,
     /// Scratch for `on_tick`: lower bound on the RTT to each peer, and which
@@ -231,6 +250,7 @@ impl Router {
             index: HashMap::default(),
             events: VecDeque::new(),
             next_tick: None,
+            checks: VecDeque::new(),
             factory,
             chosen: Vec::new(),
             first_leg: Vec::new(),
@@ -296,6 +316,7 @@ impl Router {
             reachable: false,
             challenger: None,
             better_since: None,
+            unconfirmed: false,
             stats: DestinationStats::default(),
         };
         (d.paths, d.firsts) = candidates(hops, &self.peers, |_| None);
@@ -373,6 +394,14 @@ impl Router {
         self.next_tick
     }
 
+    /// A probe wanted now, outside the budget and the cadence: the checks
+    /// of a failover's alternatives (see the module notes). Drain after
+    /// every result and tick, like the events; pass each back with
+    /// [`Router::on_probe_result`].
+    pub fn poll_check(&mut self) -> Option<ProbeRequest> {
+        self.checks.pop_front()
+    }
+
     /// Once per interval (earlier calls do nothing): applies hysteresis and
     /// appends this interval's probes to `out`.
     pub fn on_tick(&mut self, now: Duration, out: &mut Vec<ProbeRequest>) {
@@ -410,8 +439,11 @@ impl Router {
                 }
             }
         }
+        let mut lost = Vec::new();
         for d in &mut self.dests {
-            evaluate(d, now, &self.cfg, &mut self.events);
+            if evaluate(d, now, &self.cfg, &mut self.events, &mut self.checks) {
+                lost.push(d.id);
+            }
             self.eligible.clear();
             self.eligible.resize(d.paths.len(), true);
             let floor = d.policy.rtt_floor_factor();
@@ -455,6 +487,40 @@ impl Router {
                 index: i as u32,
             }));
         }
+        for gone in lost {
+            self.relay_lost(now, gone);
+        }
+    }
+
+    /// `gone` was just found unreachable: every path to it failed, the
+    /// direct one among them, so the paths that relay through it (their
+    /// first hop is `gone`) are dead too. Routes over them fail over now
+    /// rather than each waiting out its own losses while the traffic
+    /// relayed through a dead proxy is lost; a destination that becomes
+    /// unreachable that way passes it on.
+    fn relay_lost(&mut self, now: Duration, gone: u32) {
+        let fresh = self.cfg.fresh();
+        let mut work = vec![gone];
+        while let Some(x) = work.pop() {
+            for d in &mut self.dests {
+                let through_x = |paths: &[Candidate], i: usize| {
+                    let h = paths[i].hops;
+                    h.len() > 1 && h.as_slice()[0] == x
+                };
+                for a in &mut d.answered {
+                    if through_x(&d.paths, a.path as usize) {
+                        // Until one of them answers again (`note`).
+                        a.ok = false;
+                    }
+                }
+                if d.reachable
+                    && d.current.is_some_and(|c| through_x(&d.paths, c))
+                    && failover(d, now, fresh, &mut self.events, &mut self.checks)
+                {
+                    work.push(d.id);
+                }
+            }
+        }
     }
 
     /// The answer (or timeout) of a probe asked for by `on_tick`. Results
@@ -495,6 +561,9 @@ impl Router {
         match outcome {
             ProbeOutcome::Reply { rtt } => {
                 d.paths[pi].m.on_reply(now, rtt, &self.est);
+                if d.current == Some(pi) {
+                    d.unconfirmed = false;
+                }
                 let goal = note(d, pi);
                 d.selector.observe(pi, goal.is_finite().then_some(goal));
                 if !d.reachable {
@@ -517,10 +586,19 @@ impl Router {
                 if d.paths[pi].slot != NOT_LISTED {
                     note(d, pi);
                 }
-                let dead = d.paths[pi].m.consecutive_losses() >= self.cfg.failover_losses;
+                let grace = if d.unconfirmed {
+                    1
+                } else {
+                    self.cfg.failover_losses
+                };
+                let dead = d.paths[pi].m.consecutive_losses() >= grace;
                 d.selector.observe(pi, None);
-                if dead && d.reachable && d.current == Some(pi) {
-                    failover(d, now, self.cfg.fresh(), &mut self.events);
+                if dead
+                    && d.reachable
+                    && d.current == Some(pi)
+                    && failover(d, now, self.cfg.fresh(), &mut self.events, &mut self.checks)
+                {
+                    self.relay_lost(now, dst);
                 }
             }
         }
@@ -679,6 +757,7 @@ fn switch(
     d.current = Some(to);
     d.challenger = None;
     d.better_since = None;
+    d.unconfirmed = reason == ChangeReason::Failover;
     d.stats.route_changes += 1;
     if reason == ChangeReason::Failover {
         d.stats.failovers += 1;
@@ -691,39 +770,66 @@ fn switch(
 }
 
 /// The current route stopped answering: move at once to the best path known
-/// to work, or declare the destination unreachable.
+/// to work, or declare the destination unreachable (true). The first failover of
+/// an episode asks for a check of every alternative (see the module
+/// notes); later ones, while the route taken is unconfirmed, wait for
+/// those checks' results instead of asking again.
 fn failover(
     d: &mut Destination,
     now: Duration,
     fresh: Duration,
     events: &mut VecDeque<RouterEvent>,
-) {
-    match best_working(d, now, fresh, d.current) {
-        Some(b) => switch(d, b, ChangeReason::Failover, events),
+    checks: &mut VecDeque<ProbeRequest>,
+) -> bool {
+    let failed = d.current;
+    let best = best_working(d, now, fresh, failed);
+    if !d.unconfirmed {
+        // `best_working` left only fresh paths in `answered`.
+        for a in &d.answered {
+            let i = a.path as usize;
+            if Some(i) != failed && a.ok {
+                checks.push_back(ProbeRequest {
+                    dst: d.id,
+                    path: d.paths[i].hops,
+                    index: a.path,
+                });
+                d.stats.failover_checks += 1;
+            }
+        }
+    }
+    match best {
+        Some(b) => {
+            switch(d, b, ChangeReason::Failover, events);
+            false
+        }
         None => {
             d.reachable = false;
             d.challenger = None;
             d.better_since = None;
+            d.unconfirmed = false;
             d.stats.unreachable_episodes += 1;
             events.push_back(RouterEvent::Unreachable { dst: d.id });
+            true
         }
     }
 }
 
 /// Hysteresis, once per interval: switch to the best working path if it has
 /// been better than the current route by the margin for the hold time.
+/// True when the destination became unreachable (a route gone stale).
 fn evaluate(
     d: &mut Destination,
     now: Duration,
     cfg: &RoutingConfig,
     events: &mut VecDeque<RouterEvent>,
-) {
+    checks: &mut VecDeque<ProbeRequest>,
+) -> bool {
     let fresh = cfg.fresh();
     if !d.reachable {
-        return;
+        return false;
     }
     let Some(cur) = d.current else {
-        return;
+        return false;
     };
     // A route that has not answered for `fresh` is dead even if its losses
     // were never reported (a daemon that lost track of probes).
@@ -732,8 +838,7 @@ fn evaluate(
         .last_reply()
         .is_none_or(|t| now.saturating_sub(t) > fresh)
     {
-        failover(d, now, fresh, events);
-        return;
+        return failover(d, now, fresh, events, checks);
     }
     let cur_cost = d.paths[cur].m.cost(&d.policy);
     let best = best_working(d, now, fresh, Some(cur));
@@ -754,6 +859,7 @@ fn evaluate(
             }
         }
     }
+    false
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ pon_telemetry::counters! {
         route_changes => ("pon_router_route_changes_total", "", "Routes written into the forwarding table."),
         peer_moves => ("pon_proxy_peer_moves_total", "", "Peers followed to a new address (their authenticated packets came from there: NAT rebinding, a new address)."),
         failovers => ("pon_router_failovers_total", "", "Moves off a route that stopped answering."),
+        failover_checks => ("pon_router_failover_checks_total", "", "Probes sent at a failover, one on each alternative that looked alive, so that a dead destination is found at once rather than one alternative after another."),
         unreachable => ("pon_router_unreachable_total", "", "Destinations found unreachable over the overlay (traffic left to the IP path)."),
         reachable => ("pon_router_reachable_total", "", "Destinations reachable over the overlay again."),
         table_updates => ("pon_proxy_table_updates_total", "", "Forwarding tables stored."),

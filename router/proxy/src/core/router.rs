@@ -139,7 +139,26 @@ impl RouterPart {
             }
             _ => self.unexpected(),
         }
+        self.checks();
         self.events(now);
+    }
+
+    /// Sends the router's failover checks at once; their results come back
+    /// as learning results.
+    fn checks(&mut self) {
+        let Some(r) = &mut self.router else {
+            return;
+        };
+        while let Some(q) = r.poll_check() {
+            self.counters.failover_checks.inc();
+            self.out.push_back(Output::Local {
+                to: Part::Monitor,
+                msg: LocalMsg::Probe {
+                    tag: ProbeTag::learning(q.dst, q.index),
+                    path: q.path,
+                },
+            });
+        }
     }
 
     /// The keepalive rate `dst`'s current route needs now.
@@ -271,6 +290,7 @@ impl RouterPart {
         }
         self.rates
             .update(now, self.probes.iter().map(|(d, n)| (*d, *n)));
+        self.checks();
         self.events(now);
         if now >= self.next_routes {
             self.send_routes(now);

@@ -493,7 +493,7 @@ fn picks_the_relayed_path_fails_over_fast_and_returns_once() {
             .find(|r| r.0 > down && r.1 == vec![2])
             .unwrap_or_else(|| panic!("{shape:?}: no failover: {:?}", net.routes))
             .0;
-        // Reports stop: suspect after 450 ms, then three fast keepalives
+        // Reports stop: suspect within 300 ms, then three fast keepalives
         // lost. Within the second the issue allows.
         assert!(
             moved - down < ms(1000),
@@ -574,8 +574,13 @@ fn unreachable_destinations_are_left_to_the_ip_path_and_taken_back() {
             .find(|r| r.0 > cut && r.1.is_empty())
             .unwrap()
             .0;
+        // Reports stop (suspect within 300 ms), three fast keepalives are
+        // lost (about 200 ms), and the failover's checks of the relayed
+        // paths find them dead too (one probe timeout) rather than each in
+        // turn: well within the second the issue allows a dead proxy.
+        eprintln!("{shape:?}: unreachable {:?} after the cut", gone - cut);
         assert!(
-            gone - cut < ms(1500),
+            gone - cut < ms(700),
             "{shape:?}: unreachable after {:?}",
             gone - cut
         );

@@ -246,6 +246,183 @@ fn failover_is_immediate_after_consecutive_losses() {
     assert_eq!(r.stats(2).unwrap().failovers, 1);
 }
 
+/// Healthy paths to 2 (direct 50 ms, via 3 80 ms, via 4 60 ms) for five
+/// intervals, then keepalives (as the proxy sends them, every 50 ms) on
+/// the direct route at 5.00 s, 5.05 s and 5.10 s, answered by `world`.
+/// Returns the router and the events of those keepalives.
+fn keepalives_after_healthy_start(
+    world: &dyn Fn(&Hops) -> Option<u64>,
+) -> (Router, Vec<RouterEvent>) {
+    let mut c = cfg();
+    c.failover_losses = 3;
+    let mut r = router(c, 2);
+    let healthy = |h: &Hops| {
+        Some(match h.as_slice() {
+            [2] => 50,
+            [3, 2] => 80,
+            [4, 2] => 60,
+            _ => 200,
+        })
+    };
+    for t in 0..5 {
+        step(&mut r, t, &healthy);
+    }
+    assert_eq!(r.current_path(2), Some(hops(&[2])));
+    assert_eq!(r.poll_timeout(), Some(secs(5)));
+    let mut events = Vec::new();
+    for k in 0..3 {
+        let at = secs(5) + ms(50 * k);
+        let outcome = world(&hops(&[2])).map_or(ProbeOutcome::Lost, |rtt| ProbeOutcome::Reply {
+            rtt: ms(rtt),
+        });
+        r.on_path_result(at, 2, &hops(&[2]), outcome);
+        events.extend(std::iter::from_fn(|| r.poll_event()));
+    }
+    (r, events)
+}
+
+/// Runs the failover checks the router asked for, sent at `at`, answered by
+/// `world` (a loss is known 100 ms later), and returns their paths and
+/// the events.
+fn run_checks(
+    r: &mut Router,
+    at: Duration,
+    world: &dyn Fn(&Hops) -> Option<u64>,
+) -> (Vec<Vec<u32>>, Vec<RouterEvent>) {
+    let checks: Vec<ProbeRequest> = std::iter::from_fn(|| r.poll_check()).collect();
+    let paths = checks.iter().map(|c| c.path.as_slice().to_vec()).collect();
+    let mut results: Vec<(Duration, ProbeRequest, ProbeOutcome)> = checks
+        .iter()
+        .map(|p| match world(&p.path) {
+            Some(rtt) => (at + ms(rtt), *p, ProbeOutcome::Reply { rtt: ms(rtt) }),
+            None => (at + ms(100), *p, ProbeOutcome::Lost),
+        })
+        .collect();
+    results.sort_by_key(|(t, _, _)| *t);
+    for (t, p, o) in results {
+        r.on_probe_result(t, &p, o);
+    }
+    (paths, std::iter::from_fn(|| r.poll_event()).collect())
+}
+
+#[test]
+fn a_dead_destination_is_unreachable_one_check_after_the_failover() {
+    // Every path ends in the destination, which died: the failover takes
+    // the best alternative on the strength of answers from before, and
+    // checks every alternative at once instead of spending the loss grace
+    // on each in turn.
+    let dead = |_: &Hops| None;
+    let (mut r, ev) = keepalives_after_healthy_start(&dead);
+    assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Failover)]);
+    let (mut checked, ev) = run_checks(&mut r, secs(5) + ms(100), &dead);
+    checked.sort();
+    assert_eq!(checked, vec![vec![3, 2], vec![4, 2]]);
+    // The checks' losses arrive together: the route may pass through the
+    // other alternative before none is left.
+    assert_eq!(
+        ev.last(),
+        Some(&RouterEvent::Unreachable { dst: 2 }),
+        "{ev:?}"
+    );
+    assert!(!r.is_reachable(2));
+    let stats = r.stats(2).unwrap();
+    assert_eq!(stats.failover_checks, 2);
+    assert_eq!(r.poll_check(), None);
+}
+
+#[test]
+fn a_cut_link_fails_over_once_and_the_checked_route_gets_its_grace_back() {
+    let cut = |h: &Hops| match h.as_slice() {
+        [2] => None,
+        [3, 2] => Some(80),
+        _ => Some(60),
+    };
+    let (mut r, ev) = keepalives_after_healthy_start(&cut);
+    assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Failover)]);
+    let (_, ev) = run_checks(&mut r, secs(5) + ms(100), &cut);
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(r.current_path(2), Some(hops(&[4, 2])));
+    // The route answered: one loss no longer moves it.
+    r.on_path_result(secs(5) + ms(300), 2, &hops(&[4, 2]), ProbeOutcome::Lost);
+    assert_eq!(r.poll_event(), None);
+    assert_eq!(r.current_path(2), Some(hops(&[4, 2])));
+}
+
+#[test]
+fn a_route_taken_in_a_failover_moves_on_at_its_first_loss_until_it_answers() {
+    // The best alternative (via 4) went down with the direct path; via 3
+    // works.
+    let world = |h: &Hops| (h.as_slice() == [3, 2]).then_some(80);
+    let (mut r, ev) = keepalives_after_healthy_start(&world);
+    assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Failover)]);
+    let (_, ev) = run_checks(&mut r, secs(5) + ms(100), &world);
+    assert_eq!(changed_to(&ev), vec![(vec![3, 2], ChangeReason::Failover)]);
+    assert!(r.is_reachable(2));
+    // The second failover of the episode asked for no new checks.
+    assert_eq!(r.stats(2).unwrap().failover_checks, 2);
+    assert_eq!(r.poll_check(), None);
+}
+
+#[test]
+fn routes_relayed_through_a_proxy_found_unreachable_fail_over_with_it() {
+    // 2 is reached through 3 (direct is slow); 3 dies.
+    let mut c = cfg();
+    c.failover_losses = 3;
+    let mut r = Router::new(1, c).unwrap();
+    r.set_peers(Duration::ZERO, &[2, 3, 4]);
+    r.add_destination(2, None);
+    r.add_destination(3, None);
+    let healthy = |h: &Hops| {
+        Some(match h.as_slice() {
+            [2] => 200,
+            [3, 2] => 60,
+            [4, 2] => 150,
+            [3] => 20,
+            [4, 3] => 40,
+            _ => 300,
+        })
+    };
+    for t in 0..5 {
+        step(&mut r, t, &healthy);
+    }
+    assert_eq!(r.current_path(2), Some(hops(&[3, 2])));
+    assert_eq!(r.current_path(3), Some(hops(&[3])));
+    let dead3 = |h: &Hops| {
+        if h.as_slice().contains(&3) {
+            None
+        } else {
+            healthy(h)
+        }
+    };
+    let mut events = Vec::new();
+    for k in 0..3 {
+        r.on_path_result(secs(5) + ms(50 * k), 3, &hops(&[3]), ProbeOutcome::Lost);
+        events.extend(std::iter::from_fn(|| r.poll_event()));
+    }
+    assert_eq!(
+        changed_to(&events),
+        vec![(vec![4, 3], ChangeReason::Failover)]
+    );
+    // The checks find 3 dead; the route to 2 through it goes with it, in
+    // the same step, without losses of its own.
+    let (_, ev) = run_checks(&mut r, secs(5) + ms(100), &dead3);
+    let gone = ev
+        .iter()
+        .position(|e| *e == RouterEvent::Unreachable { dst: 3 })
+        .unwrap_or_else(|| panic!("{ev:?}"));
+    assert_eq!(
+        changed_to(&ev[gone..]),
+        vec![(vec![4, 2], ChangeReason::Failover)],
+        "{ev:?}"
+    );
+    assert_eq!(measured(&r, 2, &[3, 2]).consecutive_losses(), 0);
+    // 2's new route is checked like any failover's.
+    let (checked, ev) = run_checks(&mut r, secs(5) + ms(200), &dead3);
+    assert!(checked.contains(&vec![4, 2]), "{checked:?}");
+    assert!(ev.is_empty(), "{ev:?}");
+    assert_eq!(r.current_path(2), Some(hops(&[4, 2])));
+}
+
 #[test]
 fn unreachable_when_nothing_works_and_back_when_a_path_answers() {
     let mut r = router(cfg(), 2);

@@ -319,6 +319,31 @@ fn half_normal(rng: &mut Rng) -> f64 {
     ((u - 2.0) * 3f64.sqrt()).abs()
 }
 
+/// Sends probe `p` of source `src` at `sent` in interval `t` through the
+/// scenario: when its result is known, and what it is.
+#[allow(clippy::too_many_arguments)]
+fn probe(
+    s: &Scenario,
+    t: usize,
+    src: usize,
+    p: &ProbeRequest,
+    sent: Duration,
+    rc: &RunConfig,
+    rng: &mut Rng,
+    hop_idx: &mut Vec<usize>,
+) -> (Duration, ProbeOutcome) {
+    hop_idx.clear();
+    hop_idx.extend(p.path.as_slice().iter().map(|&h| h as usize - 1));
+    let truth = s.path(t, src, hop_idx);
+    let rtt_ms = truth.rtt_ms * (1.0 + rc.probe_jitter * half_normal(rng));
+    let rtt = Duration::from_secs_f64(rtt_ms.max(0.0) / 1000.0);
+    if rng.chance(truth.loss) || rtt > rc.probe_timeout {
+        (sent + rc.probe_timeout, ProbeOutcome::Lost)
+    } else {
+        (sent + rtt, ProbeOutcome::Reply { rtt })
+    }
+}
+
 /// Proxy ids are node indices plus one (id 0 is reserved).
 fn id(node: usize) -> u32 {
     node as u32 + 1
@@ -383,16 +408,8 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 total_probes += probes.len() as u64;
             }
             for (pi, p) in probes.iter().enumerate() {
-                hop_idx.clear();
-                hop_idx.extend(p.path.as_slice().iter().map(|&h| h as usize - 1));
-                let truth = s.path(t, src, &hop_idx);
-                let rtt_ms = truth.rtt_ms * (1.0 + rc.probe_jitter * half_normal(&mut rng));
-                let rtt = Duration::from_secs_f64(rtt_ms.max(0.0) / 1000.0);
-                if rng.chance(truth.loss) || rtt > rc.probe_timeout {
-                    results.push((now + rc.probe_timeout, pi, ProbeOutcome::Lost));
-                } else {
-                    results.push((now + rtt, pi, ProbeOutcome::Reply { rtt }));
-                }
+                let (when, outcome) = probe(s, t, src, p, now, rc, &mut rng, &mut hop_idx);
+                results.push((when, pi, outcome));
             }
             // Destinations are independent inside a router, so only the
             // order of each destination's results matters (probes come
@@ -414,6 +431,18 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 let answered = matches!(outcome, ProbeOutcome::Reply { .. });
                 cost.learning(&at, &p.path, answered);
                 drain(router, &mut cost, when);
+                // A failover's checks go out at once; their results are
+                // filed at once too (at their own times), ahead of the
+                // interval's later results: close enough at the
+                // simulation's interval granularity.
+                while let Some(c) = router.poll_check() {
+                    let (at_c, o) = probe(s, t, src, &c, when, rc, &mut rng, &mut hop_idx);
+                    router.on_probe_result(at_c, &c, o);
+                    // Outside the budget k (`probes_per_dst_interval`),
+                    // but paid for like learning probes.
+                    cost.learning(&at, &c.path, matches!(o, ProbeOutcome::Reply { .. }));
+                    drain(router, &mut cost, at_c);
+                }
             }
             cost.end_interval(&at, now + interval);
             if !scored {
