@@ -70,6 +70,10 @@ pub struct CuConfig {
     /// Monitoring as a service: the thresholds of the matrix's events.
     #[serde(default)]
     pub pmon: crate::pmon::PmonSettings,
+    /// Run as one of several replicas sharing the registry in etcd
+    /// (`store` is then unused). Absent: one CU with its redb store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<crate::etcd::EtcdSettings>,
 }
 
 fn default_cert() -> PathBuf {
@@ -131,6 +135,9 @@ impl CuConfig {
         }
         cfg.policy().context("in [policy]")?;
         cfg.grants()?;
+        if let Some(e) = &cfg.etcd {
+            e.check()?;
+        }
         Ok(cfg)
     }
 

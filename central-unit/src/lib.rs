@@ -29,11 +29,15 @@ pub mod view;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
+pub mod etcd;
+#[cfg(feature = "server")]
 pub mod pki;
 #[cfg(feature = "server")]
 pub mod pmon_service;
 #[cfg(feature = "server")]
 pub mod pmon_text;
+#[cfg(feature = "server")]
+pub mod replica;
 #[cfg(feature = "server")]
 pub mod server;
 #[cfg(feature = "server")]

@@ -15,6 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
+mod remote;
+pub use remote::{IdBlocks, ID_BLOCK};
+
 /// Identifies one connection in the I/O layer.
 pub type ConnId = u64;
 
@@ -100,6 +103,9 @@ pub enum Action {
     },
     /// Write this record to the store.
     Persist(Record),
+    /// Replicated mode: this replica is running out of ids; claim another
+    /// block of them (`Registry::grant_ids`).
+    NeedIds,
 }
 
 /// The CA's part of an enrolment, supplied by the I/O layer: reading the
@@ -135,6 +141,9 @@ enum Presence {
     Pending {
         deadline: Duration,
     },
+    /// Replicated mode: connected to another replica (its liveness key is
+    /// in the shared store); no heartbeats here.
+    Remote,
     Offline,
 }
 
@@ -144,6 +153,15 @@ struct Entry {
     conn: Option<ConnId>,
     presence: Presence,
     last_seen_ms: u64,
+    /// The stamp (Unix ms) of the newest change of its presence known
+    /// here: registered or left here, or what another replica wrote.
+    /// Replicated mode: the shared store only takes a record or liveness
+    /// key newer than the one it holds, and a replica ignores news older
+    /// than what it knows, so late writes never undo newer ones; between
+    /// two replicas both holding the agent, the later registration wins.
+    /// Assumes replicas' clocks agree (NTP) to better than an agent's
+    /// reconnection takes.
+    changed_ms: u64,
 }
 
 impl Entry {
@@ -243,6 +261,8 @@ pub struct Registry {
     by_key: HashMap<(String, String), u32>,
     by_conn: HashMap<ConnId, u32>,
     next_id: u32,
+    /// Replicated mode: new ids come only from blocks this replica owns.
+    blocks: Option<IdBlocks>,
     /// Whether any agent has registered since the store was restored.
     /// Until one has, restored agents are not given up: a CU no agent can
     /// register with (a bad certificate, grants narrowed by mistake) must
@@ -262,6 +282,7 @@ impl Registry {
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             next_id: 1,
+            blocks: None,
             heard_since_restore: true,
         }
     }
@@ -296,6 +317,7 @@ impl Registry {
                         Presence::Offline
                     },
                     last_seen_ms: r.last_seen_ms,
+                    changed_ms: r.last_seen_ms,
                 },
             );
         }
@@ -342,9 +364,14 @@ impl Registry {
             if e.present() {
                 self.announce(Some(&before), Some(&after), &mut out);
             }
+            let replicated = self.blocks.is_some();
             let e = self.agents.get_mut(&id).expect("listed above");
             e.info = after;
-            out.push(Action::Persist(Record::Agent(e.record())));
+            // Replicas share records: only the one holding the agent
+            // writes it (each replica reloads its own cu.toml).
+            if !replicated || e.conn.is_some() {
+                out.push(Action::Persist(Record::Agent(e.record())));
+            }
         }
         out
     }
@@ -693,13 +720,35 @@ impl Registry {
         let id = match self.by_key.get(&key) {
             Some(&id) => id,
             None => {
-                let id = match r.id_hint {
-                    Some(h) if h != 0 && h != u32::MAX && !self.agents.contains_key(&h) => h,
-                    _ => {
+                let hint = match r.id_hint {
+                    Some(h) if h != 0 && h != u32::MAX && !self.agents.contains_key(&h) => Some(h),
+                    _ => None,
+                };
+                let id = match (hint, &mut self.blocks) {
+                    (Some(h), _) => h,
+                    (None, None) => {
                         while self.agents.contains_key(&self.next_id) || self.next_id == 0 {
                             self.next_id = self.next_id.wrapping_add(1);
                         }
                         self.next_id
+                    }
+                    (None, Some(blocks)) => {
+                        let agents = &self.agents;
+                        let next = blocks.take(|id| agents.contains_key(&id));
+                        if blocks.running_low() {
+                            out.push(Action::NeedIds);
+                        }
+                        let Some(id) = next else {
+                            // No id to give until a block is claimed: the
+                            // agent retries after its backoff (a close, not
+                            // a refusal, which it would take as final).
+                            out.push(Action::Close {
+                                conn,
+                                reason: "no free id on this CU replica yet; retry".into(),
+                            });
+                            return (out, None);
+                        };
+                        id
                     }
                 };
                 self.next_id = self.next_id.max(id.saturating_add(1));
@@ -717,6 +766,10 @@ impl Registry {
             noise_key: r.noise_key,
         };
         let old = self.agents.remove(&id);
+        // Strictly newer than anything known of it, whatever the clock did.
+        let changed_ms = old
+            .as_ref()
+            .map_or(wall_ms, |o| wall_ms.max(o.changed_ms.saturating_add(1)));
         if let Some(old_conn) = old.as_ref().and_then(|e| e.conn) {
             // The same agent on a newer connection (it restarted, or its
             // old connection has not timed out yet): the new one wins.
@@ -733,6 +786,7 @@ impl Registry {
             conn: Some(conn),
             presence: Presence::Online { last_heard: now },
             last_seen_ms: wall_ms,
+            changed_ms,
         };
         out.push(Action::Persist(Record::Agent(entry.record())));
         self.agents.insert(id, entry);
@@ -881,6 +935,7 @@ impl Registry {
         if let Some(ms) = heard_ms {
             e.last_seen_ms = ms;
         }
+        e.changed_ms = e.last_seen_ms.max(e.changed_ms.saturating_add(1));
         let info = e.info.clone();
         out.push(Action::Persist(Record::Agent(e.record())));
         self.announce(Some(&info), None, out);
@@ -945,14 +1000,16 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::trust::Grant;
     use pon_proto::control::PublicKey;
     use pon_proto::Encap;
     use std::net::Ipv4Addr;
 
-    fn reg(cloud: &str, name: &str, role: &str, last: u8) -> Register {
+    /// A registration of `cloud`/`name` at 198.18.1.`last`, as a proxy or
+    /// an app VM after `role`, keyed as `key_of` says.
+    pub(crate) fn reg(cloud: &str, name: &str, role: &str, last: u8) -> Register {
         let a = Ipv4Addr::new(198, 18, 1, last);
         Register {
             version: PROTOCOL_VERSION,
@@ -972,7 +1029,7 @@ mod tests {
         }
     }
 
-    fn key_of(cloud: &str, name: &str) -> KeyId {
+    pub(crate) fn key_of(cloud: &str, name: &str) -> KeyId {
         KeyId::of_public_key(format!("{cloud}/{name}").as_bytes())
     }
 

@@ -258,9 +258,23 @@ pub async fn serve(
         .context("loading the CU certificate")?;
     let ca =
         Ca::load(&cfg.ca, &cfg.ca_key).context("loading the CA that signs agents' certificates")?;
-    let store = Store::open(&cfg.store)?;
     let mut registry = Registry::new(settings, policy);
-    let loaded = store.load()?;
+    let etcd_stats = Arc::new(crate::etcd::EtcdStats::default());
+    // The store: this CU's redb file, or etcd shared with other replicas.
+    let (loaded, backend) = match cfg.etcd.clone() {
+        None => {
+            let store = Store::open(&cfg.store)?;
+            (store.load()?, Ok(store))
+        }
+        Some(e) => {
+            let s = crate::etcd::start(e, &etcd_stats).await?;
+            registry.use_id_blocks();
+            for b in s.blocks {
+                registry.grant_ids(b);
+            }
+            (s.loaded, Err((s.task, s.online)))
+        }
+    };
     stats.counters.store_skipped.add(loaded.skipped);
     let restored = loaded.records.len();
     registry.restore_trust(loaded.tokens, loaded.enrolments);
@@ -276,23 +290,43 @@ pub async fn serve(
     let pmon_stats = Arc::new(PmonStats::default());
     let picture = Arc::new(crate::web::Picture::default());
     if let Some(addr) = cfg.metrics {
-        let (s, p) = (stats.clone(), pmon_stats.clone());
+        let (s, p, e) = (stats.clone(), pmon_stats.clone(), etcd_stats.clone());
+        let replicated = cfg.etcd.is_some();
         let render = Arc::new(move |w: &mut PromWriter| {
             s.render(w);
             p.render(w);
+            if replicated {
+                e.render(w);
+            }
         });
         crate::web::serve(addr, render, picture.clone())
             .await
             .with_context(|| format!("serving metrics and the web view on {addr}"))?;
     }
     let pmon = pmon_service::Service::new(cfg.pmon, pmon_stats, picture);
-    tracing::info!(listen = %local, restored, skipped = loaded.skipped, store = %cfg.store.display(), "CU running");
-
-    let (store_tx, store_rx) = std::sync::mpsc::channel::<Record>();
-    let st = stats.clone();
-    std::thread::Builder::new()
-        .name("cu-store".into())
-        .spawn(move || store_loop(store, store_rx, &st))?;
+    let (sink, from_replicas) = match backend {
+        Ok(store) => {
+            tracing::info!(listen = %local, restored, skipped = loaded.skipped, store = %cfg.store.display(), "CU running");
+            let (store_tx, store_rx) = std::sync::mpsc::channel::<Record>();
+            let st = stats.clone();
+            std::thread::Builder::new()
+                .name("cu-store".into())
+                .spawn(move || store_loop(store, store_rx, &st))?;
+            (Sink::Redb(store_tx), None)
+        }
+        Err((task, online)) => {
+            let e = cfg.etcd.as_ref().expect("etcd mode");
+            tracing::info!(listen = %local, restored, skipped = loaded.skipped, replica = %e.replica, endpoints = ?e.endpoints, "CU replica running on etcd");
+            let (to_task, from_actor) = mpsc::unbounded_channel();
+            let (to_actor, from_task) = mpsc::unbounded_channel();
+            // Agents already held by other replicas: present, not pending.
+            for r in online {
+                let _ = to_actor.send(crate::etcd::ToActor::Remote(r));
+            }
+            tokio::spawn(task.run(from_actor, to_actor, etcd_stats.clone()));
+            (Sink::Etcd(to_task), Some(from_task))
+        }
+    };
 
     let (events_tx, events_rx) = mpsc::channel::<Event>(65536);
     if let Some(path) = reload_from {
@@ -304,7 +338,8 @@ pub async fn serve(
         ca,
         start,
         events_rx,
-        store_tx,
+        sink,
+        from_replicas,
         stats.clone(),
     ));
     let next_conn = Arc::new(AtomicU64::new(1));
@@ -381,13 +416,15 @@ fn store_loop(mut store: impl Backend, rx: std::sync::mpsc::Receiver<Record>, st
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn actor(
     mut registry: Registry,
     mut pmon: pmon_service::Service,
     ca: Ca,
     start: Instant,
     mut events: mpsc::Receiver<Event>,
-    store: std::sync::mpsc::Sender<Record>,
+    store: Sink,
+    mut replicas: Option<mpsc::UnboundedReceiver<crate::etcd::ToActor>>,
     stats: Arc<CuStats>,
 ) {
     let mut handles: HashMap<ConnId, ConnHandle> = HashMap::new();
@@ -414,6 +451,14 @@ async fn actor(
                 }
                 handle_event(&mut registry, &ca, &mut handles, ev, start.elapsed(), &stats)
             }
+            Some(m) = async { match replicas.as_mut() { Some(r) => r.recv().await, None => None } }, if replicas.is_some() => {
+                let (actions, gone) = crate::etcd::on_actor(&mut registry, m, start.elapsed(), wall_ms());
+                for (id, why) in gone {
+                    count_leave(&stats, why);
+                    tracing::info!(id, reason = why.label(), "agent gone (revoked on another replica)");
+                }
+                actions
+            }
             _ = tick.tick() => {
                 let (actions, gone) = registry.tick(start.elapsed());
                 for (id, why) in gone {
@@ -425,7 +470,7 @@ async fn actor(
             }
         };
         for a in actions {
-            execute(a, &handles, &store, &stats);
+            execute(a, &handles, &store, &registry, &stats);
         }
         stats.known.store(registry.len() as u64, Ordering::Relaxed);
         stats
@@ -590,15 +635,38 @@ fn refused_as(
     tracing::warn!(%cloud, %name, reason = why.label(), why = text.unwrap_or(""), "{what} refused");
 }
 
+/// Where the actor's records go: the store thread (redb), or the etcd
+/// task of a replica.
+enum Sink {
+    Redb(std::sync::mpsc::Sender<Record>),
+    Etcd(mpsc::UnboundedSender<crate::etcd::FromActor>),
+}
+
 fn execute(
     a: Action,
     handles: &HashMap<ConnId, ConnHandle>,
-    store: &std::sync::mpsc::Sender<Record>,
+    store: &Sink,
+    registry: &Registry,
     stats: &CuStats,
 ) {
+    use crate::etcd::FromActor;
     match a {
-        Action::Persist(r) => {
-            let _ = store.send(r);
+        Action::Persist(r) => match store {
+            Sink::Redb(tx) => {
+                let _ = tx.send(r);
+            }
+            Sink::Etcd(tx) => {
+                let since = match &r {
+                    Record::Agent(a) => registry.stamp(a.info.id),
+                    _ => None,
+                };
+                let _ = tx.send(FromActor::Write(Box::new(r), since));
+            }
+        },
+        Action::NeedIds => {
+            if let Sink::Etcd(tx) = store {
+                let _ = tx.send(FromActor::NeedIds);
+            }
         }
         Action::Send { conn, msg } => {
             let Some(h) = handles.get(&conn) else { return };

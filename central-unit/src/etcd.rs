@@ -1,0 +1,582 @@
+//! A CU replica's I/O with etcd (`[etcd]` in cu.toml): connects, loads the
+//! shared registry at start, holds one lease for the replica (its agents'
+//! liveness keys hang on it: one keep-alive per replica, not per agent),
+//! runs the transactions `replica` makes of what the registry persists,
+//! and feeds what the other replicas write, seen through one watch on the
+//! prefix, to the actor. The logic is `replica`'s; this only moves bytes.
+//!
+//! etcd unreachable: the replica keeps serving the agents connected to it
+//! (the registry is in memory); writes wait and are retried with backoff,
+//! the watch is re-opened from the last revision seen, and a lease that
+//! expired meanwhile is replaced and every liveness key written again.
+
+use crate::registry::{Action, LeaveReason, Record, Registry};
+use crate::replica::{Bad, Cmp, Lost, Op, Remote, Replica, Txn, Watched};
+use crate::store::Loaded;
+use crate::trust::{Enrolment, TokenRecord};
+use anyhow::Context;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp,
+    TxnOpResponse, TxnResponse, WatchOptions,
+};
+use pon_proto::control::AgentRecord;
+use pon_telemetry::{Counter, PromWriter};
+use serde::{Deserialize, Serialize};
+use std::ops::Range;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// `[etcd]` in cu.toml: run as one replica of several sharing the registry
+/// in etcd, instead of the local redb store.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    /// etcd client URLs, e.g. `["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of this overlay's registry (several overlays can share
+    /// one etcd cluster under different prefixes).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// This replica's name: unique among the replicas; keep it across
+    /// restarts (it owns id blocks under it).
+    pub replica: String,
+    /// TTL of the replica's lease, in seconds: how long after a replica
+    /// dies the others see its agents' liveness keys vanish.
+    #[serde(default = "default_lease_ttl_s")]
+    pub lease_ttl_s: i64,
+}
+
+fn default_prefix() -> String {
+    "/pon".into()
+}
+fn default_lease_ttl_s() -> i64 {
+    3
+}
+
+impl EtcdSettings {
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.endpoints.is_empty() {
+            anyhow::bail!("[etcd] endpoints is empty");
+        }
+        if !pon_proto::control::valid_name(&self.replica) {
+            anyhow::bail!("[etcd] replica {:?} is not a valid name", self.replica);
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() > 200 {
+            anyhow::bail!(
+                "[etcd] prefix {:?} must start with / (at most 200 bytes)",
+                self.prefix
+            );
+        }
+        if !(2..=60).contains(&self.lease_ttl_s) {
+            anyhow::bail!("[etcd] lease_ttl_s = {} is not in 2..=60", self.lease_ttl_s);
+        }
+        Ok(())
+    }
+}
+
+pon_telemetry::counters! {
+    pub struct EtcdCounters {
+        connect => ("pon_cu_etcd_errors_total", "op=\"connect\"", "etcd errors, by operation (each retried with backoff)."),
+        write => ("pon_cu_etcd_errors_total", "op=\"write\"", "etcd errors, by operation (each retried with backoff)."),
+        watch => ("pon_cu_etcd_errors_total", "op=\"watch\"", "etcd errors, by operation (each retried with backoff)."),
+        lease => ("pon_cu_etcd_errors_total", "op=\"lease\"", "etcd errors, by operation (each retried with backoff)."),
+        lease_lost => ("pon_cu_etcd_leases_lost_total", "", "Leases that expired (etcd unreachable too long): liveness keys written again under a new one."),
+        bad_key => ("pon_cu_etcd_bad_total", "reason=\"bad_key\"", "Keys under the prefix ignored, by reason."),
+        bad_value => ("pon_cu_etcd_bad_total", "reason=\"bad_value\"", "Keys under the prefix ignored, by reason."),
+        claims_lost => ("pon_cu_etcd_claims_lost_total", "", "New agents whose name or id another replica claimed first (they reconnect)."),
+        remote => ("pon_cu_etcd_remote_changes_total", "", "Changes by other replicas fed to the registry."),
+        writes => ("pon_cu_etcd_writes_total", "", "Transactions committed."),
+    }
+}
+
+#[derive(Default)]
+pub struct EtcdStats {
+    pub counters: EtcdCounters,
+}
+
+impl EtcdStats {
+    pub fn render(&self, w: &mut PromWriter) {
+        self.counters.render(w);
+    }
+    fn bad(&self, b: Bad) -> &Counter {
+        match b {
+            Bad::Key => &self.counters.bad_key,
+            Bad::Value => &self.counters.bad_value,
+        }
+    }
+}
+
+/// From the actor to the etcd task.
+#[derive(Debug)]
+pub enum FromActor {
+    /// Persist this record, with its agent's stamp (`Registry::stamp`).
+    Write(Box<Record>, Option<u64>),
+    NeedIds,
+}
+
+/// From the etcd task to the actor.
+#[derive(Debug)]
+pub enum ToActor {
+    Remote(Remote),
+    Ids(Range<u32>),
+    ClaimLost {
+        id: u32,
+        cloud: String,
+        name: String,
+    },
+    /// Write this agent again with a newer stamp (`Lost::Superseded`).
+    Restamp(u32),
+    /// Another replica holds this agent with a newer registration.
+    HeldElsewhere(u32),
+    /// A new lease: write every local agent's liveness key again.
+    NewLease,
+}
+
+/// What the actor does with a message from the etcd task; returns the
+/// registry's actions and the agents announced as gone.
+pub fn on_actor(
+    registry: &mut Registry,
+    m: ToActor,
+    now: Duration,
+    wall_ms: u64,
+) -> (Vec<Action>, Vec<(u32, LeaveReason)>) {
+    match m {
+        ToActor::Remote(r) => crate::replica::apply(registry, r, now, wall_ms),
+        ToActor::Ids(ids) => {
+            registry.grant_ids(ids);
+            (vec![], vec![])
+        }
+        ToActor::ClaimLost { id, cloud, name } => (registry.claim_lost(id, &cloud, &name), vec![]),
+        ToActor::Restamp(id) => (registry.restamp(id, wall_ms), vec![]),
+        ToActor::HeldElsewhere(id) => (registry.held_elsewhere(id), vec![]),
+        ToActor::NewLease => (
+            registry
+                .local_records()
+                .into_iter()
+                .map(|r| Action::Persist(Record::Agent(r)))
+                .collect(),
+            vec![],
+        ),
+    }
+}
+
+/// The shared registry as found at start, for `Registry::restore`.
+pub struct Start {
+    pub loaded: Loaded,
+    /// Liveness keys of agents held by other replicas: (id, since_ms).
+    pub online: Vec<Remote>,
+    /// Id blocks this replica owns (claimed now or before a restart).
+    pub blocks: Vec<Range<u32>>,
+    pub task: Task,
+}
+
+/// The running connection, handed to `Task::run`.
+pub struct Task {
+    settings: EtcdSettings,
+    client: Client,
+    replica: Replica,
+    lease: i64,
+    revision: i64,
+    next_block: u32,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+fn next_backoff(b: Duration) -> Duration {
+    (b * 2).min(BACKOFF_MAX)
+}
+
+async fn connect(s: &EtcdSettings) -> Result<Client, etcd_client::Error> {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true);
+    Client::connect(&s.endpoints, Some(opts)).await
+}
+
+/// Connects (retrying with backoff while etcd cannot be reached: the
+/// replica has nothing to serve before it has the registry), takes the
+/// lease, loads the registry and makes sure this replica owns an id block.
+pub async fn start(settings: EtcdSettings, stats: &EtcdStats) -> anyhow::Result<Start> {
+    settings.check()?;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match try_start(&settings).await {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                stats.counters.connect.inc();
+                tracing::error!(endpoints = ?settings.endpoints, error = %format!("{e:#}"), retry_in = ?backoff, "etcd unreachable at start; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = next_backoff(backoff);
+            }
+        }
+    }
+}
+
+async fn try_start(settings: &EtcdSettings) -> anyhow::Result<Start> {
+    let mut client = connect(settings).await.context("connecting")?;
+    let mut replica = Replica::new(&settings.replica, &settings.prefix);
+    let lease = client
+        .lease_grant(settings.lease_ttl_s, None)
+        .await
+        .context("granting the lease")?
+        .id();
+    let got = client
+        .get(replica.root(), Some(GetOptions::new().with_prefix()))
+        .await
+        .context("loading the registry")?;
+    let revision = got.header().map_or(0, |h| h.revision());
+    let mut loaded = Loaded::default();
+    let mut online = Vec::new();
+    let mut blocks = Vec::new();
+    let mut next_block = 0;
+    for kv in got.kvs() {
+        let Ok(key) = kv.key_str() else {
+            loaded.skipped += 1;
+            continue;
+        };
+        if let Some((n, mine)) = replica.parse_idblock(key, kv.value()) {
+            next_block = next_block.max(n.saturating_add(1));
+            if mine {
+                blocks.push(crate::registry::IdBlocks::block(n));
+            }
+            continue;
+        }
+        match replica.load(key, kv.value()) {
+            Ok(Some(Loadable::Agent(r))) => loaded.records.push(r),
+            Ok(Some(Loadable::Token(t))) => loaded.tokens.push(t),
+            Ok(Some(Loadable::Enrolment(e))) => loaded.enrolments.push(e),
+            Ok(Some(Loadable::Online(r))) => online.push(r),
+            Ok(None) => {}
+            Err(b) => {
+                loaded.skipped += 1;
+                tracing::warn!(key, reason = b.label(), "skipping a bad etcd key");
+            }
+        }
+    }
+    let mut task = Task {
+        settings: settings.clone(),
+        client,
+        replica,
+        lease,
+        revision,
+        next_block,
+    };
+    if blocks.is_empty() {
+        blocks.push(task.claim_block().await?);
+    }
+    Ok(Start {
+        loaded,
+        online,
+        blocks,
+        task,
+    })
+}
+
+/// A key found at start.
+pub enum Loadable {
+    Agent(AgentRecord),
+    Token(TokenRecord),
+    Enrolment(Enrolment),
+    Online(Remote),
+}
+
+impl Replica {
+    /// A key found at start: unlike a watched change, this replica's own
+    /// records count too (written before it restarted); its own liveness
+    /// keys are a previous life's, whose agents reconnect.
+    pub fn load(&mut self, key: &str, value: &[u8]) -> Result<Option<Loadable>, Bad> {
+        let mut other = Replica::new("", &self.root());
+        let w = Watched::Put {
+            key: key.into(),
+            value: value.into(),
+        };
+        // As seen by a replica with no name, every writer is another one.
+        Ok(match other.watched(&w)? {
+            Some(Remote::Record { record, .. }) => Some(Loadable::Agent(record)),
+            Some(Remote::Token(t)) => Some(Loadable::Token(t)),
+            Some(Remote::Enrolment(e)) => Some(Loadable::Enrolment(e)),
+            Some(online @ Remote::Online { .. }) => {
+                self.watched(&w)?.map(|_| Loadable::Online(online))
+            }
+            Some(Remote::Offline(_)) | None => None,
+        })
+    }
+}
+
+fn to_etcd(t: &Txn, lease: i64) -> etcd_client::Txn {
+    let when: Vec<Compare> = t
+        .when
+        .iter()
+        .map(|c| match c {
+            Cmp::Value(k, v) => Compare::value(k.as_str(), CompareOp::Equal, v.clone()),
+            Cmp::Absent(k) => Compare::version(k.as_str(), CompareOp::Equal, 0),
+            Cmp::Older(k, v) => Compare::value(k.as_str(), CompareOp::Less, v.clone()),
+        })
+        .collect();
+    let then: Vec<TxnOp> = t
+        .then
+        .iter()
+        .map(|o| match o {
+            Op::Put { key, value, leased } => TxnOp::put(
+                key.as_str(),
+                value.clone(),
+                leased.then(|| PutOptions::new().with_lease(lease)),
+            ),
+            Op::Delete(k) => TxnOp::delete(k.as_str(), None),
+        })
+        .collect();
+    let txn = etcd_client::Txn::new().when(when).and_then(then);
+    match &t.otherwise {
+        Some(o) => txn.or_else(vec![TxnOp::txn(to_etcd(o, lease))]),
+        None => txn,
+    }
+}
+
+/// The branch of the transaction that applied (0: the first), if any.
+fn applied(r: &TxnResponse) -> Option<usize> {
+    if r.succeeded() {
+        return Some(0);
+    }
+    r.op_responses().iter().find_map(|o| match o {
+        TxnOpResponse::Txn(t) => applied(t).map(|b| b + 1),
+        _ => None,
+    })
+}
+
+impl Task {
+    async fn claim_block(&mut self) -> anyhow::Result<Range<u32>> {
+        loop {
+            let n = self.next_block;
+            self.next_block = n.saturating_add(1);
+            let txn = to_etcd(&self.replica.claim_block(n), self.lease);
+            let r = self.client.txn(txn).await.context("claiming an id block")?;
+            if applied(&r).is_some() {
+                tracing::info!(block = n, replica = self.replica.name(), "id block claimed");
+                return Ok(crate::registry::IdBlocks::block(n));
+            }
+        }
+    }
+
+    /// Runs one write until etcd takes it (a lost claim is an answer too).
+    async fn write(
+        &mut self,
+        r: Record,
+        since: Option<u64>,
+        to_actor: &mpsc::UnboundedSender<ToActor>,
+        stats: &EtcdStats,
+    ) {
+        let Some(w) = self.replica.write_for(&r, since) else {
+            return;
+        };
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            match self.client.txn(to_etcd(&w.txn, self.lease)).await {
+                Ok(resp) => {
+                    stats.counters.writes.inc();
+                    match self.replica.done(&w, applied(&resp)) {
+                        Some(Lost::Claim { id, cloud, name }) => {
+                            stats.counters.claims_lost.inc();
+                            tracing::warn!(id, %cloud, %name, "another CU replica claimed this agent's name or id first; it reconnects");
+                            let _ = to_actor.send(ToActor::ClaimLost { id, cloud, name });
+                        }
+                        Some(Lost::Superseded { id }) => {
+                            let _ = to_actor.send(ToActor::Restamp(id));
+                        }
+                        Some(Lost::HeldElsewhere { id }) => {
+                            let _ = to_actor.send(ToActor::HeldElsewhere(id));
+                        }
+                        None => {}
+                    }
+                    return;
+                }
+                Err(e) => {
+                    stats.counters.write.inc();
+                    tracing::error!(error = %e, retry_in = ?backoff, "etcd write failed; retrying (agents connected here are still served)");
+                    if e.to_string().contains("lease not found") {
+                        // Expired while etcd was out of reach: a new one,
+                        // and every liveness key is written again.
+                        stats.counters.lease_lost.inc();
+                        self.renew_lease(to_actor).await;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = next_backoff(backoff);
+                }
+            }
+        }
+    }
+
+    async fn open_watch(&mut self) -> Result<etcd_client::WatchStream, etcd_client::Error> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(self.revision + 1);
+        self.client.watch(self.replica.root(), Some(opts)).await
+    }
+
+    /// A fresh lease after the old one expired; liveness keys follow.
+    async fn renew_lease(&mut self, to_actor: &mpsc::UnboundedSender<ToActor>) -> bool {
+        match self
+            .client
+            .lease_grant(self.settings.lease_ttl_s, None)
+            .await
+        {
+            Ok(l) => {
+                self.lease = l.id();
+                self.replica.lease_renewed();
+                let _ = to_actor.send(ToActor::NewLease);
+                tracing::warn!(
+                    lease = self.lease,
+                    "etcd lease expired; liveness keys written again under a new one"
+                );
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The replica's loop: writes from the actor, the watch, the lease.
+    pub async fn run(
+        mut self,
+        mut from_actor: mpsc::UnboundedReceiver<FromActor>,
+        to_actor: mpsc::UnboundedSender<ToActor>,
+        stats: std::sync::Arc<EtcdStats>,
+    ) {
+        let mut keepalive = tokio::time::interval(Duration::from_millis(
+            (self.settings.lease_ttl_s as u64 * 1000 / 3).max(300),
+        ));
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch: Option<etcd_client::WatchStream> = None;
+        let mut watch_retry = tokio::time::Instant::now();
+        let mut watch_backoff = BACKOFF_MIN;
+        let mut keeper: Option<etcd_client::LeaseKeeper> = None;
+        let mut keep_stream: Option<etcd_client::LeaseKeepAliveStream> = None;
+        loop {
+            if watch.is_none() && tokio::time::Instant::now() >= watch_retry {
+                match self.open_watch().await {
+                    Ok(w) => {
+                        watch = Some(w);
+                        watch_backoff = BACKOFF_MIN;
+                    }
+                    Err(e) => {
+                        stats.counters.watch.inc();
+                        tracing::error!(error = %e, retry_in = ?watch_backoff, "etcd watch failed; retrying (changes by other replicas wait)");
+                        watch_retry = tokio::time::Instant::now() + watch_backoff;
+                        watch_backoff = next_backoff(watch_backoff);
+                    }
+                }
+            }
+            tokio::select! {
+                m = from_actor.recv() => {
+                    let Some(m) = m else { return };
+                    match m {
+                        FromActor::Write(r, since) => self.write(*r, since, &to_actor, &stats).await,
+                        FromActor::NeedIds => {
+                            let mut backoff = BACKOFF_MIN;
+                            loop {
+                                match self.claim_block().await {
+                                    Ok(ids) => {
+                                        let _ = to_actor.send(ToActor::Ids(ids));
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        stats.counters.write.inc();
+                                        tracing::error!(error = %format!("{e:#}"), "claiming an id block failed; retrying");
+                                        tokio::time::sleep(backoff).await;
+                                        backoff = next_backoff(backoff);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                msg = async { watch.as_mut().expect("checked").message().await }, if watch.is_some() => {
+                    match msg {
+                        Ok(Some(resp)) => {
+                            if resp.compact_revision() > 0 {
+                                tracing::error!(compacted = resp.compact_revision(), "etcd compacted past this replica's watch; changes may have been missed until agents re-register");
+                                self.revision = resp.compact_revision() - 1;
+                                watch = None;
+                                continue;
+                            }
+                            if resp.canceled() {
+                                stats.counters.watch.inc();
+                                watch = None;
+                                continue;
+                            }
+                            for ev in resp.events() {
+                                let Some(kv) = ev.kv() else { continue };
+                                self.revision = self.revision.max(kv.mod_revision());
+                                let Ok(key) = kv.key_str() else {
+                                    stats.bad(Bad::Key).inc();
+                                    continue;
+                                };
+                                let w = match ev.event_type() {
+                                    EventType::Put => Watched::Put { key: key.into(), value: kv.value().to_vec() },
+                                    EventType::Delete => Watched::Delete { key: key.into(), prev: ev.prev_kv().map(|p| p.value().to_vec()) },
+                                };
+                                match self.replica.watched(&w) {
+                                    Ok(Some(r)) => {
+                                        stats.counters.remote.inc();
+                                        let _ = to_actor.send(ToActor::Remote(r));
+                                    }
+                                    Ok(None) => {}
+                                    Err(b) => {
+                                        stats.bad(b).inc();
+                                        tracing::warn!(key, reason = b.label(), "ignoring a bad etcd key");
+                                    }
+                                }
+                            }
+                            if let Some(h) = resp.header() {
+                                self.revision = self.revision.max(h.revision());
+                            }
+                        }
+                        Ok(None) | Err(_) => {
+                            stats.counters.watch.inc();
+                            tracing::warn!("etcd watch ended; re-opening it from the last revision seen");
+                            watch = None;
+                            watch_retry = tokio::time::Instant::now() + watch_backoff;
+                        }
+                    }
+                }
+                _ = keepalive.tick() => {
+                    if keeper.is_none() {
+                        match self.client.lease_keep_alive(self.lease).await {
+                            Ok((k, s)) => { keeper = Some(k); keep_stream = Some(s); }
+                            Err(e) => {
+                                stats.counters.lease.inc();
+                                tracing::warn!(error = %e, "etcd lease keep-alive failed; retrying");
+                                continue;
+                            }
+                        }
+                    }
+                    let (Some(k), Some(s)) = (keeper.as_mut(), keep_stream.as_mut()) else { continue };
+                    let alive = match k.keep_alive().await {
+                        Ok(()) => tokio::time::timeout(Duration::from_secs(2), s.message()).await,
+                        Err(e) => Ok(Err(e)),
+                    };
+                    match alive {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        Ok(Ok(Some(_))) => {
+                            // Expired: etcd deleted this replica's liveness keys.
+                            stats.counters.lease_lost.inc();
+                            keeper = None;
+                            keep_stream = None;
+                            if !self.renew_lease(&to_actor).await {
+                                stats.counters.lease.inc();
+                            }
+                        }
+                        _ => {
+                            stats.counters.lease.inc();
+                            tracing::warn!("etcd lease keep-alive got no answer; retrying");
+                            keeper = None;
+                            keep_stream = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
