@@ -417,8 +417,10 @@ async fn run(
         Err(e) => return format!("opening the CU client socket: {e}"),
     };
     let mut signals = goodbye_on_signal.then(Signals::new).flatten();
+    // Failed attempts so far: which of the CU's addresses is tried next.
+    let mut attempt = 0usize;
     let enrolled = tokio::select! {
-        q = credentials.client_config(&endpoint, &addrs, &server_name, &status) => q,
+        q = credentials.client_config(&endpoint, &addrs, &server_name, &status, &mut attempt) => q,
         _ = Signals::wait(&mut signals) => std::process::exit(0),
     };
     match enrolled {
@@ -428,8 +430,6 @@ async fn run(
     // The session's clock: time since this start, picked once.
     let start = Instant::now();
     let mut session = Session::new(register, start.elapsed(), seed());
-    // Failed attempts so far: which of the CU's addresses is tried next.
-    let mut attempt = 0usize;
     loop {
         let now = start.elapsed();
         match session.poll(now) {

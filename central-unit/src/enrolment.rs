@@ -81,12 +81,16 @@ impl Credentials {
     /// session's policy for an agent without a view). Every failure is
     /// counted by reason, as the session's are. `Err` says why the agent
     /// cannot go on.
+    /// `attempt`: where in `addrs` to start; left at the attempt that
+    /// enrolled, so registering starts with the CU that answered (with
+    /// several CU replicas, one being down costs one timeout, not two).
     pub async fn client_config(
         self,
         endpoint: &quinn::Endpoint,
         addrs: &CuAddrs,
         server_name: &str,
         status: &ClientStatus,
+        attempt: &mut usize,
     ) -> Result<quinn::ClientConfig, String> {
         if let Some(q) = self.ready {
             return Ok(q);
@@ -95,9 +99,10 @@ impl Credentials {
         let anon =
             tls::client_config(&self.ca, CU_IDLE_TIMEOUT, None).map_err(|e| e.to_string())?;
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), seed());
-        for attempt in 0usize.. {
+        for n in *attempt.. {
+            *attempt = n;
             let picked = addrs
-                .pick(attempt, |a| CuAddrs::reachable(endpoint, a))
+                .pick(n, |a| CuAddrs::reachable(endpoint, a))
                 .await
                 .map_err(|why| Attempt::Retry(Failure::Resolve, why));
             let connected = match picked {

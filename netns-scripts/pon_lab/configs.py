@@ -5,8 +5,9 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 from . import cu, linkemu, renderer
 from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
-from .topology import (CU_ADDR, CU_NAME, MTU, app_addr, proxy_addr, proxy_id, proxy_number,
-                       public_addr, relay_route)
+from .topology import (CU_NAME, ETCD_CLIENT_PORT, MTU, app_addr, cu_replica_addr,
+                       cu_replica_name, proxy_addr, proxy_id, proxy_number, public_addr,
+                       relay_route)
 
 LINKEMU_TUN = "wan0"
 LINKEMU_RT_PRIORITY = 10  # SCHED_FIFO: above every ordinary process, below kernel threads
@@ -20,6 +21,8 @@ def write(lab, hosts):
     jobs = []
     for h in hosts:
         for d in h["daemons"]:
+            if d["name"] not in makers:
+                continue  # etcd: flags only (plan.etcd_args)
             if d["name"] == CU_BINARY:
                 cu.init(lab)
             jobs.append({"daemon": d["name"], "path": d["config"],
@@ -45,6 +48,12 @@ def cu_client(lab, host, role):
     enrol, on its first start)."""
     port = ports(lab)['cu']
     names = lab.state["topology"].get("cu_names", [CU_NAME])
+    replicas = lab.state["topology"].get("cu_replicas", 1)
+    if replicas > 1:
+        # Every replica, each site starting with its own (site i: replica i mod N), so
+        # the sites' agents spread over the replicas and move on when theirs fails.
+        first = (host["site_index"] - 1) % replicas
+        names = [cu_replica_name((first + j) % replicas + 1) for j in range(replicas)]
     addr = [f"{n}:{port}" for n in names] if len(names) > 1 else f"{names[0]}:{port}"
     return {"addr": addr, "ca": str(cu.directory(lab) / "ca.pem"),
             "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
@@ -59,11 +68,18 @@ def state_dir(lab, host, daemon):
 
 def cu_config(lab, host):
     d = cu.directory(lab)
-    return {"listen": f"{CU_ADDR}:{ports(lab)['cu']}",
-            "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "ca": str(d / "ca.pem"),
-            "ca_key": str(d / "ca.key"), "admin_cert": str(d / "admin.pem"),
-            "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY),
-            "clouds": cu.grants(lab)}
+    cfg = {"listen": f"{host['address']}:{ports(lab)['cu']}",
+           "cert": str(d / "cu.pem"), "key": str(d / "cu.key"), "ca": str(d / "ca.pem"),
+           "ca_key": str(d / "ca.key"), "admin_cert": str(d / "admin.pem"),
+           "store": str(d / "registry.redb"), "metrics": metrics(lab, host, CU_BINARY),
+           "clouds": cu.grants(lab)}
+    replicas = lab.state["topology"].get("cu_replicas", 1)
+    if replicas > 1:
+        # The replicas share the CA and certificate (STATE/cu/) and the registry (etcd).
+        cfg["etcd"] = {"endpoints": [f"http://{cu_replica_addr(k)}:{ETCD_CLIENT_PORT}"
+                                     for k in range(1, replicas + 1)],
+                       "prefix": "/pon", "replica": host["host"]}
+    return cfg
 
 
 def forwarder(lab, host, daemon="pon-forwarder"):

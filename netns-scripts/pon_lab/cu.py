@@ -46,12 +46,18 @@ def token_file(lab, site, role):
     return directory(lab) / "tokens" / f"{site}-{family(role).lower()}"
 
 
+def cu_daemon(h):
+    return next(d for d in h["daemons"] if d["name"] == CU_BINARY)
+
+
 def ponctl(lab, *args):
-    """ponctl in the CU's namespace, with the admin credential."""
+    """ponctl in the CU's namespace (with replicas: the first one running), with the admin
+    credential."""
     d = directory(lab)
-    cu = lab.find_host("cu")
+    cus = lab.hosts("cu")
+    cu = next((h for h in cus if lab.daemon_alive(cu_daemon(h))), cus[0])
     return run(["ip", "netns", "exec", cu["netns"], str(Path(lab.state["bin_dir"]) / PONCTL),
-                "--cu", f"{CU_ADDR}:{renderer.ports(lab.state['bin_dir'])['cu']}",
+                "--cu", f"{cu['address']}:{renderer.ports(lab.state['bin_dir'])['cu']}",
                 "--ca", str(d / "ca.pem"), "--cert", str(d / "admin.pem"),
                 "--key", str(d / "admin.key"), *args])
 
@@ -90,12 +96,11 @@ def grants(lab):
     return {s["name"]: grant(s) for s in lab.state["topology"]["sites"]}
 
 
-def reloads(lab):
-    """pon_cu_reloads_total of the running CU (None if it does not answer)."""
-    cu = lab.find_host("cu")
+def reloads(lab, cu):
+    """pon_cu_reloads_total of the CU on host `cu` (None if it does not answer)."""
     port = renderer.metrics_port(CU_BINARY, lab.state["bin_dir"])
     out = run(["ip", "netns", "exec", cu["netns"], "curl", "-sf", "-m", "2",
-               f"http://{CU_ADDR}:{port}/metrics"], check=False).stdout
+               f"http://{cu['address']}:{port}/metrics"], check=False).stdout
     for line in out.splitlines():
         if line.startswith("pon_cu_reloads_total "):
             return int(float(line.split()[1]))
@@ -103,17 +108,20 @@ def reloads(lab):
 
 
 def reload(lab):
-    """SIGHUP the running CU (its cu.toml was rewritten) and wait until it took the grants."""
-    d = next(d for h in lab.hosts("cu") for d in h["daemons"] if d["name"] == CU_BINARY)
-    if not lab.daemon_alive(d):
-        return  # it reads the new file when it starts
-    before = reloads(lab)
-    os.kill(d["pid"], signal.SIGHUP)
-    deadline = time.monotonic() + RELOAD_TIMEOUT
-    while time.monotonic() < deadline:
-        now = reloads(lab)
-        if now is not None and before is not None and now > before:
-            return
-        time.sleep(POLL_INTERVAL)
-    raise LabError(f"the CU did not reload its grants within {RELOAD_TIMEOUT:.0f}s "
-                   f"(see {d['log']})")
+    """SIGHUP each running CU (replica) whose cu.toml was rewritten and wait until it took
+    the grants."""
+    for h in lab.hosts("cu"):
+        d = cu_daemon(h)
+        if not lab.daemon_alive(d):
+            continue  # it reads the new file when it starts
+        before = reloads(lab, h)
+        os.kill(d["pid"], signal.SIGHUP)
+        deadline = time.monotonic() + RELOAD_TIMEOUT
+        while True:
+            now = reloads(lab, h)
+            if now is not None and before is not None and now > before:
+                break
+            if time.monotonic() >= deadline:
+                raise LabError(f"the CU on {h['name']} did not reload its grants within "
+                               f"{RELOAD_TIMEOUT:.0f}s (see {d['log']})")
+            time.sleep(POLL_INTERVAL)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from . import netns
-from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY
+from .plan import AGENT_BINARY, CU_BINARY, ETCD_BINARY, LINKEMU_BINARY, PROXY_BINARY
 from .util import LabError, log_tail, progress
 
 READY_TIMEOUT = 20.0     # per start stage
@@ -20,7 +20,7 @@ MAX_PARALLEL_PROBES = 64
 # TA starts diverting traffic (pon-agent starts its RA first); the stages are started (and
 # awaited) in this order.
 # The link emulator goes first: the network is what it should be before PON starts using it.
-START_STAGES = (("internet", LINKEMU_BINARY), ("cu", CU_BINARY), ("proxy", "pon-forwarder"),
+START_STAGES = (("internet", LINKEMU_BINARY), ("cu", ETCD_BINARY), ("cu", CU_BINARY), ("proxy", "pon-forwarder"),
                 ("proxy", PROXY_BINARY), ("proxy", "pon-monitor"), ("proxy", "pon-router"),
                 ("app", "pon-ra"), ("app", "pon-ta"), ("app", AGENT_BINARY))
 

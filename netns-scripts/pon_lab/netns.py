@@ -8,7 +8,8 @@ from pathlib import Path
 
 from . import linkemu
 from .configs import LINKEMU_TUN
-from .topology import (CU_ADDR, CU_GATEWAY, CU_NAME, MTU, bridge_name, gateway_addr,
+from .topology import (CU_ADDR, CU_GATEWAY, CU_NAME, MTU, bridge_name, cu_replica_addr,
+                       cu_replica_name, gateway_addr,
                        proxy_addr, public_addr)
 from .util import run
 
@@ -66,8 +67,11 @@ def create(lab, names):
         # Processes started with `ip netns exec` see this as their /etc/hosts:
         # the CU by name, as agents are configured to reach it.
         (ETC_NETNS / ns).mkdir(parents=True, exist_ok=True)
+        replicas = lab.state["topology"].get("cu_replicas", 1)
+        cus = "".join(f"{cu_replica_addr(k)}\t{cu_replica_name(k)}\n"
+                      for k in range(1, replicas + 1)) if replicas > 1 else ""
         (ETC_NETNS / ns / "hosts").write_text(
-            f"127.0.0.1\tlocalhost\n{CU_ADDR}\t{CU_NAME}\n")
+            f"127.0.0.1\tlocalhost\n{CU_ADDR}\t{CU_NAME}\n{cus}")
         # No DNS server is reachable from the lab: a name not in hosts fails at
         # once (nothing listens on the namespace's own port 53) instead of
         # waiting for the host's resolvers to time out.
@@ -125,9 +129,26 @@ def _host_side(h):
                           f"route add default via {h['gateway']} dev eth0"])
 
 
+CU_BRIDGE = "brcu"
+
+
 def build_cu(lab):
-    """The CU's own namespace, one hop from every site through inet."""
-    h = next((h for h in lab.hosts("cu")), None)
+    """The CU's own namespace, one hop from every site through inet (replicas: one
+    namespace each, on one network bridged in inet)."""
+    cus = lab.hosts("cu")
+    if len(cus) > 1:
+        create(lab, [h["netns"] for h in cus])
+        ip_batch(lab.inet_netns, [f"link add {CU_BRIDGE} mtu {MTU} type bridge stp_state 0 "
+                                  "forward_delay 0", f"addr add {CU_GATEWAY}/24 dev {CU_BRIDGE}",
+                                  f"link set {CU_BRIDGE} up"])
+        for h in cus:
+            sysctl(h["netns"], base_sysctls())
+            _veth(h, lab.inet_netns)
+            ip_batch(lab.inet_netns, [f"link set {h['inet_port']} master {CU_BRIDGE}",
+                                      f"link set {h['inet_port']} up"])
+            _host_side(h)
+        return
+    h = next((h for h in cus), None)
     if h is None:
         return
     create(lab, [h["netns"]])

@@ -1,17 +1,23 @@
 """Hosts and daemons of a lab, decided up front: the plan is saved in state.json before
 anything is created, so `down` can always clean up a half-made lab."""
 
+import shutil
 import time
 from pathlib import Path
 
 from . import renderer
-from .topology import (CU_ADDR, CU_GATEWAY, app_addr, bridge_name, gateway_addr,
-                       inet_port_name, proxy_addr, proxy_host, proxy_port_index)
+from .util import LabError
+from .topology import (CU_ADDR, CU_GATEWAY, ETCD_CLIENT_PORT, ETCD_PEER_PORT, app_addr,
+                       bridge_name, cu_replica_addr, gateway_addr, inet_port_name, proxy_addr,
+                       proxy_host, proxy_port_index)
 
 STATE_VERSION = 1
 IFNAMSIZ = 15  # usable characters in a Linux interface name
 
 CU_BINARY = "pon-cu"
+# With `cu_replicas`, each CU host also runs an etcd member (Debian's etcd-server): started
+# before its pon-cu, which loads the shared registry from it.
+ETCD_BINARY = "etcd"
 LINKEMU_BINARY = "pon-linkemu"
 # Proxies run pon-proxy by default: forwarder, monitor and router in one process, choosing
 # paths at run time (a [routing] table tunes it); `routing = false`: pon-forwarder with static
@@ -40,7 +46,15 @@ def plan(lab, topology, bin_dir, with_daemons):
         "address": gateway_addr(topology["sites"][0]["index"]),
         "daemons": [],
     })
-    if topology.get("cu"):
+    if topology.get("cu") and topology.get("cu_replicas", 1) > 1:
+        for k in range(1, topology["cu_replicas"] + 1):
+            hosts.append({
+                "name": f"cu{k}", "site": None, "host": f"cu{k}", "netns": f"{lab.prefix}cu{k}",
+                "role": "cu", "site_index": None, "addresses": [f"{cu_replica_addr(k)}/24"],
+                "address": cu_replica_addr(k), "gateway": CU_GATEWAY, "inet_port": f"cu{k}",
+                "daemons": [],
+            })
+    elif topology.get("cu"):
         hosts.append({
             "name": "cu", "site": None, "host": "cu", "netns": f"{lab.prefix}cu",
             "role": "cu", "site_index": None, "addresses": [f"{CU_ADDR}/24"],
@@ -95,8 +109,9 @@ def daemon_names(topology, role):
         if topology.get("routing") is None:
             return ["pon-forwarder"]
         return ["pon-forwarder", *SPLIT_BINARIES] if topology.get("split") else [PROXY_BINARY]
+    cu = [ETCD_BINARY, CU_BINARY] if topology.get("cu_replicas", 1) > 1 else [CU_BINARY]
     return {"app": list(agent_binaries(topology)), "internet": [LINKEMU_BINARY],
-            "cu": [CU_BINARY]}.get(role, [])
+            "cu": cu}.get(role, [])
 
 
 def agent_binaries(topology):
@@ -124,11 +139,40 @@ def plan_daemons(lab, topology, host, bin_dir):
         "bin": str(Path(bin_dir) / daemon),
         "config": str(lab.dir / "configs" / f"{base}-{daemon}.toml"),
         "log": str(lab.dir / "logs" / f"{base}-{daemon}.log"),
-        "metrics": f"{host['address']}:{renderer.metrics_port(daemon, bin_dir)}",
+        "metrics": f"{host['address']}:{metrics_port(daemon, bin_dir)}",
         "pid": None,
         "starttime": None,
     } for daemon in daemon_names(topology, host["role"])]
     for d in daemons:
         if d["name"] == CU_BINARY:
             d["args"] = ["run", "--config", d["config"]]
+        if d["name"] == ETCD_BINARY:
+            d["bin"] = shutil.which(ETCD_BINARY)
+            if d["bin"] is None:
+                raise LabError("cu_replicas needs etcd (Debian: etcd-server; "
+                               "netns-scripts/install-deps installs it)")
+            d["config"] = None  # flags only
+            d["args"] = etcd_args(lab, topology, host)
     return daemons
+
+
+def metrics_port(daemon, bin_dir):
+    # etcd serves /metrics on its client port.
+    if daemon == ETCD_BINARY:
+        return ETCD_CLIENT_PORT
+    return renderer.metrics_port(daemon, bin_dir)
+
+
+def etcd_args(lab, topology, host):
+    """One member of the lab's etcd cluster, on its CU host's address; its data in
+    STATE/cu/etcd-HOST (a restarted member rejoins with it)."""
+    me = host["address"]
+    members = ",".join(f"cu{k}=http://{cu_replica_addr(k)}:{ETCD_PEER_PORT}"
+                       for k in range(1, topology["cu_replicas"] + 1))
+    return ["--name", host["host"], "--data-dir", str(lab.dir / "cu" / f"etcd-{host['host']}"),
+            "--listen-client-urls", f"http://{me}:{ETCD_CLIENT_PORT}",
+            "--advertise-client-urls", f"http://{me}:{ETCD_CLIENT_PORT}",
+            "--listen-peer-urls", f"http://{me}:{ETCD_PEER_PORT}",
+            "--initial-advertise-peer-urls", f"http://{me}:{ETCD_PEER_PORT}",
+            "--initial-cluster", members, "--initial-cluster-state", "new",
+            "--initial-cluster-token", f"pon-lab-{lab.name}"]

@@ -33,6 +33,19 @@ CU_ADDR = "198.18.250.1"
 # /etc/hosts (ip netns exec mounts /etc/netns/NS/hosts over it) maps it to CU_ADDR.
 CU_NAME = "cu.pon.lab"
 CU_GATEWAY = "198.18.250.254"
+# `cu_replicas = N` (N >= 2): hosts cu1..cuN at 198.18.250.1..N, each running one etcd member
+# and one pon-cu replica; agents know them as cu1.pon.lab .. cuN.pon.lab.
+MAX_CU_REPLICAS = 5
+ETCD_CLIENT_PORT = 2379
+ETCD_PEER_PORT = 2380
+
+
+def cu_replica_addr(k):
+    return f"198.18.250.{k}"
+
+
+def cu_replica_name(k):
+    return f"cu{k}.pon.lab"
 
 
 def validate_lab_name(name):
@@ -67,7 +80,8 @@ def load_topology(path):
                 fail(f"{field}.{key}", f"unknown key (expected one of: {', '.join(allowed)})")
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
-                     "routing", "split", "split_agents", "tunnel", "encrypt_lan", "cu_names"),
+                     "routing", "split", "split_agents", "tunnel", "encrypt_lan", "cu_names",
+                     "cu_replicas"),
                "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
     # The names agents try for the CU, in order (default: just CU_NAME); only
@@ -108,6 +122,14 @@ def load_topology(path):
     cu = raw.get("cu", True)
     if not isinstance(cu, bool):
         fail("cu", f"must be true or false, got {cu!r}")
+    # cu_replicas >= 2: replicated CU on a three-member (N-member) etcd cluster.
+    cu_replicas = raw.get("cu_replicas", 1)
+    if type(cu_replicas) is not int or not 1 <= cu_replicas <= MAX_CU_REPLICAS:
+        fail("cu_replicas", f"must be an integer in 1..{MAX_CU_REPLICAS}, got {cu_replicas!r}")
+    if cu_replicas > 1 and not cu:
+        fail("cu_replicas", "needs CU mode (no `cu = false`)")
+    if cu_replicas > 1 and "cu_names" in raw:
+        fail("cu_names", "replicas are named cu1.pon.lab .. cuN.pon.lab; leave cu_names out")
     # ta_mtu overrides the TAs' derived TUN MTU: tests use it to make the
     # forwarder, not the sender's stack, meet packets that do not fit.
     ta_mtu = raw.get("ta_mtu")
@@ -216,7 +238,7 @@ def load_topology(path):
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
             "routing": routing, "split": split, "split_agents": split_agents, "tunnel": tunnel,
-            "encrypt_lan": encrypt_lan, "cu_names": cu_names}
+            "encrypt_lan": encrypt_lan, "cu_names": cu_names, "cu_replicas": cu_replicas}
 
 
 def check_link_value(key, value):

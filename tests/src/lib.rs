@@ -438,6 +438,29 @@ pub mod clients {
         sum
     }
 
+    /// Sets the flag when dropped: stops a `ping_while` also when a test
+    /// panics.
+    struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `phases` while `host` pings `dst` every 50 ms without a break
+    /// (`ping_while`, at most 300 s); returns what was sent and received.
+    pub fn ping_during(lab: &Lab, host: &str, dst: &str, phases: impl FnOnce()) -> PingStats {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let pinger = s.spawn(|| ping_while(lab, host, dst, &stop, Duration::from_secs(300)));
+            let _stop = StopOnDrop(&stop);
+            phases();
+            drop(_stop);
+            pinger.join().expect("pinger")
+        })
+    }
+
     /// Asserts that a ping run's summary shows `count` sent and received.
     pub fn check_ping(out: &str, count: u64) {
         let s = parse_ping(out).expect("ping summary");

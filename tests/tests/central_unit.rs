@@ -3,10 +3,9 @@
 //! crashing, intruders (wrong token or CA, a token of the wrong scope,
 //! another key for an enrolled name, addresses not theirs), and revocation.
 
-use pon_e2e::clients::ping_while;
+use pon_e2e::clients::ping_during;
 use pon_e2e::{bin_dir, metric_value, ping_stats, require_root, sites, text, wait_until, Lab};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const THREE_SITES: [&str; 3] = ["paris", "tokyo", "london"];
@@ -96,35 +95,11 @@ fn agent_pids(lab: &Lab) -> Vec<(String, u64)> {
     pids(lab).into_iter().filter(|(h, _)| h != "cu").collect()
 }
 
-/// Sets the flag when dropped: stops a `ping_while` also when a test panics.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Runs `phases` while paris/app1 pings tokyo's app without a break, and
 /// asserts that no ping was lost and that (nearly) all took the overlay.
 fn while_pinging(lab: &Lab, phases: impl FnOnce()) {
     let delivered = metric(lab, "tokyo/proxy", TOKYO_FWD, EGRESS);
-    let stop = AtomicBool::new(false);
-    let pinged = std::thread::scope(|s| {
-        let pinger = s.spawn(|| {
-            ping_while(
-                lab,
-                "paris/app1",
-                TOKYO_APP,
-                &stop,
-                Duration::from_secs(300),
-            )
-        });
-        let _stop = StopOnDrop(&stop);
-        phases();
-        drop(_stop);
-        pinger.join().expect("pinger")
-    });
+    let pinged = ping_during(lab, "paris/app1", TOKYO_APP, phases);
     eprintln!(
         "pings while the CU was in trouble: {} sent, {} received",
         pinged.transmitted, pinged.received
