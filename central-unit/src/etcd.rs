@@ -176,24 +176,40 @@ pub struct Task {
     client: Client,
     replica: Replica,
     lease: i64,
+    /// Last time etcd confirmed the lease alive.
+    lease_ok: tokio::time::Instant,
     revision: i64,
     next_block: u32,
+    /// The member `client` talks to (index into the endpoints).
+    member: usize,
+    /// Bumped at each failover: streams of the old client are re-opened.
+    generation: u64,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// A watch that answered nothing (no change, no progress report asked for
+/// every keep-alive tick) for this long is re-opened: its member may be
+/// stuck, and changes would wait on it.
+const WATCH_SILENCE: Duration = Duration::from_secs(3);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 
 fn next_backoff(b: Duration) -> Duration {
     (b * 2).min(BACKOFF_MAX)
 }
 
-async fn connect(s: &EtcdSettings) -> Result<Client, etcd_client::Error> {
+/// A client of member `i` alone: the task fails over to the next member
+/// itself on an error (a balanced channel kept sending to a killed member
+/// for seconds, long enough for the lease to expire).
+async fn connect(s: &EtcdSettings, i: usize) -> Result<Client, etcd_client::Error> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        .with_keep_alive_while_idle(true);
-    Client::connect(&s.endpoints, Some(opts)).await
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the cluster answers nothing rather than
+        // stale data: requests and watches on it fail and are retried.
+        .with_require_leader(true);
+    Client::connect([&s.endpoints[i % s.endpoints.len()]], Some(opts)).await
 }
 
 /// Connects (retrying with backoff while etcd cannot be reached: the
@@ -202,8 +218,8 @@ async fn connect(s: &EtcdSettings) -> Result<Client, etcd_client::Error> {
 pub async fn start(settings: EtcdSettings, stats: &EtcdStats) -> anyhow::Result<Start> {
     settings.check()?;
     let mut backoff = BACKOFF_MIN;
-    loop {
-        match try_start(&settings).await {
+    for i in 0.. {
+        match try_start(&settings, i).await {
             Ok(s) => return Ok(s),
             Err(e) => {
                 stats.counters.connect.inc();
@@ -213,10 +229,11 @@ pub async fn start(settings: EtcdSettings, stats: &EtcdStats) -> anyhow::Result<
             }
         }
     }
+    unreachable!("the attempts never run out")
 }
 
-async fn try_start(settings: &EtcdSettings) -> anyhow::Result<Start> {
-    let mut client = connect(settings).await.context("connecting")?;
+async fn try_start(settings: &EtcdSettings, member: usize) -> anyhow::Result<Start> {
+    let mut client = connect(settings, member).await.context("connecting")?;
     let mut replica = Replica::new(&settings.replica, &settings.prefix);
     let lease = client
         .lease_grant(settings.lease_ttl_s, None)
@@ -261,8 +278,11 @@ async fn try_start(settings: &EtcdSettings) -> anyhow::Result<Start> {
         client,
         replica,
         lease,
+        lease_ok: tokio::time::Instant::now(),
         revision,
         next_block,
+        member,
+        generation: 0,
     };
     if blocks.is_empty() {
         blocks.push(task.claim_block().await?);
@@ -347,6 +367,19 @@ fn applied(r: &TxnResponse) -> Option<usize> {
 }
 
 impl Task {
+    /// Moves to the next member after an error.
+    async fn failover(&mut self, stats: &EtcdStats) {
+        self.member = (self.member + 1) % self.settings.endpoints.len();
+        self.generation += 1;
+        match connect(&self.settings, self.member).await {
+            Ok(c) => self.client = c,
+            Err(e) => {
+                stats.counters.connect.inc();
+                tracing::warn!(member = %self.settings.endpoints[self.member], error = %e, "etcd member unreachable; the next one is tried after the next error");
+            }
+        }
+    }
+
     async fn claim_block(&mut self) -> anyhow::Result<Range<u32>> {
         loop {
             let n = self.next_block;
@@ -400,6 +433,8 @@ impl Task {
                         // and every liveness key is written again.
                         stats.counters.lease_lost.inc();
                         self.renew_lease(to_actor).await;
+                    } else {
+                        self.failover(stats).await;
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = next_backoff(backoff);
@@ -425,6 +460,8 @@ impl Task {
         {
             Ok(l) => {
                 self.lease = l.id();
+                self.lease_ok = tokio::time::Instant::now();
+                self.generation += 1;
                 self.replica.lease_renewed();
                 let _ = to_actor.send(ToActor::NewLease);
                 tracing::warn!(
@@ -451,20 +488,32 @@ impl Task {
         let mut watch: Option<etcd_client::WatchStream> = None;
         let mut watch_retry = tokio::time::Instant::now();
         let mut watch_backoff = BACKOFF_MIN;
+        let mut watch_heard = tokio::time::Instant::now();
         let mut keeper: Option<etcd_client::LeaseKeeper> = None;
         let mut keep_stream: Option<etcd_client::LeaseKeepAliveStream> = None;
+        let mut generation = self.generation;
         loop {
+            if generation != self.generation {
+                // Failed over (or a new lease): streams start again.
+                generation = self.generation;
+                watch = None;
+                keeper = None;
+                keep_stream = None;
+            }
             if watch.is_none() && tokio::time::Instant::now() >= watch_retry {
                 match self.open_watch().await {
                     Ok(w) => {
                         watch = Some(w);
                         watch_backoff = BACKOFF_MIN;
+                        watch_heard = tokio::time::Instant::now();
                     }
                     Err(e) => {
                         stats.counters.watch.inc();
                         tracing::error!(error = %e, retry_in = ?watch_backoff, "etcd watch failed; retrying (changes by other replicas wait)");
                         watch_retry = tokio::time::Instant::now() + watch_backoff;
                         watch_backoff = next_backoff(watch_backoff);
+                        self.failover(&stats).await;
+                        continue;
                     }
                 }
             }
@@ -495,6 +544,7 @@ impl Task {
                 msg = async { watch.as_mut().expect("checked").message().await }, if watch.is_some() => {
                     match msg {
                         Ok(Some(resp)) => {
+                            watch_heard = tokio::time::Instant::now();
                             if resp.compact_revision() > 0 {
                                 tracing::error!(compacted = resp.compact_revision(), "etcd compacted past this replica's watch; changes may have been missed until agents re-register");
                                 self.revision = resp.compact_revision() - 1;
@@ -537,17 +587,30 @@ impl Task {
                             stats.counters.watch.inc();
                             tracing::warn!("etcd watch ended; re-opening it from the last revision seen");
                             watch = None;
-                            watch_retry = tokio::time::Instant::now() + watch_backoff;
+                            self.failover(&stats).await;
                         }
                     }
                 }
                 _ = keepalive.tick() => {
+                    if let Some(w) = watch.as_mut() {
+                        if watch_heard.elapsed() > WATCH_SILENCE {
+                            stats.counters.watch.inc();
+                            tracing::warn!(silent = ?watch_heard.elapsed(), "etcd watch silent; re-opening it");
+                            watch = None;
+                            self.failover(&stats).await;
+                            continue;
+                        } else {
+                            // Answered with a progress report (etcd >= 3.4).
+                            let _ = w.request_progress().await;
+                        }
+                    }
                     if keeper.is_none() {
                         match self.client.lease_keep_alive(self.lease).await {
                             Ok((k, s)) => { keeper = Some(k); keep_stream = Some(s); }
                             Err(e) => {
                                 stats.counters.lease.inc();
                                 tracing::warn!(error = %e, "etcd lease keep-alive failed; retrying");
+                                self.failover(&stats).await;
                                 continue;
                             }
                         }
@@ -558,7 +621,7 @@ impl Task {
                         Err(e) => Ok(Err(e)),
                     };
                     match alive {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => self.lease_ok = tokio::time::Instant::now(),
                         Ok(Ok(Some(_))) => {
                             // Expired: etcd deleted this replica's liveness keys.
                             stats.counters.lease_lost.inc();
@@ -571,8 +634,18 @@ impl Task {
                         _ => {
                             stats.counters.lease.inc();
                             tracing::warn!("etcd lease keep-alive got no answer; retrying");
-                            keeper = None;
-                            keep_stream = None;
+                            self.failover(&stats).await;
+                        }
+                    }
+                    // Not confirmed for a whole TTL: take it as expired
+                    // rather than wait to be told (the keys are written
+                    // again under a new lease; the old one, if it lives,
+                    // no longer holds them).
+                    if self.lease_ok.elapsed() > Duration::from_secs(self.settings.lease_ttl_s as u64) {
+                        stats.counters.lease_lost.inc();
+                        if !self.renew_lease(&to_actor).await {
+                            stats.counters.lease.inc();
+                            self.failover(&stats).await;
                         }
                     }
                 }

@@ -293,21 +293,34 @@ impl Replica {
                 // Newer than the record and liveness key held (or none
                 // held); a new agent's first write claims name and id; an
                 // older write than what is held is dropped (stale, not lost).
+                // Stale: a newer leave (the store holds no liveness key), or
+                // another replica holding the agent.
+                let stale = Txn {
+                    when: vec![known.clone(), Cmp::Absent(online_key.clone())],
+                    then: vec![],
+                    otherwise: Some(Box::new(Txn {
+                        when: vec![known.clone()],
+                        then: vec![],
+                        otherwise: None,
+                    })),
+                };
+                // The same liveness key as this replica wrote (written again
+                // after a new lease): moved onto the new lease.
+                let same = Txn {
+                    when: vec![
+                        known.clone(),
+                        Cmp::Value(online_key.clone(), online.clone()),
+                    ],
+                    then: vec![online_op.clone()],
+                    otherwise: Some(Box::new(stale)),
+                };
                 let claim = Txn {
                     when: vec![
                         Cmp::Absent(name_key.clone()),
                         Cmp::Absent(agent_key.clone()),
                     ],
                     then: vec![put(name_key, id_text), put(agent_key, record), online_op],
-                    otherwise: Some(Box::new(Txn {
-                        when: vec![known.clone(), Cmp::Absent(online_key.clone())],
-                        then: vec![],
-                        otherwise: Some(Box::new(Txn {
-                            when: vec![known.clone()],
-                            then: vec![],
-                            otherwise: None,
-                        })),
-                    })),
+                    otherwise: Some(Box::new(same)),
                 };
                 let free = Txn {
                     when: vec![
@@ -324,7 +337,7 @@ impl Replica {
                         then: both,
                         otherwise: Some(Box::new(free)),
                     },
-                    owns: Some((id, online, 3)),
+                    owns: Some((id, online, 4)),
                     lost: Some(Lost::Claim {
                         id,
                         cloud: a.info.cloud.clone(),

@@ -76,8 +76,11 @@ def cu_config(lab, host):
     replicas = lab.state["topology"].get("cu_replicas", 1)
     if replicas > 1:
         # The replicas share the CA and certificate (STATE/cu/) and the registry (etcd).
+        # Its own host's member first; the others are where it fails over to.
+        me = int(host["host"].removeprefix("cu"))
+        order = [(me - 1 + j) % replicas + 1 for j in range(replicas)]
         cfg["etcd"] = {"endpoints": [f"http://{cu_replica_addr(k)}:{ETCD_CLIENT_PORT}"
-                                     for k in range(1, replicas + 1)],
+                                     for k in order],
                        "prefix": "/pon", "replica": host["host"]}
     return cfg
 

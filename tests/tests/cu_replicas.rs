@@ -123,6 +123,27 @@ fn while_pinging(lab: &Lab, phases: impl FnOnce()) -> PingStats {
     ping_during(lab, "paris/app1", TOKYO_APP, phases)
 }
 
+/// Each replica's counts, for failure messages: agents known and
+/// connected, etcd errors by operation.
+fn replicas_report(lab: &Lab) -> String {
+    (1..=REPLICAS)
+        .map(|k| {
+            let page = cu_metrics(lab, k);
+            let m = |s: &str| metric_value(&page, s);
+            format!(
+                "cu{k}: known {} connected {} etcd errors write {} watch {} lease {}, leases lost {}",
+                m("pon_cu_agents{state=\"known\"}"),
+                m("pon_cu_agents{state=\"online\"}"),
+                m("pon_cu_etcd_errors_total{op=\"write\"}"),
+                m("pon_cu_etcd_errors_total{op=\"watch\"}"),
+                m("pon_cu_etcd_errors_total{op=\"lease\"}"),
+                m("pon_cu_etcd_leases_lost_total"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn leaves(lab: &Lab, k: u32) -> u64 {
     let page = cu_metrics(lab, k);
     [
@@ -202,7 +223,12 @@ fn a_dead_replica_costs_no_ping_and_a_site_added_meanwhile_is_reachable_within_1
             wait_until(Duration::from_secs(10), || pairs
                 .iter()
                 .all(|(from, to)| reaches(&lab, from, to))),
-            "berlin was not reachable from every site within 10 s of add-site"
+            "berlin was not reachable from every site within 10 s of add-site: {:?}\n{}",
+            pairs
+                .iter()
+                .filter(|(from, to)| !reaches(&lab, from, to))
+                .collect::<Vec<_>>(),
+            replicas_report(&lab)
         );
         added_after = t.elapsed();
     });
@@ -269,6 +295,7 @@ fn etcd_members_restarted_one_at_a_time_lose_nothing_and_keep_every_id() {
     assert_eq!(pinged.transmitted, pinged.received, "pings were lost");
     // Every replica still lists every agent, present, with its id; none
     // was announced gone; all stayed connected.
+    eprintln!("after the etcd restarts:\n{}", replicas_report(&lab));
     for k in 1..=REPLICAS {
         assert_eq!(registry(&lab, k), ids_before, "cu{k}'s registry changed");
         assert_eq!(leaves(&lab, k), 0, "cu{k} announced an agent gone");
@@ -289,6 +316,7 @@ fn etcd_members_restarted_one_at_a_time_lose_nothing_and_keep_every_id() {
             "berlin/app1",
             TOKYO_APP
         )),
-        "berlin not reachable after the etcd restarts"
+        "berlin not reachable after the etcd restarts:\n{}",
+        replicas_report(&lab)
     );
 }

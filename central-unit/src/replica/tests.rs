@@ -415,6 +415,39 @@ fn a_dead_replicas_agents_that_do_not_come_back_are_gone_after_the_grace() {
 }
 
 #[test]
+fn a_new_lease_keeps_every_agent_where_it_is() {
+    let mut w = World::new(2);
+    w.register(0, 1, 0);
+    w.register(1, 2, 2);
+    w.pump();
+    let paris = w.nodes[0].reg.id_of(1).unwrap();
+    // Replica 0 takes a new lease while the old one still lives (its
+    // keep-alives went unanswered for a TTL): it writes its agents' liveness
+    // keys again, unchanged.
+    w.nodes[0].rep.lease_renewed();
+    let again: Vec<Action> = w.nodes[0]
+        .reg
+        .local_records()
+        .into_iter()
+        .map(|r| Action::Persist(Record::Agent(r)))
+        .collect();
+    assert!(!again.is_empty());
+    w.execute(0, again);
+    w.pump();
+    assert!(w.nodes[0].closed.is_empty(), "an agent was dropped");
+    assert_eq!(w.nodes[0].reg.id_of(1), Some(paris));
+    // The key was written again (in the real store: onto the new lease).
+    let puts = w
+        .fake
+        .log
+        .iter()
+        .filter(|l| matches!(l, Watched::Put { key, .. } if *key == format!("/pon/online/{paris}")))
+        .count();
+    assert_eq!(puts, 2);
+    w.assert_converged();
+}
+
+#[test]
 fn a_goodbye_on_one_replica_is_announced_at_once_on_the_others() {
     let mut w = World::new(2);
     w.register(0, 1, 0);
