@@ -31,7 +31,9 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EtcdSettings {
-    /// etcd client URLs, e.g. `["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`.
+    /// etcd client URLs, e.g. `["http://10.0.0.1:2379", "http://10.0.0.2:2379"]`:
+    /// the first is used (list this host's member first), the next after
+    /// an error.
     pub endpoints: Vec<String>,
     /// Key prefix of this overlay's registry (several overlays can share
     /// one etcd cluster under different prefixes).
@@ -40,8 +42,8 @@ pub struct EtcdSettings {
     /// This replica's name: unique among the replicas; keep it across
     /// restarts (it owns id blocks under it).
     pub replica: String,
-    /// TTL of the replica's lease, in seconds: how long after a replica
-    /// dies the others see its agents' liveness keys vanish.
+    /// TTL of the replica's lease, in seconds (2 to 60): how long after a
+    /// replica dies the others see its agents' liveness keys vanish.
     #[serde(default = "default_lease_ttl_s")]
     pub lease_ttl_s: i64,
 }
