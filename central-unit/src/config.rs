@@ -70,6 +70,41 @@ pub struct CuConfig {
     /// Monitoring as a service: the thresholds of the matrix's events.
     #[serde(default)]
     pub pmon: crate::pmon::PmonSettings,
+    /// What one client or one cloud may take of the CU, and how long an
+    /// offline agent is remembered.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: hygiene against clients that would take more than their
+/// share (per-cloud quotas are `[clouds.NAME] max_agents`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections one source address may hold at once; beyond, new ones
+    /// are refused before their handshake. Agents behind one NAT share an
+    /// address, so this is generous; it stops one host from exhausting
+    /// the CU's connections.
+    pub connections_per_address: u32,
+    /// Handshakes in progress above which a new connection must first
+    /// prove its address with a QUIC Retry: a flood of (possibly spoofed)
+    /// Initial packets then costs one stateless packet each instead of a
+    /// TLS handshake. 0: always.
+    pub retry_above_handshakes: u32,
+    /// Agents offline this long (seconds) are forgotten: record deleted,
+    /// id and name free again (the name stays bound to its key). 0: never.
+    #[schemars(extend("x-unit" = "s"))]
+    pub forget_offline_after_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_per_address: 4096,
+            retry_above_handshakes: 256,
+            forget_offline_after_s: 30 * 24 * 3600,
+        }
+    }
 }
 
 fn default_cert() -> PathBuf {
@@ -129,6 +164,9 @@ impl CuConfig {
                 cfg.heartbeat_ms
             );
         }
+        if cfg.limits.connections_per_address == 0 {
+            anyhow::bail!("[limits] connections_per_address = 0 would refuse every agent");
+        }
         cfg.policy().context("in [policy]")?;
         cfg.grants()?;
         Ok(cfg)
@@ -185,6 +223,8 @@ impl CuConfig {
             restart_grace: Duration::from_millis(self.restart_grace_ms),
             grants: self.grants()?,
             admins,
+            forget_offline_after: (self.limits.forget_offline_after_s > 0)
+                .then(|| Duration::from_secs(self.limits.forget_offline_after_s)),
         })
     }
 }

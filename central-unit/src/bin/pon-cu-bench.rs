@@ -131,6 +131,8 @@ fn start_cu(
             site_base(site)
         );
     }
+    // Every simulated agent connects from 127.0.0.1: as many hosts, not one.
+    toml += "[limits]\nconnections_per_address = 1000000\n";
     std::fs::write(dir.join("cu.toml"), toml)?;
     let child = Command::new(bin)
         .args(["run", "--config"])
