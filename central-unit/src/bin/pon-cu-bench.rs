@@ -3,8 +3,8 @@
 //! per second, how long a join takes to reach every agent concerned (an app
 //! VM's join concerns its site's proxies, a proxy's every agent), the CU's
 //! memory per agent, and how long a re-registration storm takes to settle
-//! (the CU killed and restarted: every agent reconnects at once, with the
-//! real agents' backoff). A benchmark, not a test: bounded in agents and
+//! (the CU killed and restarted: every agent notices at once and
+//! reconnects with the real agents' backoff). A benchmark, not a test: bounded in agents and
 //! time. Every simulated agent has its own key and enrols first (not timed),
 //! as a real one does on its first start; the storms measure registrations
 //! with mutual TLS.
@@ -85,6 +85,9 @@ struct Probes {
     reconnect: std::sync::atomic::AtomicBool,
     /// Registrations that got a configuration, over the whole run.
     configs: AtomicUsize,
+    /// Bumped when the CU is killed: every session ends at once, as a real
+    /// agent's would within its 3 s idle timeout.
+    cu_gone: tokio::sync::watch::Sender<u64>,
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -221,9 +224,10 @@ async fn enrol(
         CuMsg::Enrolled { certificate } => {
             let chain = pon_cu::tls::certs_from_pem(&certificate)?;
             let cert = pon_cu::tls::ClientCert::new(chain, key.serialize_der());
-            // The real agents' idle timeout: a CU that died is noticed as
-            // they would notice it.
-            pon_cu::tls::client_config(ca, pon_cu::client::CU_IDLE_TIMEOUT, Some(cert))
+            // A long idle timeout: ten thousand agents in one process on
+            // shared cores may not be scheduled for seconds at a time (the
+            // restart phase tells them when the CU is gone).
+            pon_cu::tls::client_config(ca, Duration::from_secs(30), Some(cert))
                 .map_err(|e| e.to_string())
         }
         CuMsg::Refused(why) => Err(why),
@@ -304,6 +308,7 @@ async fn session(
         }
     };
     let mut configured = false;
+    let mut cu_gone = probes.cu_gone.subscribe();
     let mut dec = FrameDecoder::new(MAX_CU_FRAME);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -357,6 +362,7 @@ async fn session(
             _ = heartbeat.tick() => {
                 if send.write_all(&control::encode(&AgentMsg::Heartbeat)).await.is_err() { break }
             }
+            _ = cu_gone.changed() => break,
         }
     }
     drop(conn);
@@ -411,6 +417,7 @@ async fn main() -> anyhow::Result<()> {
         last_us: (0..args.probes).map(|_| AtomicU64::new(0)).collect(),
         reconnect: std::sync::atomic::AtomicBool::new(false),
         configs: AtomicUsize::new(0),
+        cu_gone: tokio::sync::watch::Sender::new(0),
     });
     let mut up = false;
     let mut warmup = population(1, 1).remove(0).register;
@@ -697,6 +704,7 @@ async fn main() -> anyhow::Result<()> {
         probes.reconnect.store(true, Ordering::Relaxed);
         probes.measuring.store(false, Ordering::Relaxed);
         drop(cu.take());
+        probes.cu_gone.send_modify(|n| *n += 1);
         // From now on `alive` counts the agents registered again (an old
         // session that ends later only clears it again).
         for a in probes.alive.iter() {
