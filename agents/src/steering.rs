@@ -33,6 +33,12 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The bypass set that leaves every destination to the IP path (no proxy
+/// of the site speaks).
+fn everything() -> Vec<IpNet> {
+    vec![IpNet::V4(Ipv4Net::default())]
+}
+
 /// Silence after which a proxy that used to steer counts as gone (three
 /// missed refreshes of the proxy's default 150 ms): its flows move to the
 /// site's other proxies, or with none left to the IP path, within a second.
@@ -139,7 +145,7 @@ impl SteeringState {
         }
         self.expired = true;
         c.lease_expired.inc();
-        Some(vec!["0.0.0.0/0".parse().expect("literal")])
+        Some(everything())
     }
 
     /// The bypass set to apply, if `bytes` from `from`, arrived at `now`,
@@ -348,7 +354,7 @@ impl SiteSteering {
     pub fn bypass(&self) -> Vec<IpNet> {
         let live: Vec<&Member> = self.members.iter().filter(|m| m.state.is_live()).collect();
         if live.is_empty() && !self.members.is_empty() {
-            return vec!["0.0.0.0/0".parse().expect("literal")];
+            return everything();
         }
         if live.iter().any(|m| !m.state.has_spoken()) {
             // A proxy with no verdict (yet) is assumed to reach everything.

@@ -74,6 +74,42 @@ pub struct CuConfig {
     /// (`store` is then unused). Absent: one CU with its redb store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub etcd: Option<crate::etcd::EtcdSettings>,
+    /// What one client or one cloud may take of the CU, and how long an
+    /// offline agent is remembered.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: hygiene against clients that would take more than their
+/// share (per-cloud quotas are `[clouds.NAME] max_agents`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections one source address may hold at once; beyond, new ones
+    /// are refused before their handshake. Agents behind one NAT share an
+    /// address, so this is generous; it stops one host from exhausting
+    /// the CU's connections.
+    pub connections_per_address: u32,
+    /// Handshakes in progress above which a new connection must first
+    /// prove its address with a QUIC Retry: a flood of (possibly spoofed)
+    /// Initial packets then costs one stateless packet each instead of a
+    /// TLS handshake. 0: always.
+    pub retry_above_handshakes: u32,
+    /// Agents offline this long (seconds) are forgotten: record deleted,
+    /// id and name free again (the name stays bound to its key). 0: never.
+    /// A single CU only: replicas on etcd keep every record.
+    #[schemars(extend("x-unit" = "s"))]
+    pub forget_offline_after_s: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections_per_address: 4096,
+            retry_above_handshakes: 256,
+            forget_offline_after_s: 30 * 24 * 3600,
+        }
+    }
 }
 
 fn default_cert() -> PathBuf {
@@ -132,6 +168,9 @@ impl CuConfig {
                 cfg.dead_after_ms,
                 cfg.heartbeat_ms
             );
+        }
+        if cfg.limits.connections_per_address == 0 {
+            anyhow::bail!("[limits] connections_per_address = 0 would refuse every agent");
         }
         cfg.policy().context("in [policy]")?;
         cfg.grants()?;
@@ -192,6 +231,10 @@ impl CuConfig {
             restart_grace: Duration::from_millis(self.restart_grace_ms),
             grants: self.grants()?,
             admins,
+            // Only a single CU forgets: replicas on etcd keep every record
+            // (see `Replica::write_for`).
+            forget_offline_after: (self.limits.forget_offline_after_s > 0 && self.etcd.is_none())
+                .then(|| Duration::from_secs(self.limits.forget_offline_after_s)),
         })
     }
 }

@@ -215,15 +215,26 @@ impl Service {
             );
         }
         self.stats.subscriptions.inc();
-        let matrix = CuMsg::Matrix(self.pmon.matrix(&sub, &registry.online_proxies(), now_ms));
+        // A matrix too large for one frame goes in parts.
+        let mut out: Vec<Out> = pon_proto::pmon::matrix_messages(self.pmon.matrix(
+            &sub,
+            &registry.online_proxies(),
+            now_ms,
+        ))
+        .into_iter()
+        .map(|m| Out::Send(conn, m))
+        .collect();
         if !sub.stream {
-            return vec![Out::Last(conn, matrix)];
+            if let Some(Out::Send(c, m)) = out.pop() {
+                out.push(Out::Last(c, m));
+            }
+            return out;
         }
         self.streams.insert(conn, sub);
         self.stats
             .streams
             .store(self.streams.len() as u64, Ordering::Relaxed);
-        vec![Out::Send(conn, matrix)]
+        out
     }
 
     /// Connection `conn` ended; `proxy` is the proxy it carried, if any.

@@ -34,6 +34,9 @@ pub struct Settings {
     pub grants: Grants,
     /// Keys of the admin certificates (`ponctl`).
     pub admins: Vec<KeyId>,
+    /// Agent records offline this long (by wall clock) are forgotten:
+    /// their ids and names are free again. None keeps them.
+    pub forget_offline_after: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -44,6 +47,7 @@ impl Default for Settings {
             restart_grace: Duration::from_secs(10),
             grants: Grants::default(),
             admins: Vec::new(),
+            forget_offline_after: None,
         }
     }
 }
@@ -86,6 +90,8 @@ pub enum Outgoing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Agent(AgentRecord),
+    /// An agent record dropped after a long time offline (`forget_offline`).
+    Forgotten(u32),
     Token(TokenRecord),
     Enrolment(Enrolment),
 }
@@ -692,6 +698,51 @@ impl Registry {
         Ok(())
     }
 
+    /// A new name in `cloud` would not exceed the cloud's `max_agents`
+    /// (records known, online or not: a cloud cannot fill the registry by
+    /// cycling names). Scans the registry, only for capped clouds.
+    fn check_quota(&self, cloud: &str) -> Result<(), Refused> {
+        let Some(max) = self.settings.grants.0.get(cloud).and_then(|g| g.max_agents) else {
+            return Ok(());
+        };
+        let known = self.by_key.keys().filter(|(c, _)| c == cloud).count();
+        if known >= max as usize {
+            return Err((
+                Refusal::Quota,
+                format!(
+                    "cloud {cloud} has {known} agents, its limit ([clouds.{cloud}] max_agents = {max})"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Forgets the agents offline for longer than `forget_offline_after`
+    /// at wall-clock `wall_ms`: their records leave the registry and the
+    /// store, their ids and names are free. Nobody is told: an offline
+    /// agent is in no view already. Returns the store writes and how many
+    /// were forgotten.
+    pub fn forget_offline(&mut self, wall_ms: u64) -> (Vec<Action>, usize) {
+        let Some(after) = self.settings.forget_offline_after else {
+            return (Vec::new(), 0);
+        };
+        let limit = wall_ms.saturating_sub(after.as_millis() as u64);
+        let old: Vec<u32> = self
+            .agents
+            .iter()
+            .filter(|(_, e)| matches!(e.presence, Presence::Offline) && e.last_seen_ms < limit)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::with_capacity(old.len());
+        for id in &old {
+            if let Some(e) = self.agents.remove(id) {
+                self.by_key.remove(&(e.info.cloud, e.info.name));
+                out.push(Action::Persist(Record::Forgotten(*id)));
+            }
+        }
+        (out, old.len())
+    }
+
     /// R: a registration on `conn`, whose client certificate holds `key`.
     /// Returns the actions and, if refused, why.
     pub fn register(
@@ -715,6 +766,12 @@ impl Registry {
                 &mut out,
             );
             return (out, Some(Refusal::Invalid));
+        }
+        if known.is_none() {
+            if let Err((why, text)) = self.check_quota(&r.cloud) {
+                Self::refuse(conn, text, &mut out);
+                return (out, Some(why));
+            }
         }
         let key = (r.cloud.clone(), r.name.clone());
         let id = match self.by_key.get(&key) {
@@ -1044,6 +1101,7 @@ pub(crate) mod tests {
         let wide = Grant {
             prefixes: vec!["198.18.0.0/16".parse().unwrap()],
             endpoints: vec![],
+            max_agents: None,
         };
         let grants = ["a", "b", "c", "paris", "tokyo"]
             .map(|c| (c.to_string(), wide.clone()))
@@ -1237,6 +1295,59 @@ pub(crate) mod tests {
         let (_, who) = r.disconnected(1, false, 8);
         assert_eq!(who, Some((1, LeaveReason::Closed)));
         assert_eq!(r.disconnected(1, false, 8).1, None);
+    }
+
+    #[test]
+    fn a_cloud_at_its_quota_takes_no_new_name_but_its_agents_come_back() {
+        let mut r = cu();
+        r.settings.grants.0.get_mut("a").unwrap().max_agents = Some(2);
+        let t = Duration::ZERO;
+        assert_eq!(join(&mut r, 1, reg("a", "p", "PROXY", 1), t, 1).1, None);
+        assert_eq!(join(&mut r, 2, reg("a", "v1", "APP", 11), t, 1).1, None);
+        let (a, why) = join(&mut r, 3, reg("a", "v2", "APP", 12), t, 1);
+        assert_eq!(why, Some(Refusal::Quota));
+        assert!(refusal_text(&a, 3).contains("max_agents = 2"), "{a:?}");
+        // Offline agents still count (names cannot be cycled to fill the
+        // registry), and they come back under their own name.
+        r.disconnected(2, true, 2);
+        assert_eq!(
+            join(&mut r, 4, reg("a", "v3", "APP", 13), t, 3).1,
+            Some(Refusal::Quota)
+        );
+        assert_eq!(join(&mut r, 5, reg("a", "v1", "APP", 11), t, 3).1, None);
+        // Other clouds are not held back.
+        assert_eq!(join(&mut r, 6, reg("b", "v", "APP", 21), t, 3).1, None);
+    }
+
+    #[test]
+    fn agents_offline_too_long_are_forgotten_and_their_ids_freed() {
+        let mut r = cu();
+        r.settings.forget_offline_after = Some(Duration::from_secs(3600));
+        let t = Duration::ZERO;
+        let h = 3_600_000;
+        join(&mut r, 1, reg("a", "p", "PROXY", 1), t, 1_000);
+        join(&mut r, 2, reg("a", "v", "APP", 11), t, 1_000);
+        join(&mut r, 3, reg("b", "p", "PROXY", 2), t, 1_000);
+        r.disconnected(2, true, 2_000);
+        r.disconnected(3, false, 5_000);
+        // Online agents are never forgotten, offline ones once their time
+        // is up, each at its own.
+        assert_eq!(r.forget_offline(2_000 + h).1, 0);
+        let (a, n) = r.forget_offline(2_001 + h);
+        assert_eq!(n, 1);
+        assert_eq!(a, vec![Action::Persist(Record::Forgotten(2))]);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.forget_offline(10 * h).1, 1);
+        assert_eq!(r.len(), 1);
+        assert!(r.records().iter().all(|rec| rec.info.id == 1));
+        // A forgotten agent that comes back is a new one.
+        let (a, why) = join(&mut r, 4, reg("a", "v", "APP", 11), t, 10 * h);
+        assert_eq!(why, None);
+        assert_ne!(config_of(&a, 4).id, 0);
+        // Without the setting, nothing is forgotten.
+        r.settings.forget_offline_after = None;
+        r.disconnected(4, true, 10 * h);
+        assert_eq!(r.forget_offline(u64::MAX).1, 0);
     }
 
     #[test]
@@ -1621,6 +1732,7 @@ pub(crate) mod tests {
         let g = |p: &str, e: &str| Grant {
             prefixes: vec![p.parse().unwrap()],
             endpoints: vec![e.parse().unwrap()],
+            max_agents: None,
         };
         let mut r = Registry::new(
             Settings {
@@ -1770,7 +1882,7 @@ pub(crate) mod tests {
             /// with addresses in its cloud's grant and held by nobody else.
             #[test]
             fn registry_invariants_hold_under_hostile_clients(ops in prop::collection::vec(op(), 1..60)) {
-                let g = |p: &str| Grant { prefixes: vec![p.parse().unwrap()], endpoints: vec![] };
+                let g = |p: &str| Grant { prefixes: vec![p.parse().unwrap()], endpoints: vec![], max_agents: None };
                 let mut r = Registry::new(
                     Settings {
                         grants: Grants([("paris".to_string(), g("198.18.1.0/24")), ("tokyo".to_string(), g("198.18.2.0/24"))].into()),

@@ -356,6 +356,10 @@ impl Replica {
                 lost: None,
                 owns: None,
             }),
+            // Replicas forget no one (`CuConfig::settings` turns
+            // `forget_offline_after` off with `[etcd]`): removing a record
+            // every replica holds needs its own watched delete.
+            Record::Forgotten(_) => None,
             Record::Enrolment(e) => Some(Write {
                 txn: Txn::always(vec![put(
                     self.key(&format!("enrolments/{}", hex(&e.key.0))),

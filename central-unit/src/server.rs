@@ -46,6 +46,8 @@ fn coalesce_window(connections: u64) -> Duration {
         .clamp(COALESCE_MIN, COALESCE_MAX)
 }
 const TICK: Duration = Duration::from_millis(100);
+/// Offline agents are looked for every 10 s (a scan of the registry).
+const FORGET_EVERY_TICKS: u64 = 100;
 
 /// QUIC application close codes.
 pub mod close_code {
@@ -74,6 +76,9 @@ pon_telemetry::counters! {
         register_timeouts => ("pon_cu_timeouts_total", "stage=\"register\"", "Connections dropped for being too slow."),
         stalled => ("pon_cu_timeouts_total", "stage=\"write\"", "Connections dropped for being too slow."),
         handshake_failures => ("pon_cu_handshake_failures_total", "", "QUIC/TLS handshakes that failed."),
+        retries => ("pon_cu_quic_retries_total", "", "New connections asked to prove their address first (QUIC Retry), because too many handshakes were in progress."),
+        per_address => ("pon_cu_connections_refused_total", "reason=\"per_address\"", "New connections refused before their handshake, by reason."),
+        forgotten => ("pon_cu_agents_forgotten_total", "", "Agent records forgotten after [limits] forget_offline_after_s offline."),
         config_frames => ("pon_cu_frames_sent_total", "kind=\"config\"", "Frames sent to agents."),
         update_frames => ("pon_cu_frames_sent_total", "kind=\"update\"", "Frames sent to agents."),
         resyncs => ("pon_cu_resyncs_total", "", "Agents sent a full configuration because their update queue overflowed."),
@@ -91,6 +96,8 @@ pub struct CuStats {
     pub known: AtomicU64,
     pub online: AtomicU64,
     pub connections: AtomicU64,
+    /// Connections accepted whose handshake is not over.
+    pub handshakes: AtomicU64,
 }
 
 impl CuStats {
@@ -127,6 +134,12 @@ impl CuStats {
             "",
             "Open agent connections.",
             g(&self.connections),
+        );
+        w.gauge(
+            "pon_cu_handshakes",
+            "",
+            "Connections whose QUIC/TLS handshake is in progress.",
+            g(&self.handshakes),
         );
         if let Some(rss) = resident_memory() {
             w.gauge(
@@ -343,9 +356,34 @@ pub async fn serve(
         stats.clone(),
     ));
     let next_conn = Arc::new(AtomicU64::new(1));
+    let per_address = Arc::new(PerAddress::new(cfg.limits.connections_per_address));
+    let retry_above = u64::from(cfg.limits.retry_above_handshakes);
     while let Some(incoming) = endpoint.accept().await {
+        // Under load, a client proves it owns its address before it gets a
+        // handshake (a Retry costs the CU one stateless packet).
+        if stats.handshakes.load(Ordering::Relaxed) >= retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            stats.counters.retries.inc();
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        let Some(slot) = per_address.take(incoming.remote_address().ip()) else {
+            stats.counters.per_address.inc();
+            incoming.refuse();
+            continue;
+        };
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(connection(incoming, id, events_tx.clone(), stats.clone()));
+        tokio::spawn(connection(
+            incoming,
+            id,
+            events_tx.clone(),
+            stats.clone(),
+            slot,
+        ));
     }
     actor.abort();
     Ok(())
@@ -430,6 +468,7 @@ async fn actor(
     let mut handles: HashMap<ConnId, ConnHandle> = HashMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
     loop {
         let actions = tokio::select! {
             ev = events.recv() => {
@@ -460,7 +499,16 @@ async fn actor(
                 actions
             }
             _ = tick.tick() => {
-                let (actions, gone) = registry.tick(start.elapsed());
+                let (mut actions, gone) = registry.tick(start.elapsed());
+                ticks += 1;
+                if ticks.is_multiple_of(FORGET_EVERY_TICKS) {
+                    let (forget, n) = registry.forget_offline(wall_ms());
+                    if n > 0 {
+                        stats.counters.forgotten.add(n as u64);
+                        tracing::info!(forgotten = n, "agents offline too long forgotten");
+                    }
+                    actions.extend(forget);
+                }
                 for (id, why) in gone {
                     count_leave(&stats, why);
                     tracing::info!(id, reason = why.label(), "agent gone");
@@ -736,6 +784,61 @@ fn count_bad(stats: &CuStats, e: &ControlError) {
     }
 }
 
+/// Open connections per source address, against `[limits]
+/// connections_per_address`.
+struct PerAddress {
+    max: u32,
+    open: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
+}
+
+impl PerAddress {
+    fn new(max: u32) -> Self {
+        PerAddress {
+            max,
+            open: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, if it has one left;
+    /// dropping the slot gives it back.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), ip))
+    }
+}
+
+struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Counts a handshake in progress until dropped.
+struct Handshaking<'a>(&'a CuStats);
+impl<'a> Handshaking<'a> {
+    fn new(stats: &'a CuStats) -> Self {
+        stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        Handshaking(stats)
+    }
+}
+impl Drop for Handshaking<'_> {
+    fn drop(&mut self) {
+        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct ConnGuard<'a>(&'a CuStats);
 impl Drop for ConnGuard<'_> {
     fn drop(&mut self) {
@@ -748,7 +851,9 @@ async fn connection(
     id: ConnId,
     events: mpsc::Sender<Event>,
     stats: Arc<CuStats>,
+    _slot: AddressSlot,
 ) {
+    let handshaking = Handshaking::new(&stats);
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -761,6 +866,7 @@ async fn connection(
             return;
         }
     };
+    drop(handshaking);
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&stats);
     let remote = conn.remote_address();

@@ -323,6 +323,7 @@ impl Session {
             | CuMsg::Tokens(_)
             | CuMsg::Revoked { .. }
             | CuMsg::Matrix(_)
+            | CuMsg::MatrixPart { .. }
             | CuMsg::Events(_)
             | CuMsg::Cells(_) => Ok(vec![]),
             CuMsg::Refused(why) => Err(Refused(why)),

@@ -123,9 +123,12 @@ impl Store {
             let mut enrolments = tx.open_table(ENROLMENTS).map_err(db_err)?;
             for r in records {
                 match r {
-                    Record::Agent(a) => agents.insert(a.info.id, enc(a)?.as_slice()),
-                    Record::Token(t) => tokens.insert(&t.hash, enc(t)?.as_slice()),
-                    Record::Enrolment(e) => enrolments.insert(&e.key.0, enc(e)?.as_slice()),
+                    Record::Agent(a) => agents.insert(a.info.id, enc(a)?.as_slice()).map(drop),
+                    Record::Forgotten(id) => agents.remove(id).map(drop),
+                    Record::Token(t) => tokens.insert(&t.hash, enc(t)?.as_slice()).map(drop),
+                    Record::Enrolment(e) => {
+                        enrolments.insert(&e.key.0, enc(e)?.as_slice()).map(drop)
+                    }
                 }
                 .map_err(db_err)?;
             }
@@ -205,6 +208,7 @@ enum RecordKey {
 fn key_of(r: &Record) -> RecordKey {
     match r {
         Record::Agent(a) => RecordKey::Agent(a.info.id),
+        Record::Forgotten(id) => RecordKey::Agent(*id),
         Record::Token(t) => RecordKey::Token(t.hash),
         Record::Enrolment(e) => RecordKey::Enrolment(e.key.0),
     }

@@ -129,7 +129,13 @@ pub fn client_config(
 fn transport(idle: Duration) -> Result<quinn::TransportConfig, TlsError> {
     let idle = quinn::IdleTimeout::try_from(idle).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(idle));
+    transport
+        .max_idle_timeout(Some(idle))
+        // Control traffic is small and rare: no batches of datagrams (each
+        // connection would keep a transmit buffer sized for ten of them),
+        // and no path MTU probing (its state and probes, per connection).
+        .enable_segmentation_offload(false)
+        .mtu_discovery_config(None);
     Ok(transport)
 }
 

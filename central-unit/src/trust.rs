@@ -86,10 +86,12 @@ pub enum Refusal {
     AddressHeld,
     NotAdmin,
     Invalid,
+    /// The cloud has its `max_agents`.
+    Quota,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 15] = [
+    pub const ALL: [Refusal; 16] = [
         Refusal::Version,
         Refusal::Token,
         Refusal::TokenExpired,
@@ -105,6 +107,7 @@ impl Refusal {
         Refusal::AddressHeld,
         Refusal::NotAdmin,
         Refusal::Invalid,
+        Refusal::Quota,
     ];
 
     pub fn label(self) -> &'static str {
@@ -124,6 +127,7 @@ impl Refusal {
             Refusal::AddressHeld => "address_held",
             Refusal::NotAdmin => "not_admin",
             Refusal::Invalid => "invalid_register",
+            Refusal::Quota => "cloud_quota",
         }
     }
 }
@@ -141,6 +145,10 @@ pub struct Grant {
     /// `prefixes` (a public 1:1 NAT address, say).
     #[serde(default)]
     pub endpoints: Vec<IpNet>,
+    /// Most agents (records, online or not) the cloud may have; none: no
+    /// limit. A new name beyond it is refused (`cloud_quota`).
+    #[serde(default)]
+    pub max_agents: Option<u32>,
 }
 
 /// Every cloud's grant. A cloud without one may not register anything:
@@ -755,6 +763,7 @@ mod tests {
             Grant {
                 prefixes: vec!["198.18.1.0/24".parse().unwrap()],
                 endpoints: vec!["203.0.113.7/32".parse().unwrap()],
+                max_agents: None,
             },
         )]))
     }

@@ -37,6 +37,11 @@ impl Drop for Cu {
 /// A CU on loopback whose clouds a, b and c may use 127.0.1.0/24, 127.0.2.0/24
 /// and 127.0.3.0/24.
 async fn start() -> Cu {
+    start_with("").await
+}
+
+/// The same, with more of cu.toml (tables after the clouds').
+async fn start_with(extra: &str) -> Cu {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "pon-cu-it-{}-{}",
@@ -47,12 +52,12 @@ async fn start() -> Cu {
     std::fs::create_dir_all(&dir).unwrap();
     let files = pon_cu::pki::InitFiles::in_dir(&dir);
     pon_cu::pki::init(&files, "pon-cu", &["127.0.0.1".parse().unwrap()], true).unwrap();
-    let mut cfg = CuConfig::parse(
+    let mut cfg = CuConfig::parse(&format!(
         "listen = \"127.0.0.1:0\"\n\
          [clouds.a]\nprefixes = [\"127.0.1.0/24\"]\n\
          [clouds.b]\nprefixes = [\"127.0.2.0/24\"]\n\
-         [clouds.c]\nprefixes = [\"127.0.3.0/24\"]\n",
-    )
+         [clouds.c]\nprefixes = [\"127.0.3.0/24\"]\n{extra}",
+    ))
     .unwrap();
     cfg.cert = files.cert.clone();
     cfg.key = files.key.clone();
@@ -712,4 +717,49 @@ async fn cert_from_store(cu: &Cu, key: &Key, _token: &str) -> ClientCert {
         pon_cu::tls::certs_from_pem(&pem).unwrap(),
         key.pair.serialize_der(),
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_clients_prove_their_address_and_one_address_gets_its_share() {
+    // Every handshake counts as "under load": each new connection is first
+    // sent a Retry, which a real client follows.
+    let cu =
+        start_with("[limits]\nconnections_per_address = 3\nretry_above_handshakes = 0\n").await;
+    let token = cu.token("a", "APP", None).await;
+    let agent = join(&cu, &token, "a", "v1", "APP", app(addr(1, 11))).await;
+    let retries = cu.stats.counters.retries.get();
+    assert!(
+        retries >= 2,
+        "enrolment and registration both retried: {retries}"
+    );
+    // The agent holds one connection from 127.0.0.1; two more fit, a
+    // fourth is refused before any handshake, the agent untouched.
+    let c2 = cu.connect(None).await;
+    let _c3 = cu.connect(None).await;
+    let fourth = cu
+        .client
+        .connect_with(cu.config(None), cu.addr, "pon-cu")
+        .unwrap()
+        .await;
+    assert!(fourth.is_err(), "a fourth connection from one address");
+    assert_eq!(cu.stats.counters.per_address.get(), 1);
+    assert!(agent.conn.close_reason().is_none());
+    // A connection that ends gives its slot back.
+    c2.close(0u32.into(), b"done");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let again = cu
+            .client
+            .connect_with(cu.config(None), cu.addr, "pon-cu")
+            .unwrap()
+            .await;
+        if again.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

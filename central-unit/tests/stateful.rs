@@ -75,6 +75,7 @@ impl World {
         let grant = |p: &str| Grant {
             prefixes: vec![p.parse().unwrap()],
             endpoints: vec![],
+            max_agents: None,
         };
         let grants = [("a", grant("198.18.1.0/24")), ("b", grant("198.18.2.0/24"))]
             .map(|(c, g)| (c.to_string(), g))

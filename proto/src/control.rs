@@ -329,6 +329,13 @@ pub enum CuMsg {
     Events(Vec<crate::pmon::Event>),
     /// PMon: cells that changed, for a streaming subscription.
     Cells(Vec<crate::pmon::Cell>),
+    /// PMon: one part of a matrix too large for one frame (see
+    /// `pon_proto::pmon::matrix_messages`); `last` ends it. Kept last in
+    /// this enum so the variants before keep their wire index.
+    MatrixPart {
+        part: crate::pmon::Matrix,
+        last: bool,
+    },
 }
 
 /// Encodes one frame (length prefix + message).

@@ -220,6 +220,104 @@ pub struct Matrix {
     pub loss_threshold_ppm: u32,
 }
 
+/// Cells per matrix message. A cell is at most about 700 bytes encoded
+/// (two site names of 64 bytes, a route of `MAX_ROUTE_HOPS` ids and the
+/// relays' site names, the figures), so a part stays well under the CU's
+/// 16 MiB frame (`matrix_part_of_worst_case_cells_fits_a_frame`); a
+/// thousand sites make a million cells, about sixty parts.
+pub const MATRIX_PART_CELLS: usize = 16_384;
+
+/// The messages that carry `m`: one `CuMsg::Matrix` when it fits in one
+/// part (what every client understands), else `CuMsg::MatrixPart`s of at
+/// most [`MATRIX_PART_CELLS`] cells each, the first with the proxies and
+/// thresholds, the last marked.
+pub fn matrix_messages(m: Matrix) -> Vec<crate::control::CuMsg> {
+    use crate::control::CuMsg;
+    if m.cells.len() <= MATRIX_PART_CELLS {
+        return vec![CuMsg::Matrix(m)];
+    }
+    let Matrix {
+        proxies,
+        cells,
+        rtt_threshold_us,
+        loss_threshold_ppm,
+    } = m;
+    let n = cells.len().div_ceil(MATRIX_PART_CELLS);
+    let mut out = Vec::with_capacity(n);
+    let mut proxies = Some(proxies);
+    let mut rest = cells.into_iter();
+    for i in 0..n {
+        out.push(CuMsg::MatrixPart {
+            part: Matrix {
+                proxies: proxies.take().unwrap_or_default(),
+                cells: rest.by_ref().take(MATRIX_PART_CELLS).collect(),
+                rtt_threshold_us,
+                loss_threshold_ppm,
+            },
+            last: i + 1 == n,
+        });
+    }
+    out
+}
+
+/// A client's side of [`matrix_messages`]: feed it the CU's messages;
+/// it returns the whole matrix once complete, and refuses parts that do
+/// not add up (a part after the last, or more cells than any matrix of
+/// `max_cells` pairs has).
+#[derive(Debug, Default)]
+pub struct MatrixAssembler {
+    partial: Option<Matrix>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssembleError {
+    #[error("a matrix part of {0} cells is over the {MATRIX_PART_CELLS} a part may have")]
+    PartTooLarge(usize),
+    #[error("the matrix's parts add up to more than {0} cells")]
+    TooManyCells(usize),
+}
+
+impl MatrixAssembler {
+    /// A whole `Matrix`, or the matrix a `MatrixPart` with `last` ends.
+    /// Other messages are not the assembler's: `Ok(None)`.
+    pub fn push(
+        &mut self,
+        msg: crate::control::CuMsg,
+        max_cells: usize,
+    ) -> Result<Option<Matrix>, AssembleError> {
+        use crate::control::CuMsg;
+        match msg {
+            CuMsg::Matrix(m) => {
+                self.partial = None;
+                Ok(Some(m))
+            }
+            CuMsg::MatrixPart { part, last } => {
+                if part.cells.len() > MATRIX_PART_CELLS {
+                    self.partial = None;
+                    return Err(AssembleError::PartTooLarge(part.cells.len()));
+                }
+                let whole = match self.partial.take() {
+                    None => part,
+                    Some(mut m) => {
+                        m.cells.extend(part.cells);
+                        m
+                    }
+                };
+                if whole.cells.len() > max_cells {
+                    return Err(AssembleError::TooManyCells(max_cells));
+                }
+                if last {
+                    Ok(Some(whole))
+                } else {
+                    self.partial = Some(whole);
+                    Ok(None)
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
@@ -291,6 +389,104 @@ mod tests {
                 loss_ppm: Some(0),
             },
         }
+    }
+
+    /// The largest cell a matrix can hold: 64-byte site names, a route of
+    /// every hop, every relay's site named, every figure at its widest.
+    fn worst_cell(i: usize) -> Cell {
+        let name = |k: usize| format!("{:064}", k);
+        Cell {
+            from: name(i),
+            to: name(i + 1),
+            from_proxy: u32::MAX,
+            to_proxy: u32::MAX,
+            reported: true,
+            reachable: true,
+            route: vec![u32::MAX; MAX_ROUTE_HOPS],
+            via: (0..MAX_ROUTE_HOPS - 1).map(name).collect(),
+            figures: Figures {
+                rtt_us: Some(u32::MAX),
+                p50_us: Some(u32::MAX),
+                p90_us: Some(u32::MAX),
+                p99_us: Some(u32::MAX),
+                jitter_us: Some(u32::MAX),
+                loss_ppm: Some(u32::MAX),
+            },
+            age_ms: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn matrix_part_of_worst_case_cells_fits_a_frame() {
+        let m = Matrix {
+            proxies: Vec::new(),
+            cells: (0..MATRIX_PART_CELLS).map(worst_cell).collect(),
+            ..Matrix::default()
+        };
+        let frame = crate::control::encode(&crate::control::CuMsg::MatrixPart {
+            part: m,
+            last: true,
+        });
+        assert!(
+            frame.len() <= crate::control::MAX_CU_FRAME,
+            "{} bytes",
+            frame.len()
+        );
+    }
+
+    #[test]
+    fn a_large_matrix_goes_in_parts_and_comes_back_whole() {
+        let small = Matrix {
+            cells: (0..3).map(worst_cell).collect(),
+            ..Matrix::default()
+        };
+        // What fits goes as one Matrix, as before.
+        assert_eq!(
+            matrix_messages(small.clone()),
+            vec![crate::control::CuMsg::Matrix(small)]
+        );
+        let n = 2 * MATRIX_PART_CELLS + 5;
+        let big = Matrix {
+            proxies: vec![ProxyRef {
+                id: 1,
+                site: "paris".into(),
+                name: "p".into(),
+            }],
+            cells: (0..n)
+                .map(|i| Cell {
+                    from_proxy: i as u32,
+                    ..Cell::default()
+                })
+                .collect(),
+            rtt_threshold_us: 7,
+            loss_threshold_ppm: 9,
+        };
+        let msgs = matrix_messages(big.clone());
+        assert_eq!(msgs.len(), 3);
+        let mut a = MatrixAssembler::default();
+        let mut got = None;
+        for (i, m) in msgs.iter().enumerate() {
+            let r = a.push(m.clone(), n).unwrap();
+            assert_eq!(r.is_some(), i == 2);
+            got = r.or(got);
+        }
+        assert_eq!(got, Some(big.clone()));
+        // A client that expects fewer pairs refuses the flood.
+        let mut a = MatrixAssembler::default();
+        let r: Result<Vec<_>, _> = msgs.into_iter().map(|m| a.push(m, n - 1)).collect();
+        assert_eq!(r, Err(AssembleError::TooManyCells(n - 1)));
+        // An oversized part is refused.
+        let fat = crate::control::CuMsg::MatrixPart {
+            part: Matrix {
+                cells: vec![Cell::default(); MATRIX_PART_CELLS + 1],
+                ..Matrix::default()
+            },
+            last: true,
+        };
+        assert_eq!(
+            MatrixAssembler::default().push(fat, usize::MAX),
+            Err(AssembleError::PartTooLarge(MATRIX_PART_CELLS + 1))
+        );
     }
 
     #[test]

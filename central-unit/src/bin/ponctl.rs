@@ -222,33 +222,36 @@ async fn pmon(args: &Args, pair: &Pair, stream: bool, values: bool) -> anyhow::R
         version: PROTOCOL_VERSION,
         subscription,
     };
-    if !stream {
-        let answer = pon_cu::enrolment::request(&conn, &msg)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))
-            .with_context(|| format!("asking the CU at {}", args.cu))?;
-        conn.close(0u32.into(), b"done");
-        ep.wait_idle().await;
-        match answer {
-            CuMsg::Matrix(m) if args.json => println!("{}", serde_json::to_string_pretty(&m)?),
-            CuMsg::Matrix(m) => print!("{}", pmon_text::matrix(&m)),
-            CuMsg::Refused(why) => bail!("the CU refused: {why}"),
-            other => bail!("unexpected answer from the CU: {other:?}"),
-        }
-        return Ok(());
-    }
     // The stream stays open both ways: the CU drops a watcher whose
-    // stream ends.
+    // stream ends. A one-off matrix ends when the CU closes it.
     let (mut send, mut recv) = conn.open_bi().await.context("opening a stream to the CU")?;
     send.write_all(&pon_proto::control::encode(&msg))
         .await
         .context("subscribing")?;
     let mut dec = FrameDecoder::new(MAX_CU_FRAME);
+    // A large matrix comes in parts (a thousand sites: a million cells).
+    let mut parts = pon_proto::pmon::MatrixAssembler::default();
+    const MAX_CELLS: usize = 1 << 22;
     loop {
         while let Some(m) = dec.next_msg::<CuMsg>()? {
+            if let CuMsg::Matrix(_) | CuMsg::MatrixPart { .. } = m {
+                let Some(m) = parts.push(m, MAX_CELLS)? else {
+                    continue;
+                };
+                match (stream, args.json) {
+                    (false, true) => println!("{}", serde_json::to_string_pretty(&m)?),
+                    (false, false) => print!("{}", pmon_text::matrix(&m)),
+                    (true, true) => println!("{}", serde_json::json!({"matrix": m})),
+                    (true, false) => eprint!("{}", pmon_text::matrix(&m)),
+                }
+                if !stream {
+                    conn.close(0u32.into(), b"done");
+                    ep.wait_idle().await;
+                    return Ok(());
+                }
+                continue;
+            }
             match m {
-                CuMsg::Matrix(m) if args.json => println!("{}", serde_json::json!({"matrix": m})),
-                CuMsg::Matrix(m) => eprint!("{}", pmon_text::matrix(&m)),
                 CuMsg::Events(evs) => {
                     for e in evs {
                         if args.json {

@@ -87,6 +87,7 @@ fn settings() -> Settings {
     let wide = Grant {
         prefixes: vec!["198.18.0.0/16".parse().unwrap()],
         endpoints: vec![],
+        max_agents: None,
     };
     Settings {
         grants: Grants(CLOUDS.map(|c| (c.to_string(), wide.clone())).into()),
