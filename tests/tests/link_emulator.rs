@@ -262,8 +262,11 @@ fn impair_changes_links_while_traffic_flows() {
     assert!(slowed.iter().all(|(_, rtt)| *rtt >= 99.9), "{slowed:?}");
     let mut rtts: Vec<f64> = slowed.iter().map(|(_, rtt)| *rtt).collect();
     rtts.sort_by(f64::total_cmp);
+    // The median is the delay plus what the namespaces' stacks and a
+    // loaded machine add (CI saw 101.0 ms); a doubled or stale delay
+    // would be far above.
     assert!(
-        rtts[rtts.len() / 2] < 101.0,
+        rtts[rtts.len() / 2] < 110.0,
         "median RTT {} ms",
         rtts[rtts.len() / 2]
     );
