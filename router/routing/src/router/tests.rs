@@ -219,23 +219,32 @@ fn paths_alternating_within_the_margin_do_not_flap() {
     assert_eq!(changes, 0);
 }
 
-#[test]
-fn failover_is_immediate_after_consecutive_losses() {
+/// Paths to 2: direct 50 ms, via 3 80 ms, via 4 60 ms, others 200 ms.
+fn healthy(h: &Hops) -> Option<u64> {
+    Some(match h.as_slice() {
+        [2] => 50,
+        [3, 2] => 80,
+        [4, 2] => 60,
+        _ => 200,
+    })
+}
+
+/// A router (three failover losses, `relays` relays) after five healthy
+/// intervals: routed direct.
+fn healthy_start(relays: u32) -> Router {
     let mut c = cfg();
     c.failover_losses = 3;
-    let mut r = router(c, 3);
-    let healthy = |h: &Hops| {
-        Some(match h.as_slice() {
-            [2] => 50,
-            [3, 2] => 80,
-            [4, 2] => 60,
-            _ => 200,
-        })
-    };
+    let mut r = router(c, relays);
     for t in 0..5 {
         step(&mut r, t, &healthy);
     }
     assert_eq!(r.current_path(2), Some(hops(&[2])));
+    r
+}
+
+#[test]
+fn failover_is_immediate_after_consecutive_losses() {
+    let mut r = healthy_start(3);
     // The direct path dies.
     let broken = |h: &Hops| if h.len() == 1 { None } else { healthy(h) };
     assert!(changed_to(&step(&mut r, 5, &broken)).is_empty());
@@ -253,21 +262,7 @@ fn failover_is_immediate_after_consecutive_losses() {
 fn keepalives_after_healthy_start(
     world: &dyn Fn(&Hops) -> Option<u64>,
 ) -> (Router, Vec<RouterEvent>) {
-    let mut c = cfg();
-    c.failover_losses = 3;
-    let mut r = router(c, 2);
-    let healthy = |h: &Hops| {
-        Some(match h.as_slice() {
-            [2] => 50,
-            [3, 2] => 80,
-            [4, 2] => 60,
-            _ => 200,
-        })
-    };
-    for t in 0..5 {
-        step(&mut r, t, &healthy);
-    }
-    assert_eq!(r.current_path(2), Some(hops(&[2])));
+    let mut r = healthy_start(2);
     assert_eq!(r.poll_timeout(), Some(secs(5)));
     let mut events = Vec::new();
     for k in 0..3 {
