@@ -193,11 +193,24 @@ impl Lab {
     /// Runs ponctl in the CU's host against the lab's CU, trusting `ca`
     /// and presenting the certificate `cert` with its key `key`.
     pub fn ponctl_with(&self, ca: &Path, cert: &Path, key: &Path, extra: &[&str]) -> Output {
+        self.ponctl_at("cu", "198.18.250.1:7400", ca, cert, key, extra)
+    }
+
+    /// Runs ponctl inside `host` against the CU at `cu` (a replica, say).
+    pub fn ponctl_at(
+        &self,
+        host: &str,
+        cu: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        extra: &[&str],
+    ) -> Output {
         let ponctl = bin_dir().join("ponctl");
         let mut args = vec![
             ponctl.to_str().expect("UTF-8 path"),
             "--cu",
-            "198.18.250.1:7400",
+            cu,
             "--ca",
             ca.to_str().expect("UTF-8 path"),
             "--cert",
@@ -206,18 +219,50 @@ impl Lab {
             key.to_str().expect("UTF-8 path"),
         ];
         args.extend_from_slice(extra);
-        self.exec("cu", &args)
+        self.exec(host, &args)
     }
 
     /// Runs ponctl with the lab's own CA and admin credential.
     pub fn ponctl(&self, extra: &[&str]) -> Output {
+        self.admin_ponctl("cu", "198.18.250.1:7400", extra)
+    }
+
+    /// ponctl with the lab's own CA and admin credential, inside `host`
+    /// against the CU at `cu`.
+    pub fn admin_ponctl(&self, host: &str, cu: &str, extra: &[&str]) -> Output {
         let dir = self.state_dir().join("cu");
-        self.ponctl_with(
-            &dir.join("ca.pem"),
-            &dir.join("admin.pem"),
-            &dir.join("admin.key"),
-            extra,
-        )
+        let (ca, cert, key) = (
+            dir.join("ca.pem"),
+            dir.join("admin.pem"),
+            dir.join("admin.key"),
+        );
+        self.ponctl_at(host, cu, &ca, &cert, &key, extra)
+    }
+
+    /// (cloud, name) -> (id, online) as the CU at `cu` lists its registry
+    /// (`ponctl --json`, run inside `host`).
+    pub fn registry_on(
+        &self,
+        host: &str,
+        cu: &str,
+    ) -> std::collections::BTreeMap<(String, String), (u64, bool)> {
+        let out = self.admin_ponctl(host, cu, &["--json"]);
+        assert!(out.status.success(), "ponctl on {host}: {}", text(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ponctl --json");
+        v.as_array()
+            .expect("a list of agents")
+            .iter()
+            .map(|a| {
+                let s = |f: &str| a[f].as_str().expect("a string field").to_string();
+                (
+                    (s("cloud"), s("name")),
+                    (
+                        a["id"].as_u64().expect("an id"),
+                        a["online"].as_bool().expect("online"),
+                    ),
+                )
+            })
+            .collect()
     }
 
     /// The state directory (keys, certificate) of `daemon` on `host`

@@ -5,7 +5,7 @@
 //! cost no ping and change no id.
 
 use pon_e2e::clients::ping_during;
-use pon_e2e::{bin_dir, metric_value, require_root, sites, text, wait_until, Lab, PingStats};
+use pon_e2e::{metric_value, require_root, sites, wait_until, Lab, PingStats};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -52,35 +52,7 @@ fn connected_to_all(lab: &Lab, replicas: &[u32]) -> u64 {
 
 /// (cloud, name) -> (id, present) as replica `k` lists them (`ponctl --json`).
 fn registry(lab: &Lab, k: u32) -> BTreeMap<(String, String), (u64, bool)> {
-    let dir = lab.state_dir().join("cu");
-    let ponctl = bin_dir().join("ponctl");
-    let path = |p: &std::path::Path| p.to_str().expect("UTF-8 path").to_string();
-    let cu = format!("198.18.250.{k}:7400");
-    let (ca, cert, key) = (
-        path(&dir.join("ca.pem")),
-        path(&dir.join("admin.pem")),
-        path(&dir.join("admin.key")),
-    );
-    let ponctl = path(&ponctl);
-    let out = lab.exec(
-        &cu_host(k),
-        &[
-            &ponctl, "--cu", &cu, "--ca", &ca, "--cert", &cert, "--key", &key, "--json",
-        ],
-    );
-    assert!(out.status.success(), "ponctl on cu{k}: {}", text(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ponctl --json");
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            let s = |f: &str| a[f].as_str().unwrap().to_string();
-            (
-                (s("cloud"), s("name")),
-                (a["id"].as_u64().unwrap(), a["online"].as_bool().unwrap()),
-            )
-        })
-        .collect()
+    lab.registry_on(&cu_host(k), &format!("198.18.250.{k}:7400"))
 }
 
 fn intercepts(lab: &Lab, host: &str, dst: &str) -> bool {
