@@ -95,6 +95,12 @@ pub struct Limits {
     /// Initial packets then costs one stateless packet each instead of a
     /// TLS handshake. 0: always.
     pub retry_above_handshakes: u32,
+    /// Handshakes in progress above which a new connection (its address
+    /// proven) is refused at once, before any TLS work: the client backs
+    /// off and comes back. In a re-registration storm the CU then spends
+    /// its CPU on handshakes that finish, not on thousands progressing
+    /// together, each too slowly to finish before its client gives up.
+    pub max_handshakes: u32,
     /// Agents offline this long (seconds) are forgotten: record deleted,
     /// id and name free again (the name stays bound to its key). 0: never.
     /// A single CU only: replicas on etcd keep every record.
@@ -107,6 +113,7 @@ impl Default for Limits {
         Limits {
             connections_per_address: 4096,
             retry_above_handshakes: 256,
+            max_handshakes: 64,
             forget_offline_after_s: 30 * 24 * 3600,
         }
     }
@@ -168,6 +175,9 @@ impl CuConfig {
                 cfg.dead_after_ms,
                 cfg.heartbeat_ms
             );
+        }
+        if cfg.limits.max_handshakes == 0 {
+            anyhow::bail!("[limits] max_handshakes = 0 would refuse every agent");
         }
         if cfg.limits.connections_per_address == 0 {
             anyhow::bail!("[limits] connections_per_address = 0 would refuse every agent");

@@ -347,6 +347,11 @@ impl Pmon {
             .collect()
     }
 
+    /// Whether a pair changed since the last `take_changed`.
+    pub fn has_changes(&self) -> bool {
+        !self.changed.is_empty()
+    }
+
     /// Pairs the CU holds a report for.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -256,9 +256,20 @@ impl Service {
     /// Every tick: changed cells to the streams; the web view's picture
     /// refreshed when due.
     pub fn tick(&mut self, registry: &Registry, now: Duration, now_ms: u64) -> Vec<Out> {
+        let since = self.last_publish.map(|t| now.saturating_sub(t));
+        let due = match since {
+            None => true,
+            Some(s) => s >= PUBLISH_MAX || (self.dirty && s >= PUBLISH_MIN),
+        };
+        // The web view's picture is the whole matrix (a million pairs at a
+        // thousand sites): built only while someone looks at it.
+        let publish = due && self.web.watched();
+        let mut out = Vec::new();
+        if !publish && !self.pmon.has_changes() {
+            return out;
+        }
         let dir: Directory = registry.online_proxies();
         let changed = self.pmon.take_changed(&dir, now_ms);
-        let mut out = Vec::new();
         if !changed.is_empty() {
             for (c, sub) in &self.streams {
                 let mine: Vec<_> = changed
@@ -271,17 +282,49 @@ impl Service {
                 }
             }
         }
-        let since = self.last_publish.map(|t| now.saturating_sub(t));
-        let due = match since {
-            None => true,
-            Some(s) => s >= PUBLISH_MAX || (self.dirty && s >= PUBLISH_MIN),
-        };
-        if due {
+        if publish {
             let matrix = self.pmon.matrix(&Subscription::default(), &dir, now_ms);
             self.web.publish(&matrix, self.pmon.recent(), now_ms);
             self.last_publish = Some(now);
             self.dirty = false;
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use crate::registry::Settings;
+
+    #[test]
+    fn the_web_picture_is_built_only_while_someone_looks() {
+        let web = Arc::new(crate::web::Picture::default());
+        let mut s = Service::new(
+            PmonSettings::default(),
+            Arc::new(PmonStats::default()),
+            web.clone(),
+        );
+        let r = Registry::new(Settings::default(), Policy::default());
+        let ms = Duration::from_millis;
+        // Nobody looks: no picture, however long.
+        s.tick(&r, ms(0), 0);
+        s.tick(&r, ms(5000), 5000);
+        assert_eq!(&*web.current(), "{}");
+        // A one-shot request gets the next tick's picture, and only one.
+        let mut asked = web.ask();
+        s.tick(&r, ms(5100), 5100);
+        assert!(asked.try_recv().is_ok());
+        s.tick(&r, ms(9000), 9000);
+        assert!(asked.try_recv().is_err(), "built again with nobody asking");
+        // A streaming page gets one every second while it stays.
+        let (slot, mut rx, _) = web.open_stream().expect("a slot");
+        s.tick(&r, ms(9100), 9100);
+        s.tick(&r, ms(10100), 10100);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok());
+        drop(slot);
+        s.tick(&r, ms(11100), 11100);
+        assert!(rx.try_recv().is_err(), "built after the page went");
     }
 }

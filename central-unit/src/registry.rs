@@ -6,7 +6,7 @@
 
 use crate::policy::Policy;
 pub use crate::trust::Refusal;
-use crate::trust::{claims, Enrolment, Grants, KeyId, Refused, TokenRecord, Trust};
+use crate::trust::{claims, Claim, Enrolment, Grants, KeyId, Refused, TokenRecord, Trust};
 use pon_proto::control::{
     valid_name, valid_role, AdminRequest, AgentInfo, AgentRecord, Change, Config, Endpoints, Enrol,
     Peer, Register, TokenInfo, PROTOCOL_VERSION,
@@ -15,7 +15,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::time::Duration;
 
+mod index;
 mod remote;
+use index::Index;
 pub use remote::{IdBlocks, ID_BLOCK};
 
 /// Identifies one connection in the I/O layer.
@@ -191,6 +193,11 @@ impl Entry {
 /// cloud (they deliver to them: their local agents) and components that
 /// are neither proxies nor app VMs (monitoring); an app VM joining or
 /// leaving is news to a handful of agents, not to the whole overlay.
+///
+/// An app VM needs of a remote cloud only its grant and whether it has a
+/// proxy at all, which one proxy tells as well as ten: the registry narrows
+/// this further and shows app VMs one proxy per remote cloud, its envoy
+/// (see `Registry::envoy_change`).
 pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> Option<bool> {
     if receiver.id == subject.id {
         return None;
@@ -205,6 +212,14 @@ pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> O
         (_, Endpoints::App { .. }) => Some(false),
         (_, Endpoints::Other { .. }) => None,
     }
+}
+
+/// Whether `receiver` is shown `subject` only if it is its cloud's envoy:
+/// an app VM looking at another cloud's proxy.
+fn sees_envoy_only(receiver: &AgentInfo, subject: &AgentInfo) -> bool {
+    matches!(receiver.endpoints, Endpoints::App { .. })
+        && matches!(subject.endpoints, Endpoints::Proxy { .. })
+        && receiver.cloud != subject.cloud
 }
 
 fn role_family_matches(role: &str, endpoints: &Endpoints) -> bool {
@@ -264,6 +279,9 @@ pub struct Registry {
     policy: Policy,
     trust: Trust,
     agents: HashMap<u32, Entry>,
+    /// Who claims an address, each cloud's proxies, the other agents: in
+    /// step with `agents` (`insert_entry`, `remove_entry`, `set_info`).
+    index: Index,
     by_key: HashMap<(String, String), u32>,
     by_conn: HashMap<ConnId, u32>,
     next_id: u32,
@@ -285,6 +303,7 @@ impl Registry {
             settings,
             policy,
             agents: HashMap::new(),
+            index: Index::default(),
             by_key: HashMap::new(),
             by_conn: HashMap::new(),
             next_id: 1,
@@ -312,7 +331,7 @@ impl Registry {
             let mut info = r.info;
             // The grant is cu.toml's as it is now, not as it was.
             info.allowed = self.allowed_for(&info.cloud, &info.endpoints);
-            self.agents.insert(
+            self.insert_entry(
                 id,
                 Entry {
                     info,
@@ -371,8 +390,8 @@ impl Registry {
                 self.announce(Some(&before), Some(&after), &mut out);
             }
             let replicated = self.blocks.is_some();
-            let e = self.agents.get_mut(&id).expect("listed above");
-            e.info = after;
+            self.set_info(id, after);
+            let e = &self.agents[&id];
             // Replicas share records: only the one holding the agent
             // writes it (each replica reloads its own cu.toml).
             if !replicated || e.conn.is_some() {
@@ -675,18 +694,24 @@ impl Registry {
     ) -> Result<(), Refused> {
         self.settings.grants.check(cloud, endpoints)?;
         // An address another present agent holds would take its traffic.
-        let mine = claims(endpoints);
-        for e in self.agents.values() {
-            if !e.present() || Some(e.info.id) == id {
-                continue;
-            }
-            for theirs in claims(&e.info.endpoints) {
-                if let Some(c) = mine.iter().find(|c| c.clashes(theirs)) {
+        for mine in claims(endpoints) {
+            let ip = match mine {
+                Claim::Ip(a) => a,
+                Claim::Udp(s) => s.ip(),
+            };
+            for other in self.index.at(ip) {
+                let Some(e) = self.agents.get(&other) else {
+                    continue;
+                };
+                if !e.present() || Some(other) == id {
+                    continue;
+                }
+                if claims(&e.info.endpoints).any(|theirs| mine.clashes(theirs)) {
                     return Err((
                         Refusal::AddressHeld,
                         format!(
                             "address {} is held by {}/{} (id {})",
-                            c.addr(),
+                            mine.addr(),
                             e.info.cloud,
                             e.info.name,
                             e.info.id
@@ -698,9 +723,34 @@ impl Registry {
         Ok(())
     }
 
-    /// A new name in `cloud` would not exceed the cloud's `max_agents`
-    /// (records known, online or not: a cloud cannot fill the registry by
-    /// cycling names). Scans the registry, only for capped clouds.
+    /// Whether the index is what a rebuild from the entries would give.
+    #[cfg(test)]
+    pub(crate) fn index_is_current(&self) -> bool {
+        self.index == Index::of(self.agents.values().map(|e| &e.info))
+    }
+
+    /// Adds (or replaces) entry `id`, and indexes it.
+    fn insert_entry(&mut self, id: u32, entry: Entry) {
+        self.remove_entry(id);
+        self.index.add(&entry.info);
+        self.agents.insert(id, entry);
+    }
+
+    fn remove_entry(&mut self, id: u32) -> Option<Entry> {
+        let e = self.agents.remove(&id)?;
+        self.index.remove(&e.info);
+        Some(e)
+    }
+
+    /// Changes what entry `id` says of its agent, and its index.
+    fn set_info(&mut self, id: u32, info: AgentInfo) {
+        if let Some(e) = self.agents.get_mut(&id) {
+            self.index.remove(&e.info);
+            self.index.add(&info);
+            e.info = info;
+        }
+    }
+
     fn check_quota(&self, cloud: &str) -> Result<(), Refused> {
         let Some(max) = self.settings.grants.0.get(cloud).and_then(|g| g.max_agents) else {
             return Ok(());
@@ -735,7 +785,7 @@ impl Registry {
             .collect();
         let mut out = Vec::with_capacity(old.len());
         for id in &old {
-            if let Some(e) = self.agents.remove(id) {
+            if let Some(e) = self.remove_entry(*id) {
                 self.by_key.remove(&(e.info.cloud, e.info.name));
                 out.push(Action::Persist(Record::Forgotten(*id)));
             }
@@ -822,7 +872,7 @@ impl Registry {
             endpoints: r.endpoints,
             noise_key: r.noise_key,
         };
-        let old = self.agents.remove(&id);
+        let old = self.remove_entry(id);
         // Strictly newer than anything known of it, whatever the clock did.
         let changed_ms = old
             .as_ref()
@@ -846,7 +896,7 @@ impl Registry {
             changed_ms,
         };
         out.push(Action::Persist(Record::Agent(entry.record())));
-        self.agents.insert(id, entry);
+        self.insert_entry(id, entry);
         self.by_conn.insert(conn, id);
         if !self.heard_since_restore {
             // The CU is reachable again: from now on, the others have the
@@ -870,17 +920,34 @@ impl Registry {
     /// whose updates could not be queued).
     pub fn config_for(&self, id: u32) -> Config {
         let me = &self.agents[&id].info;
-        let mut peers: Vec<Peer> = self
-            .agents
-            .values()
-            .filter(|e| e.present())
-            .filter_map(|e| {
-                relation(&self.policy, me, &e.info).map(|optimise| Peer {
-                    info: e.info.clone(),
-                    optimise,
-                })
+        let peer = |e: &Entry| {
+            relation(&self.policy, me, &e.info).map(|optimise| Peer {
+                info: e.info.clone(),
+                optimise,
             })
-            .collect();
+        };
+        let mut peers: Vec<Peer> = if me.is_app() {
+            // Proxies only: its own cloud's, and every other cloud's envoy.
+            let mut v = Vec::new();
+            for (cloud, ids) in self.index.proxies() {
+                let present = ids
+                    .iter()
+                    .filter_map(|i| self.agents.get(i))
+                    .filter(|e| e.present());
+                if cloud == me.cloud {
+                    v.extend(present.filter_map(peer));
+                } else {
+                    v.extend(present.take(1).filter_map(peer));
+                }
+            }
+            v
+        } else {
+            self.agents
+                .values()
+                .filter(|e| e.present())
+                .filter_map(peer)
+                .collect()
+        };
         peers.sort_by_key(|p| p.info.id);
         Config {
             id,
@@ -901,8 +968,38 @@ impl Registry {
         if before == after {
             return;
         }
-        for e in self.agents.values() {
+        let Some(subject) = after.or(before) else {
+            return;
+        };
+        let envoy = matches!(subject.endpoints, Endpoints::Proxy { .. })
+            .then(|| self.envoy_change(subject, before, after));
+        // An app VM's news concerns its cloud's proxies and the other
+        // agents (monitoring) only: those, not a scan of every agent.
+        let apps_only = [before, after]
+            .iter()
+            .flatten()
+            .all(|i| i.is_app() && i.cloud == subject.cloud);
+        let concerned: Box<dyn Iterator<Item = &Entry>> = if apps_only {
+            Box::new(
+                self.index
+                    .proxies_of(&subject.cloud)
+                    .chain(self.index.others())
+                    .filter_map(|i| self.agents.get(&i)),
+            )
+        } else {
+            Box::new(self.agents.values())
+        };
+        for e in concerned {
             let Some(conn) = e.conn else { continue };
+            if let Some(news) = envoy.as_ref().filter(|_| sees_envoy_only(&e.info, subject)) {
+                if !news.is_empty() {
+                    out.push(Action::Send {
+                        conn,
+                        msg: Outgoing::Changes(news.clone()),
+                    });
+                }
+                continue;
+            }
             let old = before.and_then(|b| relation(&self.policy, &e.info, b));
             let new = after.and_then(|a| relation(&self.policy, &e.info, a));
             let change = match (old, new, after) {
@@ -918,6 +1015,55 @@ impl Registry {
                 msg: Outgoing::Changes(vec![change]),
             });
         }
+    }
+
+    /// The envoy of `cloud`, but for agent `except`: its present proxy
+    /// with the lowest id.
+    fn envoy_but(&self, cloud: &str, except: u32) -> Option<&AgentInfo> {
+        self.index
+            .proxies_of(cloud)
+            .filter(|&i| i != except)
+            .filter_map(|i| self.agents.get(&i))
+            .find(|e| e.present())
+            .map(|e| &e.info)
+    }
+
+    /// What app VMs of other clouds must be told when proxy `subject`
+    /// goes from `before` to `after` (each None: not present): nothing
+    /// unless its cloud's envoy changes, so a second proxy joining a site,
+    /// or leaving it, is news to the proxies and that site's app VMs only.
+    /// A new envoy is announced before the old one leaves, in one message,
+    /// so a TA never sees the cloud without a proxy in between.
+    fn envoy_change(
+        &self,
+        subject: &AgentInfo,
+        before: Option<&AgentInfo>,
+        after: Option<&AgentInfo>,
+    ) -> Vec<Change> {
+        let other = self.envoy_but(&subject.cloud, subject.id);
+        let envoy = |s: Option<&AgentInfo>| -> Option<AgentInfo> {
+            match (s, other) {
+                (Some(s), Some(o)) if o.id < s.id => Some(o.clone()),
+                (Some(s), _) => Some(s.clone()),
+                (None, o) => o.cloned(),
+            }
+        };
+        let (old, new) = (envoy(before), envoy(after));
+        if old == new {
+            return Vec::new();
+        }
+        let mut news = Vec::new();
+        if let Some(n) = &new {
+            news.push(Change::Up(Peer {
+                info: n.clone(),
+                optimise: false,
+            }));
+        }
+        match old {
+            Some(o) if new.as_ref().map(|n| n.id) != Some(o.id) => news.push(Change::Down(o.id)),
+            _ => {}
+        }
+        news
     }
 
     /// The proxy on `conn`, whose address peers use was what the CU saw
@@ -959,9 +1105,10 @@ impl Registry {
         after.allowed = self.allowed_for(&after.cloud, &new);
         after.endpoints = new;
         self.announce(Some(&before), Some(&after), &mut out);
-        let e = self.agents.get_mut(&before.id).expect("looked up above");
-        e.info = after;
-        out.push(Action::Persist(Record::Agent(e.record())));
+        self.set_info(before.id, after);
+        out.push(Action::Persist(Record::Agent(
+            self.agents[&before.id].record(),
+        )));
         (out, Ok(()))
     }
 
@@ -1235,6 +1382,51 @@ pub(crate) mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!((apps(1), apps(2)), (vec![3], vec![4, 5]));
+    }
+
+    #[test]
+    fn app_vms_see_one_proxy_per_remote_cloud_and_hear_only_when_it_changes() {
+        let mut r = cu();
+        let t = Duration::ZERO;
+        join(&mut r, 1, reg("paris", "proxy", "PROXY", 1), t, 1);
+        join(&mut r, 2, reg("tokyo", "app", "APP", 2), t, 1);
+        join(&mut r, 3, reg("paris", "app", "APP", 3), t, 1);
+        // A second proxy in paris is news to paris's app VM, not tokyo's.
+        let (a, _) = join(&mut r, 4, reg("paris", "proxy2", "PROXY", 4), t, 1);
+        assert!(changes_to(&a, 2).is_empty());
+        assert_eq!(changes_to(&a, 3).len(), 1);
+        assert_eq!(changes_to(&a, 1).len(), 1);
+        let ids = |r: &Registry, id| {
+            r.config_for(id)
+                .peers
+                .iter()
+                .map(|p| p.info.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(&r, 2), vec![1]);
+        assert_eq!(ids(&r, 3), vec![1, 4]);
+        // Paris's envoy leaves: tokyo's app VM hears of the next one
+        // before the old one goes, in one message.
+        let (a, _) = r.disconnected(1, true, 1);
+        match &changes_to(&a, 2)[..] {
+            [Change::Up(p), Change::Down(1)] => assert_eq!(p.info.id, 4),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ids(&r, 2), vec![4]);
+        // The last proxy leaves: paris has none, which tokyo's TA is told.
+        let (a, _) = r.disconnected(4, true, 1);
+        assert_eq!(changes_to(&a, 2), vec![Change::Down(4)]);
+        assert!(ids(&r, 2).is_empty());
+        // Back in the order they first came: the lower id is the envoy
+        // again, the second is news to paris only.
+        let (a, _) = join(&mut r, 5, reg("paris", "proxy2", "PROXY", 4), t, 1);
+        assert_eq!(changes_to(&a, 2).len(), 1);
+        let (a, _) = join(&mut r, 6, reg("paris", "proxy", "PROXY", 1), t, 1);
+        match &changes_to(&a, 2)[..] {
+            [Change::Up(p), Change::Down(4)] => assert_eq!(p.info.id, 1),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ids(&r, 2), vec![1]);
     }
 
     #[test]
@@ -1873,6 +2065,57 @@ pub(crate) mod tests {
             ]
         }
 
+        /// What each connection was told: its config, then every change.
+        /// A connection the registry closes is closed as the server does,
+        /// which tells the registry in turn.
+        fn follow(
+            r: &mut Registry,
+            views: &mut HashMap<ConnId, BTreeMap<u32, Peer>>,
+            actions: Vec<Action>,
+        ) {
+            let mut pending = actions;
+            while !pending.is_empty() {
+                let mut next = Vec::new();
+                for a in pending {
+                    match a {
+                        Action::Send {
+                            conn,
+                            msg: Outgoing::Config(c),
+                        } => {
+                            views.insert(
+                                conn,
+                                c.peers.into_iter().map(|p| (p.info.id, p)).collect(),
+                            );
+                        }
+                        Action::Send {
+                            conn,
+                            msg: Outgoing::Changes(changes),
+                        } => {
+                            let view = views
+                                .get_mut(&conn)
+                                .expect("changes only go to configured agents");
+                            for c in changes {
+                                match c {
+                                    Change::Up(p) => {
+                                        view.insert(p.info.id, p);
+                                    }
+                                    Change::Down(id) => {
+                                        view.remove(&id);
+                                    }
+                                }
+                            }
+                        }
+                        Action::Close { conn, .. } => {
+                            views.remove(&conn);
+                            next.extend(r.disconnected(conn, false, 1).0);
+                        }
+                        _ => {}
+                    }
+                }
+                pending = next;
+            }
+        }
+
         const CLOUDS: [&str; 3] = ["paris", "tokyo", "nowhere"];
         const ROLES: [&str; 2] = ["PROXY", "APP"];
 
@@ -1896,6 +2139,7 @@ pub(crate) mod tests {
                 let mut conn_keys: HashMap<ConnId, KeyId> = HashMap::new();
                 let mut enrolled: Vec<(u8, u8, u8, u8)> = Vec::new();
                 let mut next_conn = 1000;
+                let mut views: HashMap<ConnId, BTreeMap<u32, Peer>> = HashMap::new();
                 for o in ops {
                     match o {
                         Op::Enrol { cloud, name, role, key, token } => {
@@ -1909,7 +2153,9 @@ pub(crate) mod tests {
                                 noise_key: PublicKey([key; 32]),
                                 csr: format!("key{key}").into_bytes(),
                             };
-                            if r.enrol(next_conn, e, 10, &FakeCa).1.is_ok() {
+                            let (actions, done) = r.enrol(next_conn, e, 10, &FakeCa);
+                            follow(&mut r, &mut views, actions);
+                            if done.is_ok() {
                                 enrolled.push((cloud, name, role, key));
                             }
                         }
@@ -1929,36 +2175,49 @@ pub(crate) mod tests {
                                 id_hint: Some(u32::from(last)),
                                 noise_key: PublicKey([key; 32]),
                             };
-                            if r.register(conn, Some(k), reg, now, 1).1.is_none() {
+                            let (actions, refused) = r.register(conn, Some(k), reg, now, 1);
+                            follow(&mut r, &mut views, actions);
+                            if refused.is_none() {
                                 conn_keys.insert(conn, k);
                             }
                         }
                         Op::Heartbeat { conn } => r.heartbeat(u64::from(conn), now, 1),
-                        Op::Close { conn, goodbye } => { r.disconnected(u64::from(conn), goodbye, 1); }
+                        Op::Close { conn, goodbye } => {
+                            let conn = u64::from(conn);
+                            let actions = r.disconnected(conn, goodbye, 1).0;
+                            follow(&mut r, &mut views, actions);
+                            views.remove(&conn);
+                        }
                         Op::Revoke { admin, cloud, name } => {
                             let who = if admin { Some(ADMIN) } else { Some(KeyId([1; 32])) };
                             let req = AdminRequest::Revoke { cloud: CLOUDS[cloud as usize].into(), name: format!("n{name}") };
-                            let (_, done) = r.admin(999, who, req, PROTOCOL_VERSION, 1, &mut || None);
+                            let (actions, done) = r.admin(999, who, req, PROTOCOL_VERSION, 1, &mut || None);
+                            follow(&mut r, &mut views, actions);
                             prop_assert!(admin || done == Err(Refusal::NotAdmin));
                         }
                         Op::Tick { ms } => {
                             now += Duration::from_millis(u64::from(ms));
-                            r.tick(now);
+                            let actions = r.tick(now).0;
+                            follow(&mut r, &mut views, actions);
                         }
                     }
                     // The invariants, after every step.
+                    prop_assert_eq!(&r.index, &Index::of(r.agents.values().map(|e| &e.info)), "the index drifted");
                     let present: Vec<&Entry> = r.agents.values().filter(|e| e.present()).collect();
                     for e in &present {
                         let conn = e.conn.expect("present without a restart: connected");
                         let key = conn_keys[&conn];
                         let en = r.trust.enrolment(&key).expect("enrolled");
+                        // What its deltas built is what a full config says.
+                        let full: BTreeMap<u32, Peer> = r.config_for(e.info.id).peers.into_iter().map(|p| (p.info.id, p)).collect();
+                        prop_assert_eq!(views.get(&conn), Some(&full), "agent {}'s view drifted from its config", e.info.id);
                         prop_assert!(!en.revoked, "a revoked agent stays present");
                         prop_assert_eq!((&en.cloud, &en.name, &en.role), (&e.info.cloud, &e.info.name, &e.info.role));
                         prop_assert!(r.settings.grants.check(&e.info.cloud, &e.info.endpoints).is_ok());
                         for o in &present {
                             if o.info.id != e.info.id {
                                 for c in claims(&e.info.endpoints) {
-                                    prop_assert!(!claims(&o.info.endpoints).iter().any(|d| c.clashes(*d)),
+                                    prop_assert!(!claims(&o.info.endpoints).any(|d| c.clashes(d)),
                                         "{} and {} share {}", e.info.id, o.info.id, c.addr());
                                 }
                             }

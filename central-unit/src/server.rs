@@ -78,6 +78,7 @@ pon_telemetry::counters! {
         handshake_failures => ("pon_cu_handshake_failures_total", "", "QUIC/TLS handshakes that failed."),
         retries => ("pon_cu_quic_retries_total", "", "New connections asked to prove their address first (QUIC Retry), because too many handshakes were in progress."),
         per_address => ("pon_cu_connections_refused_total", "reason=\"per_address\"", "New connections refused before their handshake, by reason."),
+        busy => ("pon_cu_connections_refused_total", "reason=\"busy\"", "New connections refused before their handshake, by reason."),
         forgotten => ("pon_cu_agents_forgotten_total", "", "Agent records forgotten after [limits] forget_offline_after_s offline."),
         config_frames => ("pon_cu_frames_sent_total", "kind=\"config\"", "Frames sent to agents."),
         update_frames => ("pon_cu_frames_sent_total", "kind=\"update\"", "Frames sent to agents."),
@@ -358,12 +359,12 @@ pub async fn serve(
     let next_conn = Arc::new(AtomicU64::new(1));
     let per_address = Arc::new(PerAddress::new(cfg.limits.connections_per_address));
     let retry_above = u64::from(cfg.limits.retry_above_handshakes);
+    let max_handshakes = u64::from(cfg.limits.max_handshakes);
     while let Some(incoming) = endpoint.accept().await {
         // Under load, a client proves it owns its address before it gets a
         // handshake (a Retry costs the CU one stateless packet).
-        if stats.handshakes.load(Ordering::Relaxed) >= retry_above
-            && !incoming.remote_address_validated()
-            && incoming.may_retry()
+        let handshakes = stats.handshakes.load(Ordering::Relaxed);
+        if handshakes >= retry_above && !incoming.remote_address_validated() && incoming.may_retry()
         {
             stats.counters.retries.inc();
             if let Err(e) = incoming.retry() {
@@ -376,6 +377,14 @@ pub async fn serve(
             incoming.refuse();
             continue;
         };
+        // Beyond what the CU finishes in time, a handshake only slows the
+        // others down: refused before any TLS work, the client backs off
+        // and comes back when the storm has thinned.
+        if handshakes >= max_handshakes {
+            stats.counters.busy.inc();
+            incoming.refuse();
+            continue;
+        }
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection(
             incoming,
@@ -500,6 +509,10 @@ async fn actor(
             }
             _ = tick.tick() => {
                 let (mut actions, gone) = registry.tick(start.elapsed());
+                // Counting is a scan of the registry: once a tick, not after
+                // every event (every heartbeat of 100,000 agents).
+                stats.known.store(registry.len() as u64, Ordering::Relaxed);
+                stats.online.store(registry.online() as u64, Ordering::Relaxed);
                 ticks += 1;
                 if ticks.is_multiple_of(FORGET_EVERY_TICKS) {
                     let (forget, n) = registry.forget_offline(wall_ms());
@@ -520,10 +533,6 @@ async fn actor(
         for a in actions {
             execute(a, &handles, &store, &registry, &stats);
         }
-        stats.known.store(registry.len() as u64, Ordering::Relaxed);
-        stats
-            .online
-            .store(registry.online() as u64, Ordering::Relaxed);
     }
 }
 

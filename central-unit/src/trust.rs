@@ -221,14 +221,23 @@ pub enum Claim {
     Udp(SocketAddr),
 }
 
-pub fn claims(e: &Endpoints) -> Vec<Claim> {
-    match e {
-        Endpoints::App { addr, .. } => vec![Claim::Ip(IpAddr::V4(*addr))],
+/// What `e` claims, without allocating: the registry checks a new agent
+/// against every present one.
+pub fn claims(e: &Endpoints) -> impl Iterator<Item = Claim> + '_ {
+    let (ip, udp, others): (Option<Claim>, Option<Claim>, &[SocketAddr]) = match e {
+        Endpoints::App { addr, .. } => (Some(Claim::Ip(IpAddr::V4(*addr))), None, &[]),
         Endpoints::Proxy {
             pon, agent_addr, ..
-        } => vec![Claim::Ip(IpAddr::V4(*agent_addr)), Claim::Udp(*pon)],
-        Endpoints::Other { addrs } => addrs.iter().map(|a| Claim::Udp(*a)).collect(),
-    }
+        } => (
+            Some(Claim::Ip(IpAddr::V4(*agent_addr))),
+            Some(Claim::Udp(*pon)),
+            &[],
+        ),
+        Endpoints::Other { addrs } => (None, None, addrs.as_slice()),
+    };
+    ip.into_iter()
+        .chain(udp)
+        .chain(others.iter().map(|a| Claim::Udp(*a)))
 }
 
 impl Claim {
@@ -821,7 +830,7 @@ mod tests {
         // Two proxies behind one NAT address, on different ports.
         assert!(!udp("203.0.113.7:7300").clashes(udp("203.0.113.7:7301")));
         assert_eq!(
-            claims(&Endpoints::proxy(Ipv4Addr::new(198, 18, 1, 1))),
+            claims(&Endpoints::proxy(Ipv4Addr::new(198, 18, 1, 1))).collect::<Vec<_>>(),
             vec![ip("198.18.1.1"), udp("198.18.1.1:7300")]
         );
     }

@@ -16,7 +16,7 @@ use axum::Router;
 use pon_proto::pmon::{Event, Matrix};
 use pon_telemetry::{PromWriter, Renderer};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 use tokio_stream::StreamExt as _;
@@ -27,12 +27,17 @@ const EVENTS_SHOWN: usize = 30;
 /// Browsers streaming the view at once; more get 503 rather than tying up
 /// the CU.
 pub const MAX_STREAMS: usize = 64;
+/// How long `/picture.json` waits for a fresh picture (one is built within
+/// a tick of being asked for, 0.1 s, unless the CU is very busy).
+const FRESH_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The picture the view shows, as JSON, and its subscribers.
 pub struct Picture {
     json: RwLock<Arc<str>>,
     tx: broadcast::Sender<Arc<str>>,
     streams: AtomicUsize,
+    /// A `/picture.json` waits for the next picture.
+    asked: AtomicBool,
 }
 
 impl Default for Picture {
@@ -41,6 +46,7 @@ impl Default for Picture {
             json: RwLock::new(Arc::from("{}")),
             tx: broadcast::channel(16).0,
             streams: AtomicUsize::new(0),
+            asked: AtomicBool::new(false),
         }
     }
 }
@@ -62,7 +68,36 @@ impl Picture {
         let _ = self.tx.send(s);
     }
 
-    fn current(&self) -> Arc<str> {
+    /// Whether anyone wants a picture now: a page streaming it, or a
+    /// `/picture.json` waiting. Nobody watching, none is built.
+    pub fn watched(&self) -> bool {
+        self.streams.load(Ordering::Acquire) > 0 || self.asked.swap(false, Ordering::AcqRel)
+    }
+
+    /// For a one-shot answer: the next picture will be built and arrive
+    /// on the returned receiver.
+    pub(crate) fn ask(&self) -> broadcast::Receiver<Arc<str>> {
+        let rx = self.tx.subscribe();
+        self.asked.store(true, Ordering::Release);
+        rx
+    }
+
+    /// A page streaming the view: its slot (None beyond `MAX_STREAMS`),
+    /// the pictures to come, and the current one. Subscribed before the
+    /// current one is read, so nothing published in between is missed.
+    pub(crate) fn open_stream(
+        self: &Arc<Self>,
+    ) -> Option<(StreamSlot, broadcast::Receiver<Arc<str>>, Arc<str>)> {
+        if self.streams.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
+            self.streams.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let slot = StreamSlot(self.clone());
+        let rx = self.tx.subscribe();
+        Some((slot, rx, self.current()))
+    }
+
+    pub(crate) fn current(&self) -> Arc<str> {
         self.json
             .read()
             .map(|j| j.clone())
@@ -113,16 +148,23 @@ async fn metrics(State(s): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The picture as it is now: the next one the CU builds (it builds none
+/// while nobody looks), or the last one if that takes too long.
 async fn picture_json(State(s): State<AppState>) -> Response {
+    let mut rx = s.picture.ask();
+    let picture = match tokio::time::timeout(FRESH_WITHIN, rx.recv()).await {
+        Ok(Ok(p)) => p,
+        _ => s.picture.current(),
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
-        s.picture.current().to_string(),
+        picture.to_string(),
     )
         .into_response()
 }
 
 /// Gives its stream slot back when the browser goes.
-struct StreamSlot(Arc<Picture>);
+pub(crate) struct StreamSlot(Arc<Picture>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
@@ -131,15 +173,9 @@ impl Drop for StreamSlot {
 }
 
 async fn events(State(s): State<AppState>) -> Response {
-    if s.picture.streams.fetch_add(1, Ordering::AcqRel) >= MAX_STREAMS {
-        s.picture.streams.fetch_sub(1, Ordering::AcqRel);
+    let Some((slot, rx, first)) = s.picture.open_stream() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "too many viewers\n").into_response();
-    }
-    let slot = StreamSlot(s.picture.clone());
-    // Subscribe before reading the current picture, so nothing published
-    // in between is missed.
-    let rx = s.picture.tx.subscribe();
-    let first = s.picture.current();
+    };
     // A browser that falls behind skips pictures (each one is whole).
     let updates = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|r| r.ok());
     let stream = tokio_stream::once(first).chain(updates).map(move |p| {

@@ -763,3 +763,54 @@ async fn under_load_clients_prove_their_address_and_one_address_gets_its_share()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A handshake that never finishes: a real client's first datagram (its
+/// Initial), caught on a socket it took for the CU's and replayed to the
+/// CU from one that never answers.
+async fn stuck_handshake(cu: &Cu) -> tokio::net::UdpSocket {
+    let decoy = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let at = decoy.local_addr().unwrap();
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = client.connect_with(cu.config(None), at, "pon-cu").unwrap();
+    let mut initial = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), decoy.recv_from(&mut initial))
+        .await
+        .expect("the client sends its Initial")
+        .unwrap();
+    drop(connecting);
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    silent.send_to(&initial[..n], cu.addr).await.unwrap();
+    silent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_handshakes_a_new_connection_is_refused_before_any_tls_work() {
+    let cu = start_with("[limits]\nmax_handshakes = 1\n").await;
+    let token = cu.token("a", "APP", None).await;
+    let _silent = stuck_handshake(&cu).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cu.stats.handshakes.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck handshake never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The one slot is taken: the next connection is refused outright.
+    let refused = cu
+        .client
+        .connect_with(cu.config(None), cu.addr, "pon-cu")
+        .unwrap()
+        .await;
+    assert!(refused.is_err(), "a connection beyond max_handshakes");
+    assert_eq!(cu.stats.counters.busy.get(), 1);
+    // When the stuck handshake times out, its slot is free again and an
+    // agent joins as usual (the backoff a real agent has, in short).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cu.stats.handshakes.load(Ordering::Relaxed) > 0 {
+        assert!(Instant::now() < deadline, "the stuck handshake never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent = join(&cu, &token, "a", "v1", "APP", app(addr(1, 11))).await;
+    assert!(agent.conn.close_reason().is_none());
+}

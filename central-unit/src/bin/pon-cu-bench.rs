@@ -1,10 +1,13 @@
 //! pon-cu-bench: registers many simulated agents with one real `pon-cu` over
 //! the real protocol (QUIC + TLS 1.3 on loopback) and prints registrations
 //! per second, how long a join takes to reach every agent concerned (an app
-//! VM's join concerns its site's proxies, a proxy's every agent), the CU's
+//! VM's join concerns its site's proxies, a site's second proxy every proxy
+//! and the site's app VMs, a new cloud's first proxy every agent), the CU's
 //! memory per agent, and how long a re-registration storm takes to settle
 //! (the CU killed and restarted: every agent notices at once and
-//! reconnects with the real agents' backoff). A benchmark, not a test: bounded in agents and
+//! reconnects with the real agents' backoff). With `--replicas N`, N CU
+//! replicas share the registry in an etcd member the bench starts, the
+//! agents spread over them. A benchmark, not a test: bounded in agents and
 //! time. Every simulated agent has its own key and enrols first (not timed),
 //! as a real one does on its first start; the storms measure registrations
 //! with mutual TLS.
@@ -58,15 +61,14 @@ struct Args {
     /// The pon-cu binary (default: next to this one).
     #[arg(long)]
     cu_bin: Option<PathBuf>,
-}
-
-/// The CU child process, killed when the bench ends however it ends.
-struct CuProcess(Child);
-impl Drop for CuProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    /// CU replicas sharing the registry in etcd (one etcd member the bench
+    /// starts); 1 runs a single CU on its redb store. Agent i starts on
+    /// replica i mod N and moves to the next when its replica fails.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// The etcd binary, for --replicas above 1.
+    #[arg(long, default_value = "etcd")]
+    etcd_bin: PathBuf,
 }
 
 struct Probes {
@@ -90,6 +92,12 @@ struct Probes {
     cu_gone: tokio::sync::watch::Sender<u64>,
 }
 
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 fn free_udp_port() -> anyhow::Result<u16> {
     Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
@@ -106,16 +114,29 @@ fn site_addr(site: usize, offset: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(site_base(site)) + offset as u32)
 }
 
-/// Starts the CU in `dir` (after `pon-cu init` there when `init`; without,
-/// on the store and keys of the last run).
-fn start_cu(
-    bin: &Path,
-    dir: &Path,
-    port: u16,
-    sites: usize,
-    init: bool,
-) -> anyhow::Result<CuProcess> {
-    if init {
+/// A child process, killed when dropped however the bench ends.
+struct Process(Child);
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the agents register with: one CU on its redb store, or N replicas
+/// sharing the registry in one etcd member. All replicas share the CA and
+/// the CU's certificate (`pon-cu init` once), as in the lab.
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    ports: Vec<u16>,
+    cus: Vec<Option<Process>>,
+    _etcd: Option<Process>,
+}
+
+impl Cluster {
+    /// Starts it in `dir`, granting `clouds` site prefixes.
+    fn start(args: &Args, bin: &Path, dir: &Path, clouds: usize) -> anyhow::Result<Cluster> {
         let out = Command::new(bin)
             .args(["init", "--force", "--ip", "127.0.0.1", "--dir"])
             .arg(dir)
@@ -124,29 +145,172 @@ fn start_cu(
         if !out.status.success() {
             bail!("pon-cu init: {}", String::from_utf8_lossy(&out.stderr));
         }
+        let replicas = args.replicas.max(1);
+        let etcd = if replicas > 1 {
+            Some(start_etcd(&args.etcd_bin, dir)?)
+        } else {
+            None
+        };
+        let ports = (0..replicas)
+            .map(|_| free_udp_port())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Heartbeats every 5 s: 10,000 agents still send 2,000 a second,
+        // which the CU handles, but the bench's own two cores are better
+        // spent on joins.
+        let mut common = "heartbeat_ms = 5000\ndead_after_ms = 30000\n[clouds.warmup]\nprefixes = [\"192.0.2.0/24\"]\n".to_string();
+        for site in 0..clouds {
+            common += &format!(
+                "[clouds.site{site}]\nprefixes = [\"{}/20\"]\n",
+                site_base(site)
+            );
+        }
+        // Every simulated agent connects from 127.0.0.1: as many hosts, not one.
+        common += "[limits]\nconnections_per_address = 1000000\n";
+        for (k, port) in ports.iter().enumerate() {
+            // Metrics on a port of its own: never a running lab's.
+            let metrics = free_tcp_port()?;
+            let mut toml = format!(
+                "listen = \"127.0.0.1:{port}\"\nmetrics = \"127.0.0.1:{metrics}\"\nstore = \"{}\"\n{common}",
+                dir.join(format!("registry-{k}.redb")).display()
+            );
+            if let Some((_, url)) = &etcd {
+                toml += &format!(
+                    "[etcd]\nendpoints = [\"{url}\"]\nprefix = \"/bench\"\nreplica = \"cu{k}\"\n"
+                );
+            }
+            std::fs::write(dir.join(format!("cu-{k}.toml")), toml)?;
+        }
+        let mut cluster = Cluster {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            ports,
+            cus: Vec::new(),
+            _etcd: etcd.map(|(p, _)| p),
+        };
+        cluster.start_all()?;
+        Ok(cluster)
     }
-    // Heartbeats every 5 s: 10,000 agents still send 2,000 a second, which
-    // the CU handles, but the bench's own two cores are better spent on joins.
-    let mut toml = format!("listen = \"127.0.0.1:{port}\"\nheartbeat_ms = 5000\ndead_after_ms = 30000\n[clouds.warmup]\nprefixes = [\"192.0.2.0/24\"]\n");
-    for site in 0..sites {
-        toml += &format!(
-            "[clouds.site{site}]\nprefixes = [\"{}/20\"]\n",
-            site_base(site)
-        );
+
+    /// (Re)starts every replica on its store (or etcd) and the keys of `init`.
+    fn start_all(&mut self) -> anyhow::Result<()> {
+        self.cus.clear();
+        for k in 0..self.ports.len() {
+            let child = Command::new(&self.bin)
+                .args(["run", "--config"])
+                .arg(self.dir.join(format!("cu-{k}.toml")))
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {}", self.bin.display()))?;
+            self.cus.push(Some(Process(child)));
+        }
+        Ok(())
     }
-    // Every simulated agent connects from 127.0.0.1: as many hosts, not one.
-    toml += "[limits]\nconnections_per_address = 1000000\n";
-    std::fs::write(dir.join("cu.toml"), toml)?;
+
+    /// A join token for any cloud and role, made with `ponctl` (next to
+    /// pon-cu) once the first replica answers: with replicas the tokens
+    /// live in etcd, not in the store `init` wrote its first one to.
+    fn join_token(&mut self) -> anyhow::Result<String> {
+        let ponctl = self.bin.with_file_name("ponctl");
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new(&ponctl)
+                .arg("--cu")
+                .arg(format!("127.0.0.1:{}", self.ports[0]))
+                .arg("--ca")
+                .arg(self.dir.join("ca.pem"))
+                .arg("--cert")
+                .arg(self.dir.join("admin.pem"))
+                .arg("--key")
+                .arg(self.dir.join("admin.key"))
+                .args(["token", "create", "--cloud", "*", "--role", "*"])
+                .args(["--uses", "unlimited", "--ttl", "1h", "--json"])
+                .output()
+                .with_context(|| format!("running {}", ponctl.display()))?;
+            if out.status.success() {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).context("ponctl token create --json")?;
+                return v["token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .context("no token in ponctl's answer");
+            }
+            if let Some(k) = self.exited() {
+                bail!("CU replica {k} exited (its error is above)");
+            }
+            if Instant::now() > until {
+                bail!(
+                    "ponctl token create: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// A replica that exited (it failed to start, or crashed).
+    fn exited(&mut self) -> Option<usize> {
+        self.cus.iter_mut().position(|c| {
+            c.as_mut()
+                .is_some_and(|c| !matches!(c.0.try_wait(), Ok(None)))
+        })
+    }
+
+    fn kill_all(&mut self) {
+        for c in &mut self.cus {
+            drop(c.take());
+        }
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.ports
+            .iter()
+            .map(|&p| ([127, 0, 0, 1], p).into())
+            .collect()
+    }
+
+    /// The replicas' resident memory, summed.
+    fn rss_kib(&self) -> u64 {
+        self.cus.iter().flatten().map(|c| rss_kib(c.0.id())).sum()
+    }
+}
+
+/// One etcd member on loopback, its data in `dir`; returns it and its
+/// client URL once it accepts connections.
+fn start_etcd(bin: &Path, dir: &Path) -> anyhow::Result<(Process, String)> {
+    let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
+    let url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
     let child = Command::new(bin)
-        .args(["run", "--config"])
-        .arg(dir.join("cu.toml"))
-        .env("RUST_LOG", "warn")
+        .arg("--name")
+        .arg("bench")
+        .arg("--data-dir")
+        .arg(dir.join("etcd"))
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}")])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    Ok(CuProcess(child))
+        .with_context(|| format!("starting {} (Debian: etcd-server)", bin.display()))?;
+    let etcd = Process(child);
+    let until = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        if Instant::now() > until {
+            bail!("etcd did not listen on {url} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((etcd, url))
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -239,11 +403,15 @@ async fn enrol(
 /// arrivals) and sends heartbeats until the bench ends. `registered` hears
 /// how the first registration went; after that, once `reconnect` is set, a
 /// lost CU is retried with the real agents' backoff.
+/// `cus`: the CU replicas, tried from the `first`, moving to the next
+/// each time a session ends, as a real agent with a list of CUs does.
+#[allow(clippy::too_many_arguments)]
 async fn agent(
     index: Option<usize>,
     ep: quinn::Endpoint,
     tls: quinn::ClientConfig,
-    cu: SocketAddr,
+    cus: Arc<[SocketAddr]>,
+    first: usize,
     reg: Register,
     probes: Arc<Probes>,
     registered: tokio::sync::oneshot::Sender<Result<(), String>>,
@@ -251,7 +419,10 @@ async fn agent(
     let mut registered = Some(registered);
     let seed = index.map_or(7, |i| i as u64 + 1);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5), seed);
+    let mut at = first;
     loop {
+        let cu = cus[at % cus.len()];
+        at += 1;
         let configured = session(index, &ep, &tls, cu, &reg, &probes, &mut registered).await;
         if let Some(i) = index {
             probes.alive[i].store(false, Ordering::Relaxed);
@@ -389,13 +560,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("pon-cu-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let port = free_udp_port()?;
-    let mut cu = Some(start_cu(&cu_bin, &dir, port, args.sites, true)?);
-    let cu_pid = cu.as_ref().map_or(0, |c| c.0.id());
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let token = std::fs::read_to_string(dir.join("token"))?
-        .trim()
-        .to_string();
+    let mut cluster = Cluster::start(&args, &cu_bin, &dir, args.sites + args.probes)?;
+    let cus: Arc<[SocketAddr]> = cluster.addrs().into();
+    let token = cluster.join_token()?;
     let ca = dir.join("ca.pem");
     let endpoints: Vec<quinn::Endpoint> = (0..args.sockets.max(1))
         .map(|_| {
@@ -419,41 +586,49 @@ async fn main() -> anyhow::Result<()> {
         configs: AtomicUsize::new(0),
         cu_gone: tokio::sync::watch::Sender::new(0),
     });
-    let mut up = false;
-    let mut warmup = population(1, 1).remove(0).register;
-    warmup.name = "warmup".into();
-    warmup.cloud = "warmup".into();
-    warmup.endpoints = Endpoints::proxy(Ipv4Addr::new(192, 0, 2, 1));
-    let mut warmup_tls = None;
-    for _ in 0..100 {
-        if warmup_tls.is_none() {
-            warmup_tls = enrol(&endpoints[0], addr, &ca, &token, &warmup).await.ok();
+    // Wait for every replica to listen (a registration of a throwaway
+    // name on each).
+    for (k, &at) in cus.iter().enumerate() {
+        let mut up = false;
+        let mut warmup = population(1, 1).remove(0).register;
+        warmup.name = format!("warmup{k}");
+        warmup.cloud = "warmup".into();
+        warmup.endpoints = Endpoints::proxy(Ipv4Addr::new(192, 0, 2, 1 + k as u8));
+        let mut warmup_tls = None;
+        for _ in 0..100 {
+            if let Some(k) = cluster.exited() {
+                bail!("CU replica {k} exited (its error is above)");
+            }
+            if warmup_tls.is_none() {
+                warmup_tls = enrol(&endpoints[0], at, &ca, &token, &warmup).await.ok();
+            }
+            let Some(tls) = warmup_tls.clone() else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(agent(
+                None,
+                endpoints[0].clone(),
+                tls,
+                cus.clone(),
+                k,
+                warmup.clone(),
+                probes.clone(),
+                tx,
+            ));
+            if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(2), rx).await {
+                up = true;
+                break;
+            }
         }
-        let Some(tls) = warmup_tls.clone() else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(agent(
-            None,
-            endpoints[0].clone(),
-            tls,
-            addr,
-            warmup.clone(),
-            probes.clone(),
-            tx,
-        ));
-        if let Ok(Ok(Ok(()))) = tokio::time::timeout(Duration::from_secs(2), rx).await {
-            up = true;
-            break;
+        if !up {
+            bail!("CU replica {k} did not come up on {at}");
         }
-    }
-    if !up {
-        bail!("the CU did not come up on {addr}");
     }
     // Let the warm-up agent settle before measuring the baseline.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = rss_kib(cu_pid);
+    let rss_before = cluster.rss_kib();
 
     // Phase 0 (not timed): every agent enrols, as on its first start.
     let pop = population(args.agents, args.sites);
@@ -462,11 +637,12 @@ async fn main() -> anyhow::Result<()> {
     let mut enrolling = Vec::with_capacity(pop.len());
     for (i, a) in pop.iter().enumerate() {
         let permit = sem.clone().acquire_owned().await?;
-        let (ep, ca, token, reg) = (
+        let (ep, ca, token, reg, at) = (
             endpoints[i % endpoints.len()].clone(),
             ca.clone(),
             token.clone(),
             a.register.clone(),
+            cus[i % cus.len()],
         );
         enrolling.push(tokio::spawn(async move {
             let mut last = String::new();
@@ -474,7 +650,7 @@ async fn main() -> anyhow::Result<()> {
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                 }
-                match enrol(&ep, addr, &ca, &token, &reg).await {
+                match enrol(&ep, at, &ca, &token, &reg).await {
                     Ok(tls) => return Ok(tls),
                     Err(e) => last = e,
                 }
@@ -502,10 +678,11 @@ async fn main() -> anyhow::Result<()> {
     let retries = Arc::new(AtomicUsize::new(0));
     for (i, (a, tls)) in pop.into_iter().zip(tls).enumerate() {
         let permit = sem.clone().acquire_owned().await?;
-        let (ep, probes, retries) = (
+        let (ep, probes, retries, cus) = (
             endpoints[i % endpoints.len()].clone(),
             probes.clone(),
             retries.clone(),
+            cus.clone(),
         );
         // Like a real agent: retry with backoff when the CU is too busy.
         waits.push(tokio::spawn(async move {
@@ -520,7 +697,8 @@ async fn main() -> anyhow::Result<()> {
                     Some(i),
                     ep.clone(),
                     tls.clone(),
-                    addr,
+                    cus.clone(),
+                    i,
                     a.register.clone(),
                     probes.clone(),
                     tx,
@@ -579,7 +757,7 @@ async fn main() -> anyhow::Result<()> {
     // Let the storm's updates drain before measuring memory and latency.
     tokio::time::sleep(Duration::from_secs(3)).await;
     probes.measuring.store(true, Ordering::Relaxed);
-    let rss_after = rss_kib(cu_pid);
+    let rss_after = cluster.rss_kib();
     println!(
         "CU resident memory: {} MiB before, {} MiB after: {:.1} KiB per agent",
         rss_before / 1024,
@@ -587,10 +765,13 @@ async fn main() -> anyhow::Result<()> {
         (rss_after.saturating_sub(rss_before)) as f64 / args.agents as f64
     );
 
-    // Phase 2: single joins, each to be heard by every agent concerned.
-    // Even probes are app VMs, whose join concerns the proxies of their
-    // site; odd ones are a site's second proxy, whose join concerns every
-    // agent (each TA intercepts towards every proxy's prefixes).
+    // Phase 2: single joins, each to be heard by every agent concerned,
+    // three kinds in turn:
+    // - an app VM: its site's proxies;
+    // - a site's second proxy: every proxy and the site's app VMs (other
+    //   sites' app VMs only know one proxy of each cloud, its envoy);
+    // - the first proxy of a new cloud: every agent (each TA now
+    //   intercepts that cloud's prefixes).
     let up = |i: usize| probes.alive[i].load(Ordering::Relaxed);
     let cut_off = (0..args.agents)
         .filter(|&i| registered[i] && !up(i))
@@ -598,42 +779,68 @@ async fn main() -> anyhow::Result<()> {
     if cut_off > 0 {
         println!("{cut_off} simulated agents were cut off by the CU (stalled during the storm) and are not counted below");
     }
-    let (mut app_lat, mut proxy_lat) = (Vec::new(), Vec::new());
-    let mut probe_proxies: Vec<usize> = Vec::new();
-    let (mut app_fanout, mut proxy_fanout) = (0, 0);
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        App,
+        SecondProxy,
+        NewCloud,
+    }
+    let mut joins: [(Kind, Vec<Duration>, usize); 3] = [
+        (Kind::App, Vec::new(), 0),
+        (Kind::SecondProxy, Vec::new(), 0),
+        (Kind::NewCloud, Vec::new(), 0),
+    ];
+    let mut earlier: Vec<(Kind, usize)> = Vec::new();
     let mut missed = 0;
     for k in 0..args.probes {
-        let site = k % args.sites;
-        let is_proxy = k % 2 == 1;
+        let kind = joins[k % 3].0;
+        let site = match kind {
+            Kind::NewCloud => args.sites + k,
+            _ => k % args.sites,
+        };
         let mut r = population(args.sites + 1, args.sites)
             .pop()
             .expect("one")
             .register;
         r.cloud = format!("site{site}");
         r.name = format!("probe{k}");
-        if is_proxy {
-            r.role = "PROXY".into();
-            r.endpoints = Endpoints::proxy(site_addr(site, 2 + k / args.sites));
-        } else {
-            r.endpoints = Endpoints::App {
-                addr: site_addr(site, 4080 + k / args.sites),
-                encap: Encap::Ipip,
-            };
+        match kind {
+            Kind::App => {
+                r.endpoints = Endpoints::App {
+                    addr: site_addr(site, 4080 + k / args.sites),
+                    encap: Encap::Ipip,
+                }
+            }
+            Kind::SecondProxy | Kind::NewCloud => {
+                r.role = "PROXY".into();
+                r.endpoints = Endpoints::proxy(site_addr(site, 2 + k / args.sites));
+            }
         }
         // Enrolled before the clock starts: what is measured is the join.
-        let tls = enrol(&endpoints[0], addr, &ca, &token, &r)
+        let tls = enrol(&endpoints[0], cus[k % cus.len()], &ca, &token, &r)
             .await
             .map_err(|e| anyhow::anyhow!("enrolling probe {k}: {e}"))?;
-        let expected = if is_proxy {
-            // Every connected agent, and the earlier probes (all connected).
-            (0..args.agents).filter(|&i| up(i)).count() + k
-        } else {
+        let everyone = (0..args.agents).filter(|&i| up(i)).count() + k;
+        let earlier_at = |what: &[Kind], at: Option<usize>| {
+            earlier
+                .iter()
+                .filter(|(kind, s)| what.contains(kind) && at.is_none_or(|at| *s == at))
+                .count()
+        };
+        let expected = match kind {
             // The site's proxy and the earlier probe proxies of the site.
-            usize::from(up(site))
-                + probe_proxies
-                    .iter()
-                    .filter(|&&j| j % args.sites == site)
-                    .count()
+            Kind::App => usize::from(up(site)) + earlier_at(&[Kind::SecondProxy], Some(site)),
+            // With the site's proxy gone, the probe is its cloud's envoy.
+            Kind::SecondProxy if !up(site) => everyone,
+            Kind::SecondProxy => {
+                (0..args.sites).filter(|&i| up(i)).count()
+                    + earlier_at(&[Kind::SecondProxy, Kind::NewCloud], None)
+                    + (args.sites..args.agents)
+                        .filter(|&i| i % args.sites == site && up(i))
+                        .count()
+                    + earlier_at(&[Kind::App], Some(site))
+            }
+            Kind::NewCloud => everyone,
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent_us = probes.start.elapsed().as_micros() as u64;
@@ -641,7 +848,8 @@ async fn main() -> anyhow::Result<()> {
             None,
             endpoints[k % endpoints.len()].clone(),
             tls,
-            addr,
+            cus.clone(),
+            k,
             r,
             probes.clone(),
             tx,
@@ -668,28 +876,18 @@ async fn main() -> anyhow::Result<()> {
                 .load(Ordering::Relaxed)
                 .saturating_sub(sent_us),
         );
-        if is_proxy {
-            proxy_lat.push(lat);
-            proxy_fanout = expected;
-            probe_proxies.push(k);
-        } else {
-            app_lat.push(lat);
-            app_fanout = expected;
-        }
+        let slot = &mut joins[k % 3];
+        slot.1.push(lat);
+        slot.2 = expected;
+        earlier.push((kind, site));
         tokio::time::sleep(Duration::from_millis(args.probe_gap_ms)).await;
     }
-    for (what, fanout, lat) in [
-        (
-            "an app VM's join -> its site's proxies",
-            app_fanout,
-            &mut app_lat,
-        ),
-        (
-            "a proxy's join -> every agent",
-            proxy_fanout,
-            &mut proxy_lat,
-        ),
-    ] {
+    for (kind, lat, fanout) in &mut joins {
+        let what = match kind {
+            Kind::App => "an app VM's join -> its site's proxies",
+            Kind::SecondProxy => "a site's second proxy -> every proxy and the site's app VMs",
+            Kind::NewCloud => "a new cloud's first proxy -> every agent",
+        };
         lat.sort();
         if let Some(max) = lat.last() {
             println!(
@@ -713,7 +911,7 @@ async fn main() -> anyhow::Result<()> {
         let population_up = (0..args.agents).filter(|&i| up(i)).count();
         probes.reconnect.store(true, Ordering::Relaxed);
         probes.measuring.store(false, Ordering::Relaxed);
-        drop(cu.take());
+        cluster.kill_all();
         probes.cu_gone.send_modify(|n| *n += 1);
         // From now on `alive` counts the agents registered again (an old
         // session that ends later only clears it again).
@@ -722,9 +920,9 @@ async fn main() -> anyhow::Result<()> {
         }
         let configs_before = probes.configs.load(Ordering::Relaxed);
         let t0 = Instant::now();
-        let restarted = cu.insert(start_cu(&cu_bin, &dir, port, args.sites, false)?);
+        cluster.start_all()?;
         let settle_deadline = t0 + Duration::from_secs(args.timeout.min(300));
-        let mut next_report = t0 + Duration::from_secs(10);
+        let mut next_report = t0 + Duration::from_secs(5);
         loop {
             let back = (0..args.agents).filter(|&i| up(i)).count();
             if back >= population_up {
@@ -741,22 +939,26 @@ async fn main() -> anyhow::Result<()> {
                     "... {back} of {population_up} back after {:.0} s",
                     t0.elapsed().as_secs_f64()
                 );
-                next_report += Duration::from_secs(10);
+                next_report += Duration::from_secs(5);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let settled = t0.elapsed();
-        let rss = rss_kib(restarted.0.id());
+        let rss = cluster.rss_kib();
         println!(
-            "re-registration storm (CU killed and restarted, {population_up} agents reconnecting with backoff): \
+            "re-registration storm ({} killed and restarted, {population_up} agents reconnecting with backoff): \
              all back in {:.2} s ({} registrations; {:.0}/s); CU resident memory after: {} MiB",
+            match cluster.ports.len() {
+                1 => "the CU".to_string(),
+                n => format!("all {n} CU replicas"),
+            },
             settled.as_secs_f64(),
             probes.configs.load(Ordering::Relaxed) - configs_before,
             population_up as f64 / settled.as_secs_f64(),
             rss / 1024
         );
     }
-    drop(cu);
+    drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
     std::process::exit(0);
 }

@@ -94,7 +94,7 @@ impl Registry {
     /// closed (the agent comes back and gets the store's id), its local
     /// peers are told it left.
     fn drop_local(&mut self, id: u32, reason: &str, out: &mut Vec<Action>) {
-        let Some(e) = self.agents.remove(&id) else {
+        let Some(e) = self.remove_entry(id) else {
             return;
         };
         let at = (e.info.cloud.clone(), e.info.name.clone());
@@ -163,6 +163,8 @@ impl Registry {
                 if !r.online {
                     // A leave its replica saw (goodbye, silence, revoke).
                     e.presence = Presence::Offline;
+                    self.index.remove(&e.info);
+                    self.index.add(&info);
                     e.info = info;
                     if let Some(b) = before {
                         self.announce(Some(&b), None, &mut out);
@@ -174,6 +176,8 @@ impl Registry {
                         deadline: now + self.settings.dead_after + self.settings.restart_grace,
                     };
                 }
+                self.index.remove(&e.info);
+                self.index.add(&info);
                 e.info = info.clone();
                 self.announce(before.as_ref(), Some(&info), &mut out);
             }
@@ -190,7 +194,7 @@ impl Registry {
                 if r.online {
                     self.announce(None, Some(&info), &mut out);
                 }
-                self.agents.insert(
+                self.insert_entry(
                     id,
                     Entry {
                         info,

@@ -276,6 +276,9 @@ impl World {
         let names: BTreeSet<(String, String)> =
             first.iter().map(|r| (r.1.clone(), r.2.clone())).collect();
         assert_eq!(names.len(), first.len(), "one id per name");
+        for n in &self.nodes {
+            assert!(n.reg.index_is_current(), "a replica's index drifted");
+        }
         // Every agent's full configuration is the same on every replica.
         for &id in &ids {
             let cfg = self.nodes[0].reg.config_for(id);
