@@ -6,7 +6,7 @@
 
 use crate::policy::Policy;
 pub use crate::trust::Refusal;
-use crate::trust::{claims, Claim, Enrolment, Grants, KeyId, Refused, TokenRecord, Trust};
+use crate::trust::{claims, Enrolment, Grants, KeyId, Refused, TokenRecord, Trust};
 use pon_proto::control::{
     valid_name, valid_role, AdminRequest, AgentInfo, AgentRecord, Change, Config, Endpoints, Enrol,
     Peer, Register, TokenInfo, PROTOCOL_VERSION,
@@ -695,11 +695,7 @@ impl Registry {
         self.settings.grants.check(cloud, endpoints)?;
         // An address another present agent holds would take its traffic.
         for mine in claims(endpoints) {
-            let ip = match mine {
-                Claim::Ip(a) => a,
-                Claim::Udp(s) => s.ip(),
-            };
-            for other in self.index.at(ip) {
+            for other in self.index.at(mine.ip()) {
                 let Some(e) = self.agents.get(&other) else {
                     continue;
                 };

@@ -372,11 +372,6 @@ pub async fn serve(
             }
             continue;
         }
-        let Some(slot) = per_address.take(incoming.remote_address().ip()) else {
-            stats.counters.per_address.inc();
-            incoming.refuse();
-            continue;
-        };
         // Beyond what the CU finishes in time, a handshake only slows the
         // others down: refused before any TLS work, the client backs off
         // and comes back when the storm has thinned.
@@ -385,6 +380,11 @@ pub async fn serve(
             incoming.refuse();
             continue;
         }
+        let Some(slot) = per_address.take(incoming.remote_address().ip()) else {
+            stats.counters.per_address.inc();
+            incoming.refuse();
+            continue;
+        };
         let id = next_conn.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection(
             incoming,

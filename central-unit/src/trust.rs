@@ -241,12 +241,20 @@ pub fn claims(e: &Endpoints) -> impl Iterator<Item = Claim> + '_ {
 }
 
 impl Claim {
+    /// The IP address it is on.
+    pub fn ip(self) -> IpAddr {
+        match self {
+            Claim::Ip(a) => a,
+            Claim::Udp(s) => s.ip(),
+        }
+    }
+
     /// Whether two agents holding these would take each other's traffic.
     pub fn clashes(self, other: Claim) -> bool {
         match (self, other) {
-            (Claim::Ip(a), Claim::Ip(b)) => a == b,
+            // Two UDP endpoints share an address only on one port.
             (Claim::Udp(a), Claim::Udp(b)) => a == b,
-            (Claim::Ip(a), Claim::Udp(s)) | (Claim::Udp(s), Claim::Ip(a)) => s.ip() == a,
+            _ => self.ip() == other.ip(),
         }
     }
 

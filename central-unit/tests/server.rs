@@ -88,11 +88,18 @@ impl Cu {
     }
 
     async fn connect(&self, cert: Option<ClientCert>) -> quinn::Connection {
+        self.try_connect(cert).await.unwrap()
+    }
+
+    /// A connection the CU may refuse.
+    async fn try_connect(
+        &self,
+        cert: Option<ClientCert>,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
         self.client
             .connect_with(self.config(cert), self.addr, "pon-cu")
             .unwrap()
             .await
-            .unwrap()
     }
 
     fn admin_cert(&self) -> ClientCert {
@@ -736,11 +743,7 @@ async fn under_load_clients_prove_their_address_and_one_address_gets_its_share()
     // fourth is refused before any handshake, the agent untouched.
     let c2 = cu.connect(None).await;
     let _c3 = cu.connect(None).await;
-    let fourth = cu
-        .client
-        .connect_with(cu.config(None), cu.addr, "pon-cu")
-        .unwrap()
-        .await;
+    let fourth = cu.try_connect(None).await;
     assert!(fourth.is_err(), "a fourth connection from one address");
     assert_eq!(cu.stats.counters.per_address.get(), 1);
     assert!(agent.conn.close_reason().is_none());
@@ -748,11 +751,7 @@ async fn under_load_clients_prove_their_address_and_one_address_gets_its_share()
     c2.close(0u32.into(), b"done");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let again = cu
-            .client
-            .connect_with(cu.config(None), cu.addr, "pon-cu")
-            .unwrap()
-            .await;
+        let again = cu.try_connect(None).await;
         if again.is_ok() {
             break;
         }
@@ -797,11 +796,7 @@ async fn beyond_max_handshakes_a_new_connection_is_refused_before_any_tls_work()
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // The one slot is taken: the next connection is refused outright.
-    let refused = cu
-        .client
-        .connect_with(cu.config(None), cu.addr, "pon-cu")
-        .unwrap()
-        .await;
+    let refused = cu.try_connect(None).await;
     assert!(refused.is_err(), "a connection beyond max_handshakes");
     assert_eq!(cu.stats.counters.busy.get(), 1);
     // When the stuck handshake times out, its slot is free again and an

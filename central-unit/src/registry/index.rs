@@ -5,7 +5,7 @@
 //! the registry, present or not; the registry keeps it in step wherever
 //! an entry is added, removed or changes its information.
 
-use crate::trust::{claims, Claim};
+use crate::trust::claims;
 use pon_proto::control::{AgentInfo, Endpoints};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -18,13 +18,6 @@ pub(crate) struct Index {
     proxies: BTreeMap<String, BTreeSet<u32>>,
     /// Agents that are neither proxies nor app VMs (monitoring).
     others: BTreeSet<u32>,
-}
-
-fn ip_of(c: Claim) -> IpAddr {
-    match c {
-        Claim::Ip(a) => a,
-        Claim::Udp(s) => s.ip(),
-    }
 }
 
 impl Index {
@@ -41,7 +34,7 @@ impl Index {
 
     pub fn add(&mut self, info: &AgentInfo) {
         for c in claims(&info.endpoints) {
-            self.by_ip.entry(ip_of(c)).or_default().insert(info.id);
+            self.by_ip.entry(c.ip()).or_default().insert(info.id);
         }
         match info.endpoints {
             Endpoints::Proxy { .. } => {
@@ -59,7 +52,7 @@ impl Index {
 
     pub fn remove(&mut self, info: &AgentInfo) {
         for c in claims(&info.endpoints) {
-            let ip = ip_of(c);
+            let ip = c.ip();
             if let Some(ids) = self.by_ip.get_mut(&ip) {
                 ids.remove(&info.id);
                 if ids.is_empty() {
