@@ -168,20 +168,22 @@ fn written_off(lab: &Lab, proxy: (&str, &str), dst: u64, path: &[u64]) -> bool {
 }
 
 /// The probe rate towards one destination that `status` (a proxy's
-/// `/status`) should report once its traffic is confirmed or idle: a
-/// keepalive on the current route every `idle_keepalive_ms`, plus up to
-/// `probes_per_interval` learning probes every `interval_ms`. Returns
-/// (least, most): keepalives only, and keepalives with the whole learning
-/// budget spent.
+/// `/status`) should report once its traffic is confirmed or idle: the
+/// current route at least every `idle_keepalive_ms` or every
+/// `steady_every` intervals, whichever is sooner (a learning probe on the
+/// route postpones its keepalive), and at most `probes_per_interval`
+/// learning probes every `interval_ms` plus a keepalive every
+/// `idle_keepalive_ms`. Returns (least, most).
 fn expected_probe_rate(status: &serde_json::Value) -> (f64, f64) {
     let b = &status["budget"];
     let field = |k: &str| {
         b[k].as_f64()
             .unwrap_or_else(|| panic!("no budget.{k} in {status}"))
     };
-    let keepalives = 1000.0 / field("idle_keepalive_ms");
-    let learning = field("probes_per_interval") * 1000.0 / field("interval_ms");
-    (keepalives, keepalives + learning)
+    let (interval, idle) = (field("interval_ms"), field("idle_keepalive_ms"));
+    let least = 1000.0 / idle.min(field("steady_every") * interval);
+    let most = field("probes_per_interval") * 1000.0 / interval + 1000.0 / idle;
+    (least, most)
 }
 
 /// Whether `rate` is in `least..=most`, give or take 20 % for the window
@@ -502,7 +504,13 @@ fn with_every_overlay_path_down_traffic_falls_back_to_ip_and_comes_back() {
         fallback.as_secs_f64(),
         back.as_secs_f64()
     );
-    assert!(fallback < Duration::from_secs(5) && back < Duration::from_secs(5));
+    // Both routes were idle and steady (probed every other interval): paris
+    // finds tokyo gone within an interval or two of the cut (its pings make
+    // its route busy: fast keepalives), tokyo only once the replies it
+    // tries to send make its own route busy. 2.5 s here on a quiet
+    // machine; 5.5 s once with two builds and a 1,000-site pon-sim
+    // sharing the 2 cores.
+    assert!(fallback < Duration::from_secs(8) && back < Duration::from_secs(5));
 }
 
 #[test]
@@ -681,14 +689,17 @@ fn an_idle_six_site_overlay_probes_at_most_five_times_a_second_per_destination()
         status(&lab, at(0))
     );
     // Idle (no application traffic): each proxy's probe rate, all kinds it
-    // sends, is at most 5 per destination. The rate meter looks back a few
-    // seconds, so a settled overlay shows in a few rounds; then it must
-    // hold for three more rounds in a row.
+    // sends (its own probes and its answers to others'), is at most 5 per
+    // destination. The rate meter looks back a few seconds, and
+    // destinations turn steady after 10 s settled, so a settled overlay
+    // shows in a few rounds; then it must hold for three more rounds in a
+    // row.
     let rates = || -> Vec<(f64, usize)> {
         (0..names.len())
             .map(|i| {
                 let page = lab.metrics(at(i).0, at(i).1);
-                let rate = gauge(&page, "pon_monitor_probe_rate").unwrap_or(f64::NAN);
+                let rate = gauge(&page, "pon_monitor_probe_rate").unwrap_or(f64::NAN)
+                    + gauge(&page, "pon_monitor_answer_rate").unwrap_or(f64::NAN);
                 let dsts = status(&lab, at(i))["destinations"]
                     .as_array()
                     .map_or(0, |d| d.len());
@@ -702,7 +713,7 @@ fn an_idle_six_site_overlay_probes_at_most_five_times_a_second_per_destination()
     };
     let mut last = Vec::new();
     assert!(
-        wait_until(Duration::from_secs(30), || {
+        wait_until(Duration::from_secs(60), || {
             last = rates();
             within(&last)
         }),
@@ -713,7 +724,7 @@ fn an_idle_six_site_overlay_probes_at_most_five_times_a_second_per_destination()
         eprintln!("round {round}: probes/s and destinations per proxy: {last:?}");
         assert!(within(&last), "round {round}: {last:?}");
     }
-    // What the router asks for: a keepalive a second per current route and
+    // What the router asks for: the current route at least every 2 s, and
     // up to k learning probes per destination and interval.
     let st = status(&lab, at(0));
     let (least, most) = expected_probe_rate(&st);

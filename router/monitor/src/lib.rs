@@ -410,6 +410,13 @@ impl Monitor {
         self.admit(now, 1)?;
         let len = self.cfg.probe_len;
         self.emit(now, path, tag, len, None);
+        // A rate is "at least one probe per period" on its path: any probe
+        // on it (the router's learning probes pin the current route)
+        // restarts the period, so keepalives add nothing where learning
+        // already probes the route often enough.
+        if let Some(t) = self.periodic.get_mut(&path) {
+            t.next = t.next.max(now + t.every);
+        }
         Ok(())
     }
 
@@ -444,8 +451,9 @@ impl Monitor {
         Ok(())
     }
 
-    /// Probes `path` every `every` from now on (`None`: stop), with results
-    /// tagged `tag`. The router uses this to watch its current routes
+    /// Probes `path` at least every `every` from now on (`None`: stop),
+    /// with results tagged `tag`: any other probe on the path (see
+    /// [`Monitor::probe`]) postpones the next one. The router uses this to watch its current routes
     /// closely, independently of its learning budget.
     pub fn set_rate(&mut self, now: Duration, path: Hops, tag: ProbeTag, every: Option<Duration>) {
         match every {

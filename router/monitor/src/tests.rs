@@ -173,6 +173,38 @@ fn periodic_probes_keep_their_rate_and_the_budget_caps_everything() {
 }
 
 #[test]
+fn a_rate_is_a_floor_other_probes_on_the_path_postpone_it() {
+    let mut a = Monitor::new(1, 1, MonitorConfig::default());
+    let (watched, other) = (hops(&[2]), hops(&[3, 2]));
+    a.set_rate(ms(0), watched, ProbeTag::keepalive(2), Some(ms(1000)));
+    let mut keepalives = 0;
+    for t in 0..=10_000u64 {
+        // A learning probe on the watched path every 800 ms, and on
+        // another path every 300 ms (which must not postpone anything).
+        if t % 800 == 400 {
+            a.probe(ms(t), watched, tag(0)).unwrap();
+        }
+        if t % 300 == 0 {
+            a.probe(ms(t), other, tag(1)).unwrap();
+        }
+        a.handle_timeout(ms(t));
+        keepalives += sent(&mut a).iter().filter(|s| s.first_hop == 2).count();
+    }
+    let learning = (0..=10_000u64).filter(|t| t % 800 == 400).count();
+    // The first keepalive at 0; after the first learning probe (400 ms) the
+    // watched path is never 1 s without a probe, so no keepalive again.
+    assert_eq!(keepalives, learning + 1);
+    // Once learning stops, the keepalives come back at their period.
+    let mut later = 0;
+    for t in 10_001..=15_000u64 {
+        a.handle_timeout(ms(t));
+        later += sent(&mut a).iter().filter(|s| s.first_hop == 2).count();
+    }
+    // The last learning probe went at 9.2 s: keepalives at 10.2 ... 14.2 s.
+    assert_eq!(later, 5);
+}
+
+#[test]
 fn packet_train_gives_the_bottleneck_rate() {
     let (mut a, mut b, _) = monitors();
     let path = hops(&[2]);

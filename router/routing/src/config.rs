@@ -15,9 +15,13 @@ use std::time::Duration;
 /// losses are seen within a few hundred milliseconds. The proxy's default,
 /// kept here so that pon-sim counts what a proxy pays.
 pub const DEFAULT_KEEPALIVE_MS: u64 = 50;
-/// How often the proxy probes a current route that is idle or whose
-/// traffic the egress's reports confirm (`[proxy] idle_keepalive_ms`).
-pub const DEFAULT_IDLE_KEEPALIVE_MS: u64 = 1000;
+/// How often, at least, the proxy probes a current route that is idle or
+/// whose traffic the egress's reports confirm (`[proxy] idle_keepalive_ms`).
+/// Any probe on the route (the learning budget pins the current route)
+/// postpones the next keepalive, so this is a floor, not an extra cost: it
+/// is a little longer than a steady destination's learning period (2
+/// intervals of 1 s), and fires only when learning leaves the route alone.
+pub const DEFAULT_IDLE_KEEPALIVE_MS: u64 = 2500;
 /// How often the proxy measures, with packet trains, the bandwidth of the
 /// recently answering candidates of destinations whose policy weighs
 /// bandwidth (`[proxy] bandwidth_every_ms`).
@@ -31,6 +35,16 @@ pub struct RoutingConfig {
     pub probes_per_interval: usize,
     /// Probe interval.
     pub interval_ms: u64,
+    /// A steady destination (reachable, no challenger, no route change and
+    /// no loss on its route for `steady_after_ms`) gets its k probes every
+    /// `steady_every` intervals instead of every interval: at steady state
+    /// the learning budget costs k / `steady_every` probes per interval,
+    /// and anything that unsettles the destination restores the full rate
+    /// at its next interval. 1: every interval, always.
+    #[schemars(extend("x-unit" = "intervals"))]
+    pub steady_every: u32,
+    /// How long a destination must stay settled before it is steady.
+    pub steady_after_ms: u64,
     /// Policy for destinations without their own.
     pub policy: Policy,
     /// Longest detour considered: 1 (direct and one relay) or 2 (also two
@@ -91,6 +105,8 @@ impl Default for RoutingConfig {
         RoutingConfig {
             probes_per_interval: 3,
             interval_ms: 1000,
+            steady_every: 2,
+            steady_after_ms: 10_000,
             policy: Policy::Latency,
             max_relays: 1,
             selector: SelectorKind::Rnn,
@@ -132,6 +148,12 @@ impl RoutingConfig {
         }
         if self.interval_ms == 0 {
             return Err(invalid("interval_ms", "must be positive"));
+        }
+        if !(1..=16).contains(&self.steady_every) {
+            return Err(invalid("steady_every", "must be in 1..=16"));
+        }
+        if self.steady_after_ms > 3_600_000 {
+            return Err(invalid("steady_after_ms", "must be at most an hour"));
         }
         if !(1..=2).contains(&self.max_relays) {
             return Err(invalid("max_relays", "must be 1 or 2"));
@@ -188,6 +210,9 @@ impl RoutingConfig {
 
     pub fn interval(&self) -> Duration {
         Duration::from_millis(self.interval_ms)
+    }
+    pub fn steady_after(&self) -> Duration {
+        Duration::from_millis(self.steady_after_ms)
     }
     pub fn hold(&self) -> Duration {
         Duration::from_millis(self.hold_ms)

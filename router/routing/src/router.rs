@@ -20,6 +20,14 @@
 //! `RoutingConfig::always_probe_direct`) and a challenger that is waiting
 //! out the hysteresis hold, in that order of priority, and lets the
 //! destination's [`ProbeSelector`] fill the rest of the budget k.
+//! A destination that stayed settled for `steady_after` (reachable, no
+//! challenger, no route change, no loss on its route) gets its k probes
+//! every `steady_every` intervals only: at steady state that halves what
+//! learning costs (and the answers it causes at the far end), and anything
+//! that unsettles it restores the full rate at its next interval. A loss on
+//! the current route asks for one probe on it at once, outside the budget
+//! ([`Router::poll_check`]), so a route that died while idle is found dead
+//! within a few probe timeouts, not `failover_losses` intervals.
 //!
 //! A failover is a moment of doubt: the answers that make the other paths
 //! look alive are from before the failure. The route still moves at once
@@ -90,7 +98,8 @@ pub struct DestinationStats {
     pub route_changes: u64,
     pub failovers: u64,
     pub unreachable_episodes: u64,
-    /// Probes asked for at failovers, one per alternative path.
+    /// Probes asked for outside the budget: at failovers, one per
+    /// alternative path, and after a loss on the route, one on it.
     pub failover_checks: u64,
 }
 
@@ -179,6 +188,10 @@ struct Destination {
     /// The current route was taken in a failover and has not answered
     /// since: one loss moves it on.
     unconfirmed: bool,
+    /// Since when nothing unsettled it (a route change, a challenger, a
+    /// loss on the route, being unreachable): a destination settled for
+    /// `steady_after` is probed every `steady_every` intervals.
+    settled_since: Option<Duration>,
     stats: DestinationStats,
 }
 
@@ -191,6 +204,8 @@ pub struct Router {
     index: HashMap<u32, usize>,
     events: VecDeque<RouterEvent>,
     next_tick: Option<Duration>,
+    /// Intervals ticked so far: which steady destinations probe this one.
+    ticks: u64,
     /// Failover checks not yet handed out (`poll_check`).
     checks: VecDeque<ProbeRequest>,
     factory: SelectorFactory,
@@ -250,6 +265,7 @@ impl Router {
             index: HashMap::default(),
             events: VecDeque::new(),
             next_tick: None,
+            ticks: 0,
             checks: VecDeque::new(),
             factory,
             chosen: Vec::new(),
@@ -317,6 +333,7 @@ impl Router {
             challenger: None,
             better_since: None,
             unconfirmed: false,
+            settled_since: None,
             stats: DestinationStats::default(),
         };
         (d.paths, d.firsts) = candidates(hops, &self.peers, |_| None);
@@ -421,6 +438,10 @@ impl Router {
         }
         let k = self.cfg.probes_per_interval;
         let fresh = self.cfg.fresh();
+        let tick = self.ticks;
+        self.ticks += 1;
+        let (steady_every, steady_after) =
+            (u64::from(self.cfg.steady_every), self.cfg.steady_after());
         // A relayed path is at least as slow as its first leg, and the
         // first leg is the direct path to the relay, which this router
         // measures anyway when the relay is one of its destinations. Paths
@@ -443,6 +464,17 @@ impl Router {
         for d in &mut self.dests {
             if evaluate(d, now, &self.cfg, &mut self.events, &mut self.checks) {
                 lost.push(d.id);
+            }
+            if !d.reachable || d.challenger.is_some() || d.unconfirmed {
+                d.settled_since = None;
+            }
+            let settled = *d.settled_since.get_or_insert(now);
+            // Spread over the intervals by id, so a proxy's steady
+            // destinations do not all probe in the same one.
+            if now.saturating_sub(settled) >= steady_after
+                && !(tick + u64::from(d.id)).is_multiple_of(steady_every)
+            {
+                continue;
             }
             self.eligible.clear();
             self.eligible.resize(d.paths.len(), true);
@@ -593,12 +625,24 @@ impl Router {
                 };
                 let dead = d.paths[pi].m.consecutive_losses() >= grace;
                 d.selector.observe(pi, None);
-                if dead
-                    && d.reachable
-                    && d.current == Some(pi)
-                    && failover(d, now, self.cfg.fresh(), &mut self.events, &mut self.checks)
-                {
-                    self.relay_lost(now, dst);
+                if d.reachable && d.current == Some(pi) {
+                    d.settled_since = None;
+                    if dead {
+                        if failover(d, now, self.cfg.fresh(), &mut self.events, &mut self.checks) {
+                            self.relay_lost(now, dst);
+                        }
+                    } else {
+                        // A loss on the route is a doubt: probe it again at
+                        // once rather than at the next interval, so an idle
+                        // route that died fails over within a few probe
+                        // timeouts (a busy one has its fast keepalives).
+                        self.checks.push_back(ProbeRequest {
+                            dst,
+                            path: d.paths[pi].hops,
+                            index: pi as u32,
+                        });
+                        d.stats.failover_checks += 1;
+                    }
                 }
             }
         }
@@ -757,6 +801,7 @@ fn switch(
     d.current = Some(to);
     d.challenger = None;
     d.better_since = None;
+    d.settled_since = None;
     d.unconfirmed = reason == ChangeReason::Failover;
     d.stats.route_changes += 1;
     if reason == ChangeReason::Failover {

@@ -18,7 +18,8 @@ const FORGET_IDLE: Duration = Duration::from_secs(600);
 pub struct MonitorPart {
     monitor: Monitor,
     /// Probes sent per second, over the last few seconds.
-    rate: RateMeter<()>,
+    /// Probes sent (`false`) and answers sent (`true`) per second.
+    rate: RateMeter<bool>,
     out: VecDeque<Output>,
     pub counters: Arc<CoreCounters>,
 }
@@ -74,10 +75,13 @@ impl MonitorPart {
 
     pub fn handle_timeout(&mut self, now: Duration) {
         self.monitor.handle_timeout(now);
-        if self
-            .rate
-            .update(now, [((), self.monitor.counters.probes_sent.get())])
-        {
+        if self.rate.update(
+            now,
+            [
+                (false, self.monitor.counters.probes_sent.get()),
+                (true, self.monitor.counters.answered.get()),
+            ],
+        ) {
             self.monitor.forget_idle(now, FORGET_IDLE);
         }
         self.drain();
@@ -140,7 +144,8 @@ impl MonitorPart {
     /// Adds the monitor's estimates and budget to a status.
     pub fn fill(&self, now: Duration, s: &mut Status) {
         s.budget.monitor = self.monitor.budget();
-        s.budget.probes_per_sec = self.rate.get(&());
+        s.budget.probes_per_sec = self.rate.get(&false);
+        s.budget.answers_per_sec = self.rate.get(&true);
         for d in &mut s.destinations {
             for cand in &mut d.candidates {
                 cand.monitor =

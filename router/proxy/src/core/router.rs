@@ -515,6 +515,8 @@ impl RouterPart {
             idle_keepalive_ms: self.cfg.idle_keepalive.as_millis() as u64,
             interval_ms: Some(self.cfg.routing.interval_ms),
             probes_per_interval: Some(self.cfg.routing.probes_per_interval),
+            steady_every: Some(self.cfg.routing.steady_every),
+            answers_per_sec: 0.0,
         }
     }
 }

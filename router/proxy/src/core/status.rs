@@ -67,12 +67,17 @@ pub struct BudgetStatus {
     pub monitor: pon_monitor::Budget,
     /// Probes per second over the last few seconds.
     pub probes_per_sec: f64,
+    /// Answers to other monitors' probes per second, over the same window
+    /// (where the monitor runs in this process).
+    pub answers_per_sec: f64,
     /// Keepalive period of a current route whose traffic went unconfirmed.
     pub keepalive_ms: u64,
     /// Keepalive period of every other current route.
     pub idle_keepalive_ms: u64,
     pub interval_ms: Option<u64>,
     pub probes_per_interval: Option<usize>,
+    /// A steady destination is probed every this many intervals.
+    pub steady_every: Option<u32>,
 }
 
 impl Status {
@@ -82,6 +87,12 @@ impl Status {
             "",
             "Probe packets sent per second (last few seconds).",
             self.budget.probes_per_sec,
+        );
+        w.gauge(
+            "pon_monitor_answer_rate",
+            "",
+            "Answers to other monitors' probes sent per second (last few seconds).",
+            self.budget.answers_per_sec,
         );
         w.gauge(
             "pon_monitor_probe_budget",

@@ -509,22 +509,21 @@ fn picks_the_relayed_path_fails_over_fast_and_returns_once() {
         let after: Vec<_> = net.routes.iter().filter(|r| r.0 > up).collect();
         assert_eq!(after.len(), 1, "{shape:?}: {after:?}");
         assert_eq!(after[0].1, vec![3, 2]);
-        // Probe budget: the learning budget (3 probes per 1 s interval over
-        // 2 destinations, so 1.5/s each) plus one keepalive a second on the
-        // current route, whose traffic the reports confirm: about 2.5/s
-        // towards 2 (it was 21.5 with a keepalive every 50 ms), and the
-        // same towards idle 3.
+        // Probe budget: the learning budget alone (both candidates of each
+        // destination every interval, 2/s, or every other interval once
+        // the destination is steady, 1/s), as the learning probes on the
+        // current route postpone its keepalives (it was 21.5/s with a
+        // keepalive every 50 ms, 3.0 with one a second on top of
+        // learning).
         let st = net.nodes[0].status(net.now);
         let d2 = st.destinations.iter().find(|d| d.id == 2).unwrap();
-        assert!((d2.probes_per_sec - 2.5).abs() < 0.6, "{shape:?}: {d2:?}");
+        assert!(
+            (0.8..=2.2).contains(&d2.probes_per_sec),
+            "{shape:?}: {d2:?}"
+        );
         assert_eq!(d2.current, Some(vec![3, 2]));
         assert!(
-            (st.budget.probes_per_sec - 5.0).abs() < 1.0,
-            "{shape:?}: {:?}",
-            st.budget
-        );
-        assert!(
-            st.budget.probes_per_sec <= 5.0 * 2.0,
+            (1.6..=4.4).contains(&st.budget.probes_per_sec),
             "{shape:?}: {:?}",
             st.budget
         );

@@ -61,6 +61,10 @@ struct Args {
     /// Hysteresis hold time in ms.
     #[arg(long)]
     hold_ms: Option<u64>,
+    /// A steady destination is probed every this many intervals (1: every
+    /// interval, as before steady probing).
+    #[arg(long)]
+    steady_every: Option<u32>,
     /// RNN exploration probability.
     #[arg(long)]
     exploration: Option<f64>,
@@ -139,6 +143,9 @@ fn main() -> anyhow::Result<()> {
     };
     routing.probes_per_interval = args.k;
     routing.seed = args.seed;
+    if let Some(n) = args.steady_every {
+        routing.steady_every = n;
+    }
     if let Some(m) = args.max_relays {
         routing.max_relays = m;
     }
@@ -291,11 +298,13 @@ fn main() -> anyhow::Result<()> {
 
     println!("pon-sim: {}", scenario.description);
     println!(
-        "{} intervals of {} ms ({} scored), k = {}, max relays {}, policy {:?}, margin {:.0} %, hold {} ms, failover after {} lost probes",
+        "{} intervals of {} ms ({} scored), k = {} (every {} intervals once steady for {} ms), max relays {}, policy {:?}, margin {:.0} %, hold {} ms, failover after {} lost probes",
         scenario.intervals,
         routing.interval_ms,
         scenario.intervals.saturating_sub(warmup),
         routing.probes_per_interval,
+        routing.steady_every,
+        routing.steady_after_ms,
         routing.max_relays,
         routing.policy,
         routing.switch_margin * 100.0,

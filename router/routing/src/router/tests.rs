@@ -12,9 +12,11 @@ fn hops(h: &[u32]) -> Hops {
     Hops::new(h).unwrap()
 }
 
+/// Every interval probes (steady probing has tests of its own).
 fn cfg() -> RoutingConfig {
     RoutingConfig {
         selector: SelectorKind::FullMesh,
+        steady_every: 1,
         ..Default::default()
     }
 }
@@ -311,7 +313,9 @@ fn a_dead_destination_is_unreachable_one_check_after_the_failover() {
     assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Failover)]);
     let (mut checked, ev) = run_checks(&mut r, secs(5) + ms(100), &dead);
     checked.sort();
-    assert_eq!(checked, vec![vec![3, 2], vec![4, 2]]);
+    // The first two losses each asked for the route again; the failover
+    // for every alternative.
+    assert_eq!(checked, vec![vec![2], vec![2], vec![3, 2], vec![4, 2]]);
     // The checks' losses arrive together: the route may pass through the
     // other alternative before none is left.
     assert_eq!(
@@ -321,7 +325,7 @@ fn a_dead_destination_is_unreachable_one_check_after_the_failover() {
     );
     assert!(!r.is_reachable(2));
     let stats = r.stats(2).unwrap();
-    assert_eq!(stats.failover_checks, 2);
+    assert_eq!(stats.failover_checks, 4);
     assert_eq!(r.poll_check(), None);
 }
 
@@ -353,8 +357,10 @@ fn a_route_taken_in_a_failover_moves_on_at_its_first_loss_until_it_answers() {
     let (_, ev) = run_checks(&mut r, secs(5) + ms(100), &world);
     assert_eq!(changed_to(&ev), vec![(vec![3, 2], ChangeReason::Failover)]);
     assert!(r.is_reachable(2));
-    // The second failover of the episode asked for no new checks.
-    assert_eq!(r.stats(2).unwrap().failover_checks, 2);
+    // The second failover of the episode asked for no new checks (two
+    // losses on the first route asked for it again, the failover for its
+    // two alternatives).
+    assert_eq!(r.stats(2).unwrap().failover_checks, 4);
     assert_eq!(r.poll_check(), None);
 }
 
@@ -550,10 +556,14 @@ fn learners_find_the_one_good_relay() {
     for kind in [SelectorKind::Rnn, SelectorKind::Bandit] {
         let mut found = Vec::new();
         for seed in 0..10 {
+            // Every interval: a steady destination explores at half the
+            // rate, and may take far longer to find a better relay once
+            // it settled on a mediocre one.
             let c = RoutingConfig {
                 selector: kind,
                 seed,
                 hold_ms: 1000,
+                steady_every: 1,
                 ..Default::default()
             };
             let mut r = router(c, 40);
@@ -595,21 +605,33 @@ proptest! {
         seed in 0u64..1000,
         k in 1usize..5,
         kind in prop_oneof![Just(SelectorKind::Rnn), Just(SelectorKind::Bandit), Just(SelectorKind::Random)],
+        steady_every in 1u32..4,
+        steady_after_ms in prop_oneof![Just(0u64), Just(3000), Just(10_000)],
         script in proptest::collection::vec(proptest::collection::vec(proptest::option::of(1u64..400), 12), 1..40),
     ) {
         let run = || {
-            let c = RoutingConfig { selector: kind, seed, probes_per_interval: k, hold_ms: 2000, ..Default::default() };
+            let c = RoutingConfig { selector: kind, seed, probes_per_interval: k, hold_ms: 2000, steady_every, steady_after_ms, ..Default::default() };
             let mut r = Router::new(1, c).unwrap();
             r.set_peers(Duration::ZERO, &[2, 3, 4, 5, 6, 7, 8]);
             r.add_destination(2, None);
             r.add_destination(5, Some(Policy::Loss));
             let mut log = Vec::new();
+            // Intervals in a row each destination went without a probe.
+            let mut unprobed = [0u32; 2];
             for (t, row) in script.iter().enumerate() {
                 let mut probes = Vec::new();
                 r.on_tick(secs(t as u64), &mut probes);
-                for dst in [2, 5] {
+                for (i, dst) in [2, 5].into_iter().enumerate() {
                     let n = probes.iter().filter(|p| p.dst == dst).count();
-                    assert!(n <= k && n >= 1);
+                    assert!(n <= k);
+                    if n == 0 {
+                        // Only a steady destination skips, and never
+                        // `steady_every` intervals in a row.
+                        unprobed[i] += 1;
+                        assert!(unprobed[i] < steady_every, "{dst} unprobed {} intervals", unprobed[i]);
+                        continue;
+                    }
+                    unprobed[i] = 0;
                     assert!(probes.iter().any(|p| p.dst == dst && p.path.len() == 1) || k == 1);
                 }
                 for p in &probes {
@@ -693,4 +715,110 @@ fn fresh_paths_are_the_recently_answered_candidates() {
     }
     assert!(r.fresh_paths(secs(1000), 2).is_empty());
     assert!(r.fresh_paths(secs(1), 99).is_empty());
+}
+
+/// Probes per interval towards 2 over `intervals` seconds from `from`.
+fn probes_per_interval(
+    r: &mut Router,
+    from: u64,
+    intervals: u64,
+    world: &dyn Fn(&Hops) -> Option<u64>,
+) -> Vec<usize> {
+    (from..from + intervals)
+        .map(|t| {
+            let mut probes = Vec::new();
+            r.on_tick(secs(t), &mut probes);
+            for p in &probes {
+                let o = world(&p.path).map_or(ProbeOutcome::Lost, |rtt| ProbeOutcome::Reply {
+                    rtt: ms(rtt),
+                });
+                r.on_probe_result(secs(t) + ms(100), p, o);
+            }
+            while r.poll_event().is_some() {}
+            while r.poll_check().is_some() {}
+            probes.len()
+        })
+        .collect()
+}
+
+#[test]
+fn a_steady_destination_probes_every_other_interval_until_unsettled() {
+    let c = RoutingConfig {
+        steady_after_ms: 5000,
+        ..cfg()
+    };
+    assert_eq!(RoutingConfig::default().steady_every, 2);
+    let mut r = router(
+        RoutingConfig {
+            steady_every: 2,
+            ..c
+        },
+        3,
+    );
+    // Settled from the first route (interval 0): every interval until 5 s,
+    // then every other one.
+    let n = probes_per_interval(&mut r, 0, 12, &healthy);
+    assert!(n[..6].iter().all(|&n| n > 0), "{n:?}");
+    assert_eq!(n[6..].iter().filter(|&&n| n == 0).count(), 3, "{n:?}");
+    assert!(
+        n[6..].windows(2).all(|w| (w[0] == 0) != (w[1] == 0)),
+        "{n:?}"
+    );
+    // A loss on the route unsettles it: every interval again, for
+    // `steady_after`.
+    let mut probes = Vec::new();
+    let t = (12..14).find(|&t| {
+        probes.clear();
+        r.on_tick(secs(t), &mut probes);
+        !probes.is_empty()
+    });
+    let t = t.expect("probes within two intervals");
+    for p in probes.clone() {
+        let o = if p.path.len() == 1 {
+            ProbeOutcome::Lost
+        } else {
+            ProbeOutcome::Reply { rtt: ms(80) }
+        };
+        r.on_probe_result(secs(t) + ms(100), &p, o);
+    }
+    // The loss asked for the route again at once.
+    let check = r.poll_check().expect("a check of the route");
+    assert_eq!(check.path, hops(&[2]));
+    r.on_probe_result(
+        secs(t) + ms(200),
+        &check,
+        ProbeOutcome::Reply { rtt: ms(50) },
+    );
+    assert_eq!(
+        r.current_path(2),
+        Some(hops(&[2])),
+        "one loss is no failover"
+    );
+    let n = probes_per_interval(&mut r, t + 1, 5, &healthy);
+    assert!(n.iter().all(|&n| n > 0), "{n:?}");
+}
+
+#[test]
+fn an_idle_route_that_died_fails_over_within_a_few_probe_timeouts() {
+    // Learning probes only (no keepalives): the first loss on the route
+    // asks for it again, each loss of those checks for another, and the
+    // third fails over before the next interval would have probed it.
+    let mut r = healthy_start(3);
+    let mut probes = Vec::new();
+    r.on_tick(secs(5), &mut probes);
+    let direct = *probes
+        .iter()
+        .find(|p| p.path.len() == 1)
+        .expect("the route is probed");
+    let mut at = secs(5) + ms(300);
+    r.on_probe_result(at, &direct, ProbeOutcome::Lost);
+    for _ in 0..2 {
+        let check = r.poll_check().expect("the route asked for again");
+        assert_eq!(check.path, hops(&[2]));
+        at += ms(300);
+        r.on_probe_result(at, &check, ProbeOutcome::Lost);
+    }
+    let ev: Vec<RouterEvent> = std::iter::from_fn(|| r.poll_event()).collect();
+    assert_eq!(changed_to(&ev), vec![(vec![4, 2], ChangeReason::Failover)]);
+    assert!(at < secs(6));
 }

@@ -6,9 +6,9 @@
 //! - **learning**: the probes the [`Router`](crate::Router) asks for in
 //!   `on_tick` (k per destination and interval, fewer when pruned).
 //! - **keepalive**: the core has its monitor probe every destination's
-//!   current route every `idle_keepalive` while the destination is
-//!   reachable, on top of the learning budget (a learning probe on the
-//!   current route does not replace one). The monitor starts a path's
+//!   current route at least every `idle_keepalive` while the destination
+//!   is reachable: a learning probe on the current route restarts the
+//!   period (the monitor's rate is a floor). The monitor starts a path's
 //!   schedule when the route is set (first probe at once) and drops it when
 //!   the route changes or the destination becomes unreachable; an
 //!   unchanged route keeps its phase. Fast keepalives (every `keepalive`)
@@ -251,6 +251,20 @@ impl CostMeter {
         self.counts[node(path.last())].by_kind[ANSWERS] += answered;
         for &r in &hops[..hops.len() - 1] {
             self.counts[node(r)].by_kind[RELAYED] += 2.0 * answered;
+        }
+    }
+
+    /// A probe of `at.src` on `path` goes out at `when`: a keepalive is a
+    /// floor (the monitor's rate), so one on the same path restarts its
+    /// period.
+    pub fn probed(&mut self, at: &Source, path: &Hops, when: Duration) {
+        let d = node(path.last());
+        self.keepalives_until(at, d, when);
+        let every = self.cfg.idle_keepalive;
+        if let Some(w) = &mut self.watch[at.slot * self.nodes + d] {
+            if w.path == *path {
+                w.next = w.next.max(when + every);
+            }
         }
     }
 
@@ -538,6 +552,31 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_on_the_route_postpones_its_keepalive() {
+        let s = scenario();
+        let mut r = router(Policy::Latency);
+        let cfg = CostConfig {
+            idle_keepalive: 1000 * MS,
+            busy: 0.0,
+            ..CostConfig::default()
+        };
+        let mut cost = CostMeter::new(cfg, 3, 1);
+        let reply = ProbeOutcome::Reply { rtt: 10 * MS };
+        let direct = Hops::new(&[3]).unwrap();
+        // The route is set at 10 ms (a keepalive at once); learning probes
+        // on it every 800 ms from 500 ms keep it from ever being due again
+        // until they stop (last at 3.7 s): the next at 4.7 s.
+        feed(at(&s, 0), &mut r, &mut cost, &[3], 10 * MS, reply);
+        for t in (500..4000).step_by(800) {
+            cost.probed(&at(&s, 0), &direct, t * MS);
+            // A probe on another path changes nothing.
+            cost.probed(&at(&s, 0), &Hops::new(&[2, 3]).unwrap(), (t + 300) * MS);
+        }
+        cost.end_interval(&at(&s, 0), 5000 * MS);
+        assert_eq!(cost.counts[0].keepalive(), 2.0);
+    }
+
+    #[test]
     fn busy_pairs_cost_reports_and_fast_keepalives_at_failover_only() {
         let s = scenario();
         let mut r = router(Policy::Latency);
@@ -548,21 +587,21 @@ mod tests {
         let mut cost = CostMeter::new(cfg, 3, 1);
         let reply = ProbeOutcome::Reply { rtt: 10 * MS };
         // Interval 0: direct route from 10 ms; slow keepalives at 10 ms
-        // only (every second); reports all interval long.
+        // only (every 2.5 s); reports all interval long.
         feed(at(&s, 0), &mut r, &mut cost, &[3], 10 * MS, reply);
         cost.end_interval(&at(&s, 0), 1000 * MS);
         assert_eq!(cost.counts[0].keepalive(), 1.0);
         assert!((cost.counts[2].reports() - 5.0).abs() < 1e-9);
         // Interval 1: the direct route fails over to the relay: three fast
-        // keepalives lost on it, on top of the slow ones (1010 ms on the
-        // direct, 1500 ms on the relayed route).
+        // keepalives lost on it, on top of the slow one on the relayed
+        // route at 1500 ms (the direct one's next was due at 2510 ms).
         feed(at(&s, 1), &mut r, &mut cost, &[2, 3], 1200 * MS, reply);
         for _ in 0..3 {
             let lost = ProbeOutcome::Lost;
             feed(at(&s, 1), &mut r, &mut cost, &[3], 1500 * MS, lost);
         }
         cost.end_interval(&at(&s, 1), 2000 * MS);
-        assert_eq!(cost.counts[0].keepalive(), 1.0 + 1.0 + 3.0 + 1.0);
+        assert_eq!(cost.counts[0].keepalive(), 1.0 + 3.0 + 1.0);
         assert!((cost.counts[2].reports() - 10.0).abs() < 1e-9);
         assert!(is_busy(1.0, 0, 2) && !is_busy(0.0, 0, 2));
         let share = (0..100)

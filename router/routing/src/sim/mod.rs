@@ -408,6 +408,7 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 total_probes += probes.len() as u64;
             }
             for (pi, p) in probes.iter().enumerate() {
+                cost.probed(&at, &p.path, now);
                 let (when, outcome) = probe(s, t, src, p, now, rc, &mut rng, &mut hop_idx);
                 results.push((when, pi, outcome));
             }
@@ -436,6 +437,7 @@ pub fn run(s: &Scenario, oracle: &Oracle, rc: &RunConfig) -> Report {
                 // interval's later results: close enough at the
                 // simulation's interval granularity.
                 while let Some(c) = router.poll_check() {
+                    cost.probed(&at, &c.path, when);
                     let (at_c, o) = probe(s, t, src, &c, when, rc, &mut rng, &mut hop_idx);
                     router.on_probe_result(at_c, &c, o);
                     // Outside the budget k (`probes_per_dst_interval`),
@@ -581,14 +583,23 @@ mod tests {
     #[test]
     fn budgeted_selectors_probe_k_and_full_mesh_probes_all() {
         let (s, o) = small();
-        let rnn = run(&s, &o, &rc(SelectorKind::Rnn));
+        let every = |kind| {
+            let mut c = rc(kind);
+            c.routing.steady_every = 1;
+            c
+        };
+        let rnn = run(&s, &o, &every(SelectorKind::Rnn));
         // At most k; fewer when first-leg pruning leaves nothing worth it.
         assert!(rnn.probes_per_dst_interval <= 3.0 && rnn.probes_per_dst_interval > 2.0);
-        let mut no_prune = rc(SelectorKind::Random);
+        // Steady destinations probe every other interval.
+        let steady = run(&s, &o, &rc(SelectorKind::Rnn));
+        let p = steady.probes_per_dst_interval;
+        assert!(p < 0.7 * rnn.probes_per_dst_interval && p > 1.0, "{p}");
+        let mut no_prune = every(SelectorKind::Random);
         no_prune.routing.prune_by_first_leg = false;
         let random = run(&s, &o, &no_prune);
         assert!((random.probes_per_dst_interval - 3.0).abs() < 1e-9);
-        let fm = run(&s, &o, &rc(SelectorKind::FullMesh));
+        let fm = run(&s, &o, &every(SelectorKind::FullMesh));
         assert!((fm.probes_per_dst_interval - 11.0).abs() < 1e-9);
         // Full knowledge (with noise and hysteresis) stays close to the oracle.
         assert!(fm.ratio_mean < 1.03, "{}", fm.ratio_mean);
