@@ -10,6 +10,7 @@
 //!            ◀─────────────────── (Send)              ◀───────── (Routes)
 //!  router ── Probe, Rate ──▶ monitor ── Result ──▶ router
 //!  forwarder ── Traffic ──▶ router
+//!  router ── Pmon ──▶ forwarder (which offers it to its CU client)
 //! ```
 //!
 //! Every message is idempotent or periodic (Topology and Routes carry whole
@@ -18,6 +19,7 @@
 
 use crate::codec::CodecError;
 use crate::measurement::{ProbeOutcome, ProbeTag, TrafficSample};
+use crate::pmon::{DestinationReport, Report, ReportError, MAX_DESTINATIONS};
 use crate::pon::Hops;
 use serde::{Deserialize, Serialize};
 
@@ -77,6 +79,142 @@ pub enum LocalMsg {
     /// changed since the last message (none: no message), for the passive
     /// watch of the current routes.
     Traffic(Vec<TrafficSample>),
+    /// router → forwarder: a part of the router's PMon report, which the
+    /// forwarder assembles ([`PmonAssembler`]), checks and offers to its
+    /// CU client, as pon-proxy offers its own (sent with every status the
+    /// router publishes).
+    Pmon(PmonPart),
+}
+
+/// Destinations per [`LocalMsg::Pmon`]: a worst-case destination (ids of
+/// five bytes, a route of `MAX_ROUTE_HOPS` hops, every figure of five
+/// bytes) takes 83 bytes, so this many and the framing fit
+/// [`MAX_LOCAL_LEN`] (`a_pmon_part_of_worst_case_destinations_fits`).
+pub const PMON_PART_DESTINATIONS: usize = 24;
+
+/// Parts of the largest report ([`MAX_DESTINATIONS`] destinations).
+pub const MAX_PMON_PARTS: usize = MAX_DESTINATIONS.div_ceil(PMON_PART_DESTINATIONS);
+
+/// Part `index` (from 0) of the `of` parts of the report the router sent
+/// in round `round`. Rounds tell a report's parts from the previous one's:
+/// over UDP a part may be lost, and then its round never completes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PmonPart {
+    pub round: u32,
+    pub index: u16,
+    pub of: u16,
+    pub destinations: Vec<DestinationReport>,
+}
+
+/// The messages that carry `report` in round `round`: one part per
+/// [`PMON_PART_DESTINATIONS`] destinations (one part for an empty report).
+/// A report of more than [`MAX_DESTINATIONS`] destinations (which
+/// `Report::check` refuses anyway) makes parts the assembler refuses.
+pub fn pmon_messages(report: Report, round: u32) -> Vec<LocalMsg> {
+    let n = report
+        .destinations
+        .len()
+        .div_ceil(PMON_PART_DESTINATIONS)
+        .max(1);
+    let of = u16::try_from(n).unwrap_or(u16::MAX);
+    let mut rest = report.destinations.into_iter();
+    (0..n)
+        .map(|i| {
+            LocalMsg::Pmon(PmonPart {
+                round,
+                index: u16::try_from(i).unwrap_or(u16::MAX),
+                of,
+                destinations: rest.by_ref().take(PMON_PART_DESTINATIONS).collect(),
+            })
+        })
+        .collect()
+}
+
+/// Why the forwarder dropped what the router sent of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PmonDrop {
+    /// A part that does not fit its round: no parts or too many, an index
+    /// past them, more destinations than a part has, or a part the round
+    /// already has or counts differently.
+    #[error("a PMon part that does not fit its round")]
+    BadPart,
+    /// The whole report breaks its own rules.
+    #[error("a PMon report the CU would refuse: {0}")]
+    Invalid(ReportError),
+}
+
+impl PmonDrop {
+    /// How many reasons there are ([`PmonDrop::index`] is below it).
+    pub const KINDS: usize = 1 + ReportError::LABELS.len();
+
+    /// A stable label per reason, in [`PmonDrop::index`] order:
+    /// "bad_part", then [`ReportError::LABELS`].
+    pub fn labels() -> impl Iterator<Item = &'static str> {
+        std::iter::once("bad_part").chain(ReportError::LABELS)
+    }
+
+    pub fn index(&self) -> usize {
+        match self {
+            PmonDrop::BadPart => 0,
+            PmonDrop::Invalid(e) => 1 + e.index(),
+        }
+    }
+}
+
+/// The forwarder's side of [`pmon_messages`]: feed it the router's parts;
+/// it returns each report once all its parts came and it passes
+/// `Report::check`. It keeps one round: a part of another round starts
+/// that round and abandons the one in progress (a lost part costs one
+/// report; the next comes with the router's next status). Holds at most
+/// [`MAX_PMON_PARTS`] parts.
+#[derive(Debug, Default)]
+pub struct PmonAssembler {
+    partial: Option<Round>,
+}
+
+/// A round in progress: its number, its parts so far, how many are missing.
+#[derive(Debug)]
+struct Round {
+    round: u32,
+    parts: Vec<Option<Vec<DestinationReport>>>,
+    missing: usize,
+}
+
+impl PmonAssembler {
+    pub fn push(&mut self, part: PmonPart) -> Result<Option<Report>, PmonDrop> {
+        let (of, index) = (usize::from(part.of), usize::from(part.index));
+        if of == 0
+            || of > MAX_PMON_PARTS
+            || index >= of
+            || part.destinations.len() > PMON_PART_DESTINATIONS
+        {
+            return Err(PmonDrop::BadPart);
+        }
+        let r = match &mut self.partial {
+            Some(r) if r.round == part.round => r,
+            r => r.insert(Round {
+                round: part.round,
+                parts: vec![None; of],
+                missing: of,
+            }),
+        };
+        if r.parts.len() != of || r.parts[index].is_some() {
+            return Err(PmonDrop::BadPart);
+        }
+        r.parts[index] = Some(part.destinations);
+        r.missing -= 1;
+        if r.missing > 0 {
+            return Ok(None);
+        }
+        let Some(r) = self.partial.take() else {
+            return Ok(None);
+        };
+        let report = Report {
+            destinations: r.parts.into_iter().flatten().flatten().collect(),
+        };
+        report.check().map_err(PmonDrop::Invalid)?;
+        Ok(Some(report))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,6 +299,12 @@ mod tests {
                 sent: 1000,
                 confirmed: 990,
             }]),
+            LocalMsg::Pmon(PmonPart {
+                round: 7,
+                index: 0,
+                of: 1,
+                destinations: vec![reached(2, &[3, 2])],
+            }),
         ] {
             assert_eq!(LocalMsg::decode(&m.encode().unwrap()).unwrap(), m);
         }
@@ -189,10 +333,187 @@ mod tests {
         );
     }
 
+    use crate::pmon::{Figures, MAX_ROUTE_HOPS};
+
+    /// `dst` reached over `route`, with some figures.
+    fn reached(dst: u32, route: &[u32]) -> DestinationReport {
+        DestinationReport {
+            dst,
+            reachable: true,
+            route: route.to_vec(),
+            figures: Figures {
+                rtt_us: Some(61_000),
+                loss_ppm: Some(0),
+                ..Figures::default()
+            },
+        }
+    }
+
+    #[test]
+    fn a_pmon_part_of_worst_case_destinations_fits() {
+        let worst = DestinationReport {
+            dst: u32::MAX,
+            reachable: true,
+            route: vec![u32::MAX; MAX_ROUTE_HOPS],
+            figures: Figures {
+                rtt_us: Some(u32::MAX),
+                p50_us: Some(u32::MAX),
+                p90_us: Some(u32::MAX),
+                p99_us: Some(u32::MAX),
+                jitter_us: Some(u32::MAX),
+                loss_ppm: Some(u32::MAX),
+            },
+        };
+        let m = LocalMsg::Pmon(PmonPart {
+            round: u32::MAX,
+            index: u16::MAX,
+            of: u16::MAX,
+            destinations: vec![worst; PMON_PART_DESTINATIONS],
+        });
+        let len = m.encode().expect("fits").len();
+        assert!(len <= MAX_LOCAL_LEN, "{len}");
+        // Not so few per part that a big report takes many datagrams.
+        assert!(len + 83 > MAX_LOCAL_LEN, "{len}: room for more");
+    }
+
+    fn part(round: u32, index: u16, of: u16, destinations: Vec<DestinationReport>) -> PmonPart {
+        PmonPart {
+            round,
+            index,
+            of,
+            destinations,
+        }
+    }
+
+    #[test]
+    fn pmon_parts_that_do_not_add_up_are_dropped() {
+        let mut a = PmonAssembler::default();
+        let d = || vec![reached(2, &[2])];
+        assert_eq!(a.push(part(1, 0, 0, vec![])), Err(PmonDrop::BadPart));
+        assert_eq!(a.push(part(1, 2, 2, d())), Err(PmonDrop::BadPart));
+        let too_many = MAX_PMON_PARTS as u16 + 1;
+        assert_eq!(a.push(part(1, 0, too_many, d())), Err(PmonDrop::BadPart));
+        let crowd = vec![reached(2, &[2]); PMON_PART_DESTINATIONS + 1];
+        assert_eq!(a.push(part(1, 0, 1, crowd)), Err(PmonDrop::BadPart));
+        // A part twice, or counted differently within its round.
+        assert_eq!(a.push(part(1, 0, 2, d())), Ok(None));
+        assert_eq!(a.push(part(1, 0, 2, d())), Err(PmonDrop::BadPart));
+        assert_eq!(a.push(part(1, 1, 3, d())), Err(PmonDrop::BadPart));
+        // Round 1's second part was lost: round 2 replaces it.
+        assert_eq!(a.push(part(2, 1, 2, vec![reached(3, &[3])])), Ok(None));
+        let whole = a.push(part(2, 0, 2, d())).unwrap().unwrap();
+        let dsts: Vec<u32> = whole.destinations.iter().map(|d| d.dst).collect();
+        assert_eq!(dsts, [2, 3]);
+        // Whole but refused by `Report::check`: one destination in two
+        // parts, and a route that ends elsewhere.
+        assert_eq!(a.push(part(3, 0, 2, d())), Ok(None));
+        assert_eq!(
+            a.push(part(3, 1, 2, d())),
+            Err(PmonDrop::Invalid(ReportError::DuplicateDestination(2)))
+        );
+        let e = a.push(part(4, 0, 1, vec![reached(2, &[3])])).unwrap_err();
+        assert_eq!(e, PmonDrop::Invalid(ReportError::BadRoute));
+        let labels: Vec<&str> = PmonDrop::labels().collect();
+        assert_eq!(labels.len(), PmonDrop::KINDS);
+        assert_eq!(labels[e.index()], "bad_route");
+        assert_eq!(labels[PmonDrop::BadPart.index()], "bad_part");
+    }
+
+    fn destination() -> impl Strategy<Value = DestinationReport> {
+        let v = || proptest::option::of(prop_oneof![0u32..100_000, any::<u32>()]);
+        (
+            0u32..200,
+            any::<bool>(),
+            proptest::collection::vec(0u32..200, 0..10),
+            [v(), v(), v(), v(), v(), v()],
+        )
+            .prop_map(|(dst, reachable, route, f)| DestinationReport {
+                dst,
+                reachable,
+                route,
+                figures: Figures {
+                    rtt_us: f[0],
+                    p50_us: f[1],
+                    p90_us: f[2],
+                    p99_us: f[3],
+                    jitter_us: f[4],
+                    loss_ppm: f[5],
+                },
+            })
+    }
+
+    /// A report that passes `Report::check`: distinct destinations, each
+    /// reached directly or through relays that differ from it.
+    fn valid_report() -> impl Strategy<Value = Report> {
+        proptest::collection::btree_set(1u32..100_000, 0..120).prop_map(|dsts| Report {
+            destinations: dsts
+                .into_iter()
+                .map(|d| match d % 3 {
+                    0 => reached(d, &[d]),
+                    1 => reached(d, &[100_000 + d, d]),
+                    _ => DestinationReport {
+                        dst: d,
+                        ..DestinationReport::default()
+                    },
+                })
+                .collect(),
+        })
+    }
+
     proptest! {
         #[test]
         fn decoding_garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..3000)) {
             let _ = LocalMsg::decode(&bytes);
+        }
+
+        /// A report goes over the link in parts that each fit a datagram,
+        /// and comes out whole and unchanged in whatever order they come.
+        #[test]
+        fn pmon_reports_survive_the_link_in_any_order(
+            r in valid_report(),
+            round in any::<u32>(),
+            seed in any::<u64>(),
+        ) {
+            prop_assert!(r.check().is_ok());
+            let mut parts: Vec<Vec<u8>> = pmon_messages(r.clone(), round)
+                .iter()
+                .map(|m| m.encode().unwrap())
+                .collect();
+            // A deterministic shuffle.
+            let mut s = seed;
+            for i in (1..parts.len()).rev() {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                parts.swap(i, (s >> 33) as usize % (i + 1));
+            }
+            let mut a = PmonAssembler::default();
+            let mut out = Vec::new();
+            for p in parts {
+                let LocalMsg::Pmon(p) = LocalMsg::decode(&p).unwrap() else {
+                    panic!("not a Pmon part");
+                };
+                out.extend(a.push(p).unwrap());
+            }
+            prop_assert_eq!(out, vec![r]);
+        }
+
+        /// Whatever parts come (any rounds, indices, counts, contents),
+        /// the assembler never panics, and every report it lets out
+        /// passes `Report::check`.
+        #[test]
+        fn only_checked_pmon_reports_come_out(
+            parts in proptest::collection::vec(
+                (0u32..3, 0u16..5, 0u16..5, proptest::collection::vec(destination(), 0..4)),
+                0..40,
+            ),
+        ) {
+            let mut a = PmonAssembler::default();
+            for (round, index, of, destinations) in parts {
+                match a.push(part(round, index, of, destinations)) {
+                    Ok(Some(r)) => prop_assert!(r.check().is_ok()),
+                    Ok(None) => {}
+                    Err(e) => prop_assert!(e.index() < PmonDrop::KINDS),
+                }
+            }
         }
     }
 }

@@ -5,8 +5,9 @@
 
 use pon_proto::control::{self, AgentMsg, Endpoints, FrameDecoder, Register};
 use pon_proto::ip::{self, Icmpv4Packet, IpProtocol, IpipPacket, Ipv4Packet, Ipv4Repr};
-use pon_proto::local::LocalMsg;
+use pon_proto::local::{LocalMsg, PmonPart};
 use pon_proto::measurement::{ProbeOutcome, ProbeTag, TrafficSample};
+use pon_proto::pmon::{DestinationReport, Figures};
 use pon_proto::pon::Hops;
 use pon_proto::steering::Steering;
 use pon_proto::{pon, probe, report, Encap};
@@ -249,7 +250,7 @@ fn steering_message() {
 #[test]
 fn local_messages() {
     let h = |ids: &[u32]| Hops::new(ids).unwrap();
-    let cases: [(LocalMsg, &[u8]); 11] = [
+    let cases: [(LocalMsg, &[u8]); 12] = [
         (LocalMsg::Arrived(vec![1, 2, 3]), &[0, 3, 1, 2, 3]),
         (
             LocalMsg::Send {
@@ -336,6 +337,29 @@ fn local_messages() {
                 confirmed: 299,
             }]),
             &[9, 1, 2, 0xac, 0x02, 0xab, 0x02],
+        ),
+        (
+            // round 7, part 0 of 1, one destination: dst 2, reachable,
+            // route [2], rtt Some(61 000 µs: varint 0xc8 0xdc 0x03), no
+            // percentiles or jitter, loss Some(0)
+            LocalMsg::Pmon(PmonPart {
+                round: 7,
+                index: 0,
+                of: 1,
+                destinations: vec![DestinationReport {
+                    dst: 2,
+                    reachable: true,
+                    route: vec![2],
+                    figures: Figures {
+                        rtt_us: Some(61_000),
+                        loss_ppm: Some(0),
+                        ..Figures::default()
+                    },
+                }],
+            }),
+            &[
+                10, 7, 0, 1, 1, 2, 1, 1, 2, 1, 0xc8, 0xdc, 0x03, 0, 0, 0, 0, 1, 0,
+            ],
         ),
     ];
     for (m, want) in cases {

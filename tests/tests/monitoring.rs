@@ -467,6 +467,53 @@ fn ponctl_watch_shows_a_link_cut_within_a_second_of_the_routers_decision() {
     println!("{table}");
 }
 
+/// Split proxies (pon-forwarder + pon-monitor + pon-router on every
+/// proxy host): each router's report crosses the local link to its
+/// forwarder, whose CU client offers it, so the matrix has every pair with
+/// its route (relays and all) and RTT, as with pon-proxy.
+#[test]
+fn split_proxies_report_their_routes_to_the_cus_matrix() {
+    require_root();
+    let lab = Lab::up(&format!("split = true\n{}", triangle()));
+    let start = std::time::Instant::now();
+    let m = wait_for_relayed_matrix(&lab);
+    let took = start.elapsed();
+    for c in m["cells"].as_array().unwrap() {
+        let route = c["route"].as_array().map_or(0, |r| r.len());
+        assert!(
+            c["reported"] == true && c["reachable"] == true && route > 0,
+            "{c}"
+        );
+        assert!(c["figures"]["rtt_us"].as_u64().is_some(), "no RTT in {c}");
+    }
+    // Every forwarder passed its router's reports on, and dropped none.
+    let mut passed = Vec::new();
+    for i in 1..=3 {
+        let (host, addr) = (
+            format!("{}/proxy", ["paris", "tokyo", "london"][i - 1]),
+            format!("198.18.{i}.1:9100"),
+        );
+        let page = lab.metrics(&host, &addr);
+        let dropped: Vec<&str> = page
+            .lines()
+            .filter(|l| l.starts_with("pon_proxy_pmon_drops_total") && !l.ends_with(" 0"))
+            .collect();
+        assert!(dropped.is_empty(), "{host}: {dropped:?}");
+        passed.push(pon_e2e::metric_value(&page, "pon_proxy_pmon_reports_total"));
+    }
+    assert!(
+        passed.iter().all(|&n| n > 0),
+        "reports passed on: {passed:?}"
+    );
+    let rtt = |from, to| cell(&m, from, to)["figures"]["rtt_us"].as_u64().unwrap() as f64 / 1000.0;
+    println!(
+        "split proxies: all 6 pairs reported {:.1} s after the lab was up; paris -> tokyo via \
+         london {:.1} ms; reports passed on by the forwarders: {passed:?}",
+        took.as_secs_f64(),
+        rtt("paris", "tokyo"),
+    );
+}
+
 /// Where test artefacts (screenshots) are kept: beside the binaries.
 fn artefacts() -> std::path::PathBuf {
     let dir = pon_e2e::bin_dir()

@@ -8,7 +8,7 @@ use crate::forwarder::{ForwarderConfig, ForwardingTable};
 use pon_cu::view::View;
 use pon_forwarder::{AgentLink, PeerTraffic};
 use pon_proto::control::PublicKey;
-use pon_proto::local::LocalMsg;
+use pon_proto::local::{LocalMsg, PmonAssembler, PmonDrop};
 use pon_proto::measurement::TrafficSample;
 use pon_proto::pon::{self, Hops, Kind};
 use pon_proto::report;
@@ -32,6 +32,35 @@ pub const TRAFFIC_EVERY: Duration = Duration::from_millis(50);
 /// Samples per `Traffic` message, so that one fits a local datagram
 /// whatever the number of peers.
 const SAMPLES_PER_MESSAGE: usize = 64;
+
+/// What a split proxy's forwarder counts of the router's PMon reports
+/// (pon-proxy offers its own status's report and counts nothing here).
+#[derive(Debug, Default)]
+pub struct PmonCounters {
+    /// Reports assembled, checked and offered to the CU client.
+    pub passed: pon_telemetry::Counter,
+    /// What was dropped, by [`PmonDrop::index`].
+    pub dropped: [pon_telemetry::Counter; PmonDrop::KINDS],
+}
+
+impl PmonCounters {
+    pub fn render(&self, w: &mut pon_telemetry::PromWriter) {
+        w.counter(
+            "pon_proxy_pmon_reports_total",
+            "",
+            "The router's PMon reports received whole over the local link, checked and offered to the CU client.",
+            self.passed.get(),
+        );
+        for (why, c) in PmonDrop::labels().zip(&self.dropped) {
+            w.counter(
+                "pon_proxy_pmon_drops_total",
+                &format!("reason=\"{why}\""),
+                "PMon report parts or whole reports from the router dropped, by reason.",
+                c.get(),
+            );
+        }
+    }
+}
 
 /// What the passive measurement keeps per peer: the data path's counters
 /// and what was last reported and told.
@@ -84,6 +113,9 @@ pub struct ForwarderPart {
     traffic: HashMap<u32, PeerWatch>,
     next_traffic: Duration,
     next_report: Duration,
+    /// The router's PMon report, part by part (split proxy).
+    pmon: PmonAssembler,
+    pub pmon_counters: Arc<PmonCounters>,
     out: VecDeque<Output>,
     pub counters: Arc<CoreCounters>,
 }
@@ -109,6 +141,8 @@ impl ForwarderPart {
             traffic: HashMap::new(),
             next_traffic: Duration::ZERO,
             next_report: Duration::ZERO,
+            pmon: PmonAssembler::default(),
+            pmon_counters: Arc::default(),
             out: VecDeque::new(),
             counters,
             composer,
@@ -370,6 +404,20 @@ impl ForwarderPart {
                 }
                 self.steer(now);
             }
+            // The router's measurements, for the CU: checked here, as the
+            // CU would, so that what the daemon offers is a valid report.
+            (Part::Router, LocalMsg::Pmon(part)) => match self.pmon.push(part) {
+                Ok(Some(report)) => {
+                    self.pmon_counters.passed.inc();
+                    self.out.push_back(Output::Report(report));
+                }
+                Ok(None) => {}
+                Err(e) => self.pmon_counters.dropped[e.index()].add_and_warn(
+                    1,
+                    "PMon report from the router dropped",
+                    &e,
+                ),
+            },
             _ => self.counters.unexpected_forwarder.inc(),
         }
     }

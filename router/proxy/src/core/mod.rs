@@ -31,7 +31,7 @@ mod rate;
 mod router;
 pub mod status;
 
-pub use forwarder::{ForwarderPart, ForwarderPartConfig};
+pub use forwarder::{ForwarderPart, ForwarderPartConfig, PmonCounters};
 pub use monitor::MonitorPart;
 pub use router::{RouterPart, RouterPartConfig};
 pub use status::{ForwarderStatus, MonitorStatus, Status, StatusPage};
@@ -105,6 +105,11 @@ pub enum Output {
         to: Part,
         msg: LocalMsg,
     },
+    /// A checked PMon report for the CU: the forwarder part assembled it
+    /// from a split router's parts, or the daemon took it from the status
+    /// it publishes. The daemon offers it to its CU client, or (a split
+    /// router) sends it to the forwarder (see `daemon::ReportTo`).
+    Report(pon_proto::pmon::Report),
 }
 
 /// What the daemon around [`ProxyCore`] must do besides sending datagrams.
@@ -112,6 +117,7 @@ pub enum Output {
 pub enum Action {
     StoreTable(Arc<ForwardingTable>),
     StoreSessions(Arc<pon_tunnel::SessionTable>),
+    Report(pon_proto::pmon::Report),
 }
 
 /// Forwarder, monitor and router of one proxy in one process.
@@ -230,6 +236,7 @@ impl ProxyCore {
                     Output::Transmit(t) => self.transmits.push_back(t),
                     Output::Table(t) => self.actions.push_back(Action::StoreTable(t)),
                     Output::Sessions(s) => self.actions.push_back(Action::StoreSessions(s)),
+                    Output::Report(r) => self.actions.push_back(Action::Report(r)),
                     Output::Local { to, msg } => self.local.push_back((from, to, msg)),
                 }
             }
@@ -303,6 +310,7 @@ impl Outputs for ProxyCore {
             return Some(match a {
                 Action::StoreTable(t) => Output::Table(t),
                 Action::StoreSessions(s) => Output::Sessions(s),
+                Action::Report(r) => Output::Report(r),
             });
         }
         self.poll_transmit().map(Output::Transmit)
@@ -360,9 +368,11 @@ impl Core for ForwarderPart {
     }
     fn metrics(&self) -> Renderer {
         let (counters, tunnels) = (render_counters(&self.counters), self.tunnel_counters());
+        let pmon = self.pmon_counters.clone();
         Arc::new(move |w: &mut PromWriter| {
             counters(w);
             tunnels.render(w);
+            pmon.render(w);
         })
     }
 }

@@ -25,12 +25,12 @@ enum Shape {
     },
 }
 
-const SHAPES: [Shape; 2] = [
-    Shape::Joined,
-    Shape::Split {
-        local_delay_us: 200,
-    },
-];
+/// The split shape on a loopback-like local link.
+const SPLIT: Shape = Shape::Split {
+    local_delay_us: 200,
+};
+
+const SHAPES: [Shape; 2] = [Shape::Joined, SPLIT];
 
 enum Node {
     Joined(Box<ProxyCore>),
@@ -255,6 +255,7 @@ impl Net {
                 out.extend(std::iter::from_fn(|| c.poll_action()).map(|a| match a {
                     Action::StoreTable(t) => Output::Table(t),
                     Action::StoreSessions(s) => Output::Sessions(s),
+                    Action::Report(r) => Output::Report(r),
                 }));
             }
             Node::Split {
@@ -327,6 +328,9 @@ impl Net {
                 // The simulator carries packets unsealed: keys are the
                 // data path's business, tested with it.
                 Output::Sessions(_) => {}
+                // Reports come from the daemon's published status (see
+                // `a_split_routers_pmon_report_...` for the split path).
+                Output::Report(_) => {}
                 Output::Local { .. } => unreachable!(),
             }
         }
@@ -674,14 +678,7 @@ fn a_lost_local_message_costs_at_most_a_refresh() {
     // The split shape with a local link that loses the first router →
     // forwarder routes and the first keepalive rate: periodic re-sends
     // repair both.
-    let mut net = Net::new(
-        Shape::Split {
-            local_delay_us: 200,
-        },
-        75,
-        15,
-        "latency",
-    );
+    let mut net = Net::new(SPLIT, 75, 15, "latency");
     net.lose_local = Some((
         |m| {
             matches!(
@@ -741,4 +738,74 @@ fn a_peer_that_moved_is_followed_and_a_new_given_address_wins() {
     f.handle_peer_moved(ms(50), 2, given);
     assert_eq!(addr(&f, 2), Some(given));
     assert_eq!(counters.peer_moves.get(), 2);
+}
+
+/// The split path of a PMon report: the router's (from its status, as
+/// pon-router publishes it) crosses the local link in parts, and the
+/// forwarder part puts out that very report for its CU client; what the
+/// monitor sends, or a report the CU would refuse, goes no further.
+#[test]
+fn a_split_routers_pmon_report_reaches_the_forwarder_whole_and_checked() {
+    use pon_proto::local::{pmon_messages, PmonDrop};
+    use pon_proto::pmon::{DestinationReport, ReportError};
+    let mut net = Net::new(SPLIT, 75, 15, "latency");
+    net.run(ms(3000));
+    let now = net.now;
+    let Node::Split { fwd, rtr, .. } = &mut net.nodes[0] else {
+        unreachable!("a split net")
+    };
+    while fwd.poll_output().is_some() {}
+    let report = rtr.status(now).report().expect("a router reports");
+    let route = |r: &pon_proto::pmon::Report, dst| {
+        r.destinations
+            .iter()
+            .find(|d| d.dst == dst)
+            .map(|d| d.route.clone())
+    };
+    assert_eq!(route(&report, 2), Some(vec![3, 2]), "{report:?}");
+    assert_eq!(route(&report, 3), Some(vec![3]), "{report:?}");
+    let reports = |fwd: &mut ForwarderPart| {
+        std::iter::from_fn(|| fwd.poll_output())
+            .filter_map(|o| match o {
+                Output::Report(r) => Some(r),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let carry = |fwd: &mut ForwarderPart, from, r, round| {
+        for m in pmon_messages(r, round) {
+            let m = LocalMsg::decode(&m.encode().unwrap()).unwrap();
+            fwd.handle_message(now, from, m);
+        }
+    };
+    carry(fwd, Part::Router, report.clone(), 1);
+    assert_eq!(reports(fwd), vec![report.clone()]);
+    assert_eq!(fwd.pmon_counters.passed.get(), 1);
+
+    // Only the router speaks for the proxy's routes.
+    let unexpected = fwd.counters.unexpected_forwarder.get();
+    carry(fwd, Part::Monitor, report.clone(), 2);
+    assert!(reports(fwd).is_empty());
+    assert_eq!(fwd.counters.unexpected_forwarder.get(), unexpected + 1);
+
+    // A route that does not end at its destination: dropped, counted.
+    let mut bad = report;
+    bad.destinations.push(DestinationReport {
+        dst: 9,
+        reachable: true,
+        route: vec![3],
+        ..DestinationReport::default()
+    });
+    carry(fwd, Part::Router, bad, 3);
+    assert!(reports(fwd).is_empty());
+    let why = PmonDrop::Invalid(ReportError::BadRoute).index();
+    assert_eq!(fwd.pmon_counters.dropped[why].get(), 1);
+    assert_eq!(fwd.pmon_counters.passed.get(), 1);
+    let mut page = pon_telemetry::PromWriter::default();
+    fwd.pmon_counters.render(&mut page);
+    let page = page.finish();
+    assert!(
+        page.contains("pon_proxy_pmon_drops_total{reason=\"bad_route\"} 1"),
+        "{page}"
+    );
 }

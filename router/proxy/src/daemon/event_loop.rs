@@ -6,9 +6,12 @@
 use super::link::Link;
 use super::mailbox::{Inbox, Input, BULK_PER_ROUND};
 use super::DaemonCounters;
-use crate::core::{Core, Output, Transmit};
+use crate::core::{Core, Output, Part, Transmit};
+use pon_cu::client::ClientStatus;
 use pon_forwarder::io::Sockets;
 use pon_forwarder::Engine;
+use pon_proto::local::pmon_messages;
+use pon_proto::pmon::Report;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,11 +35,31 @@ pub struct Io {
     /// Where steering datagrams leave from (the proxy's agent-side address).
     pub steering: Option<UdpSocket>,
     pub link: Option<Link>,
+    /// Where PMon reports go.
+    pub reports: ReportTo,
+    /// The round of the last report sent to the forwarder (split router).
+    pub pmon_round: u32,
     pub counters: Arc<DaemonCounters>,
 }
 
+/// Where a daemon's PMon reports (its published status's, or those its
+/// forwarder part assembled from the router's) go: the one place a report
+/// is offered to the CU, whichever shape the proxy has.
+#[derive(Default)]
+pub enum ReportTo {
+    /// No CU (static mode), or a part without reports.
+    #[default]
+    Nowhere,
+    /// pon-proxy and pon-forwarder in CU mode: their CU client, which
+    /// sends it while registered, when it is news.
+    Cu(Arc<ClientStatus>),
+    /// pon-router: over the local link to pon-forwarder, whose CU client
+    /// it is for.
+    Forwarder,
+}
+
 impl Io {
-    fn output(&self, o: Output) {
+    fn output(&mut self, o: Output) {
         match o {
             Output::Table(t) => match &self.engine {
                 Some(e) => e.table.store(t),
@@ -77,12 +100,28 @@ impl Io {
                     l.send(to, &msg);
                 }
             }
+            Output::Report(r) => self.report(r),
+        }
+    }
+
+    fn report(&mut self, r: Report) {
+        match &self.reports {
+            ReportTo::Nowhere => {}
+            ReportTo::Cu(cu) => cu.offer_report(r),
+            ReportTo::Forwarder => {
+                let Some(l) = &self.link else { return };
+                self.pmon_round = self.pmon_round.wrapping_add(1);
+                for m in pmon_messages(r, self.pmon_round) {
+                    l.send(Part::Forwarder, &m);
+                }
+            }
         }
     }
 }
 
-/// Publishes a core's status snapshot (for the HTTP thread).
-pub type Publish<C> = Box<dyn FnMut(&C, Duration) + Send>;
+/// Publishes a core's status snapshot (for the HTTP thread) and returns
+/// its PMon report, if it has one.
+pub type Publish<C> = Box<dyn FnMut(&C, Duration) -> Option<Report> + Send>;
 
 /// A daemon's control thread: its core, its inputs, where its outputs go,
 /// and how its status is published (for the HTTP thread, every
@@ -97,7 +136,8 @@ pub struct EventLoop<C: Core> {
 }
 
 impl<C: Core + Send + 'static> EventLoop<C> {
-    /// A split daemon's loop: its part, talking to the others over `link`.
+    /// A split daemon's loop: its part, talking to the others over `link`
+    /// (its reports go to the forwarder).
     pub fn over_link(
         core: C,
         inbox: Inbox,
@@ -110,6 +150,7 @@ impl<C: Core + Send + 'static> EventLoop<C> {
             inbox,
             io: Io {
                 link: Some(link),
+                reports: ReportTo::Forwarder,
                 ..Io::default()
             },
             publish,
@@ -185,7 +226,10 @@ impl<C: Core + Send + 'static> EventLoop<C> {
                 self.flush();
             }
             if now >= next_status {
-                (self.publish)(&self.core, now);
+                // The report goes no more often than the status.
+                if let Some(r) = (self.publish)(&self.core, now) {
+                    self.io.output(Output::Report(r));
+                }
                 next_status = now + self.status_every;
             }
         }

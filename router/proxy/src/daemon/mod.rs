@@ -35,7 +35,7 @@ pub mod event_loop;
 pub mod link;
 pub mod mailbox;
 
-pub use event_loop::{EventLoop, Io};
+pub use event_loop::{EventLoop, Io, ReportTo};
 pub use link::{Link, Partner};
 pub use mailbox::{mailbox, Inbox, Input, Mailbox};
 
@@ -130,9 +130,8 @@ pub struct StatusOf<C, S> {
 
 /// Serves the core's and the daemon's counters, `extra` metrics and the
 /// latest published status (`GET /status`) on `addr`, and returns how the
-/// control loop publishes that status.
-/// With `report_to`, each published status's measurements are also
-/// offered to the CU (PMon).
+/// control loop publishes that status (which hands the loop the status's
+/// PMon report, for its [`ReportTo`]).
 fn serve<C: Core + 'static, S: StatusPage>(
     addr: SocketAddr,
     core: &C,
@@ -140,7 +139,6 @@ fn serve<C: Core + 'static, S: StatusPage>(
     extra: Renderer,
     status: StatusOf<C, S>,
     now: Duration,
-    report_to: Option<Arc<ClientStatus>>,
 ) -> anyhow::Result<Publish<C>> {
     let page = Arc::new(ArcSwap::from_pointee((status.build)(core, now)));
     let (metrics, counters, st) = (core.metrics(), counters.clone(), page.clone());
@@ -157,12 +155,9 @@ fn serve<C: Core + 'static, S: StatusPage>(
     let build = status.build;
     Ok(Box::new(move |c: &C, now| {
         let p = Arc::new(build(c, now));
-        if let Some(cu) = &report_to {
-            if let Some(r) = p.report() {
-                cu.offer_report(r);
-            }
-        }
-        page.store(p)
+        let report = p.report();
+        page.store(p);
+        report
     }))
 }
 
@@ -217,7 +212,7 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
     status: StatusOf<C, S>,
 ) -> anyhow::Result<()> {
     let (mailbox, inbox) = mailbox(4096, 1);
-    let listen = link.listen;
+    let (listen, epoch) = (link.listen, link.epoch);
     let link = link.start(me, &mailbox)?;
     let every = status.every;
     let none: Renderer = Arc::new(|_: &mut PromWriter| {});
@@ -228,10 +223,13 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
         none,
         status,
         Duration::ZERO,
-        None,
     )?;
     tracing::info!(part = ?me, %listen, "running");
-    EventLoop::over_link(core, inbox, link, publish, every).run();
+    let mut l = EventLoop::over_link(core, inbox, link, publish, every);
+    // Rounds of a restarted router's reports differ from the last run's,
+    // whose parts the forwarder may still hold.
+    l.io.pmon_round = epoch as u32;
+    l.run();
     Ok(())
 }
 
@@ -272,7 +270,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     let sockets = Arc::new(open_sockets(cfg, Some(mailbox.sink()))?);
     // CU mode: views go to the control loop, the one writer of the table.
     let cu = start_cu(cfg, &mailbox)?;
-    let report_to = cu.clone();
+    let reports = cu.clone().map_or(ReportTo::Nowhere, ReportTo::Cu);
     let extra: Renderer = {
         let (engine, table) = (engine.counters.clone(), table.clone());
         Arc::new(move |w: &mut PromWriter| {
@@ -291,7 +289,6 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
         extra,
         status,
         Duration::ZERO,
-        report_to,
     )?;
     EventLoop {
         core,
@@ -301,6 +298,8 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
             engine: Some(engine.clone()),
             steering: steering_socket(cfg, steering_port)?,
             link,
+            reports,
+            pmon_round: 0,
             counters: mailbox.counters.clone(),
         },
         publish,
