@@ -113,7 +113,6 @@ impl EtcdStats {
 pub enum FromActor {
     /// Persist this record, with its agent's stamp (`Registry::stamp`).
     Write(Box<Record>, Option<u64>),
-    NeedIds,
 }
 
 /// From the etcd task to the actor.
@@ -480,6 +479,7 @@ impl Task {
     pub async fn run(
         mut self,
         mut from_actor: mpsc::UnboundedReceiver<FromActor>,
+        need_ids: std::sync::Arc<tokio::sync::Notify>,
         to_actor: mpsc::UnboundedSender<ToActor>,
         stats: std::sync::Arc<EtcdStats>,
     ) {
@@ -520,28 +520,31 @@ impl Task {
                 }
             }
             tokio::select! {
-                m = from_actor.recv() => {
-                    let Some(m) = m else { return };
-                    match m {
-                        FromActor::Write(r, since) => self.write(*r, since, &to_actor, &stats).await,
-                        FromActor::NeedIds => {
-                            let mut backoff = BACKOFF_MIN;
-                            loop {
-                                match self.claim_block().await {
-                                    Ok(ids) => {
-                                        let _ = to_actor.send(ToActor::Ids(ids));
-                                        break;
-                                    }
-                                    Err(e) => {
-                                        stats.counters.write.inc();
-                                        tracing::error!(error = %format!("{e:#}"), "claiming an id block failed; retrying");
-                                        tokio::time::sleep(backoff).await;
-                                        backoff = next_backoff(backoff);
-                                    }
-                                }
+                // A claim of ids has its own branch: queued behind a
+                // backlog of writes, it left a busy replica without ids
+                // to give (agents closed with "no free id yet" until the
+                // writes drained). Not `biased`: a steady stream of writes
+                // would then starve the lease keep-alive and the watch.
+                () = need_ids.notified() => {
+                    let mut backoff = BACKOFF_MIN;
+                    loop {
+                        match self.claim_block().await {
+                            Ok(ids) => {
+                                let _ = to_actor.send(ToActor::Ids(ids));
+                                break;
+                            }
+                            Err(e) => {
+                                stats.counters.write.inc();
+                                tracing::error!(error = %format!("{e:#}"), "claiming an id block failed; retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff = next_backoff(backoff);
                             }
                         }
                     }
+                }
+                m = from_actor.recv() => {
+                    let Some(FromActor::Write(r, since)) = m else { return };
+                    self.write(*r, since, &to_actor, &stats).await;
                 }
                 msg = async { watch.as_mut().expect("checked").message().await }, if watch.is_some() => {
                     match msg {

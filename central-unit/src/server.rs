@@ -337,8 +337,9 @@ pub async fn serve(
             for r in online {
                 let _ = to_actor.send(crate::etcd::ToActor::Remote(r));
             }
-            tokio::spawn(task.run(from_actor, to_actor, etcd_stats.clone()));
-            (Sink::Etcd(to_task), Some(from_task))
+            let need_ids = Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(task.run(from_actor, need_ids.clone(), to_actor, etcd_stats.clone()));
+            (Sink::Etcd(to_task, need_ids), Some(from_task))
         }
     };
 
@@ -696,7 +697,12 @@ fn refused_as(
 /// task of a replica.
 enum Sink {
     Redb(std::sync::mpsc::Sender<Record>),
-    Etcd(mpsc::UnboundedSender<crate::etcd::FromActor>),
+    /// Writes in order, and the claim of a new id block, which must not
+    /// wait behind them.
+    Etcd(
+        mpsc::UnboundedSender<crate::etcd::FromActor>,
+        Arc<tokio::sync::Notify>,
+    ),
 }
 
 fn execute(
@@ -712,7 +718,7 @@ fn execute(
             Sink::Redb(tx) => {
                 let _ = tx.send(r);
             }
-            Sink::Etcd(tx) => {
+            Sink::Etcd(tx, _) => {
                 let since = match &r {
                     Record::Agent(a) => registry.stamp(a.info.id),
                     _ => None,
@@ -721,8 +727,8 @@ fn execute(
             }
         },
         Action::NeedIds => {
-            if let Sink::Etcd(tx) = store {
-                let _ = tx.send(FromActor::NeedIds);
+            if let Sink::Etcd(_, need_ids) = store {
+                need_ids.notify_one();
             }
         }
         Action::Send { conn, msg } => {

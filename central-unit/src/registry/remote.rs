@@ -51,11 +51,12 @@ impl IdBlocks {
         None
     }
 
-    /// Whether to ask for another block (once until one is granted): a
-    /// quarter of a block left.
+    /// Whether to ask for another block (once until one is granted): half
+    /// a block left, so that a replica registering a few hundred agents a
+    /// second has the next block before this one runs out.
     pub(super) fn running_low(&mut self) -> bool {
         let left: u32 = self.blocks.iter().map(|b| b.end - b.start).sum();
-        if left < ID_BLOCK / 4 && !self.asked {
+        if left < ID_BLOCK / 2 && !self.asked {
             self.asked = true;
             return true;
         }
