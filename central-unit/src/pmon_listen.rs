@@ -2,7 +2,8 @@
 //! then the matrix, events and cells) served by the proxy itself over
 //! QUIC with mutual TLS, from its own reports (its row of the matrix: its
 //! site to each destination), so `ponctl --cu <this address> matrix |
-//! watch` works against a proxy as against the CU. The engine and the
+//! watch` works against a proxy as against the CU (a subscription that
+//! names no source site gets the proxy's site: the only row it knows). The engine and the
 //! subscribers are the CU's ([`Hub`]); this module only moves bytes.
 //!
 //! Who may subscribe: the TLS handshake admits only certificates of the
@@ -485,10 +486,15 @@ async fn actor(
                     hub.gone(c);
                     Vec::new()
                 }
-                Some(ToActor::Subscribe { conn, who, version, sub, tx }) => {
+                Some(ToActor::Subscribe { conn, who, version, mut sub, tx }) => {
                     writers.insert(conn, tx);
                     let empty = Seen { me: 0, dir: Directory::new(), vouched: HashSet::new() };
                     let s = seen.as_ref().unwrap_or(&empty);
+                    // A proxy knows its own row only: that is what "any
+                    // source" means here.
+                    if sub.from.is_none() {
+                        sub.from = s.dir.get(&s.me).map(|p| p.site.clone());
+                    }
                     let ok = may_subscribe(&who, &admins, &s.vouched);
                     hub.subscribe(conn, ok, version, sub, &s.dir, wall_ms())
                 }
