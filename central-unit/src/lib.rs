@@ -11,13 +11,17 @@
 //! - `server`, `store`, `config`, `pki` (feature `server`): the CU daemon:
 //!   QUIC server, redb store, configuration file, the CA (init, signing
 //!   agents' certificates).
-//! - `pmon` (sans-I/O) and `web` (feature `server`): monitoring as a
-//!   service: the proxies' reports as a site-by-site matrix and events,
-//!   for `ponctl matrix` / `ponctl watch` and the live web view.
+//! - `pmon`, `pmon_hub` (sans-I/O), `pmon_service` and `web` (feature
+//!   `server`): monitoring as a service: the proxies' reports as a
+//!   site-by-site matrix and events, for `ponctl matrix` / `ponctl watch`
+//!   (each subscriber with its own thresholds, metrics and schedule if it
+//!   likes) and the live web view; `pmon_listen` (feature `pmon-listen`):
+//!   the same service on a proxy, over its own reports.
 
 pub mod client;
 pub mod enrolment;
 pub mod pmon;
+pub mod pmon_hub;
 pub mod policy;
 pub mod registry;
 pub mod session;
@@ -32,6 +36,8 @@ pub mod config;
 pub mod etcd;
 #[cfg(feature = "server")]
 pub mod pki;
+#[cfg(feature = "pmon-listen")]
+pub mod pmon_listen;
 #[cfg(feature = "server")]
 pub mod pmon_service;
 #[cfg(feature = "server")]

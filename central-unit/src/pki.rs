@@ -102,18 +102,42 @@ fn ca_params() -> Result<CertificateParams, PkiError> {
     Ok(ca)
 }
 
+/// A server certificate for `name` and `ips` signed by the CA (whose cert
+/// and key `files` names), written to `cert` and `key`: a proxy's PMon
+/// listener presents it.
+pub fn server_cert(
+    files: &InitFiles,
+    name: &str,
+    ips: &[IpAddr],
+    cert: &Path,
+    key: &Path,
+    force: bool,
+) -> Result<(), PkiError> {
+    let ca = Ca::load(&files.ca_cert, &files.ca_key)?;
+    let (c, k) = server_params(name, ips)?;
+    let signed = c.signed_by(&k, &ca.cert, &ca.key)?;
+    write(cert, &signed.pem(), false, force)?;
+    write(key, &k.serialize_pem(), true, force)
+}
+
+/// A server certificate's fields and a fresh key.
+fn server_params(name: &str, ips: &[IpAddr]) -> Result<(CertificateParams, KeyPair), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(vec![name.to_string()])?;
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    Ok((p, key))
+}
+
 /// Creates the CA, the CU certificate (for `name` and `ips`) and the admin
 /// credential. The first token is the caller's (it goes into the store).
 pub fn init(files: &InitFiles, name: &str, ips: &[IpAddr], force: bool) -> Result<(), PkiError> {
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params()?.self_signed(&ca_key)?;
 
-    let key = KeyPair::generate()?;
-    let mut cu = CertificateParams::new(vec![name.to_string()])?;
-    cu.distinguished_name.push(DnType::CommonName, name);
-    cu.subject_alt_names
-        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-    cu.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let (cu, key) = server_params(name, ips)?;
     let cert = cu.signed_by(&key, &ca_cert, &ca_key)?;
 
     let admin_key = KeyPair::generate()?;

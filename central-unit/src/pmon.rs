@@ -9,8 +9,8 @@
 //! measure for their routers.
 
 use pon_proto::pmon::{
-    Cell, DestinationReport, Event, EventKind, Matrix, Metric, ProxyRef, Report, ReportError,
-    Subscription, PPM,
+    Cell, DestinationReport, Event, EventKind, Figures, Matrix, Metric, ProxyRef, Report,
+    ReportError, Subscription, Thresholds, PPM,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -72,6 +72,111 @@ impl PmonSettings {
     fn loss_ppm(&self) -> u32 {
         (self.loss_threshold * f64::from(PPM)) as u32
     }
+
+    /// The thresholds every consumer gets unless it brings its own, in the
+    /// form a subscription brings them (so one rule serves both).
+    pub fn thresholds(&self) -> Thresholds {
+        Thresholds {
+            rtt_us: Some(self.rtt_us()),
+            loss_ppm: Some(self.loss_ppm()),
+            hysteresis_ppm: (self.hysteresis * f64::from(PPM)) as u32,
+        }
+    }
+}
+
+/// Whether a pair is above its RTT and loss thresholds: one per pair for
+/// the server's thresholds, and one per pair per consumer with its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Crossed {
+    pub rtt: bool,
+    pub loss: bool,
+}
+
+/// The threshold events of one report of a pair, under thresholds `t`,
+/// from the pair's state `c` (which it updates): `above` when a value
+/// rises over its threshold, `below` once it has fallen under it less the
+/// hysteresis, nothing in between. Only a working route's figures count.
+pub fn cross(
+    t: &Thresholds,
+    reachable: bool,
+    f: &Figures,
+    c: &mut Crossed,
+    out: &mut Vec<EventKind>,
+) {
+    if !reachable {
+        return;
+    }
+    for (metric, value, threshold, above) in [
+        (Metric::Rtt, f.rtt_us, t.rtt_us, &mut c.rtt),
+        (Metric::Loss, f.loss_ppm, t.loss_ppm, &mut c.loss),
+    ] {
+        let (Some(v), Some(th)) = (value, threshold) else {
+            continue;
+        };
+        if !*above && v > th {
+            *above = true;
+            out.push(EventKind::Above {
+                metric,
+                value: v,
+                threshold: th,
+            });
+        } else if *above && v < t.lower(th) {
+            *above = false;
+            out.push(EventKind::Below {
+                metric,
+                value: v,
+                threshold: th,
+            });
+        }
+    }
+}
+
+/// In a changed pair's mask (beside the [`Metric::bit`]s): it appeared,
+/// went, or its reachability changed.
+pub const CHANGED_PAIR: u8 = 1 << 7;
+
+/// What changed about a pair's figures between two reports, as a mask of
+/// [`Metric::bit`]s and [`CHANGED_PAIR`].
+fn what_changed(old: Option<&DestinationReport>, new: &DestinationReport) -> u8 {
+    let Some(o) = old else {
+        return CHANGED_PAIR;
+    };
+    let (a, b) = (&o.figures, &new.figures);
+    let mut m = 0;
+    for (metric, differs) in [
+        (Metric::Rtt, a.rtt_us != b.rtt_us),
+        (Metric::Loss, a.loss_ppm != b.loss_ppm),
+        (
+            Metric::Percentiles,
+            (a.p50_us, a.p90_us, a.p99_us) != (b.p50_us, b.p90_us, b.p99_us),
+        ),
+        (Metric::Jitter, a.jitter_us != b.jitter_us),
+        (Metric::Route, o.route != new.route),
+    ] {
+        if differs {
+            m |= metric.bit();
+        }
+    }
+    if o.reachable != new.reachable {
+        m |= CHANGED_PAIR;
+    }
+    m
+}
+
+/// A pair's cell that changed, and what changed in it (see [`what_changed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub cell: Cell,
+    pub what: u8,
+}
+
+/// One destination of a folded report, as consumers' own thresholds see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub from: u32,
+    pub to: u32,
+    pub reachable: bool,
+    pub figures: Figures,
 }
 
 /// Why a report was not used at all, by label for the metrics.
@@ -93,9 +198,14 @@ impl Refused {
 
 /// What a report did besides its events: destinations left out because
 /// they (or a relay on their route) are not online proxies of another site.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Folded {
     pub skipped: usize,
+    /// The destinations folded in, in order.
+    pub samples: Vec<Sample>,
+    /// Pairs of the reporter that left the matrix (no longer reported):
+    /// consumers' own state about them goes too.
+    pub dropped: Vec<(u32, u32)>,
 }
 
 /// Online proxies by id: who may report, and what ids name.
@@ -105,29 +215,30 @@ pub type Directory = BTreeMap<u32, ProxyRef>;
 struct Entry {
     report: DestinationReport,
     at_ms: u64,
-    above_rtt: bool,
-    above_loss: bool,
+    crossed: Crossed,
 }
 
 #[derive(Debug)]
 pub struct Pmon {
     settings: PmonSettings,
+    thresholds: Thresholds,
     /// (reporting proxy, destination proxy) -> its latest report.
     entries: BTreeMap<(u32, u32), Entry>,
     recent: VecDeque<Event>,
     seq: u64,
-    /// Pairs changed since [`Pmon::take_changed`].
-    changed: BTreeSet<(u32, u32)>,
+    /// Pairs changed since [`Pmon::take_changed`], and what changed.
+    changed: BTreeMap<(u32, u32), u8>,
 }
 
 impl Pmon {
     pub fn new(settings: PmonSettings) -> Self {
         Pmon {
             settings,
+            thresholds: settings.thresholds(),
             entries: BTreeMap::new(),
             recent: VecDeque::new(),
             seq: 0,
-            changed: BTreeSet::new(),
+            changed: BTreeMap::new(),
         }
     }
 
@@ -158,6 +269,12 @@ impl Pmon {
             }
             kept.insert(d.dst);
             self.fold(from, d, dir, now_ms, &mut events);
+            folded.samples.push(Sample {
+                from,
+                to: d.dst,
+                reachable: d.reachable,
+                figures: d.figures.clone(),
+            });
         }
         // Destinations the proxy no longer reports on (its router stopped
         // optimising them) leave the matrix.
@@ -169,7 +286,8 @@ impl Pmon {
             .collect();
         for k in stale {
             self.entries.remove(&k);
-            self.changed.insert(k);
+            self.changed.insert(k, CHANGED_PAIR);
+            folded.dropped.push(k);
         }
         for e in &events {
             if self.recent.len() >= self.settings.recent_events {
@@ -191,8 +309,6 @@ impl Pmon {
         events: &mut Vec<Event>,
     ) {
         let key = (from, d.dst);
-        let (rtt_t, loss_t) = (self.settings.rtt_us(), self.settings.loss_ppm());
-        let lower = |t: u32| (f64::from(t) * (1.0 - self.settings.hysteresis)) as u32;
         let mut kinds = Vec::new();
         let prev = self.entries.get(&key);
         if let Some(p) = prev {
@@ -211,56 +327,57 @@ impl Pmon {
                 });
             }
         }
-        let (mut above_rtt, mut above_loss) =
-            prev.map_or((false, false), |p| (p.above_rtt, p.above_loss));
-        // Thresholds apply to what a working route measures.
-        if d.reachable {
-            for (metric, value, t, above) in [
-                (Metric::Rtt, d.figures.rtt_us, rtt_t, &mut above_rtt),
-                (Metric::Loss, d.figures.loss_ppm, loss_t, &mut above_loss),
-            ] {
-                let Some(v) = value else { continue };
-                if !*above && v > t {
-                    *above = true;
-                    kinds.push(EventKind::Above {
-                        metric,
-                        value: v,
-                        threshold: t,
-                    });
-                } else if *above && v < lower(t) {
-                    *above = false;
-                    kinds.push(EventKind::Below {
-                        metric,
-                        value: v,
-                        threshold: t,
-                    });
-                }
-            }
-        }
-        if prev.is_none_or(|p| p.report != *d) {
-            self.changed.insert(key);
+        let mut crossed = prev.map_or(Crossed::default(), |p| p.crossed);
+        cross(
+            &self.thresholds,
+            d.reachable,
+            &d.figures,
+            &mut crossed,
+            &mut kinds,
+        );
+        let what = what_changed(prev.map(|p| &p.report), d);
+        if what != 0 {
+            *self.changed.entry(key).or_insert(0) |= what;
         }
         self.entries.insert(
             key,
             Entry {
                 report: d.clone(),
                 at_ms: now_ms,
-                above_rtt,
-                above_loss,
+                crossed,
             },
         );
         for kind in kinds {
-            self.seq += 1;
-            events.push(Event {
-                seq: self.seq,
-                at_ms: now_ms,
-                from: dir[&from].site.clone(),
-                to: dir[&d.dst].site.clone(),
-                from_proxy: from,
-                to_proxy: d.dst,
-                kind,
-            });
+            events.push(self.stamp(from, d.dst, kind, dir, now_ms));
         }
+    }
+
+    /// An event of pair `from` -> `to` (both in `dir`) with the next
+    /// sequence number: the server's own events, and those a consumer's
+    /// own thresholds derive, share one sequence.
+    pub fn stamp(
+        &mut self,
+        from: u32,
+        to: u32,
+        kind: EventKind,
+        dir: &Directory,
+        now_ms: u64,
+    ) -> Event {
+        self.seq += 1;
+        Event {
+            seq: self.seq,
+            at_ms: now_ms,
+            from: dir[&from].site.clone(),
+            to: dir[&to].site.clone(),
+            from_proxy: from,
+            to_proxy: to,
+            kind,
+        }
+    }
+
+    /// The server's thresholds.
+    pub fn thresholds(&self) -> &Thresholds {
+        &self.thresholds
     }
 
     /// A proxy went away: its reports, and reports about it, go.
@@ -273,7 +390,7 @@ impl Pmon {
             .collect();
         for k in gone {
             self.entries.remove(&k);
-            self.changed.insert(k);
+            self.changed.insert(k, CHANGED_PAIR);
         }
     }
 
@@ -340,16 +457,24 @@ impl Pmon {
 
     /// The cells of the pairs that changed since the last call (a pair
     /// whose report went shows as not reported).
-    pub fn take_changed(&mut self, dir: &Directory, now_ms: u64) -> Vec<Cell> {
+    pub fn take_changed(&mut self, dir: &Directory, now_ms: u64) -> Vec<Changed> {
         let keys = std::mem::take(&mut self.changed);
         keys.into_iter()
-            .filter_map(|(a, b)| Some(self.cell(dir.get(&a)?, dir.get(&b)?, dir, now_ms)))
+            .filter_map(|((a, b), what)| {
+                let cell = self.cell(dir.get(&a)?, dir.get(&b)?, dir, now_ms);
+                Some(Changed { cell, what })
+            })
             .collect()
     }
 
     /// Whether a pair changed since the last `take_changed`.
     pub fn has_changes(&self) -> bool {
         !self.changed.is_empty()
+    }
+
+    /// The (reporter, destination) pairs the CU holds a report for.
+    pub fn pairs(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.entries.keys().copied()
     }
 
     /// Pairs the CU holds a report for.
@@ -375,11 +500,11 @@ fn via(route: &[u32], dir: &Directory) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pon_proto::pmon::Figures;
 
-    fn dir() -> Directory {
+    pub(crate) fn dir() -> Directory {
         [(1, "paris"), (2, "tokyo"), (3, "london")]
             .into_iter()
             .map(|(id, site)| {
@@ -544,6 +669,7 @@ mod tests {
             from: Some("paris".into()),
             to: Some("tokyo".into()),
             stream: false,
+            ..Default::default()
         };
         let m = p.matrix(&pair, &d, 250);
         assert_eq!(m.cells.len(), 1);

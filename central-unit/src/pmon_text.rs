@@ -109,14 +109,12 @@ pub fn event(e: &Event) -> String {
             } else {
                 "back below"
             };
+            // Thresholds are on times (µs) or loss (ppm).
             let f = |v: u32| match metric {
-                Metric::Rtt => format!("{} ms", ms(Some(v))),
                 Metric::Loss => loss(Some(v)),
+                _ => format!("{} ms", ms(Some(v))),
             };
-            let name = match metric {
-                Metric::Rtt => "rtt",
-                Metric::Loss => "loss",
-            };
+            let name = metric.name();
             format!("{name} {dir} {}: {}", f(*threshold), f(*value))
         }
     };

@@ -308,7 +308,7 @@ pub async fn serve(
         let replicated = cfg.etcd.is_some();
         let render = Arc::new(move |w: &mut PromWriter| {
             s.render(w);
-            p.render(w);
+            pmon_service::render(&p, w);
             if replicated {
                 e.render(w);
             }

@@ -148,19 +148,44 @@ pub fn server_config(
     ca_pem: &Path,
     idle: Duration,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with(cert_pem, key_pem, ca_pem, idle, true)
+}
+
+/// Like [`server_config`], for a server only members of the overlay talk
+/// to (a proxy's PMon listener): a client without a certificate of the CA
+/// fails the handshake.
+pub fn server_config_for_members(
+    cert_pem: &Path,
+    key_pem: &Path,
+    ca_pem: &Path,
+    idle: Duration,
+) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with(cert_pem, key_pem, ca_pem, idle, false)
+}
+
+fn server_config_with(
+    cert_pem: &Path,
+    key_pem: &Path,
+    ca_pem: &Path,
+    idle: Duration,
+    anonymous: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
     let certs = load_certs(cert_pem, "CU certificate")?;
     let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| TlsError::Pem {
         what: "CU key",
         path: key_pem.display().to_string(),
         detail: e.to_string(),
     })?;
-    let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+    let mut clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots(ca_pem)?),
         provider(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
+    );
+    if anonymous {
+        clients = clients.allow_unauthenticated();
+    }
+    let clients = clients
+        .build()
+        .map_err(|e| TlsError::Quic(format!("client verifier: {e}")))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(clients)

@@ -135,8 +135,14 @@ def forwarder(lab, host, daemon="pon-forwarder"):
 
 
 def proxy(lab, host):
-    """pon-proxy: the forwarder's configuration plus the topology's [routing] settings."""
-    return forwarder(lab, host, PROXY_BINARY) | {"routing": dict(lab.state["topology"]["routing"])}
+    """pon-proxy: the forwarder's configuration plus the topology's [routing] settings (and
+    with proxy_pmon, its own PMon listener)."""
+    cfg = forwarder(lab, host, PROXY_BINARY) | {"routing": dict(lab.state["topology"]["routing"])}
+    if lab.state["topology"].get("proxy_pmon"):
+        cert, key = cu.pmon_cert(lab, host)
+        cfg["pmon"] = {"listen": f"{host['address']}:{ports(lab)['pmon']}", "cert": str(cert),
+                       "key": str(key), "admin_cert": str(cu.directory(lab) / "admin.pem")}
+    return cfg
 
 
 SPLIT_PARTS = ("pon-forwarder", "pon-monitor", "pon-router")

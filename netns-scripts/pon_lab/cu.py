@@ -37,6 +37,21 @@ def init(lab):
          "--token-uses", "1"])
 
 
+def pmon_cert(lab, host):
+    """A server certificate of the lab's CA for `host`'s PMon listener, named
+    pmon.SITE and its address (made once, in STATE/cu/pmon/)."""
+    init(lab)
+    d = directory(lab) / "pmon"
+    d.mkdir(exist_ok=True)
+    base = d / f"{host['site']}-{host['host']}"
+    cert, key = base.with_suffix(".pem"), base.with_suffix(".key")
+    if not cert.exists():
+        run([str(Path(lab.state["bin_dir"]) / CU_BINARY), "cert", "--dir", str(directory(lab)),
+             "--name", f"pmon.{host['site']}", "--ip", host["address"], "--cert", str(cert),
+             "--key", str(key), "--force"])
+    return cert, key
+
+
 def family(role):
     """The role family a token is scoped to: PROXY.SRC -> PROXY."""
     return role.split(".")[0]

@@ -81,7 +81,7 @@ def load_topology(path):
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
                      "routing", "split", "split_agents", "tunnel", "encrypt_lan", "cu_names",
-                     "cu_replicas"),
+                     "cu_replicas", "proxy_pmon"),
                "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
     # The names agents try for the CU, in order (default: just CU_NAME); only
@@ -122,6 +122,12 @@ def load_topology(path):
     cu = raw.get("cu", True)
     if not isinstance(cu, bool):
         fail("cu", f"must be true or false, got {cu!r}")
+    # proxy_pmon = true: each pon-proxy also serves PMon subscriptions itself ([pmon]).
+    proxy_pmon = raw.get("proxy_pmon", False)
+    if not isinstance(proxy_pmon, bool):
+        fail("proxy_pmon", f"must be true or false, got {proxy_pmon!r}")
+    if proxy_pmon and not cu:
+        fail("proxy_pmon", "needs CU mode (no `cu = false`)")
     # cu_replicas >= 2: replicated CU on a three-member (N-member) etcd cluster.
     cu_replicas = raw.get("cu_replicas", 1)
     if type(cu_replicas) is not int or not 1 <= cu_replicas <= MAX_CU_REPLICAS:
@@ -238,7 +244,8 @@ def load_topology(path):
     return {"file": str(path.resolve()), "encap": encap, "ta_mtu": ta_mtu, "offload": offload,
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
             "routing": routing, "split": split, "split_agents": split_agents, "tunnel": tunnel,
-            "encrypt_lan": encrypt_lan, "cu_names": cu_names, "cu_replicas": cu_replicas}
+            "encrypt_lan": encrypt_lan, "cu_names": cu_names, "cu_replicas": cu_replicas,
+            "proxy_pmon": proxy_pmon}
 
 
 def check_link_value(key, value):

@@ -162,21 +162,184 @@ impl DestinationReport {
 }
 
 /// What a consumer asks for: the cells of pairs matching the filter (a
-/// site pair, every pair from or to a site, or all), once or as a stream.
+/// site pair, every pair from or to a site, or all), once or as a stream;
+/// optionally its own thresholds, the metrics it wants, and a periodic
+/// snapshot. Every subscription is checked with [`Subscription::check`]
+/// before the server acts on it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Subscription {
     /// Source site; `None`: any.
     pub from: Option<String>,
     /// Destination site; `None`: any.
     pub to: Option<String>,
-    /// `false`: the matrix once, then the CU closes. `true`: the matrix,
-    /// then every event and every changed cell as they come.
+    /// `false`: the matrix once, then the server closes. `true`: the
+    /// matrix, then every event and every changed cell as they come.
     pub stream: bool,
+    /// This consumer's own thresholds: its `above` / `below` events are
+    /// derived from these (per pair, with their hysteresis) instead of the
+    /// server's. `None`: the server's thresholds.
+    pub thresholds: Option<Thresholds>,
+    /// The metrics wanted (each at most once); empty: all. Cells carry only
+    /// these figures, a changed cell is sent only when one of them (or the
+    /// pair's reachability) changed, and events about a metric not asked
+    /// for are left out (`route_changed` goes with [`Metric::Route`]).
+    /// Reachability events always come.
+    pub metrics: Vec<Metric>,
+    /// A streaming subscription may also ask for a snapshot of all its
+    /// cells this often (at least [`MIN_EVERY_MS`]); `None`: on change only.
+    pub every_ms: Option<u32>,
+}
+
+/// A consumer's own thresholds (see [`Subscription::thresholds`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// `above` when the RTT rises over this (µs); `None`: no RTT events.
+    pub rtt_us: Option<u32>,
+    /// `above` when loss rises over this (ppm); `None`: no loss events.
+    pub loss_ppm: Option<u32>,
+    /// `below` only once the value has fallen this fraction (ppm) under
+    /// the threshold, so a value hovering around it makes one event.
+    pub hysteresis_ppm: u32,
+}
+
+impl Thresholds {
+    /// The value a metric above `threshold` must fall under to be `below`.
+    pub fn lower(&self, threshold: u32) -> u32 {
+        let cut = u64::from(threshold) * u64::from(self.hysteresis_ppm) / u64::from(PPM);
+        threshold - cut as u32
+    }
+}
+
+/// The shortest schedule a subscription may ask for.
+pub const MIN_EVERY_MS: u32 = 100;
+/// The longest: a day.
+pub const MAX_EVERY_MS: u32 = 86_400_000;
+/// Longest site name a subscription may filter on (as agents' names).
+pub const MAX_SITE_NAME: usize = 64;
+
+/// Why a subscription was refused: a stable label each, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("a site name that is empty or over {MAX_SITE_NAME} bytes")]
+    BadSite,
+    #[error(
+        "thresholds out of range: RTT 1 us ..= 60 s, loss 1 ..= 1000000 ppm, at least one of them"
+    )]
+    BadThreshold,
+    #[error("hysteresis out of range: 0 ..= 999999 ppm of the threshold")]
+    BadHysteresis,
+    #[error("a metric named twice")]
+    BadMetrics,
+    #[error("every_ms out of range ({MIN_EVERY_MS} ..= {MAX_EVERY_MS}), or without stream")]
+    BadSchedule,
+}
+
+impl SubscriptionError {
+    pub const LABELS: [&'static str; 5] = [
+        "bad_site",
+        "bad_threshold",
+        "bad_hysteresis",
+        "bad_metrics",
+        "bad_schedule",
+    ];
+
+    pub fn index(&self) -> usize {
+        match self {
+            SubscriptionError::BadSite => 0,
+            SubscriptionError::BadThreshold => 1,
+            SubscriptionError::BadHysteresis => 2,
+            SubscriptionError::BadMetrics => 3,
+            SubscriptionError::BadSchedule => 4,
+        }
+    }
+
+    /// A short stable label for metrics (one of [`SubscriptionError::LABELS`]).
+    pub fn label(&self) -> &'static str {
+        Self::LABELS[self.index()]
+    }
 }
 
 impl Subscription {
     pub fn matches(&self, from: &str, to: &str) -> bool {
         self.from.as_deref().is_none_or(|f| f == from) && self.to.as_deref().is_none_or(|t| t == to)
+    }
+
+    /// Checks everything a subscription says (it comes off the network).
+    pub fn check(&self) -> Result<(), SubscriptionError> {
+        let site_ok = |s: &Option<String>| {
+            s.as_ref()
+                .is_none_or(|s| !s.is_empty() && s.len() <= MAX_SITE_NAME)
+        };
+        if !site_ok(&self.from) || !site_ok(&self.to) {
+            return Err(SubscriptionError::BadSite);
+        }
+        if let Some(t) = &self.thresholds {
+            let rtt_ok = t.rtt_us.is_none_or(|v| (1..=MAX_US).contains(&v));
+            let loss_ok = t.loss_ppm.is_none_or(|v| (1..=PPM).contains(&v));
+            if !rtt_ok || !loss_ok || (t.rtt_us.is_none() && t.loss_ppm.is_none()) {
+                return Err(SubscriptionError::BadThreshold);
+            }
+            if t.hysteresis_ppm >= PPM {
+                return Err(SubscriptionError::BadHysteresis);
+            }
+        }
+        let mut seen = 0u8;
+        for m in &self.metrics {
+            if seen & m.bit() != 0 {
+                return Err(SubscriptionError::BadMetrics);
+            }
+            seen |= m.bit();
+        }
+        if let Some(e) = self.every_ms {
+            if !self.stream || !(MIN_EVERY_MS..=MAX_EVERY_MS).contains(&e) {
+                return Err(SubscriptionError::BadSchedule);
+            }
+        }
+        Ok(())
+    }
+
+    /// The metrics wanted, as a mask of [`Metric::bit`]s (all when none named).
+    pub fn wanted(&self) -> u8 {
+        if self.metrics.is_empty() {
+            Metric::ALL_BITS
+        } else {
+            self.metrics.iter().fold(0, |m, x| m | x.bit())
+        }
+    }
+
+    /// `cell` with only the figures this subscription asked for.
+    pub fn trim(&self, cell: &mut Cell) {
+        let w = self.wanted();
+        let f = &mut cell.figures;
+        if w & Metric::Rtt.bit() == 0 {
+            f.rtt_us = None;
+        }
+        if w & Metric::Percentiles.bit() == 0 {
+            (f.p50_us, f.p90_us, f.p99_us) = (None, None, None);
+        }
+        if w & Metric::Jitter.bit() == 0 {
+            f.jitter_us = None;
+        }
+        if w & Metric::Loss.bit() == 0 {
+            f.loss_ppm = None;
+        }
+        if w & Metric::Route.bit() == 0 {
+            cell.route.clear();
+            cell.via.clear();
+        }
+    }
+
+    /// Whether an event of this kind is for this subscription (the pair
+    /// filter aside).
+    pub fn wants_event(&self, kind: &EventKind) -> bool {
+        let w = self.wanted();
+        match kind {
+            EventKind::Unreachable | EventKind::Reachable => true,
+            EventKind::RouteChanged { .. } => w & Metric::Route.bit() != 0,
+            EventKind::Above { metric, .. } | EventKind::Below { metric, .. } => {
+                w & metric.bit() != 0
+            }
+        }
     }
 }
 
@@ -318,11 +481,49 @@ impl MatrixAssembler {
     }
 }
 
+/// What a proxy measures on a pair's current route. Events name `Rtt`
+/// and `Loss` (thresholds); subscriptions name any of them. New kinds go
+/// last: the wire knows them by position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
+    /// Smoothed RTT.
     Rtt,
+    /// Probes lost.
     Loss,
+    /// RTT percentiles: p50, p90, p99.
+    Percentiles,
+    /// RFC 3550 jitter.
+    Jitter,
+    /// The current route (and its relays' sites).
+    Route,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 5] = [
+        Metric::Rtt,
+        Metric::Loss,
+        Metric::Percentiles,
+        Metric::Jitter,
+        Metric::Route,
+    ];
+    pub const ALL_BITS: u8 = 0b1_1111;
+
+    /// Its name, as in JSON and on ponctl's command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Rtt => "rtt",
+            Metric::Loss => "loss",
+            Metric::Percentiles => "percentiles",
+            Metric::Jitter => "jitter",
+            Metric::Route => "route",
+        }
+    }
+
+    /// This metric in a mask of metrics.
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
 }
 
 /// Externally tagged (serde's default), as postcard needs: in JSON an
@@ -645,6 +846,7 @@ mod tests {
             from: Some("paris".into()),
             to: Some("tokyo".into()),
             stream: true,
+            ..Default::default()
         };
         assert!(pair.matches("paris", "tokyo"));
         assert!(!pair.matches("tokyo", "paris"));
@@ -654,6 +856,100 @@ mod tests {
         };
         assert!(dst.matches("london", "tokyo"));
         assert!(!dst.matches("tokyo", "london"));
+    }
+
+    #[test]
+    fn subscriptions_are_checked_and_trim_what_was_not_asked() {
+        let ok = Subscription {
+            stream: true,
+            thresholds: Some(Thresholds {
+                rtt_us: Some(50_000),
+                loss_ppm: None,
+                hysteresis_ppm: 200_000,
+            }),
+            metrics: vec![Metric::Rtt, Metric::Route],
+            every_ms: Some(MIN_EVERY_MS),
+            ..Default::default()
+        };
+        assert_eq!(ok.check(), Ok(()));
+        assert_eq!(ok.thresholds.unwrap().lower(50_000), 40_000);
+        let bad = |f: &dyn Fn(&mut Subscription)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            s.check().unwrap_err()
+        };
+        use SubscriptionError::*;
+        assert_eq!(bad(&|s| s.from = Some(String::new())), BadSite);
+        assert_eq!(bad(&|s| s.to = Some("x".repeat(65))), BadSite);
+        let t = |s: &mut Subscription| s.thresholds.unwrap();
+        assert_eq!(
+            bad(&|s| s.thresholds.as_mut().unwrap().rtt_us = Some(MAX_US + 1)),
+            BadThreshold
+        );
+        assert_eq!(
+            bad(&|s| s.thresholds.as_mut().unwrap().rtt_us = Some(0)),
+            BadThreshold
+        );
+        assert_eq!(
+            bad(&|s| {
+                let mut x = t(s);
+                (x.rtt_us, x.loss_ppm) = (None, None);
+                s.thresholds = Some(x);
+            }),
+            BadThreshold
+        );
+        assert_eq!(
+            bad(&|s| s.thresholds.as_mut().unwrap().loss_ppm = Some(PPM + 1)),
+            BadThreshold
+        );
+        assert_eq!(
+            bad(&|s| s.thresholds.as_mut().unwrap().hysteresis_ppm = PPM),
+            BadHysteresis
+        );
+        assert_eq!(bad(&|s| s.metrics.push(Metric::Rtt)), BadMetrics);
+        assert_eq!(bad(&|s| s.every_ms = Some(MIN_EVERY_MS - 1)), BadSchedule);
+        assert_eq!(bad(&|s| s.stream = false), BadSchedule);
+        for e in [
+            BadSite,
+            BadThreshold,
+            BadHysteresis,
+            BadMetrics,
+            BadSchedule,
+        ] {
+            assert!(SubscriptionError::LABELS.contains(&e.label()));
+        }
+        // Only what was asked stays in a cell; events follow the metrics.
+        let mut c = Cell {
+            route: vec![3, 2],
+            via: vec!["london".into()],
+            figures: self::tests::ok().figures,
+            ..Cell::default()
+        };
+        ok.trim(&mut c);
+        assert_eq!(c.figures.rtt_us, Some(61_000));
+        assert_eq!(
+            (c.figures.p99_us, c.figures.jitter_us, c.figures.loss_ppm),
+            (None, None, None)
+        );
+        assert_eq!(c.route, vec![3, 2]);
+        let above = |metric| EventKind::Above {
+            metric,
+            value: 2,
+            threshold: 1,
+        };
+        assert!(ok.wants_event(&above(Metric::Rtt)));
+        assert!(!ok.wants_event(&above(Metric::Loss)));
+        assert!(ok.wants_event(&EventKind::Unreachable));
+        let all = Subscription::default();
+        assert_eq!(all.wanted(), Metric::ALL_BITS);
+        assert!(all.wants_event(&above(Metric::Loss)));
+        let mut whole = c.clone();
+        all.trim(&mut whole);
+        assert_eq!(whole, c);
+        let (bits, n) = Metric::ALL
+            .iter()
+            .fold((0, 0), |(b, n), m| (b | m.bit(), n + 1));
+        assert_eq!((bits, n), (Metric::ALL_BITS, 5));
     }
 
     fn value() -> impl Strategy<Value = Option<u32>> {

@@ -12,6 +12,9 @@ pub const RA_UDP: u16 = 7302;
 pub const STEERING: u16 = 7303;
 /// The Central Unit: QUIC from agents (see [`crate::control`]).
 pub const CU: u16 = 7400;
+/// A proxy's own PMon listener (its `[pmon] listen`, where deployments
+/// turn it on): the CU's subscription protocol over QUIC.
+pub const PMON: u16 = 7401;
 /// The split daemons' local link ([`crate::local`]) when they share a host:
 /// pon-forwarder's `[local] listen`, pon-monitor's and pon-router's `listen`.
 pub const LOCAL_FORWARDER: u16 = 7310;

@@ -8,6 +8,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 const CU_METRICS: (&str, &str) = ("cu", "198.18.250.1:9200");
+/// Paris's proxy's own PMon listener (`proxy_pmon = true`).
+const PARIS_PMON: &str = "198.18.1.1:7401";
 
 /// paris-tokyo slow (150 ms RTT), through london fast (2 x 30 ms RTT): the
 /// routers pick london as the relay of paris <-> tokyo.
@@ -366,9 +368,19 @@ impl Watch {
         what: &str,
         pick: impl Fn(&serde_json::Value) -> bool,
     ) -> (u64, serde_json::Value) {
+        self.wait_for_nth(what, 1, pick)
+    }
+
+    /// Waits (bounded) for the `n`th line `pick` accepts.
+    fn wait_for_nth(
+        &mut self,
+        what: &str,
+        n: usize,
+        pick: impl Fn(&serde_json::Value) -> bool,
+    ) -> (u64, serde_json::Value) {
         let end = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(hit) = self.seen.iter().find(|(_, v)| pick(v)) {
+            if let Some(hit) = self.seen.iter().filter(|(_, v)| pick(v)).nth(n - 1) {
                 return hit.clone();
             }
             let left = end.saturating_duration_since(std::time::Instant::now());
@@ -511,6 +523,148 @@ fn split_proxies_report_their_routes_to_the_cus_matrix() {
          london {:.1} ms; reports passed on by the forwarders: {passed:?}",
         took.as_secs_f64(),
         rtt("paris", "tokyo"),
+    );
+}
+
+/// A watcher's own threshold, metrics and schedule, against the CU; and
+/// the same protocol served by one proxy: its row of the matrix, for the
+/// admin credential, and nothing for a certificate of another CA.
+#[test]
+fn ponctl_watches_with_its_own_threshold_and_asks_a_proxy_for_its_row() {
+    require_root();
+    let lab = Lab::up(&format!("proxy_pmon = true\n{}", triangle()));
+    let m = wait_for_relayed_matrix(&lab);
+    let global = m["rtt_threshold_us"]
+        .as_u64()
+        .expect("the CU's RTT threshold");
+    let rtt = cell(&m, "paris", "tokyo")["figures"]["rtt_us"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        rtt < global,
+        "paris -> tokyo {rtt} us is already over the CU's {global} us"
+    );
+
+    // (a) An RTT threshold of 40 ms: paris -> tokyo (about 60 ms through
+    // london) is above it, while under the CU's own threshold. RTT only,
+    // and a snapshot of the pair every 200 ms.
+    let mut watch = Watch::start(
+        &lab,
+        &[
+            "--from",
+            "paris",
+            "--to",
+            "tokyo",
+            "--rtt-above-ms",
+            "40",
+            "--metrics",
+            "rtt",
+            "--every-ms",
+            "200",
+        ],
+    );
+    let (_, first) = watch.wait_for("the matrix first", |v| v.get("matrix").is_some());
+    assert_eq!(first["matrix"]["rtt_threshold_us"], 40_000, "{first}");
+    let (_, e) = watch.wait_for("paris -> tokyo above 40 ms", |v| {
+        event_is(v, "above", "paris", "tokyo")
+    });
+    let above = &e["event"]["kind"]["above"];
+    assert_eq!(
+        (above["metric"].as_str(), above["threshold"].as_u64()),
+        (Some("rtt"), Some(40_000)),
+        "{e}"
+    );
+    let value = above["value"].as_u64().unwrap();
+    assert!(
+        value > 40_000 && value < global,
+        "{e}: the CU's threshold would say nothing"
+    );
+    println!(
+        "own threshold: above 40 ms at {:.1} ms (the CU's threshold is {} ms)",
+        value as f64 / 1000.0,
+        global / 1000
+    );
+    // Snapshots keep coming (the RTT barely moves: these are not changes),
+    // with only the RTT in them.
+    let is_cell = |v: &serde_json::Value| v.get("cell").is_some();
+    let (t1, c1) = watch.wait_for_nth("a snapshot", 1, is_cell);
+    let (t5, c5) = watch.wait_for_nth("five snapshots", 5, is_cell);
+    println!("five snapshots in {} ms (every 200 ms asked)", t5 - t1);
+    for c in [&c1, &c5] {
+        let f = &c["cell"]["figures"];
+        assert!(f["rtt_us"].as_u64().is_some(), "{c}");
+        assert!(
+            f["jitter_us"].is_null()
+                && f["loss_ppm"].is_null()
+                && c["cell"]["route"] == serde_json::json!([]),
+            "{c}"
+        );
+    }
+    drop(watch);
+
+    // (b) Paris's proxy serves its own row.
+    let cu = lab.state_dir().join("cu");
+    let (ca, admin, admin_key) = (
+        cu.join("ca.pem"),
+        cu.join("admin.pem"),
+        cu.join("admin.key"),
+    );
+    let at_paris = |cert: &std::path::Path, key: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["--server-name", "pmon.paris"];
+        args.extend_from_slice(extra);
+        lab.ponctl_at("paris/proxy", PARIS_PMON, &ca, cert, key, &args)
+    };
+    let mut row = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(30), || {
+        let out = at_paris(&admin, &admin_key, &["--json", "matrix"]);
+        row = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        routed(&row, "paris", "tokyo", &["london"]) && routed(&row, "paris", "london", &[])
+    });
+    assert!(ok, "paris's proxy never showed its row:\n{row:#}");
+    let cells = row["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 2, "{row:#}");
+    assert!(
+        cells
+            .iter()
+            .all(|c| c["from"] == "paris" && c["reported"] == true),
+        "{row:#}"
+    );
+    println!(
+        "paris's proxy: paris -> tokyo via london {:.1} ms, paris -> london {:.1} ms",
+        cell(&row, "paris", "tokyo")["figures"]["rtt_us"]
+            .as_f64()
+            .unwrap()
+            / 1000.0,
+        cell(&row, "paris", "london")["figures"]["rtt_us"]
+            .as_f64()
+            .unwrap()
+            / 1000.0
+    );
+
+    // A certificate of another CA: refused in the handshake, and counted.
+    let foreign = lab.state_dir().join("foreign-ca");
+    let init = std::process::Command::new(pon_e2e::bin_dir().join("pon-cu"))
+        .args(["init", "--force", "--dir"])
+        .arg(&foreign)
+        .output()
+        .expect("pon-cu init");
+    assert!(init.status.success(), "{}", pon_e2e::text(&init));
+    let out = at_paris(
+        &foreign.join("admin.pem"),
+        &foreign.join("admin.key"),
+        &["--json", "matrix"],
+    );
+    assert!(
+        !out.status.success(),
+        "a foreign certificate got: {}",
+        pon_e2e::text(&out)
+    );
+    assert!(out.stdout.is_empty(), "{}", pon_e2e::text(&out));
+    let refused = "pon_proxy_pmon_connections_refused_total{reason=\"handshake\"}";
+    assert!(lab.metric("paris/proxy", "198.18.1.1:9100", refused) >= 1);
+    println!(
+        "foreign certificate refused: {}",
+        pon_e2e::text(&out).trim()
     );
 }
 

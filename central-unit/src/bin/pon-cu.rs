@@ -51,6 +51,28 @@ enum Cmd {
         #[arg(long)]
         token_uses: Option<u32>,
     },
+    /// Make a server certificate signed by the CA in DIR (ca.pem, ca.key)
+    /// for a proxy's PMon listener (`[pmon] cert` / `key`): consumers name
+    /// it with `ponctl --server-name NAME` (or one of its IPs).
+    Cert {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// DNS name in the certificate.
+        #[arg(long)]
+        name: String,
+        /// IP addresses to put in the certificate as well.
+        #[arg(long = "ip")]
+        ips: Vec<IpAddr>,
+        /// Where to write the certificate ...
+        #[arg(long)]
+        cert: PathBuf,
+        /// ... and its key (mode 0600).
+        #[arg(long)]
+        key: PathBuf,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the CU.
     Run {
         #[arg(long, short)]
@@ -126,6 +148,25 @@ fn main() -> anyhow::Result<()> {
                     .map_or("unlimited uses".into(), |n| format!("{n} uses")),
                 token_ttl,
                 files.token.display(),
+            );
+            Ok(())
+        }
+        Cmd::Cert {
+            dir,
+            name,
+            ips,
+            cert,
+            key,
+            force,
+        } => {
+            let files = pki::InitFiles::in_dir(&dir);
+            pki::server_cert(&files, &name, &ips, &cert, &key, force)?;
+            println!(
+                "certificate {} (for {name}{}) and key {}, signed by {}",
+                cert.display(),
+                ips.iter().map(|i| format!(", {i}")).collect::<String>(),
+                key.display(),
+                files.ca_cert.display()
             );
             Ok(())
         }

@@ -71,15 +71,23 @@ enum Cmd {
     Matrix {
         #[command(flatten)]
         pair: Pair,
+        #[command(flatten)]
+        want: Want,
     },
     /// Streams events as they happen: route changed, destination
     /// unreachable and reachable again, RTT or loss threshold crossed.
     Watch {
         #[command(flatten)]
         pair: Pair,
+        #[command(flatten)]
+        want: Want,
         /// Also print every changed cell (the values), not only events.
         #[arg(long)]
         values: bool,
+        /// Also a snapshot of every watched cell this often (at least 100;
+        /// printed like --values).
+        #[arg(long)]
+        every_ms: Option<u32>,
     },
 }
 
@@ -92,6 +100,54 @@ struct Pair {
     /// Destination site.
     #[arg(long)]
     to: Option<String>,
+}
+
+/// What to watch: thresholds of one's own, and which metrics.
+#[derive(clap::Args, Clone)]
+struct Want {
+    /// Own RTT threshold (ms): `above` / `below` events from it instead of
+    /// the server's thresholds ...
+    #[arg(long)]
+    rtt_above_ms: Option<f64>,
+    /// ... own loss threshold (fraction, e.g. 0.01) ...
+    #[arg(long)]
+    loss_above: Option<f64>,
+    /// ... and how far (fraction of the threshold) a value must fall under
+    /// it to be `below` again.
+    #[arg(long, default_value_t = 0.2)]
+    hysteresis: f64,
+    /// Only these metrics (comma-separated: rtt, loss, percentiles,
+    /// jitter, route); cells carry only these, events of others are left
+    /// out. Default: all.
+    #[arg(long, value_delimiter = ',', value_parser = parse_metric)]
+    metrics: Vec<pon_proto::pmon::Metric>,
+}
+
+fn parse_metric(s: &str) -> Result<pon_proto::pmon::Metric, String> {
+    use pon_proto::pmon::Metric;
+    Metric::ALL
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| {
+            let names: Vec<_> = Metric::ALL.iter().map(|m| m.name()).collect();
+            format!("{s:?}: one of {}", names.join(", "))
+        })
+}
+
+impl Want {
+    /// The subscription's own thresholds, if any was given (the server
+    /// checks the values and says what is wrong).
+    fn thresholds(&self) -> Option<pon_proto::pmon::Thresholds> {
+        if self.rtt_above_ms.is_none() && self.loss_above.is_none() {
+            return None;
+        }
+        let ppm = |f: f64| (f * f64::from(pon_proto::pmon::PPM)).round() as u32;
+        Some(pon_proto::pmon::Thresholds {
+            rtt_us: self.rtt_above_ms.map(|ms| (ms * 1000.0).round() as u32),
+            loss_ppm: self.loss_above.map(ppm),
+            hysteresis_ppm: ppm(self.hysteresis),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -135,8 +191,13 @@ fn parse_uses(s: &str) -> Result<Uses, String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let request = match &args.cmd {
-        Some(Cmd::Matrix { pair }) => return pmon(&args, pair, false, false).await,
-        Some(Cmd::Watch { pair, values }) => return pmon(&args, pair, true, *values).await,
+        Some(Cmd::Matrix { pair, want }) => return pmon(&args, pair, want, None, false).await,
+        Some(Cmd::Watch {
+            pair,
+            want,
+            values,
+            every_ms,
+        }) => return pmon(&args, pair, want, *every_ms, *values).await,
         None | Some(Cmd::List) => AdminRequest::List,
         Some(Cmd::Token(TokenCmd::List)) => AdminRequest::ListTokens,
         Some(Cmd::Token(TokenCmd::Create {
@@ -207,16 +268,28 @@ async fn connect(args: &Args) -> anyhow::Result<(quinn::Endpoint, quinn::Connect
 }
 
 /// `matrix` (the matrix once) and `watch` (then events, and with
-/// `values` changed cells, until the CU or the user ends it). One JSON
-/// document for `matrix --json`; JSON Lines for `watch --json`.
-async fn pmon(args: &Args, pair: &Pair, stream: bool, values: bool) -> anyhow::Result<()> {
+/// `values` changed cells, and with `every_ms` snapshots, until the server
+/// or the user ends it). One JSON document for `matrix --json`; JSON Lines
+/// for `watch --json`. The server is the CU, or a proxy's PMon listener.
+async fn pmon(
+    args: &Args,
+    pair: &Pair,
+    want: &Want,
+    every_ms: Option<u32>,
+    values: bool,
+) -> anyhow::Result<()> {
     use pon_cu::pmon_text;
     use pon_proto::control::{FrameDecoder, MAX_CU_FRAME};
+    let stream = matches!(args.cmd, Some(Cmd::Watch { .. }));
+    let values = values || every_ms.is_some();
     let (ep, conn) = connect(args).await?;
     let subscription = pon_proto::pmon::Subscription {
         from: pair.from.clone(),
         to: pair.to.clone(),
         stream,
+        thresholds: want.thresholds(),
+        metrics: want.metrics.clone(),
+        every_ms,
     };
     let msg = AgentMsg::Subscribe {
         version: PROTOCOL_VERSION,

@@ -78,6 +78,8 @@ struct Ports {
     ra_udp: u16,
     steering: u16,
     cu: u16,
+    /// A proxy's own PMon listener (`[pmon] listen`, in the lab).
+    pmon: u16,
     /// The split daemons' local link on one host.
     local: std::collections::BTreeMap<&'static str, u16>,
     /// Each daemon's metrics endpoint.
@@ -93,6 +95,7 @@ fn ports() -> Ports {
         ra_udp: p::RA_UDP,
         steering: p::STEERING,
         cu: p::CU,
+        pmon: p::PMON,
         local: [
             ("pon-forwarder", p::LOCAL_FORWARDER),
             ("pon-monitor", p::LOCAL_MONITOR),

@@ -23,6 +23,8 @@ pub struct ProxyConfig {
     pub routing: Option<RoutingConfig>,
     pub monitor: MonitorConfig,
     pub control: ControlConfig,
+    /// The proxy's own PMon subscription service; off unless given.
+    pub pmon: Option<pon_cu::pmon_listen::ListenConfig>,
 }
 
 /// The longest steering refresh that keeps a live proxy's lease with its
@@ -100,6 +102,12 @@ struct ProxyFile<'a> {
     monitor: &'a MonitorConfig,
     /// The proxy core: keepalives, steering of the TAs, status.
     proxy: &'a ControlConfig,
+    /// The proxy's own PMon service (off unless given; needs `[cu]`): the
+    /// CU's subscription protocol (`ponctl --cu ADDR matrix | watch`)
+    /// over this proxy's own measurements, for the admin credential and
+    /// the agents the CU vouches for to this proxy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pmon: Option<&'a pon_cu::pmon_listen::ListenConfig>,
 }
 
 impl schemars::JsonSchema for ProxyConfig {
@@ -118,6 +126,7 @@ impl Serialize for ProxyConfig {
             routing: self.routing.as_ref(),
             monitor: &self.monitor,
             proxy: &self.control,
+            pmon: self.pmon.as_ref(),
         }
         .serialize(s)
     }
@@ -127,6 +136,7 @@ impl ProxyConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let mut cfg = pon_telemetry::load_config(path, "proxy", Self::parse)?;
         cfg.forwarder.cu = cfg.forwarder.cu.map(|c| c.relative_to(path));
+        cfg.pmon = cfg.pmon.map(|p| p.relative_to(path));
         Ok(cfg)
     }
 
@@ -191,7 +201,18 @@ impl ProxyConfig {
         if !(1..=MAX_STEERING_REFRESH_MS).contains(&control.steering_refresh_ms) {
             anyhow::bail!("[proxy] steering_refresh_ms must be between 1 and {MAX_STEERING_REFRESH_MS}: the TAs take a proxy that missed three refreshes in 500 ms for dead");
         }
+        let pmon = doc
+            .remove("pmon")
+            .map(|v| -> anyhow::Result<pon_cu::pmon_listen::ListenConfig> {
+                let p: pon_cu::pmon_listen::ListenConfig = v.try_into().context("in [pmon]")?;
+                p.check().map_err(anyhow::Error::msg)?;
+                Ok(p)
+            })
+            .transpose()?;
         let forwarder = ForwarderConfig::parse(&toml::to_string(&doc)?)?;
+        if pmon.is_some() && forwarder.cu.is_none() {
+            anyhow::bail!("[pmon] needs [cu]: the overlay CA its consumers' certificates chain to, and the CU's view of the destinations");
+        }
         if forwarder.local.is_some() {
             anyhow::bail!("[local] is for pon-forwarder with a separate pon-monitor and pon-router; pon-proxy runs them in-process");
         }
@@ -200,6 +221,7 @@ impl ProxyConfig {
             routing,
             monitor,
             control,
+            pmon,
         })
     }
 }

@@ -56,5 +56,5 @@ fn main() -> anyhow::Result<()> {
         every: Duration::from_secs(1),
         build: |f: &ForwarderPart, now| f.status(now),
     };
-    daemon::run_data_plane(&cfg, part, link, 4096, steering_port, status)
+    daemon::run_data_plane(&cfg, part, link, 4096, steering_port, status, None)
 }

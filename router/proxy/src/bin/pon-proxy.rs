@@ -28,5 +28,14 @@ fn main() -> anyhow::Result<()> {
     let key = daemon::private_key(&cfg.forwarder)?;
     let core = ProxyCore::new(&cfg, session, epoch, key);
     let c = &cfg.control;
-    daemon::run_data_plane(&cfg.forwarder, core, None, c.queue, c.steering_port, status)
+    let pmon = daemon::LocalPmon::start(&cfg)?;
+    daemon::run_data_plane(
+        &cfg.forwarder,
+        core,
+        None,
+        c.queue,
+        c.steering_port,
+        status,
+        pmon,
+    )
 }

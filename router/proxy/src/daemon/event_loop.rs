@@ -51,8 +51,9 @@ pub enum ReportTo {
     #[default]
     Nowhere,
     /// pon-proxy and pon-forwarder in CU mode: their CU client, which
-    /// sends it while registered, when it is news.
-    Cu(Arc<ClientStatus>),
+    /// sends it while registered, when it is news; and pon-proxy's own
+    /// PMon listener (`[pmon]`), if it serves one.
+    Cu(Arc<ClientStatus>, Option<Arc<pon_cu::pmon_listen::Feed>>),
     /// pon-router: over the local link to pon-forwarder, whose CU client
     /// it is for.
     Forwarder,
@@ -107,7 +108,12 @@ impl Io {
     fn report(&mut self, r: Report) {
         match &self.reports {
             ReportTo::Nowhere => {}
-            ReportTo::Cu(cu) => cu.offer_report(r),
+            ReportTo::Cu(cu, local) => {
+                if let Some(l) = local {
+                    l.offer_report(r.clone());
+                }
+                cu.offer_report(r);
+            }
             ReportTo::Forwarder => {
                 let Some(l) = &self.link else { return };
                 self.pmon_round = self.pmon_round.wrapping_add(1);

@@ -34,10 +34,12 @@ pon_telemetry::counters! {
 pub mod event_loop;
 pub mod link;
 pub mod mailbox;
+pub mod pmon;
 
 pub use event_loop::{EventLoop, Io, ReportTo};
 pub use link::{Link, Partner};
 pub use mailbox::{mailbox, Inbox, Input, Mailbox};
+pub use pmon::LocalPmon;
 
 use crate::core::{Core, Part, StatusPage};
 use crate::forwarder::{io::Sockets, Engine, ForwarderConfig};
@@ -110,16 +112,24 @@ pub fn run_ids() -> (u64, u32) {
 
 /// Starts the CU client if the config has a `[cu]` section; its views go
 /// to the control thread's latest-view slot (the client never waits).
+/// With `pmon`, each view also goes to the proxy's own PMon listener.
 pub fn start_cu(
     cfg: &ForwarderConfig,
     mailbox: &Mailbox,
+    pmon: Option<LocalPmon>,
 ) -> anyhow::Result<Option<Arc<ClientStatus>>> {
     if cfg.cu.is_none() {
         return Ok(None);
     }
     let identity = Arc::new(cfg.identity()?);
     let mb = mailbox.clone();
-    crate::forwarder::cu::start_with(cfg, identity, Box::new(move |v| mb.post_view(v.clone())))
+    let on_view = Box::new(move |v: &pon_cu::View| {
+        if let Some(p) = &pmon {
+            p.view(v);
+        }
+        mb.post_view(v.clone())
+    });
+    crate::forwarder::cu::start_with(cfg, identity, on_view)
 }
 
 /// How a core's status is published, and how often.
@@ -236,7 +246,9 @@ pub fn run_part<C: Core + Send + 'static, S: StatusPage>(
 /// Runs the forwarder's data plane around `core` (pon-proxy's whole core,
 /// or pon-forwarder's part): the forwarding threads, the control loop, the
 /// CU client and the metrics endpoint. `link`: the local link to a
-/// pon-monitor and pon-router, for pon-forwarder with `[local]`.
+/// pon-monitor and pon-router, for pon-forwarder with `[local]`; `pmon`:
+/// pon-proxy's own PMon listener, if configured.
+#[allow(clippy::too_many_arguments)]
 pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     cfg: &ForwarderConfig,
     core: C,
@@ -244,6 +256,7 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     queue: usize,
     steering_port: u16,
     status: StatusOf<C, S>,
+    pmon: Option<LocalPmon>,
 ) -> anyhow::Result<()> {
     let table = Arc::new(ArcSwap::from_pointee(cfg.table()?));
     let (mailbox, inbox) = mailbox(queue, queue);
@@ -269,14 +282,20 @@ pub fn run_data_plane<C: Core + Send + 'static, S: StatusPage>(
     // there is a monitor (the engine drops them otherwise).
     let sockets = Arc::new(open_sockets(cfg, Some(mailbox.sink()))?);
     // CU mode: views go to the control loop, the one writer of the table.
-    let cu = start_cu(cfg, &mailbox)?;
-    let reports = cu.clone().map_or(ReportTo::Nowhere, ReportTo::Cu);
+    let local = pmon.as_ref().map(|p| p.feed.clone());
+    let cu = start_cu(cfg, &mailbox, pmon)?;
+    let reports = cu
+        .clone()
+        .map_or(ReportTo::Nowhere, |cu| ReportTo::Cu(cu, local.clone()));
     let extra: Renderer = {
-        let (engine, table) = (engine.counters.clone(), table.clone());
+        let (engine, table, local) = (engine.counters.clone(), table.clone(), local.clone());
         Arc::new(move |w: &mut PromWriter| {
             engine.render(w);
             if let Some(s) = &cu {
                 s.render(w);
+            }
+            if let Some(l) = &local {
+                l.render(w);
             }
             table.load().render(w);
         })
