@@ -420,26 +420,7 @@ mod tests {
     }
 
     fn destination() -> impl Strategy<Value = DestinationReport> {
-        let v = || proptest::option::of(prop_oneof![0u32..100_000, any::<u32>()]);
-        (
-            0u32..200,
-            any::<bool>(),
-            proptest::collection::vec(0u32..200, 0..10),
-            [v(), v(), v(), v(), v(), v()],
-        )
-            .prop_map(|(dst, reachable, route, f)| DestinationReport {
-                dst,
-                reachable,
-                route,
-                figures: Figures {
-                    rtt_us: f[0],
-                    p50_us: f[1],
-                    p90_us: f[2],
-                    p99_us: f[3],
-                    jitter_us: f[4],
-                    loss_ppm: f[5],
-                },
-            })
+        crate::pmon::strategy::destination(0u32..200, 0u32..200)
     }
 
     /// A report that passes `Report::check`: distinct destinations, each

@@ -571,6 +571,50 @@ pub struct Event {
     pub kind: EventKind,
 }
 
+/// Arbitrary destination reports for the property tests of this crate
+/// (the CU's matrix here, the local link's report parts in `local`).
+#[cfg(test)]
+pub(crate) mod strategy {
+    use super::{DestinationReport, Figures, PPM};
+    use proptest::prelude::*;
+
+    /// A figure: absent, anything, or around the valid range.
+    fn value() -> impl Strategy<Value = Option<u32>> {
+        prop_oneof![
+            Just(None),
+            any::<u32>().prop_map(Some),
+            (0..2 * PPM).prop_map(Some)
+        ]
+    }
+
+    /// A destination among `dsts`, with a route of up to 9 hops among
+    /// `hops`: valid or not, as it comes.
+    pub fn destination(
+        dsts: impl Strategy<Value = u32>,
+        hops: std::ops::Range<u32>,
+    ) -> impl Strategy<Value = DestinationReport> {
+        (
+            dsts,
+            any::<bool>(),
+            proptest::collection::vec(hops, 0..10),
+            [value(), value(), value(), value(), value(), value()],
+        )
+            .prop_map(|(dst, reachable, route, v)| DestinationReport {
+                dst,
+                reachable,
+                route,
+                figures: Figures {
+                    rtt_us: v[0],
+                    p50_us: v[1],
+                    p90_us: v[2],
+                    p99_us: v[3],
+                    jitter_us: v[4],
+                    loss_ppm: v[5],
+                },
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -952,34 +996,8 @@ mod tests {
         assert_eq!((bits, n), (Metric::ALL_BITS, 5));
     }
 
-    fn value() -> impl Strategy<Value = Option<u32>> {
-        prop_oneof![
-            Just(None),
-            any::<u32>().prop_map(Some),
-            (0..2 * PPM).prop_map(Some)
-        ]
-    }
-
     fn destination() -> impl Strategy<Value = DestinationReport> {
-        (
-            any::<u32>(),
-            any::<bool>(),
-            proptest::collection::vec(0u32..12, 0..10),
-            [value(), value(), value(), value(), value(), value()],
-        )
-            .prop_map(|(dst, reachable, route, v)| DestinationReport {
-                dst,
-                reachable,
-                route,
-                figures: Figures {
-                    rtt_us: v[0],
-                    p50_us: v[1],
-                    p90_us: v[2],
-                    p99_us: v[3],
-                    jitter_us: v[4],
-                    loss_ppm: v[5],
-                },
-            })
+        strategy::destination(any::<u32>(), 0u32..12)
     }
 
     proptest! {
