@@ -34,6 +34,8 @@ pub mod view;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod etcd;
+#[cfg(feature = "pmon-listen")]
+pub mod per_address;
 #[cfg(feature = "server")]
 pub mod pki;
 #[cfg(feature = "pmon-listen")]

@@ -231,7 +231,7 @@ impl Issuer for Ca {
         params
             .distinguished_name
             .push(DnType::OrganizationalUnitName, e.role.clone());
-        let uri = format!("urn:pon:noise:{}", hex(&e.noise_key.0));
+        let uri = crate::trust::noise_uri(&e.noise_key);
         params.subject_alt_names = vec![SanType::URI(
             uri.try_into().map_err(|e: rcgen::Error| e.to_string())?,
         )];

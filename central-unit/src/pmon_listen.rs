@@ -15,6 +15,7 @@
 //! per address, one stream per connection, a deadline for the first
 //! message, streaming subscribers; refusals are counted by reason.
 
+use crate::per_address::PerAddress;
 use crate::pmon::{Directory, PmonSettings};
 use crate::pmon_hub::{ConnId, Hub, Limits, Names, Out, PmonStats};
 use crate::trust::KeyId;
@@ -24,7 +25,7 @@ use pon_proto::pmon::{ProxyRef, Report, Subscription};
 use pon_telemetry::PromWriter;
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -205,24 +206,11 @@ pub fn presented(der: &[u8]) -> Result<Presented, String> {
         .flatten()
         .and_then(|san| {
             san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::URI(u) => u.strip_prefix("urn:pon:noise:").and_then(unhex),
+                GeneralName::URI(u) => crate::trust::noise_key_of_uri(u),
                 _ => None,
             })
         });
     Ok(Presented { key, noise })
-}
-
-fn unhex(s: &str) -> Option<PublicKey> {
-    let b = s.as_bytes();
-    if b.len() != 64 {
-        return None;
-    }
-    let mut k = [0u8; 32];
-    for (i, pair) in b.chunks(2).enumerate() {
-        let pair = std::str::from_utf8(pair).ok()?;
-        k[i] = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some(PublicKey(k))
 }
 
 /// How long a client has for the TLS handshake, then for its subscription.
@@ -292,7 +280,7 @@ async fn run(endpoint: quinn::Endpoint, feed: Arc<Feed>, cfg: ListenConfig, admi
     let (to_actor, from_conns) = mpsc::channel(1024);
     tokio::spawn(actor(feed.clone(), cfg.clone(), admins, from_conns));
     let open = Arc::new(Semaphore::new(cfg.max_connections));
-    let per_address: Arc<Mutex<HashMap<IpAddr, u32>>> = Arc::default();
+    let per_address = Arc::new(PerAddress::new(cfg.max_per_address));
     let mut next: ConnId = 1;
     while let Some(incoming) = endpoint.accept().await {
         let ip = incoming.remote_address().ip();
@@ -301,7 +289,7 @@ async fn run(endpoint: quinn::Endpoint, feed: Arc<Feed>, cfg: ListenConfig, admi
             incoming.refuse();
             continue;
         };
-        let Some(addr_slot) = AddressSlot::take(&per_address, ip, cfg.max_per_address) else {
+        let Some(addr_slot) = per_address.take(ip) else {
             feed.counters.per_address.inc();
             incoming.refuse();
             continue;
@@ -317,33 +305,6 @@ async fn run(endpoint: quinn::Endpoint, feed: Arc<Feed>, cfg: ListenConfig, admi
 }
 
 use tokio::sync::Semaphore;
-
-/// A connection from one address, given back when dropped.
-struct AddressSlot(Arc<Mutex<HashMap<IpAddr, u32>>>, IpAddr);
-
-impl AddressSlot {
-    fn take(m: &Arc<Mutex<HashMap<IpAddr, u32>>>, ip: IpAddr, max: u32) -> Option<Self> {
-        let mut open = m.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot(m.clone(), ip))
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
 
 async fn connection(
     incoming: quinn::Incoming,
@@ -562,8 +523,10 @@ mod tests {
         )
         .is_err());
         assert!(may_subscribe(&who(KeyId([3; 32]), None), &[], &vouched).is_err());
-        assert_eq!(unhex(&"ab".repeat(32)), Some(PublicKey([0xab; 32])));
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex(&"zz".repeat(32)), None);
+        let uri = |h: &str| format!("urn:pon:noise:{h}");
+        let parse = crate::trust::noise_key_of_uri;
+        assert_eq!(parse(&uri(&"ab".repeat(32))), Some(PublicKey([0xab; 32])));
+        assert_eq!(parse(&uri("abc")), None);
+        assert_eq!(parse(&uri(&"zz".repeat(32))), None);
     }
 }

@@ -358,7 +358,9 @@ pub async fn serve(
         stats.clone(),
     ));
     let next_conn = Arc::new(AtomicU64::new(1));
-    let per_address = Arc::new(PerAddress::new(cfg.limits.connections_per_address));
+    let per_address = Arc::new(crate::per_address::PerAddress::new(
+        cfg.limits.connections_per_address,
+    ));
     let retry_above = u64::from(cfg.limits.retry_above_handshakes);
     let max_handshakes = u64::from(cfg.limits.max_handshakes);
     while let Some(incoming) = endpoint.accept().await {
@@ -799,47 +801,6 @@ fn count_bad(stats: &CuStats, e: &ControlError) {
     }
 }
 
-/// Open connections per source address, against `[limits]
-/// connections_per_address`.
-struct PerAddress {
-    max: u32,
-    open: std::sync::Mutex<HashMap<std::net::IpAddr, u32>>,
-}
-
-impl PerAddress {
-    fn new(max: u32) -> Self {
-        PerAddress {
-            max,
-            open: std::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// A slot for one more connection from `ip`, if it has one left;
-    /// dropping the slot gives it back.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(ip).or_insert(0);
-        if *n >= self.max {
-            return None;
-        }
-        *n += 1;
-        Some(AddressSlot(self.clone(), ip))
-    }
-}
-
-struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut open = self.0.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.1);
-            }
-        }
-    }
-}
-
 /// Counts a handshake in progress until dropped.
 struct Handshaking<'a>(&'a CuStats);
 impl<'a> Handshaking<'a> {
@@ -866,7 +827,7 @@ async fn connection(
     id: ConnId,
     events: mpsc::Sender<Event>,
     stats: Arc<CuStats>,
-    _slot: AddressSlot,
+    _slot: crate::per_address::AddressSlot,
 ) {
     let handshaking = Handshaking::new(&stats);
     let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {

@@ -41,6 +41,28 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+const NOISE_URI: &str = "urn:pon:noise:";
+
+/// The name an agent's certificate carries for its Noise key (a URI
+/// subject alternative name), binding the TLS identity to the data-plane one.
+pub fn noise_uri(key: &PublicKey) -> String {
+    format!("{NOISE_URI}{}", hex(&key.0))
+}
+
+/// The Noise key a [`noise_uri`] names; `None` for any other URI.
+pub fn noise_key_of_uri(uri: &str) -> Option<PublicKey> {
+    let h = uri.strip_prefix(NOISE_URI)?.as_bytes();
+    // Hex digits only: `from_str_radix` alone would take "+a".
+    if h.len() != 64 || !h.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, pair) in h.chunks(2).enumerate() {
+        k[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(PublicKey(k))
+}
+
 /// A join token as the store keeps it: its hash, never the secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -564,6 +586,24 @@ mod tests {
     use std::net::Ipv4Addr;
 
     const HOUR_MS: u64 = 3_600_000;
+
+    proptest! {
+        /// A certificate's Noise name gives back its key; anything else
+        /// (another scheme, a short, long or non-hex key) gives none.
+        #[test]
+        fn noise_uris_round_trip_and_nothing_else_parses(k in any::<[u8; 32]>(), junk in ".{0,80}") {
+            let key = PublicKey(k);
+            prop_assert_eq!(noise_key_of_uri(&noise_uri(&key)), Some(key));
+            let u = noise_uri(&key);
+            prop_assert_eq!(noise_key_of_uri(&u[..u.len() - 1]), None);
+            prop_assert_eq!(noise_key_of_uri(&format!("{u}0")), None);
+            prop_assert_eq!(noise_key_of_uri(&u.replace("urn:pon:noise:", "urn:x:")), None);
+            prop_assert_eq!(noise_key_of_uri(&format!("urn:pon:noise:+a{}", &u[16..])), None);
+            if let Some(parsed) = noise_key_of_uri(&junk) {
+                prop_assert_eq!(noise_uri(&parsed), junk.to_lowercase());
+            }
+        }
+    }
 
     fn key(n: u8) -> KeyId {
         KeyId([n; 32])
