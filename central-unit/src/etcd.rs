@@ -1,8 +1,8 @@
 //! A CU replica's I/O with etcd (`[etcd]` in cu.toml): connects, loads the
 //! shared registry at start, holds one lease for the replica (its agents'
 //! liveness keys hang on it: one keep-alive per replica, not per agent),
-//! runs the transactions `replica` makes of what the registry persists,
-//! and feeds what the other replicas write, seen through one watch on the
+//! runs the transactions `replica` makes of what the registry persists
+//! (many at once, in the order `write_order` keeps), and feeds what the other replicas write, seen through one watch on the
 //! prefix, to the actor. The logic is `replica`'s; this only moves bytes.
 //!
 //! etcd unreachable: the replica keeps serving the agents connected to it
@@ -11,9 +11,10 @@
 //! expired meanwhile is replaced and every liveness key written again.
 
 use crate::registry::{Action, LeaveReason, Record, Registry};
-use crate::replica::{Bad, Cmp, Lost, Op, Remote, Replica, Txn, Watched};
+use crate::replica::{Bad, Cmp, Lost, Op, Remote, Replica, Txn, Watched, Write};
 use crate::store::Loaded;
 use crate::trust::{Enrolment, TokenRecord};
+use crate::write_order::{agent_lane, key_lane, Lane, WriteOrder};
 use anyhow::Context;
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, TxnOp,
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use std::ops::Range;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 /// `[etcd]` in cu.toml: run as one replica of several sharing the registry
 /// in etcd, instead of the local redb store.
@@ -188,6 +190,34 @@ pub struct Task {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Transactions a replica has in flight at once (`write_order`).
+const WRITES_IN_FLIGHT: usize = 64;
+
+/// The writes a record must follow: its agent's, its key's.
+pub fn lane_of(r: &Record) -> Lane {
+    match r {
+        Record::Agent(a) => agent_lane(a.info.id),
+        Record::Forgotten(id) => agent_lane(*id),
+        Record::Token(t) => key_lane(&t.hash),
+        Record::Enrolment(e) => key_lane(&e.key.0),
+    }
+}
+
+/// A record waiting for its turn.
+struct Pending {
+    record: Record,
+    since: Option<u64>,
+}
+
+/// A transaction that came back from etcd.
+struct Flown {
+    lane: Lane,
+    write: Write,
+    attempt: u32,
+    /// The connection it went on (`Task::generation`).
+    generation: u64,
+    result: Result<TxnResponse, etcd_client::Error>,
+}
 /// A watch that answered nothing (no change, no progress report asked for
 /// every keep-alive tick) for this long is re-opened: its member may be
 /// stuck, and changes would wait on it.
@@ -394,41 +424,82 @@ impl Task {
         }
     }
 
-    /// Runs one write until etcd takes it (a lost claim is an answer too).
-    async fn write(
+    /// Starts every write the order lets start now.
+    fn start_writes(&mut self, order: &mut WriteOrder<Lane, Pending>, flying: &mut JoinSet<Flown>) {
+        while let Some((lane, p)) = order.take() {
+            let Pending { record, since } = p;
+            match self.replica.write_for(&record, since) {
+                Some(w) => self.send_write(flying, lane, w, 0, Duration::ZERO),
+                // Not this replica's to write: the agent's next may start.
+                None => order.complete(lane),
+            }
+        }
+    }
+
+    /// One transaction to etcd, on its own task so that many are in flight
+    /// (etcd syncs its disk once for all of them); after `delay` when it is
+    /// a retry.
+    fn send_write(
+        &self,
+        flying: &mut JoinSet<Flown>,
+        lane: Lane,
+        w: Write,
+        attempt: u32,
+        delay: Duration,
+    ) {
+        let mut client = self.client.clone();
+        let txn = to_etcd(&w.txn, self.lease);
+        let generation = self.generation;
+        flying.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let result = client.txn(txn).await;
+            Flown {
+                lane,
+                write: w,
+                attempt,
+                generation,
+                result,
+            }
+        });
+    }
+
+    /// A transaction came back: what it means goes to the actor and the
+    /// agent's next write may start; an error is retried with backoff,
+    /// after a failover or a new lease (once per connection, not once per
+    /// write in flight).
+    async fn landed(
         &mut self,
-        r: Record,
-        since: Option<u64>,
+        f: Flown,
+        order: &mut WriteOrder<Lane, Pending>,
+        flying: &mut JoinSet<Flown>,
         to_actor: &mpsc::UnboundedSender<ToActor>,
         stats: &EtcdStats,
     ) {
-        let Some(w) = self.replica.write_for(&r, since) else {
-            return;
-        };
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            match self.client.txn(to_etcd(&w.txn, self.lease)).await {
-                Ok(resp) => {
-                    stats.counters.writes.inc();
-                    match self.replica.done(&w, applied(&resp)) {
-                        Some(Lost::Claim { id, cloud, name }) => {
-                            stats.counters.claims_lost.inc();
-                            tracing::warn!(id, %cloud, %name, "another CU replica claimed this agent's name or id first; it reconnects");
-                            let _ = to_actor.send(ToActor::ClaimLost { id, cloud, name });
-                        }
-                        Some(Lost::Superseded { id }) => {
-                            let _ = to_actor.send(ToActor::Restamp(id));
-                        }
-                        Some(Lost::HeldElsewhere { id }) => {
-                            let _ = to_actor.send(ToActor::HeldElsewhere(id));
-                        }
-                        None => {}
+        match f.result {
+            Ok(resp) => {
+                stats.counters.writes.inc();
+                match self.replica.done(&f.write, applied(&resp)) {
+                    Some(Lost::Claim { id, cloud, name }) => {
+                        stats.counters.claims_lost.inc();
+                        tracing::warn!(id, %cloud, %name, "another CU replica claimed this agent's name or id first; it reconnects");
+                        let _ = to_actor.send(ToActor::ClaimLost { id, cloud, name });
                     }
-                    return;
+                    Some(Lost::Superseded { id }) => {
+                        let _ = to_actor.send(ToActor::Restamp(id));
+                    }
+                    Some(Lost::HeldElsewhere { id }) => {
+                        let _ = to_actor.send(ToActor::HeldElsewhere(id));
+                    }
+                    None => {}
                 }
-                Err(e) => {
-                    stats.counters.write.inc();
-                    tracing::error!(error = %e, retry_in = ?backoff, "etcd write failed; retrying (agents connected here are still served)");
+                order.complete(f.lane);
+            }
+            Err(e) => {
+                stats.counters.write.inc();
+                let backoff =
+                    (BACKOFF_MIN * 2u32.saturating_pow(f.attempt.min(8))).min(BACKOFF_MAX);
+                tracing::error!(error = %e, retry_in = ?backoff, "etcd write failed; retrying (agents connected here are still served)");
+                if f.generation == self.generation {
                     if e.to_string().contains("lease not found") {
                         // Expired while etcd was out of reach: a new one,
                         // and every liveness key is written again.
@@ -437,9 +508,8 @@ impl Task {
                     } else {
                         self.failover(stats).await;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = next_backoff(backoff);
                 }
+                self.send_write(flying, f.lane, f.write, f.attempt + 1, backoff);
             }
         }
     }
@@ -494,6 +564,8 @@ impl Task {
         let mut keeper: Option<etcd_client::LeaseKeeper> = None;
         let mut keep_stream: Option<etcd_client::LeaseKeepAliveStream> = None;
         let mut generation = self.generation;
+        let mut order = WriteOrder::new(WRITES_IN_FLIGHT);
+        let mut flying: JoinSet<Flown> = JoinSet::new();
         loop {
             if generation != self.generation {
                 // Failed over (or a new lease): streams start again.
@@ -544,7 +616,16 @@ impl Task {
                 }
                 m = from_actor.recv() => {
                     let Some(FromActor::Write(r, since)) = m else { return };
-                    self.write(*r, since, &to_actor, &stats).await;
+                    let lane = lane_of(&r);
+                    order.push(lane, Pending { record: *r, since });
+                    self.start_writes(&mut order, &mut flying);
+                }
+                Some(done) = flying.join_next(), if !flying.is_empty() => {
+                    match done {
+                        Ok(f) => self.landed(f, &mut order, &mut flying, &to_actor, &stats).await,
+                        Err(e) => tracing::error!(error = %e, "an etcd write task failed"),
+                    }
+                    self.start_writes(&mut order, &mut flying);
                 }
                 msg = async { watch.as_mut().expect("checked").message().await }, if watch.is_some() => {
                     match msg {

@@ -52,6 +52,8 @@ pub mod server;
 pub mod store;
 #[cfg(feature = "server")]
 pub mod web;
+#[cfg(feature = "server")]
+pub mod write_order;
 
 pub use policy::Policy;
 pub use registry::Registry;

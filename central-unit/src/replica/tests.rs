@@ -4,9 +4,11 @@
 //! values on deletes).
 
 use super::*;
+use crate::etcd::lane_of;
 use crate::policy::Policy;
 use crate::registry::{ConnId, IdBlocks, Outgoing, Settings};
 use crate::trust::{Grant, Grants, KeyId};
+use crate::write_order::{Lane, WriteOrder};
 use pon_proto::control::{Change, Register};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,6 +77,10 @@ impl Fake {
 struct Node {
     reg: Registry,
     rep: Replica,
+    /// Writes as the etcd task orders them (`write_order`), and those in
+    /// flight: the store takes the ones in flight in any order.
+    order: WriteOrder<Lane, (Record, Option<u64>)>,
+    flying: Vec<(Lane, Write)>,
     seen: usize,
     /// Everything sent to local connections, in order.
     sent: Vec<(ConnId, Outgoing)>,
@@ -134,6 +140,8 @@ fn node(i: usize) -> Node {
     Node {
         reg,
         rep: Replica::new(&format!("cu{i}"), "/pon/"),
+        order: WriteOrder::new(4),
+        flying: Vec::new(),
         seen: 0,
         sent: Vec::new(),
         closed: BTreeSet::new(),
@@ -180,22 +188,46 @@ impl World {
                         Record::Agent(a) => n.reg.stamp(a.info.id),
                         _ => None,
                     };
-                    let Some(w) = n.rep.write_for(&r, since) else {
-                        continue;
-                    };
-                    let branch = self.fake.run(&w.txn, i);
-                    match n.rep.done(&w, branch) {
-                        Some(Lost::Claim { id, cloud, name }) => {
-                            queue.extend(n.reg.claim_lost(id, &cloud, &name))
-                        }
-                        Some(Lost::Superseded { id }) => queue.extend(n.reg.restamp(id, self.wall)),
-                        Some(Lost::HeldElsewhere { id }) => queue.extend(n.reg.held_elsewhere(id)),
-                        None => {}
-                    }
+                    let lane = lane_of(&r);
+                    n.order.push(lane, (r, since));
+                    self.start_writes(i);
                 }
                 Action::NeedIds => self.claim_block(i),
             }
         }
+    }
+
+    /// Node `i` sends every write its order lets go.
+    fn start_writes(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        while let Some((lane, (r, since))) = n.order.take() {
+            match n.rep.write_for(&r, since) {
+                Some(w) => n.flying.push((lane, w)),
+                None => n.order.complete(lane),
+            }
+        }
+    }
+
+    /// The store takes node `i`'s write in flight at `pick` (modulo);
+    /// whether one was there.
+    fn land(&mut self, i: usize, pick: usize) -> bool {
+        let n = &mut self.nodes[i];
+        if n.flying.is_empty() {
+            return false;
+        }
+        let (lane, w) = n.flying.remove(pick % n.flying.len());
+        let branch = self.fake.run(&w.txn, i);
+        let n = &mut self.nodes[i];
+        let more = match n.rep.done(&w, branch) {
+            Some(Lost::Claim { id, cloud, name }) => n.reg.claim_lost(id, &cloud, &name),
+            Some(Lost::Superseded { id }) => n.reg.restamp(id, self.wall),
+            Some(Lost::HeldElsewhere { id }) => n.reg.held_elsewhere(id),
+            None => vec![],
+        };
+        n.order.complete(lane);
+        self.start_writes(i);
+        self.execute(i, more);
+        true
     }
 
     fn claim_block(&mut self, i: usize) {
@@ -211,11 +243,15 @@ impl World {
         }
     }
 
-    /// Delivers every watched change to every node until nothing moves.
+    /// Lands every write in flight and delivers every watched change to
+    /// every node until nothing moves.
     fn pump(&mut self) {
         loop {
             let mut moved = false;
             for i in 0..self.nodes.len() {
+                while self.land(i, 0) {
+                    moved = true;
+                }
                 while self.nodes[i].seen < self.fake.log.len() {
                     let w = self.fake.log[self.nodes[i].seen].clone();
                     self.nodes[i].seen += 1;
@@ -500,8 +536,18 @@ mod props {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Register { replica: usize, agent: u8 },
-        Goodbye { agent: u8 },
+        Register {
+            replica: usize,
+            agent: u8,
+        },
+        Goodbye {
+            agent: u8,
+        },
+        /// The store takes one of this replica's writes in flight.
+        Land {
+            replica: usize,
+            pick: usize,
+        },
         Pump,
     }
 
@@ -509,6 +555,7 @@ mod props {
         prop_oneof![
             (0..3usize, 0..AGENTS).prop_map(|(replica, agent)| Step::Register { replica, agent }),
             (0..AGENTS).prop_map(|agent| Step::Goodbye { agent }),
+            (0..3usize, any::<usize>()).prop_map(|(replica, pick)| Step::Land { replica, pick }),
             Just(Step::Pump),
         ]
     }
@@ -517,8 +564,10 @@ mod props {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
         /// Whatever the interleaving of joins (also of one agent on two
-        /// replicas at once), moves and goodbyes, once the watches are
-        /// delivered every replica has the same agents, ids and views.
+        /// replicas at once), moves and goodbyes, and whatever order the
+        /// store takes each replica's writes in flight in (one agent's in
+        /// turn), once the watches are delivered every replica has the same
+        /// agents, ids and views.
         #[test]
         fn replicas_converge_whatever_the_interleaving(steps in prop::collection::vec(step(), 1..40)) {
             let mut w = World::new(3);
@@ -538,6 +587,9 @@ mod props {
                             let (a, _) = w.nodes[i].reg.disconnected(c, true, w.wall);
                             w.execute(i, a);
                         }
+                    }
+                    Step::Land { replica, pick } => {
+                        w.land(replica, pick);
                     }
                     Step::Pump => {
                         w.pump();
