@@ -40,8 +40,13 @@ async fn start() -> Cu {
     start_with("").await
 }
 
-/// The same, with more of cu.toml (tables after the clouds').
+/// The same, with more of cu.toml: `top` before the clouds' tables,
+/// `extra` (tables) after them.
 async fn start_with(extra: &str) -> Cu {
+    start_with_top("", extra).await
+}
+
+async fn start_with_top(top: &str, extra: &str) -> Cu {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "pon-cu-it-{}-{}",
@@ -53,7 +58,7 @@ async fn start_with(extra: &str) -> Cu {
     let files = pon_cu::pki::InitFiles::in_dir(&dir);
     pon_cu::pki::init(&files, "pon-cu", &["127.0.0.1".parse().unwrap()], true).unwrap();
     let mut cfg = CuConfig::parse(&format!(
-        "listen = \"127.0.0.1:0\"\n\
+        "listen = \"127.0.0.1:0\"\n{top}\
          [clouds.a]\nprefixes = [\"127.0.1.0/24\"]\n\
          [clouds.b]\nprefixes = [\"127.0.2.0/24\"]\n\
          [clouds.c]\nprefixes = [\"127.0.3.0/24\"]\n{extra}",
@@ -808,4 +813,40 @@ async fn beyond_max_handshakes_a_new_connection_is_refused_before_any_tls_work()
     }
     let agent = join(&cu, &token, "a", "v1", "APP", app(addr(1, 11))).await;
     assert!(agent.conn.close_reason().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_falls_silent_is_closed_and_announced_gone() {
+    // Its QUIC connection stays up (the client's keep-alives): only the
+    // CU's own clock on heartbeats can tell it fell silent.
+    let cu = start_with_top("heartbeat_ms = 100\ndead_after_ms = 600\n", "").await;
+    let token = cu.token("*", "PROXY", None).await;
+    let (mut a, hb_a) = join(&cu, &token, "a", "p", "PROXY", Endpoints::proxy(addr(1, 1)))
+        .await
+        .keep_alive();
+    let mut mute = join(&cu, &token, "b", "p", "PROXY", Endpoints::proxy(addr(2, 1))).await;
+    let mute_id = match a.next().await {
+        Some(CuMsg::Update(ch)) => match &ch[..] {
+            [Change::Up(p)] => p.info.id,
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    };
+    let t0 = Instant::now();
+    // a keeps heartbeating and stays; b says nothing from now on.
+    match a.next().await {
+        Some(CuMsg::Update(ch)) => assert_eq!(ch, vec![Change::Down(mute_id)]),
+        other => panic!("{other:?}"),
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "gone after {took:?}: too soon"
+    );
+    let why = closed_reason(&mute.conn).await;
+    assert!(why.contains("no heartbeat for 600 ms"), "{why}");
+    assert_eq!(mute.next().await, None);
+    assert_eq!(cu.stats.counters.leave_silent.get(), 1);
+    assert_eq!(cu.stats.counters.leave_closed.get(), 0);
+    hb_a.abort();
 }
