@@ -90,6 +90,7 @@ pon_telemetry::counters! {
         claims_lost => ("pon_cu_etcd_claims_lost_total", "", "New agents whose name or id another replica claimed first (they reconnect)."),
         remote => ("pon_cu_etcd_remote_changes_total", "", "Changes by other replicas fed to the registry."),
         writes => ("pon_cu_etcd_writes_total", "", "Transactions committed."),
+        resyncs => ("pon_cu_etcd_resyncs_total", "", "Times etcd compacted past the watch and the registry was read again."),
     }
 }
 
@@ -133,6 +134,9 @@ pub enum ToActor {
     HeldElsewhere(u32),
     /// A new lease: write every local agent's liveness key again.
     NewLease,
+    /// A fresh read of the store ended (after its `Remote`s): these are
+    /// the agents other replicas hold now.
+    Resynced(std::collections::HashSet<u32>),
 }
 
 /// What the actor does with a message from the etcd task; returns the
@@ -152,6 +156,7 @@ pub fn on_actor(
         ToActor::ClaimLost { id, cloud, name } => (registry.claim_lost(id, &cloud, &name), vec![]),
         ToActor::Restamp(id) => (registry.restamp(id, wall_ms), vec![]),
         ToActor::HeldElsewhere(id) => (registry.held_elsewhere(id), vec![]),
+        ToActor::Resynced(online) => (registry.remote_resync(&online, now), vec![]),
         ToActor::NewLease => (
             registry
                 .local_records()
@@ -514,6 +519,45 @@ impl Task {
         }
     }
 
+    /// Reads every key under the prefix and feeds it to the actor as news,
+    /// then which agents other replicas hold; the watch then resumes from
+    /// that read's revision.
+    async fn resync(
+        &mut self,
+        to_actor: &mpsc::UnboundedSender<ToActor>,
+        stats: &EtcdStats,
+    ) -> anyhow::Result<()> {
+        let got = self
+            .client
+            .get(self.replica.root(), Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the registry")?;
+        let kvs: Vec<(&str, &[u8])> = got
+            .kvs()
+            .iter()
+            .filter_map(|kv| match kv.key_str() {
+                Ok(k) => Some((k, kv.value())),
+                Err(_) => {
+                    stats.bad(Bad::Key).inc();
+                    None
+                }
+            })
+            .collect();
+        let (news, online, bad) = self.replica.resync(kvs);
+        for b in bad {
+            stats.bad(b).inc();
+        }
+        for r in news {
+            stats.counters.remote.inc();
+            let _ = to_actor.send(ToActor::Remote(r));
+        }
+        let _ = to_actor.send(ToActor::Resynced(online));
+        if let Some(h) = got.header() {
+            self.revision = h.revision();
+        }
+        Ok(())
+    }
+
     async fn open_watch(&mut self) -> Result<etcd_client::WatchStream, etcd_client::Error> {
         let opts = WatchOptions::new()
             .with_prefix()
@@ -632,9 +676,19 @@ impl Task {
                         Ok(Some(resp)) => {
                             watch_heard = tokio::time::Instant::now();
                             if resp.compact_revision() > 0 {
-                                tracing::error!(compacted = resp.compact_revision(), "etcd compacted past this replica's watch; changes may have been missed until agents re-register");
-                                self.revision = resp.compact_revision() - 1;
+                                // The changes since the last revision seen
+                                // are gone: read everything again, then
+                                // watch from that read on.
+                                stats.counters.resyncs.inc();
+                                tracing::warn!(compacted = resp.compact_revision(), "etcd compacted past this replica's watch; reading the registry again");
                                 watch = None;
+                                if let Err(e) = self.resync(&to_actor, &stats).await {
+                                    stats.counters.watch.inc();
+                                    tracing::error!(error = %format!("{e:#}"), "reading the registry again failed; retrying");
+                                    watch_retry = tokio::time::Instant::now() + watch_backoff;
+                                    watch_backoff = next_backoff(watch_backoff);
+                                    self.failover(&stats).await;
+                                }
                                 continue;
                             }
                             if resp.canceled() {

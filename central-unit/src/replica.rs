@@ -24,7 +24,7 @@ use crate::registry::{Action, LeaveReason, Record, Registry};
 use crate::trust::{hex, Enrolment, TokenRecord};
 use pon_proto::control::AgentRecord;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// A condition of a transaction.
@@ -400,6 +400,36 @@ impl Replica {
     /// After a new lease: every liveness key is to be written again.
     pub fn lease_renewed(&mut self) {
         self.owned.clear();
+    }
+
+    /// After etcd compacted past the watch (the changes in between are
+    /// gone): what a fresh read of every key under the prefix means here.
+    /// Each key is news as a put would be (stamps keep what is known
+    /// newer); the agents another replica holds now are returned, so that
+    /// the registry can tell which liveness keys vanished unseen
+    /// (`Registry::remote_resync`). Bad keys are returned by reason.
+    pub fn resync<'a>(
+        &mut self,
+        kvs: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    ) -> (Vec<Remote>, HashSet<u32>, Vec<Bad>) {
+        let (mut news, mut online, mut bad) = (Vec::new(), HashSet::new(), Vec::new());
+        for (key, value) in kvs {
+            let w = Watched::Put {
+                key: key.into(),
+                value: value.into(),
+            };
+            match self.watched(&w) {
+                Ok(Some(r)) => {
+                    if let Remote::Online { id, .. } = r {
+                        online.insert(id);
+                    }
+                    news.push(r);
+                }
+                Ok(None) => {}
+                Err(b) => bad.push(b),
+            }
+        }
+        (news, online, bad)
     }
 
     /// What a watched (or loaded) change means here: `None` for this

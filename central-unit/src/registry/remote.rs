@@ -258,6 +258,29 @@ impl Registry {
         Vec::new()
     }
 
+    /// After a fresh read of the store (etcd compacted past this replica's
+    /// watch, so deletes in between are lost): agents held elsewhere whose
+    /// liveness key is no longer there are treated as if its delete had
+    /// been seen (`remote_offline`). `online_elsewhere`: the agents whose
+    /// liveness key names another replica now.
+    pub fn remote_resync(
+        &mut self,
+        online_elsewhere: &std::collections::HashSet<u32>,
+        now: Duration,
+    ) -> Vec<Action> {
+        let vanished: Vec<u32> = self
+            .agents
+            .iter()
+            .filter(|(id, e)| e.presence == Presence::Remote && !online_elsewhere.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        for id in vanished {
+            out.extend(self.remote_offline(id, now));
+        }
+        out
+    }
+
     /// Tokens and enrolments another replica wrote. A revocation made
     /// there closes the agent's connection here, if it has one.
     pub fn remote_trust(

@@ -230,6 +230,28 @@ impl World {
         true
     }
 
+    /// Node `i`'s watch was compacted past: what it missed is gone from the
+    /// log, and it reads every key again (`etcd::Task::resync`).
+    fn resync(&mut self, i: usize) {
+        self.nodes[i].seen = self.fake.log.len();
+        let kvs: Vec<(String, Vec<u8>)> = self
+            .fake
+            .kv
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect();
+        let (news, online, bad) = self.nodes[i]
+            .rep
+            .resync(kvs.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        assert!(bad.is_empty(), "{bad:?}");
+        for r in news {
+            let (a, _) = apply(&mut self.nodes[i].reg, r, self.now, self.wall);
+            self.execute(i, a);
+        }
+        let a = self.nodes[i].reg.remote_resync(&online, self.now);
+        self.execute(i, a);
+    }
+
     fn claim_block(&mut self, i: usize) {
         for b in 0.. {
             if self
@@ -246,11 +268,19 @@ impl World {
     /// Lands every write in flight and delivers every watched change to
     /// every node until nothing moves.
     fn pump(&mut self) {
+        self.pump_except(None);
+    }
+
+    /// As `pump`, but node `cut` hears nothing (its watch is stuck).
+    fn pump_except(&mut self, cut: Option<usize>) {
         loop {
             let mut moved = false;
             for i in 0..self.nodes.len() {
                 while self.land(i, 0) {
                     moved = true;
+                }
+                if Some(i) == cut {
+                    continue;
                 }
                 while self.nodes[i].seen < self.fake.log.len() {
                     let w = self.fake.log[self.nodes[i].seen].clone();
@@ -399,6 +429,50 @@ fn ids_are_stable_when_an_agent_moves_between_replicas() {
         "the stale connection is closed"
     );
     w.assert_converged();
+}
+
+#[test]
+fn a_replica_whose_watch_was_compacted_reads_the_store_again_and_agrees() {
+    let mut w = World::new(3);
+    w.register(0, 1, 0); // paris proxy on replica 0
+    w.register(1, 2, 2); // paris proxy 2 on replica 1
+    w.register(2, 3, 4); // paris proxy 3 on replica 2
+    w.register(1, 4, 3); // a tokyo app VM on replica 1
+    w.pump();
+    // Replica 2 hears nothing while: an app VM joins on replica 0, the
+    // tokyo app VM says goodbye on replica 1, and replica 0 dies (its
+    // liveness keys vanish). Then etcd compacts past replica 2's watch.
+    w.register(0, 5, 1);
+    let (a, _) = w.nodes[1].reg.disconnected(4, true, w.wall);
+    w.execute(1, a);
+    w.fake.expire(0);
+    w.pump_except(Some(2));
+    w.resync(2);
+    w.pump();
+    let (one, two) = (w.picture(1), w.picture(2));
+    assert_eq!(
+        two, one,
+        "replica 2 agrees with replica 1 after reading again"
+    );
+    for &(id, ..) in &one {
+        assert_eq!(w.nodes[2].reg.config_for(id), w.nodes[1].reg.config_for(id));
+    }
+    let app = w.nodes[0].reg.id_of(5).unwrap();
+    assert!(
+        two.iter().any(|r| r.0 == app),
+        "the app VM that joined unseen"
+    );
+    // Replica 0's agents stay for the grace, then are gone on both.
+    w.now += Duration::from_secs(60);
+    w.tick(1);
+    w.tick(2);
+    let (one, two) = (w.picture(1), w.picture(2));
+    assert_eq!(two, one);
+    let paris = w.nodes[0].reg.id_of(1).unwrap();
+    assert!(
+        two.iter().any(|r| r.0 == paris && !r.3),
+        "replica 0's proxy gone after the grace: {two:?}"
+    );
 }
 
 #[test]
