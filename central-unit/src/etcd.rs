@@ -2,8 +2,9 @@
 //! shared registry at start, holds one lease for the replica (its agents'
 //! liveness keys hang on it: one keep-alive per replica, not per agent),
 //! runs the transactions `replica` makes of what the registry persists
-//! (many at once, in the order `write_order` keeps), and feeds what the other replicas write, seen through one watch on the
-//! prefix, to the actor. The logic is `replica`'s; this only moves bytes.
+//! (many at once, in the order `write_order` keeps), and feeds what the
+//! other replicas write, seen through one watch on the prefix, to the
+//! actor. The logic is `replica`'s; this only moves bytes.
 //!
 //! etcd unreachable: the replica keeps serving the agents connected to it
 //! (the registry is in memory); writes wait and are retried with backoff,
@@ -223,6 +224,7 @@ struct Flown {
     generation: u64,
     result: Result<TxnResponse, etcd_client::Error>,
 }
+
 /// A watch that answered nothing (no change, no progress report asked for
 /// every keep-alive tick) for this long is re-opened: its member may be
 /// stuck, and changes would wait on it.
