@@ -55,6 +55,14 @@ pub mod web;
 #[cfg(feature = "server")]
 pub mod write_order;
 
+/// Wall-clock time in Unix milliseconds (0 before 1970): the stamps of
+/// records, events and snapshots.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub use policy::Policy;
 pub use registry::Registry;
 pub use view::View;

@@ -164,10 +164,7 @@ pub fn write_token(path: &Path, token: &str, force: bool) -> Result<(), PkiError
 
 /// The key id of a certificate (DER): the hash of its public key bits.
 pub fn key_of_certificate(der: &[u8]) -> Result<KeyId, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    Ok(KeyId::of_public_key(
-        &cert.tbs_certificate.subject_pki.subject_public_key.data,
-    ))
+    crate::trust::presented(der).map(|p| p.key)
 }
 
 /// The key ids of the certificates in a PEM file (the admin credential).

@@ -18,8 +18,11 @@
 use crate::per_address::PerAddress;
 use crate::pmon::{Directory, PmonSettings};
 use crate::pmon_hub::{ConnId, Hub, Limits, Names, Out, PmonStats};
+use crate::tls::close_code;
 use crate::trust::KeyId;
+pub use crate::trust::{presented, Presented};
 use crate::view::View;
+use crate::wall_ms;
 use pon_proto::control::{AgentMsg, CuMsg, FrameDecoder, PublicKey, MAX_AGENT_FRAME};
 use pon_proto::pmon::{ProxyRef, Report, Subscription};
 use pon_telemetry::PromWriter;
@@ -29,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 
 /// A proxy's `[pmon]` section: off unless given.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -174,14 +177,6 @@ impl Feed {
     }
 }
 
-/// Who a client certificate names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Presented {
-    pub key: KeyId,
-    /// The agent's Noise key, from its `urn:pon:noise:` name.
-    pub noise: Option<PublicKey>,
-}
-
 /// Whether the holder of a certificate the CA signed may subscribe here.
 pub fn may_subscribe(
     who: &Presented,
@@ -193,24 +188,6 @@ pub fn may_subscribe(
     } else {
         Err("subscribing at a proxy needs the admin certificate or the certificate of an agent the CU vouches for to it")
     }
-}
-
-/// The key and Noise name of a certificate (DER).
-pub fn presented(der: &[u8]) -> Result<Presented, String> {
-    use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
-    let key = KeyId::of_public_key(&cert.tbs_certificate.subject_pki.subject_public_key.data);
-    let noise = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .and_then(|san| {
-            san.value.general_names.iter().find_map(|n| match n {
-                GeneralName::URI(u) => crate::trust::noise_key_of_uri(u),
-                _ => None,
-            })
-        });
-    Ok(Presented { key, noise })
 }
 
 /// How long a client has for the TLS handshake, then for its subscription.
@@ -304,8 +281,6 @@ async fn run(endpoint: quinn::Endpoint, feed: Arc<Feed>, cfg: ListenConfig, admi
     }
 }
 
-use tokio::sync::Semaphore;
-
 async fn connection(
     incoming: quinn::Incoming,
     id: ConnId,
@@ -334,7 +309,10 @@ async fn connection(
         .and_then(|chain| chain.first().and_then(|leaf| presented(leaf).ok()));
     let Some(who) = who else {
         feed.counters.no_certificate.inc();
-        conn.close(2u32.into(), b"a certificate of the overlay CA is needed");
+        conn.close(
+            close_code::PROTOCOL.into(),
+            b"a certificate of the overlay CA is needed",
+        );
         return;
     };
     let first = async {
@@ -353,12 +331,15 @@ async fn connection(
     let (send, mut recv, msg) = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, first).await {
         Err(_) => {
             feed.counters.timeout.inc();
-            conn.close(3u32.into(), b"no subscription in time");
+            conn.close(close_code::TIMEOUT.into(), b"no subscription in time");
             return;
         }
         Ok(None) => {
             feed.counters.bad_message.inc();
-            conn.close(2u32.into(), b"the first message must be a subscription");
+            conn.close(
+                close_code::PROTOCOL.into(),
+                b"the first message must be a subscription",
+            );
             return;
         }
         Ok(Some(x)) => x,
@@ -369,7 +350,10 @@ async fn connection(
     } = msg
     else {
         feed.counters.bad_message.inc();
-        conn.close(2u32.into(), b"the first message must be a subscription");
+        conn.close(
+            close_code::PROTOCOL.into(),
+            b"the first message must be a subscription",
+        );
         return;
     };
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
@@ -406,7 +390,7 @@ async fn writer(
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
-                conn.close(3u32.into(), b"stalled: not reading");
+                conn.close(close_code::TIMEOUT.into(), b"stalled: not reading");
                 return;
             }
         }
@@ -414,7 +398,7 @@ async fn writer(
             let _ = send.finish();
             // Let the last frame (a matrix, a refusal) reach the consumer.
             let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            conn.close(1u32.into(), b"done");
+            conn.close(close_code::BY_CU.into(), b"done");
             return;
         }
     }
@@ -494,12 +478,6 @@ async fn actor(
             }
         }
     }
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

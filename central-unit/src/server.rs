@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// A new connection must register within this time.
@@ -49,13 +49,7 @@ const TICK: Duration = Duration::from_millis(100);
 /// Offline agents are looked for every 10 s (a scan of the registry).
 const FORGET_EVERY_TICKS: u64 = 100;
 
-/// QUIC application close codes.
-pub mod close_code {
-    pub const NORMAL: u32 = 0;
-    pub const BY_CU: u32 = 1;
-    pub const PROTOCOL: u32 = 2;
-    pub const TIMEOUT: u32 = 3;
-}
+pub use crate::tls::close_code;
 
 pon_telemetry::counters! {
     pub struct CuCounters {
@@ -172,12 +166,7 @@ pub fn resident_memory_of(pid: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use crate::wall_ms;
 
 /// Boxed: a channel's first block holds 32 messages whether sent or not,
 /// and with the messages inline that block was 4.5 KiB of every agent's

@@ -12,6 +12,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// QUIC application close codes, of the CU and of a proxy's PMon listener.
+pub mod close_code {
+    pub const NORMAL: u32 = 0;
+    pub const BY_CU: u32 = 1;
+    pub const PROTOCOL: u32 = 2;
+    pub const TIMEOUT: u32 = 3;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("reading {what} {path}: {detail}")]

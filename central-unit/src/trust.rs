@@ -49,6 +49,33 @@ pub fn noise_uri(key: &PublicKey) -> String {
     format!("{NOISE_URI}{}", hex(&key.0))
 }
 
+/// Who a client certificate names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Presented {
+    pub key: KeyId,
+    /// The agent's Noise key, from its `urn:pon:noise:` name.
+    pub noise: Option<PublicKey>,
+}
+
+/// The key and Noise name of a certificate (DER).
+#[cfg(feature = "pmon-listen")]
+pub fn presented(der: &[u8]) -> Result<Presented, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+    let key = KeyId::of_public_key(&cert.tbs_certificate.subject_pki.subject_public_key.data);
+    let noise = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .and_then(|san| {
+            san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::URI(u) => noise_key_of_uri(u),
+                _ => None,
+            })
+        });
+    Ok(Presented { key, noise })
+}
+
 /// The Noise key a [`noise_uri`] names; `None` for any other URI.
 pub fn noise_key_of_uri(uri: &str) -> Option<PublicKey> {
     let h = uri.strip_prefix(NOISE_URI)?.as_bytes();
