@@ -453,8 +453,9 @@ impl Monitor {
 
     /// Probes `path` at least every `every` from now on (`None`: stop),
     /// with results tagged `tag`: any other probe on the path (see
-    /// [`Monitor::probe`]) postpones the next one. The router uses this to watch its current routes
-    /// closely, independently of its learning budget.
+    /// [`Monitor::probe`]) postpones the next one. The router uses this to
+    /// watch its current routes closely, independently of its learning
+    /// budget.
     pub fn set_rate(&mut self, now: Duration, path: Hops, tag: ProbeTag, every: Option<Duration>) {
         match every {
             None => {
