@@ -2,8 +2,9 @@
 their own Rust config types, and the well-known ports come from the Rust side too. The lab
 only decides values (ids, addresses, peers, routes, CU settings); it keeps no schema.
 
-The renderer is looked for in $PON_LAB_CONFIG, the lab's bin dir, then this checkout's
-target/release and target/debug, so a lab running older daemons (--bin-dir) still finds it.
+The renderer is looked for in $PON_LAB_CONFIG, the lab's bin dir, then $CARGO_TARGET_DIR's and
+this checkout's target/release and target/debug, so a lab running older daemons (--bin-dir)
+still finds it, also when cargo builds elsewhere than target/.
 """
 
 import functools
@@ -21,7 +22,8 @@ def find(bin_dir=None):
     candidates = [os.environ.get("PON_LAB_CONFIG")]
     if bin_dir:
         candidates.append(Path(bin_dir) / BINARY)
-    candidates += [REPO / "target/release" / BINARY, REPO / "target/debug" / BINARY]
+    targets = [Path(t) for t in [os.environ.get("CARGO_TARGET_DIR")] if t] + [REPO / "target"]
+    candidates += [t / profile / BINARY for t in targets for profile in ("release", "debug")]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return str(c)

@@ -58,7 +58,7 @@ fn failed_up_leaves_nothing_behind() {
     // A forwarder that dies at start: up must fail and remove everything.
     let fake = dir.join("bin");
     std::fs::create_dir_all(&fake).unwrap();
-    for bin in ["pon-agent", "pon-cu", "ponctl"] {
+    for bin in ["pon-agent", "pon-cu", "ponctl", "pon-lab-config"] {
         std::os::unix::fs::symlink(bin_dir().join(bin), fake.join(bin)).unwrap();
     }
     std::fs::write(
