@@ -14,19 +14,21 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-/// What to intercept: the configured prefixes, plus the prefixes of every
-/// other cloud that has a proxy (its grant, which its proxies carry; without
-/// a proxy, the overlay cannot deliver and the plain IP path is the better
-/// choice), plus any app VM of another cloud the view names one by one.
+/// What to intercept: the configured prefixes, plus every other cloud's
+/// grant, whether it has a proxy now or not, plus any app VM of another
+/// cloud the view names one by one. Which of these the overlay cannot
+/// deliver to (a cloud without a proxy, or none reachable) the site's proxy
+/// says by steering, and those take the plain IP path: a cloud's proxies
+/// coming and going is news to its peers' proxies, not to every TA.
 pub fn wanted(view: &View, my_cloud: &str, configured: &[IpNet]) -> Vec<IpNet> {
     let mut set: BTreeSet<IpNet> = configured.iter().copied().collect();
-    for (info, _) in view.proxies() {
-        if info.cloud != my_cloud {
-            set.extend(info.allowed.iter().map(|n| n.trunc()));
+    for c in view.clouds() {
+        if c.cloud != my_cloud {
+            set.extend(c.prefixes.iter().map(|n| n.trunc()));
         }
     }
     for app in view.apps() {
-        if app.cloud != my_cloud && view.proxy_of(&app.cloud).is_some() {
+        if app.cloud != my_cloud {
             set.insert(IpNet::from(IpAddr::V4(app.addr)));
         }
     }
@@ -212,46 +214,56 @@ mod tests {
             heartbeat_ms: 500,
             dead_after_ms: 2000,
             peers: vec![],
+            clouds: vec![],
         });
         v
     }
 
     #[test]
-    fn intercepts_remote_apps_whose_cloud_has_a_proxy() {
+    fn intercepts_every_other_clouds_grant_with_or_without_a_proxy() {
+        use pon_proto::control::CloudGrant;
+        let grant = |cloud: &str, p: &str| CloudGrant {
+            cloud: cloud.into(),
+            prefixes: vec![p.parse().unwrap()],
+        };
         let mut v = empty_view();
-        let app =
-            |id, cloud, last| Change::Up(testing::app(id, cloud, Ipv4Addr::new(198, 18, 2, last)));
-        v.apply_changes(vec![
-            app(1, "tokyo", 11),
-            app(2, "london", 12),
-            Change::Up(testing::proxy(3, "tokyo", Ipv4Addr::new(198, 18, 2, 1))),
-        ]);
         let extra: IpNet = "10.0.0.0/8".parse().unwrap();
+        // No grants known yet: only what is configured.
+        assert_eq!(wanted(&v, "paris", &[extra]), vec![extra]);
+        v.apply_changes(vec![Change::Clouds(vec![
+            grant("paris", "198.18.1.0/24"),
+            grant("tokyo", "198.18.2.0/24"),
+        ])]);
+        // Tokyo has no proxy: its grant is intercepted all the same (the
+        // site's proxy steers it to the IP path while the overlay cannot
+        // deliver there). Our own cloud's grant never is.
         assert_eq!(
             wanted(&v, "paris", &[extra]),
-            vec![extra, "198.18.2.11/32".parse().unwrap()]
-        );
-        // Our own cloud's apps are local: never intercepted.
-        assert_eq!(wanted(&v, "tokyo", &[]), Vec::<IpNet>::new());
-        v.apply_changes(vec![Change::Down(3)]);
-        assert!(wanted(&v, "paris", &[]).is_empty());
-        // A proxy carries its cloud's grant: the cloud is intercepted by
-        // its prefixes, whatever app VMs the view names one by one.
-        let mut tokyo = testing::proxy(3, "tokyo", Ipv4Addr::new(198, 18, 2, 1));
-        tokyo.info.allowed = vec!["198.18.2.0/24".parse().unwrap()];
-        let mut paris = testing::proxy(4, "paris", Ipv4Addr::new(198, 18, 1, 1));
-        paris.info.allowed = vec!["198.18.1.0/24".parse().unwrap()];
-        v.apply_changes(vec![Change::Up(tokyo), Change::Up(paris)]);
-        assert_eq!(
-            wanted(&v, "paris", &[]),
-            vec![
-                "198.18.2.0/24".parse::<IpNet>().unwrap(),
-                "198.18.2.11/32".parse().unwrap()
-            ]
+            vec![extra, "198.18.2.0/24".parse().unwrap()]
         );
         assert_eq!(
             wanted(&v, "tokyo", &[]),
             vec!["198.18.1.0/24".parse::<IpNet>().unwrap()]
+        );
+        // A remote app VM the view names one by one (outside any grant).
+        let app =
+            |id, cloud, last| Change::Up(testing::app(id, cloud, Ipv4Addr::new(203, 0, 113, last)));
+        v.apply_changes(vec![app(1, "tokyo", 11), app(2, "paris", 12)]);
+        assert_eq!(
+            wanted(&v, "paris", &[]),
+            vec![
+                "198.18.2.0/24".parse::<IpNet>().unwrap(),
+                "203.0.113.11/32".parse().unwrap()
+            ]
+        );
+        // New grants replace the old ones.
+        v.apply_changes(vec![Change::Clouds(vec![grant("tokyo", "10.2.0.0/16")])]);
+        assert_eq!(
+            wanted(&v, "paris", &[]),
+            vec![
+                "10.2.0.0/16".parse::<IpNet>().unwrap(),
+                "203.0.113.11/32".parse().unwrap()
+            ]
         );
     }
 

@@ -194,16 +194,20 @@ impl Entry {
 /// are neither proxies nor app VMs (monitoring); an app VM joining or
 /// leaving is news to a handful of agents, not to the whole overlay.
 ///
-/// An app VM needs of a remote cloud only its grant and whether it has a
-/// proxy at all, which one proxy tells as well as ten: the registry narrows
-/// this further and shows app VMs one proxy per remote cloud, its envoy
-/// (see `Registry::envoy_change`).
+/// An app VM needs of a remote cloud only its grant, which every agent
+/// gets in its configuration ([`Config::clouds`]) whether the cloud has a
+/// proxy or not; whether the overlay can deliver there is its local
+/// proxy's to say (steering). So other clouds' proxies are no news to app
+/// VMs: a cloud's first proxy joining, or its last one leaving, concerns
+/// the proxies, not every TA in the overlay.
 pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> Option<bool> {
     if receiver.id == subject.id {
         return None;
     }
     match (&receiver.endpoints, &subject.endpoints) {
-        (Endpoints::App { .. }, Endpoints::Proxy { .. }) => Some(false),
+        (Endpoints::App { .. }, Endpoints::Proxy { .. }) => {
+            (receiver.cloud == subject.cloud).then_some(false)
+        }
         (Endpoints::App { .. }, _) => None,
         (_, Endpoints::Proxy { .. }) => Some(policy.optimises(&receiver.role, &subject.role)),
         (Endpoints::Proxy { .. }, Endpoints::App { .. }) => {
@@ -212,14 +216,6 @@ pub fn relation(policy: &Policy, receiver: &AgentInfo, subject: &AgentInfo) -> O
         (_, Endpoints::App { .. }) => Some(false),
         (_, Endpoints::Other { .. }) => None,
     }
-}
-
-/// Whether `receiver` is shown `subject` only if it is its cloud's envoy:
-/// an app VM looking at another cloud's proxy.
-fn sees_envoy_only(receiver: &AgentInfo, subject: &AgentInfo) -> bool {
-    matches!(receiver.endpoints, Endpoints::App { .. })
-        && matches!(subject.endpoints, Endpoints::Proxy { .. })
-        && receiver.cloud != subject.cloud
 }
 
 fn role_family_matches(role: &str, endpoints: &Endpoints) -> bool {
@@ -374,8 +370,19 @@ impl Registry {
     /// Agents already present keep their addresses until they register
     /// again, when the new grants apply.
     pub fn set_grants(&mut self, grants: Grants) -> Vec<Action> {
+        let clouds = grants.clouds();
+        let news = clouds != self.settings.grants.clouds();
         self.settings.grants = grants;
         let mut out = Vec::new();
+        if news {
+            // Every agent intercepts (or steers) by the grants: all hear.
+            for conn in self.agents.values().filter_map(|e| e.conn) {
+                out.push(Action::Send {
+                    conn,
+                    msg: Outgoing::Changes(vec![Change::Clouds(clouds.clone())]),
+                });
+            }
+        }
         let ids: Vec<u32> = self.agents.keys().copied().collect();
         for id in ids {
             let e = &self.agents[&id];
@@ -923,20 +930,14 @@ impl Registry {
             })
         };
         let mut peers: Vec<Peer> = if me.is_app() {
-            // Proxies only: its own cloud's, and every other cloud's envoy.
-            let mut v = Vec::new();
-            for (cloud, ids) in self.index.proxies() {
-                let present = ids
-                    .iter()
-                    .filter_map(|i| self.agents.get(i))
-                    .filter(|e| e.present());
-                if cloud == me.cloud {
-                    v.extend(present.filter_map(peer));
-                } else {
-                    v.extend(present.take(1).filter_map(peer));
-                }
-            }
-            v
+            // Its own cloud's proxies only: it reaches other clouds by
+            // their grants, through them.
+            self.index
+                .proxies_of(&me.cloud)
+                .filter_map(|i| self.agents.get(&i))
+                .filter(|e| e.present())
+                .filter_map(peer)
+                .collect()
         } else {
             self.agents
                 .values()
@@ -950,6 +951,7 @@ impl Registry {
             heartbeat_ms: self.settings.heartbeat.as_millis() as u32,
             dead_after_ms: self.settings.dead_after.as_millis() as u32,
             peers,
+            clouds: self.settings.grants.clouds(),
         }
     }
 
@@ -967,35 +969,33 @@ impl Registry {
         let Some(subject) = after.or(before) else {
             return;
         };
-        let envoy = matches!(subject.endpoints, Endpoints::Proxy { .. })
-            .then(|| self.envoy_change(subject, before, after));
-        // An app VM's news concerns its cloud's proxies and the other
-        // agents (monitoring) only: those, not a scan of every agent.
-        let apps_only = [before, after]
-            .iter()
-            .flatten()
-            .all(|i| i.is_app() && i.cloud == subject.cloud);
-        let concerned: Box<dyn Iterator<Item = &Entry>> = if apps_only {
-            Box::new(
+        // Those the news can concern (`relation` decides which do), from
+        // the index: an app VM's news concerns its cloud's proxies and the
+        // other agents (monitoring); a proxy's, every proxy, the others and
+        // its own cloud's app VMs. Neither is a scan of every agent.
+        let same_kind = [before, after].iter().flatten().all(|i| {
+            std::mem::discriminant(&i.endpoints) == std::mem::discriminant(&subject.endpoints)
+        });
+        let concerned: Box<dyn Iterator<Item = &Entry>> = match &subject.endpoints {
+            _ if !same_kind => Box::new(self.agents.values()),
+            Endpoints::App { .. } => Box::new(
                 self.index
                     .proxies_of(&subject.cloud)
                     .chain(self.index.others())
                     .filter_map(|i| self.agents.get(&i)),
-            )
-        } else {
-            Box::new(self.agents.values())
+            ),
+            Endpoints::Proxy { .. } => Box::new(
+                self.index
+                    .proxies()
+                    .flat_map(|(_, ids)| ids.iter().copied())
+                    .chain(self.index.others())
+                    .chain(self.index.apps_of(&subject.cloud))
+                    .filter_map(|i| self.agents.get(&i)),
+            ),
+            Endpoints::Other { .. } => Box::new(std::iter::empty()),
         };
         for e in concerned {
             let Some(conn) = e.conn else { continue };
-            if let Some(news) = envoy.as_ref().filter(|_| sees_envoy_only(&e.info, subject)) {
-                if !news.is_empty() {
-                    out.push(Action::Send {
-                        conn,
-                        msg: Outgoing::Changes(news.clone()),
-                    });
-                }
-                continue;
-            }
             let old = before.and_then(|b| relation(&self.policy, &e.info, b));
             let new = after.and_then(|a| relation(&self.policy, &e.info, a));
             let change = match (old, new, after) {
@@ -1011,55 +1011,6 @@ impl Registry {
                 msg: Outgoing::Changes(vec![change]),
             });
         }
-    }
-
-    /// The envoy of `cloud`, but for agent `except`: its present proxy
-    /// with the lowest id.
-    fn envoy_but(&self, cloud: &str, except: u32) -> Option<&AgentInfo> {
-        self.index
-            .proxies_of(cloud)
-            .filter(|&i| i != except)
-            .filter_map(|i| self.agents.get(&i))
-            .find(|e| e.present())
-            .map(|e| &e.info)
-    }
-
-    /// What app VMs of other clouds must be told when proxy `subject`
-    /// goes from `before` to `after` (each None: not present): nothing
-    /// unless its cloud's envoy changes, so a second proxy joining a site,
-    /// or leaving it, is news to the proxies and that site's app VMs only.
-    /// A new envoy is announced before the old one leaves, in one message,
-    /// so a TA never sees the cloud without a proxy in between.
-    fn envoy_change(
-        &self,
-        subject: &AgentInfo,
-        before: Option<&AgentInfo>,
-        after: Option<&AgentInfo>,
-    ) -> Vec<Change> {
-        let other = self.envoy_but(&subject.cloud, subject.id);
-        let envoy = |s: Option<&AgentInfo>| -> Option<AgentInfo> {
-            match (s, other) {
-                (Some(s), Some(o)) if o.id < s.id => Some(o.clone()),
-                (Some(s), _) => Some(s.clone()),
-                (None, o) => o.cloned(),
-            }
-        };
-        let (old, new) = (envoy(before), envoy(after));
-        if old == new {
-            return Vec::new();
-        }
-        let mut news = Vec::new();
-        if let Some(n) = &new {
-            news.push(Change::Up(Peer {
-                info: n.clone(),
-                optimise: false,
-            }));
-        }
-        match old {
-            Some(o) if new.as_ref().map(|n| n.id) != Some(o.id) => news.push(Change::Down(o.id)),
-            _ => {}
-        }
-        news
     }
 
     /// The proxy on `conn`, whose address peers use was what the CU saw
@@ -1342,23 +1293,25 @@ pub(crate) mod tests {
             [Change::Up(p)] => assert!(p.optimise && p.info.id == 2),
             other => panic!("{other:?}"),
         }
-        // An app in paris: its TA gets the proxies; only its own cloud's
-        // proxy learns of it (it delivers to it; tokyo reaches paris by
-        // paris's prefixes).
+        // An app in paris: its TA gets its own cloud's proxy and every
+        // cloud's grant; only its own cloud's proxy learns of it (it
+        // delivers to it; tokyo reaches paris by paris's prefixes).
         let (a, _) = join(&mut r, 3, reg("paris", "app1", "APP", 11), t, 1);
         let cfg = config_of(&a, 3);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
-            vec![1, 2]
+            vec![1]
         );
+        assert_eq!(cfg.clouds, r.settings().grants.clouds());
+        assert!(cfg.clouds.iter().any(|c| c.cloud == "tokyo"));
         assert_eq!(changes_to(&a, 1).len(), 1);
         assert!(changes_to(&a, 2).is_empty());
-        // An app in tokyo: the proxies, and no app VM of any cloud.
+        // An app in tokyo: its proxy, and no app VM of any cloud.
         let (a, _) = join(&mut r, 4, reg("tokyo", "app1", "APP", 12), t, 1);
         let cfg = config_of(&a, 4);
         assert_eq!(
             cfg.peers.iter().map(|p| p.info.id).collect::<Vec<_>>(),
-            vec![1, 2]
+            vec![2]
         );
         assert!(changes_to(&a, 3).is_empty());
         assert!(changes_to(&a, 1).is_empty());
@@ -1381,17 +1334,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn app_vms_see_one_proxy_per_remote_cloud_and_hear_only_when_it_changes() {
+    fn app_vms_know_only_their_own_clouds_proxies_so_other_clouds_proxies_are_no_news_to_them() {
         let mut r = cu();
         let t = Duration::ZERO;
         join(&mut r, 1, reg("paris", "proxy", "PROXY", 1), t, 1);
         join(&mut r, 2, reg("tokyo", "app", "APP", 2), t, 1);
         join(&mut r, 3, reg("paris", "app", "APP", 3), t, 1);
-        // A second proxy in paris is news to paris's app VM, not tokyo's.
-        let (a, _) = join(&mut r, 4, reg("paris", "proxy2", "PROXY", 4), t, 1);
-        assert!(changes_to(&a, 2).is_empty());
-        assert_eq!(changes_to(&a, 3).len(), 1);
-        assert_eq!(changes_to(&a, 1).len(), 1);
         let ids = |r: &Registry, id| {
             r.config_for(id)
                 .peers
@@ -1399,30 +1347,33 @@ pub(crate) mod tests {
                 .map(|p| p.info.id)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(&r, 2), vec![1]);
-        assert_eq!(ids(&r, 3), vec![1, 4]);
-        // Paris's envoy leaves: tokyo's app VM hears of the next one
-        // before the old one goes, in one message.
-        let (a, _) = r.disconnected(1, true, 1);
-        match &changes_to(&a, 2)[..] {
-            [Change::Up(p), Change::Down(1)] => assert_eq!(p.info.id, 4),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(ids(&r, 2), vec![4]);
-        // The last proxy leaves: paris has none, which tokyo's TA is told.
-        let (a, _) = r.disconnected(4, true, 1);
-        assert_eq!(changes_to(&a, 2), vec![Change::Down(4)]);
+        // Tokyo's app VM knows paris by its grant alone, proxy or not.
         assert!(ids(&r, 2).is_empty());
-        // Back in the order they first came: the lower id is the envoy
-        // again, the second is news to paris only.
-        let (a, _) = join(&mut r, 5, reg("paris", "proxy2", "PROXY", 4), t, 1);
-        assert_eq!(changes_to(&a, 2).len(), 1);
-        let (a, _) = join(&mut r, 6, reg("paris", "proxy", "PROXY", 1), t, 1);
-        match &changes_to(&a, 2)[..] {
-            [Change::Up(p), Change::Down(4)] => assert_eq!(p.info.id, 1),
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(ids(&r, 2), vec![1]);
+        assert!(r.config_for(2).clouds.iter().any(|c| c.cloud == "paris"));
+        assert_eq!(ids(&r, 3), vec![1]);
+        // A second proxy in paris is news to paris's app VM and the
+        // proxies, not to tokyo's app VM.
+        let (a, _) = join(&mut r, 4, reg("paris", "proxy2", "PROXY", 4), t, 1);
+        assert!(changes_to(&a, 2).is_empty());
+        assert_eq!(changes_to(&a, 3).len(), 1);
+        assert_eq!(changes_to(&a, 1).len(), 1);
+        assert_eq!(ids(&r, 3), vec![1, 4]);
+        // A new cloud's first proxy: news to the proxies only.
+        let (a, _) = join(&mut r, 5, reg("tokyo", "proxy", "PROXY", 5), t, 1);
+        assert!(changes_to(&a, 3).is_empty());
+        assert_eq!(changes_to(&a, 1).len(), 1);
+        assert_eq!(changes_to(&a, 4).len(), 1);
+        assert_eq!(changes_to(&a, 2).len(), 1, "tokyo's app VM: its own proxy");
+        // Paris loses its proxies, one then the other: paris's app VM
+        // hears each time, tokyo's never.
+        let (a, _) = r.disconnected(1, true, 1);
+        assert_eq!(changes_to(&a, 3), vec![Change::Down(1)]);
+        assert!(changes_to(&a, 2).is_empty());
+        let (a, _) = r.disconnected(4, true, 1);
+        assert_eq!(changes_to(&a, 3), vec![Change::Down(4)]);
+        assert!(changes_to(&a, 2).is_empty());
+        assert_eq!(changes_to(&a, 5), vec![Change::Down(4)]);
+        assert!(ids(&r, 3).is_empty());
     }
 
     #[test]
@@ -1866,12 +1817,26 @@ pub(crate) mod tests {
             "198.18.1.0/24".parse().unwrap(),
             "10.2.0.0/16".parse().unwrap(),
         ];
+        let clouds = g.clouds();
         let a = r.set_grants(g);
+        // Every agent hears the new grants; b's peers hear of b again
+        // with its new grant.
         match &changes_to(&a, 1)[..] {
-            [Change::Up(p)] => assert_eq!(p.info.allowed.len(), 2),
+            [Change::Clouds(c), Change::Up(p)] => {
+                assert_eq!(c, &clouds);
+                assert_eq!(p.info.allowed.len(), 2)
+            }
             other => panic!("{other:?}"),
         }
-        assert!(changes_to(&a, 2).is_empty(), "nothing changed for b itself");
+        assert_eq!(
+            changes_to(&a, 2),
+            vec![Change::Clouds(clouds.clone())],
+            "nothing else changed for b itself"
+        );
+        assert_eq!(changes_to(&a, 3), vec![Change::Clouds(clouds)]);
+        // The same grants again are no news.
+        let same = r.settings().grants.clone();
+        assert!(changes_to(&r.set_grants(same), 3).is_empty());
     }
 
     #[test]
@@ -2098,6 +2063,8 @@ pub(crate) mod tests {
                                     Change::Down(id) => {
                                         view.remove(&id);
                                     }
+                                    // Grants do not change in this test.
+                                    Change::Clouds(_) => {}
                                 }
                             }
                         }

@@ -362,6 +362,7 @@ mod tests {
             heartbeat_ms: 500,
             dead_after_ms: 2000,
             peers: vec![],
+            clouds: vec![],
         })
     }
 

@@ -8,7 +8,7 @@
 
 use crate::policy::{covers, valid_pattern};
 use ipnet::IpNet;
-use pon_proto::control::{valid_name, Endpoints, PublicKey, TokenInfo};
+use pon_proto::control::{valid_name, CloudGrant, Endpoints, PublicKey, TokenInfo};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -206,6 +206,17 @@ pub struct Grant {
 pub struct Grants(pub BTreeMap<String, Grant>);
 
 impl Grants {
+    /// Every cloud's grant, as agents are told it.
+    pub fn clouds(&self) -> Vec<CloudGrant> {
+        self.0
+            .iter()
+            .map(|(cloud, g)| CloudGrant {
+                cloud: cloud.clone(),
+                prefixes: g.prefixes.clone(),
+            })
+            .collect()
+    }
+
     /// What a proxy of `cloud` may send as inner source (its peers'
     /// allowed-IPs); empty for a cloud without a grant.
     pub fn allowed(&self, cloud: &str) -> Vec<IpNet> {

@@ -2,7 +2,7 @@
 //! kept up to date by applying configurations (replace) and updates
 //! (change). Sans-I/O; the daemons turn it into their tables.
 
-use pon_proto::control::{AgentInfo, Change, Config, Endpoints, Peer, PublicKey};
+use pon_proto::control::{AgentInfo, Change, CloudGrant, Config, Endpoints, Peer, PublicKey};
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 pub struct View {
     id: u32,
     peers: BTreeMap<u32, Peer>,
+    clouds: Vec<CloudGrant>,
 }
 
 /// A proxy as the data path needs it.
@@ -60,6 +61,7 @@ impl View {
     pub fn apply_config(&mut self, cfg: Config) {
         self.id = cfg.id;
         self.peers = cfg.peers.into_iter().map(|p| (p.info.id, p)).collect();
+        self.clouds = cfg.clouds;
     }
 
     /// U: applies changes in order; returns whether anything changed.
@@ -74,6 +76,10 @@ impl View {
                     }
                 }
                 Change::Down(id) => changed |= self.peers.remove(&id).is_some(),
+                Change::Clouds(clouds) => {
+                    changed |= self.clouds != clouds;
+                    self.clouds = clouds;
+                }
             }
         }
         changed
@@ -82,6 +88,11 @@ impl View {
     /// The CU-assigned id (0 before the first configuration).
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// Every cloud's grant, with a proxy or not.
+    pub fn clouds(&self) -> &[CloudGrant] {
+        &self.clouds
     }
 
     pub fn peers(&self) -> impl Iterator<Item = &Peer> {
@@ -198,6 +209,13 @@ mod tests {
         testing::app(id, cloud, Ipv4Addr::new(198, 18, 9, last))
     }
 
+    fn grant(cloud: &str, prefix: &str) -> CloudGrant {
+        CloudGrant {
+            cloud: cloud.into(),
+            prefixes: vec![prefix.parse().unwrap()],
+        }
+    }
+
     #[test]
     fn config_replaces_and_updates_change() {
         let mut v = View::default();
@@ -206,21 +224,30 @@ mod tests {
             heartbeat_ms: 500,
             dead_after_ms: 2000,
             peers: vec![proxy(1, "a"), app(2, "a", 11)],
+            clouds: vec![grant("a", "198.18.1.0/24")],
         });
         assert_eq!(v.id(), 5);
+        assert_eq!(v.clouds(), [grant("a", "198.18.1.0/24")]);
         assert!(v.apply_changes(vec![Change::Up(proxy(3, "b")), Change::Down(2)]));
         assert_eq!(v.proxies().count(), 2);
         assert_eq!(v.apps().count(), 0);
         // Repeating a change changes nothing; our own id is never a peer.
         assert!(!v.apply_changes(vec![Change::Up(proxy(3, "b")), Change::Down(2)]));
         assert!(!v.apply_changes(vec![Change::Up(proxy(5, "x"))]));
+        // Grants are replaced whole, and only a different list is a change.
+        let both = vec![grant("a", "198.18.1.0/24"), grant("b", "198.18.2.0/24")];
+        assert!(v.apply_changes(vec![Change::Clouds(both.clone())]));
+        assert!(!v.apply_changes(vec![Change::Clouds(both.clone())]));
+        assert_eq!(v.clouds(), both);
         v.apply_config(Config {
             id: 5,
             heartbeat_ms: 500,
             dead_after_ms: 2000,
             peers: vec![],
+            clouds: vec![],
         });
         assert_eq!(v.peers().count(), 0);
+        assert!(v.clouds().is_empty());
     }
 
     #[test]

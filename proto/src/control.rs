@@ -15,7 +15,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 /// Bumped on incompatible changes; the CU refuses other versions by name.
 /// 2: per-agent identity (enrolment, certificates, Noise keys, grants).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// 3: every agent is told each cloud's grant ([`Config::clouds`]); app VMs
+/// no longer hear of other clouds' proxies.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame an agent (or `ponctl`) may send to the CU.
 pub const MAX_AGENT_FRAME: usize = 64 * 1024;
 /// Largest frame the CU sends; bigger updates are split into several frames.
@@ -220,6 +222,18 @@ pub struct Config {
     pub heartbeat_ms: u32,
     pub dead_after_ms: u32,
     pub peers: Vec<Peer>,
+    /// Every cloud's address grant, whether it has a proxy now or not:
+    /// what TAs intercept towards other clouds. Which of them the overlay
+    /// can deliver to is the local proxy's to say (steering), so a cloud's
+    /// proxies coming and going is not news to every app VM.
+    pub clouds: Vec<CloudGrant>,
+}
+
+/// A cloud and the prefixes it may use (`[clouds.NAME] prefixes`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CloudGrant {
+    pub cloud: String,
+    pub prefixes: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +242,9 @@ pub enum Change {
     Up(Peer),
     /// Left (goodbye, closed connection, or missed heartbeats).
     Down(u32),
+    /// The grants changed (the CU re-read them): the whole list, replacing
+    /// [`Config::clouds`].
+    Clouds(Vec<CloudGrant>),
 }
 
 /// A registry entry, for `ponctl`.

@@ -193,21 +193,40 @@ mod control {
 
     fn cu_msg() -> impl Strategy<Value = CuMsg> {
         let peer = || (info(), any::<bool>()).prop_map(|(info, optimise)| Peer { info, optimise });
+        let clouds = || {
+            prop::collection::vec(
+                (
+                    name(),
+                    prop::collection::vec((any::<[u8; 4]>(), 0u8..=32), 0..4),
+                )
+                    .prop_map(|(cloud, nets)| CloudGrant {
+                        cloud,
+                        prefixes: nets
+                            .into_iter()
+                            .map(|(a, len)| ipnet::Ipv4Net::new(a.into(), len).unwrap().into())
+                            .collect(),
+                    }),
+                0..4,
+            )
+        };
         let change = prop_oneof![
             peer().prop_map(Change::Up),
-            any::<u32>().prop_map(Change::Down)
+            any::<u32>().prop_map(Change::Down),
+            clouds().prop_map(Change::Clouds),
         ];
         prop_oneof![
             (
                 any::<u32>(),
                 any::<u32>(),
-                prop::collection::vec(peer(), 0..8)
+                prop::collection::vec(peer(), 0..8),
+                clouds(),
             )
-                .prop_map(|(id, hb, peers)| CuMsg::Config(Config {
+                .prop_map(|(id, hb, peers, clouds)| CuMsg::Config(Config {
                     id,
                     heartbeat_ms: hb,
                     dead_after_ms: hb,
-                    peers
+                    peers,
+                    clouds,
                 })),
             prop::collection::vec(change, 0..8).prop_map(CuMsg::Update),
             "[ -~]{0,40}".prop_map(CuMsg::Refused),

@@ -261,8 +261,9 @@ fn a_proxy_killed_with_sigkill_is_announced_gone_within_the_bound() {
     );
     let took = killed.elapsed();
     eprintln!("london announced as gone after {took:?}");
-    // London's app is no longer reachable through the overlay: its traffic
-    // is left to the plain IP path.
+    // London's app is no longer reachable through the overlay: its grant
+    // has no proxy now, and paris's proxy steers its TA to the plain IP
+    // path for it.
     assert!(wait_until(Duration::from_secs(5), || !intercepts(
         &lab,
         "paris/app1",

@@ -2,7 +2,7 @@
 //! the real protocol (QUIC + TLS 1.3 on loopback) and prints registrations
 //! per second, how long a join takes to reach every agent concerned (an app
 //! VM's join concerns its site's proxies, a site's second proxy every proxy
-//! and the site's app VMs, a new cloud's first proxy every agent), the CU's
+//! and the site's app VMs, a new cloud's first proxy every proxy), the CU's
 //! memory per agent, and how long a re-registration storm takes to settle
 //! (the CU killed and restarted: every agent notices at once and
 //! reconnects with the real agents' backoff). With `--replicas N`, N CU
@@ -769,9 +769,10 @@ async fn main() -> anyhow::Result<()> {
     // three kinds in turn:
     // - an app VM: its site's proxies;
     // - a site's second proxy: every proxy and the site's app VMs (other
-    //   sites' app VMs only know one proxy of each cloud, its envoy);
-    // - the first proxy of a new cloud: every agent (each TA now
-    //   intercepts that cloud's prefixes).
+    //   sites' app VMs know a cloud by its grant, not by its proxies);
+    // - the first proxy of a new cloud: every proxy (TAs intercept every
+    //   cloud's grant already; their proxy stops steering them to the IP
+    //   path for it, a datagram on their own site).
     let up = |i: usize| probes.alive[i].load(Ordering::Relaxed);
     let cut_off = (0..args.agents)
         .filter(|&i| registered[i] && !up(i))
@@ -820,7 +821,6 @@ async fn main() -> anyhow::Result<()> {
         let tls = enrol(&endpoints[0], cus[k % cus.len()], &ca, &token, &r)
             .await
             .map_err(|e| anyhow::anyhow!("enrolling probe {k}: {e}"))?;
-        let everyone = (0..args.agents).filter(|&i| up(i)).count() + k;
         let earlier_at = |what: &[Kind], at: Option<usize>| {
             earlier
                 .iter()
@@ -830,8 +830,7 @@ async fn main() -> anyhow::Result<()> {
         let expected = match kind {
             // The site's proxy and the earlier probe proxies of the site.
             Kind::App => usize::from(up(site)) + earlier_at(&[Kind::SecondProxy], Some(site)),
-            // With the site's proxy gone, the probe is its cloud's envoy.
-            Kind::SecondProxy if !up(site) => everyone,
+            // Every proxy, and the site's app VMs.
             Kind::SecondProxy => {
                 (0..args.sites).filter(|&i| up(i)).count()
                     + earlier_at(&[Kind::SecondProxy, Kind::NewCloud], None)
@@ -840,7 +839,12 @@ async fn main() -> anyhow::Result<()> {
                         .count()
                     + earlier_at(&[Kind::App], Some(site))
             }
-            Kind::NewCloud => everyone,
+            // Every proxy: app VMs know every cloud by its grant already,
+            // and their site's proxy steers them while it has no proxy.
+            Kind::NewCloud => {
+                (0..args.sites).filter(|&i| up(i)).count()
+                    + earlier_at(&[Kind::SecondProxy, Kind::NewCloud], None)
+            }
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent_us = probes.start.elapsed().as_micros() as u64;
@@ -886,7 +890,7 @@ async fn main() -> anyhow::Result<()> {
         let what = match kind {
             Kind::App => "an app VM's join -> its site's proxies",
             Kind::SecondProxy => "a site's second proxy -> every proxy and the site's app VMs",
-            Kind::NewCloud => "a new cloud's first proxy -> every agent",
+            Kind::NewCloud => "a new cloud's first proxy -> every proxy",
         };
         lat.sort();
         if let Some(max) = lat.last() {

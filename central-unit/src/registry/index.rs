@@ -1,7 +1,7 @@
 //! Lookups that would otherwise scan every agent on every registration,
 //! which at 100,000 agents made registrations O(N) each and a join storm
-//! O(N²): who claims an IP address, the proxies of each cloud, and the
-//! agents that are neither proxies nor app VMs. It holds every entry of
+//! O(N²): who claims an IP address, the proxies and the app VMs of each
+//! cloud, and the agents that are neither proxies nor app VMs. It holds every entry of
 //! the registry, present or not; the registry keeps it in step wherever
 //! an entry is added, removed or changes its information.
 
@@ -16,6 +16,8 @@ pub(crate) struct Index {
     by_ip: HashMap<IpAddr, BTreeSet<u32>>,
     /// Proxies by cloud, lowest id first.
     proxies: BTreeMap<String, BTreeSet<u32>>,
+    /// App VMs by cloud.
+    apps: BTreeMap<String, BTreeSet<u32>>,
     /// Agents that are neither proxies nor app VMs (monitoring).
     others: BTreeSet<u32>,
 }
@@ -43,7 +45,12 @@ impl Index {
                     .or_default()
                     .insert(info.id);
             }
-            Endpoints::App { .. } => {}
+            Endpoints::App { .. } => {
+                self.apps
+                    .entry(info.cloud.clone())
+                    .or_default()
+                    .insert(info.id);
+            }
             Endpoints::Other { .. } => {
                 self.others.insert(info.id);
             }
@@ -69,7 +76,14 @@ impl Index {
                     }
                 }
             }
-            Endpoints::App { .. } => {}
+            Endpoints::App { .. } => {
+                if let Some(ids) = self.apps.get_mut(&info.cloud) {
+                    ids.remove(&info.id);
+                    if ids.is_empty() {
+                        self.apps.remove(&info.cloud);
+                    }
+                }
+            }
             Endpoints::Other { .. } => {
                 self.others.remove(&info.id);
             }
@@ -89,6 +103,11 @@ impl Index {
     /// The proxies of `cloud`, lowest id first.
     pub fn proxies_of(&self, cloud: &str) -> impl Iterator<Item = u32> + '_ {
         self.proxies.get(cloud).into_iter().flatten().copied()
+    }
+
+    /// The app VMs of `cloud`.
+    pub fn apps_of(&self, cloud: &str) -> impl Iterator<Item = u32> + '_ {
+        self.apps.get(cloud).into_iter().flatten().copied()
     }
 
     pub fn others(&self) -> impl Iterator<Item = u32> + '_ {

@@ -214,6 +214,9 @@ pub struct ForwardingTable {
     destinations: PrefixTable,
     groups: Vec<EgressGroup>,
     routes: HashMap<u32, Hops>,
+    /// Prefixes of clouds that no proxy serves now: the TAs are steered to
+    /// the plain IP path for them (they intercept every cloud's grant).
+    unserved: Vec<IpNet>,
 }
 
 impl ForwardingTable {
@@ -242,6 +245,7 @@ impl ForwardingTable {
             destinations: PrefixTable::default(),
             groups: Vec::new(),
             routes: HashMap::default(),
+            unserved: Vec::new(),
         };
         for &(id, addr) in peers {
             if id == 0 {
@@ -369,6 +373,14 @@ impl ForwardingTable {
         for g in &mut self.groups {
             g.set_unreachable(unreachable);
         }
+    }
+    /// Names the prefixes of clouds no proxy serves (see [`Self::unserved`]).
+    pub fn set_unserved(&mut self, unserved: Vec<IpNet>) {
+        self.unserved = unserved;
+    }
+    /// Prefixes of clouds without a proxy, which the overlay cannot reach.
+    pub fn unserved(&self) -> &[IpNet] {
+        &self.unserved
     }
     /// Every destination prefix with the proxies serving it.
     pub fn destination_groups(&self) -> impl Iterator<Item = (IpNet, &EgressGroup)> + '_ {

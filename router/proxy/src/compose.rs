@@ -215,16 +215,20 @@ impl Steerer {
         }
         self.due = Some(now + self.refresh);
         // A destination takes the IP path when no proxy serving it can be
-        // reached (with one left, ingress sends its flows there).
+        // reached (with one left, ingress sends its flows there), and so
+        // does a cloud that has no proxy at all.
         let mut bypass: Vec<(Ipv4Addr, u8)> = table
             .destination_groups()
             .filter(|(_, g)| g.all().iter().all(|p| unreachable.contains(p)))
-            .filter_map(|(net, _)| match net.addr() {
+            .map(|(net, _)| net)
+            .chain(table.unserved().iter().copied())
+            .filter_map(|net| match net.addr() {
                 IpAddr::V4(a) => Some((a, net.prefix_len())),
                 IpAddr::V6(_) => None,
             })
             .collect();
         bypass.sort_unstable();
+        bypass.dedup();
         if bypass != self.last {
             tracing::info!(bypass = ?bypass, "telling the TAs which destinations take the IP path");
             self.last = bypass.clone();
@@ -326,5 +330,64 @@ mod tests {
         }
         assert_eq!(got.len(), 600);
         assert!(!got.contains(&(Ipv4Addr::new(198, 18, 3, 11), 32)));
+    }
+
+    #[test]
+    fn a_cloud_without_a_proxy_is_steered_to_the_ip_path_until_one_serves_it() {
+        let ta_secret = [5; 32];
+        let proxy_secret = [7; 32];
+        let agent = Agent {
+            addr: Ipv4Addr::new(198, 18, 1, 11),
+            encap: Encap::Ipip,
+            key: Some(PublicKey(pon_tunnel::lan::public_key(&ta_secret))),
+        };
+        let tokyo: ipnet::IpNet = "198.18.2.0/24".parse().unwrap();
+        let berlin: ipnet::IpNet = "198.18.3.0/24".parse().unwrap();
+        let rx = PairKey::for_agent(&ta_secret, &pon_tunnel::lan::public_key(&proxy_secret))
+            .unwrap()
+            .receiver(Channel::Steering);
+        let bypass_of = |out: SteeringOut| -> Vec<(Ipv4Addr, u8)> {
+            let mut got = Vec::new();
+            for d in &out.to[0].1 {
+                let mut d = d.clone();
+                let r = rx.open(&mut d).unwrap();
+                got.extend(Steering::decode(&d[r]).unwrap().bypass);
+            }
+            got
+        };
+        let mut s = Steerer::new(42, Duration::from_secs(1), proxy_secret);
+        // Tokyo is served by proxy 2 (reachable); berlin has a grant and
+        // no proxy.
+        let mut table = ForwardingTable::build(
+            1,
+            &[(2, "198.18.2.1:7300".parse().unwrap())],
+            std::slice::from_ref(&agent),
+            &[(tokyo, 2)],
+            &[],
+        )
+        .unwrap();
+        table.set_unserved(vec![berlin]);
+        s.wake(Duration::ZERO);
+        let out = s.message(Duration::ZERO, &table, &BTreeSet::new()).unwrap();
+        assert_eq!(bypass_of(out), vec![(Ipv4Addr::new(198, 18, 3, 0), 24)]);
+        // Berlin's first proxy joins (the table is rebuilt and the steerer
+        // woken): nothing takes the IP path any more.
+        let mut table = ForwardingTable::build(
+            1,
+            &[
+                (2, "198.18.2.1:7300".parse().unwrap()),
+                (3, "198.18.3.1:7300".parse().unwrap()),
+            ],
+            std::slice::from_ref(&agent),
+            &[(tokyo, 2), (berlin, 3)],
+            &[],
+        )
+        .unwrap();
+        table.set_unserved(vec![]);
+        s.wake(Duration::from_millis(10));
+        let out = s
+            .message(Duration::from_millis(10), &table, &BTreeSet::new())
+            .unwrap();
+        assert!(bypass_of(out).is_empty());
     }
 }

@@ -23,7 +23,15 @@ fn main() -> anyhow::Result<()> {
         println!("{path}: ok ({peers} peers)");
         return Ok(());
     }
-    let steering_port = cfg.local.as_ref().map_or(0, |l| l.steering_port);
+    // Alone (no [local] router), it steers in CU mode only: its TAs
+    // intercept every cloud's grant, and the clouds without a proxy are its
+    // to name.
+    let alone = if cfg.cu.is_some() {
+        pon_proto::ports::STEERING
+    } else {
+        0
+    };
+    let steering_port = cfg.local.as_ref().map_or(alone, |l| l.steering_port);
     let (epoch, _) = daemon::run_ids();
     let private_key = daemon::private_key(&cfg)?;
     let link = cfg.local.as_ref().map(|l| LinkSetup {

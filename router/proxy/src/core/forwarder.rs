@@ -538,9 +538,13 @@ impl ForwarderPart {
     }
 
     /// Steering starts once the router has spoken: until then, the TAs
-    /// intercept as configured.
+    /// intercept as configured. In CU mode it starts with the first table,
+    /// router or not: TAs intercept every cloud's grant, and only this
+    /// proxy can tell them which clouds have no proxy to deliver to.
     fn steers(&self) -> bool {
-        self.heard_router && self.steering_port != 0 && self.table.is_some()
+        (self.heard_router || self.composer.cu_mode())
+            && self.steering_port != 0
+            && self.table.is_some()
     }
 
     fn steer(&mut self, now: Duration) {

@@ -270,6 +270,7 @@ mod tests {
                 heartbeat_ms: 1000,
                 dead_after_ms: 3000,
                 peers: vec![],
+                clouds: vec![],
             });
             mb.post_view(v);
         }

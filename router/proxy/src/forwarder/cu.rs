@@ -67,6 +67,19 @@ pub fn table_from_view(
             }
         }
     }
+    // Clouds with a grant but no proxy: the TAs intercept them too, and
+    // are steered to the IP path for them until a proxy serves them.
+    let served: HashSet<&str> = view
+        .proxies()
+        .filter(|(_, p)| known.contains(&p.id))
+        .map(|(info, _)| info.cloud.as_str())
+        .collect();
+    let unserved: Vec<IpNet> = view
+        .clouds()
+        .iter()
+        .filter(|c| c.cloud != my_cloud && !served.contains(c.cloud.as_str()))
+        .flat_map(|c| c.prefixes.iter().map(|n| n.trunc()))
+        .collect();
     let me = view.id();
     let usable = |to: u32, via: &[u32]| {
         known.contains(&to) && via.iter().all(|h| *h != me && known.contains(h))
@@ -79,7 +92,9 @@ pub fn table_from_view(
         .chain(chosen.iter().cloned())
         .filter(|(to, via)| usable(*to, via))
         .collect();
-    ForwardingTable::build(me, &peers, &agents, &destinations, &relays)
+    let mut table = ForwardingTable::build(me, &peers, &agents, &destinations, &relays)?;
+    table.set_unserved(unserved);
+    Ok(table)
 }
 
 /// What the data plane needs to trust a peer proxy: the static Noise key the
@@ -211,8 +226,19 @@ mod tests {
                 app(11, "tokyo", [198, 18, 2, 11]),
                 app(12, "nowhere", [198, 18, 9, 11]),
             ],
+            clouds: ["paris", "tokyo", "berlin"]
+                .iter()
+                .enumerate()
+                .map(|(i, c)| pon_proto::control::CloudGrant {
+                    cloud: c.to_string(),
+                    prefixes: vec![format!("198.18.{}.0/24", i + 1).parse().unwrap()],
+                })
+                .collect(),
         });
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
+        // Berlin has a grant and no proxy: its prefixes take the IP path.
+        // Paris is this proxy's own, tokyo has a proxy.
+        assert_eq!(t.unserved(), ["198.18.3.0/24".parse().unwrap()]);
         assert_eq!(t.my_id(), 1);
         assert_eq!(t.peer_count(), 2 - 1);
         assert!(t.agent("198.18.1.11".parse().unwrap()).is_some());
@@ -243,6 +269,14 @@ mod tests {
         v.apply_changes(vec![Change::Down(4)]);
         let t = table_from_view(&cfg, "paris", &v, &[]).unwrap();
         assert_eq!(t.egress_for(tokyo_app, 0), None);
+        // Tokyo's last proxy gone: its grant is unserved too.
+        assert_eq!(
+            t.unserved(),
+            [
+                "198.18.2.0/24".parse().unwrap(),
+                "198.18.3.0/24".parse().unwrap()
+            ]
+        );
     }
 
     #[test]
@@ -255,6 +289,7 @@ mod tests {
             heartbeat_ms: 500,
             dead_after_ms: 2000,
             peers: vec![tokyo, app(10, "paris", [198, 18, 1, 11])],
+            clouds: vec![],
         });
         assert_eq!(
             peer_trust(&v),
