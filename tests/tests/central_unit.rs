@@ -219,6 +219,26 @@ fn a_site_added_while_a_ping_runs_becomes_reachable_without_restarts() {
     );
     lab.ctl("add-site", &["berlin", "--apps", "1"]);
     let berlin_app = "198.18.4.11";
+    // The join reaches paris's TA in two hops: the CU tells paris's proxy,
+    // whose steering then stops sending berlin's grant to the IP path
+    // (once its router has had an answer from berlin). Timed, not bounded
+    // here: the loop below bounds the whole.
+    let t = Instant::now();
+    if wait_until(Duration::from_secs(20), || {
+        peers(&lab, "paris/proxy", PARIS_FWD) == 3
+    }) {
+        let heard = t.elapsed();
+        if wait_until(Duration::from_secs(20), || {
+            intercepts(&lab, "paris/app1", berlin_app)
+        }) {
+            eprintln!(
+                "paris's proxy knew berlin's {:.2} s after add-site returned; \
+                 paris's TA intercepted berlin {:.2} s after that",
+                heard.as_secs_f64(),
+                (t.elapsed() - heard).as_secs_f64()
+            );
+        }
+    }
     for (from, to) in [
         ("paris/app1", berlin_app),
         ("tokyo/app1", berlin_app),
