@@ -970,29 +970,29 @@ impl Registry {
             return;
         };
         // Those the news can concern (`relation` decides which do), from
-        // the index: an app VM's news concerns its cloud's proxies and the
-        // other agents (monitoring); a proxy's, every proxy, the others and
-        // its own cloud's app VMs. Neither is a scan of every agent.
-        let same_kind = [before, after].iter().flatten().all(|i| {
-            std::mem::discriminant(&i.endpoints) == std::mem::discriminant(&subject.endpoints)
-        });
-        let concerned: Box<dyn Iterator<Item = &Entry>> = match &subject.endpoints {
-            _ if !same_kind => Box::new(self.agents.values()),
-            Endpoints::App { .. } => Box::new(
-                self.index
-                    .proxies_of(&subject.cloud)
-                    .chain(self.index.others())
-                    .filter_map(|i| self.agents.get(&i)),
-            ),
-            Endpoints::Proxy { .. } => Box::new(
+        // the index, never a scan of every agent: a proxy's news concerns
+        // every proxy, the others (monitoring) and its own cloud's app VMs;
+        // an app VM's, its cloud's proxies and the others (a subset of the
+        // former); anything else's, nobody.
+        let is = |f: fn(&AgentInfo) -> bool| [before, after].iter().flatten().any(|i| f(i));
+        let concerned: Box<dyn Iterator<Item = &Entry>> = if is(AgentInfo::is_proxy) {
+            Box::new(
                 self.index
                     .proxies()
                     .flat_map(|(_, ids)| ids.iter().copied())
                     .chain(self.index.others())
                     .chain(self.index.apps_of(&subject.cloud))
                     .filter_map(|i| self.agents.get(&i)),
-            ),
-            Endpoints::Other { .. } => Box::new(std::iter::empty()),
+            )
+        } else if is(AgentInfo::is_app) {
+            Box::new(
+                self.index
+                    .proxies_of(&subject.cloud)
+                    .chain(self.index.others())
+                    .filter_map(|i| self.agents.get(&i)),
+            )
+        } else {
+            Box::new(std::iter::empty())
         };
         for e in concerned {
             let Some(conn) = e.conn else { continue };

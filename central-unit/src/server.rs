@@ -15,6 +15,7 @@ use crate::pmon_service::{self, PmonStats};
 use crate::registry::{Action, AdminDone, ConnId, Outgoing, Record, Refusal, Registry};
 use crate::store::{Backend, PendingWrites, Store};
 use crate::trust::{Grants, KeyId};
+use crate::wall_ms;
 use anyhow::Context;
 use pon_proto::control::{
     self, AdminRequest, AgentMsg, ControlError, CuMsg, Endpoints, FrameDecoder, MAX_AGENT_FRAME,
@@ -165,8 +166,6 @@ pub fn resident_memory_of(pid: &str) -> Option<u64> {
         .ok()?;
     Some(kb * 1024)
 }
-
-use crate::wall_ms;
 
 /// Boxed: a channel's first block holds 32 messages whether sent or not,
 /// and with the messages inline that block was 4.5 KiB of every agent's
