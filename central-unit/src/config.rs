@@ -95,11 +95,14 @@ pub struct Limits {
     /// Initial packets then costs one stateless packet each instead of a
     /// TLS handshake. 0: always.
     pub retry_above_handshakes: u32,
-    /// Handshakes in progress above which a new connection (its address
-    /// proven) is refused at once, before any TLS work: the client backs
-    /// off and comes back. In a re-registration storm the CU then spends
-    /// its CPU on handshakes that finish, not on thousands progressing
-    /// together, each too slowly to finish before its client gives up.
+    /// Handshakes the CU works on at once: beyond them (and those waiting
+    /// for their agents' answer, which the CU counts from its rate and the
+    /// agents' round trip), a new connection (its address proven) is
+    /// refused at once, before any TLS work, and its client backs off. In
+    /// a re-registration storm the CU then spends its CPU on handshakes
+    /// that finish, not on thousands progressing together, each too slowly
+    /// for its client; and agents far away are not held to a fixed number
+    /// of handshakes per round trip.
     pub max_handshakes: u32,
     /// Agents offline this long (seconds) are forgotten: record deleted,
     /// id and name free again (the name stays bound to its key). 0: never.

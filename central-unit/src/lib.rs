@@ -31,6 +31,8 @@ pub mod trust;
 pub mod view;
 
 #[cfg(feature = "server")]
+pub mod admission;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod etcd;

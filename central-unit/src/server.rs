@@ -34,6 +34,9 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A writer that cannot make progress for this long closes its connection.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at most, however many the round trip would park
+/// (about 40 KiB each: 160 MiB).
+const MAX_HANDSHAKES_IN_PROGRESS: u64 = 4096;
 const WRITER_QUEUE: usize = 4096;
 /// The shortest time between two flushes to one agent. It grows with the
 /// number of agents so that a join storm costs the CU at most about
@@ -94,9 +97,34 @@ pub struct CuStats {
     pub connections: AtomicU64,
     /// Connections accepted whose handshake is not over.
     pub handshakes: AtomicU64,
+    /// Handshakes established since the start.
+    pub handshakes_finished: AtomicU64,
+    /// Handshakes admitted at once now (see `admission`).
+    pub handshake_limit: AtomicU64,
+    /// The least round trip (µs) of the connections established since the
+    /// admission last looked; 0: none.
+    pub least_rtt_us: AtomicU64,
 }
 
 impl CuStats {
+    /// Notes an established connection's round trip for the admission.
+    fn observe_rtt(&self, rtt: Duration) {
+        let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+        let _ = self
+            .least_rtt_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                (old == 0 || sample < old).then_some(sample)
+            });
+    }
+
+    /// The least round trip noted since the last call, forgotten.
+    fn take_least_rtt(&self) -> Option<Duration> {
+        match self.least_rtt_us.swap(0, Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
     pub fn refused(&self, why: Refusal) -> &Counter {
         let i = Refusal::ALL.iter().position(|r| *r == why).unwrap_or(0);
         &self.refused[i]
@@ -136,6 +164,12 @@ impl CuStats {
             "",
             "Connections whose QUIC/TLS handshake is in progress.",
             g(&self.handshakes),
+        );
+        w.gauge(
+            "pon_cu_handshake_limit",
+            "",
+            "Handshakes admitted at once now: [limits] max_handshakes plus those waiting for their agents' answer (the CU's rate times their round trip).",
+            g(&self.handshake_limit),
         );
         if let Some(rss) = resident_memory() {
             w.gauge(
@@ -353,11 +387,22 @@ pub async fn serve(
         cfg.limits.connections_per_address,
     ));
     let retry_above = u64::from(cfg.limits.retry_above_handshakes);
-    let max_handshakes = u64::from(cfg.limits.max_handshakes);
+    let mut admission = crate::admission::HandshakeAdmission::new(
+        u64::from(cfg.limits.max_handshakes),
+        MAX_HANDSHAKES_IN_PROGRESS,
+    );
     while let Some(incoming) = endpoint.accept().await {
         // Under load, a client proves it owns its address before it gets a
         // handshake (a Retry costs the CU one stateless packet).
         let handshakes = stats.handshakes.load(Ordering::Relaxed);
+        let max_handshakes = admission.limit(
+            start.elapsed(),
+            stats.handshakes_finished.load(Ordering::Relaxed),
+            || stats.take_least_rtt(),
+        );
+        stats
+            .handshake_limit
+            .store(max_handshakes, Ordering::Relaxed);
         if handshakes >= retry_above && !incoming.remote_address_validated() && incoming.may_retry()
         {
             stats.counters.retries.inc();
@@ -836,6 +881,8 @@ async fn connection(
         }
     };
     drop(handshaking);
+    stats.handshakes_finished.fetch_add(1, Ordering::Relaxed);
+    stats.observe_rtt(conn.rtt());
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&stats);
     let remote = conn.remote_address();

@@ -69,6 +69,12 @@ struct Args {
     /// The etcd binary, for --replicas above 1.
     #[arg(long, default_value = "etcd")]
     etcd_bin: PathBuf,
+    /// Round-trip time between the agents and the CU (ms): every datagram
+    /// a simulated agent sends waits this long before it leaves. Loopback
+    /// has none, and a CU that admits a fixed number of handshakes at a
+    /// time is bound by it (a handshake holds its place for a round trip).
+    #[arg(long, default_value_t = 0)]
+    rtt_ms: u64,
 }
 
 struct Probes {
@@ -90,6 +96,80 @@ struct Probes {
     /// Bumped when the CU is killed: every session ends at once, as a real
     /// agent's would within its 3 s idle timeout.
     cu_gone: tokio::sync::watch::Sender<u64>,
+}
+
+/// The simulated agents' side of loopback: a client endpoint whose every
+/// datagram leaves `rtt` after quinn hands it over (none: a plain socket).
+fn agents_endpoint(rtt: Duration) -> anyhow::Result<quinn::Endpoint> {
+    let bind: SocketAddr = "127.0.0.1:0".parse().expect("literal");
+    if rtt.is_zero() {
+        return Ok(quinn::Endpoint::client(bind)?);
+    }
+    let socket = std::net::UdpSocket::bind(bind)?;
+    let sender = tokio::net::UdpSocket::from_std({
+        let s = socket.try_clone()?;
+        s.set_nonblocking(true)?;
+        s
+    })?;
+    let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+    let inner = runtime.wrap_udp_socket(socket)?;
+    let (queue, mut due) = tokio::sync::mpsc::unbounded_channel::<(Instant, SocketAddr, Vec<u8>)>();
+    // One queue, one delay: datagrams leave in the order they were sent.
+    tokio::spawn(async move {
+        while let Some((at, to, datagram)) = due.recv().await {
+            tokio::time::sleep_until(at.into()).await;
+            let _ = sender.send_to(&datagram, to).await;
+        }
+    });
+    let socket = Arc::new(DelayedSocket { inner, rtt, queue });
+    Ok(quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        runtime,
+    )?)
+}
+
+/// A UDP socket that receives at once and sends `rtt` late (the whole round
+/// trip's delay put on one direction).
+#[derive(Debug)]
+struct DelayedSocket {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    rtt: Duration,
+    queue: tokio::sync::mpsc::UnboundedSender<(Instant, SocketAddr, Vec<u8>)>,
+}
+
+impl quinn::AsyncUdpSocket for DelayedSocket {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> std::io::Result<()> {
+        // One datagram per transmit (max_transmit_segments is 1).
+        let _ = self.queue.send((
+            Instant::now() + self.rtt,
+            t.destination,
+            t.contents.to_vec(),
+        ));
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
 }
 
 fn free_tcp_port() -> anyhow::Result<u16> {
@@ -564,12 +644,9 @@ async fn main() -> anyhow::Result<()> {
     let cus: Arc<[SocketAddr]> = cluster.addrs().into();
     let token = cluster.join_token()?;
     let ca = dir.join("ca.pem");
+    let rtt = Duration::from_millis(args.rtt_ms);
     let endpoints: Vec<quinn::Endpoint> = (0..args.sockets.max(1))
-        .map(|_| {
-            Ok(quinn::Endpoint::client(
-                "127.0.0.1:0".parse().expect("literal"),
-            )?)
-        })
+        .map(|_| agents_endpoint(rtt))
         .collect::<anyhow::Result<_>>()?;
     let deadline = Instant::now() + Duration::from_secs(args.timeout);
 
