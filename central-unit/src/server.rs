@@ -98,7 +98,7 @@ pub struct CuStats {
     /// Connections accepted whose handshake is not over.
     pub handshakes: AtomicU64,
     /// Handshakes established since the start.
-    pub handshakes_finished: AtomicU64,
+    pub handshakes_established: AtomicU64,
     /// Handshakes admitted at once now (see `admission`).
     pub handshake_limit: AtomicU64,
     /// The least round trip (µs) of the connections established since the
@@ -168,7 +168,7 @@ impl CuStats {
         w.gauge(
             "pon_cu_handshake_limit",
             "",
-            "Handshakes admitted at once now: [limits] max_handshakes plus those waiting for their agents' answer (the CU's rate times their round trip).",
+            "Handshakes admitted at once, as of the last new connection: [limits] max_handshakes plus room for those waiting for their agents' answer (twice the CU's rate times the least recent round trip).",
             g(&self.handshake_limit),
         );
         if let Some(rss) = resident_memory() {
@@ -397,7 +397,7 @@ pub async fn serve(
         let handshakes = stats.handshakes.load(Ordering::Relaxed);
         let max_handshakes = admission.limit(
             start.elapsed(),
-            stats.handshakes_finished.load(Ordering::Relaxed),
+            stats.handshakes_established.load(Ordering::Relaxed),
             || stats.take_least_rtt(),
         );
         stats
@@ -881,7 +881,7 @@ async fn connection(
         }
     };
     drop(handshaking);
-    stats.handshakes_finished.fetch_add(1, Ordering::Relaxed);
+    stats.handshakes_established.fetch_add(1, Ordering::Relaxed);
     stats.observe_rtt(conn.rtt());
     stats.connections.fetch_add(1, Ordering::Relaxed);
     let _guard = ConnGuard(&stats);
