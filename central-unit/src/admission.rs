@@ -12,17 +12,18 @@
 //! So the limit is `working`, the handshakes the CU works on at once (what
 //! the fixed limit was for: its CPU goes to handshakes that finish, not to
 //! thousands progressing together, each too slowly for its client), plus
-//! those parked waiting for their agents' answer: by Little's law, the
-//! rate the CU establishes them times the round trip. On loopback that is
-//! the fixed limit again (the parked part has room for twice that, see
-//! `PARKED_HEADROOM`). The round trip is the least one seen on the
-//! connections established in the last two seconds: an average follows
-//! every queue on the way (a busy client answers late, and so does a busy
-//! CU), so in a storm on loopback it grew to hundreds of milliseconds, the
-//! CU parked hundreds of handshakes that were not parked at all, and the
-//! storm took 24 s instead of 15. Far away, more handshakes in progress let more
-//! finish per second, which parks more, until the CPU bounds the rate with
-//! `working` handshakes queued for it, as on loopback.
+//! room for those parked waiting for their agents' answer: by Little's
+//! law, the rate the CU establishes them times the round trip, and twice
+//! that (`PARKED_HEADROOM`). On loopback that is the fixed limit again. Far
+//! away, more handshakes in progress let more finish per second, which
+//! parks more, until the CPU bounds the rate with `working` handshakes
+//! queued for it, as on loopback.
+//!
+//! The round trip is the least one seen on the connections established in
+//! the last two seconds. An average follows every queue on the way (a busy
+//! client answers late, and so does a busy CU): in a storm on loopback it
+//! grew to hundreds of milliseconds, the CU parked hundreds of handshakes
+//! that were not parked at all, and the storm took 24 s instead of 15.
 //!
 //! Tried and not kept: a limit of the rate times the round trip plus a
 //! fixed time to queue (0.5 s, 2 s), with no fixed part. On loopback it

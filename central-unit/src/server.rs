@@ -101,6 +101,8 @@ pub struct CuStats {
     pub handshakes_established: AtomicU64,
     /// Handshakes admitted at once now (see `admission`).
     pub handshake_limit: AtomicU64,
+    /// Handshakes the CU establishes per second, as the admission estimates.
+    pub handshake_rate: AtomicU64,
     /// The least round trip (µs) of the connections established since the
     /// admission last looked; 0: none.
     pub least_rtt_us: AtomicU64,
@@ -170,6 +172,12 @@ impl CuStats {
             "",
             "Handshakes admitted at once, as of the last new connection: [limits] max_handshakes plus room for those waiting for their agents' answer (twice the CU's rate times the least recent round trip).",
             g(&self.handshake_limit),
+        );
+        w.gauge(
+            "pon_cu_handshake_rate",
+            "",
+            "Handshakes the CU establishes per second, as its admission estimates it (the best lately, decaying), as of the last new connection.",
+            g(&self.handshake_rate),
         );
         if let Some(rss) = resident_memory() {
             w.gauge(
@@ -403,6 +411,9 @@ pub async fn serve(
         stats
             .handshake_limit
             .store(max_handshakes, Ordering::Relaxed);
+        stats
+            .handshake_rate
+            .store(admission.rate() as u64, Ordering::Relaxed);
         if handshakes >= retry_above && !incoming.remote_address_validated() && incoming.may_retry()
         {
             stats.counters.retries.inc();

@@ -813,6 +813,10 @@ async fn beyond_max_handshakes_a_new_connection_is_refused_before_any_tls_work()
     }
     let agent = join(&cu, &token, "a", "v1", "APP", app(addr(1, 11))).await;
     assert!(agent.conn.close_reason().is_none());
+    // What the admission measures is fed: handshakes established, and the
+    // agent's round trip (no connection came after it to take it).
+    assert!(cu.stats.handshakes_established.load(Ordering::Relaxed) >= 2);
+    assert!(cu.stats.least_rtt_us.load(Ordering::Relaxed) > 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
