@@ -129,20 +129,27 @@ fn kill_the_carrier(site: [(&str, &str); 2], counter: &str) {
     let _shared = CPU.read().unwrap_or_else(|p| p.into_inner());
     let lab = Lab::up(&topology(2));
     wait_overlay(&lab);
-    // Which proxy carries the ping's flow (it hashes to one).
-    let before = counters(&lab, &site, counter);
-    let out = lab.exec_ok(
-        PARIS_APP,
-        &["ping", "-c", "20", "-i", "0.05", "-W", "2", TOKYO_APP_ADDR],
-    );
-    assert_eq!(
-        parse_ping(&out).expect("ping summary").received,
-        20,
-        "{out}"
-    );
-    let d = deltas(&counters(&lab, &site, counter), &before);
-    let carrier = if d[0] >= 20 { 0 } else { 1 };
-    assert!(d[carrier] >= 20, "no proxy carried the pings: {d:?}");
+    // Which proxy carries the ping's flow (it hashes to one). An app
+    // reaches the other site over the plain IP path too, so the first
+    // pings after `wait_overlay` may not be on the overlay yet (the TA's
+    // steering or the ingress's view of the destination's proxies still
+    // settling): wait, with a deadline, for a run the overlay carries
+    // whole through one proxy.
+    let mut last = Vec::new();
+    let mut carrier = None;
+    let settled = wait_until(Duration::from_secs(20), || {
+        let before = counters(&lab, &site, counter);
+        let out = lab.exec_ok(
+            PARIS_APP,
+            &["ping", "-c", "20", "-i", "0.05", "-W", "2", TOKYO_APP_ADDR],
+        );
+        let received = parse_ping(&out).expect("ping summary").received;
+        last = deltas(&counters(&lab, &site, counter), &before);
+        carrier = last.iter().position(|n| *n >= 20);
+        received == 20 && carrier.is_some()
+    });
+    assert!(settled, "no proxy carried a whole run of pings: {last:?}");
+    let carrier = carrier.expect("settled on a carrier");
     let survivor = 1 - carrier;
 
     let survivor_before = lab.metric(site[survivor].0, site[survivor].1, counter);
