@@ -6,6 +6,8 @@
 //! is the session's policy.
 
 use crate::session::{Failure, Session, SessionAction, Verdict};
+pub(crate) use crate::stream::failure_of;
+use crate::stream::{FrameSink, FrameSource, ReadFail};
 use crate::targets::CuAddrs;
 use crate::tls;
 use crate::view::View;
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// The `[cu]` section of an agent's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
@@ -54,6 +57,22 @@ pub struct CuClientConfig {
     /// Stable name within the cloud (default: the agent's address).
     #[serde(default)]
     pub name: Option<String>,
+    /// App VMs: their site proxies' relay listeners (`relay_listen`),
+    /// tried in turn before the CU itself. The session then runs TLS to the
+    /// CU inside TCP to the proxy and a stream of the proxy's own
+    /// connection: the CU holds a third of the memory it holds for a
+    /// connection of the agent's own, and the proxy reads and forges
+    /// nothing. After a relay fails the next is tried, then the CU
+    /// directly, with the usual backoff. Enrolment (the first start with a
+    /// token) always goes to the CU directly.
+    #[serde(default)]
+    pub relay: Vec<SocketAddr>,
+    /// Proxies: where to listen (TCP) for the site's app VMs whose `relay`
+    /// names this proxy, and carry their sessions to the CU. The CU accepts
+    /// on a proxy's streams only agents of the proxy's cloud. None: relay
+    /// nothing.
+    #[serde(default)]
+    pub relay_listen: Option<SocketAddr>,
 }
 
 fn default_server_name() -> String {
@@ -123,6 +142,21 @@ impl CuClientConfig {
                 field: "role",
                 value: role,
                 why: "expected dotted upper-case words, e.g. PROXY.SRC",
+            });
+        }
+        let proxy = role.split('.').next() == Some("PROXY");
+        if proxy && !self.relay.is_empty() {
+            return Err(ClientError::Field {
+                field: "relay",
+                value: format!("{:?}", self.relay),
+                why: "a proxy connects to the CU itself (it is what relays app VMs)",
+            });
+        }
+        if let (false, Some(l)) = (proxy, self.relay_listen) {
+            return Err(ClientError::Field {
+                field: "relay_listen",
+                value: l.to_string(),
+                why: "only a proxy relays app VMs' sessions",
             });
         }
         for (field, value) in [("cloud", &self.cloud), ("name", &name)] {
@@ -240,6 +274,9 @@ pub struct ClientStatus {
     lost_at_ms: AtomicU64,
     /// What the daemon measured, for the CU.
     reports: Reports,
+    /// A proxy's relay for its site's app VMs (see `relay_listen`).
+    pub relay: Arc<crate::relay::RelayStatus>,
+    relaying: std::sync::atomic::AtomicBool,
 }
 
 impl Default for ClientStatus {
@@ -251,6 +288,8 @@ impl Default for ClientStatus {
             started: Instant::now(),
             lost_at_ms: AtomicU64::new(0),
             reports: Reports::default(),
+            relay: Arc::default(),
+            relaying: Default::default(),
         }
     }
 }
@@ -289,6 +328,9 @@ impl ClientStatus {
 
     pub fn render(&self, w: &mut PromWriter) {
         self.counters.render(w);
+        if self.relaying.load(Ordering::Relaxed) {
+            self.relay.render(w);
+        }
         w.gauge(
             "pon_cu_client_registered",
             "",
@@ -340,7 +382,23 @@ pub fn spawn(
     let credentials = crate::enrolment::Credentials::new(cfg, identity, &register)?;
     let status = Arc::new(ClientStatus::default());
     let st = status.clone();
-    let (addrs, server_name) = (cfg.addr.clone(), cfg.server_name.clone());
+    let targets = Targets {
+        addrs: cfg.addr.clone(),
+        relays: cfg.relay.clone(),
+        server_name: cfg.server_name.clone(),
+    };
+    // Bound here, so that an address in use is a start-up error.
+    let relay_listener = match cfg.relay_listen {
+        None => None,
+        Some(addr) => {
+            let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("[cu] relay_listen {addr}: {e}"))
+            })?;
+            l.set_nonblocking(true)?;
+            status.relaying.store(true, Ordering::Relaxed);
+            Some(l)
+        }
+    };
     std::thread::Builder::new()
         .name("cu-client".into())
         .spawn(move || {
@@ -351,18 +409,49 @@ pub fn spawn(
                 Ok(rt) => rt,
                 Err(e) => return on_fatal(format!("starting the CU client runtime: {e}")),
             };
-            let fatal = rt.block_on(run(
-                addrs,
-                server_name,
-                credentials,
-                register,
-                on_view,
-                st,
-                goodbye_on_signal,
-            ));
+            let fatal = rt.block_on(async move {
+                let (cu_tx, cu_rx) = watch::channel(None);
+                if let Some(l) = relay_listener {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tracing::info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "relaying the site's app VMs' sessions to the CU");
+                            tokio::spawn(crate::relay::serve(l, cu_rx, st.relay.clone(), CU_IDLE_TIMEOUT));
+                        }
+                        Err(e) => return format!("relay listener: {e}"),
+                    }
+                }
+                run(
+                    targets,
+                    credentials,
+                    register,
+                    on_view,
+                    st,
+                    goodbye_on_signal,
+                    cu_tx,
+                )
+                .await
+            });
             on_fatal(fatal);
         })?;
     Ok(status)
+}
+
+/// Where the client goes: the CU's addresses, and the relays before them.
+struct Targets {
+    addrs: CuAddrs,
+    relays: Vec<SocketAddr>,
+    server_name: String,
+}
+
+impl Targets {
+    /// The relay attempt `attempt` goes through, if it goes through one:
+    /// each relay in turn, then the CU directly, then round again.
+    fn relay(&self, attempt: usize) -> Option<SocketAddr> {
+        let n = self.relays.len();
+        (n > 0)
+            .then(|| attempt % (n + 1))
+            .and_then(|i| self.relays.get(i).copied())
+    }
 }
 
 pub(crate) fn seed() -> u64 {
@@ -372,46 +461,25 @@ pub(crate) fn seed() -> u64 {
     (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
 }
 
-/// What a connection error means: QUIC carries TLS alerts as the error
-/// codes 0x100-0x1ff (RFC 9001), whichever side found the problem.
-pub(crate) fn failure_of(e: &quinn::ConnectionError) -> Failure {
-    let tls = |code: u64| (0x100..0x200).contains(&code);
-    match e {
-        quinn::ConnectionError::TransportError(t) if tls(u64::from(t.code)) => Failure::Tls,
-        quinn::ConnectionError::ConnectionClosed(c) if tls(u64::from(c.error_code)) => Failure::Tls,
-        quinn::ConnectionError::TimedOut => Failure::Timeout,
-        _ => Failure::Closed,
-    }
-}
-
-fn failure_of_read(e: &quinn::ReadError) -> Failure {
-    match e {
-        quinn::ReadError::ConnectionLost(c) => failure_of(c),
-        _ => Failure::Closed,
-    }
-}
-
-fn failure_of_write(e: &quinn::WriteError) -> Failure {
-    match e {
-        quinn::WriteError::ConnectionLost(c) => failure_of(c),
-        _ => Failure::Closed,
-    }
-}
-
 enum Ended {
     Failed(Failure, String),
     Exit,
 }
 
 async fn run(
-    addrs: CuAddrs,
-    server_name: String,
+    targets: Targets,
     credentials: crate::enrolment::Credentials,
     register: Register,
     mut on_view: ViewCallback,
     status: Arc<ClientStatus>,
     goodbye_on_signal: bool,
+    relay_cu: watch::Sender<Option<quinn::Connection>>,
 ) -> String {
+    let Targets {
+        addrs,
+        relays: _,
+        server_name,
+    } = &targets;
     let mut endpoint = match CuAddrs::endpoint() {
         Ok(e) => e,
         Err(e) => return format!("opening the CU client socket: {e}"),
@@ -420,13 +488,16 @@ async fn run(
     // Failed attempts so far: which of the CU's addresses is tried next.
     let mut attempt = 0usize;
     let enrolled = tokio::select! {
-        q = credentials.client_config(&endpoint, &addrs, &server_name, &status, &mut attempt) => q,
+        q = credentials.client_config(&endpoint, addrs, server_name, &status, &mut attempt) => q,
         _ = Signals::wait(&mut signals) => std::process::exit(0),
     };
-    match enrolled {
-        Ok(quic) => endpoint.set_default_client_config(quic),
+    let relay_tls = match enrolled {
+        Ok(ready) => {
+            endpoint.set_default_client_config(ready.quic);
+            ready.tls
+        }
         Err(fatal) => return fatal,
-    }
+    };
     // The session's clock: time since this start, picked once.
     let start = Instant::now();
     let mut session = Session::new(register, start.elapsed(), seed());
@@ -445,32 +516,63 @@ async fn run(
                 continue;
             }
         }
-        let picked = addrs
-            .pick(attempt, |a| CuAddrs::reachable(&endpoint, a))
-            .await;
-        let ended = match picked {
-            Err(why) => Ended::Failed(Failure::Resolve, why),
-            Ok(addr) => match connect(&endpoint, addr, &server_name, &mut signals).await {
-                Err(ended) => ended,
-                Ok(conn) => {
-                    status.counters.connects.inc();
-                    // Debug only: a refused agent connects every few
-                    // seconds; "registered" is the news worth a line.
-                    tracing::debug!(cu = %addr, "connected to the CU");
-                    let ended = serve(
-                        &conn,
-                        start,
-                        &mut session,
-                        &mut on_view,
-                        &status,
-                        &mut signals,
-                    )
-                    .await;
-                    status.lost();
-                    conn.close(0u32.into(), b"bye");
-                    ended
+        let mut io = Io {
+            start,
+            session: &mut session,
+            on_view: &mut on_view,
+            status: &status,
+            signals: &mut signals,
+        };
+        let ended = match targets.relay(attempt) {
+            Some(relay) => {
+                let connecting =
+                    crate::relay::connect(relay, relay_tls.clone(), server_name, CU_IDLE_TIMEOUT);
+                let tls = tokio::select! {
+                    t = connecting => t,
+                    _ = Signals::wait(io.signals) => std::process::exit(0),
+                };
+                match tls {
+                    Err((why, detail)) => Ended::Failed(why, detail),
+                    Ok(tls) => {
+                        status.counters.connects.inc();
+                        tracing::debug!(%relay, "connected to the CU through a relay");
+                        let (r, w) = tokio::io::split(tls);
+                        let ended = io.serve(w, crate::stream::Bytes(r), None).await;
+                        status.lost();
+                        ended
+                    }
                 }
-            },
+            }
+            None => {
+                let picked = addrs
+                    .pick(attempt, |a| CuAddrs::reachable(&endpoint, a))
+                    .await;
+                match picked {
+                    Err(why) => Ended::Failed(Failure::Resolve, why),
+                    Ok(addr) => match connect(&endpoint, addr, server_name, io.signals).await {
+                        Err(ended) => ended,
+                        Ok(conn) => {
+                            status.counters.connects.inc();
+                            // Debug only: a refused agent connects every few
+                            // seconds; "registered" is the news worth a line.
+                            tracing::debug!(cu = %addr, "connected to the CU");
+                            let ended = match conn.open_bi().await {
+                                Ok((send, recv)) => {
+                                    io.serve(send, recv, Some((&conn, &relay_cu))).await
+                                }
+                                Err(e) => Ended::Failed(
+                                    failure_of(&e),
+                                    format!("opening the control stream: {e}"),
+                                ),
+                            };
+                            relay_cu.send_replace(None);
+                            status.lost();
+                            conn.close(0u32.into(), b"bye");
+                            ended
+                        }
+                    },
+                }
+            }
         };
         let (why, detail) = match ended {
             Ended::Exit => {
@@ -539,137 +641,169 @@ async fn connect(
     })
 }
 
-async fn serve(
-    conn: &quinn::Connection,
+/// What one session with the CU works with, whichever way it goes.
+struct Io<'a> {
     start: Instant,
-    session: &mut Session,
-    on_view: &mut ViewCallback,
-    status: &ClientStatus,
-    signals: &mut Option<Signals>,
-) -> Ended {
-    let (mut send, mut recv) = match conn.open_bi().await {
-        Ok(s) => s,
-        Err(e) => return Ended::Failed(failure_of(&e), format!("opening the control stream: {e}")),
-    };
-    let SessionAction::Send(reg) = session.connected() else {
-        unreachable!("connected() always registers")
-    };
-    if let Err(e) = send.write_all(&pon_proto::control::encode(&reg)).await {
-        return Ended::Failed(
-            failure_of_write(&e),
-            format!("sending the registration: {e}"),
-        );
+    session: &'a mut Session,
+    on_view: &'a mut ViewCallback,
+    status: &'a ClientStatus,
+    signals: &'a mut Option<Signals>,
+}
+
+fn lost(e: ReadFail, what: &str) -> Ended {
+    match e {
+        ReadFail::Lost(why, detail) => Ended::Failed(why, format!("{what}: {detail}")),
+        ReadFail::Bad(e) => Ended::Failed(Failure::BadMessage, format!("{what}: {e}")),
     }
-    let mut decoder = FrameDecoder::new(MAX_CU_FRAME);
-    let register_by = start.elapsed() + REGISTER_TIMEOUT;
-    // A new connection starts afresh: the first report goes at once.
-    let mut pacer = ReportPacer::default();
-    loop {
-        let now = start.elapsed();
-        while let Some(SessionAction::Send(m)) = session.poll(now) {
-            if let Err(e) = send.write_all(&pon_proto::control::encode(&m)).await {
-                return Ended::Failed(failure_of_write(&e), format!("sending to the CU: {e}"));
-            }
+}
+
+impl Io<'_> {
+    /// Registers and then serves the session on `send`/`recv` until it
+    /// ends. `relay`: a direct connection, and where to publish it for the
+    /// proxy's relay once registered.
+    async fn serve(
+        &mut self,
+        mut send: impl FrameSink,
+        mut recv: impl FrameSource,
+        relay: Option<(
+            &quinn::Connection,
+            &watch::Sender<Option<quinn::Connection>>,
+        )>,
+    ) -> Ended {
+        let Io {
+            start,
+            session,
+            on_view,
+            status,
+            signals,
+        } = self;
+        let start = *start;
+        let SessionAction::Send(reg) = session.connected() else {
+            unreachable!("connected() always registers")
+        };
+        if let Err(e) =
+            crate::stream::write_frame(&mut send, &pon_proto::control::encode(&reg)).await
+        {
+            return lost(e, "sending the registration");
         }
-        let wake = match session.next_deadline() {
-            Some(t) => t,
-            None if now >= register_by => {
-                return Ended::Failed(
-                    Failure::Timeout,
-                    format!(
-                        "no configuration from the CU within {} s",
-                        REGISTER_TIMEOUT.as_secs()
-                    ),
-                )
-            }
-            None => register_by,
-        };
-        let chunk = tokio::select! {
-            c = recv.read_chunk(64 * 1024, true) => c,
-            _ = tokio::time::sleep_until((start + wake).into()) => continue,
-            _ = status.reports.ready.notified() => {
-                let Some(r) = status.take_report() else { continue };
-                let registered = status.registered.load(Ordering::Relaxed) == 1;
-                if registered && pacer.due(&r, start.elapsed()) {
-                    let msg = pon_proto::control::encode(&AgentMsg::Report(r));
-                    if let Err(e) = send.write_all(&msg).await {
-                        return Ended::Failed(failure_of_write(&e), format!("sending to the CU: {e}"));
-                    }
-                }
-                continue;
-            }
-            _ = Signals::wait(signals) => {
-                if let Some(bye) = session.goodbye() {
-                    let _ = send.write_all(&pon_proto::control::encode(&bye)).await;
-                    let _ = send.finish();
-                    // Give the goodbye a moment to leave; the CU would find
-                    // out from the silence anyway.
-                    let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
-                }
-                return Ended::Exit;
-            }
-        };
-        let chunk = match chunk {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                return Ended::Failed(Failure::Closed, "the CU closed the control stream".into())
-            }
-            Err(e) => {
-                return Ended::Failed(
-                    failure_of_read(&e),
-                    format!("connection to the CU lost: {e}"),
-                )
-            }
-        };
-        if let Err(e) = decoder.push(&chunk.bytes) {
-            status.counters.bad_messages.inc();
-            return Ended::Failed(Failure::BadMessage, format!("bad message from the CU: {e}"));
-        }
-        let mut changed = false;
+        let mut decoder = FrameDecoder::new(MAX_CU_FRAME);
+        let register_by = start.elapsed() + REGISTER_TIMEOUT;
+        // A new connection starts afresh: the first report goes at once.
+        let mut pacer = ReportPacer::default();
         loop {
-            let msg = match decoder.next_msg::<CuMsg>() {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(e) => {
+            let now = start.elapsed();
+            while let Some(SessionAction::Send(m)) = session.poll(now) {
+                if let Err(e) =
+                    crate::stream::write_frame(&mut send, &pon_proto::control::encode(&m)).await
+                {
+                    return lost(e, "sending to the CU");
+                }
+            }
+            let wake = match session.next_deadline() {
+                Some(t) => t,
+                None if now >= register_by => {
+                    return Ended::Failed(
+                        Failure::Timeout,
+                        format!(
+                            "no configuration from the CU within {} s",
+                            REGISTER_TIMEOUT.as_secs()
+                        ),
+                    )
+                }
+                None => register_by,
+            };
+            let read = tokio::select! {
+                r = recv.read_into(&mut decoder) => r,
+                _ = tokio::time::sleep_until((start + wake).into()) => continue,
+                _ = status.reports.ready.notified() => {
+                    let Some(r) = status.take_report() else { continue };
+                    let registered = status.registered.load(Ordering::Relaxed) == 1;
+                    if registered && pacer.due(&r, start.elapsed()) {
+                        let msg = pon_proto::control::encode(&AgentMsg::Report(r));
+                        if let Err(e) = crate::stream::write_frame(&mut send, &msg).await {
+                            return lost(e, "sending to the CU");
+                        }
+                    }
+                    continue;
+                }
+                _ = Signals::wait(signals) => {
+                    if let Some(bye) = session.goodbye() {
+                        let _ = crate::stream::write_frame(&mut send, &pon_proto::control::encode(&bye)).await;
+                        // Give the goodbye a moment to leave; the CU would
+                        // find out from the silence anyway.
+                        let _ = tokio::time::timeout(Duration::from_millis(500), send.end()).await;
+                    }
+                    return Ended::Exit;
+                }
+            };
+            match read {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Ended::Failed(
+                        Failure::Closed,
+                        "the CU closed the control stream".into(),
+                    )
+                }
+                Err(ReadFail::Bad(e)) => {
                     status.counters.bad_messages.inc();
                     return Ended::Failed(
                         Failure::BadMessage,
                         format!("bad message from the CU: {e}"),
                     );
                 }
-            };
-            match &msg {
-                CuMsg::Config(c) => {
-                    status.counters.configs.inc();
-                    status.id.store(c.id, Ordering::Relaxed);
-                    status.registered.store(1, Ordering::Relaxed);
-                    tracing::info!(id = c.id, peers = c.peers.len(), "registered with the CU");
-                }
-                CuMsg::Update(c) => {
-                    status.counters.updates.inc();
-                    tracing::debug!(changes = c.len(), "update from the CU");
-                }
-                _ => {}
+                Err(e) => return lost(e, "connection to the CU lost"),
             }
-            match session.received(msg, start.elapsed()) {
-                Ok(actions) => {
-                    for a in actions {
-                        match a {
-                            SessionAction::ViewChanged => changed = true,
-                            SessionAction::Recovered { outage, failures } => tracing::info!(
-                                outage_s = outage.as_secs_f64(),
-                                failures,
-                                "registered with the CU again after an outage"
-                            ),
-                            _ => {}
+            let mut changed = false;
+            loop {
+                let msg = match decoder.next_msg::<CuMsg>() {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        status.counters.bad_messages.inc();
+                        return Ended::Failed(
+                            Failure::BadMessage,
+                            format!("bad message from the CU: {e}"),
+                        );
+                    }
+                };
+                match &msg {
+                    CuMsg::Config(c) => {
+                        status.counters.configs.inc();
+                        status.id.store(c.id, Ordering::Relaxed);
+                        status.registered.store(1, Ordering::Relaxed);
+                        tracing::info!(id = c.id, peers = c.peers.len(), "registered with the CU");
+                        // Registered: the CU now takes relayed sessions on
+                        // this connection.
+                        if let Some((conn, publish)) = relay {
+                            publish.send_replace(Some(conn.clone()));
                         }
                     }
+                    CuMsg::Update(c) => {
+                        status.counters.updates.inc();
+                        tracing::debug!(changes = c.len(), "update from the CU");
+                    }
+                    _ => {}
                 }
-                Err(refused) => return Ended::Failed(Failure::Refused, refused.to_string()),
+                match session.received(msg, start.elapsed()) {
+                    Ok(actions) => {
+                        for a in actions {
+                            match a {
+                                SessionAction::ViewChanged => changed = true,
+                                SessionAction::Recovered { outage, failures } => tracing::info!(
+                                    outage_s = outage.as_secs_f64(),
+                                    failures,
+                                    "registered with the CU again after an outage"
+                                ),
+                                _ => {}
+                            }
+                        }
+                    }
+                    Err(refused) => return Ended::Failed(Failure::Refused, refused.to_string()),
+                }
             }
-        }
-        if changed {
-            on_view(session.view());
+            if changed {
+                on_view(session.view());
+            }
         }
     }
 }

@@ -104,6 +104,12 @@ pub struct Limits {
     /// for its client; and agents far away are not held to a fixed number
     /// of handshakes per round trip.
     pub max_handshakes: u32,
+    /// Sessions one registered proxy may relay at once for its site's app
+    /// VMs (agents whose `[cu] relay` names it). A relayed session is a
+    /// stream of the proxy's own connection with TLS end to end inside:
+    /// it costs the CU about a third of an agent's own QUIC connection.
+    /// 0: proxies relay nothing.
+    pub relays_per_proxy: u32,
     /// Agents offline this long (seconds) are forgotten: record deleted,
     /// id and name free again (the name stays bound to its key). 0: never.
     /// A single CU only: replicas on etcd keep every record.
@@ -117,6 +123,7 @@ impl Default for Limits {
             connections_per_address: 4096,
             retry_above_handshakes: 256,
             max_handshakes: 64,
+            relays_per_proxy: 1024,
             forget_offline_after_s: 30 * 24 * 3600,
         }
     }

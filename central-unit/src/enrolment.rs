@@ -23,7 +23,7 @@ pub struct Credentials {
     ca: PathBuf,
     identity: Arc<Identity>,
     /// Enrolled already: the configuration with the certificate.
-    ready: Option<quinn::ClientConfig>,
+    ready: Option<Ready>,
     /// Not enrolled: what to ask the CU.
     enrol: Option<Enrol>,
 }
@@ -65,13 +65,17 @@ impl Credentials {
         Ok(c)
     }
 
-    fn with_certificate(&self, pem: &str) -> Result<quinn::ClientConfig, ClientError> {
+    fn with_certificate(&self, pem: &str) -> Result<Ready, ClientError> {
         let chain = tls::certs_from_pem(pem).map_err(|why| ClientError::Certificate {
             path: self.identity.certificate_path().display().to_string(),
             why,
         })?;
         let cert = ClientCert::new(chain, self.identity.tls_key_der());
-        Ok(tls::client_config(&self.ca, CU_IDLE_TIMEOUT, Some(cert))?)
+        let tls = tls::client_tls(&self.ca, Some(cert))?;
+        Ok(Ready {
+            quic: tls::quic_client(tls.clone(), CU_IDLE_TIMEOUT)?,
+            tls: Arc::new(tls),
+        })
     }
 
     /// The QUIC configuration with this agent's certificate, enrolling
@@ -91,7 +95,7 @@ impl Credentials {
         server_name: &str,
         status: &ClientStatus,
         attempt: &mut usize,
-    ) -> Result<quinn::ClientConfig, String> {
+    ) -> Result<Ready, String> {
         if let Some(q) = self.ready {
             return Ok(q);
         }
@@ -161,6 +165,13 @@ impl Credentials {
 }
 
 /// A failed request to the CU, with the reason it is counted under.
+/// An enrolled agent's TLS set-up: over QUIC to the CU, and as it is for
+/// a session its proxy relays.
+pub struct Ready {
+    pub quic: quinn::ClientConfig,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
 pub enum Attempt {
     /// Retrying cannot help (certificate problems, a `[cu]` section that
     /// cannot make a connection).

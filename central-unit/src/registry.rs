@@ -427,6 +427,26 @@ impl Registry {
         self.by_conn.get(&conn).copied()
     }
 
+    /// Whether the agent on `via` may relay a session of `cloud`'s: it is
+    /// a registered proxy of that cloud. An app VM's session goes through
+    /// its own site's proxies only, so a proxy cannot pass off another
+    /// cloud's agents (nor anyone who is not a proxy relay at all).
+    pub fn may_relay(&self, via: ConnId, cloud: &str) -> Result<(), String> {
+        let Some(e) = self.by_conn.get(&via).and_then(|id| self.agents.get(id)) else {
+            return Err("the relaying proxy is not registered".into());
+        };
+        if !matches!(e.info.endpoints, Endpoints::Proxy { .. }) {
+            return Err("relayed by an agent that is not a proxy".into());
+        }
+        if e.info.cloud != cloud {
+            return Err(format!(
+                "cloud {cloud:?} relayed by a proxy of cloud {:?}",
+                e.info.cloud
+            ));
+        }
+        Ok(())
+    }
+
     /// Proxies connected now, by id: who may report measurements (PMon)
     /// and what the ids of a report name.
     pub fn online_proxies(&self) -> BTreeMap<u32, pon_proto::pmon::ProxyRef> {

@@ -14,6 +14,7 @@ use crate::pki::Ca;
 use crate::pmon_service::{self, PmonStats};
 use crate::registry::{Action, AdminDone, ConnId, Outgoing, Record, Refusal, Registry};
 use crate::store::{Backend, PendingWrites, Store};
+use crate::stream::{self, FrameSink, FrameSource, ReadFail};
 use crate::trust::{Grants, KeyId};
 use crate::wall_ms;
 use anyhow::Context;
@@ -27,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// A new connection must register within this time.
@@ -73,6 +75,7 @@ pon_telemetry::counters! {
         bad_unexpected => ("pon_cu_bad_messages_total", "reason=\"unexpected\"", "Connections dropped for a bad message, by reason."),
         register_timeouts => ("pon_cu_timeouts_total", "stage=\"register\"", "Connections dropped for being too slow."),
         stalled => ("pon_cu_timeouts_total", "stage=\"write\"", "Connections dropped for being too slow."),
+        relayed_idle => ("pon_cu_timeouts_total", "stage=\"relayed_idle\"", "Connections dropped for being too slow."),
         handshake_failures => ("pon_cu_handshake_failures_total", "", "QUIC/TLS handshakes that failed."),
         retries => ("pon_cu_quic_retries_total", "", "New connections asked to prove their address first (QUIC Retry), because too many handshakes were in progress."),
         per_address => ("pon_cu_connections_refused_total", "reason=\"per_address\"", "New connections refused before their handshake, by reason."),
@@ -95,6 +98,9 @@ pub struct CuStats {
     pub known: AtomicU64,
     pub online: AtomicU64,
     pub connections: AtomicU64,
+    /// Agents' sessions relayed by their site proxies (on the proxies'
+    /// connections).
+    pub relayed: AtomicU64,
     /// Connections accepted whose handshake is not over.
     pub handshakes: AtomicU64,
     /// Handshakes established since the start.
@@ -109,6 +115,11 @@ pub struct CuStats {
 }
 
 impl CuStats {
+    /// Agents' sessions: direct connections and relayed ones.
+    pub fn sessions(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed) + self.relayed.load(Ordering::Relaxed)
+    }
+
     /// Notes an established connection's round trip for the admission.
     fn observe_rtt(&self, rtt: Duration) {
         let sample = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
@@ -160,6 +171,12 @@ impl CuStats {
             "",
             "Open agent connections.",
             g(&self.connections),
+        );
+        w.gauge(
+            "pon_cu_relayed_sessions",
+            "",
+            "Agents' sessions relayed by their site proxies, on the proxies' connections.",
+            g(&self.relayed),
         );
         w.gauge(
             "pon_cu_handshakes",
@@ -222,7 +239,30 @@ enum WriterMsg {
 struct ConnHandle {
     tx: mpsc::Sender<WriterMsg>,
     resync: Arc<AtomicBool>,
-    conn: quinn::Connection,
+    peer: Peer,
+    /// A proxy's connection: told when its registration is accepted, from
+    /// when on it may relay its site's app VMs' sessions.
+    on_registered: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// How the CU ends an agent's session from outside its tasks.
+#[derive(Clone)]
+enum Peer {
+    /// The agent's own QUIC connection.
+    Quic(quinn::Connection),
+    /// TLS inside a stream its site proxy relays: the session's reader
+    /// watches this and ends the session (the proxy's connection and the
+    /// other sessions on it carry on).
+    Relayed(Arc<tokio::sync::Notify>),
+}
+
+impl Peer {
+    fn close(&self, code: u32, reason: &[u8]) {
+        match self {
+            Peer::Quic(c) => c.close(code.into(), reason),
+            Peer::Relayed(end) => end.notify_one(),
+        }
+    }
 }
 
 enum Event {
@@ -231,11 +271,14 @@ enum Event {
         key: Option<KeyId>,
         reg: control::Register,
         handle: ConnHandle,
+        /// The proxy connection that relays it, if relayed.
+        via: Option<ConnId>,
     },
     Enrol {
         conn: ConnId,
         enrol: control::Enrol,
         handle: ConnHandle,
+        via: Option<ConnId>,
     },
     Admin {
         conn: ConnId,
@@ -390,7 +433,15 @@ pub async fn serve(
         from_replicas,
         stats.clone(),
     ));
-    let next_conn = Arc::new(AtomicU64::new(1));
+    let shared = Arc::new(Shared {
+        events: events_tx.clone(),
+        stats: stats.clone(),
+        next_conn: AtomicU64::new(1),
+        relay_tls: crate::tls::relay_server_config(&cfg.cert, &cfg.key, &cfg.ca)
+            .context("loading the CU certificate")?,
+        relays_per_proxy: cfg.limits.relays_per_proxy,
+        relayed_idle: idle,
+    });
     let per_address = Arc::new(crate::per_address::PerAddress::new(
         cfg.limits.connections_per_address,
     ));
@@ -435,14 +486,8 @@ pub async fn serve(
             incoming.refuse();
             continue;
         };
-        let id = next_conn.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(connection(
-            incoming,
-            id,
-            events_tx.clone(),
-            stats.clone(),
-            slot,
-        ));
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(connection(incoming, id, shared.clone(), slot));
     }
     actor.abort();
     Ok(())
@@ -612,15 +657,34 @@ fn handle_event(
             key,
             reg,
             handle,
+            via,
         } => {
             handles.insert(conn, handle);
             let (cloud, name, role) = (reg.cloud.clone(), reg.name.clone(), reg.role.clone());
+            if let Some(via) = via {
+                let proxy = matches!(reg.endpoints, Endpoints::Proxy { .. });
+                if let Some(refused) = refuse_relay(registry, via, conn, &cloud, proxy) {
+                    refused_as(
+                        stats,
+                        Refusal::Relay,
+                        "registration",
+                        &cloud,
+                        &name,
+                        &refused,
+                    );
+                    return refused;
+                }
+            }
             let (actions, refused) = registry.register(conn, key, reg, now, wall_ms());
             match refused {
                 None => {
                     stats.counters.registrations.inc();
                     let id = registry.id_of(conn).unwrap_or(0);
-                    tracing::info!(id, %cloud, %name, %role, "agent registered");
+                    if let Some(told) = handles.get_mut(&conn).and_then(|h| h.on_registered.take())
+                    {
+                        let _ = told.send(());
+                    }
+                    tracing::info!(id, %cloud, %name, %role, relayed = via.is_some(), "agent registered");
                 }
                 Some(why) => refused_as(stats, why, "registration", &cloud, &name, &actions),
             }
@@ -630,9 +694,17 @@ fn handle_event(
             conn,
             enrol,
             handle,
+            via,
         } => {
             handles.insert(conn, handle);
             let (cloud, name, role) = (enrol.cloud.clone(), enrol.name.clone(), enrol.role.clone());
+            if let Some(via) = via {
+                let proxy = role.split('.').next() == Some("PROXY");
+                if let Some(refused) = refuse_relay(registry, via, conn, &cloud, proxy) {
+                    refused_as(stats, Refusal::Relay, "enrolment", &cloud, &name, &refused);
+                    return refused;
+                }
+            }
             let (actions, done) = registry.enrol(conn, enrol, wall_ms(), ca);
             match done {
                 Ok(_) => {
@@ -722,6 +794,29 @@ fn handle_event(
     }
 }
 
+/// What to do with a session relayed by `via` for `cloud` that the relay
+/// may not carry (see `Registry::may_relay`); None: it may.
+fn refuse_relay(
+    registry: &Registry,
+    via: ConnId,
+    conn: ConnId,
+    cloud: &str,
+    proxy: bool,
+) -> Option<Vec<Action>> {
+    let why = if proxy {
+        "a proxy registers on its own connection, not through a relay".to_string()
+    } else {
+        registry.may_relay(via, cloud).err()?
+    };
+    Some(vec![
+        Action::Send {
+            conn,
+            msg: Outgoing::Refused(why.clone()),
+        },
+        Action::Close { conn, reason: why },
+    ])
+}
+
 /// Counts and logs a refusal, with the text the peer was sent.
 fn refused_as(
     stats: &CuStats,
@@ -793,7 +888,7 @@ fn execute(
         Action::Close { conn, reason } => {
             let Some(h) = handles.get(&conn) else { return };
             if h.tx.try_send(WriterMsg::Close(reason.clone())).is_err() {
-                h.conn.close(close_code::BY_CU.into(), reason.as_bytes());
+                h.peer.close(close_code::BY_CU, reason.as_bytes());
             }
         }
     }
@@ -813,32 +908,9 @@ fn execute_pmon(out: Vec<pmon_service::Out>, handles: &HashMap<ConnId, ConnHandl
         };
         let _ = h.tx.try_send(WriterMsg::Msg(Box::new(msg)));
         if last && h.tx.try_send(WriterMsg::Close("done".into())).is_err() {
-            h.conn.close(close_code::BY_CU.into(), b"done");
+            h.peer.close(close_code::BY_CU, b"done");
         }
     }
-}
-
-/// Reads one message; `Ok(None)` at a clean end of stream.
-async fn read_msg(
-    recv: &mut quinn::RecvStream,
-    dec: &mut FrameDecoder,
-) -> Result<Option<AgentMsg>, ReadFail> {
-    loop {
-        if let Some(m) = dec.next_msg::<AgentMsg>().map_err(ReadFail::Bad)? {
-            return Ok(Some(m));
-        }
-        match recv.read_chunk(MAX_AGENT_FRAME, true).await {
-            Ok(Some(c)) => dec.push(&c.bytes).map_err(ReadFail::Bad)?,
-            Ok(None) if dec.pending() == 0 => return Ok(None),
-            Ok(None) => return Err(ReadFail::Bad(ControlError::Truncated(dec.pending()))),
-            Err(_) => return Err(ReadFail::Lost),
-        }
-    }
-}
-
-enum ReadFail {
-    Bad(ControlError),
-    Lost,
 }
 
 fn count_bad(stats: &CuStats, e: &ControlError) {
@@ -864,38 +936,85 @@ impl Drop for Handshaking<'_> {
     }
 }
 
-struct ConnGuard<'a>(&'a CuStats);
-impl Drop for ConnGuard<'_> {
+/// Takes one off a gauge when dropped.
+struct Gauge<'a>(&'a AtomicU64);
+impl Drop for Gauge<'_> {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Runs a handshake (QUIC's, or TLS inside a relayed stream) counted as
+/// in progress, within `HANDSHAKE_TIMEOUT`; None if it failed (counted).
+async fn handshake<T, E: std::fmt::Display>(
+    stats: &CuStats,
+    hs: impl std::future::Future<Output = Result<T, E>>,
+    failed: &str,
+) -> Option<T> {
+    let handshaking = Handshaking::new(stats);
+    let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await;
+    drop(handshaking);
+    match done {
+        Ok(Ok(t)) => {
+            stats.handshakes_established.fetch_add(1, Ordering::Relaxed);
+            Some(t)
+        }
+        Ok(Err(e)) => {
+            stats.counters.handshake_failures.inc();
+            tracing::debug!(error = %e, "{failed}");
+            None
+        }
+        Err(_) => {
+            stats.counters.handshake_failures.inc();
+            None
+        }
+    }
+}
+
+/// What every connection task shares.
+struct Shared {
+    events: mpsc::Sender<Event>,
+    stats: Arc<CuStats>,
+    next_conn: AtomicU64,
+    /// TLS for sessions proxies relay.
+    relay_tls: Arc<rustls::ServerConfig>,
+    /// Sessions one proxy may relay at once.
+    relays_per_proxy: u32,
+    /// A relayed session silent this long is gone: what a direct one's
+    /// QUIC idle timeout is (its agent heartbeats well within it).
+    relayed_idle: Duration,
+}
+
+/// Who is at the other end of a session, for its task.
+struct SessionOf {
+    id: ConnId,
+    key: Option<KeyId>,
+    /// The agent's address; a relayed one's is its proxy's.
+    remote: std::net::SocketAddr,
+    peer: Peer,
+    /// The proxy connection relaying it.
+    via: Option<ConnId>,
 }
 
 async fn connection(
     incoming: quinn::Incoming,
     id: ConnId,
-    events: mpsc::Sender<Event>,
-    stats: Arc<CuStats>,
+    shared: Arc<Shared>,
     _slot: crate::per_address::AddressSlot,
 ) {
-    let handshaking = Handshaking::new(&stats);
-    let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            stats.counters.handshake_failures.inc();
-            tracing::debug!(error = %e, "handshake failed");
-            return;
-        }
-        Err(_) => {
-            stats.counters.handshake_failures.inc();
-            return;
-        }
+    let stats = &shared.stats;
+    let Some(conn) = handshake(
+        stats,
+        std::future::IntoFuture::into_future(incoming),
+        "handshake failed",
+    )
+    .await
+    else {
+        return;
     };
-    drop(handshaking);
-    stats.handshakes_established.fetch_add(1, Ordering::Relaxed);
     stats.observe_rtt(conn.rtt());
     stats.connections.fetch_add(1, Ordering::Relaxed);
-    let _guard = ConnGuard(&stats);
+    let _guard = Gauge(&stats.connections);
     let remote = conn.remote_address();
     // The TLS layer checked the chain against our CA; what identifies the
     // peer is its key.
@@ -912,69 +1031,200 @@ async fn connection(
         }
     };
     let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
-    let timeout = |what: &str| {
-        stats.counters.register_timeouts.inc();
-        tracing::debug!(%remote, "{what}");
-        conn.close(
-            close_code::TIMEOUT.into(),
-            format!("no registration within {} s", REGISTER_TIMEOUT.as_secs()).as_bytes(),
-        );
-    };
-    let (send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+    let (send, recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => return,
-        Err(_) => return timeout("no control stream"),
+        Err(_) => {
+            stats.counters.register_timeouts.inc();
+            conn.close(close_code::TIMEOUT.into(), b"no control stream");
+            return;
+        }
     };
+    let of = SessionOf {
+        id,
+        key,
+        remote,
+        peer: Peer::Quic(conn.clone()),
+        via: None,
+    };
+    session(of, send, recv, deadline, &shared, Some(&conn)).await;
+}
+
+/// A registered proxy's connection: every further stream its proxy opens
+/// carries one app VM's session, TLS end to end inside it. Until the
+/// registration is accepted the connection allows one stream, so nobody
+/// else gets here.
+async fn relays(
+    conn: quinn::Connection,
+    via: ConnId,
+    registered: tokio::sync::oneshot::Receiver<()>,
+    shared: Arc<Shared>,
+) {
+    if registered.await.is_err() || shared.relays_per_proxy == 0 {
+        return;
+    }
+    conn.set_max_concurrent_bi_streams(
+        (1 + u64::from(shared.relays_per_proxy))
+            .try_into()
+            .unwrap_or(quinn::VarInt::MAX),
+    );
+    let stats = &shared.stats;
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        // A relayed handshake costs what a direct one does: the same
+        // admission (its agent backs off and comes back, as when refused).
+        let limit = stats.handshake_limit.load(Ordering::Relaxed).max(1);
+        if stats.handshakes.load(Ordering::Relaxed) >= limit {
+            stats.counters.busy.inc();
+            let _ = send.reset(close_code::BUSY.into());
+            let _ = recv.stop(close_code::BUSY.into());
+            continue;
+        }
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(relayed(
+            send,
+            recv,
+            id,
+            via,
+            conn.remote_address(),
+            shared.clone(),
+        ));
+    }
+}
+
+/// One relayed session: its TLS handshake, then the session as over QUIC.
+/// (Boxed with its type spelled out: a session spawns a proxy's relays,
+/// which spawn relayed sessions, and only a named type ends that cycle.)
+fn relayed(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    id: ConnId,
+    via: ConnId,
+    remote: std::net::SocketAddr,
+    shared: Arc<Shared>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let stats = &shared.stats;
+        let acceptor = tokio_rustls::TlsAcceptor::from(shared.relay_tls.clone());
+        let accept = acceptor.accept(tokio::io::join(recv, send));
+        let Some(tls) = handshake(stats, accept, "relayed handshake failed").await else {
+            return;
+        };
+        stats.relayed.fetch_add(1, Ordering::Relaxed);
+        let _guard = Gauge(&stats.relayed);
+        let key = match tls.get_ref().1.peer_certificates() {
+            None => None,
+            Some(chain) => match chain.first().map(|c| crate::pki::key_of_certificate(c)) {
+                Some(Ok(k)) => Some(k),
+                _ => {
+                    stats.counters.handshake_failures.inc();
+                    tracing::warn!(%remote, "unreadable client certificate on a relayed session");
+                    return;
+                }
+            },
+        };
+        let (r, w) = tokio::io::split(tls);
+        let of = SessionOf {
+            id,
+            key,
+            remote,
+            peer: Peer::Relayed(Arc::new(tokio::sync::Notify::new())),
+            via: Some(via),
+        };
+        let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
+        session(of, w, stream::Bytes(r), deadline, &shared, None).await;
+    })
+}
+
+/// An agent's session, direct or relayed: its first message (by
+/// `deadline`), then its messages until it ends, with a writer task for
+/// what the CU sends it. `conn`: its own QUIC connection, if direct.
+async fn session<W: FrameSink + 'static>(
+    of: SessionOf,
+    send: W,
+    mut recv: impl FrameSource,
+    deadline: tokio::time::Instant,
+    shared: &Arc<Shared>,
+    conn: Option<&quinn::Connection>,
+) {
+    let (stats, events) = (&shared.stats, &shared.events);
+    let SessionOf {
+        id,
+        key,
+        remote,
+        peer,
+        via,
+    } = of;
     let mut dec = FrameDecoder::new(MAX_AGENT_FRAME);
     let bad = |e: &ControlError| {
-        count_bad(&stats, e);
+        count_bad(stats, e);
         tracing::warn!(%remote, error = %e, "dropping connection: bad message");
-        conn.close(close_code::PROTOCOL.into(), e.to_string().as_bytes());
+        peer.close(close_code::PROTOCOL, e.to_string().as_bytes());
     };
-    let first = match tokio::time::timeout_at(deadline, read_msg(&mut recv, &mut dec)).await {
-        Err(_) => return timeout("no registration"),
+    let first = match tokio::time::timeout_at(deadline, stream::read_msg(&mut recv, &mut dec)).await
+    {
+        Err(_) => {
+            stats.counters.register_timeouts.inc();
+            tracing::debug!(%remote, "no registration");
+            peer.close(
+                close_code::TIMEOUT,
+                format!("no registration within {} s", REGISTER_TIMEOUT.as_secs()).as_bytes(),
+            );
+            return;
+        }
         Ok(Err(ReadFail::Bad(e))) => return bad(&e),
-        Ok(Err(ReadFail::Lost)) | Ok(Ok(None)) => return,
+        Ok(Err(ReadFail::Lost(..))) | Ok(Ok(None)) => return,
         Ok(Ok(Some(m))) => m,
     };
     let (tx, rx) = mpsc::channel(WRITER_QUEUE);
     let resync = Arc::new(AtomicBool::new(false));
-    let handle = ConnHandle {
+    let mut handle = ConnHandle {
         tx,
         resync: resync.clone(),
-        conn: conn.clone(),
+        peer: peer.clone(),
+        on_registered: None,
     };
     // A proxy that left its address to us: its connection's address is its
     // address, also when its NAT maps it elsewhere later (QUIC follows).
     let mut observed = false;
-    let ev = match first {
-        AgentMsg::Register(mut reg) => {
-            observed =
-                matches!(reg.endpoints, Endpoints::Proxy { pon, .. } if pon.ip().is_unspecified());
-            reg.endpoints = crate::registry::with_observed_address(reg.endpoints, remote.ip());
+    let ev = match (first, via) {
+        (AgentMsg::Register(mut reg), _) => {
+            if let (Some(conn), Endpoints::Proxy { pon, .. }) = (conn, &reg.endpoints) {
+                observed = pon.ip().is_unspecified();
+                let (told, registered) = tokio::sync::oneshot::channel();
+                handle.on_registered = Some(told);
+                tokio::spawn(relays(conn.clone(), id, registered, shared.clone()));
+            }
+            if via.is_none() {
+                reg.endpoints = crate::registry::with_observed_address(reg.endpoints, remote.ip());
+            }
             Event::Register {
                 conn: id,
                 key,
                 reg,
                 handle,
+                via,
             }
         }
-        AgentMsg::Enrol(enrol) => Event::Enrol {
+        (AgentMsg::Enrol(enrol), _) => Event::Enrol {
             conn: id,
             enrol,
             handle,
+            via,
         },
-        AgentMsg::Admin { version, request } => Event::Admin {
+        (AgentMsg::Admin { version, request }, None) => Event::Admin {
             conn: id,
             key,
             version,
             request,
             handle,
         },
-        AgentMsg::Subscribe {
-            version,
-            subscription,
-        } => Event::Subscribe {
+        (
+            AgentMsg::Subscribe {
+                version,
+                subscription,
+            },
+            None,
+        ) => Event::Subscribe {
             conn: id,
             key,
             version,
@@ -982,9 +1232,12 @@ async fn connection(
             handle,
         },
         _ => {
-            let e = ControlError::Malformed("the first message must be Register".into());
             stats.counters.bad_unexpected.inc();
-            conn.close(close_code::PROTOCOL.into(), e.to_string().as_bytes());
+            let why = match via {
+                None => "the first message must be Register",
+                Some(_) => "a relayed session may only register or enrol",
+            };
+            peer.close(close_code::PROTOCOL, why.as_bytes());
             return;
         }
     };
@@ -992,7 +1245,8 @@ async fn connection(
         send,
         rx,
         resync,
-        conn.clone(),
+        peer.clone(),
+        remote,
         id,
         events.clone(),
         stats.clone(),
@@ -1002,14 +1256,38 @@ async fn connection(
     }
     let mut goodbye = false;
     let mut seen_at = remote.ip();
+    // A relayed session has no QUIC idle timeout of its own (its proxy's
+    // connection lives on): an agent silent for longer than an idle
+    // connection would be is gone.
+    let idle = match &peer {
+        Peer::Quic(_) => None,
+        Peer::Relayed(end) => Some(end.clone()),
+    };
     loop {
-        match read_msg(&mut recv, &mut dec).await {
+        let read = stream::read_msg(&mut recv, &mut dec);
+        let got = match &idle {
+            None => read.await,
+            Some(end) => tokio::select! {
+                r = tokio::time::timeout(shared.relayed_idle, read) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        stats.counters.relayed_idle.inc();
+                        break;
+                    }
+                },
+                _ = end.notified() => break,
+            },
+        };
+        match got {
             Ok(Some(AgentMsg::Heartbeat)) => {
                 if events.send(Event::Heartbeat(id)).await.is_err() {
                     return;
                 }
+                let Some(conn) = conn.filter(|_| observed) else {
+                    continue;
+                };
                 let now_at = conn.remote_address().ip();
-                if observed && now_at != seen_at {
+                if now_at != seen_at {
                     seen_at = now_at;
                     let moved = Event::Moved {
                         conn: id,
@@ -1024,7 +1302,7 @@ async fn connection(
                 goodbye = true;
                 break;
             }
-            Ok(Some(AgentMsg::Report(report))) => {
+            Ok(Some(AgentMsg::Report(report))) if via.is_none() => {
                 // Whose it is, the actor decides from the registration.
                 if events
                     .send(Event::Report { conn: id, report })
@@ -1036,13 +1314,13 @@ async fn connection(
             }
             Ok(Some(_)) => {
                 stats.counters.bad_unexpected.inc();
-                conn.close(
-                    close_code::PROTOCOL.into(),
+                peer.close(
+                    close_code::PROTOCOL,
                     b"unexpected message after registration",
                 );
                 break;
             }
-            Ok(None) | Err(ReadFail::Lost) => break,
+            Ok(None) | Err(ReadFail::Lost(..)) => break,
             Err(ReadFail::Bad(e)) => {
                 bad(&e);
                 break;
@@ -1078,11 +1356,13 @@ fn to_msg(o: Outgoing) -> CuMsg {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn writer(
-    mut send: quinn::SendStream,
+    mut send: impl FrameSink,
     mut rx: mpsc::Receiver<WriterMsg>,
     resync: Arc<AtomicBool>,
-    conn: quinn::Connection,
+    peer: Peer,
+    remote: std::net::SocketAddr,
     id: ConnId,
     events: mpsc::Sender<Event>,
     stats: Arc<CuStats>,
@@ -1094,7 +1374,7 @@ async fn writer(
         // once, while during a burst of joins each agent gets one frame per
         // window instead of a packet per join (the cost that grows with the
         // square of the population).
-        let window = coalesce_window(stats.connections.load(Ordering::Relaxed));
+        let window = coalesce_window(stats.sessions());
         if let Some(at) = last_flush.map(|t| t + window) {
             if at > tokio::time::Instant::now() {
                 tokio::time::sleep_until(at).await;
@@ -1144,23 +1424,26 @@ async fn writer(
         }
         flush(&mut changes, &mut frames);
         last_flush = Some(tokio::time::Instant::now());
-        for f in frames {
-            match tokio::time::timeout(STALL_TIMEOUT, send.write_all(&f)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    stats.counters.stalled.inc();
-                    tracing::warn!(remote = %conn.remote_address(), "agent does not read its updates; closing");
-                    conn.close(close_code::TIMEOUT.into(), b"stalled: updates not read");
-                    return;
-                }
+        let written = async {
+            for f in &frames {
+                send.write_all(f).await?;
+            }
+            send.flush().await
+        };
+        match tokio::time::timeout(STALL_TIMEOUT, written).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                stats.counters.stalled.inc();
+                tracing::warn!(%remote, "agent does not read its updates; closing");
+                peer.close(close_code::TIMEOUT, b"stalled: updates not read");
+                return;
             }
         }
         if let Some(reason) = close {
-            let _ = send.finish();
             // Let the last frames (e.g. a refusal) reach the agent first.
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            conn.close(close_code::BY_CU.into(), reason.as_bytes());
+            send.end().await;
+            peer.close(close_code::BY_CU, reason.as_bytes());
             return;
         }
         if resync.swap(false, Ordering::Relaxed) && events.send(Event::Resync(id)).await.is_err() {

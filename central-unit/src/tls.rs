@@ -18,6 +18,9 @@ pub mod close_code {
     pub const BY_CU: u32 = 1;
     pub const PROTOCOL: u32 = 2;
     pub const TIMEOUT: u32 = 3;
+    /// A relayed session's stream refused before its handshake: too many
+    /// in progress (its agent backs off and comes back).
+    pub const BUSY: u32 = 4;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,13 +109,13 @@ impl ClientCert {
     }
 }
 
-/// Client side: trust exactly the CA in `ca_pem`; present `cert` if given
-/// (an agent without one can only enrol).
-pub fn client_config(
+/// The TLS half of a client's set-up: trust exactly the CA in `ca_pem`;
+/// present `cert` if given (an agent without one can only enrol). QUIC
+/// wraps it; a relayed session runs it over its proxy's stream as it is.
+pub fn client_tls(
     ca_pem: &Path,
-    idle: Duration,
     cert: Option<ClientCert>,
-) -> Result<quinn::ClientConfig, TlsError> {
+) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca_pem)?);
@@ -121,6 +124,23 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// Client side, over QUIC: see [`client_tls`].
+pub fn client_config(
+    ca_pem: &Path,
+    idle: Duration,
+    cert: Option<ClientCert>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    quic_client(client_tls(ca_pem, cert)?, idle)
+}
+
+/// Wraps a client's TLS set-up for QUIC.
+pub fn quic_client(
+    tls: rustls::ClientConfig,
+    idle: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
     let quic = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
     let mut transport = transport(idle)?;
@@ -171,13 +191,28 @@ pub fn server_config_for_members(
     server_config_with(cert_pem, key_pem, ca_pem, idle, false)
 }
 
-fn server_config_with(
+/// The CU's TLS set-up for sessions its agents' proxies relay: the same
+/// certificate and client verification as over QUIC (a certificate of the
+/// CA, or none to enrol), run inside the relayed stream end to end, so the
+/// proxy carrying it reads and forges nothing.
+pub fn relay_server_config(
     cert_pem: &Path,
     key_pem: &Path,
     ca_pem: &Path,
-    idle: Duration,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let mut tls = server_tls(cert_pem, key_pem, ca_pem, true)?;
+    // No resumption tickets: an agent reconnects rarely, and each ticket
+    // is bytes on every relayed handshake of a storm.
+    tls.send_tls13_tickets = 0;
+    Ok(Arc::new(tls))
+}
+
+fn server_tls(
+    cert_pem: &Path,
+    key_pem: &Path,
+    ca_pem: &Path,
     anonymous: bool,
-) -> Result<quinn::ServerConfig, TlsError> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let certs = load_certs(cert_pem, "CU certificate")?;
     let key = PrivateKeyDer::from_pem_file(key_pem).map_err(|e| TlsError::Pem {
         what: "CU key",
@@ -199,6 +234,17 @@ fn server_config_with(
         .with_client_cert_verifier(clients)
         .with_single_cert(certs, key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+fn server_config_with(
+    cert_pem: &Path,
+    key_pem: &Path,
+    ca_pem: &Path,
+    idle: Duration,
+    anonymous: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = server_tls(cert_pem, key_pem, ca_pem, anonymous)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     let mut transport = transport(idle)?;

@@ -137,10 +137,13 @@ pub enum Refusal {
     Invalid,
     /// The cloud has its `max_agents`.
     Quota,
+    /// Relayed by a proxy that may not carry it: of another cloud, or a
+    /// proxy's own registration (a proxy registers on its own connection).
+    Relay,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 16] = [
+    pub const ALL: [Refusal; 17] = [
         Refusal::Version,
         Refusal::Token,
         Refusal::TokenExpired,
@@ -157,6 +160,7 @@ impl Refusal {
         Refusal::NotAdmin,
         Refusal::Invalid,
         Refusal::Quota,
+        Refusal::Relay,
     ];
 
     pub fn label(self) -> &'static str {
@@ -177,6 +181,7 @@ impl Refusal {
             Refusal::NotAdmin => "not_admin",
             Refusal::Invalid => "invalid_register",
             Refusal::Quota => "cloud_quota",
+            Refusal::Relay => "bad_relay",
         }
     }
 }

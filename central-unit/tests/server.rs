@@ -854,3 +854,239 @@ async fn an_agent_that_falls_silent_is_closed_and_announced_gone() {
     assert_eq!(cu.stats.counters.leave_closed.get(), 0);
     hb_a.abort();
 }
+
+/// Cloud `n`'s proxy, registered.
+async fn proxy_of(cu: &Cu, token: &str, cloud: &str, n: u8) -> Agent {
+    join(
+        cu,
+        token,
+        cloud,
+        "proxy",
+        "PROXY",
+        Endpoints::proxy(addr(n, 1)),
+    )
+    .await
+}
+
+/// An app VM's session as its site proxy relays it: TLS to the CU inside a
+/// new stream of the proxy's connection (the proxy's relay only pipes the
+/// bytes of this stream to and from the VM's TCP connection).
+struct Relayed {
+    tls: tokio_rustls::client::TlsStream<tokio::io::Join<quinn::RecvStream, quinn::SendStream>>,
+    dec: FrameDecoder,
+}
+
+impl Relayed {
+    async fn open(cu: &Cu, proxy: &quinn::Connection, cert: Option<ClientCert>) -> Relayed {
+        let (send, recv) = tokio::time::timeout(Duration::from_secs(5), proxy.open_bi())
+            .await
+            .expect("the CU lets a registered proxy open relay streams")
+            .unwrap();
+        let tls = pon_cu::tls::client_tls(&cu.ca(), cert).unwrap();
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect("pon-cu".try_into().unwrap(), tokio::io::join(recv, send))
+            .await
+            .expect("TLS through the relay");
+        Relayed {
+            tls,
+            dec: FrameDecoder::new(MAX_CU_FRAME),
+        }
+    }
+
+    async fn send(&mut self, m: &AgentMsg) {
+        use tokio::io::AsyncWriteExt;
+        self.tls.write_all(&control::encode(m)).await.unwrap();
+        self.tls.flush().await.unwrap();
+    }
+
+    /// The next message, or None once the CU ended the session.
+    async fn next(&mut self) -> Option<CuMsg> {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = self.dec.next_msg::<CuMsg>().unwrap() {
+                return Some(m);
+            }
+            match tokio::time::timeout(Duration::from_secs(10), self.tls.read(&mut buf))
+                .await
+                .expect("the CU answers within 10 s")
+            {
+                Ok(n) if n > 0 => self.dec.push(&buf[..n]).unwrap(),
+                _ => return None,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_relays_its_own_clouds_app_vms_and_nothing_else() {
+    let cu = start().await;
+    let token = cu.token("*", "*", None).await;
+    // Before it is registered, and if it is not a proxy, a connection has
+    // its control stream and nothing more: no relay stream opens.
+    let vm_key = Key::new(12);
+    let vm_cert = enrol(&cu, &token, "a", "direct-vm", "APP", &vm_key)
+        .await
+        .unwrap();
+    let mut direct = Agent::connect(&cu, Some(vm_cert)).await;
+    direct
+        .send(&register(
+            "a",
+            "direct-vm",
+            "APP",
+            app(addr(1, 12)),
+            &vm_key,
+        ))
+        .await;
+    assert!(matches!(direct.next().await, Some(CuMsg::Config(_))));
+    let extra = tokio::time::timeout(Duration::from_secs(1), direct.conn.open_bi()).await;
+    assert!(
+        extra.is_err(),
+        "an app VM's connection opened a second stream"
+    );
+    let (_direct, direct_hb) = direct.keep_alive();
+
+    let proxy = proxy_of(&cu, &token, "a", 1).await;
+    let pconn = proxy.conn.clone();
+    let (mut pinbox, phb) = proxy.keep_alive();
+
+    // An app VM of the proxy's cloud, relayed: registered as if direct,
+    // and the proxy hears of it as of any app VM of its site.
+    let key = Key::new(11);
+    let cert = enrol(&cu, &token, "a", "vm", "APP", &key).await.unwrap();
+    let mut vm = Relayed::open(&cu, &pconn, Some(cert)).await;
+    vm.send(&register("a", "vm", "APP", app(addr(1, 11)), &key))
+        .await;
+    match vm.next().await {
+        Some(CuMsg::Config(c)) => assert!(c.id > 0),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cu.stats.relayed.load(Ordering::Relaxed), 1);
+    match pinbox.next().await {
+        Some(CuMsg::Update(ch)) => assert!(
+            ch.iter()
+                .any(|c| matches!(c, Change::Up(p) if p.info.name == "vm")),
+            "{ch:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+
+    // Another cloud's app VM through a's proxy: refused, counted.
+    let b_key = Key::new(21);
+    let b_cert = enrol(&cu, &token, "b", "vm", "APP", &b_key).await.unwrap();
+    let mut b_vm = Relayed::open(&cu, &pconn, Some(b_cert)).await;
+    b_vm.send(&register("b", "vm", "APP", app(addr(2, 11)), &b_key))
+        .await;
+    match b_vm.next().await {
+        Some(CuMsg::Refused(w)) => assert!(w.contains("relayed by a proxy of cloud"), "{w}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(b_vm.next().await.is_none(), "the refused session ended");
+    // A proxy's registration through a relay: refused (a proxy's address
+    // is its connection's, and it relays for others, not through them).
+    let p2_key = Key::new(31);
+    let p2_cert = enrol(&cu, &token, "a", "proxy2", "PROXY", &p2_key)
+        .await
+        .unwrap();
+    let mut p2 = Relayed::open(&cu, &pconn, Some(p2_cert)).await;
+    p2.send(&register(
+        "a",
+        "proxy2",
+        "PROXY",
+        Endpoints::proxy(addr(1, 2)),
+        &p2_key,
+    ))
+    .await;
+    match p2.next().await {
+        Some(CuMsg::Refused(w)) => assert!(w.contains("own connection"), "{w}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cu.refused(Refusal::Relay), 2);
+    // Administration through a relay: the session ends, nothing answered.
+    let bad_before = cu.stats.counters.bad_unexpected.get();
+    let mut admin = Relayed::open(&cu, &pconn, Some(cu.admin_cert())).await;
+    admin
+        .send(&AgentMsg::Admin {
+            version: PROTOCOL_VERSION,
+            request: AdminRequest::List,
+        })
+        .await;
+    assert!(admin.next().await.is_none());
+    assert_eq!(cu.stats.counters.bad_unexpected.get(), bad_before + 1);
+    // A certificate of another CA gets no session through a relay either.
+    let other = cu.dir.join("other-relay");
+    std::fs::create_dir_all(&other).unwrap();
+    let files = pon_cu::pki::InitFiles::in_dir(&other);
+    pon_cu::pki::init(&files, "pon-cu", &[], true).unwrap();
+    let foreign = ClientCert::from_files(&files.admin_cert, &files.admin_key).unwrap();
+    let failures = cu.stats.counters.handshake_failures.get();
+    let (send, recv) = pconn.open_bi().await.unwrap();
+    let tls = Arc::new(pon_cu::tls::client_tls(&cu.ca(), Some(foreign)).unwrap());
+    // (TLS 1.3: the client may finish its side before the CU has checked
+    // its certificate; then the first read fails.)
+    if let Ok(mut s) = tokio_rustls::TlsConnector::from(tls)
+        .connect("pon-cu".try_into().unwrap(), tokio::io::join(recv, send))
+        .await
+    {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the CU ends a foreign session within 10 s");
+        assert!(!matches!(read, Ok(n) if n > 0), "{read:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cu.stats.counters.handshake_failures.get() == failures {
+        assert!(
+            Instant::now() < deadline,
+            "the foreign handshake was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Through all that, the relayed VM and the proxy carry on: a goodbye
+    // on the relayed session reaches the proxy as the VM's leave.
+    vm.send(&AgentMsg::Goodbye).await;
+    match pinbox.next().await {
+        Some(CuMsg::Update(ch)) => {
+            assert!(ch.iter().any(|c| matches!(c, Change::Down(_))), "{ch:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cu.stats.counters.leave_goodbye.get(), 1);
+    phb.abort();
+    direct_hb.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_vm_is_gone_when_its_proxy_connection_is() {
+    let cu = start().await;
+    let token = cu.token("*", "*", None).await;
+    let watcher = proxy_of(&cu, &token, "b", 2).await;
+    let (mut winbox, whb) = watcher.keep_alive();
+    let proxy = proxy_of(&cu, &token, "a", 1).await;
+    let pconn = proxy.conn.clone();
+    let (_pinbox, phb) = proxy.keep_alive();
+    let key = Key::new(11);
+    let cert = enrol(&cu, &token, "a", "vm", "APP", &key).await.unwrap();
+    let mut vm = Relayed::open(&cu, &pconn, Some(cert)).await;
+    vm.send(&register("a", "vm", "APP", app(addr(1, 11)), &key))
+        .await;
+    assert!(matches!(vm.next().await, Some(CuMsg::Config(_))));
+    // b's proxy heard of a's proxy; a's VM concerns only a's own proxies.
+    assert!(matches!(winbox.next().await, Some(CuMsg::Update(_))));
+    // The proxy goes: its relayed session ends with it, and the VM is
+    // announced gone like any agent whose connection closed.
+    pconn.close(0u32.into(), b"bye");
+    assert!(vm.next().await.is_none());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cu.stats.relayed.load(Ordering::Relaxed) > 0 || cu.stats.counters.leave_closed.get() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the relayed VM was not announced gone"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    whb.abort();
+    phb.abort();
+}
