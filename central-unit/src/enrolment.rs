@@ -167,6 +167,7 @@ impl Credentials {
 /// A failed request to the CU, with the reason it is counted under.
 /// An enrolled agent's TLS set-up: over QUIC to the CU, and as it is for
 /// a session its proxy relays.
+#[derive(Clone)]
 pub struct Ready {
     pub quic: quinn::ClientConfig,
     pub tls: Arc<rustls::ClientConfig>,

@@ -5,7 +5,7 @@ daemon's default, and the TOML is written by the daemon's own config type (rende
 
 from . import cu, linkemu, renderer
 from .plan import AGENT_BINARY, CU_BINARY, LINKEMU_BINARY, PROXY_BINARY, daemon_names
-from .topology import (CU_NAME, ETCD_CLIENT_PORT, MTU, app_addr, cu_replica_addr,
+from .topology import (CU_NAME, ETCD_CLIENT_PORT, MTU, RELAY_PORT, app_addr, cu_replica_addr,
                        cu_replica_name, proxy_addr, proxy_id, proxy_number, public_addr,
                        relay_route)
 
@@ -55,9 +55,18 @@ def cu_client(lab, host, role):
         first = (host["site_index"] - 1) % replicas
         names = [cu_replica_name((first + j) % replicas + 1) for j in range(replicas)]
     addr = [f"{n}:{port}" for n in names] if len(names) > 1 else f"{names[0]}:{port}"
-    return {"addr": addr, "ca": str(cu.directory(lab) / "ca.pem"),
-            "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
-            "role": role}
+    cfg = {"addr": addr, "ca": str(cu.directory(lab) / "ca.pem"),
+           "token_file": str(cu.token_file(lab, host["site"], role)), "cloud": host["site"],
+           "role": role}
+    if lab.state["topology"].get("cu_relay"):
+        # Proxies relay their site's app VMs' sessions; app VMs go through them first.
+        if host["role"] == "proxy":
+            cfg["relay_listen"] = f"{host['address']}:{RELAY_PORT}"
+        else:
+            site = lab.site(host["site"])
+            cfg["relay"] = [f"{proxy_addr(host['site_index'], n)}:{RELAY_PORT}"
+                            for n in range(1, site.get("proxies", 1) + 1)]
+    return cfg
 
 
 def state_dir(lab, host, daemon):

@@ -81,7 +81,7 @@ def load_topology(path):
 
     check_keys(raw, ("encap", "ta_mtu", "offload", "site", "path", "link", "link_emulator", "cu",
                      "routing", "split", "split_agents", "tunnel", "encrypt_lan", "cu_names",
-                     "cu_replicas", "proxy_pmon"),
+                     "cu_replicas", "proxy_pmon", "cu_relay"),
                "top level")
     encrypt_lan = raw.get("encrypt_lan", False)
     # The names agents try for the CU, in order (default: just CU_NAME); only
@@ -128,6 +128,13 @@ def load_topology(path):
         fail("proxy_pmon", f"must be true or false, got {proxy_pmon!r}")
     if proxy_pmon and not cu:
         fail("proxy_pmon", "needs CU mode (no `cu = false`)")
+    # cu_relay = true: app VMs' CU sessions go through their site's proxies ([cu] relay,
+    # relay_listen on RELAY_PORT).
+    cu_relay = raw.get("cu_relay", False)
+    if not isinstance(cu_relay, bool):
+        fail("cu_relay", f"must be true or false, got {cu_relay!r}")
+    if cu_relay and not cu:
+        fail("cu_relay", "needs CU mode (no `cu = false`)")
     # cu_replicas >= 2: replicated CU on a three-member (N-member) etcd cluster.
     cu_replicas = raw.get("cu_replicas", 1)
     if type(cu_replicas) is not int or not 1 <= cu_replicas <= MAX_CU_REPLICAS:
@@ -245,7 +252,7 @@ def load_topology(path):
             "sites": sites, "paths": paths, "links": links, "link_emulator": emulator, "cu": cu,
             "routing": routing, "split": split, "split_agents": split_agents, "tunnel": tunnel,
             "encrypt_lan": encrypt_lan, "cu_names": cu_names, "cu_replicas": cu_replicas,
-            "proxy_pmon": proxy_pmon}
+            "proxy_pmon": proxy_pmon, "cu_relay": cu_relay}
 
 
 def check_link_value(key, value):
@@ -279,6 +286,10 @@ def site_net(index):
 
 def gateway_addr(index):
     return f"{site_net(index)}.254"
+
+
+# Where proxies listen for their site's app VMs' relayed CU sessions (cu_relay = true).
+RELAY_PORT = 7402
 
 
 def proxy_addr(index, n=1):

@@ -14,7 +14,9 @@
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use pon_cu::enrolment::Ready;
 use pon_cu::session::Backoff;
+use pon_cu::stream::{write_frame, Bytes, FrameSink, FrameSource};
 use pon_proto::control::{
     self, AgentMsg, Change, CuMsg, Encap, Endpoints, Enrol, FrameDecoder, PublicKey, Register,
     MAX_CU_FRAME, PROTOCOL_VERSION,
@@ -75,6 +77,12 @@ struct Args {
     /// time is bound by it (a handshake holds its place for a round trip).
     #[arg(long, default_value_t = 0)]
     rtt_ms: u64,
+    /// App VMs' sessions go through their site's proxy, as with `[cu]
+    /// relay`: a stream of the proxy's connection with TLS to the CU
+    /// inside (the bench plays the proxy's relay: it opens the stream on
+    /// the simulated proxy's connection).
+    #[arg(long)]
+    relayed: bool,
 }
 
 struct Probes {
@@ -96,6 +104,29 @@ struct Probes {
     /// Bumped when the CU is killed: every session ends at once, as a real
     /// agent's would within its 3 s idle timeout.
     cu_gone: tokio::sync::watch::Sender<u64>,
+    /// Per site: its proxy's connection while registered (what a proxy's
+    /// relay opens app VMs' streams on).
+    proxies: Vec<tokio::sync::watch::Sender<Option<quinn::Connection>>>,
+}
+
+/// How a simulated agent reaches the CU.
+#[derive(Clone, Copy)]
+enum Route {
+    Direct,
+    /// A proxy: its connection, once registered, relays site `.0`'s VMs.
+    Proxy(usize),
+    /// An app VM relayed by site `.0`'s proxy.
+    Relayed(usize),
+}
+
+impl Route {
+    fn of(reg: &Register, site: usize, relayed: bool) -> Route {
+        match &reg.endpoints {
+            Endpoints::Proxy { .. } => Route::Proxy(site),
+            Endpoints::App { .. } if relayed => Route::Relayed(site),
+            _ => Route::Direct,
+        }
+    }
 }
 
 /// The simulated agents' side of loopback: a client endpoint whose every
@@ -439,7 +470,7 @@ async fn enrol(
     ca: &Path,
     token: &str,
     reg: &Register,
-) -> Result<quinn::ClientConfig, String> {
+) -> Result<Ready, String> {
     use pon_cu::enrolment::{connect, request, Attempt};
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let csr = rcgen::CertificateParams::default()
@@ -471,8 +502,12 @@ async fn enrol(
             // A long idle timeout: ten thousand agents in one process on
             // shared cores may not be scheduled for seconds at a time (the
             // restart phase tells them when the CU is gone).
-            pon_cu::tls::client_config(ca, Duration::from_secs(30), Some(cert))
-                .map_err(|e| e.to_string())
+            let tls = pon_cu::tls::client_tls(ca, Some(cert)).map_err(|e| e.to_string())?;
+            Ok(Ready {
+                quic: pon_cu::tls::quic_client(tls.clone(), Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?,
+                tls: Arc::new(tls),
+            })
         }
         CuMsg::Refused(why) => Err(why),
         other => Err(format!("unexpected answer: {other:?}")),
@@ -489,7 +524,8 @@ async fn enrol(
 async fn agent(
     index: Option<usize>,
     ep: quinn::Endpoint,
-    tls: quinn::ClientConfig,
+    tls: Ready,
+    route: Route,
     cus: Arc<[SocketAddr]>,
     first: usize,
     reg: Register,
@@ -503,7 +539,24 @@ async fn agent(
     loop {
         let cu = cus[at % cus.len()];
         at += 1;
-        let configured = session(index, &ep, &tls, cu, &reg, &probes, &mut registered).await;
+        let configured = match route {
+            Route::Relayed(site) => {
+                relayed_session(index, &tls, site, &reg, &probes, &mut registered).await
+            }
+            _ => {
+                session(
+                    index,
+                    &ep,
+                    &tls.quic,
+                    route,
+                    cu,
+                    &reg,
+                    &probes,
+                    &mut registered,
+                )
+                .await
+            }
+        };
         if let Some(i) = index {
             probes.alive[i].store(false, Ordering::Relaxed);
         }
@@ -517,37 +570,37 @@ async fn agent(
     }
 }
 
+type Registered = Option<tokio::sync::oneshot::Sender<Result<(), String>>>;
+
+fn fail(registered: &mut Registered, why: String) {
+    if let Some(r) = registered.take() {
+        let _ = r.send(Err(why));
+    }
+}
+
 /// One connection: register, then read and heartbeat until it ends.
 /// Whether the CU sent a configuration on it.
+#[allow(clippy::too_many_arguments)]
 async fn session(
     index: Option<usize>,
     ep: &quinn::Endpoint,
     tls: &quinn::ClientConfig,
+    route: Route,
     cu: SocketAddr,
     reg: &Register,
     probes: &Probes,
-    registered: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    registered: &mut Registered,
 ) -> bool {
-    let fail = |registered: &mut Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
-                why: String| {
-        if let Some(r) = registered.take() {
-            let _ = r.send(Err(why));
-        }
-    };
     let run = async {
         let conn = ep
             .connect_with(tls.clone(), cu, "pon-cu")
             .map_err(|e| e.to_string())?
             .await
             .map_err(|e| e.to_string())?;
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        send.write_all(&control::encode(&AgentMsg::Register(reg.clone())))
-            .await
-            .map_err(|e| e.to_string())?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((conn, send, recv))
     };
-    let (conn, mut send, mut recv) = match tokio::time::timeout(Duration::from_secs(10), run).await
-    {
+    let (conn, send, recv) = match tokio::time::timeout(Duration::from_secs(10), run).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             fail(registered, e);
@@ -558,23 +611,95 @@ async fn session(
             return false;
         }
     };
+    // A proxy's connection relays its site's VMs once registered.
+    let publish = match route {
+        Route::Proxy(site) => probes.proxies.get(site).map(|p| (p, conn.clone())),
+        _ => None,
+    };
+    let configured = serve(index, send, recv, reg, probes, registered, publish.as_ref()).await;
+    if let Some((p, _)) = publish {
+        p.send_replace(None);
+    }
+    drop(conn);
+    configured
+}
+
+/// One relayed session: a stream of the site's proxy's connection (once
+/// it has one), TLS to the CU inside, then as a direct one.
+async fn relayed_session(
+    index: Option<usize>,
+    tls: &Ready,
+    site: usize,
+    reg: &Register,
+    probes: &Probes,
+    registered: &mut Registered,
+) -> bool {
+    let run = async {
+        let mut proxy = probes.proxies[site].subscribe();
+        let conn = proxy
+            .wait_for(|c| c.is_some())
+            .await
+            .map_err(|e| e.to_string())?
+            .clone()
+            .expect("waited for it");
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let name = "pon-cu".try_into().expect("a valid name");
+        tokio_rustls::TlsConnector::from(tls.tls.clone())
+            .connect(name, tokio::io::join(recv, send))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let tls = match tokio::time::timeout(Duration::from_secs(10), run).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            fail(registered, e);
+            return false;
+        }
+        Err(_) => {
+            fail(registered, "no relayed session within 10 s".into());
+            return false;
+        }
+    };
+    let (r, w) = tokio::io::split(tls);
+    serve(index, w, Bytes(r), reg, probes, registered, None).await
+}
+
+/// Registers on `send`, then reads updates (recording probe arrivals) and
+/// heartbeats until the session ends. Whether the CU sent a configuration.
+async fn serve(
+    index: Option<usize>,
+    mut send: impl FrameSink,
+    mut recv: impl FrameSource,
+    reg: &Register,
+    probes: &Probes,
+    registered: &mut Registered,
+    publish: Option<&(
+        &tokio::sync::watch::Sender<Option<quinn::Connection>>,
+        quinn::Connection,
+    )>,
+) -> bool {
+    if let Err(e) = write_frame(
+        &mut send,
+        &control::encode(&AgentMsg::Register(reg.clone())),
+    )
+    .await
+    {
+        fail(registered, format!("{e:?}"));
+        return false;
+    }
     let mut configured = false;
     let mut cu_gone = probes.cu_gone.subscribe();
     let mut dec = FrameDecoder::new(MAX_CU_FRAME);
     let mut heartbeat = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            chunk = recv.read_chunk(1 << 20, true) => {
-                let chunk = match chunk {
-                    Ok(Some(c)) => c,
+            read = recv.read_into(&mut dec) => {
+                match read {
+                    Ok(true) => {}
                     other => {
                         fail(registered, format!("stream ended: {other:?}"));
                         break;
                     }
-                };
-                if let Err(e) = dec.push(&chunk.bytes) {
-                    fail(registered, e.to_string());
-                    break;
                 }
                 while let Ok(Some(body)) = dec.next_frame() {
                     // postcard writes the variant index first: 0 Config, 1 Update.
@@ -583,6 +708,7 @@ async fn session(
                             configured = true;
                             probes.configs.fetch_add(1, Ordering::Relaxed);
                             if let Some(i) = index { probes.alive[i].store(true, Ordering::Relaxed); }
+                            if let Some((p, conn)) = publish { p.send_replace(Some(conn.clone())); }
                             if let Some(r) = registered.take() { let _ = r.send(Ok(())); }
                             continue;
                         }
@@ -611,12 +737,11 @@ async fn session(
                 }
             }
             _ = heartbeat.tick() => {
-                if send.write_all(&control::encode(&AgentMsg::Heartbeat)).await.is_err() { break }
+                if write_frame(&mut send, &control::encode(&AgentMsg::Heartbeat)).await.is_err() { break }
             }
             _ = cu_gone.changed() => break,
         }
     }
-    drop(conn);
     configured
 }
 
@@ -662,6 +787,9 @@ async fn main() -> anyhow::Result<()> {
         reconnect: std::sync::atomic::AtomicBool::new(false),
         configs: AtomicUsize::new(0),
         cu_gone: tokio::sync::watch::Sender::new(0),
+        proxies: (0..args.sites)
+            .map(|_| tokio::sync::watch::Sender::new(None))
+            .collect(),
     });
     // Wait for every replica to listen (a registration of a throwaway
     // name on each).
@@ -688,6 +816,7 @@ async fn main() -> anyhow::Result<()> {
                 None,
                 endpoints[0].clone(),
                 tls,
+                Route::Direct,
                 cus.clone(),
                 k,
                 warmup.clone(),
@@ -755,6 +884,7 @@ async fn main() -> anyhow::Result<()> {
     let retries = Arc::new(AtomicUsize::new(0));
     for (i, (a, tls)) in pop.into_iter().zip(tls).enumerate() {
         let permit = sem.clone().acquire_owned().await?;
+        let route = Route::of(&a.register, i % args.sites, args.relayed);
         let (ep, probes, retries, cus) = (
             endpoints[i % endpoints.len()].clone(),
             probes.clone(),
@@ -774,6 +904,7 @@ async fn main() -> anyhow::Result<()> {
                     Some(i),
                     ep.clone(),
                     tls.clone(),
+                    route,
                     cus.clone(),
                     i,
                     a.register.clone(),
@@ -929,6 +1060,7 @@ async fn main() -> anyhow::Result<()> {
             None,
             endpoints[k % endpoints.len()].clone(),
             tls,
+            Route::of(&r, site, args.relayed),
             cus.clone(),
             k,
             r,
