@@ -944,6 +944,9 @@ impl Drop for Gauge<'_> {
     }
 }
 
+/// Relay streams a proxy may open beyond those open now.
+const RELAY_HEADROOM: u64 = 32;
+
 /// Runs a handshake (QUIC's, or TLS inside a relayed stream) counted as
 /// in progress, within `HANDSHAKE_TIMEOUT`; None if it failed (counted).
 async fn handshake<T, E: std::fmt::Display>(
@@ -1063,11 +1066,24 @@ async fn relays(
     if registered.await.is_err() || shared.relays_per_proxy == 0 {
         return;
     }
-    conn.set_max_concurrent_bi_streams(
-        (1 + u64::from(shared.relays_per_proxy))
-            .try_into()
-            .unwrap_or(quinn::VarInt::MAX),
-    );
+    // quinn keeps state for every stream the limit allows, open or not:
+    // the limit follows the sessions open, with room for a burst, rather
+    // than sitting at `relays_per_proxy` (about 90 bytes per allowed
+    // stream, per proxy).
+    let most = u64::from(shared.relays_per_proxy);
+    let active = Arc::new(AtomicU64::new(0));
+    let mut allowed = 0;
+    let mut allow = |open: u64| {
+        let want = (open + RELAY_HEADROOM).min(most);
+        if want > allowed {
+            allowed = want;
+            // The proxy's own control stream is one of them.
+            conn.set_max_concurrent_bi_streams(
+                quinn::VarInt::from_u64(1 + want).unwrap_or(quinn::VarInt::MAX),
+            );
+        }
+    };
+    allow(0);
     let stats = &shared.stats;
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         // A relayed handshake costs what a direct one does: the same
@@ -1079,6 +1095,7 @@ async fn relays(
             let _ = recv.stop(close_code::BUSY.into());
             continue;
         }
+        allow(active.fetch_add(1, Ordering::Relaxed) + 1);
         let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(relayed(
             send,
@@ -1087,6 +1104,7 @@ async fn relays(
             via,
             conn.remote_address(),
             shared.clone(),
+            active.clone(),
         ));
     }
 }
@@ -1101,11 +1119,15 @@ fn relayed(
     via: ConnId,
     remote: std::net::SocketAddr,
     shared: Arc<Shared>,
+    active: Arc<AtomicU64>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
+        let _open = Gauge(&active);
         let stats = &shared.stats;
         let acceptor = tokio_rustls::TlsAcceptor::from(shared.relay_tls.clone());
-        let accept = acceptor.accept(tokio::io::join(recv, send));
+        // Boxed: the handshake holds the whole TLS state inline, and this
+        // future would otherwise keep room for it for the session's life.
+        let accept = Box::pin(acceptor.accept(tokio::io::join(recv, send)));
         let Some(tls) = handshake(stats, accept, "relayed handshake failed").await else {
             return;
         };

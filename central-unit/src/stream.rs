@@ -56,17 +56,20 @@ impl FrameSource for quinn::RecvStream {
     }
 }
 
-/// Any other byte stream (TLS inside a relayed stream), read through a
-/// small buffer: it lives in every idle session's state, and what agents
-/// send between registrations is heartbeats of a few bytes.
+/// Any other byte stream (TLS inside a relayed stream), read straight into
+/// the decoder's buffer: a buffer of its own would live in every idle
+/// session's state, and what agents send between registrations is
+/// heartbeats of a few bytes.
 pub struct Bytes<R>(pub R);
 
 impl<R: AsyncRead + Unpin + Send> FrameSource for Bytes<R> {
     async fn read_into(&mut self, dec: &mut FrameDecoder) -> Result<bool, ReadFail> {
-        let mut buf = [0u8; 512];
-        match self.0.read(&mut buf).await {
+        let tail = dec.tail();
+        // Room for a heartbeat or a few at once; a longer frame grows it.
+        tail.reserve(64);
+        match self.0.read_buf(tail).await {
             Ok(0) => Ok(false),
-            Ok(n) => dec.push(&buf[..n]).map(|_| true).map_err(ReadFail::Bad),
+            Ok(_) => dec.appended().map(|_| true).map_err(ReadFail::Bad),
             Err(e) => Err(ReadFail::Lost(failure_of_io(&e), e.to_string())),
         }
     }

@@ -1090,3 +1090,30 @@ async fn a_relayed_vm_is_gone_when_its_proxy_connection_is() {
     whb.abort();
     phb.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_relay_stream_limit_follows_its_sessions() {
+    let cu = start().await;
+    let token = cu.token("*", "*", None).await;
+    let proxy = proxy_of(&cu, &token, "a", 1).await;
+    let pconn = proxy.conn.clone();
+    let (_pinbox, phb) = proxy.keep_alive();
+    // More sessions at once than the headroom the CU first allows (32):
+    // each one open lets one more in, so all of them get their TLS
+    // session. (Anonymous ones, as an enrolling VM's: they would be cut
+    // off after 5 s without a message.)
+    let mut open = Vec::new();
+    for _ in 0..48 {
+        open.push(Relayed::open(&cu, &pconn, None).await);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cu.stats.handshakes_established.load(Ordering::Relaxed) < 48 + 3 {
+        assert!(
+            Instant::now() < deadline,
+            "relayed handshakes did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(open);
+    phb.abort();
+}

@@ -431,6 +431,18 @@ impl FrameDecoder {
         }
     }
 
+    /// Where a reader appends bytes in place (`AsyncReadExt::read_buf`),
+    /// with no buffer of its own; [`FrameDecoder::appended`] must follow.
+    pub fn tail(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Checks what was appended through [`FrameDecoder::tail`], as `push`
+    /// does: fails if it announces an oversized frame.
+    pub fn appended(&mut self) -> Result<(), ControlError> {
+        self.check_len().map(|_| ())
+    }
+
     /// Bytes received but not yet part of a complete frame (at end of
     /// stream, anything here is a truncated frame).
     pub fn pending(&self) -> usize {
@@ -520,6 +532,30 @@ mod tests {
             d.push(&100u32.to_be_bytes()),
             Err(ControlError::Oversized { len: 100, max: 16 })
         );
+        // The same through the in-place tail a reader appends to.
+        let mut d = FrameDecoder::new(16);
+        d.tail().extend_from_slice(&100u32.to_be_bytes());
+        assert_eq!(
+            d.appended(),
+            Err(ControlError::Oversized { len: 100, max: 16 })
+        );
+    }
+
+    #[test]
+    fn frames_appended_in_place_decode_as_pushed_ones() {
+        let msgs = vec![sample_register(), AgentMsg::Heartbeat, AgentMsg::Goodbye];
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        let mut d = FrameDecoder::new(MAX_AGENT_FRAME);
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(5) {
+            d.tail().extend_from_slice(chunk);
+            d.appended().unwrap();
+            while let Some(m) = d.next_msg::<AgentMsg>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, msgs);
+        assert_eq!(d.pending(), 0);
     }
 
     #[test]
