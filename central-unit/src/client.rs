@@ -537,7 +537,9 @@ async fn run(
                         status.counters.connects.inc();
                         tracing::debug!(%relay, "connected to the CU through a relay");
                         let (r, w) = tokio::io::split(tls);
-                        let ended = io.serve(w, crate::stream::Bytes(r), None).await;
+                        let ended = io
+                            .serve(crate::stream::Bytes(w), crate::stream::Bytes(r), None)
+                            .await;
                         status.lost();
                         ended
                     }

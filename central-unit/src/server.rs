@@ -1050,7 +1050,8 @@ async fn connection(
         peer: Peer::Quic(conn.clone()),
         via: None,
     };
-    session(of, send, recv, deadline, &shared, Some(&conn)).await;
+    let io = stream::Duplex { recv, send };
+    session(of, io, deadline, &shared, Some(&conn)).await;
 }
 
 /// A registered proxy's connection: every further stream its proxy opens
@@ -1131,6 +1132,9 @@ fn relayed(
         let Some(tls) = handshake(stats, accept, "relayed handshake failed").await else {
             return;
         };
+        // Boxed at once: the TLS state (about 1.2 KiB) lives once, on the
+        // heap, not inline in this future and again in the session's.
+        let tls = Box::new(tls);
         stats.relayed.fetch_add(1, Ordering::Relaxed);
         let _guard = Gauge(&stats.relayed);
         let key = match tls.get_ref().1.peer_certificates() {
@@ -1144,7 +1148,6 @@ fn relayed(
                 }
             },
         };
-        let (r, w) = tokio::io::split(tls);
         let of = SessionOf {
             id,
             key,
@@ -1153,17 +1156,16 @@ fn relayed(
             via: Some(via),
         };
         let deadline = tokio::time::Instant::now() + REGISTER_TIMEOUT;
-        session(of, w, stream::Bytes(r), deadline, &shared, None).await;
+        session(of, stream::Bytes(tls), deadline, &shared, None).await;
     })
 }
 
 /// An agent's session, direct or relayed: its first message (by
 /// `deadline`), then its messages until it ends, with a writer task for
 /// what the CU sends it. `conn`: its own QUIC connection, if direct.
-async fn session<W: FrameSink + 'static>(
+async fn session(
     of: SessionOf,
-    send: W,
-    mut recv: impl FrameSource,
+    mut io: impl FrameSource + FrameSink,
     deadline: tokio::time::Instant,
     shared: &Arc<Shared>,
     conn: Option<&quinn::Connection>,
@@ -1182,8 +1184,7 @@ async fn session<W: FrameSink + 'static>(
         tracing::warn!(%remote, error = %e, "dropping connection: bad message");
         peer.close(close_code::PROTOCOL, e.to_string().as_bytes());
     };
-    let first = match tokio::time::timeout_at(deadline, stream::read_msg(&mut recv, &mut dec)).await
-    {
+    let first = match tokio::time::timeout_at(deadline, stream::read_msg(&mut io, &mut dec)).await {
         Err(_) => {
             stats.counters.register_timeouts.inc();
             tracing::debug!(%remote, "no registration");
@@ -1197,7 +1198,7 @@ async fn session<W: FrameSink + 'static>(
         Ok(Err(ReadFail::Lost(..))) | Ok(Ok(None)) => return,
         Ok(Ok(Some(m))) => m,
     };
-    let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+    let (tx, mut rx) = mpsc::channel(WRITER_QUEUE);
     let resync = Arc::new(AtomicBool::new(false));
     let mut handle = ConnHandle {
         tx,
@@ -1263,46 +1264,85 @@ async fn session<W: FrameSink + 'static>(
             return;
         }
     };
-    tokio::spawn(writer(
-        send,
-        rx,
-        resync,
-        peer.clone(),
-        remote,
-        id,
-        events.clone(),
-        stats.clone(),
-    ));
-    if events.send(ev).await.is_err() {
+    // Boxed while it waits for room in the actor's queue: an `Event` is
+    // hundreds of bytes this future would otherwise keep room for.
+    let ev = Box::new(ev);
+    if tell(events, move || *ev).await.is_err() {
         return;
     }
+    // One task reads the agent's messages and writes what the CU sends it
+    // (a task per direction was a third of a relayed session's memory).
+    let mut out = Outbound::default();
     let mut goodbye = false;
     let mut seen_at = remote.ip();
     // A relayed session has no QUIC idle timeout of its own (its proxy's
     // connection lives on): an agent silent for longer than an idle
     // connection would be is gone.
-    let idle = match &peer {
+    let end = match &peer {
         Peer::Quic(_) => None,
         Peer::Relayed(end) => Some(end.clone()),
     };
+    let mut read_by = tokio::time::Instant::now() + shared.relayed_idle;
+    // Whether what the actor still has for the agent can go out when the
+    // reading ends.
+    let mut writable = true;
     loop {
-        let read = stream::read_msg(&mut recv, &mut dec);
-        let got = match &idle {
-            None => read.await,
-            Some(end) => tokio::select! {
-                r = tokio::time::timeout(shared.relayed_idle, read) => match r {
-                    Ok(r) => r,
-                    Err(_) => {
-                        stats.counters.relayed_idle.inc();
-                        break;
-                    }
-                },
-                _ = end.notified() => break,
-            },
+        let step = tokio::select! {
+            biased;
+            _ = async { match &end { Some(e) => e.notified().await, None => std::future::pending().await } } => break,
+            n = rx.recv_many(&mut out.batch, WRITER_QUEUE), if out.flush_at.is_none() => Step::Queued(n),
+            _ = tokio::time::sleep_until(out.flush_at.unwrap_or(read_by)), if out.flush_at.is_some() => Step::Flush,
+            _ = tokio::time::sleep_until(read_by), if end.is_some() => {
+                stats.counters.relayed_idle.inc();
+                break;
+            }
+            got = stream::read_msg(&mut io, &mut dec) => Step::Read(got),
         };
+        let got = match step {
+            // The actor let go of this session: nothing more to say.
+            Step::Queued(0) => break,
+            Step::Queued(_) => {
+                // At most one flush per window: an idle agent hears of a
+                // join at once, while during a burst of joins each agent
+                // gets one frame per window instead of a packet per join
+                // (the cost that grows with the square of the population).
+                let window = coalesce_window(stats.sessions());
+                let now = tokio::time::Instant::now();
+                if let Some(at) = out.last_flush.map(|t| t + window).filter(|at| *at > now) {
+                    out.flush_at = Some(at);
+                    continue;
+                }
+                None
+            }
+            Step::Flush => {
+                out.flush_at = None;
+                while out.batch.len() < WRITER_QUEUE {
+                    match rx.try_recv() {
+                        Ok(m) => out.batch.push(m),
+                        Err(_) => break,
+                    }
+                }
+                None
+            }
+            Step::Read(got) => Some(got),
+        };
+        let Some(got) = got else {
+            // Boxed: a flush's state is large and short-lived.
+            if let Flushed::Ended = Box::pin(out.flush(&mut io, &peer, remote, stats)).await {
+                writable = false;
+                break;
+            }
+            if resync.swap(false, Ordering::Relaxed)
+                && tell(events, || Event::Resync(id)).await.is_err()
+            {
+                return;
+            }
+            continue;
+        };
+        read_by = tokio::time::Instant::now() + shared.relayed_idle;
         match got {
             Ok(Some(AgentMsg::Heartbeat)) => {
-                if events.send(Event::Heartbeat(id)).await.is_err() {
+                if tell(events, || Event::Heartbeat(id)).await.is_err() {
                     return;
                 }
                 let Some(conn) = conn.filter(|_| observed) else {
@@ -1311,11 +1351,11 @@ async fn session<W: FrameSink + 'static>(
                 let now_at = conn.remote_address().ip();
                 if now_at != seen_at {
                     seen_at = now_at;
-                    let moved = Event::Moved {
+                    let moved = || Event::Moved {
                         conn: id,
                         seen: now_at,
                     };
-                    if events.send(moved).await.is_err() {
+                    if tell(events, moved).await.is_err() {
                         return;
                     }
                 }
@@ -1326,8 +1366,7 @@ async fn session<W: FrameSink + 'static>(
             }
             Ok(Some(AgentMsg::Report(report))) if via.is_none() => {
                 // Whose it is, the actor decides from the registration.
-                if events
-                    .send(Event::Report { conn: id, report })
+                if tell(events, || Event::Report { conn: id, report })
                     .await
                     .is_err()
                 {
@@ -1349,7 +1388,16 @@ async fn session<W: FrameSink + 'static>(
             }
         }
     }
-    let _ = events.send(Event::Gone { conn: id, goodbye }).await;
+    let _ = tell(events, || Event::Gone { conn: id, goodbye }).await;
+    // What the actor answered before it heard of the end still goes out:
+    // a one-shot client (an enrolment, ponctl) finishes its side of the
+    // stream right after asking. The actor lets go of the queue on `Gone`.
+    while writable && rx.recv_many(&mut out.batch, WRITER_QUEUE).await > 0 {
+        writable = matches!(
+            Box::pin(out.flush(&mut io, &peer, remote, stats)).await,
+            Flushed::Open
+        );
+    }
 }
 
 /// The key of the client certificate on `conn`, if it presented one.
@@ -1378,39 +1426,52 @@ fn to_msg(o: Outgoing) -> CuMsg {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn writer(
-    mut send: impl FrameSink,
-    mut rx: mpsc::Receiver<WriterMsg>,
-    resync: Arc<AtomicBool>,
-    peer: Peer,
-    remote: std::net::SocketAddr,
-    id: ConnId,
-    events: mpsc::Sender<Event>,
-    stats: Arc<CuStats>,
-) {
-    let mut batch = Vec::new();
-    let mut last_flush: Option<tokio::time::Instant> = None;
-    while rx.recv_many(&mut batch, WRITER_QUEUE).await > 0 {
-        // At most one flush per window: an idle agent hears of a join at
-        // once, while during a burst of joins each agent gets one frame per
-        // window instead of a packet per join (the cost that grows with the
-        // square of the population).
-        let window = coalesce_window(stats.sessions());
-        if let Some(at) = last_flush.map(|t| t + window) {
-            if at > tokio::time::Instant::now() {
-                tokio::time::sleep_until(at).await;
-            }
-            while batch.len() < WRITER_QUEUE {
-                match rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-        }
-        // Coalesce: consecutive updates go out as one frame (or as few as
-        // the frame limit allows), so a burst of joins costs each agent a
-        // handful of writes rather than one per join.
+/// Hands the actor an event, waiting for room in its queue. The room is
+/// reserved first and the event made after: a session waiting here then
+/// does not hold an `Event` (hundreds of bytes) in its state.
+async fn tell(events: &mpsc::Sender<Event>, ev: impl FnOnce() -> Event) -> Result<(), ()> {
+    let permit = events.reserve().await.map_err(|_| ())?;
+    permit.send(ev());
+    Ok(())
+}
+
+/// What one turn of a session's loop brought.
+enum Step {
+    /// Messages for the agent (0: the actor let go of the session).
+    Queued(usize),
+    /// The coalescing window is over: send what waited for it.
+    Flush,
+    Read(Result<Option<AgentMsg>, ReadFail>),
+}
+
+/// Whether a session goes on after a flush.
+enum Flushed {
+    Open,
+    /// Closed by the CU (a refusal, a revocation) or the agent stopped
+    /// reading or went away.
+    Ended,
+}
+
+/// The CU's side of a session's sending: messages taken from the actor's
+/// queue, and when the last flush was (and the next may be).
+#[derive(Default)]
+struct Outbound {
+    batch: Vec<WriterMsg>,
+    last_flush: Option<tokio::time::Instant>,
+    flush_at: Option<tokio::time::Instant>,
+}
+
+impl Outbound {
+    /// Sends the batch: consecutive updates as one frame (or as few as the
+    /// frame limit allows), so a burst of joins costs each agent a handful
+    /// of writes rather than one per join.
+    async fn flush(
+        &mut self,
+        io: &mut impl FrameSink,
+        peer: &Peer,
+        remote: std::net::SocketAddr,
+        stats: &CuStats,
+    ) -> Flushed {
         let mut frames = Vec::new();
         let mut changes = Vec::new();
         let mut close = None;
@@ -1422,7 +1483,7 @@ async fn writer(
                 changes.clear();
             }
         };
-        for m in batch.drain(..) {
+        for m in self.batch.drain(..) {
             match m {
                 WriterMsg::Out(o) => match *o {
                     Outgoing::Changes(c) => changes.extend(c),
@@ -1445,34 +1506,31 @@ async fn writer(
             }
         }
         flush(&mut changes, &mut frames);
-        last_flush = Some(tokio::time::Instant::now());
+        self.last_flush = Some(tokio::time::Instant::now());
         let written = async {
             for f in &frames {
-                send.write_all(f).await?;
+                io.write_all(f).await?;
             }
-            send.flush().await
+            io.flush().await
         };
         match tokio::time::timeout(STALL_TIMEOUT, written).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
+            Ok(Err(_)) => return Flushed::Ended,
             Err(_) => {
                 stats.counters.stalled.inc();
                 tracing::warn!(%remote, "agent does not read its updates; closing");
                 peer.close(close_code::TIMEOUT, b"stalled: updates not read");
-                return;
+                return Flushed::Ended;
             }
         }
         if let Some(reason) = close {
             // Let the last frames (e.g. a refusal) reach the agent first.
-            send.end().await;
+            io.end().await;
             peer.close(close_code::BY_CU, reason.as_bytes());
-            return;
+            return Flushed::Ended;
         }
-        if resync.swap(false, Ordering::Relaxed) && events.send(Event::Resync(id)).await.is_err() {
-            return;
-        }
+        Flushed::Open
     }
-    let _ = close_code::NORMAL;
 }
 
 #[cfg(test)]

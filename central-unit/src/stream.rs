@@ -6,6 +6,8 @@
 use crate::session::Failure;
 use pon_proto::control::{ControlError, FrameDecoder};
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why reading a message failed.
@@ -88,10 +90,65 @@ impl FrameSink for quinn::SendStream {
     }
 }
 
-impl<W: AsyncWrite + Unpin + Send> FrameSink for tokio::io::WriteHalf<W> {
+/// A TLS stream (relayed) ends with its close_notify, then the end of the
+/// stream under it.
+impl<W: AsyncWrite + Unpin + Send> FrameSink for Bytes<W> {
     async fn end(&mut self) {
-        // TLS close_notify, then the end of the stream under it.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.shutdown()).await;
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Bytes<W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
+/// A session's two directions as one object (one task reads and writes
+/// it): an agent's own QUIC stream's halves.
+pub struct Duplex<R, W> {
+    pub recv: R,
+    pub send: W,
+}
+
+impl<R: FrameSource, W: Send> FrameSource for Duplex<R, W> {
+    fn read_into(
+        &mut self,
+        dec: &mut FrameDecoder,
+    ) -> impl Future<Output = Result<bool, ReadFail>> + Send {
+        self.recv.read_into(dec)
+    }
+}
+
+impl<R: Unpin, W: AsyncWrite + Unpin> AsyncWrite for Duplex<R, W> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().send).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().send).poll_shutdown(cx)
+    }
+}
+
+impl<R: Unpin + Send, W: FrameSink> FrameSink for Duplex<R, W> {
+    fn end(&mut self) -> impl Future<Output = ()> + Send {
+        self.send.end()
     }
 }
 

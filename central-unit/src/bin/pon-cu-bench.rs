@@ -661,7 +661,7 @@ async fn relayed_session(
         }
     };
     let (r, w) = tokio::io::split(tls);
-    serve(index, w, Bytes(r), reg, probes, registered, None).await
+    serve(index, Bytes(w), Bytes(r), reg, probes, registered, None).await
 }
 
 /// Registers on `send`, then reads updates (recording probe arrivals) and
