@@ -1,12 +1,13 @@
-//! The CU daemon's I/O: a QUIC endpoint, one reader and one writer task per
-//! agent connection, and one actor task that owns the sans-I/O [`Registry`]
-//! and carries out its actions. A store thread commits registry changes to
-//! redb in groups.
+//! The CU daemon's I/O: a QUIC endpoint, one task per agent session (its
+//! own QUIC connection, or a stream of its site proxy's connection with TLS
+//! inside: see `relay`), and one actor task that owns the sans-I/O
+//! [`Registry`] and carries out its actions. A store thread commits
+//! registry changes to redb in groups.
 //!
-//! Isolation between agents: a connection's reader only ever parses its own
-//! bounded frames; its writer has a bounded queue (when it overflows the
-//! agent gets a full configuration instead of the updates it missed); a
-//! writer blocked on an agent that does not read is cut off after
+//! Isolation between agents: a session only ever parses its own bounded
+//! frames; what the actor sends it waits in a bounded queue (when it
+//! overflows the agent gets a full configuration instead of the updates it
+//! missed); a session whose agent does not read is cut off after
 //! `STALL_TIMEOUT`. Nothing one agent does can block the actor.
 
 use crate::config::CuConfig;
@@ -250,7 +251,7 @@ struct ConnHandle {
 enum Peer {
     /// The agent's own QUIC connection.
     Quic(quinn::Connection),
-    /// TLS inside a stream its site proxy relays: the session's reader
+    /// TLS inside a stream its site proxy relays: the session's task
     /// watches this and ends the session (the proxy's connection and the
     /// other sessions on it carry on).
     Relayed(Arc<tokio::sync::Notify>),
@@ -1161,8 +1162,8 @@ fn relayed(
 }
 
 /// An agent's session, direct or relayed: its first message (by
-/// `deadline`), then its messages until it ends, with a writer task for
-/// what the CU sends it. `conn`: its own QUIC connection, if direct.
+/// `deadline`), then its messages and what the CU sends it, in one loop,
+/// until it ends. `conn`: its own QUIC connection, if direct.
 async fn session(
     of: SessionOf,
     mut io: impl FrameSource + FrameSink,
