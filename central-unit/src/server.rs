@@ -104,6 +104,8 @@ pub struct CuStats {
     pub relayed: AtomicU64,
     /// Connections accepted whose handshake is not over.
     pub handshakes: AtomicU64,
+    /// Relayed sessions whose TLS handshake is not over.
+    pub relayed_handshakes: AtomicU64,
     /// Handshakes established since the start.
     pub handshakes_established: AtomicU64,
     /// Handshakes admitted at once now (see `admission`).
@@ -184,6 +186,12 @@ impl CuStats {
             "",
             "Connections whose QUIC/TLS handshake is in progress.",
             g(&self.handshakes),
+        );
+        w.gauge(
+            "pon_cu_relayed_handshakes",
+            "",
+            "Relayed sessions whose TLS handshake is in progress (admitted up to pon_cu_handshake_limit, apart from connections').",
+            g(&self.relayed_handshakes),
         );
         w.gauge(
             "pon_cu_handshake_limit",
@@ -923,20 +931,6 @@ fn count_bad(stats: &CuStats, e: &ControlError) {
     }
 }
 
-/// Counts a handshake in progress until dropped.
-struct Handshaking<'a>(&'a CuStats);
-impl<'a> Handshaking<'a> {
-    fn new(stats: &'a CuStats) -> Self {
-        stats.handshakes.fetch_add(1, Ordering::Relaxed);
-        Handshaking(stats)
-    }
-}
-impl Drop for Handshaking<'_> {
-    fn drop(&mut self) {
-        self.0.handshakes.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Takes one off a gauge when dropped.
 struct Gauge<'a>(&'a AtomicU64);
 impl Drop for Gauge<'_> {
@@ -952,10 +946,12 @@ const RELAY_HEADROOM: u64 = 32;
 /// in progress, within `HANDSHAKE_TIMEOUT`; None if it failed (counted).
 async fn handshake<T, E: std::fmt::Display>(
     stats: &CuStats,
+    in_progress: &AtomicU64,
     hs: impl std::future::Future<Output = Result<T, E>>,
     failed: &str,
 ) -> Option<T> {
-    let handshaking = Handshaking::new(stats);
+    in_progress.fetch_add(1, Ordering::Relaxed);
+    let handshaking = Gauge(in_progress);
     let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, hs).await;
     drop(handshaking);
     match done {
@@ -1009,6 +1005,7 @@ async fn connection(
     let stats = &shared.stats;
     let Some(conn) = handshake(
         stats,
+        &stats.handshakes,
         std::future::IntoFuture::into_future(incoming),
         "handshake failed",
     )
@@ -1089,9 +1086,13 @@ async fn relays(
     let stats = &shared.stats;
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         // A relayed handshake costs what a direct one does: the same
-        // admission (its agent backs off and comes back, as when refused).
+        // admission (its agent backs off and comes back, as when refused),
+        // with a budget of its own. A storm of app VMs through their
+        // proxies must not keep the proxies themselves out: 100,000 agents
+        // behind 1,000 proxies once left 195 proxies refused for minutes,
+        // and so their sites' VMs, while relayed handshakes held every place.
         let limit = stats.handshake_limit.load(Ordering::Relaxed).max(1);
-        if stats.handshakes.load(Ordering::Relaxed) >= limit {
+        if stats.relayed_handshakes.load(Ordering::Relaxed) >= limit {
             stats.counters.busy.inc();
             let _ = send.reset(close_code::BUSY.into());
             let _ = recv.stop(close_code::BUSY.into());
@@ -1130,7 +1131,14 @@ fn relayed(
         // Boxed: the handshake holds the whole TLS state inline, and this
         // future would otherwise keep room for it for the session's life.
         let accept = Box::pin(acceptor.accept(tokio::io::join(recv, send)));
-        let Some(tls) = handshake(stats, accept, "relayed handshake failed").await else {
+        let Some(tls) = handshake(
+            stats,
+            &stats.relayed_handshakes,
+            accept,
+            "relayed handshake failed",
+        )
+        .await
+        else {
             return;
         };
         // Boxed at once: the TLS state (about 1.2 KiB) lives once, on the
