@@ -228,20 +228,15 @@ pub async fn request(conn: &quinn::Connection, msg: &AgentMsg) -> Result<CuMsg, 
         .map_err(|e| format!("sending to the CU: {e}"))?;
     let _ = send.finish();
     let mut dec = FrameDecoder::new(MAX_CU_FRAME);
-    loop {
-        if let Some(m) = dec.next_msg::<CuMsg>().map_err(|e| e.to_string())? {
-            return Ok(m);
-        }
-        match tokio::time::timeout(ANSWER_TIMEOUT, recv.read_chunk(1 << 20, true)).await {
-            Ok(Ok(Some(c))) => dec.push(&c.bytes).map_err(|e| e.to_string())?,
-            Ok(Ok(None)) => return Err("the CU closed the stream without answering".into()),
-            Ok(Err(e)) => return Err(format!("reading from the CU: {e}")),
-            Err(_) => {
-                return Err(format!(
-                    "the CU did not answer within {} s",
-                    ANSWER_TIMEOUT.as_secs()
-                ))
-            }
-        }
+    let read = crate::stream::read_msg::<CuMsg>(&mut recv, &mut dec);
+    match tokio::time::timeout(ANSWER_TIMEOUT, read).await {
+        Ok(Ok(Some(m))) => Ok(m),
+        Ok(Ok(None)) => Err("the CU closed the stream without answering".into()),
+        Ok(Err(crate::stream::ReadFail::Bad(e))) => Err(e.to_string()),
+        Ok(Err(crate::stream::ReadFail::Lost(_, e))) => Err(format!("reading from the CU: {e}")),
+        Err(_) => Err(format!(
+            "the CU did not answer within {} s",
+            ANSWER_TIMEOUT.as_secs()
+        )),
     }
 }

@@ -6,7 +6,7 @@
 //! away registers with the CU directly.
 
 use pon_e2e::clients::wait_reachable;
-use pon_e2e::{metric_value, parse_ping, require_root, wait_until, Lab};
+use pon_e2e::{parse_ping, require_root, wait_until, Lab};
 use std::time::Duration;
 
 const TOPOLOGY: &str = "cu_relay = true\n\
@@ -21,17 +21,8 @@ const PROXIES: [(&str, &str); 2] = [
     ("tokyo/proxy", "198.18.2.1:9100"),
 ];
 
-/// One sample of `host`'s metrics at `addr`; 0 while it does not answer.
-fn metric(lab: &Lab, host: &str, addr: &str, sample: &str) -> u64 {
-    let out = lab.exec(
-        host,
-        &["curl", "-sf", "-m", "2", &format!("http://{addr}/metrics")],
-    );
-    metric_value(&String::from_utf8_lossy(&out.stdout), sample)
-}
-
 fn cu(lab: &Lab, sample: &str) -> u64 {
-    metric(lab, "cu", CU_METRICS, sample)
+    lab.metric("cu", CU_METRICS, sample)
 }
 
 #[test]
@@ -53,14 +44,14 @@ fn app_vms_register_through_their_proxy_and_go_direct_when_it_is_gone() {
     );
     for (host, addr) in PROXIES {
         assert_eq!(
-            metric(&lab, host, addr, "pon_cu_client_relayed_sessions"),
+            lab.metric(host, addr, "pon_cu_client_relayed_sessions"),
             1,
             "{host}"
         );
     }
     // The overlay carries the app VMs' traffic as usual.
     let egress = "pon_forwarder_packets_total{stage=\"egress\"}";
-    let before = metric(&lab, PROXIES[1].0, PROXIES[1].1, egress);
+    let before = lab.metric(PROXIES[1].0, PROXIES[1].1, egress);
     let out = lab.exec_ok(
         "paris/app1",
         &["ping", "-c", "20", "-i", "0.05", "-W", "2", TOKYO_APP],
@@ -70,7 +61,7 @@ fn app_vms_register_through_their_proxy_and_go_direct_when_it_is_gone() {
         20,
         "{out}"
     );
-    let carried = metric(&lab, PROXIES[1].0, PROXIES[1].1, egress) - before;
+    let carried = lab.metric(PROXIES[1].0, PROXIES[1].1, egress) - before;
     assert!(
         carried >= 20,
         "tokyo's proxy delivered {carried} of 20 pings"
@@ -79,20 +70,20 @@ fn app_vms_register_through_their_proxy_and_go_direct_when_it_is_gone() {
     // Paris's proxy goes: paris's app VM loses its relayed session and
     // registers with the CU itself (its configuration names no other
     // relay), keeping its id.
-    let id = metric(&lab, "paris/app1", PARIS_TA, "pon_cu_client_id");
+    let id = lab.metric("paris/app1", PARIS_TA, "pon_cu_client_id");
     assert!(id > 0);
     lab.ctl("stop", &[PROXIES[0].0]);
     assert!(
         wait_until(Duration::from_secs(20), || relayed(&lab) == 1
             && connections(&lab) == 2
-            && metric(&lab, "paris/app1", PARIS_TA, "pon_cu_client_registered")
+            && lab.metric("paris/app1", PARIS_TA, "pon_cu_client_registered")
                 == 1),
         "relayed {}, connections {}",
         relayed(&lab),
         connections(&lab)
     );
     assert_eq!(
-        metric(&lab, "paris/app1", PARIS_TA, "pon_cu_client_id"),
+        lab.metric("paris/app1", PARIS_TA, "pon_cu_client_id"),
         id,
         "the app VM kept its id"
     );
