@@ -452,6 +452,13 @@ impl Targets {
             .then(|| attempt % (n + 1))
             .and_then(|i| self.relays.get(i).copied())
     }
+
+    /// Which of the CU's own addresses a direct attempt tries: the direct
+    /// attempts counted alone, so that each of the CU's addresses gets its
+    /// turn whatever the number of relays.
+    fn direct(&self, attempt: usize) -> usize {
+        attempt / (self.relays.len() + 1)
+    }
 }
 
 pub(crate) fn seed() -> u64 {
@@ -547,7 +554,9 @@ async fn run(
             }
             None => {
                 let picked = addrs
-                    .pick(attempt, |a| CuAddrs::reachable(&endpoint, a))
+                    .pick(targets.direct(attempt), |a| {
+                        CuAddrs::reachable(&endpoint, a)
+                    })
                     .await;
                 match picked {
                     Err(why) => Ended::Failed(Failure::Resolve, why),
@@ -860,6 +869,25 @@ mod tests {
                 },
             }],
         }
+    }
+
+    #[test]
+    fn every_relay_and_every_cu_address_gets_its_turn() {
+        let targets = Targets {
+            addrs: "127.0.0.1:1".parse().unwrap(),
+            relays: vec!["10.0.0.1:7402".parse().unwrap()],
+            server_name: "pon-cu".into(),
+        };
+        let turns: Vec<_> = (0..8)
+            .map(|a| targets.relay(a).ok_or(targets.direct(a) % 2))
+            .collect();
+        let relay = Ok("10.0.0.1:7402".parse().unwrap());
+        // Relay, the CU's address 0, relay, its address 1, ...: with one
+        // relay and two CU addresses, both addresses are tried.
+        assert_eq!(
+            turns,
+            vec![relay, Err(0), relay, Err(1), relay, Err(0), relay, Err(1)]
+        );
     }
 
     #[test]
