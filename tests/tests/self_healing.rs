@@ -364,8 +364,11 @@ fn a_lossy_fastest_path_is_avoided_under_the_loss_policy() {
         "delay_ms = 20\nloss = 0.05",
     ));
     let start = Instant::now();
+    // A bound, not a wait: at one probe a second, 5 % loss shows in a
+    // window only after enough samples, and on a loaded machine the clean
+    // path can lose a probe too (CI saw 1 of 30 on each after 45 s).
     assert!(
-        wait_until(Duration::from_secs(45), || routes(&lab, PROXIES)
+        wait_until(Duration::from_secs(90), || routes(&lab, PROXIES)
             == (vec![3, 2], vec![3, 1])),
         "the lossy direct path is still used: {}",
         status(&lab, PARIS_PROXY)
